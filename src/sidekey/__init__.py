@@ -1,0 +1,3 @@
+"""sidekey: credential-isolation sidecar for MCP servers."""
+
+__version__ = "0.1.0"

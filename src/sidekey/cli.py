@@ -1,0 +1,392 @@
+"""The ``sidekey`` command line. Every error is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .protocol import ConfigError
+
+DEFAULT_CONFIG = "/etc/sidekey/sidekey.yaml"
+DEFAULT_SOCKET = "/run/sidekey/sidekey.sock"
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit 1."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return str(args.config or os.environ.get("SIDEKEY_CONFIG") or DEFAULT_CONFIG)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    return load_config(_config_path(args))
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    """--socket, else $SIDEKEY_SOCKET, else the socket of --config, else the default."""
+    if getattr(args, "socket", None):
+        return str(args.socket)
+    if os.environ.get("SIDEKEY_SOCKET"):
+        return os.environ["SIDEKEY_SOCKET"]
+    if getattr(args, "config", None) or os.environ.get("SIDEKEY_CONFIG"):
+        return str(_load(args).socket_path)
+    return DEFAULT_SOCKET
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _parse_arguments(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"--arguments is not valid JSON: {exc.msg} at position {exc.pos}")
+    if not isinstance(value, dict):
+        _fail("--arguments must be a JSON object")
+    return value
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import daemon
+    from .server import ServerError
+
+    loaded = _load(args)
+    try:
+        return trio.run(
+            lambda: daemon.run(loaded, socket_path=Path(args.socket).absolute() if args.socket else None)
+        )
+    except ServerError as exc:
+        _fail(str(exc))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    cfg = loaded.config
+    tools = sum(len(s.tool_scopes) for s in cfg.servers.values())
+    mapped = sum(len(refs) for tools_ in cfg.secrets.values() for refs in tools_.values())
+    summary = {
+        "config": str(loaded.path),
+        "files": [str(f) for f in loaded.files],
+        "socket": str(loaded.socket_path),
+        "state_dir": str(loaded.state_dir),
+        "servers": {
+            name: {
+                "tools": sorted(s.tool_scopes),
+                "oauth2": "none" if s.oauth2 == "none" else s.oauth2.audience,  # type: ignore[union-attr]
+                "peers": len(cfg.peers.get(name, [])),
+                "registry_status": cfg.registry.servers[name].status
+                if name in cfg.registry.servers
+                else None,
+            }
+            for name, s in cfg.servers.items()
+        },
+        "agents": sorted(cfg.agents),
+        "backends": {n: "local" for n in cfg.backends},
+        "secrets_mapped": mapped,
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"config ok: {loaded.path}")
+        print(f"  files: {', '.join(f.name for f in loaded.files)}")
+        print(f"  socket: {loaded.socket_path}")
+        print(f"  servers: {len(cfg.servers)}, tools: {tools}, agents: {len(cfg.agents)}, "
+              f"backends: {len(cfg.backends)}, secrets mapped: {mapped}")
+        for name, info in summary["servers"].items():
+            print(f"  - {name}: tools {', '.join(info['tools'])}; peers {info['peers']}; "
+                  f"oauth2 {info['oauth2']}; registry {info['registry_status']}")
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from . import tokens
+    from .backends.local import generate_key_file
+
+    if args.kind == "tokens":
+        path = Path(args.out) if args.out else _load(args).keyset_path
+        existed = path.exists()
+        kid = tokens.rotate_keyset(path)
+        print(f"{'rotated' if existed else 'created'} token key set {path}: active key id {kid}")
+    elif args.kind == "local":
+        if not args.out:
+            _fail("keygen local needs --out FILE")
+        generate_key_file(Path(args.out))
+        print(f"created local store key {args.out} (mode 0600)")
+    else:
+        if not args.out:
+            _fail("keygen ed25519 needs --out FILE")
+        kid, public = tokens.generate_ed25519(Path(args.out))
+        if args.json:
+            _print_json({"private_key_file": args.out, "kid": kid, "public_key": public})
+        else:
+            print(f"private key: {args.out} (mode 0600)")
+            print(f"kid: {kid}")
+            print(f"public_key: {public}")
+    return EXIT_OK
+
+
+def _local_store(args: argparse.Namespace) -> Any:
+    from .backends.local import LocalStore, load_key
+    from .config import LocalBackendConfig
+
+    loaded = _load(args)
+    backends = loaded.config.backends
+    name = args.backend
+    if name is None:
+        locals_ = [n for n, b in backends.items() if isinstance(b, LocalBackendConfig)]
+        if len(locals_) != 1:
+            _fail(f"choose a backend with --backend (local backends: {', '.join(locals_) or 'none'})")
+        name = locals_[0]
+    backend = backends.get(name)
+    if not isinstance(backend, LocalBackendConfig):
+        _fail(f'no local backend named "{name}" in {loaded.path}')
+    key = load_key(
+        loaded.resolve(backend.key_file) if backend.key_file else None, backend.key_credential
+    )
+    return LocalStore(loaded.resolve(backend.path), key)
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    from .backends.local import read_secret_input
+
+    store = _local_store(args)
+    if args.action == "list":
+        names = store.names()
+        if args.json:
+            _print_json(names)
+        else:
+            print("\n".join(names) if names else "(no secrets)")
+        return EXIT_OK
+    if args.from_file is None and sys.stdin.isatty():
+        print(f"enter the value for {args.name}, then Ctrl-D:", file=sys.stderr)
+    value = read_secret_input(args.from_file, sys.stdin.buffer)
+    if args.action == "put":
+        version = store.put(args.name, value)
+    else:
+        version = store.rotate(args.name, value)
+    print(f"{args.name}: version {version} stored")
+    return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client
+
+    return Client(socket_path=_socket_path(args), timeout=args.timeout)
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        out = client.issue_token(
+            server=args.server,
+            tool=args.tool,
+            user=args.user,
+            agent_id=args.agent,
+            session_id=args.session,
+            arguments=_parse_arguments(args.arguments),
+            ttl_seconds=args.ttl,
+        )
+    if args.json:
+        _print_json(out)
+    else:
+        print(out["resolution_token"])
+    return EXIT_OK
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    import time
+
+    arguments = _parse_arguments(args.arguments)
+    with _client(args) as client:
+        started = time.monotonic()
+        auth = client.authorize(
+            server=args.server,
+            tool=args.tool,
+            user_token=os.environ.get("SIDEKEY_USER_TOKEN"),
+            agent_id=args.agent,
+            session_id=args.session,
+            arguments=arguments,
+        )
+        lease = client.redeem(auth.resolution_token, arguments=arguments)
+        duration_ms = int((time.monotonic() - started) * 1000)
+        released = client.release(lease.lease_id, status=args.status, duration_ms=duration_ms)
+    summary: dict[str, Any] = {
+        "decision": auth.decision,
+        "user_id": auth.user_id,
+        "rules_matched": auth.policy.get("rules_matched", []),
+        "lease_id": lease.lease_id,
+        "expires_at": lease.expires_at,
+        "secrets": sorted(lease.secrets) if not args.show_secrets else dict(lease.secrets),
+        "released": released.get("state"),
+    }
+    _print_json(summary)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        _print_json(status)
+    else:
+        print(f"sidekey on {status['host']} pid {status['pid']}, up {status['uptime_s']} s")
+        print(f"  socket {status['socket']}; config {status['config']}")
+        print(f"  leases active: {status['leases']['active']}; connections: {status['connections']}")
+        print(f"  store: {'ok' if status['store'].get('ok') else 'FAILING'}; "
+              f"audit: {'ok' if status['audit'].get('ok') else 'FAILING'}")
+        for name, b in status["backends"].items():
+            print(f"  backend {name}: {'ok' if b.get('ok') else 'FAILING'}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sidekey",
+        description="Credential-isolation sidecar for MCP servers: peer-attested, audited, "
+        "single-call secret leases over a Unix socket.",
+    )
+    p.add_argument("--version", action="version", version=f"sidekey {__version__}")
+    p.add_argument("--log-level", default=os.environ.get("SIDEKEY_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"], help="log verbosity (stderr)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        return sp
+
+    def config_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", metavar="FILE",
+                        help=f"main config file (default $SIDEKEY_CONFIG or {DEFAULT_CONFIG})")
+
+    def socket_args(sp: argparse.ArgumentParser) -> None:
+        config_arg(sp)
+        sp.add_argument("--socket", "-s", metavar="PATH",
+                        help="daemon socket (default $SIDEKEY_SOCKET, else the socket of --config, "
+                        f"else {DEFAULT_SOCKET})")
+        sp.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+
+    sp = add("serve", cmd_serve, "run the daemon in the foreground until SIGTERM/SIGINT")
+    config_arg(sp)
+    sp.add_argument("--socket", "-s", metavar="PATH", help="listen here instead of listen.socket")
+
+    sp = add("check-config", cmd_check_config, "validate the config and its includes; print a summary")
+    config_arg(sp)
+    sp.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    sp = add("keygen", cmd_keygen, "create keys: the token HMAC key set (create or rotate), "
+             "a local-store key, or an Ed25519 key pair for an external issuer")
+    sp.add_argument("kind", choices=["tokens", "local", "ed25519"], help="which key to create")
+    sp.add_argument("--out", "-o", metavar="FILE", help="where to write (tokens: default tokens.keyset "
+                    "of --config); never overwrites a local or ed25519 key")
+    config_arg(sp)
+    sp.add_argument("--json", action="store_true", help="print the result as JSON (ed25519)")
+
+    secrets = add("secrets", lambda a: EXIT_USAGE, "manage secrets in the local encrypted store")
+    ssub = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help_ in (
+        ("put", "store a new secret; the value is read from stdin or --from-file, never argv"),
+        ("rotate", "store a new version of an existing secret (stdin or --from-file)"),
+    ):
+        sp = ssub.add_parser(action, help=help_, description=help_)
+        sp.set_defaults(func=cmd_secrets)
+        sp.add_argument("name", help="secret name, e.g. content-api/write-key")
+        sp.add_argument("--from-file", metavar="FILE", help="read the value from FILE instead of stdin")
+        sp.add_argument("--backend", metavar="NAME", help="local backend to use (default: the only one)")
+        config_arg(sp)
+    sp = ssub.add_parser("list", help="list secret names (never values)",
+                         description="list secret names (never values)")
+    sp.set_defaults(func=cmd_secrets)
+    sp.add_argument("--backend", metavar="NAME", help="local backend to use (default: the only one)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    config_arg(sp)
+
+    token = add("token", lambda a: EXIT_USAGE, "resolution tokens")
+    tsub = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sp = tsub.add_parser("issue", help="mint a resolution token via the daemon (admin tier)",
+                         description="mint a resolution token via the daemon (tier admin)")
+    sp.set_defaults(func=cmd_token_issue)
+    sp.add_argument("--server", required=True)
+    sp.add_argument("--tool", required=True)
+    sp.add_argument("--user", required=True, help="user id the token is for (sub)")
+    sp.add_argument("--agent", help="agent id")
+    sp.add_argument("--session", help="MCP session id")
+    sp.add_argument("--arguments", metavar="JSON", help="tool arguments (bound by digest)")
+    sp.add_argument("--ttl", type=int, default=300, help="seconds, at most 300 (default 300)")
+    sp.add_argument("--json", action="store_true", help="print token, jti and expiry as JSON")
+    socket_args(sp)
+
+    sp = add("call", cmd_call, "run one governed tool call (authorize, redeem, release) and print "
+             "a JSON summary with secret names")
+    sp.add_argument("--server", required=True)
+    sp.add_argument("--tool", required=True)
+    sp.add_argument("--agent", help="agent id")
+    sp.add_argument("--session", help="MCP session id")
+    sp.add_argument("--arguments", metavar="JSON", help="tool arguments as a JSON object")
+    sp.add_argument("--status", default="success", choices=["success", "error", "cancelled"],
+                    help="outcome reported at release (default success)")
+    sp.add_argument("--show-secrets", action="store_true",
+                    help="print secret values too (they end up in your terminal!)")
+    socket_args(sp)
+
+    sp = add("status", cmd_status, "show the daemon's leases, backends, store and audit health")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    socket_args(sp)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="sidekey[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from .client import SidekeyClientError
+
+    try:
+        code: int = args.func(args)
+        return code
+    except CliError as exc:
+        print(f"sidekey: error: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        lines = str(exc).splitlines()
+        print(f"sidekey: config error: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:
+            print(f"sidekey: config error: {line}", file=sys.stderr)
+    except SidekeyClientError as exc:
+        print(f"sidekey: error: {exc.code}: {exc.message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

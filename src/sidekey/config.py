@@ -1,0 +1,456 @@
+"""Configuration: the main ``sidekey.yaml`` plus the policy files it ``include:``s.
+
+The four policy files keep the shapes of ``shared/seed-configs`` (``servers``,
+``registry``, ``agents``, ``limits``); sidekey's own sections (``listen``, ``state``,
+``tokens``, ``leases``, ``backends``, ``secrets``, ``peers``, ``rbac``, ``audit``) live
+in the main file. Everything is decoded into frozen msgspec Structs that forbid
+unknown keys; an error names the file and the path of the offending value.
+Relative paths are resolved against the directory of the main file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta
+
+from .protocol import MAX_TOKEN_TTL_S, ConfigError
+
+PosFloat = Annotated[float, Meta(gt=0)]
+PosInt = Annotated[int, Meta(gt=0)]
+
+TIERS = ("owner", "admin", "security", "approver", "service", "anonymous")
+SELF = "self"  # in peer selectors and rbac: "the uid/gid the daemon runs as"
+
+
+class _C(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+# --------------------------------------------------------------------------- sidekey's own
+
+
+class ListenConfig(_C, kw_only=True):
+    socket: str = "/run/sidekey/sidekey.sock"
+    # Socket file mode as an octal string ("0660"). Quote it in YAML.
+    mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
+    max_connections: Annotated[int, Meta(gt=0, le=65536)] = 512
+    max_header_bytes: Annotated[int, Meta(ge=1024, le=1024 * 1024)] = 16 * 1024
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 256 * 1024
+    header_timeout_s: PosFloat = 5.0
+    body_timeout_s: PosFloat = 10.0
+    idle_timeout_s: PosFloat = 120.0
+    shutdown_grace_s: Annotated[float, Meta(ge=0, le=300)] = 10.0
+
+    @property
+    def mode_int(self) -> int:
+        return int(self.mode, 8)
+
+
+class StateConfig(_C, kw_only=True):
+    backend: Literal["sqlite"] = "sqlite"
+    dir: str = "/var/lib/sidekey"
+
+
+class IssuerKey(_C, kw_only=True):
+    kid: Annotated[str, Meta(min_length=1, max_length=128)]
+    # Ed25519 public key: raw 32 bytes base64url, or a PEM file path in public_key_file.
+    public_key: str | None = None
+    public_key_file: str | None = None
+
+
+class TrustedIssuer(_C, kw_only=True):
+    issuer: Annotated[str, Meta(min_length=1, max_length=256)]
+    algorithm: Literal["EdDSA"] = "EdDSA"
+    keys: Annotated[list[IssuerKey], Meta(min_length=1)]
+
+
+class TokensConfig(_C, kw_only=True):
+    # Self-issued token "iss"; default "sidekey:<hostname>".
+    issuer: str | None = None
+    # HMAC key set file written by `sidekey keygen tokens`; default <state.dir>/token-keys.json.
+    keyset: str | None = None
+    ttl_seconds: Annotated[int, Meta(gt=0, le=MAX_TOKEN_TTL_S)] = MAX_TOKEN_TTL_S
+    leeway_seconds: Annotated[int, Meta(ge=0, le=30)] = 5
+    trusted_issuers: list[TrustedIssuer] = []
+
+
+class LeasesConfig(_C, kw_only=True):
+    max_ttl_seconds: Annotated[int, Meta(gt=0, le=MAX_TOKEN_TTL_S)] = MAX_TOKEN_TTL_S
+
+
+class LocalBackendConfig(_C, kw_only=True, tag="local", tag_field="type"):
+    path: str
+    key_file: str | None = None
+    # Name of a systemd credential ($CREDENTIALS_DIRECTORY/<name>) holding the key.
+    key_credential: str | None = None
+
+
+BackendConfig = LocalBackendConfig
+
+
+class SecretRef(_C, kw_only=True):
+    backend: str
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class PeerSelector(_C, kw_only=True):
+    """All selectors given must match (like a SPIRE workload entry)."""
+
+    uid: int | Literal["self"] | None = None
+    user: str | None = None
+    gid: int | Literal["self"] | None = None
+    group: str | None = None
+    supplementary_group: str | None = None
+    unit: str | None = None
+    exe: str | None = None
+    exe_sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
+class RbacEntry(_C, kw_only=True):
+    uids: list[int | Literal["self"]] = []
+    users: list[str] = []
+    gids: list[int | Literal["self"]] = []
+    groups: list[str] = []
+    units: list[str] = []
+
+
+class RbacConfig(_C, kw_only=True):
+    owner: RbacEntry = msgspec.field(default_factory=lambda: RbacEntry(uids=[SELF]))
+    admin: RbacEntry = RbacEntry()
+    security: RbacEntry = RbacEntry()
+    approver: RbacEntry = RbacEntry()
+    service: RbacEntry = RbacEntry()
+
+
+class AuditConfig(_C, kw_only=True):
+    # JSON-lines file; default <state.dir>/audit.jsonl
+    path: str | None = None
+    fsync: bool = True
+    # Argument keys (case-insensitive substrings) whose values are redacted.
+    redact_keys: list[str] = msgspec.field(
+        default_factory=lambda: ["password", "secret", "token", "key", "credential", "authorization"]
+    )
+
+
+# --------------------------------------------------------------------------- seed policy shapes
+
+
+class OAuth2Config(_C, kw_only=True):
+    issuer: str
+    audience: str
+    scopes: list[str] = []
+    jwks_uri: str | None = None
+    jwks_file: str | None = None
+    algorithms: list[Literal["RS256", "ES256", "EdDSA"]] = msgspec.field(
+        default_factory=lambda: ["RS256", "ES256", "EdDSA"]
+    )
+
+
+class ToolScopes(_C, kw_only=True):
+    required: list[str] = []
+
+
+class ServerDef(_C, kw_only=True):
+    url: str | None = None
+    oauth2: OAuth2Config | Literal["none"] = "none"
+    tool_scopes: dict[str, ToolScopes] = {}
+
+
+class RegistryEntry(_C, kw_only=True):
+    url: str | None = None
+    version: str | None = None
+    health_check: str | None = None
+    health_interval_seconds: PosInt | None = None
+    status: Literal["active", "deprecated", "retired"] = "active"
+    deprecation_date: datetime.date | None = None
+    replacement: str | None = None
+    owner: str | None = None
+    last_audit: datetime.date | None = None
+
+
+class Registry(_C, kw_only=True):
+    version: str | None = None
+    servers: dict[str, RegistryEntry] = {}
+
+
+class ServerGrant(_C, kw_only=True):
+    server: str
+    tools: list[str] = []
+
+
+class AgentDef(_C, kw_only=True):
+    description: str | None = None
+    allowed_servers: list[ServerGrant] = []
+    denied_servers: list[str] = []
+
+
+class PerUserLimits(_C, kw_only=True):
+    requests_per_minute: PosInt | None = None
+    requests_per_hour: PosInt | None = None
+    concurrent_sessions: PosInt | None = None
+
+
+class PerToolLimits(_C, kw_only=True):
+    requests_per_minute: PosInt | None = None
+    max_result_size_kb: PosInt | None = None
+    requires_approval_above: Annotated[int, Meta(ge=0)] | None = None
+    requires_human_approval: bool = False
+
+
+class DepartmentLimits(_C, kw_only=True):
+    monthly_tool_calls: PosInt | None = None
+    priority: Literal["high", "standard"] = "standard"
+
+
+class Limits(_C, kw_only=True):
+    per_user: PerUserLimits = PerUserLimits()
+    per_tool: dict[str, PerToolLimits] = {}
+    per_department: dict[str, DepartmentLimits] = {}
+
+
+# --------------------------------------------------------------------------- the whole
+
+
+class Config(_C, kw_only=True):
+    include: list[str] = []
+    listen: ListenConfig = ListenConfig()
+    state: StateConfig = StateConfig()
+    tokens: TokensConfig = TokensConfig()
+    leases: LeasesConfig = LeasesConfig()
+    backends: dict[str, BackendConfig] = {}
+    secrets: dict[str, dict[str, dict[str, SecretRef]]] = {}
+    peers: dict[str, list[PeerSelector]] = {}
+    rbac: RbacConfig = RbacConfig()
+    audit: AuditConfig = AuditConfig()
+    # policy (from includes, seed shapes)
+    servers: dict[str, ServerDef] = {}
+    registry: Registry = Registry()
+    agents: dict[str, AgentDef] = {}
+    limits: Limits = Limits()
+
+
+class LoadedConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated config with paths resolved, plus where it came from."""
+
+    config: Config
+    path: Path
+    files: tuple[Path, ...]
+    base_dir: Path
+    socket_path: Path
+    state_dir: Path
+    keyset_path: Path
+    audit_path: Path
+    token_issuer: str
+
+    def resolve(self, p: str) -> Path:
+        return resolve_path(self.base_dir, p)
+
+    def secrets_for(self, server: str, tool: str) -> dict[str, SecretRef]:
+        return self.config.secrets.get(server, {}).get(tool, {})
+
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+def resolve_path(base: Path, p: str) -> Path:
+    path = Path(os.path.expandvars(p)).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path.name}:{where}: invalid YAML: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: $: expected a mapping at the top level")
+    return data
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + (value if len(value) <= 40 else value[:37] + "...") + '"'
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _lookup(obj: Any, path: list[str]) -> tuple[bool, Any]:
+    for seg in path:
+        if isinstance(obj, dict) and seg in obj:
+            obj = obj[seg]
+        elif isinstance(obj, list) and seg.isdigit() and int(seg) < len(obj):
+            obj = obj[int(seg)]
+        else:
+            return False, None
+    return True, obj
+
+
+def _strip_annotated(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+class _Located(Exception):
+    def __init__(self, path: list[str], message: str) -> None:
+        self.path = path
+        self.message = message
+
+
+def _locate(obj: Any, tp: Any, path: list[str]) -> None:
+    """Find the deepest path at which ``obj`` fails to convert to ``tp``.
+
+    msgspec reports dict keys as ``[...]``; operators need the key names.
+    """
+    try:
+        msgspec.convert(obj, tp, strict=False)
+        return
+    except msgspec.ValidationError as exc:
+        err = str(exc)
+    base = _strip_annotated(tp)
+    origin = typing.get_origin(base)
+    if origin is dict and isinstance(obj, dict):
+        vt = typing.get_args(base)[1]
+        for k, v in obj.items():
+            _locate(v, vt, [*path, str(k)])
+    elif origin is list and isinstance(obj, list):
+        (et,) = typing.get_args(base)
+        for i, v in enumerate(obj):
+            _locate(v, et, [*path, str(i)])
+    elif isinstance(base, type) and issubclass(base, msgspec.Struct) and isinstance(obj, dict):
+        hints = typing.get_type_hints(base, include_extras=True)
+        for field in base.__struct_fields__:
+            if field in obj:
+                _locate(obj[field], hints[field], [*path, field])
+        unknown = [k for k in obj if k not in base.__struct_fields__ and k != "type"]
+        if unknown:
+            known = ", ".join(base.__struct_fields__)
+            raise _Located([*path, str(unknown[0])], f"unknown key (known keys: {known})")
+    message, _, where = err.partition(" - at `")
+    suffix = where.rstrip("`").removeprefix("$")
+    extra = [s for s in suffix.replace("[", ".").replace("]", "").split(".") if s]
+    raise _Located([*path, *extra], message)
+
+
+def _format_error(origin_file: str, data: dict[str, Any], located: _Located) -> str:
+    found, value = _lookup(data, located.path)
+    msg = located.message.replace("`", "")
+    if msg.startswith("Expected"):
+        msg = "e" + msg[1:]
+        if found:
+            msg = msg.rsplit(", got", 1)[0] + f", got {_describe(value)}"
+    path = "$" + "".join(f".{seg}" for seg in located.path)
+    return f"{origin_file}: {path}: {msg}"
+
+
+def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
+    """Load, merge and validate the main config and its includes.
+
+    Raises :class:`ConfigError` with ``file: $.path: problem`` on any error.
+    """
+    main = Path(path).absolute()
+    base = main.parent
+    data = _read_yaml(main)
+    origins: dict[str, str] = {k: main.name for k in data}
+    files = [main]
+    includes = data.get("include", [])
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{main.name}: $.include: expected a list of file names")
+    for inc in includes:
+        inc_path = resolve_path(base, inc)
+        part = _read_yaml(inc_path)
+        if "include" in part:
+            raise ConfigError(f"{inc_path.name}: $.include: nested includes are not supported")
+        for key, value in part.items():
+            if key in data:
+                raise ConfigError(
+                    f"{inc_path.name}: $.{key}: already defined in {origins[key]}"
+                )
+            data[key] = value
+            origins[key] = inc_path.name
+        files.append(inc_path)
+    try:
+        _locate(data, Config, [])
+    except _Located as located:
+        origin = origins.get(located.path[0], main.name) if located.path else main.name
+        raise ConfigError(_format_error(origin, data, located)) from None
+    cfg = msgspec.convert(data, Config, strict=False)
+    _cross_check(cfg, origins, main.name)
+    state_dir = resolve_path(base, cfg.state.dir)
+    return LoadedConfig(
+        config=cfg,
+        path=main,
+        files=tuple(files),
+        base_dir=base,
+        socket_path=resolve_path(base, cfg.listen.socket),
+        state_dir=state_dir,
+        keyset_path=resolve_path(base, cfg.tokens.keyset) if cfg.tokens.keyset else state_dir / "token-keys.json",
+        audit_path=resolve_path(base, cfg.audit.path) if cfg.audit.path else state_dir / "audit.jsonl",
+        token_issuer=cfg.tokens.issuer or f"sidekey:{socket.gethostname()}",
+    )
+
+
+def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> None:
+    def where(section: str) -> str:
+        return origins.get(section, main)
+
+    errors: list[str] = []
+    for server, tools in cfg.secrets.items():
+        if server not in cfg.servers:
+            errors.append(f"{where('secrets')}: $.secrets.{server}: server is not declared under servers:")
+            continue
+        for tool, refs in tools.items():
+            if tool not in cfg.servers[server].tool_scopes:
+                errors.append(
+                    f"{where('secrets')}: $.secrets.{server}.{tool}: tool is not declared in "
+                    f"servers.{server}.tool_scopes"
+                )
+            for alias, ref in refs.items():
+                if ref.backend not in cfg.backends:
+                    errors.append(
+                        f"{where('secrets')}: $.secrets.{server}.{tool}.{alias}.backend: "
+                        f'no backend named "{ref.backend}"'
+                    )
+    for server, selectors in cfg.peers.items():
+        if server not in cfg.servers:
+            errors.append(f"{where('peers')}: $.peers.{server}: server is not declared under servers:")
+        for i, sel in enumerate(selectors):
+            if not any(getattr(sel, f) is not None for f in sel.__struct_fields__):
+                errors.append(f"{where('peers')}: $.peers.{server}.{i}: a selector needs at least one key")
+    for name, backend in cfg.backends.items():
+        if backend.key_file is None and backend.key_credential is None:
+            errors.append(
+                f"{where('backends')}: $.backends.{name}: set key_file or key_credential"
+            )
+    for issuer in cfg.tokens.trusted_issuers:
+        for i, key in enumerate(issuer.keys):
+            if (key.public_key is None) == (key.public_key_file is None):
+                errors.append(
+                    f"{where('tokens')}: $.tokens.trusted_issuers.{issuer.issuer}.keys.{i}: "
+                    "set exactly one of public_key or public_key_file"
+                )
+    if errors:
+        raise ConfigError("\n".join(errors))

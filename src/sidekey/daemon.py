@@ -1,0 +1,684 @@
+"""The daemon: wires config, state store, audit, backends, tokens and leases together
+and implements the v1 endpoints on top of :mod:`sidekey.server`.
+
+Every endpoint declares its minimum RBAC tier in :data:`ROUTES`. Every security
+decision (allow, deny, rejection, replay, release, expiry) writes an audit event,
+durably, *before* the response leaves; if audit cannot record, the call fails 503.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import protocol, systemd
+from .audit import AuditLog, AuditSink
+from .audit.events import make_event
+from .audit.jsonl import open_jsonl_sink
+from .backends import Backend, SecretValue, build_backends
+from .config import LoadedConfig
+from .leases import ACTIVE, RELEASED, REVOKED, LeaseManager, new_lease_id
+from .peer import (
+    ExeHashCache,
+    PeerHandle,
+    servers_of_peer,
+    tier_allows,
+    tier_of,
+)
+from .policy import CallFacts, Decision, decide
+from .protocol import (
+    AuthorizeRequest,
+    BadRequest,
+    Denied,
+    NotFound,
+    RedeemRequest,
+    ReleaseRequest,
+    SidekeyError,
+    TokenError,
+    TokenRequest,
+)
+from .server import HttpServer, Request, Response, bind_unix_socket, error_response
+from .store import LeaseRecord, StateStore, open_store
+from .tokens import PeerClaim, TokenCodec, Verified, load_ed25519_public, load_keyset, rotate_keyset
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_CALLS = 100_000  # authorize->redeem argument records kept in memory
+BACKEND_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    tier: str
+    handler: Callable[[Request], Awaitable[Response]]
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _json(status: int, value: Any) -> Response:
+    return Response(status=status, body=protocol.encode(value))
+
+
+@dataclass(slots=True)
+class _PendingCall:
+    """What authorize knew about a call, kept until release for the tool_call event."""
+
+    arguments: dict[str, Any]
+    auth: dict[str, Any]
+    policy: dict[str, Any]
+
+
+class Sidekey:
+    """The application: one instance per daemon process."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        store: StateStore,
+        audit: AuditLog,
+        backends: dict[str, Backend],
+        codec: TokenCodec,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.loaded = loaded
+        self.cfg = loaded.config
+        self.store = store
+        self.audit = audit
+        self.backends = backends
+        self.codec = codec
+        self.clock = clock
+        self.host = socket.gethostname()
+        self.daemon_uid = os.getuid()
+        self.daemon_gid = os.getgid()
+        self.exe_hashes = ExeHashCache()
+        self.leases = LeaseManager(store, on_expired=self._lease_expired, clock=clock)
+        self.started_at = clock()
+        self._pending: OrderedDict[str, _PendingCall] = OrderedDict()
+        self._lease_calls: OrderedDict[str, _PendingCall] = OrderedDict()
+        self.server: HttpServer | None = None
+        self.routes: dict[tuple[str, str], Route] = {
+            ("GET", "/v1/health"): Route("anonymous", self.health),
+            ("POST", "/v1/authorize"): Route("service", self.authorize),
+            ("POST", "/v1/redeem"): Route("service", self.redeem),
+            ("POST", "/v1/release"): Route("service", self.release),
+            ("POST", "/v1/tokens"): Route("admin", self.mint_token),
+            ("GET", "/v1/status"): Route("admin", self.status),
+        }
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _peer_facts(self, req: Request) -> tuple[frozenset[str], str]:
+        """Servers this connection's peer is attested as, and its tier (cached per conn)."""
+        cached = req.conn.cache.get("facts")
+        if cached is None:
+            ident = req.peer.identity
+            servers = frozenset(
+                servers_of_peer(
+                    self.cfg.peers,
+                    ident,
+                    daemon_uid=self.daemon_uid,
+                    daemon_gid=self.daemon_gid,
+                    exe_hashes=self.exe_hashes,
+                )
+            )
+            tier = tier_of(
+                self.cfg.rbac,
+                ident,
+                daemon_uid=self.daemon_uid,
+                daemon_gid=self.daemon_gid,
+                is_service=bool(servers),
+            )
+            cached = req.conn.cache["facts"] = (servers, tier)
+        return cached  # type: ignore[no-any-return]
+
+    def event(self, event_type: str, **fields: Any) -> dict[str, Any]:
+        return make_event(
+            event_type,
+            host=self.host,
+            now=datetime.datetime.fromtimestamp(self.clock(), datetime.UTC),
+            redact_keys=self.cfg.audit.redact_keys,
+            **fields,
+        )
+
+    async def handle(self, request: Request) -> Response:
+        route = self.routes.get((request.method, request.path))
+        try:
+            if route is None:
+                if any(path == request.path for _, path in self.routes):
+                    raise SidekeyError(
+                        f"{request.method} is not allowed on {request.path}", code="method_not_allowed"
+                    )
+                raise NotFound(f"no endpoint {request.path}", code="not_found")
+            _, tier = self._peer_facts(request)
+            if not tier_allows(tier, route.tier):
+                raise Denied(
+                    f"{request.path} requires tier {route.tier}; this process is {tier}",
+                    code="peer_rejected",
+                )
+            return await route.handler(request)
+        except SidekeyError as exc:
+            if exc.code == "method_not_allowed":
+                exc.status = 405
+            try:
+                await self._audit_rejection(request, exc)
+            except SidekeyError as audit_exc:
+                return error_response(audit_exc, request.request_id)
+            return error_response(exc, request.request_id)
+        except Exception:
+            log.exception("internal error handling %s %s", request.method, request.path)
+            err = SidekeyError("internal error", code="internal")
+            err.status = 500
+            return error_response(err, request.request_id)
+
+    async def _audit_rejection(self, request: Request, exc: SidekeyError) -> None:
+        if exc.details.get("audited"):
+            exc.details.pop("audited")
+            return
+        if isinstance(exc, TokenError):
+            event_type = "token.rejected"
+        elif exc.code in ("token_replayed",):
+            event_type = "token.replayed"
+        elif exc.code.startswith("peer_"):
+            event_type = "peer.rejected"
+        else:
+            event_type = "request.rejected"
+        await self.audit.emit(
+            self.event(
+                event_type,
+                peer=request.peer.identity.audit(),
+                request_id=request.request_id,
+                error={"code": exc.code, "message": exc.message, "status": exc.status},
+                extra={"path": request.path},
+            )
+        )
+
+    async def rejected(self, peer: PeerHandle | None, error: SidekeyError, request_id: str) -> None:
+        """Called by the server for transport-level rejections (bad HTTP, too large, ...)."""
+        event_type = "peer.rejected" if error.code.startswith("peer_") else "request.rejected"
+        await self.audit.emit(
+            self.event(
+                event_type,
+                peer=peer.identity.audit() if peer is not None else None,
+                request_id=request_id,
+                error={"code": error.code, "message": error.message, "status": error.status},
+            )
+        )
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def health(self, req: Request) -> Response:
+        store = self.store.health()
+        audit = self.audit.health()
+        backends = {name: await b.health() for name, b in self.backends.items()}
+        ok = bool(store.get("ok")) and bool(audit.get("ok")) and all(
+            bool(b.get("ok")) for b in backends.values()
+        )
+        body = {
+            "status": "ok" if ok else "degraded",
+            "store": {"ok": store.get("ok")},
+            "audit": {"ok": audit.get("ok")},
+            "backends": {n: {"ok": b.get("ok")} for n, b in backends.items()},
+        }
+        return _json(200 if ok else 503, body)
+
+    async def status(self, req: Request) -> Response:
+        backends = {name: await b.health() for name, b in self.backends.items()}
+        server = self.server
+        return _json(
+            200,
+            {
+                "host": self.host,
+                "pid": os.getpid(),
+                "uptime_s": round(self.clock() - self.started_at, 3),
+                "config": str(self.loaded.path),
+                "socket": str(self.loaded.socket_path),
+                "token_issuer": self.codec.issuer,
+                "token_key_id": self.codec.keyset.active.kid,
+                "leases": {"active": self.leases.active_count},
+                "connections": server.active_connections if server else 0,
+                "in_flight": server.in_flight if server else 0,
+                "store": self.store.health(),
+                "audit": self.audit.health(),
+                "backends": backends,
+                "servers": sorted(self.cfg.servers),
+            },
+        )
+
+    async def authorize(self, req: Request) -> Response:
+        body: AuthorizeRequest = protocol.decode_body(req.body, AuthorizeRequest)
+        args_digest = _digest_capped(body.arguments)
+        servers, _ = self._peer_facts(req)
+        ident = req.peer.identity
+        now = self.clock()
+        decision = decide(
+            self.cfg,
+            CallFacts(
+                server=body.server,
+                tool=body.tool,
+                peer_uid=ident.uid,
+                peer_user=ident.user,
+                peer_servers=servers,
+                agent_id=body.agent_id,
+                session_id=body.session_id,
+                args_digest=args_digest,
+                now=datetime.datetime.fromtimestamp(now, datetime.UTC),
+            ),
+        )
+        auth = {"token_issuer": None, "scopes": [], "token_exp": None, "verified": False}
+        common: dict[str, Any] = {
+            "server": body.server,
+            "tool": body.tool,
+            "user_id": decision.user_id,
+            "agent_id": body.agent_id,
+            "session_id": body.session_id,
+            "arguments": body.arguments,
+            "auth": auth,
+            "policy": decision.policy_record(),
+            "peer": ident.audit(),
+            "request_id": req.request_id,
+        }
+        if not decision.allowed:
+            err = _denial(decision)
+            event_type = "peer.rejected" if decision.code == "peer_mismatch" else "mcp.authorize"
+            await self.audit.emit(
+                self.event(
+                    event_type,
+                    **common,
+                    error={"code": err.code, "message": err.message, "status": err.status},
+                )
+            )
+            err.details["audited"] = True
+            err.details["rules_matched"] = list(decision.rules_matched)
+            raise err
+        token, claims = self.codec.issue(
+            server=body.server,
+            tool=body.tool,
+            user=decision.user_id,
+            agent=body.agent_id,
+            session=body.session_id,
+            args_digest=args_digest,
+            peer=PeerClaim(uid=ident.uid, pid=ident.pid, start=ident.start_time),
+            now=now,
+            ttl_s=self.cfg.tokens.ttl_seconds,
+        )
+        await self.audit.emit(
+            self.event("mcp.authorize", **common, extra={"jti": claims.jti, "token_exp": _iso(claims.exp)})
+        )
+        self._remember(
+            self._pending,
+            claims.jti,
+            _PendingCall(arguments=body.arguments, auth=auth, policy=decision.policy_record()),
+        )
+        return _json(
+            200,
+            protocol.AuthorizeResponse(
+                decision="allow",
+                request_id=req.request_id,
+                resolution_token=token,
+                expires_at=_iso(claims.exp),
+                secrets=sorted(decision.secrets),
+                policy=protocol.DecisionBody(
+                    decision="allow",
+                    rules_matched=list(decision.rules_matched),
+                    warnings=list(decision.warnings),
+                ),
+                user_id=decision.user_id,
+            ),
+        )
+
+    async def redeem(self, req: Request) -> Response:
+        body: RedeemRequest = protocol.decode_body(req.body, RedeemRequest)
+        now = self.clock()
+        verified = self.codec.verify(body.resolution_token, now=now)
+        claims = verified.claims
+        ident = req.peer.identity
+        servers, _ = self._peer_facts(req)
+        base: dict[str, Any] = {
+            "server": claims.server,
+            "tool": claims.tool,
+            "user_id": claims.sub,
+            "agent_id": claims.agent,
+            "session_id": claims.sid,
+            "peer": ident.audit(),
+            "request_id": req.request_id,
+        }
+        if claims.server not in servers:
+            raise await self._reject(
+                "peer.rejected", base, Denied(
+                    f'the calling process is not attested as server "{claims.server}"',
+                    code="peer_mismatch",
+                ), jti=claims.jti,
+            )
+        bound = claims.peer
+        if (
+            (bound.uid is not None and bound.uid != ident.uid)
+            or (bound.pid is not None and bound.pid != ident.pid)
+            or (bound.start is not None and bound.start != ident.start_time)
+        ):
+            raise await self._reject(
+                "peer.rejected", base, Denied(
+                    "the token is bound to another process", code="peer_mismatch"
+                ), jti=claims.jti,
+            )
+        if body.arguments is not None and _digest_capped(body.arguments) != claims.args:
+            raise await self._reject(
+                "token.rejected", base, Denied(
+                    "arguments differ from the ones the token was issued for",
+                    code="arguments_mismatch",
+                ), jti=claims.jti,
+            )
+        if not await self.store.burn_jti(claims.jti, float(claims.exp + self.codec.leeway_s)):
+            raise await self._reject(
+                "token.replayed", base, protocol.Conflict(
+                    "resolution token was already redeemed", code="token_replayed"
+                ), jti=claims.jti,
+            )
+        refs = self.loaded.secrets_for(claims.server, claims.tool)
+        values: dict[str, SecretValue] = {}
+        try:
+            for alias, ref in refs.items():
+                backend = self.backends[ref.backend]
+                with trio.fail_after(BACKEND_TIMEOUT_S):
+                    values[alias] = await backend.fetch(ref.name)
+        except trio.TooSlowError:
+            raise await self._reject(
+                "request.rejected", base, protocol.Unavailable(
+                    "secret backend timed out", code="backend_unavailable"
+                ), jti=claims.jti,
+            ) from None
+        except SidekeyError as exc:
+            raise await self._reject("request.rejected", base, exc, jti=claims.jti) from None
+        expires_at = min(float(claims.exp), now + self.cfg.leases.max_ttl_seconds)
+        rec = LeaseRecord(
+            lease_id=new_lease_id(),
+            jti=claims.jti,
+            server=claims.server,
+            tool=claims.tool,
+            user_id=claims.sub,
+            agent_id=claims.agent,
+            session_id=claims.sid,
+            secrets=tuple(sorted(values)),
+            created_at=now,
+            expires_at=expires_at,
+            state=ACTIVE,
+            ended_at=None,
+            peer_pid=ident.pid,
+            peer_uid=ident.uid,
+        )
+        await self.leases.create(rec)
+        pending = self._pending.pop(claims.jti, None)
+        if pending is not None:
+            self._remember(self._lease_calls, rec.lease_id, pending)
+        await self.audit.emit(
+            self.event(
+                "mcp.redeem",
+                **base,
+                lease_id=rec.lease_id,
+                extra={
+                    "jti": claims.jti,
+                    "token_issuer": claims.iss,
+                    "self_issued": verified.self_issued,
+                    "secrets": [
+                        {"name": a, "backend": refs[a].backend, "version": v.version}
+                        for a, v in sorted(values.items())
+                    ],
+                    "expires_at": _iso(expires_at),
+                },
+            )
+        )
+        # Last gate before any secret leaves: is the attested process still the one
+        # that is connected (not exited, not setuid'd, pid not recycled)?
+        try:
+            req.peer.recheck()
+        except SidekeyError as exc:
+            await self.leases.end(rec, REVOKED)
+            raise await self._reject("peer.rejected", {**base, "lease_id": rec.lease_id}, exc) from None
+        return _json(
+            200,
+            protocol.LeaseResponse(
+                lease_id=rec.lease_id,
+                expires_at=_iso(expires_at),
+                server=claims.server,
+                tool=claims.tool,
+                secrets={alias: v.value for alias, v in values.items()},
+                request_id=req.request_id,
+            ),
+        )
+
+    async def release(self, req: Request) -> Response:
+        body: ReleaseRequest = protocol.decode_body(req.body, ReleaseRequest)
+        rec = await self.leases.get(body.lease_id)
+        ident = req.peer.identity
+        _, tier = self._peer_facts(req)
+        if (rec.peer_uid, rec.peer_pid) != (ident.uid, ident.pid) and not tier_allows(tier, "admin"):
+            raise Denied("only the process holding the lease may release it", code="peer_mismatch")
+        ended = await self.leases.end(rec, RELEASED)
+        call = self._lease_calls.pop(rec.lease_id, None)
+        result: dict[str, Any] = {"status": body.status}
+        if body.duration_ms is not None:
+            result["duration_ms"] = body.duration_ms
+        if body.result_size_bytes is not None:
+            result["result_size_bytes"] = body.result_size_bytes
+        if body.error is not None:
+            result["error"] = body.error
+        await self.audit.emit(
+            self.event(
+                "mcp.tool_call",
+                server=rec.server,
+                tool=rec.tool,
+                user_id=rec.user_id,
+                agent_id=rec.agent_id,
+                session_id=rec.session_id,
+                arguments=call.arguments if call else None,
+                result=result,
+                auth=call.auth if call else None,
+                policy=call.policy if call else None,
+                peer=ident.audit(),
+                lease_id=rec.lease_id,
+                request_id=req.request_id,
+            )
+        )
+        return _json(
+            200,
+            protocol.ReleaseResponse(lease_id=rec.lease_id, state=ended.state, request_id=req.request_id),
+        )
+
+    async def mint_token(self, req: Request) -> Response:
+        body: TokenRequest = protocol.decode_body(req.body, TokenRequest)
+        if body.server not in self.cfg.servers or body.tool not in self.cfg.servers[body.server].tool_scopes:
+            raise NotFound(f"unknown server or tool: {body.server}/{body.tool}", code="tool_unknown")
+        token, claims = self.codec.issue(
+            server=body.server,
+            tool=body.tool,
+            user=body.user,
+            agent=body.agent_id,
+            session=body.session_id,
+            args_digest=_digest_capped(body.arguments),
+            peer=PeerClaim(),
+            now=self.clock(),
+            ttl_s=body.ttl_seconds,
+        )
+        await self.audit.emit(
+            self.event(
+                "token.issued",
+                server=body.server,
+                tool=body.tool,
+                user_id=body.user,
+                agent_id=body.agent_id,
+                session_id=body.session_id,
+                arguments=body.arguments,
+                peer=req.peer.identity.audit(),
+                request_id=req.request_id,
+                extra={"jti": claims.jti, "token_exp": _iso(claims.exp)},
+            )
+        )
+        return _json(
+            200,
+            protocol.TokenResponse(
+                resolution_token=token, jti=claims.jti, expires_at=_iso(claims.exp),
+                request_id=req.request_id,
+            ),
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _reject(
+        self, event_type: str, base: dict[str, Any], exc: SidekeyError, *, jti: str | None = None
+    ) -> SidekeyError:
+        """Audit a denial, mark it audited and return it for the caller to raise."""
+        extra = {"jti": jti} if jti else None
+        await self.audit.emit(
+            self.event(
+                event_type,
+                **base,
+                error={"code": exc.code, "message": exc.message, "status": exc.status},
+                extra=extra,
+            )
+        )
+        exc.details["audited"] = True
+        return exc
+
+    async def _lease_expired(self, rec: LeaseRecord) -> None:
+        self._lease_calls.pop(rec.lease_id, None)
+        await self.audit.emit(
+            self.event(
+                "lease.expired",
+                server=rec.server,
+                tool=rec.tool,
+                user_id=rec.user_id,
+                agent_id=rec.agent_id,
+                session_id=rec.session_id,
+                lease_id=rec.lease_id,
+                peer={"pid": rec.peer_pid, "uid": rec.peer_uid},
+                extra={"expires_at": _iso(rec.expires_at)},
+            )
+        )
+
+    @staticmethod
+    def _remember(table: OrderedDict[str, _PendingCall], key: str, value: _PendingCall) -> None:
+        table[key] = value
+        while len(table) > MAX_PENDING_CALLS:
+            table.popitem(last=False)
+
+
+def _digest_capped(arguments: dict[str, Any]) -> str:
+    canonical = protocol.canonical_json(arguments) if arguments is not None else b"{}"
+    if len(canonical) > protocol.MAX_ARGUMENTS_BYTES:
+        raise BadRequest(
+            f"arguments larger than {protocol.MAX_ARGUMENTS_BYTES} bytes", code="arguments_too_large"
+        )
+    return protocol.arguments_digest(arguments)
+
+
+def _denial(decision: Decision) -> SidekeyError:
+    cls: type[SidekeyError] = NotFound if decision.status == 404 else Denied
+    err = cls(decision.message or "denied", code=decision.code)
+    err.status = decision.status
+    return err
+
+
+# --------------------------------------------------------------------------- running
+
+
+def build_codec(loaded: LoadedConfig) -> TokenCodec:
+    """Load (creating on first start) the token key set and the trusted issuers."""
+    if not loaded.keyset_path.exists():
+        kid = rotate_keyset(loaded.keyset_path)
+        log.info("created token key set %s (key id %s)", loaded.keyset_path, kid)
+    keyset = load_keyset(loaded.keyset_path)
+    trusted = {
+        ti.issuer: {
+            k.kid: load_ed25519_public(
+                k.public_key, loaded.resolve(k.public_key_file) if k.public_key_file else None
+            )
+            for k in ti.keys
+        }
+        for ti in loaded.config.tokens.trusted_issuers
+    }
+    return TokenCodec(
+        issuer=loaded.token_issuer,
+        keyset=keyset,
+        trusted=trusted,
+        leeway_s=loaded.config.tokens.leeway_seconds,
+        max_ttl_s=loaded.config.tokens.ttl_seconds,
+    )
+
+
+async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT. Returns the process exit code."""
+    cfg = loaded.config
+    path = socket_path or loaded.socket_path
+    codec = build_codec(loaded)
+    loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = open_store(loaded.state_dir)
+    sink: AuditSink = open_jsonl_sink(loaded.audit_path, fsync=cfg.audit.fsync)
+    audit = AuditLog([sink])
+    backends = build_backends(loaded)
+    app = Sidekey(loaded, store=store, audit=audit, backends=backends, codec=codec)
+    inherited = systemd.listen_socket()
+    sock = inherited if inherited is not None else bind_unix_socket(path, cfg.listen.mode_int)
+    server = HttpServer(app, cfg.listen)
+    app.server = server
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)  # type: ignore[attr-defined]
+            await nursery.start(store.run_maintenance)  # type: ignore[attr-defined]
+            recovered = await app.leases.recover()
+            await nursery.start(app.leases.run)
+            await audit.emit(
+                app.event(
+                    "daemon.started",
+                    extra={
+                        "pid": os.getpid(),
+                        "socket": str(path),
+                        "config": str(loaded.path),
+                        "leases_recovered": recovered,
+                    },
+                )
+            )
+            nursery.start_soon(_signals, server)
+
+            async def closed() -> None:
+                if inherited is None:
+                    path.unlink(missing_ok=True)
+
+            async with trio.open_nursery() as serving:
+                await serving.start(
+                    lambda task_status: server.serve(sock, on_closed=closed, task_status=task_status)
+                )
+                log.info("sidekey listening on %s (pid %d)", path, os.getpid())
+                systemd.notify("READY=1")
+            # serve() has returned: the listener is closed and connections drained.
+            systemd.notify("STOPPING=1")
+            await audit.emit(app.event("daemon.stopped", extra={"pid": os.getpid()}))
+            nursery.cancel_scope.cancel()
+    finally:
+        for b in backends.values():
+            with trio.CancelScope(shield=True):
+                await b.aclose()
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+            await audit.aclose()
+    return 0
+
+
+async def _signals(server: HttpServer) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            server.stop()
+            return

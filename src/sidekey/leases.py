@@ -1,0 +1,129 @@
+"""Lease lifecycle: one lease per redeemed token, released once, expired by a task.
+
+States and their legal transitions live in :data:`TRANSITIONS`; every transition is a
+compare-and-set in the state store, so a release racing an expiry has exactly one
+winner and the loser gets a 409.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from .protocol import Conflict, NotFound
+from .store import LeaseRecord, StateStore
+
+log = logging.getLogger(__name__)
+
+ACTIVE, RELEASED, EXPIRED, REVOKED = "active", "released", "expired", "revoked"
+TRANSITIONS: dict[str, frozenset[str]] = {
+    ACTIVE: frozenset({RELEASED, EXPIRED, REVOKED}),
+    RELEASED: frozenset(),
+    EXPIRED: frozenset(),
+    REVOKED: frozenset(),
+}
+
+ExpiredCallback = Callable[[LeaseRecord], Awaitable[None]]
+
+
+def check_transition(from_state: str, to_state: str) -> None:
+    """Raise :class:`Conflict` if ``from_state -> to_state`` is not a legal transition."""
+    if to_state not in TRANSITIONS.get(from_state, frozenset()):
+        raise Conflict(
+            f"lease is {from_state}, it cannot become {to_state}", code=f"lease_{from_state}"
+        )
+
+
+def new_lease_id() -> str:
+    return f"lse_{uuid.uuid4().hex}"
+
+
+class LeaseManager:
+    """Creates, ends and expires leases. Expiry events go to ``on_expired``."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        on_expired: ExpiredCallback,
+        clock: Callable[[], float],
+    ) -> None:
+        self._store = store
+        self._on_expired = on_expired
+        self._clock = clock
+        self._heap: list[tuple[float, str]] = []
+        self._wakeup = trio.Event()
+        self._unreported: set[str] = set()
+        self.active_count = 0
+
+    async def create(self, rec: LeaseRecord) -> None:
+        await self._store.put_lease(rec)
+        self.active_count += 1
+        heapq.heappush(self._heap, (rec.expires_at, rec.lease_id))
+        if self._heap[0][1] == rec.lease_id:
+            self._wakeup.set()
+
+    async def get(self, lease_id: str) -> LeaseRecord:
+        rec = await self._store.get_lease(lease_id)
+        if rec is None:
+            raise NotFound("no such lease", code="lease_not_found")
+        return rec
+
+    async def end(self, rec: LeaseRecord, to_state: str) -> LeaseRecord:
+        """Move an active lease to ``to_state`` (released/revoked). 409 if it is not active."""
+        check_transition(rec.state, to_state)
+        now = self._clock()
+        if not await self._store.transition_lease(rec.lease_id, ACTIVE, to_state, at=now):
+            current = await self.get(rec.lease_id)
+            check_transition(current.state, to_state)  # raises: someone else won the race
+            raise Conflict("lease changed state concurrently", code="lease_conflict")
+        self.active_count = max(0, self.active_count - 1)
+        current = await self._store.get_lease(rec.lease_id)
+        return current if current is not None else rec
+
+    async def recover(self) -> int:
+        """Load active leases from the store after a restart; return how many."""
+        active = await self._store.leases_in_state(ACTIVE)
+        for rec in active:
+            heapq.heappush(self._heap, (rec.expires_at, rec.lease_id))
+        self.active_count = len(active)
+        self._wakeup.set()
+        return len(active)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Expire leases at their ``expires_at``, forever. Writes via ``on_expired``."""
+        task_status.started()
+        while True:
+            self._wakeup = trio.Event()
+            delay = math.inf
+            if self._heap:
+                delay = max(0.0, self._heap[0][0] - self._clock())
+            with trio.move_on_after(delay):
+                await self._wakeup.wait()
+            now = self._clock()
+            while self._heap and self._heap[0][0] <= now:
+                _, lease_id = heapq.heappop(self._heap)
+                await self._expire(lease_id, now)
+
+    async def _expire(self, lease_id: str, now: float) -> None:
+        transitioned = lease_id in self._unreported
+        try:
+            if not transitioned:
+                if not await self._store.transition_lease(lease_id, ACTIVE, EXPIRED, at=now):
+                    return  # already released or revoked
+                self.active_count = max(0, self.active_count - 1)
+                self._unreported.add(lease_id)
+            rec = await self._store.get_lease(lease_id)
+            if rec is not None:
+                await self._on_expired(rec)
+            self._unreported.discard(lease_id)
+        except Exception:
+            # A failing store or audit write must not kill the expiry task, and the
+            # lease.expired event must not be lost: retry soon.
+            log.exception("lease expiry handling failed for %s; retrying", lease_id)
+            heapq.heappush(self._heap, (now + 1.0, lease_id))

@@ -1,0 +1,243 @@
+"""Wire messages and error codes of the sidekey v1 interface. Pure: no I/O.
+
+Every request body is decoded into a frozen ``msgspec.Struct`` that forbids unknown
+fields, so a typo in a client is a precise 400 rather than a silently ignored field.
+Errors form a small tree: :class:`SidekeyError` subclasses carry a stable wire
+``code`` and an HTTP status; anything else raised inside the daemon is a local bug
+and becomes a 500 ``internal`` without details.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+# ---------------------------------------------------------------------------
+# Limits that are part of the contract (not tunables).
+MAX_TOKEN_TTL_S = 300
+MAX_NAME_LEN = 128
+MAX_ARGUMENTS_BYTES = 32 * 1024
+
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LEN, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
+Opaque = Annotated[str, Meta(min_length=1, max_length=256)]
+UserToken = Annotated[str, Meta(max_length=16 * 1024)]
+ResolutionToken = Annotated[str, Meta(min_length=1, max_length=8 * 1024)]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+class SidekeyError(Exception):
+    """An error whose ``code`` travels on the wire. Subclasses fix the HTTP status."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+
+
+class BadRequest(SidekeyError):
+    status = 400
+    code = "bad_request"
+
+
+class TokenError(SidekeyError):
+    """The resolution token is malformed, expired, forged or otherwise unusable."""
+
+    status = 401
+    code = "token_invalid"
+
+
+class Denied(SidekeyError):
+    """Policy or peer attestation denied the call."""
+
+    status = 403
+    code = "denied"
+
+
+class NotFound(SidekeyError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(SidekeyError):
+    """Replay or illegal state transition (token already used, lease already released)."""
+
+    status = 409
+    code = "conflict"
+
+
+class TooLarge(SidekeyError):
+    status = 413
+    code = "body_too_large"
+
+
+class Unavailable(SidekeyError):
+    """A dependency (audit sink, state store, secret backend) cannot serve the call."""
+
+    status = 503
+    code = "unavailable"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. The message names the file and the path."""
+
+
+# ---------------------------------------------------------------------------
+# Requests
+
+
+class _Req(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class AuthorizeRequest(_Req, kw_only=True):
+    server: Name
+    tool: Name
+    user_token: UserToken | None = None
+    agent_id: Name | None = None
+    session_id: Opaque | None = None
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    server_version: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class RedeemRequest(_Req, kw_only=True):
+    resolution_token: ResolutionToken
+    # Optional: the arguments the tool will run with; if given they must match the
+    # digest bound into the token.
+    arguments: dict[str, Any] | None = None
+
+
+ReleaseStatus = Literal["success", "error", "cancelled"]
+
+
+class ReleaseRequest(_Req, kw_only=True):
+    lease_id: Opaque
+    status: ReleaseStatus
+    duration_ms: Annotated[int, Meta(ge=0, le=86_400_000)] | None = None
+    result_size_bytes: Annotated[int, Meta(ge=0)] | None = None
+    error: Annotated[str, Meta(max_length=512)] | None = None
+
+
+class TokenRequest(_Req, kw_only=True):
+    """``POST /v1/tokens``: an admin mints a resolution token for a server's peer."""
+
+    server: Name
+    tool: Name
+    user: Name
+    agent_id: Name | None = None
+    session_id: Opaque | None = None
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    ttl_seconds: Annotated[int, Meta(gt=0, le=MAX_TOKEN_TTL_S)] = MAX_TOKEN_TTL_S
+
+
+# ---------------------------------------------------------------------------
+# Responses (encoded only; plain Structs)
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    request_id: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    error: ErrorBody
+
+
+class DecisionBody(msgspec.Struct, kw_only=True):
+    decision: Literal["allow", "deny", "pending_approval"]
+    rules_matched: list[str]
+    warnings: list[str] = msgspec.field(default_factory=list)
+
+
+class AuthorizeResponse(msgspec.Struct, kw_only=True):
+    decision: Literal["allow", "pending_approval"]
+    request_id: str
+    resolution_token: str | None = None
+    expires_at: str | None = None
+    secrets: list[str] = msgspec.field(default_factory=list)
+    policy: DecisionBody
+    user_id: str
+
+
+class LeaseResponse(msgspec.Struct, kw_only=True):
+    lease_id: str
+    expires_at: str
+    server: str
+    tool: str
+    secrets: dict[str, str]
+    request_id: str
+
+
+class ReleaseResponse(msgspec.Struct, kw_only=True):
+    lease_id: str
+    state: str
+    request_id: str
+
+
+class TokenResponse(msgspec.Struct, kw_only=True):
+    resolution_token: str
+    jti: str
+    expires_at: str
+    request_id: str
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8. Used for argument digests."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def arguments_digest(arguments: Any) -> str:
+    """SHA-256 (hex) of the canonical JSON of the tool-call arguments."""
+    try:
+        return hashlib.sha256(canonical_json(arguments)).hexdigest()
+    except (TypeError, ValueError) as exc:
+        raise BadRequest("arguments are not canonical JSON", code="bad_arguments") from exc
+
+
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+_encoder = msgspec.json.Encoder()
+
+
+def decode_body(body: bytes, kind: type[_Req]) -> Any:
+    """Decode and validate a JSON request body into ``kind`` or raise :class:`BadRequest`."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc}", code="invalid_request") from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequest("body is not valid JSON", code="invalid_json") from exc
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)
+
+
+def error_body(exc: SidekeyError, request_id: str) -> bytes:
+    details = exc.details or None
+    return encode(
+        ErrorResponse(
+            error=ErrorBody(code=exc.code, message=exc.message, request_id=request_id, details=details)
+        )
+    )

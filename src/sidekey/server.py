@@ -1,0 +1,410 @@
+"""The Unix-socket listener: HTTP/1.1 via h11, connection limits, graceful stop.
+
+The server knows nothing about tokens or policy. It attests each connection's peer
+once at accept, parses requests within the configured caps (header size, body size,
+header/body read time, connection count), hands complete requests to an
+:class:`Application`, and writes its response. Protocol violations are answered here
+(400/408/413/431/503) and reported to the application so it can audit them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import h11
+import trio
+
+from . import protocol
+from .config import ListenConfig
+from .peer import PeerHandle, attest
+from .protocol import SidekeyError
+
+log = logging.getLogger(__name__)
+
+RECEIVE_CHUNK = 64 * 1024
+SERVER_HEADER = b"sidekey"
+OVERLOAD_REPLY_TIMEOUT_S = 1.0
+
+
+class ServerError(Exception):
+    """The listener cannot start (socket in use, bad path, permissions)."""
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    peer: PeerHandle
+    request_id: str
+    conn: ConnectionState
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: bytes = b"application/json"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ConnectionState:
+    """Per-connection facts computed once (the peer does not change on a connection)."""
+
+    peer: PeerHandle
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+class Application(Protocol):
+    async def handle(self, request: Request) -> Response: ...
+
+    async def rejected(
+        self, peer: PeerHandle | None, error: SidekeyError, request_id: str
+    ) -> None: ...
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex[:20]}"
+
+
+def error_response(exc: SidekeyError, request_id: str) -> Response:
+    return Response(status=exc.status, body=protocol.error_body(exc, request_id))
+
+
+# --------------------------------------------------------------------------- socket setup
+
+
+def bind_unix_socket(path: Path, mode: int) -> socket.socket:
+    """Bind and listen on ``path`` with file mode ``mode``.
+
+    Refuses to start when a live daemon answers on the path; removes a stale socket
+    file left by a crashed daemon; refuses to replace anything that is not a socket.
+    """
+    if len(os.fsencode(path)) > 107:
+        raise ServerError(f"{path}: socket path longer than 107 bytes")
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ServerError(f"{path}: exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(os.fspath(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise ServerError(f"{path}: cannot probe existing socket: {exc.strerror}") from exc
+            log.warning("removing stale socket %s", path)
+            path.unlink(missing_ok=True)
+        else:
+            raise ServerError(f"{path}: another sidekey daemon is listening on this socket")
+        finally:
+            probe.close()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as exc:
+        raise ServerError(f"{path.parent}: cannot create socket directory: {exc.strerror}") from exc
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # umask covers the window between bind() and chmod(): the socket is never looser
+    # than the configured mode.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(os.fspath(path))
+    except OSError as exc:
+        sock.close()
+        raise ServerError(f"{path}: cannot bind: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(1024)
+    return sock
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _Close(Exception):
+    """End this connection (after an error response was sent, or peer went away)."""
+
+
+class HttpServer:
+    """Serves one :class:`Application` on a listening Unix socket."""
+
+    def __init__(self, app: Application, limits: ListenConfig) -> None:
+        self.app = app
+        self.limits = limits
+        self.active_connections = 0
+        self.in_flight = 0
+        self._stop = trio.Event()
+        self._draining = False
+        self._idle_scopes: set[trio.CancelScope] = set()
+
+    def stop(self) -> None:
+        """Stop accepting; in-flight requests finish within ``shutdown_grace_s``."""
+        self._stop.set()
+
+    async def serve(
+        self,
+        sock: socket.socket,
+        *,
+        on_closed: Callable[[], Awaitable[None]] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections on ``sock`` until :meth:`stop`, then drain and return."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptor:
+                acceptor.start_soon(self._accept_loop, listener, connections)
+                task_status.started()
+                await self._stop.wait()
+                acceptor.cancel_scope.cancel()
+            await listener.aclose()
+            if on_closed is not None:
+                await on_closed()
+            self._draining = True
+            for scope in list(self._idle_scopes):
+                scope.cancel()
+            connections.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace_s
+        log.info("listener stopped; %d connections were open", self.active_connections)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
+                log.error("accept failed: %s", exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            if self.active_connections >= self.limits.max_connections:
+                nursery.start_soon(self._refuse_overloaded, stream)
+                continue
+            self.active_connections += 1
+            nursery.start_soon(self._connection, stream)
+
+    async def _refuse_overloaded(self, stream: trio.SocketStream) -> None:
+        rid = new_request_id()
+        err = protocol.Unavailable("too many connections", code="too_many_connections")
+        body = protocol.error_body(err, rid)
+        head = (
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        with trio.move_on_after(OVERLOAD_REPLY_TIMEOUT_S):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(head + body)
+        await stream.aclose()
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        peer: PeerHandle | None = None
+        try:
+            try:
+                peer = attest(stream.socket)  # type: ignore[arg-type]
+            except SidekeyError as exc:
+                # Unattestable peers (exited before accept, recycled pid) get nothing.
+                await self.app.rejected(None, exc, new_request_id())
+                return
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+            state = ConnectionState(peer=peer)
+            with contextlib.suppress(_Close, trio.BrokenResourceError, trio.ClosedResourceError):
+                while not self._draining:
+                    await self._one_request(stream, conn, state)
+                    if conn.our_state is h11.MUST_CLOSE or self._draining:
+                        break
+                    conn.start_next_cycle()
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self.active_connections -= 1
+            if peer is not None:
+                peer.close()
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    async def _receive(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
+        data = await stream.receive_some(RECEIVE_CHUNK)
+        conn.receive_data(data)  # b"" tells h11 the peer closed
+
+    async def _next_event(self, stream: trio.SocketStream, conn: h11.Connection) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            await self._receive(stream, conn)
+
+    async def _one_request(
+        self, stream: trio.SocketStream, conn: h11.Connection, state: ConnectionState
+    ) -> None:
+        rid = new_request_id()
+        limits = self.limits
+        # Phase 1: the request head. Wait up to idle_timeout for the first byte of a
+        # new request (keep-alive), then header_timeout for the whole head.
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + limits.idle_timeout_s) as scope:
+                self._idle_scopes.add(scope)
+                try:
+                    while True:
+                        event = conn.next_event()
+                        if event is not h11.NEED_DATA:
+                            break
+                        await self._receive(stream, conn)
+                        if scope in self._idle_scopes:
+                            # First bytes of this request arrived: no longer idle.
+                            self._idle_scopes.discard(scope)
+                            scope.deadline = min(
+                                scope.deadline, trio.current_time() + limits.header_timeout_s
+                            )
+                finally:
+                    self._idle_scopes.discard(scope)
+        except h11.RemoteProtocolError as exc:
+            await self._protocol_error(stream, conn, state, exc, rid)
+            raise _Close from None
+        if scope.cancelled_caught:
+            if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
+                await self._send_error(
+                    stream, conn, state,
+                    SidekeyError("request head not received in time", code="request_timeout"),
+                    rid, status=408,
+                )
+            raise _Close
+        if isinstance(event, h11.ConnectionClosed):
+            raise _Close
+        if not isinstance(event, h11.Request):
+            raise _Close
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        method = event.method.decode("ascii")
+        # Phase 2: the body, capped in size and time.
+        clen = headers.get("content-length")
+        if clen is not None and clen.isdigit() and int(clen) > limits.max_body_bytes:
+            await self._send_error(
+                stream, conn, state,
+                protocol.TooLarge(f"body larger than {limits.max_body_bytes} bytes"),
+                rid,
+            )
+            raise _Close
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            with trio.move_on_after(limits.body_timeout_s) as body_scope:
+                while True:
+                    ev = await self._next_event(stream, conn)
+                    if isinstance(ev, h11.Data):
+                        size += len(ev.data)
+                        if size > limits.max_body_bytes:
+                            await self._send_error(
+                                stream, conn, state,
+                                protocol.TooLarge(f"body larger than {limits.max_body_bytes} bytes"),
+                                rid,
+                            )
+                            raise _Close
+                        chunks.append(ev.data)
+                    elif isinstance(ev, h11.EndOfMessage):
+                        break
+                    elif isinstance(ev, h11.ConnectionClosed):
+                        raise _Close
+        except h11.RemoteProtocolError as exc:
+            await self._protocol_error(stream, conn, state, exc, rid)
+            raise _Close from None
+        if body_scope.cancelled_caught:
+            await self._send_error(
+                stream, conn, state,
+                SidekeyError("request body not received in time", code="request_timeout"),
+                rid, status=408,
+            )
+            raise _Close
+        request = Request(
+            method=method,
+            path=path,
+            query=query,
+            headers=headers,
+            body=b"".join(chunks),
+            peer=state.peer,
+            request_id=rid,
+            conn=state,
+        )
+        self.in_flight += 1
+        try:
+            # In-flight calls are shielded from the idle-close at shutdown; the
+            # grace deadline on the connection nursery still bounds them.
+            response = await self.app.handle(request)
+        finally:
+            self.in_flight -= 1
+        await self._send(stream, conn, response, rid, keep_alive=not self._draining)
+
+    async def _protocol_error(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        state: ConnectionState,
+        exc: h11.RemoteProtocolError,
+        rid: str,
+    ) -> None:
+        status = exc.error_status_hint
+        if status == 431 or "exceeds" in str(exc):
+            err: SidekeyError = SidekeyError("request head too large", code="headers_too_large")
+            status = 431
+        else:
+            err = protocol.BadRequest("malformed HTTP request", code="bad_http")
+        await self._send_error(stream, conn, state, err, rid, status=status)
+
+    async def _send_error(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        state: ConnectionState,
+        err: SidekeyError,
+        rid: str,
+        *,
+        status: int | None = None,
+    ) -> None:
+        if status is not None:
+            err.status = status
+        with contextlib.suppress(Exception):
+            await self.app.rejected(state.peer, err, rid)
+        await self._send(stream, conn, error_response(err, rid), rid, keep_alive=False)
+
+    async def _send(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        response: Response,
+        rid: str,
+        *,
+        keep_alive: bool,
+    ) -> None:
+        if conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):
+            raise _Close  # mid-response or errored: nothing more can be said
+        headers = [
+            (b"content-type", response.content_type),
+            (b"content-length", str(len(response.body)).encode()),
+            (b"x-request-id", rid.encode()),
+            (b"server", SERVER_HEADER),
+            (b"cache-control", b"no-store"),
+            *response.headers,
+        ]
+        if not keep_alive:
+            headers.append((b"connection", b"close"))
+        data = conn.send(h11.Response(status_code=response.status, headers=headers))
+        data += conn.send(h11.Data(data=response.body))
+        data += conn.send(h11.EndOfMessage())
+        with trio.move_on_after(self.limits.body_timeout_s) as cs:
+            await stream.send_all(data)
+        if cs.cancelled_caught or not keep_alive:
+            raise _Close

@@ -1,0 +1,346 @@
+"""Resolution tokens: issue and verify. Pure apart from the key-set file helpers.
+
+A resolution token is a JWT with ``typ: sidekey-resolution+jwt``. Tokens this daemon
+issues are HS256 under a random 256-bit per-host key (cheap, and they never leave the
+host: only this daemon redeems them). Tokens from a trusted external issuer (a control
+plane) are EdDSA under that issuer's configured Ed25519 public key. The algorithm and
+key are chosen from *our* configuration by ``iss`` and ``kid``, never from the token
+header; ``jku``/``x5u``/``jwk`` headers are refused outright.
+
+Single use is enforced by the caller (the ``jti`` is burned in the state store).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import stat
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import jwt
+import msgspec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from msgspec import Meta
+
+from .protocol import MAX_TOKEN_TTL_S, ConfigError, TokenError
+
+log = logging.getLogger(__name__)
+
+TOKEN_TYPE = "sidekey-resolution+jwt"
+HMAC_KEY_BYTES = 32
+KEYSET_FORMAT = "sidekey-token-keys-v1"
+MAX_KEYS_KEPT = 4
+MAX_TOKEN_BYTES = 8 * 1024
+_FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
+_REQUIRED = ["iss", "aud", "sub", "jti", "iat", "nbf", "exp"]
+
+Str = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class PeerClaim(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The attested peer a token is bound to. Every field present must match the redeemer."""
+
+    uid: int | None = None
+    pid: int | None = None
+    start: int | None = None
+
+
+class ResolutionClaims(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    iss: Str
+    aud: Annotated[str, Meta(pattern=r"^mcp:[A-Za-z0-9_.:@/-]{1,128}$")]
+    sub: Str
+    agent: Str | None
+    sid: Str | None
+    tool: Str
+    jti: Annotated[str, Meta(min_length=16, max_length=64)]
+    iat: int
+    nbf: int
+    exp: int
+    args: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    peer: PeerClaim
+
+    @property
+    def server(self) -> str:
+        return self.aud.removeprefix("mcp:")
+
+
+_claims_decoder = msgspec.json.Decoder(ResolutionClaims)
+
+
+@dataclass(frozen=True, slots=True)
+class HmacKey:
+    kid: str
+    secret: bytes
+    created: float
+
+    def __repr__(self) -> str:  # never show key material
+        return f"HmacKey(kid={self.kid!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    active: HmacKey
+    keys: Mapping[str, HmacKey]
+
+
+# --------------------------------------------------------------------------- key-set files
+
+
+def _b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64u(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _check_private_file(path: Path) -> None:
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: not a regular file")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path}: mode {stat.S_IMODE(st.st_mode):04o} is too open; run chmod 600 {path}"
+        )
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"{path}: owned by uid {st.st_uid}, expected {os.getuid()} or root")
+
+
+def load_keyset(path: Path) -> KeySet:
+    """Load the HMAC key set. Raises :class:`ConfigError` (missing, too open, malformed)."""
+    try:
+        _check_private_file(path)
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: token key set not found; create it with `sidekey keygen tokens`"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        doc = json.loads(raw)
+        if doc.get("format") != KEYSET_FORMAT:
+            raise ValueError("format")
+        keys = {
+            k["kid"]: HmacKey(kid=k["kid"], secret=_unb64u(k["k"]), created=float(k["created"]))
+            for k in doc["keys"]
+        }
+        active = keys[doc["active"]]
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise ConfigError(f"{path}: not a valid sidekey token key set") from exc
+    if any(len(k.secret) != HMAC_KEY_BYTES for k in keys.values()):
+        raise ConfigError(f"{path}: every key must be {HMAC_KEY_BYTES} bytes")
+    return KeySet(active=active, keys=keys)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600 (tmp + fsync + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def rotate_keyset(path: Path, *, now: float | None = None) -> str:
+    """Create the key set, or add a new active key to it (old keys keep verifying).
+
+    Returns the new key's ``kid``. At most :data:`MAX_KEYS_KEPT` keys are kept.
+    """
+    keys: list[dict[str, Any]] = []
+    if path.exists():
+        current = load_keyset(path)
+        keys = [
+            {"kid": k.kid, "k": _b64u(k.secret), "created": k.created}
+            for k in sorted(current.keys.values(), key=lambda k: k.created)
+        ]
+    created = time.time() if now is None else now
+    kid = f"hs-{time.strftime('%Y%m%d', time.gmtime(created))}-{secrets.token_hex(4)}"
+    keys.append({"kid": kid, "k": _b64u(secrets.token_bytes(HMAC_KEY_BYTES)), "created": created})
+    keys = keys[-MAX_KEYS_KEPT:]
+    doc = {"format": KEYSET_FORMAT, "active": kid, "keys": keys}
+    _write_private(path, json.dumps(doc, indent=1).encode())
+    return kid
+
+
+def generate_ed25519(path: Path) -> tuple[str, str]:
+    """Write a new Ed25519 private key (PEM, 0600) to ``path``; return (kid, public key b64url)."""
+    if path.exists():
+        raise ConfigError(f"{path}: already exists; refusing to overwrite a private key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_private(path, pem)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return f"ed-{secrets.token_hex(4)}", _b64u(raw)
+
+
+def load_ed25519_private(path: Path) -> Ed25519PrivateKey:
+    _check_private_file(path)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_ed25519_public(text: str | None, file: Path | None) -> Ed25519PublicKey:
+    """Parse a configured trusted-issuer key (raw 32 bytes b64url, or a PEM file)."""
+    try:
+        if file is not None:
+            key = serialization.load_pem_public_key(file.read_bytes())
+            if not isinstance(key, Ed25519PublicKey):
+                raise ConfigError(f"{file}: not an Ed25519 public key")
+            return key
+        assert text is not None
+        return Ed25519PublicKey.from_public_bytes(_unb64u(text))
+    except (ValueError, binascii.Error, OSError) as exc:
+        raise ConfigError(f"invalid Ed25519 public key {'in ' + str(file) if file else ''}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- issue / verify
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    claims: ResolutionClaims
+    self_issued: bool
+
+
+class TokenCodec:
+    """Issues self-signed tokens and verifies self-issued and trusted external tokens."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        keyset: KeySet,
+        trusted: Mapping[str, Mapping[str, Ed25519PublicKey]] | None = None,
+        leeway_s: int = 5,
+        max_ttl_s: int = MAX_TOKEN_TTL_S,
+    ) -> None:
+        if issuer in (trusted or {}):
+            raise ConfigError(f"trusted issuer {issuer!r} has the same name as this daemon")
+        self.issuer = issuer
+        self.keyset = keyset
+        self.trusted = {iss: dict(keys) for iss, keys in (trusted or {}).items()}
+        self.leeway_s = leeway_s
+        self.max_ttl_s = min(max_ttl_s, MAX_TOKEN_TTL_S)
+
+    def issue(
+        self,
+        *,
+        server: str,
+        tool: str,
+        user: str,
+        agent: str | None,
+        session: str | None,
+        args_digest: str,
+        peer: PeerClaim,
+        now: float,
+        ttl_s: int,
+    ) -> tuple[str, ResolutionClaims]:
+        """Return (token, claims) for a token valid ``min(ttl_s, max_ttl)`` seconds from ``now``."""
+        iat = int(now)
+        claims = ResolutionClaims(
+            iss=self.issuer,
+            aud=f"mcp:{server}",
+            sub=user,
+            agent=agent,
+            sid=session,
+            tool=tool,
+            jti=uuid.uuid4().hex,
+            iat=iat,
+            nbf=iat,
+            exp=iat + max(1, min(ttl_s, self.max_ttl_s)),
+            args=args_digest,
+            peer=peer,
+        )
+        key = self.keyset.active
+        token = jwt.encode(
+            msgspec.to_builtins(claims),
+            key.secret,
+            algorithm="HS256",
+            headers={"kid": key.kid, "typ": TOKEN_TYPE},
+        )
+        return token, claims
+
+    def verify(self, token: str, *, now: float) -> Verified:
+        """Verify signature, type and every claim. Raises :class:`TokenError` with a code."""
+        if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
+            raise TokenError("resolution token is malformed", code="token_malformed")
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise TokenError("resolution token is malformed", code="token_malformed") from None
+        if header.get("typ") != TOKEN_TYPE:
+            raise TokenError("not a sidekey resolution token (typ)", code="token_wrong_type")
+        if _FORBIDDEN_HEADERS & header.keys():
+            raise TokenError("token header carries a forbidden key reference", code="token_malformed")
+        iss = unverified.get("iss")
+        kid = header.get("kid")
+        if not isinstance(iss, str) or not isinstance(kid, str):
+            raise TokenError("token lacks iss or kid", code="token_malformed")
+        key: bytes | Ed25519PublicKey
+        if iss == self.issuer:
+            hk = self.keyset.keys.get(kid)
+            if hk is None:
+                raise TokenError("token signed with an unknown key id", code="token_unknown_key")
+            key, alg = hk.secret, "HS256"
+        elif iss in self.trusted:
+            pk = self.trusted[iss].get(kid)
+            if pk is None:
+                raise TokenError("token signed with an unknown key id", code="token_unknown_key")
+            key, alg = pk, "EdDSA"
+        else:
+            raise TokenError("token issuer is not trusted", code="token_untrusted_issuer")
+        if header.get("alg") != alg:
+            raise TokenError(f"issuer {iss!r} signs with {alg} only", code="token_wrong_algorithm")
+        try:
+            payload = jwt.decode(
+                token,
+                key,  # type: ignore[arg-type]
+                algorithms=[alg],
+                issuer=iss,
+                leeway=self.leeway_s,
+                options={"require": _REQUIRED, "verify_aud": False, "verify_exp": False,
+                         "verify_nbf": False, "verify_iat": False},
+            )
+        except jwt.InvalidSignatureError:
+            raise TokenError("token signature is invalid", code="token_bad_signature") from None
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"token is invalid: {exc}", code="token_invalid") from None
+        try:
+            claims = _claims_decoder.decode(json.dumps(payload))
+        except msgspec.ValidationError as exc:
+            raise TokenError(f"token claims are invalid: {exc}", code="token_claims_invalid") from None
+        # Time checks are ours, with an injected clock, so tests can move time.
+        if claims.exp - claims.iat > self.max_ttl_s or claims.exp <= claims.iat:
+            raise TokenError("token lifetime exceeds the maximum", code="token_ttl_too_long")
+        if now > claims.exp + self.leeway_s:
+            raise TokenError("token has expired", code="token_expired")
+        if now + self.leeway_s < claims.nbf or now + self.leeway_s < claims.iat:
+            raise TokenError("token is not valid yet", code="token_not_yet_valid")
+        if iss == self.issuer and (claims.peer.pid is None or claims.peer.uid is None):
+            raise TokenError("self-issued token is not bound to a peer", code="token_claims_invalid")
+        return Verified(claims=claims, self_issued=iss == self.issuer)

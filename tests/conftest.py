@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Daemon  # noqa: E402
+
+
+@pytest.fixture
+def daemon() -> Iterator[Daemon]:
+    d = Daemon().start()
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture
+def make_daemon() -> Iterator[object]:
+    made: list[Daemon] = []
+
+    def make(overrides: dict[str, object] | None = None) -> Daemon:
+        d = Daemon(overrides)
+        made.append(d)
+        return d
+
+    try:
+        yield make
+    finally:
+        for d in made:
+            d.cleanup()

@@ -1,0 +1,201 @@
+"""Integration-test harness: a real sidekey daemon subprocess on a real Unix socket.
+
+Tests talk to it only through the public client, raw HTTP over the socket, and the
+files it writes (audit log, stderr log).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidekey.backends.local import LocalStore, generate_key_file, load_key
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "examples" / "quickstart"
+START_TIMEOUT_S = 15.0
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("sidekey", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self._path)
+        self.sock = s
+
+
+def demo_secrets() -> dict[str, str]:
+    """Fresh random values per test run, so a grep for them can only find real leaks."""
+    rand = os.urandom(8).hex()
+    return {
+        "content-api/read-key": f"SECRET-read-{rand}",
+        "content-api/write-key": f"SECRET-write-{rand}",
+        "content-api/publish-key": f"SECRET-publish-{rand}",
+        "analytics-db/readonly-dsn": f"postgres://ro:SECRET-pw-{rand}@db/analytics",
+    }
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class Daemon:
+    """A sidekey daemon in its own short-path directory (AF_UNIX paths are capped at 107 bytes)."""
+
+    def __init__(self, overrides: dict[str, Any] | None = None, *, root: Path | None = None) -> None:
+        self.root = root or Path(tempfile.mkdtemp(prefix="sk-"))
+        os.chmod(self.root, 0o755)  # so a test process running as nobody can reach the socket
+        for f in QUICKSTART.glob("*.yaml"):
+            if f.name != "sidekey.yaml":
+                shutil.copy(f, self.root / f.name)
+        base = yaml.safe_load((QUICKSTART / "sidekey.yaml").read_text())
+        base["listen"]["mode"] = "0666"
+        base["listen"]["socket"] = "run/sock"
+        base["listen"]["shutdown_grace_s"] = 5
+        cfg = _merge(base, overrides or {})
+        self.config_path = self.root / "sidekey.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.config = cfg
+        (self.root / "run").mkdir(exist_ok=True)
+        os.chmod(self.root / "run", 0o755)
+        self.socket = str(self.root / "run" / "sock")
+        self.audit_path = self.root / "state" / "audit.jsonl"
+        self.log_path = self.root / "daemon.log"
+        self.secrets = demo_secrets()
+        key_file = self.root / "keys" / "local.key"
+        if not key_file.exists():
+            generate_key_file(key_file)
+            store = LocalStore(self.root / "state" / "secrets.enc", load_key(key_file, None))
+            for name, value in self.secrets.items():
+                store.put(name, value)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> Daemon:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidekey", "--log-level", "debug", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            cwd=self.root,
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _ = self.request("GET", "/v1/health", timeout=1.0)
+                if status in (200, 503):
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"daemon did not start in {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> Daemon:
+        assert self.stop() == 0
+        return self.start()
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # ---------------------------------------------------------------- talking
+
+    def request(
+        self, method: str, path: str, body: Any = None, *, timeout: float = 10.0
+    ) -> tuple[int, dict[str, Any]]:
+        conn = UnixHTTPConnection(self.socket, timeout=timeout)
+        try:
+            data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+            headers = {"content-type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else {}
+        finally:
+            conn.close()
+
+    def raw(self, data: bytes, *, timeout: float = 10.0, shutdown: bool = False) -> bytes:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(self.socket)
+        try:
+            s.sendall(data)
+            if shutdown:
+                s.shutdown(socket.SHUT_WR)
+            chunks = []
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            s.close()
+
+    def authorize(self, server: str = "content-api", tool: str = "create_article", **kw: Any) -> tuple[int, dict[str, Any]]:
+        body = {"server": server, "tool": tool, "agent_id": "content-writer", "session_id": "s1",
+                "arguments": {"title": "hello"}, **kw}
+        return self.request("POST", "/v1/authorize", body)
+
+    # ---------------------------------------------------------------- what it wrote
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
+
+    def events_of(self, event_type: str) -> list[dict[str, Any]]:
+        return [e for e in self.audit_events() if e["event_type"] == event_type]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def everything_written(self) -> bytes:
+        """Every byte under the daemon's directory except the encrypted store and keys."""
+        out = []
+        for p in self.root.rglob("*"):
+            if p.is_file() and p.suffix not in (".enc", ".key") and p.name != "token-keys.json":
+                out.append(p.read_bytes())
+        return b"\n".join(out)
