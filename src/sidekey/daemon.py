@@ -50,7 +50,7 @@ from .protocol import (
 )
 from .server import HttpServer, Request, Response, bind_unix_socket, error_response
 from .store import LeaseRecord, StateStore, open_store
-from .tokens import PeerClaim, TokenCodec, Verified, load_ed25519_public, load_keyset, rotate_keyset
+from .tokens import PeerClaim, TokenCodec, load_ed25519_public, load_keyset, rotate_keyset
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,97 @@
+"""Audit: events are written durably *before* the response that they describe leaves.
+
+:class:`AuditLog` is what the daemon talks to; it fans an event out to its sinks
+(today one JSON-lines file, :mod:`sidekey.audit.jsonl`). A sink's ``write`` returns
+only once the event is durable and raises :class:`AuditUnavailable` otherwise, so a
+call whose audit record cannot be written fails with 503 ``audit_unavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import trio
+
+from ..protocol import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class AuditUnavailable(Unavailable):
+    """No audit sink could record the event; the call it describes must fail."""
+
+    code = "audit_unavailable"
+
+
+class AuditSink(Protocol):
+    """One destination for audit events."""
+
+    async def write(self, event: dict[str, Any]) -> None:
+        """Record ``event``; return only once it is durable. Raises :class:`AuditUnavailable`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop accepting events and release the sink's resources."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok": bool, ...}`` for ``/v1/health`` and ``/v1/status``."""
+        ...
+
+
+class AuditLog:
+    """The daemon's audit log: writes every event to its sinks.
+
+    An event counts as recorded when at least one sink recorded it (the contract:
+    "if no audit sink can record, the call fails"); a sink that fails while another
+    succeeds is logged and shows up in :meth:`health`.
+    """
+
+    def __init__(self, sinks: Sequence[AuditSink]) -> None:
+        if not sinks:
+            raise ValueError("AuditLog needs at least one sink")
+        self.sinks: tuple[AuditSink, ...] = tuple(sinks)
+
+    async def emit(self, event: dict[str, Any]) -> None:
+        """Write ``event`` durably. Raises :class:`AuditUnavailable` if no sink recorded it."""
+        if len(self.sinks) == 1:
+            await self.sinks[0].write(event)
+            return
+        failures: list[AuditUnavailable] = []
+
+        async def one(sink: AuditSink) -> None:
+            try:
+                await sink.write(event)
+            except AuditUnavailable as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for sink in self.sinks:
+                nursery.start_soon(one, sink)
+        if len(failures) == len(self.sinks):
+            raise AuditUnavailable("no audit sink could record the event") from failures[0]
+        if failures:
+            log.warning(
+                "audit event %s recorded by %d of %d sinks",
+                event.get("event_id"),
+                len(self.sinks) - len(failures),
+                len(self.sinks),
+            )
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok": ..., "sinks": [...]}``: ok while at least one sink is healthy."""
+        sinks = [sink.health() for sink in self.sinks]
+        return {"ok": any(bool(h.get("ok")) for h in sinks), "sinks": sinks}
+
+    async def aclose(self) -> None:
+        """Close every sink (errors are logged, not raised: this runs at shutdown)."""
+        for sink in self.sinks:
+            try:
+                await sink.aclose()
+            except Exception:
+                log.exception("closing audit sink failed")
+
+
+__all__ = ["AuditLog", "AuditSink", "AuditUnavailable"]

@@ -1,0 +1,332 @@
+"""JSON-lines audit file with group commit.
+
+One event per line (msgspec JSON, which escapes newlines inside strings, so a line
+is always one event). The file is opened ``O_APPEND`` and created ``0600`` (its
+directory ``0700`` if sidekey creates it).
+
+Group commit: :meth:`JsonlSink.write` appends the encoded event to the *pending*
+batch and waits for that batch. The long-lived writer task (:meth:`JsonlSink.run`,
+started in the daemon's nursery) takes the whole pending batch, writes it with one
+``os.write`` and makes it durable with one ``os.fsync`` in a worker thread, then
+wakes every waiter of that batch. Events that arrive while an fsync runs form the
+next batch, so one fsync covers everything queued meanwhile: throughput grows with
+concurrency while each caller still only returns once its event is on disk.
+
+Failure is closed: if the write or fsync fails, every waiter of that batch gets
+:class:`~sidekey.audit.AuditUnavailable` and the sink reports unhealthy; the file is
+reopened for the next batch (a torn last line is terminated first), so a transient
+problem (disk full, a removed directory) heals by itself. A full queue also fails
+immediately rather than letting memory grow.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from . import AuditUnavailable
+
+log = logging.getLogger(__name__)
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+# Beyond these the writer is not keeping up (or the disk is stuck): fail closed.
+MAX_PENDING_EVENTS = 10_000
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+MAX_EVENT_BYTES = 1024 * 1024
+# O_RDWR rather than O_WRONLY: reopening reads the last byte to repair a torn line.
+# O_NOFOLLOW: a root daemon must not be redirected through a planted symlink.
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+_encoder = msgspec.json.Encoder()
+
+
+def _describe_oserror(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "OSError")
+    return f"{name}: {exc.strerror}" if exc.strerror else name
+
+
+class _Batch:
+    """Events committed together by one write + one fsync."""
+
+    __slots__ = ("done", "failed", "lines", "nbytes")
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.nbytes = 0
+        self.done = trio.Event()
+        self.failed = False
+
+
+class JsonlSink:
+    """Durable JSON-lines audit sink (see the module docstring for group commit).
+
+    Use from trio: start :meth:`run` in a nursery, then ``await write(event)``.
+    Outside trio (CLI, startup, shutdown): :meth:`write_sync`.
+    """
+
+    def __init__(self, path: Path, *, fsync: bool) -> None:
+        self.path = path
+        self.fsync = fsync
+        # Serialises every use of the fd: the writer's worker thread, write_sync and close.
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._pending = _Batch()
+        self._nonempty = trio.Event()
+        self._stopped = trio.Event()
+        self._running = False
+        self._closed = False
+        self._healthy = True
+        self._last_error: str | None = None
+        self.events_written = 0
+        self.batches_written = 0
+        self.rejected = 0
+
+    # ------------------------------------------------------------------ file I/O (any thread)
+
+    def _open(self) -> int:
+        parent = self.path.parent
+        if not parent.exists():
+            parent.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
+            os.chmod(parent, DIR_MODE)  # mkdir's mode is filtered by the umask
+        created = not os.path.lexists(self.path)
+        fd = os.open(self.path, _OPEN_FLAGS, FILE_MODE)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "audit path is not a regular file")
+            if created:
+                os.fchmod(fd, FILE_MODE)
+                if self.fsync:
+                    self._fsync_dir(parent)
+            elif st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n":
+                # A crash or a failed short write left a torn last line: end it, so
+                # the next event starts on its own line (the fragment stays visible).
+                log.warning("audit file %s ended with a partial line; terminating it", self.path)
+                self._write_all(fd, b"\n")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.EIO, "write made no progress")
+            view = view[n:]
+
+    def _commit(self, data: bytes) -> None:
+        """Append ``data`` and (if configured) fsync. Raises OSError; drops the fd on error."""
+        with self._lock:
+            if self._fd is None:
+                self._fd = self._open()
+            try:
+                self._write_all(self._fd, data)
+                if self.fsync:
+                    os.fsync(self._fd)
+            except OSError:
+                self._close_fd_locked()
+                raise
+
+    def _close_fd_locked(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.warning("closing audit file %s: %s", self.path, _describe_oserror(exc))
+
+    def _failed(self, exc: OSError) -> None:
+        self._healthy = False
+        self._last_error = _describe_oserror(exc)
+        log.error("audit write to %s failed: %s", self.path, self._last_error)
+
+    def _succeeded(self, events: int) -> None:
+        if not self._healthy:
+            log.warning("audit writes to %s succeed again", self.path)
+        self._healthy = True
+        self._last_error = None
+        self.events_written += events
+        self.batches_written += 1
+
+    @staticmethod
+    def _encode(event: dict[str, Any]) -> bytes:
+        try:
+            line = _encoder.encode(event)
+        except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
+            # A local bug (an unencodable value); the event is not recorded, so fail.
+            log.error(
+                "audit event %s cannot be encoded: %s", event.get("event_id"), type(exc).__name__
+            )
+            raise AuditUnavailable("audit event could not be encoded") from exc
+        if len(line) >= MAX_EVENT_BYTES:
+            log.error(
+                "audit event %s is %d bytes (limit %d)",
+                event.get("event_id"),
+                len(line),
+                MAX_EVENT_BYTES,
+            )
+            raise AuditUnavailable("audit event too large")
+        return line + b"\n"
+
+    def open(self) -> None:
+        """Open (create) the file now, so a bad path fails at startup. Raises AuditUnavailable."""
+        try:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = self._open()
+        except OSError as exc:
+            self._failed(exc)
+            raise AuditUnavailable(
+                f"cannot open audit log {self.path}: {self._last_error}"
+            ) from exc
+
+    # ------------------------------------------------------------------ trio side
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task: commit pending batches until cancelled or :meth:`aclose`."""
+        if self._running:
+            raise RuntimeError("the audit writer is already running")
+        if self._closed:
+            raise AuditUnavailable("audit log is closed")
+        # Its own limiter: the fsync must not queue behind slow backend threads.
+        limiter = trio.CapacityLimiter(1)
+        self._running = True
+        self._stopped = trio.Event()
+        inflight: _Batch | None = None
+        try:
+            task_status.started()
+            while True:
+                while not self._pending.lines:
+                    if self._closed:
+                        return
+                    self._nonempty = trio.Event()
+                    await self._nonempty.wait()
+                batch, self._pending = self._pending, _Batch()
+                inflight = batch
+                data = b"".join(batch.lines)
+                try:
+                    if self.fsync:
+                        # Not abandoned on cancel: a started commit always completes
+                        # and its waiters always learn the outcome.
+                        await trio.to_thread.run_sync(self._commit, data, limiter=limiter)
+                    else:
+                        # No fsync: an append to the page cache, cheaper than a thread hop.
+                        self._commit(data)
+                except OSError as exc:
+                    batch.failed = True
+                    self._failed(exc)
+                else:
+                    self._succeeded(len(batch.lines))
+                batch.done.set()
+                inflight = None
+        finally:
+            self._running = False
+            # Nobody will commit what is still queued (or a batch whose commit was
+            # cancelled before its thread started): its waiters must not hang.
+            leftover, self._pending = self._pending, _Batch()
+            for unwritten in (inflight, leftover):
+                if unwritten is not None and not unwritten.done.is_set():
+                    if unwritten.lines:
+                        log.error(
+                            "audit writer stopped with %d events unwritten", len(unwritten.lines)
+                        )
+                    unwritten.failed = True
+                    unwritten.done.set()
+            self._stopped.set()
+
+    async def write(self, event: dict[str, Any]) -> None:
+        """Append ``event``; return once it is written (and fsynced, if configured).
+
+        Raises :class:`AuditUnavailable` if the sink is closed, its writer is not
+        running, the queue is full, or the batch's write or fsync failed. If the caller
+        is cancelled while waiting, the event stays queued and is still written.
+        """
+        line = self._encode(event)
+        if self._closed:
+            raise AuditUnavailable("audit log is closed")
+        if not self._running:
+            raise AuditUnavailable("audit writer is not running")
+        batch = self._pending
+        if len(batch.lines) >= MAX_PENDING_EVENTS or batch.nbytes + len(line) > MAX_PENDING_BYTES:
+            self.rejected += 1
+            log.error("audit queue full (%d events pending); failing the call", len(batch.lines))
+            raise AuditUnavailable("audit queue is full")
+        batch.lines.append(line)
+        batch.nbytes += len(line)
+        self._nonempty.set()
+        await batch.done.wait()
+        if batch.failed:
+            raise AuditUnavailable("audit log cannot be written")
+
+    def write_sync(self, event: dict[str, Any]) -> None:
+        """Blocking write + fsync of one event, for use outside trio. Raises AuditUnavailable."""
+        line = self._encode(event)
+        if self._closed:
+            raise AuditUnavailable("audit log is closed")
+        try:
+            self._commit(line)
+        except OSError as exc:
+            self._failed(exc)
+            raise AuditUnavailable("audit log cannot be written") from exc
+        self._succeeded(1)
+
+    async def aclose(self) -> None:
+        """Stop accepting events, let a running writer drain the queue, close the file."""
+        self._closed = True
+        if self._running:
+            self._nonempty.set()
+            await self._stopped.wait()
+        else:
+            leftover, self._pending = self._pending, _Batch()
+            leftover.failed = True
+            leftover.done.set()
+        with self._lock:
+            self._close_fd_locked()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ok": self._healthy and not self._closed,
+            "sink": "jsonl",
+            "path": str(self.path),
+            "fsync": self.fsync,
+            "running": self._running,
+            "pending": len(self._pending.lines),
+            "events_written": self.events_written,
+            "batches_written": self.batches_written,
+            "rejected": self.rejected,
+            "last_error": self._last_error,
+        }
+
+
+def open_jsonl_sink(path: Path, *, fsync: bool) -> JsonlSink:
+    """Create a :class:`JsonlSink` and open its file now (creating it ``0600``).
+
+    Raises :class:`AuditUnavailable` if the file cannot be opened, so a bad audit
+    path stops the daemon at startup instead of failing every call later.
+    """
+    sink = JsonlSink(path, fsync=fsync)
+    sink.open()
+    return sink
+
+
+__all__ = ["JsonlSink", "open_jsonl_sink"]

@@ -1,0 +1,97 @@
+"""Secret backends: the interface every backend implements, and the factory.
+
+A backend turns a secret *name* (from ``secrets:`` in the config) into its current
+value. Values travel only inside :class:`SecretValue`, whose ``repr`` never shows the
+value, so a stray ``log.debug("%r", v)`` or a traceback's locals cannot leak it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from .. import protocol
+from ..protocol import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import LoadedConfig
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class SecretValue:
+    """One version of a secret. ``repr``/``str`` show the version only, never the value."""
+
+    value: str
+    version: str
+
+    def __repr__(self) -> str:
+        return f"SecretValue(version={self.version!r}, value=<redacted>)"
+
+    __str__ = __repr__
+
+
+class BackendError(protocol.Unavailable):
+    """The backend cannot serve secrets (unreachable, corrupt store, wrong key)."""
+
+    status = 503
+    code = "backend_unavailable"
+
+
+class SecretNotFound(protocol.SidekeyError):
+    """A configured secret (or version) does not exist in its backend.
+
+    503, not 404: the daemon is misconfigured and the caller cannot fix that.
+    """
+
+    status = 503
+    code = "secret_not_found"
+
+
+class Backend(Protocol):
+    """What the daemon needs from a secret backend."""
+
+    name: str
+
+    async def fetch(self, secret_name: str) -> SecretValue:
+        """Return the current version of ``secret_name``.
+
+        Raises :class:`SecretNotFound` or :class:`BackendError`; never puts the
+        value in an exception message.
+        """
+        ...
+
+    async def health(self) -> dict[str, object]:
+        """Readiness details, e.g. ``{"type": "local", "ok": True, "secrets": 5}``. No values."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, threads and files. Idempotent."""
+        ...
+
+
+def build_backends(loaded: LoadedConfig) -> dict[str, Backend]:
+    """Create one backend per ``backends:`` entry of the config.
+
+    Keys are loaded and local stores are opened (and their key checked) here, so a
+    wrong key or a corrupt store refuses start/reload instead of failing calls later.
+    Raises :class:`ConfigError` naming the backend.
+    """
+    from ..config import LocalBackendConfig
+    from .local import LocalBackend, load_key
+
+    out: dict[str, Backend] = {}
+    for name, cfg in loaded.config.backends.items():
+        if not isinstance(cfg, LocalBackendConfig):  # pragma: no cover - one type so far
+            raise ConfigError(f"backends.{name}: unsupported backend type")
+        try:
+            key = load_key(
+                loaded.resolve(cfg.key_file) if cfg.key_file else None, cfg.key_credential
+            )
+            backend = LocalBackend(name, loaded.resolve(cfg.path), key)
+            backend.store.reload_if_changed()
+        except ConfigError as exc:
+            raise ConfigError(f"backends.{name}: {exc}") from None
+        except protocol.SidekeyError as exc:
+            raise ConfigError(f"backends.{name}: {exc.message}") from None
+        out[name] = backend
+    return out

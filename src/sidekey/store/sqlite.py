@@ -1,0 +1,412 @@
+"""SQLite state store: ``<state_dir>/state.db``.
+
+Durability and latency: the database runs in WAL mode with ``synchronous=NORMAL``.
+A commit is then an append to the WAL in the OS page cache, without an fsync, so it
+survives the daemon crashing or being ``kill -9``-ed (the kernel still has the
+pages), but the last commits before a *power loss or kernel crash* may be lost. That
+is the trade: a burned jti or a lease transition costs microseconds instead of an
+fsync each. (The audit log, which must survive power loss, fsyncs; a jti lost that
+way belonged to a token whose redemption was already audited.)
+
+Why the sqlite3 calls run on the trio thread: each statement here is a few
+microseconds of work with no fsync, less than a hop to a worker thread and back,
+and doing them inline makes each method atomic with respect to other trio tasks.
+What *does* touch the disk synchronously is the checkpoint (copying the WAL into the
+database and fsyncing it), so automatic checkpoints are disabled and
+:meth:`SqliteStore.run_maintenance` runs ``wal_checkpoint(PASSIVE)`` on a second
+connection in a worker thread, and purges expired rows in small chunks.
+
+sqlite3 errors are translated once, here, into :class:`StateUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from . import LEASE_STATES, LeaseRecord, StateUnavailable
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "state.db"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+# Ended leases are kept this long (for `sidekey status` and investigations).
+LEASE_RETENTION_S = 86_400.0
+# Rows deleted per statement when purging, so no purge stalls the event loop.
+PURGE_CHUNK = 500
+# How long the trio-thread connection waits for a lock held by another connection
+# (only an operator's tool or the maintenance connection can hold one, briefly).
+BUSY_TIMEOUT_MS = 2_000
+MAINTENANCE_BUSY_TIMEOUT_MS = 10_000
+# After a checkpoint lets the WAL restart, truncate the file back to this size.
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+
+# Migration i brings the schema from version i to version i + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE burned_jti (
+        jti TEXT PRIMARY KEY NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX burned_jti_expires ON burned_jti (expires_at);
+    CREATE TABLE leases (
+        lease_id TEXT PRIMARY KEY NOT NULL,
+        jti TEXT NOT NULL,
+        server TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        agent_id TEXT,
+        session_id TEXT,
+        secrets TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('active', 'released', 'expired', 'revoked')),
+        ended_at REAL,
+        peer_pid INTEGER NOT NULL,
+        peer_uid INTEGER NOT NULL
+    );
+    CREATE INDEX leases_state ON leases (state, expires_at);
+    CREATE INDEX leases_ended ON leases (ended_at) WHERE state != 'active';
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Written out in full (no string building in SQL): the column order of _row_to_lease.
+_INSERT_LEASE = (
+    "INSERT INTO leases (lease_id, jti, server, tool, user_id, agent_id, session_id, secrets, "
+    "created_at, expires_at, state, ended_at, peer_pid, peer_uid) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_LEASE_BY_ID = (
+    "SELECT lease_id, jti, server, tool, user_id, agent_id, session_id, secrets, "
+    "created_at, expires_at, state, ended_at, peer_pid, peer_uid FROM leases WHERE lease_id = ?"
+)
+_SELECT_LEASES_BY_STATE = (
+    "SELECT lease_id, jti, server, tool, user_id, agent_id, session_id, secrets, "
+    "created_at, expires_at, state, ended_at, peer_pid, peer_uid FROM leases "
+    "WHERE state = ? ORDER BY expires_at"
+)
+_secrets_decoder = msgspec.json.Decoder(list[str])
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`, in one transaction. Returns the old version.
+
+    Raises :class:`StateUnavailable` if the database is newer than this sidekey.
+    Raises sqlite3.Error on I/O problems.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        version = 0 if row is None else int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StateUnavailable(
+                f"state database schema version {version} is newer than this sidekey "
+                f"supports ({SCHEMA_VERSION})",
+                code="state_schema_too_new",
+            )
+        for step in MIGRATIONS[version:]:
+            for statement in step.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        if row is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        elif version != SCHEMA_VERSION:
+            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if version != SCHEMA_VERSION:
+        log.info("state database schema migrated from version %d to %d", version, SCHEMA_VERSION)
+    return version
+
+
+def _connect(path: Path, *, busy_timeout_ms: int) -> sqlite3.Connection:
+    # isolation_level=None: autocommit, each statement is its own transaction unless
+    # we say BEGIN. check_same_thread=False: close() may run from a worker thread and
+    # the maintenance connection moves between worker threads (used by one at a time).
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise sqlite3.OperationalError("cannot enable WAL journal mode")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _row_to_lease(row: tuple[Any, ...]) -> LeaseRecord:
+    return LeaseRecord(
+        lease_id=row[0],
+        jti=row[1],
+        server=row[2],
+        tool=row[3],
+        user_id=row[4],
+        agent_id=row[5],
+        session_id=row[6],
+        secrets=tuple(_secrets_decoder.decode(row[7])),
+        created_at=float(row[8]),
+        expires_at=float(row[9]),
+        state=row[10],
+        ended_at=None if row[11] is None else float(row[11]),
+        peer_pid=int(row[12]),
+        peer_uid=int(row[13]),
+    )
+
+
+class SqliteStore:
+    """:class:`~sidekey.store.StateStore` on one SQLite file. Create with :meth:`open`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, clock: Callable[[], float]) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._maint: sqlite3.Connection | None = None
+        self._clock = clock
+        self._healthy = True
+        self._last_error: str | None = None
+        self._last_checkpoint: float | None = None
+        self._purged = 0
+
+    @classmethod
+    def open(cls, state_dir: Path, *, clock: Callable[[], float] = time.time) -> SqliteStore:
+        """Open (creating dir 0700 and file 0600) and migrate. Raises StateUnavailable."""
+        path = state_dir / DB_NAME
+        try:
+            if not state_dir.exists():
+                state_dir.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
+                os.chmod(state_dir, DIR_MODE)  # mkdir's mode is filtered by the umask
+            # Create the file ourselves so its mode is 0600 from the first byte;
+            # SQLite gives the -wal and -shm files the database file's mode.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+            os.close(fd)
+        except OSError as exc:
+            raise StateUnavailable(
+                f"cannot create state database {path}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            conn = _connect(path, busy_timeout_ms=BUSY_TIMEOUT_MS)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"cannot open state database {path}: {exc}") from exc
+        try:
+            migrate(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StateUnavailable(f"cannot migrate state database {path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, conn, clock=clock)
+
+    # ------------------------------------------------------------------ the edge
+
+    @contextlib.contextmanager
+    def _edge(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Yield the connection; translate sqlite3 errors into StateUnavailable."""
+        if self._conn is None:
+            raise StateUnavailable("state store is closed")
+        try:
+            yield self._conn
+        except sqlite3.Error as exc:
+            self._healthy = False
+            self._last_error = f"{what}: {type(exc).__name__}: {exc}"
+            log.error("state store %s failed: %s: %s", what, type(exc).__name__, exc)
+            raise StateUnavailable("state store unavailable") from exc
+        if not self._healthy:
+            log.warning("state store works again")
+            self._healthy = True
+            self._last_error = None
+
+    # ------------------------------------------------------------------ StateStore
+
+    async def burn_jti(self, jti: str, expires_at: float) -> bool:
+        """Atomically burn ``jti``: True if newly burned, False if already burned (a replay)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("burn_jti") as conn:
+            # One statement: the PRIMARY KEY decides; no read-then-write race.
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO burned_jti (jti, expires_at) VALUES (?, ?)",
+                (jti, float(expires_at)),
+            )
+            return cur.rowcount == 1
+
+    async def put_lease(self, rec: LeaseRecord) -> None:
+        """Insert a new lease. A duplicate ``lease_id`` raises StateUnavailable (a local bug)."""
+        if rec.state not in LEASE_STATES:
+            raise ValueError(f"unknown lease state {rec.state!r}")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("put_lease") as conn:
+            conn.execute(
+                _INSERT_LEASE,
+                (
+                    rec.lease_id,
+                    rec.jti,
+                    rec.server,
+                    rec.tool,
+                    rec.user_id,
+                    rec.agent_id,
+                    rec.session_id,
+                    msgspec.json.encode(list(rec.secrets)).decode(),
+                    rec.created_at,
+                    rec.expires_at,
+                    rec.state,
+                    rec.ended_at,
+                    rec.peer_pid,
+                    rec.peer_uid,
+                ),
+            )
+
+    async def transition_lease(
+        self, lease_id: str, from_state: str, to_state: str, *, at: float
+    ) -> bool:
+        """Compare-and-set: move the lease to ``to_state`` (``ended_at = at``) if it is in ``from_state``."""
+        if from_state not in LEASE_STATES or to_state not in LEASE_STATES:
+            raise ValueError(f"unknown lease state {from_state!r} -> {to_state!r}")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("transition_lease") as conn:
+            cur = conn.execute(
+                "UPDATE leases SET state = ?, ended_at = ? WHERE lease_id = ? AND state = ?",
+                (to_state, float(at), lease_id, from_state),
+            )
+            return cur.rowcount == 1
+
+    async def get_lease(self, lease_id: str) -> LeaseRecord | None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("get_lease") as conn:
+            row = conn.execute(_SELECT_LEASE_BY_ID, (lease_id,)).fetchone()
+        return None if row is None else _row_to_lease(row)
+
+    async def leases_in_state(self, state: str) -> list[LeaseRecord]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("leases_in_state") as conn:
+            rows = conn.execute(_SELECT_LEASES_BY_STATE, (state,)).fetchall()
+        return [_row_to_lease(row) for row in rows]
+
+    async def purge(self, now: float) -> int:
+        """Delete burned jtis with ``expires_at < now`` and leases that ended more than
+        :data:`LEASE_RETENTION_S` before ``now``. Returns the number of rows deleted.
+
+        Works in chunks of :data:`PURGE_CHUNK` rows, yielding to other tasks between them.
+        """
+        statements = (
+            (
+                "DELETE FROM burned_jti WHERE jti IN "
+                "(SELECT jti FROM burned_jti WHERE expires_at < ? LIMIT ?)",
+                float(now),
+            ),
+            (
+                "DELETE FROM leases WHERE lease_id IN (SELECT lease_id FROM leases "
+                "WHERE state != 'active' AND ended_at < ? LIMIT ?)",
+                float(now) - LEASE_RETENTION_S,
+            ),
+        )
+        total = 0
+        for sql, cutoff in statements:
+            while True:
+                await trio.lowlevel.checkpoint()
+                with self._edge("purge") as conn:
+                    deleted = conn.execute(sql, (cutoff, PURGE_CHUNK)).rowcount
+                total += max(deleted, 0)
+                if deleted < PURGE_CHUNK:
+                    break
+        self._purged += total
+        return total
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ok": self._healthy and self._conn is not None,
+            "backend": "sqlite",
+            "path": str(self.path),
+            "last_checkpoint": self._last_checkpoint,
+            "purged": self._purged,
+            "last_error": self._last_error,
+        }
+
+    async def aclose(self) -> None:
+        """Close both connections. The last close checkpoints the WAL (disk I/O), so it
+        runs in a worker thread."""
+        conns = [c for c in (self._maint, self._conn) if c is not None]
+        self._maint = self._conn = None
+
+        def close_all() -> None:
+            for conn in conns:
+                try:
+                    conn.close()
+                except sqlite3.Error as exc:
+                    log.warning("closing state database: %s", exc)
+
+        await trio.to_thread.run_sync(close_all)
+
+    # ------------------------------------------------------------------ maintenance
+
+    def _checkpoint(self) -> tuple[int, int, int]:
+        """Runs in a worker thread, on the maintenance connection."""
+        if self._maint is None:
+            self._maint = _connect(self.path, busy_timeout_ms=MAINTENANCE_BUSY_TIMEOUT_MS)
+        row = self._maint.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        busy, log_frames, done = (int(x) for x in row) if row is not None else (1, -1, -1)
+        return busy, log_frames, done
+
+    async def checkpoint(self) -> None:
+        """One PASSIVE WAL checkpoint in a worker thread. Raises StateUnavailable."""
+        if self._conn is None:
+            raise StateUnavailable("state store is closed")
+        try:
+            busy, log_frames, done = await trio.to_thread.run_sync(self._checkpoint)
+        except sqlite3.Error as exc:
+            self._healthy = False
+            self._last_error = f"checkpoint: {type(exc).__name__}: {exc}"
+            log.error("state store checkpoint failed: %s: %s", type(exc).__name__, exc)
+            if self._maint is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._maint.close()
+                self._maint = None
+            raise StateUnavailable("state store unavailable") from exc
+        self._last_checkpoint = self._clock()
+        if busy or (log_frames > 0 and done < log_frames):
+            log.debug("WAL checkpoint incomplete: %d of %d frames", done, log_frames)
+
+    async def run_maintenance(
+        self,
+        *,
+        interval: float = 5.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Forever: every ``interval`` seconds checkpoint the WAL and purge expired rows.
+
+        Errors are logged and reflected in :meth:`health`; the loop keeps going.
+        """
+        if not (interval > 0 and math.isfinite(interval)):
+            raise ValueError("interval must be a positive number of seconds")
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            if self._conn is None:
+                return
+            try:
+                await self.checkpoint()
+                purged = await self.purge(self._clock())
+            except StateUnavailable:
+                continue  # already logged; health() shows it
+            if purged:
+                log.debug("purged %d expired state rows", purged)
+
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "migrate"]
