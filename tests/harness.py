@@ -6,6 +6,7 @@ files it writes (audit log, stderr log).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -35,8 +36,12 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
+        try:
+            s.settimeout(self.timeout)
+            s.connect(self._path)
+        except BaseException:
+            s.close()
+            raise
         self.sock = s
 
 
@@ -155,10 +160,11 @@ class Daemon:
 
     def raw(self, data: bytes, *, timeout: float = 10.0, shutdown: bool = False) -> bytes:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.connect(self.socket)
         try:
-            s.sendall(data)
+            s.settimeout(timeout)
+            s.connect(self.socket)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(data)  # the daemon may answer (413) and close before reading it all
             if shutdown:
                 s.shutdown(socket.SHUT_WR)
             chunks = []

@@ -228,18 +228,16 @@ def test_request_id_from_header_when_body_lacks_it() -> None:
     ],
 )
 def test_undocumented_responses_are_protocol_errors(response: httpx.Response) -> None:
-    with Daemon(authorize=lambda b: response).sync_client() as c:
-        with pytest.raises(ProtocolError) as ei:
-            c.authorize("content-api", "list_articles")
+    with Daemon(authorize=lambda b: response).sync_client() as c, pytest.raises(ProtocolError) as ei:
+        c.authorize("content-api", "list_articles")
     assert ei.value.code == "protocol_error"
     assert ei.value.status == response.status_code
 
 
 def test_bad_lease_shape_does_not_leak_values() -> None:
     bad = {**LEASE, "secrets": {"api_key": SECRET, "other": 12}}
-    with Daemon(redeem=lambda b: _json(200, bad)).sync_client() as c:
-        with pytest.raises(ProtocolError) as ei:
-            c.redeem("rt.jwt.token")
+    with Daemon(redeem=lambda b: _json(200, bad)).sync_client() as c, pytest.raises(ProtocolError) as ei:
+        c.redeem("rt.jwt.token")
     assert SECRET not in str(ei.value)
     assert ei.value.__cause__ is None and ei.value.__context__ is not None
     assert SECRET not in str(ei.value.__context__)

@@ -6,6 +6,8 @@ import json
 import os
 import pwd
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -277,9 +279,13 @@ def test_unknown_path_and_method(daemon: Daemon) -> None:
 
 
 def test_second_daemon_refused_stale_socket_removed(daemon: Daemon) -> None:
-    second = Daemon(root=daemon.root)
-    with pytest.raises(RuntimeError, match="another sidekey daemon is listening"):
-        second.start()
+    second = subprocess.run(
+        [sys.executable, "-m", "sidekey", "serve", "--config", str(daemon.config_path)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert second.returncode != 0
+    assert "another sidekey daemon is listening" in second.stderr, second.stderr
+    assert daemon.request("GET", "/v1/health")[0] == 200  # the first one is untouched
     daemon.kill()  # leaves the socket file behind
     assert os.path.exists(daemon.socket)
     daemon.start()
@@ -303,7 +309,7 @@ def test_no_secret_anywhere_sidekey_wrote(daemon: Daemon) -> None:
     token = auth["resolution_token"]
     daemon.request("POST", "/v1/redeem", {"resolution_token": token})
     for body in ({"resolution_token": token}, {"resolution_token": token + "x"}, {"resolution_token": "a.b.c"}):
-        status, err = daemon.request("POST", "/v1/redeem", body)
+        _status, err = daemon.request("POST", "/v1/redeem", body)
         bodies.append(json.dumps(err).encode())
     bodies.append(json.dumps(daemon.request("POST", "/v1/release", {"lease_id": "x", "status": "success"})[1]).encode())
     daemon.stop()

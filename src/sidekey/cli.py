@@ -88,7 +88,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = loaded.config
     tools = sum(len(s.tool_scopes) for s in cfg.servers.values())
     mapped = sum(len(refs) for tools_ in cfg.secrets.values() for refs in tools_.values())
-    summary = {
+    summary: dict[str, Any] = {
         "config": str(loaded.path),
         "files": [str(f) for f in loaded.files],
         "socket": str(loaded.socket_path),
@@ -96,7 +96,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "servers": {
             name: {
                 "tools": sorted(s.tool_scopes),
-                "oauth2": "none" if s.oauth2 == "none" else s.oauth2.audience,  # type: ignore[union-attr]
+                "oauth2": "none" if s.oauth2 == "none" else s.oauth2.audience,
                 "peers": len(cfg.peers.get(name, [])),
                 "registry_status": cfg.registry.servers[name].status
                 if name in cfg.registry.servers

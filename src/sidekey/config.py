@@ -37,7 +37,7 @@ class _C(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 # --------------------------------------------------------------------------- sidekey's own
 
 
-class ListenConfig(_C, kw_only=True):
+class ListenConfig(_C, frozen=True, kw_only=True):
     socket: str = "/run/sidekey/sidekey.sock"
     # Socket file mode as an octal string ("0660"). Quote it in YAML.
     mode: Annotated[str, Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
@@ -54,25 +54,25 @@ class ListenConfig(_C, kw_only=True):
         return int(self.mode, 8)
 
 
-class StateConfig(_C, kw_only=True):
+class StateConfig(_C, frozen=True, kw_only=True):
     backend: Literal["sqlite"] = "sqlite"
     dir: str = "/var/lib/sidekey"
 
 
-class IssuerKey(_C, kw_only=True):
+class IssuerKey(_C, frozen=True, kw_only=True):
     kid: Annotated[str, Meta(min_length=1, max_length=128)]
     # Ed25519 public key: raw 32 bytes base64url, or a PEM file path in public_key_file.
     public_key: str | None = None
     public_key_file: str | None = None
 
 
-class TrustedIssuer(_C, kw_only=True):
+class TrustedIssuer(_C, frozen=True, kw_only=True):
     issuer: Annotated[str, Meta(min_length=1, max_length=256)]
     algorithm: Literal["EdDSA"] = "EdDSA"
     keys: Annotated[list[IssuerKey], Meta(min_length=1)]
 
 
-class TokensConfig(_C, kw_only=True):
+class TokensConfig(_C, frozen=True, kw_only=True):
     # Self-issued token "iss"; default "sidekey:<hostname>".
     issuer: str | None = None
     # HMAC key set file written by `sidekey keygen tokens`; default <state.dir>/token-keys.json.
@@ -82,11 +82,11 @@ class TokensConfig(_C, kw_only=True):
     trusted_issuers: list[TrustedIssuer] = []
 
 
-class LeasesConfig(_C, kw_only=True):
+class LeasesConfig(_C, frozen=True, kw_only=True):
     max_ttl_seconds: Annotated[int, Meta(gt=0, le=MAX_TOKEN_TTL_S)] = MAX_TOKEN_TTL_S
 
 
-class LocalBackendConfig(_C, kw_only=True, tag="local", tag_field="type"):
+class LocalBackendConfig(_C, frozen=True, kw_only=True, tag="local", tag_field="type"):
     path: str
     key_file: str | None = None
     # Name of a systemd credential ($CREDENTIALS_DIRECTORY/<name>) holding the key.
@@ -96,12 +96,12 @@ class LocalBackendConfig(_C, kw_only=True, tag="local", tag_field="type"):
 BackendConfig = LocalBackendConfig
 
 
-class SecretRef(_C, kw_only=True):
+class SecretRef(_C, frozen=True, kw_only=True):
     backend: str
     name: Annotated[str, Meta(min_length=1, max_length=256)]
 
 
-class PeerSelector(_C, kw_only=True):
+class PeerSelector(_C, frozen=True, kw_only=True):
     """All selectors given must match (like a SPIRE workload entry)."""
 
     uid: int | Literal["self"] | None = None
@@ -114,7 +114,7 @@ class PeerSelector(_C, kw_only=True):
     exe_sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
-class RbacEntry(_C, kw_only=True):
+class RbacEntry(_C, frozen=True, kw_only=True):
     uids: list[int | Literal["self"]] = []
     users: list[str] = []
     gids: list[int | Literal["self"]] = []
@@ -122,15 +122,15 @@ class RbacEntry(_C, kw_only=True):
     units: list[str] = []
 
 
-class RbacConfig(_C, kw_only=True):
-    owner: RbacEntry = msgspec.field(default_factory=lambda: RbacEntry(uids=[SELF]))
+class RbacConfig(_C, frozen=True, kw_only=True):
+    owner: RbacEntry = msgspec.field(default_factory=lambda: RbacEntry(uids=["self"]))
     admin: RbacEntry = RbacEntry()
     security: RbacEntry = RbacEntry()
     approver: RbacEntry = RbacEntry()
     service: RbacEntry = RbacEntry()
 
 
-class AuditConfig(_C, kw_only=True):
+class AuditConfig(_C, frozen=True, kw_only=True):
     # JSON-lines file; default <state.dir>/audit.jsonl
     path: str | None = None
     fsync: bool = True
@@ -143,7 +143,7 @@ class AuditConfig(_C, kw_only=True):
 # --------------------------------------------------------------------------- seed policy shapes
 
 
-class OAuth2Config(_C, kw_only=True):
+class OAuth2Config(_C, frozen=True, kw_only=True):
     issuer: str
     audience: str
     scopes: list[str] = []
@@ -154,17 +154,17 @@ class OAuth2Config(_C, kw_only=True):
     )
 
 
-class ToolScopes(_C, kw_only=True):
+class ToolScopes(_C, frozen=True, kw_only=True):
     required: list[str] = []
 
 
-class ServerDef(_C, kw_only=True):
+class ServerDef(_C, frozen=True, kw_only=True):
     url: str | None = None
     oauth2: OAuth2Config | Literal["none"] = "none"
     tool_scopes: dict[str, ToolScopes] = {}
 
 
-class RegistryEntry(_C, kw_only=True):
+class RegistryEntry(_C, frozen=True, kw_only=True):
     url: str | None = None
     version: str | None = None
     health_check: str | None = None
@@ -176,41 +176,41 @@ class RegistryEntry(_C, kw_only=True):
     last_audit: datetime.date | None = None
 
 
-class Registry(_C, kw_only=True):
+class Registry(_C, frozen=True, kw_only=True):
     version: str | None = None
     servers: dict[str, RegistryEntry] = {}
 
 
-class ServerGrant(_C, kw_only=True):
+class ServerGrant(_C, frozen=True, kw_only=True):
     server: str
     tools: list[str] = []
 
 
-class AgentDef(_C, kw_only=True):
+class AgentDef(_C, frozen=True, kw_only=True):
     description: str | None = None
     allowed_servers: list[ServerGrant] = []
     denied_servers: list[str] = []
 
 
-class PerUserLimits(_C, kw_only=True):
+class PerUserLimits(_C, frozen=True, kw_only=True):
     requests_per_minute: PosInt | None = None
     requests_per_hour: PosInt | None = None
     concurrent_sessions: PosInt | None = None
 
 
-class PerToolLimits(_C, kw_only=True):
+class PerToolLimits(_C, frozen=True, kw_only=True):
     requests_per_minute: PosInt | None = None
     max_result_size_kb: PosInt | None = None
     requires_approval_above: Annotated[int, Meta(ge=0)] | None = None
     requires_human_approval: bool = False
 
 
-class DepartmentLimits(_C, kw_only=True):
+class DepartmentLimits(_C, frozen=True, kw_only=True):
     monthly_tool_calls: PosInt | None = None
     priority: Literal["high", "standard"] = "standard"
 
 
-class Limits(_C, kw_only=True):
+class Limits(_C, frozen=True, kw_only=True):
     per_user: PerUserLimits = PerUserLimits()
     per_tool: dict[str, PerToolLimits] = {}
     per_department: dict[str, DepartmentLimits] = {}
@@ -219,7 +219,7 @@ class Limits(_C, kw_only=True):
 # --------------------------------------------------------------------------- the whole
 
 
-class Config(_C, kw_only=True):
+class Config(_C, frozen=True, kw_only=True):
     include: list[str] = []
     listen: ListenConfig = ListenConfig()
     state: StateConfig = StateConfig()

@@ -143,7 +143,7 @@ class Sidekey:
                 is_service=bool(servers),
             )
             cached = req.conn.cache["facts"] = (servers, tier)
-        return cached  # type: ignore[no-any-return]
+        return cached
 
     def event(self, event_type: str, **fields: Any) -> dict[str, Any]:
         return make_event(
@@ -278,7 +278,7 @@ class Sidekey:
                 now=datetime.datetime.fromtimestamp(now, datetime.UTC),
             ),
         )
-        auth = {"token_issuer": None, "scopes": [], "token_exp": None, "verified": False}
+        auth: dict[str, Any] = {"token_issuer": None, "scopes": [], "token_exp": None, "verified": False}
         common: dict[str, Any] = {
             "server": body.server,
             "tool": body.tool,

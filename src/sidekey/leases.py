@@ -83,8 +83,8 @@ class LeaseManager:
             check_transition(current.state, to_state)  # raises: someone else won the race
             raise Conflict("lease changed state concurrently", code="lease_conflict")
         self.active_count = max(0, self.active_count - 1)
-        current = await self._store.get_lease(rec.lease_id)
-        return current if current is not None else rec
+        after = await self._store.get_lease(rec.lease_id)
+        return after if after is not None else rec
 
     async def recover(self) -> int:
         """Load active leases from the store after a restart; return how many."""

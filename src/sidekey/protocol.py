@@ -101,7 +101,7 @@ class _Req(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     pass
 
 
-class AuthorizeRequest(_Req, kw_only=True):
+class AuthorizeRequest(_Req, frozen=True, kw_only=True):
     server: Name
     tool: Name
     user_token: UserToken | None = None
@@ -111,7 +111,7 @@ class AuthorizeRequest(_Req, kw_only=True):
     server_version: Annotated[str, Meta(max_length=64)] | None = None
 
 
-class RedeemRequest(_Req, kw_only=True):
+class RedeemRequest(_Req, frozen=True, kw_only=True):
     resolution_token: ResolutionToken
     # Optional: the arguments the tool will run with; if given they must match the
     # digest bound into the token.
@@ -121,7 +121,7 @@ class RedeemRequest(_Req, kw_only=True):
 ReleaseStatus = Literal["success", "error", "cancelled"]
 
 
-class ReleaseRequest(_Req, kw_only=True):
+class ReleaseRequest(_Req, frozen=True, kw_only=True):
     lease_id: Opaque
     status: ReleaseStatus
     duration_ms: Annotated[int, Meta(ge=0, le=86_400_000)] | None = None
@@ -129,7 +129,7 @@ class ReleaseRequest(_Req, kw_only=True):
     error: Annotated[str, Meta(max_length=512)] | None = None
 
 
-class TokenRequest(_Req, kw_only=True):
+class TokenRequest(_Req, frozen=True, kw_only=True):
     """``POST /v1/tokens``: an admin mints a resolution token for a server's peer."""
 
     server: Name

@@ -31,6 +31,8 @@ from .protocol import SidekeyError
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 2.0  # after an error response, drain the client's input this long at most
+LINGER_MAX_BYTES = 32 * 1024 * 1024
 RECEIVE_CHUNK = 64 * 1024
 SERVER_HEADER = b"sidekey"
 OVERLOAD_REPLY_TIMEOUT_S = 1.0
@@ -286,6 +288,15 @@ class HttpServer:
             raise _Close
         if not isinstance(event, h11.Request):
             raise _Close
+        # h11 caps only a head that arrives in pieces; one that arrives whole is checked here.
+        head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        if head_size > limits.max_header_bytes:
+            await self._send_error(
+                stream, conn, state,
+                SidekeyError("request head too large", code="headers_too_large"),
+                rid, status=431,
+            )
+            raise _Close
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         target = event.target.decode("latin-1")
         path, _, query = target.partition("?")
@@ -378,7 +389,26 @@ class HttpServer:
             err.status = status
         with contextlib.suppress(Exception):
             await self.app.rejected(state.peer, err, rid)
-        await self._send(stream, conn, error_response(err, rid), rid, keep_alive=False)
+        try:
+            await self._send(stream, conn, error_response(err, rid), rid, keep_alive=False)
+        finally:
+            await self._linger(stream)
+
+    async def _linger(self, stream: trio.SocketStream) -> None:
+        """Half-close and discard what the client is still sending, briefly.
+
+        Closing a Unix socket with unread input makes the client's recv() fail with
+        ECONNRESET before it reads our error response (e.g. the 413 for a big body).
+        """
+        with contextlib.suppress(Exception):
+            await stream.send_eof()
+            drained = 0
+            with trio.move_on_after(LINGER_S):
+                while drained < LINGER_MAX_BYTES:
+                    data = await stream.receive_some(RECEIVE_CHUNK)
+                    if not data:
+                        break
+                    drained += len(data)
 
     async def _send(
         self,

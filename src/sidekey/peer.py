@@ -1,0 +1,461 @@
+"""Peer attestation: which process is on the other end of a Unix socket connection.
+
+At accept the daemon reads the kernel's record of the connecting process
+(``SO_PEERCRED``: pid, uid, gid as of ``connect()``), pins that process with
+``SO_PEERPIDFD`` (Linux >= 6.5) and reads ``/proc/<pid>`` for its executable,
+systemd unit (from the cgroup path), groups and start time. Reading ``/proc`` by pid
+races with pid reuse, so after the reads the pidfd is checked to still name that pid:
+if the original process died and the pid was recycled, the pidfd says so and the
+connection is refused. :meth:`PeerHandle.recheck` repeats the check (plus uid and
+start time) right before a secret leaves, which defeats "connect, exit, hand the fd
+to a process with another identity".
+
+On kernels without ``SO_PEERPIDFD`` the fallback holds a ``/proc/<pid>`` directory
+fd (reads through it fail with ESRCH once that process is gone, even if the pid is
+reused) and re-checks start time and uid; that is weaker, and the identity says
+``attestation: "best-effort"``.
+
+uid/gid are the security boundary: a process running under the same uid can
+ptrace another, so every MCP server should run under its own uid (or systemd
+``DynamicUser=``).
+
+The selector and RBAC functions at the bottom are pure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import hashlib
+import os
+import pwd
+import re
+import signal
+import socket
+import stat
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Literal
+
+from .protocol import Denied
+
+if TYPE_CHECKING:
+    from .config import PeerSelector, RbacConfig, RbacEntry
+
+SO_PEERPIDFD = 77  # include/uapi/asm-generic/socket.h; Python has no constant
+_UCRED = struct.Struct("3i")
+_UNIT_RE = re.compile(r"[^/]+\.(?:service|scope)$")
+PROC = "/proc"
+
+TIER_RANK: dict[str, int] = {
+    "owner": 5,
+    "admin": 4,
+    "security": 3,
+    "approver": 2,
+    "service": 1,
+    "anonymous": 0,
+}
+
+Attestation = Literal["pidfd", "best-effort"]
+
+
+@lru_cache(maxsize=1024)
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+@lru_cache(maxsize=1024)
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """What the kernel says about the connecting process. Immutable per connection."""
+
+    pid: int
+    uid: int
+    gid: int
+    user: str | None
+    group: str | None
+    supplementary_gids: tuple[int, ...]
+    supplementary_groups: tuple[str, ...]
+    exe: str | None
+    unit: str | None
+    start_time: int  # clock ticks since boot (/proc/<pid>/stat field 22)
+    attestation: Attestation
+
+    def audit(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "uid": self.uid,
+            "gid": self.gid,
+            "unit": self.unit,
+            "exe": self.exe,
+            "attestation": self.attestation,
+        }
+
+
+# --------------------------------------------------------------------------- /proc reads
+
+
+@dataclass(frozen=True, slots=True)
+class _ProcFacts:
+    uids: tuple[int, int, int, int]  # real, effective, saved, fs
+    gids: tuple[int, int, int, int]
+    groups: tuple[int, ...]
+    start_time: int
+    state: str
+
+
+def _read_at(dir_fd: int, name: str, limit: int = 64 * 1024) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _proc_facts(dir_fd: int) -> _ProcFacts:
+    """Parse status and stat through a /proc/<pid> directory fd (ESRCH once it is gone)."""
+    status = _read_at(dir_fd, "status").decode("utf-8", "replace")
+    fields: dict[str, str] = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    uids = tuple(int(x) for x in fields["Uid"].split())
+    gids = tuple(int(x) for x in fields["Gid"].split())
+    groups = tuple(int(x) for x in fields.get("Groups", "").split())
+    raw_stat = _read_at(dir_fd, "stat").decode("utf-8", "replace")
+    # comm may contain spaces and parentheses: split after the last ')'.
+    rest = raw_stat[raw_stat.rindex(")") + 2 :].split()
+    state, start_time = rest[0], int(rest[19])
+    return _ProcFacts(
+        uids=(uids[0], uids[1], uids[2], uids[3]),
+        gids=(gids[0], gids[1], gids[2], gids[3]),
+        groups=groups,
+        start_time=start_time,
+        state=state,
+    )
+
+
+def _unit_from_cgroup(text: str) -> str | None:
+    """The innermost systemd unit (``*.service``/``*.scope``) of the cgroup v2 path."""
+    for line in text.splitlines():
+        hierarchy, _, path = line.partition("::")
+        if hierarchy != "0":
+            continue
+        for part in reversed(path.split("/")):
+            if _UNIT_RE.fullmatch(part):
+                return part
+    return None
+
+
+def _pidfd_pid(pidfd: int) -> int | None:
+    """The pid a pidfd refers to per its fdinfo; -1 once the process was reaped."""
+    try:
+        with open(f"{PROC}/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f.read(4096).splitlines():
+                if line.startswith(b"Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _pidfd_alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, we may not signal it (daemon not root)
+    return True
+
+
+def _gone(pid: int) -> Denied:
+    return Denied(
+        f"the process that opened this connection (pid {pid}) is gone; reconnect",
+        code="peer_gone",
+    )
+
+
+class PeerHandle:
+    """An attested connection peer: identity plus the means to re-verify it."""
+
+    __slots__ = ("_dir_fd", "_pidfd", "identity")
+
+    def __init__(self, identity: PeerIdentity, *, pidfd: int | None, dir_fd: int) -> None:
+        self.identity = identity
+        self._pidfd = pidfd
+        self._dir_fd = dir_fd
+
+    def recheck(self) -> None:
+        """Raise :class:`Denied` unless the attested process is still alive, unchanged."""
+        ident = self.identity
+        if self._dir_fd < 0:
+            raise _gone(ident.pid)
+        if self._pidfd is not None and (
+            _pidfd_pid(self._pidfd) != ident.pid or not _pidfd_alive(self._pidfd)
+        ):
+            raise _gone(ident.pid)
+        try:
+            facts = _proc_facts(self._dir_fd)
+        except (OSError, KeyError, ValueError, IndexError):
+            raise _gone(ident.pid) from None
+        if facts.state in ("Z", "X") or facts.start_time != ident.start_time:
+            raise _gone(ident.pid)
+        if facts.uids[1] != ident.uid or facts.gids[1] != ident.gid:
+            raise Denied(
+                f"process {ident.pid} changed its credentials after connecting", code="peer_changed"
+            )
+
+    def close(self) -> None:
+        for attr in ("_pidfd", "_dir_fd"):
+            fd = getattr(self, attr)
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._pidfd = None
+        self._dir_fd = -1
+
+    def __enter__(self) -> PeerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _peer_pidfd(sock: socket.socket) -> int | None:
+    """SO_PEERPIDFD, or None when this kernel does not support it."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        if exc.errno == errno.ESRCH:
+            raise Denied("the connecting process exited before attestation", code="peer_gone") from None
+        raise Denied(f"cannot pin the connecting process: {exc.strerror}", code="peer_unattested") from None
+    fd: int = struct.unpack("i", raw)[0]
+    return fd
+
+
+def attest(sock: socket.socket, *, use_pidfd: bool = True) -> PeerHandle:
+    """Identify the peer of a connected AF_UNIX stream socket or raise :class:`Denied`.
+
+    Only ``getsockopt`` is used on *sock*, so a trio socket works as well.
+    """
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    if pid <= 0:
+        # Peer in another pid namespace, or a socketpair without credentials.
+        raise Denied("the kernel reports no pid for this peer", code="peer_unattested")
+    pidfd = _peer_pidfd(sock) if use_pidfd else None
+    dir_fd = -1
+    try:
+        try:
+            dir_fd = os.open(f"{PROC}/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            facts = _proc_facts(dir_fd)
+            try:
+                exe: str | None = os.readlink("exe", dir_fd=dir_fd)
+            except OSError:
+                exe = None  # kernel thread, zombie, or no ptrace-read access (daemon not root)
+            try:
+                unit = _unit_from_cgroup(_read_at(dir_fd, "cgroup").decode("utf-8", "replace"))
+            except OSError:
+                unit = None
+        except (OSError, KeyError, ValueError, IndexError):
+            raise _gone(pid) from None
+        if facts.state in ("Z", "X"):
+            raise _gone(pid)
+        if pidfd is not None and (_pidfd_pid(pidfd) != pid or not _pidfd_alive(pidfd)):
+            # The pid was recycled between SO_PEERCRED and the /proc reads.
+            raise _gone(pid)
+        if facts.uids[1] != uid or facts.gids[1] != gid:
+            raise Denied(f"process {pid} changed its credentials after connecting", code="peer_changed")
+        identity = PeerIdentity(
+            pid=pid,
+            uid=uid,
+            gid=gid,
+            user=_user_name(uid),
+            group=_group_name(gid),
+            supplementary_gids=facts.groups,
+            supplementary_groups=tuple(
+                name for name in (_group_name(g) for g in facts.groups) if name is not None
+            ),
+            exe=exe,
+            unit=unit,
+            start_time=facts.start_time,
+            attestation="pidfd" if pidfd is not None else "best-effort",
+        )
+    except BaseException:
+        for fd in (pidfd, dir_fd):
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        raise
+    return PeerHandle(identity, pidfd=pidfd, dir_fd=dir_fd)
+
+
+# --------------------------------------------------------------------------- exe hashes
+
+
+@dataclass(slots=True)
+class ExeHashCache:
+    """SHA-256 of a process's executable, cached by (device, inode, mtime, size).
+
+    The file is read through ``/proc/<pid>/exe``, i.e. the executable actually
+    mapped, even if the path was replaced since. Files above ``max_bytes`` are not
+    hashed (the selector then fails to match: fail closed).
+    """
+
+    max_entries: int = 256
+    max_bytes: int = 256 * 1024 * 1024
+    _cache: OrderedDict[tuple[int, int, int, int], str] = field(default_factory=OrderedDict)
+
+    def sha256(self, pid: int) -> str | None:
+        try:
+            fd = os.open(f"{PROC}/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > self.max_bytes:
+                return None
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            h = hashlib.sha256()
+            with os.fdopen(os.dup(fd), "rb") as f:
+                while chunk := f.read(1024 * 1024):
+                    h.update(chunk)
+            digest = h.hexdigest()
+            self._cache[key] = digest
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+            return digest
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- pure matching
+
+
+def _resolve_id(value: int | str, daemon_id: int) -> int:
+    return daemon_id if value == "self" else int(value)
+
+
+def selector_matches(
+    sel: PeerSelector,
+    ident: PeerIdentity,
+    *,
+    daemon_uid: int,
+    daemon_gid: int,
+    exe_hashes: ExeHashCache | None = None,
+) -> bool:
+    """True when every key the selector sets matches (an empty selector never does)."""
+    checked = False
+    if sel.uid is not None:
+        checked = True
+        if ident.uid != _resolve_id(sel.uid, daemon_uid):
+            return False
+    if sel.user is not None:
+        checked = True
+        if ident.user != sel.user:
+            return False
+    if sel.gid is not None:
+        checked = True
+        if ident.gid != _resolve_id(sel.gid, daemon_gid):
+            return False
+    if sel.group is not None:
+        checked = True
+        if ident.group != sel.group:
+            return False
+    if sel.supplementary_group is not None:
+        checked = True
+        if sel.supplementary_group not in ident.supplementary_groups:
+            return False
+    if sel.unit is not None:
+        checked = True
+        if ident.unit != sel.unit:
+            return False
+    if sel.exe is not None:
+        checked = True
+        if ident.exe != sel.exe:
+            return False
+    if sel.exe_sha256 is not None:
+        checked = True
+        if exe_hashes is None or exe_hashes.sha256(ident.pid) != sel.exe_sha256:
+            return False
+    return checked
+
+
+def servers_of_peer(
+    peers: Mapping[str, Sequence[PeerSelector]],
+    ident: PeerIdentity,
+    *,
+    daemon_uid: int,
+    daemon_gid: int,
+    exe_hashes: ExeHashCache | None = None,
+) -> list[str]:
+    """Names of the servers whose selectors (any one of them) this peer matches."""
+    return [
+        server
+        for server, selectors in peers.items()
+        if any(
+            selector_matches(s, ident, daemon_uid=daemon_uid, daemon_gid=daemon_gid, exe_hashes=exe_hashes)
+            for s in selectors
+        )
+    ]
+
+
+def _entry_matches(entry: RbacEntry, ident: PeerIdentity, daemon_uid: int, daemon_gid: int) -> bool:
+    if any(ident.uid == _resolve_id(u, daemon_uid) for u in entry.uids):
+        return True
+    if ident.user is not None and ident.user in entry.users:
+        return True
+    all_gids: Iterable[int] = (ident.gid, *ident.supplementary_gids)
+    wanted_gids = {_resolve_id(g, daemon_gid) for g in entry.gids}
+    if wanted_gids.intersection(all_gids):
+        return True
+    names = {n for n in (ident.group, *ident.supplementary_groups) if n is not None}
+    if names.intersection(entry.groups):
+        return True
+    return ident.unit is not None and ident.unit in entry.units
+
+
+def tier_of(
+    rbac: RbacConfig,
+    ident: PeerIdentity,
+    *,
+    daemon_uid: int,
+    daemon_gid: int,
+    is_service: bool,
+) -> str:
+    """The highest tier this peer holds. The daemon's own uid is always owner;
+    a peer matching some server's selectors is at least service."""
+    if ident.uid == daemon_uid:
+        return "owner"
+    for tier in ("owner", "admin", "security", "approver", "service"):
+        if _entry_matches(getattr(rbac, tier), ident, daemon_uid, daemon_gid):
+            return tier
+    return "service" if is_service else "anonymous"
+
+
+def tier_allows(tier: str, minimum: str) -> bool:
+    return TIER_RANK.get(tier, -1) >= TIER_RANK[minimum]
