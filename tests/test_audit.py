@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -327,7 +328,7 @@ async def test_a_torn_last_line_is_terminated_on_open(tmp_path: Path) -> None:
 async def test_full_queue_fails_immediately(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sink = open_jsonl_sink(tmp_path / "audit.jsonl", fsync=True)
+    sink = open_jsonl_sink(tmp_path / "audit.jsonl", fsync=True, inline=False)
     monkeypatch.setattr(jsonl, "MAX_PENDING_EVENTS", 3)
     release = threading.Event()
     real_fsync = os.fsync
@@ -367,7 +368,7 @@ async def test_cancelled_writer_finishes_its_batch_and_fails_the_queue(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "audit.jsonl"
-    sink = open_jsonl_sink(path, fsync=True)
+    sink = open_jsonl_sink(path, fsync=True, inline=False)
     release = threading.Event()
     real_fsync = os.fsync
 
@@ -445,7 +446,7 @@ class FakeSink:
         self.events: list[dict[str, Any]] = []
         self.closed = False
 
-    async def write(self, event: dict[str, Any]) -> None:
+    async def write(self, event: dict[str, Any], *, durable: bool = True) -> None:
         await trio.lowlevel.checkpoint()
         if not self.ok:
             raise AuditUnavailable("down")
@@ -484,3 +485,36 @@ async def test_audit_log_over_a_jsonl_sink(tmp_path: Path) -> None:
             assert log.health()["ok"] is True
             await log.aclose()
     assert lines(tmp_path / "audit.jsonl")[0]["error"] == {"code": "token_replayed"}
+
+
+async def test_slow_fsync_moves_commits_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits run inline while fsync is fast; one slow fsync switches to a worker
+    thread (so a sick disk cannot freeze health checks), and events still land."""
+    path = tmp_path / "audit.jsonl"
+    sink = open_jsonl_sink(path, fsync=True)
+    real_fsync = os.fsync
+    threads: list[str] = []
+    delay = {"s": 0.0}
+
+    def fsync(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        time.sleep(delay["s"])
+        real_fsync(fd)
+
+    monkeypatch.setattr(jsonl.os, "fsync", fsync)
+    with trio.fail_after(20):
+        async with running(sink):
+            await sink.write(ev())
+            assert threads[-1] == threading.main_thread().name
+            assert sink.health()["commit_mode"] == "inline"
+            delay["s"] = jsonl.INLINE_COMMIT_MAX_S * 3
+            await sink.write(ev())  # slow, still inline: it is what reveals the slowness
+            assert sink.health()["commit_mode"] == "thread"
+            delay["s"] = 0.0
+            await sink.write(ev())
+            assert threads[-1] != threading.main_thread().name
+            await sink.write(ev(), durable=False)
+            await sink.write(ev())  # a durable write after a queued one covers both
+    assert len(lines(path)) == 5

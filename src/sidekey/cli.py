@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .protocol import ConfigError
+from .protocol import ConfigError, SidekeyError
 
 DEFAULT_CONFIG = "/etc/sidekey/sidekey.yaml"
 DEFAULT_SOCKET = "/run/sidekey/sidekey.sock"
@@ -81,6 +81,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ServerError as exc:
         _fail(str(exc))
+    except BaseExceptionGroup as group:
+        # Startup failures inside the daemon's nursery arrive wrapped; report the first
+        # one as the single line it would have been.
+        first = _first_leaf(group)
+        if isinstance(first, ServerError):
+            _fail(str(first))
+        raise first from group
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -369,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="sidekey[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO; the CLI's own output says what happened.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     from .client import SidekeyClientError
 
     try:
@@ -383,6 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sidekey: config error: {line}", file=sys.stderr)
     except SidekeyClientError as exc:
         print(f"sidekey: error: {exc.code}: {exc.message}", file=sys.stderr)
+    except SidekeyError as exc:
+        print(f"sidekey: error: {exc.code}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"sidekey: error: {exc.strerror or exc}{where}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     return EXIT_FAIL

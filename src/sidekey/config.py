@@ -441,9 +441,9 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> None:
             if not any(getattr(sel, f) is not None for f in sel.__struct_fields__):
                 errors.append(f"{where('peers')}: $.peers.{server}.{i}: a selector needs at least one key")
     for name, backend in cfg.backends.items():
-        if backend.key_file is None and backend.key_credential is None:
+        if (backend.key_file is None) == (backend.key_credential is None):
             errors.append(
-                f"{where('backends')}: $.backends.{name}: set key_file or key_credential"
+                f"{where('backends')}: $.backends.{name}: set exactly one of key_file or key_credential"
             )
     for issuer in cfg.tokens.trusted_issuers:
         for i, key in enumerate(issuer.keys):

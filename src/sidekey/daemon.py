@@ -315,8 +315,12 @@ class Sidekey:
             now=now,
             ttl_s=self.cfg.tokens.ttl_seconds,
         )
+        # Queued, not awaited: the token grants nothing until redeemed, and the redeem's
+        # durable event is committed after this one (same sinks, FIFO). Denials above
+        # are durable before the response.
         await self.audit.emit(
-            self.event("mcp.authorize", **common, extra={"jti": claims.jti, "token_exp": _iso(claims.exp)})
+            self.event("mcp.authorize", **common, extra={"jti": claims.jti, "token_exp": _iso(claims.exp)}),
+            durable=False,
         )
         self._remember(
             self._pending,
@@ -631,6 +635,8 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
     app = Sidekey(loaded, store=store, audit=audit, backends=backends, codec=codec)
     inherited = systemd.listen_socket()
     sock = inherited if inherited is not None else bind_unix_socket(path, cfg.listen.mode_int)
+    if inherited is not None and isinstance(inherited.getsockname(), str):
+        path = Path(inherited.getsockname())
     server = HttpServer(app, cfg.listen)
     app.server = server
     try:

@@ -7,6 +7,7 @@ winner and the loser gets a 409.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import math
@@ -83,8 +84,7 @@ class LeaseManager:
             check_transition(current.state, to_state)  # raises: someone else won the race
             raise Conflict("lease changed state concurrently", code="lease_conflict")
         self.active_count = max(0, self.active_count - 1)
-        after = await self._store.get_lease(rec.lease_id)
-        return after if after is not None else rec
+        return dataclasses.replace(rec, state=to_state, ended_at=now)
 
     async def recover(self) -> int:
         """Load active leases from the store after a restart; return how many."""

@@ -6,8 +6,8 @@ At accept the daemon reads the kernel's record of the connecting process
 systemd unit (from the cgroup path), groups and start time. Reading ``/proc`` by pid
 races with pid reuse, so after the reads the pidfd is checked to still name that pid:
 if the original process died and the pid was recycled, the pidfd says so and the
-connection is refused. :meth:`PeerHandle.recheck` repeats the check (plus uid and
-start time) right before a secret leaves, which defeats "connect, exit, hand the fd
+connection is refused. :meth:`PeerHandle.recheck` repeats the check (plus uid, gid,
+start time and executable) right before a secret leaves, which defeats "connect, exit, hand the fd
 to a process with another identity".
 
 On kernels without ``SO_PEERPIDFD`` the fallback holds a ``/proc/<pid>`` directory
@@ -150,12 +150,18 @@ def _proc_facts(dir_fd: int) -> _ProcFacts:
 
 
 def _unit_from_cgroup(text: str) -> str | None:
-    """The innermost systemd unit (``*.service``/``*.scope``) of the cgroup v2 path."""
+    """The systemd unit of a cgroup v2 path: its *outermost* ``*.service``/``*.scope``.
+
+    Like systemd's own ``cg_path_get_unit``: below a unit's cgroup, names are chosen
+    by whoever the unit delegates to (``Delegate=yes``, or a user's service manager
+    ``user@UID.service``, where ``systemd-run --user --unit=anything.service`` works),
+    so they must not be able to claim a system unit's name.
+    """
     for line in text.splitlines():
         hierarchy, _, path = line.partition("::")
         if hierarchy != "0":
             continue
-        for part in reversed(path.split("/")):
+        for part in path.split("/"):
             if _UNIT_RE.fullmatch(part):
                 return part
     return None
@@ -219,6 +225,16 @@ class PeerHandle:
             raise Denied(
                 f"process {ident.pid} changed its credentials after connecting", code="peer_changed"
             )
+        if ident.exe is not None:
+            try:
+                exe: str | None = os.readlink("exe", dir_fd=self._dir_fd)
+            except OSError:
+                exe = None
+            if exe != ident.exe:
+                raise Denied(
+                    f"process {ident.pid} executed another program after connecting",
+                    code="peer_changed",
+                )
 
     def close(self) -> None:
         for attr in ("_pidfd", "_dir_fd"):
@@ -241,9 +257,10 @@ def _peer_pidfd(sock: socket.socket) -> int | None:
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
     except OSError as exc:
-        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
-            return None
-        if exc.errno == errno.ESRCH:
+        if exc.errno == errno.ENOPROTOOPT:
+            return None  # kernel < 6.5: no SO_PEERPIDFD
+        # 6.5-6.14 answer EINVAL, later kernels ESRCH, when the peer was already reaped.
+        if exc.errno in (errno.ESRCH, errno.EINVAL):
             raise Denied("the connecting process exited before attestation", code="peer_gone") from None
         raise Denied(f"cannot pin the connecting process: {exc.strerror}", code="peer_unattested") from None
     fd: int = struct.unpack("i", raw)[0]

@@ -28,8 +28,12 @@ class AuditUnavailable(Unavailable):
 class AuditSink(Protocol):
     """One destination for audit events."""
 
-    async def write(self, event: dict[str, Any]) -> None:
-        """Record ``event``; return only once it is durable. Raises :class:`AuditUnavailable`."""
+    async def write(self, event: dict[str, Any], *, durable: bool = True) -> None:
+        """Record ``event``; return only once it is durable. Raises :class:`AuditUnavailable`.
+
+        ``durable=False``: queue it and return; it becomes durable with the next commit,
+        which is always before any later durable event of the same sink.
+        """
         ...
 
     async def aclose(self) -> None:
@@ -54,16 +58,21 @@ class AuditLog:
             raise ValueError("AuditLog needs at least one sink")
         self.sinks: tuple[AuditSink, ...] = tuple(sinks)
 
-    async def emit(self, event: dict[str, Any]) -> None:
-        """Write ``event`` durably. Raises :class:`AuditUnavailable` if no sink recorded it."""
+    async def emit(self, event: dict[str, Any], *, durable: bool = True) -> None:
+        """Write ``event`` durably. Raises :class:`AuditUnavailable` if no sink recorded it.
+
+        ``durable=False`` only queues the event (see :meth:`AuditSink.write`); the daemon
+        uses it for events that grant nothing by themselves (an allowed authorize: its
+        token yields a secret only through a redeem, whose durable event follows it).
+        """
         if len(self.sinks) == 1:
-            await self.sinks[0].write(event)
+            await self.sinks[0].write(event, durable=durable)
             return
         failures: list[AuditUnavailable] = []
 
         async def one(sink: AuditSink) -> None:
             try:
-                await sink.write(event)
+                await sink.write(event, durable=durable)
             except AuditUnavailable as exc:
                 failures.append(exc)
 

@@ -1,0 +1,246 @@
+"""End-to-end cost of one governed tool call: authorize + redeem + release.
+
+Starts a real daemon (subprocess, quickstart config, local store, SQLite state,
+fsynced audit) in a temporary directory and drives it over its Unix socket:
+
+- ``client c=1``: the shipped ``sidekey.client.Client`` (httpx), sequential calls,
+  in a separate process — what an MCP server author gets;
+- ``raw c=1`` and ``raw c=32``: a minimal pre-encoded HTTP/1.1 client on trio in a
+  separate process (keep-alive connection per worker), so the figures are the daemon's
+  cost rather than the client library's.
+
+Prints calls/s and per-call p50/p99 latency. Targets on the 2-core reference machine:
+p50 <= 1 ms at c=1, >= 2000 calls/s at c=32. ``--profile`` runs the daemon under
+cProfile and prints its top functions afterwards.
+
+    python benchmarks/bench_call.py [--calls 2000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pstats
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "examples" / "quickstart"
+
+SERVER, TOOL = "content-api", "create_article"
+ARGS = {"title": "Q2 update", "draft": True}
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+def setup(root: Path) -> Path:
+    from sidekey.backends.local import LocalStore, generate_key_file, load_key
+
+    for f in QUICKSTART.glob("*.yaml"):
+        shutil.copy(f, root / f.name)
+    cfg = yaml.safe_load((QUICKSTART / "sidekey.yaml").read_text())
+    cfg["listen"]["socket"] = "run/sock"
+    config = root / "sidekey.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    (root / "run").mkdir()
+    (root / "state").mkdir(mode=0o700)
+    generate_key_file(root / "keys" / "local.key")
+    store = LocalStore(root / "state" / "secrets.enc", load_key(root / "keys" / "local.key", None))
+    for name in ("content-api/read-key", "content-api/write-key", "content-api/publish-key",
+                 "analytics-db/readonly-dsn"):
+        store.put(name, os.urandom(16).hex())
+    return config
+
+
+def start_daemon(root: Path, config: Path, profile: Path | None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable]
+    if profile is not None:
+        cmd += ["-m", "cProfile", "-o", str(profile)]
+    cmd += ["-m", "sidekey", "--log-level", "warning", "serve", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "daemon.log", "wb"))  # noqa: SIM115
+    sock_path = str(root / "run" / "sock")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"daemon exited: {(root / 'daemon.log').read_text()}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(sock_path)
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("daemon did not start")
+
+
+# --------------------------------------------------------------------------- raw client
+
+
+def _post(path: str, body: bytes) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: sidekey\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+class _Conn:
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def call(self, req: bytes) -> tuple[int, dict[str, Any]]:
+        await self.stream.send_all(req)
+        while True:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end >= 0:
+                head = self.buf[:head_end].decode("latin-1")
+                length = 0
+                for line in head.split("\r\n")[1:]:
+                    k, _, v = line.partition(":")
+                    if k.lower() == "content-length":
+                        length = int(v)
+                if len(self.buf) >= head_end + 4 + length:
+                    body = self.buf[head_end + 4 : head_end + 4 + length]
+                    self.buf = self.buf[head_end + 4 + length :]
+                    return int(head.split(" ", 2)[1]), json.loads(body)
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise ConnectionError("daemon closed the connection")
+            self.buf += chunk
+
+
+async def _raw_worker(sock_path: str, n: int, lat: list[float]) -> None:
+    import trio
+
+    stream = await trio.open_unix_socket(sock_path)
+    conn = _Conn(stream)
+    auth_req = _post("/v1/authorize", json.dumps({
+        "server": SERVER, "tool": TOOL, "agent_id": "content-writer", "session_id": "bench",
+        "arguments": ARGS}).encode())
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            st, a = await conn.call(auth_req)
+            assert st == 200, a
+            st, lease = await conn.call(_post("/v1/redeem", json.dumps(
+                {"resolution_token": a["resolution_token"], "arguments": ARGS}).encode()))
+            assert st == 200, lease
+            st, r = await conn.call(_post("/v1/release", json.dumps(
+                {"lease_id": lease["lease_id"], "status": "success", "duration_ms": 1}).encode()))
+            assert st == 200, r
+            lat.append(time.perf_counter() - t0)
+    finally:
+        await stream.aclose()
+
+
+def _raw_process(sock_path: str, concurrency: int, per_worker: int, q: Any) -> None:
+    import trio
+
+    lat: list[float] = []
+
+    async def main() -> float:
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(_raw_worker, sock_path, per_worker, lat)
+        return time.perf_counter() - t0
+
+    wall = trio.run(main)
+    q.put((wall, lat))
+
+
+def _client_process(sock_path: str, n: int, q: Any) -> None:
+    from sidekey.client import Client
+
+    lat: list[float] = []
+    with Client(socket_path=sock_path) as c:
+        t_start = time.perf_counter()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            auth = c.authorize(server=SERVER, tool=TOOL, agent_id="content-writer",
+                               session_id="bench", arguments=ARGS)
+            lease = c.redeem(auth.resolution_token, arguments=ARGS)
+            c.release(lease.lease_id, status="success", duration_ms=1)
+            lat.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t_start
+    q.put((wall, lat))
+
+
+def run_in_process(target: Any, *args: Any) -> tuple[float, list[float]]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    result: tuple[float, list[float]] = q.get(timeout=600)
+    p.join(30)
+    return result
+
+
+def report(label: str, wall: float, lat: list[float]) -> dict[str, Any]:
+    lat = sorted(lat)
+    n = len(lat)
+    out = {
+        "run": label,
+        "calls": n,
+        "calls_per_s": round(n / wall),
+        "p50_ms": round(lat[n // 2] * 1000, 3),
+        "p99_ms": round(lat[min(n - 1, int(n * 0.99))] * 1000, 3),
+    }
+    print(f"{label:<14} calls={n:<6} calls/s={out['calls_per_s']:<6} "
+          f"p50={out['p50_ms']:.3f} ms  p99={out['p99_ms']:.3f} ms", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=2000, help="calls per run (default 2000)")
+    ap.add_argument("--concurrency", type=int, default=32, help="workers for the concurrent run")
+    ap.add_argument("--profile", action="store_true", help="profile the daemon with cProfile")
+    ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = ap.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="skb-"))
+    profile = root / "daemon.prof" if args.profile else None
+    try:
+        config = setup(root)
+        proc = start_daemon(root, config, profile)
+        sock_path = str(root / "run" / "sock")
+        try:
+            results = []
+            run_in_process(_raw_process, sock_path, 1, 100)  # warm-up
+            results.append(report("client c=1", *run_in_process(_client_process, sock_path, args.calls)))
+            results.append(report("raw c=1", *run_in_process(_raw_process, sock_path, 1, args.calls)))
+            per = max(1, args.calls // args.concurrency) * 2
+            results.append(report(f"raw c={args.concurrency}",
+                                  *run_in_process(_raw_process, sock_path, args.concurrency, per)))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        lines = (root / "state" / "audit.jsonl").read_text().count("\n")
+        print(f"audit lines written: {lines}")
+        if args.json:
+            print(json.dumps(results))
+        if profile is not None and profile.exists():
+            print("\ndaemon profile, top 25 by internal time:")
+            pstats.Stats(str(profile)).sort_stats("tottime").print_stats(25)
+            if os.environ.get("SIDEKEY_BENCH_KEEP_PROFILE"):
+                shutil.copy(profile, os.environ["SIDEKEY_BENCH_KEEP_PROFILE"])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

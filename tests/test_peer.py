@@ -1,0 +1,1154 @@
+"""Peer attestation (sidekey.peer) against real sockets and real processes.
+
+The attestation tests use AF_UNIX sockets and forked children that connect, exit,
+linger as zombies or drop privileges on command. The selector/RBAC tests build
+PeerIdentity values directly. Stub sockets appear only where stated: to drive
+``getsockopt`` error paths that this kernel does not produce on demand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import grp
+import hashlib
+import os
+import pwd
+import re
+import select
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+import pytest
+import trio
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from sidekey.config import PeerSelector, RbacConfig, RbacEntry
+from sidekey.peer import (
+    SO_PEERPIDFD,
+    TIER_RANK,
+    ExeHashCache,
+    PeerHandle,
+    PeerIdentity,
+    _unit_from_cgroup,
+    attest,
+    selector_matches,
+    servers_of_peer,
+    tier_allows,
+    tier_of,
+)
+from sidekey.protocol import Denied
+
+TIMEOUT = 10.0  # every wait on a child or a pipe is bounded by this
+CHILD_TIMEOUT = 30.0  # a forked child exits on its own if the test forgets it
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _stat_start_time(pid: int | str) -> int:
+    """Field 22 of /proc/<pid>/stat, parsed independently of peer.py."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    after_comm = raw[raw.rindex(")") + 2 :].split()  # after_comm[0] is field 3
+    return int(after_comm[22 - 3])
+
+
+def _exe_sha256_of_self() -> str:
+    return hashlib.sha256(Path("/proc/self/exe").read_bytes()).hexdigest()
+
+
+def _pidfd_supported() -> bool:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        try:
+            raw = a.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
+        except OSError:
+            return False
+    os.close(int.from_bytes(raw, "little", signed=True))
+    return True
+
+
+PIDFD_SUPPORTED = _pidfd_supported()
+needs_pidfd = pytest.mark.skipif(not PIDFD_SUPPORTED, reason="kernel lacks SO_PEERPIDFD")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a child's uid needs root")
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(True, id="pidfd", marks=needs_pidfd),
+        pytest.param(False, id="best-effort"),
+    ]
+)
+def use_pidfd(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def _expected_attestation(use_pidfd: bool) -> str:
+    return "pidfd" if use_pidfd else "best-effort"
+
+
+def _code(exc_info: pytest.ExceptionInfo[Denied]) -> str:
+    return exc_info.value.code
+
+
+def _child_main(addr: str, cmd_r: int, ack_w: int) -> int:
+    """Runs in the forked child: connect, then obey one-byte commands."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(addr)
+    os.write(ack_w, b"c")
+    while True:
+        ready, _, _ = select.select([cmd_r], [], [], CHILD_TIMEOUT)
+        if not ready:
+            return 2
+        cmd = os.read(cmd_r, 1)
+        if cmd in (b"", b"x"):
+            return 0
+        if cmd == b"u":  # become nobody for good
+            os.setgroups([])
+            os.setgid(NOBODY.pw_gid)
+            os.setuid(NOBODY.pw_uid)
+        elif cmd == b"g":  # change only the group
+            os.setgid(NOBODY.pw_gid)
+        elif cmd == b"e":  # become another program (same pid, same credentials)
+            os.write(ack_w, cmd)
+            os.execv(SLEEP, ["sleep", str(CHILD_TIMEOUT)])
+        else:
+            return 3
+        os.write(ack_w, cmd)
+
+
+class ForkedPeer:
+    """A forked child connected to a listener of ours; ``conn`` is our accepted end.
+
+    Commands: ``exit()``, ``command(b"u")`` (setuid nobody), ``command(b"g")``
+    (setgid nobody). Every wait is bounded; ``close()`` kills and reaps the child.
+    """
+
+    def __init__(self) -> None:
+        self.addr = f"\0sidekey-test-peer-{uuid.uuid4().hex}"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.conn: socket.socket | None = None
+        self.pid = 0
+        self.reaped = False
+        self.exit_code: int | None = None
+        self._cmd_w = -1
+        self._ack_r = -1
+
+    def __enter__(self) -> ForkedPeer:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        self.listener.bind(self.addr)
+        self.listener.listen(1)
+        self.listener.settimeout(TIMEOUT)
+        cmd_r, cmd_w = os.pipe()
+        ack_r, ack_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                os.close(cmd_w)
+                os.close(ack_r)
+                code = _child_main(self.addr, cmd_r, ack_w)
+            finally:
+                os._exit(code)
+        self.pid = pid
+        os.close(cmd_r)
+        os.close(ack_w)
+        self._cmd_w, self._ack_r = cmd_w, ack_r
+        assert self._ack() == b"c", "child did not connect"
+        self.conn, _ = self.listener.accept()
+
+    @property
+    def sock(self) -> socket.socket:
+        assert self.conn is not None
+        return self.conn
+
+    def _ack(self) -> bytes:
+        ready, _, _ = select.select([self._ack_r], [], [], TIMEOUT)
+        if not ready:
+            raise AssertionError("timed out waiting for the child")
+        return os.read(self._ack_r, 1)
+
+    def command(self, cmd: bytes) -> None:
+        os.write(self._cmd_w, cmd)
+        got = self._ack()
+        assert got == cmd, f"child failed command {cmd!r} (got {got!r})"
+
+    def exit(self) -> None:
+        os.write(self._cmd_w, b"x")
+
+    def wait_exited(self) -> None:
+        """Wait until the child is a zombie, without reaping it."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return
+            time.sleep(0.005)
+        raise AssertionError("child did not exit in time")
+
+    def reap(self) -> int:
+        for attempt in range(2):
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid == self.pid:
+                    self.reaped = True
+                    self.exit_code = os.waitstatus_to_exitcode(status)
+                    return self.exit_code
+                time.sleep(0.005)
+            if attempt == 0:
+                os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"could not reap child {self.pid}")
+
+    def exit_and_reap(self) -> None:
+        self.exit()
+        assert self.reap() == 0
+
+    def close(self) -> None:
+        if self.pid and not self.reaped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.reap()
+        for fd in (self._cmd_w, self._ack_r):
+            if fd >= 0:
+                os.close(fd)
+        self._cmd_w = self._ack_r = -1
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def peer() -> Iterator[ForkedPeer]:
+    with ForkedPeer() as p:
+        yield p
+
+
+class StubSock:
+    """Stands in for a socket only to inject getsockopt results the kernel will not
+    produce on demand. SO_PEERCRED is served by a real socket unless *cred* is given."""
+
+    def __init__(
+        self,
+        real: socket.socket,
+        *,
+        pidfd_errno: int | None = None,
+        cred: tuple[int, int, int] | None = None,
+    ) -> None:
+        self.real = real
+        self.pidfd_errno = pidfd_errno
+        self.cred = cred
+        self.calls: list[int] = []
+
+    def getsockopt(self, level: int, opt: int, buflen: int) -> bytes:
+        self.calls.append(opt)
+        if opt == SO_PEERPIDFD and self.pidfd_errno is not None:
+            raise OSError(self.pidfd_errno, os.strerror(self.pidfd_errno))
+        if opt == socket.SO_PEERCRED and self.cred is not None:
+            return b"".join(v.to_bytes(4, "little", signed=True) for v in self.cred)
+        return self.real.getsockopt(level, opt, buflen)
+
+    def as_socket(self) -> socket.socket:
+        return cast(socket.socket, self)
+
+
+# --------------------------------------------------------------------------- attest: ourselves
+
+
+def _assert_identity_is_this_process(ident: PeerIdentity) -> None:
+    assert ident.pid == os.getpid()
+    assert ident.uid == os.geteuid()
+    assert ident.gid == os.getegid()
+    assert ident.user == pwd.getpwuid(os.geteuid()).pw_name
+    assert ident.group == grp.getgrgid(os.getegid()).gr_name
+    assert set(ident.supplementary_gids) == set(os.getgroups())
+    names = set()
+    for g in os.getgroups():
+        with contextlib.suppress(KeyError):
+            names.add(grp.getgrgid(g).gr_name)
+    assert set(ident.supplementary_groups) == names
+    assert ident.start_time == _stat_start_time("self")
+    assert ident.exe == os.readlink("/proc/self/exe")
+    assert ident.unit == _unit_from_cgroup(Path("/proc/self/cgroup").read_text())
+
+
+@needs_pidfd
+def test_attest_socketpair_identifies_this_process() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        handle = attest(a)
+        try:
+            ident = handle.identity
+            _assert_identity_is_this_process(ident)
+            assert ident.attestation == "pidfd"
+            handle.recheck()
+            handle.recheck()  # repeatable
+        finally:
+            handle.close()
+
+
+@needs_pidfd
+def test_attest_listener_and_connect_in_same_process() -> None:
+    addr = f"\0sidekey-test-{uuid.uuid4().hex}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with listener, client:
+        listener.bind(addr)
+        listener.listen(1)
+        listener.settimeout(TIMEOUT)
+        client.connect(addr)
+        server_side, _ = listener.accept()
+        with server_side:
+            for s in (server_side, client):  # both ends name this process
+                with attest(s) as handle:
+                    _assert_identity_is_this_process(handle.identity)
+                    assert handle.identity.attestation == "pidfd"
+                    handle.recheck()
+
+
+def test_attest_best_effort_when_pidfd_disabled() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b, attest(a, use_pidfd=False) as handle:
+        _assert_identity_is_this_process(handle.identity)
+        assert handle.identity.attestation == "best-effort"
+        handle.recheck()
+
+
+def test_best_effort_does_not_ask_for_a_pidfd() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        stub = StubSock(a, pidfd_errno=errno.EPERM)  # would fail if it were asked
+        with attest(stub.as_socket(), use_pidfd=False) as handle:
+            assert handle.identity.attestation == "best-effort"
+        assert SO_PEERPIDFD not in stub.calls
+
+
+def test_audit_has_exactly_the_documented_keys(use_pidfd: bool) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b, attest(a, use_pidfd=use_pidfd) as handle:
+        ident = handle.identity
+        audit = ident.audit()
+        assert set(audit) == {"pid", "uid", "gid", "unit", "exe", "attestation"}
+        assert audit == {
+            "pid": ident.pid,
+            "uid": ident.uid,
+            "gid": ident.gid,
+            "unit": ident.unit,
+            "exe": ident.exe,
+            "attestation": _expected_attestation(use_pidfd),
+        }
+
+
+def test_identity_is_immutable() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b, attest(a) as handle, pytest.raises(dataclasses.FrozenInstanceError):
+        handle.identity.uid = 0  # type: ignore[misc]
+
+
+def test_close_is_idempotent_releases_fds_and_recheck_then_fails(use_pidfd: bool) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        before = _open_fds()
+        handle = attest(a, use_pidfd=use_pidfd)
+        assert _open_fds() == before + (2 if use_pidfd else 1)
+        handle.close()
+        assert _open_fds() == before
+        handle.close()
+        handle.close()
+        assert _open_fds() == before
+        with pytest.raises(Denied) as exc_info:
+            handle.recheck()
+        assert _code(exc_info) == "peer_gone"
+
+
+def test_second_close_does_not_close_reused_fd_numbers(use_pidfd: bool) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        handle = attest(a, use_pidfd=use_pidfd)
+        handle.close()
+        r, w = os.pipe()  # lowest free numbers: the ones the handle just released
+        try:
+            handle.close()
+            os.fstat(r)
+            os.fstat(w)
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def test_context_manager_closes(use_pidfd: bool) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        before = _open_fds()
+        with attest(a, use_pidfd=use_pidfd) as handle:
+            assert isinstance(handle, PeerHandle)
+        assert _open_fds() == before
+        with pytest.raises(Denied) as exc_info:
+            handle.recheck()
+        assert _code(exc_info) == "peer_gone"
+
+
+async def test_attest_accepts_a_trio_socket() -> None:
+    a, b = trio.socket.socketpair()
+    with a, b, attest(a) as handle:  # type: ignore[arg-type]
+        assert handle.identity.pid == os.getpid()
+        assert handle.identity.attestation == ("pidfd" if PIDFD_SUPPORTED else "best-effort")
+        handle.recheck()
+
+
+# --------------------------------------------------------------------------- attest: a forked child
+
+
+def test_attest_identifies_a_forked_child(peer: ForkedPeer, use_pidfd: bool) -> None:
+    with attest(peer.sock, use_pidfd=use_pidfd) as handle:
+        ident = handle.identity
+        assert ident.pid == peer.pid != os.getpid()
+        assert (ident.uid, ident.gid) == (os.geteuid(), os.getegid())
+        assert ident.start_time == _stat_start_time(peer.pid)
+        assert ident.exe == os.readlink(f"/proc/{peer.pid}/exe")
+        assert ident.attestation == _expected_attestation(use_pidfd)
+        handle.recheck()
+        peer.exit_and_reap()
+
+
+def test_attest_after_peer_exited_and_was_reaped_is_peer_gone(
+    peer: ForkedPeer, use_pidfd: bool
+) -> None:
+    peer.exit_and_reap()
+    before = _open_fds()
+    with pytest.raises(Denied) as exc_info:
+        attest(peer.sock, use_pidfd=use_pidfd)
+    assert _code(exc_info) == "peer_gone"
+    assert str(peer.pid) in exc_info.value.message
+    assert _open_fds() == before  # the pidfd / dir fd opened on the way were closed
+
+
+def test_attest_of_a_zombie_peer_is_peer_gone(peer: ForkedPeer, use_pidfd: bool) -> None:
+    peer.exit()
+    peer.wait_exited()  # zombie: exited, not yet reaped
+    assert Path(f"/proc/{peer.pid}").exists()
+    before = _open_fds()
+    with pytest.raises(Denied) as exc_info:
+        attest(peer.sock, use_pidfd=use_pidfd)
+    assert _code(exc_info) == "peer_gone"
+    assert _open_fds() == before
+    assert peer.reap() == 0
+
+
+def test_recheck_after_peer_exited_and_was_reaped_is_peer_gone(
+    peer: ForkedPeer, use_pidfd: bool
+) -> None:
+    with attest(peer.sock, use_pidfd=use_pidfd) as handle:
+        assert handle.identity.pid == peer.pid
+        handle.recheck()
+        peer.exit_and_reap()
+        with pytest.raises(Denied) as exc_info:
+            handle.recheck()
+        assert _code(exc_info) == "peer_gone"
+
+
+def test_recheck_of_a_zombie_peer_is_peer_gone(peer: ForkedPeer, use_pidfd: bool) -> None:
+    with attest(peer.sock, use_pidfd=use_pidfd) as handle:
+        handle.recheck()
+        peer.exit()
+        peer.wait_exited()  # not reaped: /proc/<pid> still there, state Z
+        with pytest.raises(Denied) as exc_info:
+            handle.recheck()
+        assert _code(exc_info) == "peer_gone"
+        assert peer.reap() == 0
+        with pytest.raises(Denied) as exc_info:
+            handle.recheck()
+        assert _code(exc_info) == "peer_gone"
+
+
+SLEEP = os.path.realpath("/bin/sleep")
+
+
+@pytest.mark.parametrize("use_pidfd", [True, False])
+def test_recheck_after_peer_exec_is_peer_changed(use_pidfd: bool) -> None:
+    with ForkedPeer() as peer, attest(peer.sock, use_pidfd=use_pidfd) as handle:
+        handle.recheck()
+        peer.command(b"e")
+        deadline = time.monotonic() + TIMEOUT
+        while os.readlink(f"/proc/{peer.pid}/exe") != SLEEP:
+            assert time.monotonic() < deadline, "child did not exec"
+            time.sleep(0.01)
+        with pytest.raises(Denied) as exc_info:
+            handle.recheck()
+        assert _code(exc_info) == "peer_changed"
+
+
+@needs_root
+def test_recheck_after_peer_setuid_is_peer_changed(peer: ForkedPeer, use_pidfd: bool) -> None:
+    with attest(peer.sock, use_pidfd=use_pidfd) as handle:
+        assert handle.identity.uid == 0
+        handle.recheck()
+        peer.command(b"u")  # setgroups([]), setgid(nobody), setuid(nobody); stays alive
+        with pytest.raises(Denied) as exc_info:
+            handle.recheck()
+        assert _code(exc_info) == "peer_changed"
+        assert str(peer.pid) in exc_info.value.message
+        with pytest.raises(Denied) as exc_info:  # and it stays refused
+            handle.recheck()
+        assert _code(exc_info) == "peer_changed"
+        peer.exit_and_reap()
+        with pytest.raises(Denied) as exc_info:
+            handle.recheck()
+        assert _code(exc_info) == "peer_gone"
+
+
+@needs_root
+def test_recheck_after_peer_setgid_only_is_peer_changed(peer: ForkedPeer, use_pidfd: bool) -> None:
+    with attest(peer.sock, use_pidfd=use_pidfd) as handle:
+        handle.recheck()
+        peer.command(b"g")
+        with pytest.raises(Denied) as exc_info:
+            handle.recheck()
+        assert _code(exc_info) == "peer_changed"
+        peer.exit_and_reap()
+
+
+@needs_root
+def test_attest_after_peer_setuid_is_peer_changed(peer: ForkedPeer, use_pidfd: bool) -> None:
+    """SO_PEERCRED keeps the uid of connect(); /proc shows the new one: refused."""
+    peer.command(b"u")
+    before = _open_fds()
+    with pytest.raises(Denied) as exc_info:
+        attest(peer.sock, use_pidfd=use_pidfd)
+    assert _code(exc_info) == "peer_changed"
+    assert _open_fds() == before
+    peer.exit_and_reap()
+
+
+# --------------------------------------------------------------------------- PeerHandle.recheck on hand-built handles
+
+
+def _own_identity(**overrides: Any) -> PeerIdentity:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b, attest(a, use_pidfd=False) as handle:
+        return dataclasses.replace(handle.identity, **overrides)
+
+
+def _proc_self_dir_fd() -> int:
+    return os.open(f"/proc/{os.getpid()}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({}, None),
+        ({"start_time": -1}, "peer_gone"),  # same pid, other process (pid reuse)
+        ({"uid": 4242}, "peer_changed"),
+        ({"gid": 4242}, "peer_changed"),
+    ],
+)
+def test_recheck_compares_start_time_and_credentials(
+    overrides: dict[str, Any], code: str | None
+) -> None:
+    with PeerHandle(_own_identity(**overrides), pidfd=None, dir_fd=_proc_self_dir_fd()) as h:
+        if code is None:
+            h.recheck()
+        else:
+            with pytest.raises(Denied) as exc_info:
+                h.recheck()
+            assert _code(exc_info) == code
+
+
+def test_recheck_refuses_a_pidfd_naming_another_pid() -> None:
+    ident = _own_identity(pid=os.getppid())  # the identity claims a different pid
+    with PeerHandle(ident, pidfd=os.pidfd_open(os.getpid()), dir_fd=_proc_self_dir_fd()) as h:
+        with pytest.raises(Denied) as exc_info:
+            h.recheck()
+        assert _code(exc_info) == "peer_gone"
+
+
+def test_recheck_accepts_a_pidfd_naming_the_pid() -> None:
+    with PeerHandle(
+        _own_identity(), pidfd=os.pidfd_open(os.getpid()), dir_fd=_proc_self_dir_fd()
+    ) as h:
+        h.recheck()
+
+
+# --------------------------------------------------------------------------- getsockopt error paths (stubbed)
+
+
+def test_attest_refuses_a_peer_without_pid() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        stub = StubSock(a, cred=(0, 0, 0))  # what a peer in another pid namespace looks like
+        before = _open_fds()
+        with pytest.raises(Denied) as exc_info:
+            attest(stub.as_socket())
+        assert _code(exc_info) == "peer_unattested"
+        assert SO_PEERPIDFD not in stub.calls
+        assert _open_fds() == before
+
+
+def test_attest_falls_back_when_kernel_lacks_so_peerpidfd() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b, attest(StubSock(a, pidfd_errno=errno.ENOPROTOOPT).as_socket()) as handle:
+        _assert_identity_is_this_process(handle.identity)
+        assert handle.identity.attestation == "best-effort"
+        handle.recheck()
+
+
+@pytest.mark.parametrize(
+    ("err", "code"), [(errno.ESRCH, "peer_gone"), (errno.EPERM, "peer_unattested")]
+)
+def test_attest_maps_so_peerpidfd_errors(err: int, code: str) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        before = _open_fds()
+        with pytest.raises(Denied) as exc_info:
+            attest(StubSock(a, pidfd_errno=err).as_socket())
+        assert _code(exc_info) == code
+        assert _open_fds() == before
+
+
+def test_attest_refuses_a_recycled_pid_when_the_pidfd_says_gone(peer: ForkedPeer) -> None:
+    """The connecting child is reaped and "its" pid now names a live process (this
+    one): the kernel still hands out a pidfd for the reaped child, and attest must
+    notice that it no longer names that pid. SO_PEERCRED is stubbed to the recycled
+    pid; the pidfd is the real one of the reaped peer."""
+    peer.exit_and_reap()
+    real = peer.sock
+    try:
+        stale = real.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
+    except OSError:
+        pytest.skip("this kernel gives no pidfd for a reaped peer")
+    os.close(int.from_bytes(stale, "little", signed=True))
+
+    class Recycled(StubSock):
+        def getsockopt(self, level: int, opt: int, buflen: int) -> bytes:
+            if opt == SO_PEERPIDFD:
+                return real.getsockopt(level, opt, buflen)
+            return super().getsockopt(level, opt, buflen)
+
+    stub = Recycled(real, cred=(os.getpid(), os.geteuid(), os.getegid()))
+    before = _open_fds()
+    with pytest.raises(Denied) as exc_info:
+        attest(stub.as_socket())
+    assert _code(exc_info) == "peer_gone"
+    assert _open_fds() == before  # the stale pidfd was closed
+
+
+def test_attest_refuses_a_pidfd_of_another_live_process() -> None:
+    """A pidfd naming some other live process than SO_PEERCRED's pid: refused."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+
+        class OtherPidfd(StubSock):
+            def getsockopt(self, level: int, opt: int, buflen: int) -> bytes:
+                if opt == SO_PEERPIDFD:
+                    return os.pidfd_open(os.getppid()).to_bytes(4, "little", signed=True)
+                return super().getsockopt(level, opt, buflen)
+
+        before = _open_fds()
+        with pytest.raises(Denied) as exc_info:
+            attest(OtherPidfd(a).as_socket())
+        assert _code(exc_info) == "peer_gone"
+        assert _open_fds() == before
+
+
+def test_einval_from_so_peerpidfd_means_the_peer_was_reaped() -> None:
+    """On Linux 6.5-6.14 SO_PEERPIDFD fails with EINVAL exactly when the peer was
+    already reaped (pidfd_prepare finds no task); it must not be taken for "kernel
+    lacks SO_PEERPIDFD", or attest would fall back to best-effort and attest whatever
+    process now holds the recycled pid. This process stands in for the recycler."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        before = _open_fds()
+        try:
+            handle = attest(StubSock(a, pidfd_errno=errno.EINVAL).as_socket())
+        except Denied as exc:
+            assert exc.code == "peer_gone"
+        else:
+            attestation = handle.identity.attestation
+            handle.close()
+            raise AssertionError(f"attested a recycled pid ({attestation})")
+        assert _open_fds() == before
+
+
+# --------------------------------------------------------------------------- _unit_from_cgroup
+
+
+@pytest.mark.parametrize(
+    ("text", "unit"),
+    [
+        ("0::/system.slice/mcp-content.service\n", "mcp-content.service"),
+        ("0::/system.slice/mcp-content.service", "mcp-content.service"),
+        # A user's own service manager can name units anything (systemd-run --user
+        # --unit=mcp-content.service): the unit is the user manager, not what it runs.
+        (
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/foo.scope\n",
+            "user@1000.service",
+        ),
+        (
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/mcp-content.service\n",
+            "user@1000.service",
+        ),
+        # Delegate=yes services create sub-cgroups with any name: the outer unit counts.
+        ("0::/system.slice/mcp-content.service/evil.service\n", "mcp-content.service"),
+        ("0::/user.slice/user-1000.slice/user@1000.service\n", "user@1000.service"),
+        ("0::/user.slice/user-1000.slice/session-3.scope\n", "session-3.scope"),
+        ("0::/system.slice/mcp-content.service/payload\n", "mcp-content.service"),
+        ("0::/system.slice/getty@tty1.service\n", "getty@tty1.service"),
+        ("0::/init.scope\n", "init.scope"),
+        ("0::/\n", None),
+        ("0::/system.slice\n", None),
+        ("0::/system.slice/x.services\n", None),
+        ("0::/system.slice/.service\n", None),
+        ("0::/system.slice/mcp.service.d\n", None),
+        ("", None),
+        ("garbage\n", None),
+        # cgroup v1 lines are ignored, whatever they say
+        ("1:name=systemd:/system.slice/v1.service\n0::/\n", None),
+        ("12:pids:/system.slice/v1.service\n", None),
+        ("4:memory:/system.slice/v1.service\n0::/system.slice/v2.service\n", "v2.service"),
+        ("10::/system.slice/fake.service\n", None),  # only hierarchy 0 is v2
+    ],
+)
+def test_unit_from_cgroup(text: str, unit: str | None) -> None:
+    assert _unit_from_cgroup(text) == unit
+
+
+_UNIT = re.compile(r"[^/]+\.(?:service|scope)")
+
+
+@given(st.text())
+def test_unit_from_cgroup_never_raises_on_arbitrary_text(text: str) -> None:
+    unit = _unit_from_cgroup(text)
+    assert unit is None or (_UNIT.fullmatch(unit) and unit in text)
+
+
+_COMPONENT = st.one_of(
+    st.sampled_from(["system.slice", "user.slice", "app.slice", "payload", ""]),
+    st.builds(
+        lambda stem, suffix: stem + suffix,
+        st.text(st.characters(blacklist_characters="/\n\r"), min_size=0, max_size=8),
+        st.sampled_from([".service", ".scope", ".slice", ".mount", ""]),
+    ),
+)
+
+
+@given(st.lists(_COMPONENT, max_size=6), st.sampled_from(["0", "1", "12"]))
+def test_unit_from_cgroup_is_the_outermost_unit(parts: list[str], hierarchy: str) -> None:
+    path = "/" + "/".join(parts)
+    line = f"{hierarchy}::{path}"
+    expected = None
+    if hierarchy == "0":
+        expected = next((p for p in path.split("/") if _UNIT.fullmatch(p)), None)
+    # splitlines() line boundaries inside a component would make it not one cgroup path
+    assume(not any(ch in line for ch in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"))
+    assert _unit_from_cgroup(line + "\n") == expected
+
+
+# --------------------------------------------------------------------------- ExeHashCache
+
+
+def test_exe_hash_of_this_process_matches_hashlib_and_is_cached() -> None:
+    cache = ExeHashCache()
+    digest = cache.sha256(os.getpid())
+    assert digest == _exe_sha256_of_self()
+    assert len(cache._cache) == 1
+    assert cache.sha256(os.getpid()) == digest
+    assert len(cache._cache) == 1
+
+
+def test_exe_hash_second_call_is_served_from_the_cache() -> None:
+    cache = ExeHashCache()
+    st_ = os.stat("/proc/self/exe")
+    key = (st_.st_dev, st_.st_ino, st_.st_mtime_ns, st_.st_size)
+    cache._cache[key] = "f" * 64  # a cached value no file hashes to
+    assert cache.sha256(os.getpid()) == "f" * 64
+    assert len(cache._cache) == 1
+
+
+def test_exe_hash_size_limit_fails_closed() -> None:
+    size = os.stat("/proc/self/exe").st_size
+    assert ExeHashCache(max_bytes=size - 1).sha256(os.getpid()) is None
+    assert ExeHashCache(max_bytes=size).sha256(os.getpid()) == _exe_sha256_of_self()
+    small = ExeHashCache(max_bytes=size - 1)
+    small.sha256(os.getpid())
+    assert len(small._cache) == 0
+
+
+def test_exe_hash_of_nonexistent_pid_is_none() -> None:
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    cache = ExeHashCache()
+    assert cache.sha256(pid_max) is None  # pids are always below pid_max
+    assert cache.sha256(-1) is None
+    assert len(cache._cache) == 0
+
+
+def test_exe_hash_of_a_reaped_child_is_none(peer: ForkedPeer) -> None:
+    peer.exit_and_reap()
+    assert ExeHashCache().sha256(peer.pid) is None
+
+
+def test_exe_hash_cache_evicts_least_recently_used() -> None:
+    proc = subprocess.Popen(["sleep", "60"])  # a process with another executable
+    try:
+        sleep_digest = hashlib.sha256(Path(f"/proc/{proc.pid}/exe").read_bytes()).hexdigest()
+        own_digest = _exe_sha256_of_self()
+        assert sleep_digest != own_digest
+
+        cache = ExeHashCache(max_entries=2)
+        assert cache.sha256(os.getpid()) == own_digest  # [self]
+        fake_key = (-1, -1, -1, -1)
+        cache._cache[fake_key] = "0" * 64  # [self, fake]
+        assert cache.sha256(os.getpid()) == own_digest  # hit moves self last: [fake, self]
+        assert cache.sha256(proc.pid) == sleep_digest  # [self, sleep]; fake evicted
+        assert len(cache._cache) == 2
+        assert fake_key not in cache._cache
+        assert set(cache._cache.values()) == {own_digest, sleep_digest}
+
+        tiny = ExeHashCache(max_entries=1)
+        assert tiny.sha256(os.getpid()) == own_digest
+        assert tiny.sha256(proc.pid) == sleep_digest
+        assert list(tiny._cache.values()) == [sleep_digest]
+    finally:
+        proc.kill()
+        proc.wait(timeout=TIMEOUT)
+
+
+# --------------------------------------------------------------------------- selectors
+
+DAEMON_UID = 0
+DAEMON_GID = 0
+
+
+def ident(**overrides: Any) -> PeerIdentity:
+    base = PeerIdentity(
+        pid=os.getpid(),
+        uid=1000,
+        gid=1000,
+        user="alice",
+        group="staff",
+        supplementary_gids=(27, 100),
+        supplementary_groups=("sudo", "users"),
+        exe="/usr/bin/mcp-content",
+        unit="mcp-content.service",
+        start_time=12345,
+        attestation="pidfd",
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def matches(sel: PeerSelector, who: PeerIdentity, **kw: Any) -> bool:
+    kw.setdefault("daemon_uid", DAEMON_UID)
+    kw.setdefault("daemon_gid", DAEMON_GID)
+    return selector_matches(sel, who, **kw)
+
+
+@pytest.mark.parametrize(
+    ("sel", "expected"),
+    [
+        (PeerSelector(uid=1000), True),
+        (PeerSelector(uid=1001), False),
+        (PeerSelector(user="alice"), True),
+        (PeerSelector(user="bob"), False),
+        (PeerSelector(gid=1000), True),
+        (PeerSelector(gid=27), False),  # a supplementary gid is not the gid
+        (PeerSelector(group="staff"), True),
+        (PeerSelector(group="sudo"), False),
+        (PeerSelector(supplementary_group="users"), True),
+        (PeerSelector(supplementary_group="sudo"), True),
+        (PeerSelector(supplementary_group="staff"), False),  # primary group is not supplementary
+        (PeerSelector(unit="mcp-content.service"), True),
+        (PeerSelector(unit="mcp-other.service"), False),
+        (PeerSelector(exe="/usr/bin/mcp-content"), True),
+        (PeerSelector(exe="/usr/bin/mcp-content2"), False),
+    ],
+)
+def test_selector_each_key(sel: PeerSelector, expected: bool) -> None:
+    assert matches(sel, ident()) is expected
+
+
+def test_selector_uid_and_gid_zero_are_real_values() -> None:
+    root = ident(uid=0, gid=0)
+    assert matches(PeerSelector(uid=0), root, daemon_uid=1000)
+    assert matches(PeerSelector(gid=0), root, daemon_gid=1000)
+    assert not matches(PeerSelector(uid=0), ident())
+    assert not matches(PeerSelector(gid=0), ident())
+
+
+def test_selector_self_resolves_against_the_daemon_ids() -> None:
+    who = ident(uid=1234, gid=5678)
+    assert matches(PeerSelector(uid="self"), who, daemon_uid=1234)
+    assert not matches(PeerSelector(uid="self"), who, daemon_uid=1235)
+    assert matches(PeerSelector(gid="self"), who, daemon_gid=5678)
+    assert not matches(PeerSelector(gid="self"), who, daemon_gid=5679)
+    # "self" for uid uses the daemon uid, not the gid (and vice versa)
+    assert not matches(PeerSelector(uid="self"), who, daemon_uid=0, daemon_gid=1234)
+    assert not matches(PeerSelector(gid="self"), who, daemon_uid=5678, daemon_gid=0)
+
+
+def test_selector_keys_on_missing_identity_fields_never_match() -> None:
+    who = ident(user=None, group=None, unit=None, exe=None, supplementary_groups=())
+    for sel in (
+        PeerSelector(user="alice"),
+        PeerSelector(group="staff"),
+        PeerSelector(unit="mcp-content.service"),
+        PeerSelector(exe="/usr/bin/mcp-content"),
+        PeerSelector(supplementary_group="users"),
+    ):
+        assert not matches(sel, who), sel
+
+
+def test_selector_exe_sha256() -> None:
+    digest = _exe_sha256_of_self()
+    hashes = ExeHashCache()
+    me = ident()  # pid is this process
+    assert matches(PeerSelector(exe_sha256=digest), me, exe_hashes=hashes)
+    assert not matches(PeerSelector(exe_sha256="0" * 64), me, exe_hashes=hashes)
+    # without a hash cache the key cannot be checked: fail closed
+    assert not matches(PeerSelector(exe_sha256=digest), me)
+    # a pid that does not exist has no hash
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert not matches(PeerSelector(exe_sha256=digest), ident(pid=pid_max), exe_hashes=hashes)
+    # a hash limit below the executable's size: fail closed
+    size = os.stat("/proc/self/exe").st_size
+    assert not matches(
+        PeerSelector(exe_sha256=digest), me, exe_hashes=ExeHashCache(max_bytes=size - 1)
+    )
+    # combined with other keys, all must hold
+    assert matches(PeerSelector(uid=1000, exe_sha256=digest), me, exe_hashes=hashes)
+    assert not matches(PeerSelector(uid=1001, exe_sha256=digest), me, exe_hashes=hashes)
+
+
+def test_empty_selector_never_matches() -> None:
+    assert not matches(PeerSelector(), ident())
+    assert not matches(PeerSelector(), ident(uid=DAEMON_UID, gid=DAEMON_GID))
+
+
+def test_selector_requires_all_keys() -> None:
+    assert matches(PeerSelector(uid=1000, user="alice", unit="mcp-content.service"), ident())
+    assert not matches(PeerSelector(uid=1000, user="bob"), ident())
+    assert not matches(PeerSelector(user="alice", unit="other.service"), ident())
+    assert not matches(PeerSelector(uid=1000, exe="/usr/bin/evil"), ident())
+
+
+_GOOD: dict[str, Any] = {
+    "uid": 1000,
+    "user": "alice",
+    "gid": 1000,
+    "group": "staff",
+    "supplementary_group": "users",
+    "unit": "mcp-content.service",
+    "exe": "/usr/bin/mcp-content",
+}
+_BAD: dict[str, Any] = {
+    "uid": 1001,
+    "user": "bob",
+    "gid": 1001,
+    "group": "wheel",
+    "supplementary_group": "docker",
+    "unit": "other.service",
+    "exe": "/usr/bin/evil",
+}
+
+
+@given(
+    keys=st.sets(st.sampled_from(sorted(_GOOD))),
+    wrong=st.none() | st.sampled_from(sorted(_GOOD)),
+)
+def test_selector_is_the_conjunction_of_its_keys(keys: set[str], wrong: str | None) -> None:
+    kwargs = {k: _GOOD[k] for k in keys}
+    if wrong is not None:
+        kwargs[wrong] = _BAD[wrong]
+    expected = bool(kwargs) and wrong is None
+    assert matches(PeerSelector(**kwargs), ident()) is expected
+
+
+def test_servers_of_peer_lists_only_matching_servers_in_order() -> None:
+    peers: dict[str, list[PeerSelector]] = {
+        "content-api": [PeerSelector(uid=1001), PeerSelector(unit="mcp-content.service")],
+        "analytics-db": [PeerSelector(uid=1001)],
+        "empty": [],
+        "empty-selector": [PeerSelector()],
+        "by-user": [PeerSelector(user="alice", gid=1000)],
+        "half-match": [PeerSelector(user="alice", gid=1001)],
+    }
+    got = servers_of_peer(peers, ident(), daemon_uid=DAEMON_UID, daemon_gid=DAEMON_GID)
+    assert got == ["content-api", "by-user"]
+    assert servers_of_peer({}, ident(), daemon_uid=DAEMON_UID, daemon_gid=DAEMON_GID) == []
+
+
+def test_servers_of_peer_passes_daemon_ids_and_exe_hashes() -> None:
+    digest = _exe_sha256_of_self()
+    peers = {
+        "mine": [PeerSelector(uid="self")],
+        "hashed": [PeerSelector(exe_sha256=digest)],
+    }
+    who = ident(uid=4321)
+    assert servers_of_peer(peers, who, daemon_uid=4321, daemon_gid=0) == ["mine"]
+    assert servers_of_peer(
+        peers, who, daemon_uid=4321, daemon_gid=0, exe_hashes=ExeHashCache()
+    ) == ["mine", "hashed"]
+    assert servers_of_peer(peers, who, daemon_uid=1, daemon_gid=0, exe_hashes=ExeHashCache()) == [
+        "hashed"
+    ]
+
+
+# --------------------------------------------------------------------------- RBAC tiers
+
+
+def tier(rbac: RbacConfig, who: PeerIdentity, *, is_service: bool = False, **kw: Any) -> str:
+    kw.setdefault("daemon_uid", DAEMON_UID)
+    kw.setdefault("daemon_gid", DAEMON_GID)
+    return tier_of(rbac, who, is_service=is_service, **kw)
+
+
+def test_daemon_uid_is_always_owner() -> None:
+    nothing = RbacConfig(owner=RbacEntry())
+    assert tier(nothing, ident(uid=DAEMON_UID)) == "owner"
+    assert tier(nothing, ident(uid=4242), daemon_uid=4242) == "owner"
+    # default owner entry is uids: [self]
+    assert tier(RbacConfig(), ident(uid=4242), daemon_uid=4242) == "owner"
+    assert tier(RbacConfig(), ident(uid=4242), daemon_uid=1) == "anonymous"
+
+
+@pytest.mark.parametrize(
+    ("entry", "who"),
+    [
+        (RbacEntry(uids=[1000]), ident()),
+        (RbacEntry(users=["alice"]), ident()),
+        (RbacEntry(gids=[1000]), ident()),  # primary gid
+        (RbacEntry(gids=[100]), ident()),  # supplementary gid
+        (RbacEntry(gids=["self"]), ident(gid=DAEMON_GID)),
+        (RbacEntry(gids=["self"]), ident(gid=5, supplementary_gids=(DAEMON_GID,))),
+        (RbacEntry(groups=["staff"]), ident()),  # primary group name
+        (RbacEntry(groups=["users"]), ident()),  # supplementary group name
+        (RbacEntry(units=["mcp-content.service"]), ident()),
+    ],
+)
+@pytest.mark.parametrize("level", ["owner", "admin", "security", "approver", "service"])
+def test_each_entry_key_grants_its_tier(entry: RbacEntry, who: PeerIdentity, level: str) -> None:
+    kwargs: dict[str, RbacEntry] = {"owner": RbacEntry(), level: entry}
+    rbac = RbacConfig(**kwargs)
+    assert tier(rbac, who) == level
+    assert tier(rbac, who, is_service=True) == level
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        RbacEntry(uids=[1001]),
+        RbacEntry(uids=["self"]),  # daemon uid is 0, peer is 1000
+        RbacEntry(users=["bob"]),
+        RbacEntry(gids=[1001]),
+        RbacEntry(gids=["self"]),  # daemon gid is 0
+        RbacEntry(groups=["wheel"]),
+        RbacEntry(units=["other.service"]),
+        RbacEntry(),
+    ],
+)
+def test_non_matching_entries_grant_nothing(entry: RbacEntry) -> None:
+    rbac = RbacConfig(admin=entry, security=entry, approver=entry, service=entry)
+    assert tier(rbac, ident()) == "anonymous"
+    assert tier(rbac, ident(), is_service=True) == "service"
+
+
+def test_missing_identity_names_never_match_entries() -> None:
+    who = ident(user=None, group=None, unit=None, supplementary_groups=())
+    rbac = RbacConfig(
+        admin=RbacEntry(users=["alice"]),
+        security=RbacEntry(groups=["staff", "users"]),
+        approver=RbacEntry(units=["mcp-content.service"]),
+    )
+    assert tier(rbac, who) == "anonymous"
+
+
+_LEVELS = ["owner", "admin", "security", "approver", "service"]
+
+
+@pytest.mark.parametrize(
+    ("high", "low"),
+    [(h, lo) for i, h in enumerate(_LEVELS) for lo in _LEVELS[i + 1 :]],
+)
+def test_tier_priority_for_every_pair(high: str, low: str) -> None:
+    """A peer listed in two tiers (by different keys) gets the higher one."""
+    kwargs: dict[str, RbacEntry] = {
+        "owner": RbacEntry(),
+        high: RbacEntry(users=["alice"]),
+        low: RbacEntry(uids=[1000]),
+    }
+    assert tier(RbacConfig(**kwargs), ident()) == high
+    kwargs[high], kwargs[low] = RbacEntry(units=["mcp-content.service"]), RbacEntry(gids=[100])
+    assert tier(RbacConfig(**kwargs), ident()) == high
+
+
+def test_tier_priority_highest_wins() -> None:
+    who = ident()
+    rbac = RbacConfig(
+        owner=RbacEntry(units=["nope.service"]),
+        admin=RbacEntry(users=["nobody-here"]),
+        security=RbacEntry(groups=["users"]),
+        approver=RbacEntry(uids=[1000]),
+        service=RbacEntry(units=["mcp-content.service"]),
+    )
+    assert tier(rbac, who) == "security"
+    rbac2 = RbacConfig(
+        owner=RbacEntry(groups=["sudo"]),
+        admin=RbacEntry(uids=[1000]),
+        security=RbacEntry(uids=[1000]),
+        approver=RbacEntry(uids=[1000]),
+        service=RbacEntry(uids=[1000]),
+    )
+    assert tier(rbac2, who) == "owner"
+    rbac3 = RbacConfig(approver=RbacEntry(uids=[1000]), service=RbacEntry(uids=[1000]))
+    assert tier(rbac3, who) == "approver"
+    assert tier(rbac3, who, is_service=True) == "approver"  # is_service is only a floor
+
+
+def test_service_entry_versus_is_service() -> None:
+    rbac = RbacConfig(service=RbacEntry(units=["mcp-content.service"]))
+    assert tier(rbac, ident()) == "service"
+    assert tier(rbac, ident(unit="x.service")) == "anonymous"
+    assert tier(rbac, ident(unit="x.service"), is_service=True) == "service"
+
+
+def test_tier_allows_ordering() -> None:
+    order = ["anonymous", "service", "approver", "security", "admin", "owner"]
+    assert sorted(TIER_RANK, key=TIER_RANK.__getitem__) == order
+    for i, have in enumerate(order):
+        for j, need in enumerate(order):
+            assert tier_allows(have, need) is (i >= j), (have, need)
+
+
+@pytest.mark.parametrize("unknown", ["", "root", "Owner", "superuser"])
+def test_unknown_tier_allows_nothing(unknown: str) -> None:
+    for need in TIER_RANK:
+        assert tier_allows(unknown, need) is False
+
+
+def test_unknown_minimum_is_a_programming_error() -> None:
+    with pytest.raises(KeyError):
+        tier_allows("owner", "root")
