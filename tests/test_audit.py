@@ -518,3 +518,25 @@ async def test_slow_fsync_moves_commits_off_the_event_loop(
             await sink.write(ev(), durable=False)
             await sink.write(ev())  # a durable write after a queued one covers both
     assert len(lines(path)) == 5
+
+
+async def test_queued_events_join_the_next_durable_commit(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    sink = open_jsonl_sink(path, fsync=True)
+    with trio.fail_after(10):
+        async with running(sink):
+            before = sink.health()["batches_written"]
+            await sink.write(ev(arguments={"n": 1}), durable=False)
+            await sink.write(ev(arguments={"n": 2}))  # one commit covers both
+            assert sink.health()["batches_written"] == before + 1
+            assert [e["arguments"]["n"] for e in lines(path)] == [1, 2]
+            # alone, a queued event still goes out, within DEFERRED_FLUSH_S
+            await sink.write(ev(arguments={"n": 3}), durable=False)
+            assert len(lines(path)) == 2
+            await trio.sleep(jsonl.DEFERRED_FLUSH_S * 4)
+            assert [e["arguments"]["n"] for e in lines(path)] == [1, 2, 3]
+        # and closing flushes what is queued
+        sink2 = open_jsonl_sink(path, fsync=True)
+        async with running(sink2):
+            await sink2.write(ev(arguments={"n": 4}), durable=False)
+    assert [e["arguments"]["n"] for e in lines(path)] == [1, 2, 3, 4]

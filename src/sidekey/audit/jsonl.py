@@ -11,7 +11,8 @@ started in the daemon's nursery) takes the whole pending batch, writes it with o
 that batch. The commit runs on the event loop while fsyncs are fast (under
 ``INLINE_COMMIT_MAX_S``: a thread hop would cost as much as the fsync); after a slow
 one it moves to a worker thread for ``THREADED_BACKOFF_S`` so a sick disk cannot
-freeze the loop. Events that arrive while an fsync runs form the
+freeze the loop. Events written with ``durable=False`` do not start a commit of their
+own: they join the next durable event's commit (or go out after ``DEFERRED_FLUSH_S``). Events that arrive while an fsync runs form the
 next batch, so one fsync covers everything queued meanwhile: throughput grows with
 concurrency while each caller still only returns once its event is on disk.
 
@@ -47,8 +48,11 @@ MAX_PENDING_BYTES = 64 * 1024 * 1024
 MAX_EVENT_BYTES = 1024 * 1024
 # A commit (write + fsync) runs on the event loop while it stays this fast; one that
 # takes longer sends commits to a worker thread for THREADED_BACKOFF_S.
-INLINE_COMMIT_MAX_S = 0.002
+INLINE_COMMIT_MAX_S = 0.010
 THREADED_BACKOFF_S = 30
+# Events written with durable=False are committed with the next durable event, or
+# after this long if none comes.
+DEFERRED_FLUSH_S = 0.05
 # O_RDWR rather than O_WRONLY: reopening reads the last byte to repair a torn line.
 # O_NOFOLLOW: a root daemon must not be redirected through a planted symlink.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -64,13 +68,14 @@ def _describe_oserror(exc: OSError) -> str:
 class _Batch:
     """Events committed together by one write + one fsync."""
 
-    __slots__ = ("done", "failed", "lines", "nbytes")
+    __slots__ = ("done", "failed", "lines", "nbytes", "urgent")
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
         self.nbytes = 0
         self.done = trio.Event()
         self.failed = False
+        self.urgent = False  # someone waits for this batch: commit it now
 
 
 class JsonlSink:
@@ -226,11 +231,19 @@ class JsonlSink:
         try:
             task_status.started()
             while True:
-                while not self._pending.lines:
+                while not (self._pending.urgent or (self._closed and self._pending.lines)):
                     if self._closed:
                         return
                     self._nonempty = trio.Event()
-                    await self._nonempty.wait()
+                    if self._pending.lines:
+                        # Only queued (durable=False) events: they ride along with the
+                        # next durable one, or go out after DEFERRED_FLUSH_S at most.
+                        with trio.move_on_after(DEFERRED_FLUSH_S) as deferred:
+                            await self._nonempty.wait()
+                        if deferred.cancelled_caught:
+                            break
+                    else:
+                        await self._nonempty.wait()
                 batch, self._pending = self._pending, _Batch()
                 inflight = batch
                 data = b"".join(batch.lines)
@@ -304,6 +317,8 @@ class JsonlSink:
             raise AuditUnavailable("audit queue is full")
         batch.lines.append(line)
         batch.nbytes += len(line)
+        if durable:
+            batch.urgent = True
         self._nonempty.set()
         if not durable:
             return

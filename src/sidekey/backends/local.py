@@ -322,6 +322,14 @@ class LocalStore:
         entry = self._entry(self._snapshot(True), name)
         return sorted(entry.versions, key=int)
 
+    def unchanged(self) -> bool:
+        """True if the loaded snapshot matches the file on disk (one stat, no read)."""
+        snap = self._snap
+        try:
+            return snap is not None and snap.sig == self._stat()
+        except BackendError:
+            return False
+
     def reload_if_changed(self) -> bool:
         """Stat the file and reload it if (inode, mtime, size) changed.
 
@@ -642,7 +650,8 @@ class LocalBackend:
         """``{"type": "local", "ok": ..., "secrets": n, "path": ...}``; ``error`` if not ok."""
         info: dict[str, object] = {"type": "local", "path": str(self.store.path)}
         try:
-            await trio.to_thread.run_sync(self.store.reload_if_changed, limiter=self._limiter)
+            if not self.store.unchanged():  # a stat is cheaper than a thread hop
+                await trio.to_thread.run_sync(self.store.reload_if_changed, limiter=self._limiter)
             info["secrets"] = len(self.store.names(reload=False))
             info["ok"] = True
         except SidekeyError as exc:
