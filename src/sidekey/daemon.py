@@ -427,23 +427,28 @@ class Sidekey:
         pending = self._pending.pop(claims.jti, None)
         if pending is not None:
             self._remember(self._lease_calls, rec.lease_id, pending)
-        await self.audit.emit(
-            self.event(
-                "mcp.redeem",
-                **base,
-                lease_id=rec.lease_id,
-                extra={
-                    "jti": claims.jti,
-                    "token_issuer": claims.iss,
-                    "self_issued": verified.self_issued,
-                    "secrets": [
-                        {"name": a, "backend": refs[a].backend, "version": v.version}
-                        for a, v in sorted(values.items())
-                    ],
-                    "expires_at": _iso(expires_at),
-                },
-            )
+        redeem_event = self.event(
+            "mcp.redeem",
+            **base,
+            lease_id=rec.lease_id,
+            extra={
+                "jti": claims.jti,
+                "token_issuer": claims.iss,
+                "self_issued": verified.self_issued,
+                "secrets": [
+                    {"name": a, "backend": refs[a].backend, "version": v.version}
+                    for a, v in sorted(values.items())
+                ],
+                "expires_at": _iso(expires_at),
+            },
         )
+        try:
+            await self.audit.emit(redeem_event)
+        except SidekeyError:
+            # Not recorded, so not handed out: the lease must not stay active.
+            with trio.CancelScope(shield=True):
+                await self.leases.end(rec, REVOKED)
+            raise
         # Last gate before any secret leaves: is the attested process still the one
         # that is connected (not exited, not setuid'd, pid not recycled)?
         try:

@@ -310,6 +310,10 @@ class JsonlSink:
             raise AuditUnavailable("audit log is closed")
         if not self._running:
             raise AuditUnavailable("audit writer is not running")
+        if not durable and not self._healthy:
+            # Nobody would learn that a queued event failed: while the last commit
+            # failed, every event waits for its own commit (and fails if it fails).
+            durable = True
         batch = self._pending
         if len(batch.lines) >= MAX_PENDING_EVENTS or batch.nbytes + len(line) > MAX_PENDING_BYTES:
             self.rejected += 1

@@ -1,0 +1,119 @@
+"""The daemon's application layer in-process (real store, backend, audit file), for the
+cases a subprocess cannot stage: the audit disk failing under a running daemon."""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from harness import Daemon
+from sidekey import daemon as daemon_mod
+from sidekey.audit import AuditLog
+from sidekey.audit import jsonl as jsonl_mod
+from sidekey.audit.jsonl import open_jsonl_sink
+from sidekey.backends import build_backends
+from sidekey.config import load_config
+from sidekey.peer import PeerHandle, attest
+from sidekey.server import ConnectionState, Request
+from sidekey.store import open_store
+
+AUTHORIZE = {"server": "content-api", "tool": "create_article", "agent_id": "content-writer",
+             "arguments": {"title": "t"}}
+
+
+@contextmanager
+def self_peer() -> Iterator[PeerHandle]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    handle = attest(a)
+    try:
+        yield handle
+    finally:
+        handle.close()
+        a.close()
+        b.close()
+
+
+@asynccontextmanager
+async def app_on(d: Daemon) -> AsyncIterator[daemon_mod.Sidekey]:
+    loaded = load_config(d.config_path)
+    store = open_store(loaded.state_dir)
+    sink = open_jsonl_sink(loaded.audit_path, fsync=True)
+    app = daemon_mod.Sidekey(
+        loaded,
+        store=store,
+        audit=AuditLog([sink]),
+        backends=build_backends(loaded),
+        codec=daemon_mod.build_codec(loaded),
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            yield app
+            nursery.cancel_scope.cancel()
+    finally:
+        await sink.aclose()
+        await store.aclose()
+
+
+async def call(app: daemon_mod.Sidekey, conn: ConnectionState, path: str, body: Any) -> tuple[int, Any]:
+    req = Request(
+        method="POST", path=path, query="", headers={}, body=json.dumps(body).encode(),
+        peer=conn.peer, request_id="req_test", conn=conn,
+    )
+    resp = await app.handle(req)
+    return resp.status, json.loads(resp.body)
+
+
+@pytest.fixture
+def staged() -> Iterator[Daemon]:
+    d = Daemon()
+    (d.root / "state").mkdir(exist_ok=True)
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+async def test_no_secret_leaves_when_audit_cannot_record(
+    staged: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = staged.secrets["content-api/write-key"]
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(staged) as app:
+            status, body = await call(app, conn, "/v1/authorize", AUTHORIZE)
+            assert status == 200, body
+            token = body["resolution_token"]
+
+            def broken_fsync(fd: int) -> None:
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(jsonl_mod.os, "fsync", broken_fsync)
+            status, body = await call(app, conn, "/v1/redeem", {"resolution_token": token})
+            assert status == 503 and body["error"]["code"] == "audit_unavailable", body
+            assert secret not in json.dumps(body)
+            # the lease the redeem created did not stay active
+            leases = await app.store.leases_in_state("active")
+            assert leases == []
+            # while audit is down, even an allowed authorize fails closed
+            status, body = await call(app, conn, "/v1/authorize", AUTHORIZE)
+            assert status == 503 and body["error"]["code"] == "audit_unavailable", body
+            assert app.audit.health()["ok"] is False
+
+            # the disk heals: calls work again, and the token that was burned stays burned
+            monkeypatch.undo()
+            status, body = await call(app, conn, "/v1/redeem", {"resolution_token": token})
+            assert status == 409 and body["error"]["code"] == "token_replayed", body
+            status, body = await call(app, conn, "/v1/authorize", AUTHORIZE)
+            assert status == 200, body
+            status, lease = await call(app, conn, "/v1/redeem",
+                                       {"resolution_token": body["resolution_token"]})
+            assert status == 200 and lease["secrets"]["CONTENT_API_KEY"] == secret
+    assert secret not in staged.audit_path.read_text()
