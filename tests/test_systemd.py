@@ -78,3 +78,31 @@ def test_socket_activation_and_sd_notify(staged: Daemon) -> None:
             proc.kill()
             proc.wait()
         notify.close()
+
+
+ANALYZE = shutil.which("systemd-analyze")
+UNITS = Path(__file__).resolve().parents[1] / "systemd"
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+def test_shipped_units_verify_and_are_hardened(tmp_path: Path) -> None:
+    assert ANALYZE is not None
+    sidekey_bin = Path(sys.executable).parent / "sidekey"
+    assert sidekey_bin.exists()
+    for name in ("sidekey.service", "sidekey.socket"):
+        text = (UNITS / name).read_text().replace("/usr/local/bin/sidekey", str(sidekey_bin))
+        (tmp_path / name).write_text(text)
+    verify = subprocess.run(
+        [ANALYZE, "verify", str(tmp_path / "sidekey.socket"), str(tmp_path / "sidekey.service")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    assert "sidekey" not in verify.stderr, verify.stderr
+    security = subprocess.run(
+        [ANALYZE, "security", "--offline=true", str(tmp_path / "sidekey.service")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    exposure = [ln for ln in security.stdout.splitlines() if "Overall exposure level" in ln]
+    assert exposure, security.stdout + security.stderr
+    score = float(exposure[0].split(":")[1].split()[0])
+    assert score <= 3.0, exposure[0]
