@@ -319,3 +319,29 @@ def test_no_secret_anywhere_sidekey_wrote(daemon: Daemon) -> None:
         assert value.encode() not in written, value
     assert b"hunter2-SECRET" not in written
     assert token.encode() not in written
+
+
+def test_connection_cap_refuses_then_recovers(make_daemon: Any) -> None:
+    d = make_daemon({"listen": {"max_connections": 2}}).start()
+    held = []
+    try:
+        for _ in range(2):
+            conn = UnixHTTPConnection(d.socket)
+            conn.request("GET", "/v1/health")  # keep-alive: the connection stays open
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            held.append(conn)
+        resp = d.raw(b"GET /v1/health HTTP/1.1\r\nhost: s\r\n\r\n", timeout=5)
+        assert resp.startswith(b"HTTP/1.1 503"), resp[:100]
+        assert b"too_many_connections" in resp
+    finally:
+        for conn in held:
+            conn.close()
+    deadline = time.monotonic() + 10
+    while True:  # the daemon notices the closed connections
+        status, _ = d.request("GET", "/v1/health")
+        if status == 200:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

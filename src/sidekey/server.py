@@ -36,6 +36,7 @@ LINGER_MAX_BYTES = 32 * 1024 * 1024
 RECEIVE_CHUNK = 64 * 1024
 SERVER_HEADER = b"sidekey"
 OVERLOAD_REPLY_TIMEOUT_S = 1.0
+MAX_REFUSING = 64  # beyond this many 503 replies in flight, excess connections are just closed
 
 
 class ServerError(Exception):
@@ -151,6 +152,7 @@ class HttpServer:
         self.app = app
         self.limits = limits
         self.active_connections = 0
+        self._refusing = 0  # 503 replies to connections over the cap, in progress
         self.in_flight = 0
         self._stop = trio.Event()
         self._draining = False
@@ -194,12 +196,22 @@ class HttpServer:
                 await trio.sleep(0.1)
                 continue
             if self.active_connections >= self.limits.max_connections:
-                nursery.start_soon(self._refuse_overloaded, stream)
+                if self._refusing >= MAX_REFUSING:
+                    await stream.aclose()  # a flood: not even a 503 for these
+                else:
+                    nursery.start_soon(self._refuse_overloaded, stream)
                 continue
             self.active_connections += 1
             nursery.start_soon(self._connection, stream)
 
     async def _refuse_overloaded(self, stream: trio.SocketStream) -> None:
+        self._refusing += 1
+        try:
+            await self._send_overloaded(stream)
+        finally:
+            self._refusing -= 1
+
+    async def _send_overloaded(self, stream: trio.SocketStream) -> None:
         rid = new_request_id()
         err = protocol.Unavailable("too many connections", code="too_many_connections")
         body = protocol.error_body(err, rid)
@@ -210,6 +222,7 @@ class HttpServer:
         with trio.move_on_after(OVERLOAD_REPLY_TIMEOUT_S):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(head + body)
+                await self._linger(stream)  # so the client reads the 503, not a reset
         await stream.aclose()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
