@@ -377,7 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Not echoed: a stray argument may be a secret typed where it does not belong.
+        print(
+            f"sidekey: error: {len(extra)} unexpected argument(s) not shown; secret values "
+            "are read from stdin or --from-file, never from the command line "
+            "(see sidekey --help)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="sidekey[%(process)d] %(levelname)s %(name)s: %(message)s",

@@ -631,17 +631,31 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the process exit code."""
     cfg = loaded.config
     path = socket_path or loaded.socket_path
-    codec = build_codec(loaded)
-    loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = open_store(loaded.state_dir)
-    sink: AuditSink = open_jsonl_sink(loaded.audit_path, fsync=cfg.audit.fsync)
-    audit = AuditLog([sink])
+    # Cheap checks that can fail first (backend keys, the socket), so a failed start
+    # leaves no state behind; everything opened is closed on every way out.
     backends = build_backends(loaded)
+    store: StateStore | None = None
+    audit: AuditLog | None = None
+    sock: socket.socket | None = None
+    inherited = None
+    try:
+        inherited = systemd.listen_socket()
+        sock = inherited if inherited is not None else bind_unix_socket(path, cfg.listen.mode_int)
+        if inherited is not None and isinstance(inherited.getsockname(), str):
+            path = Path(inherited.getsockname())
+        codec = build_codec(loaded)
+        loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = open_store(loaded.state_dir)
+        sink: AuditSink = open_jsonl_sink(loaded.audit_path, fsync=cfg.audit.fsync)
+        audit = AuditLog([sink])
+    except BaseException:
+        await _close_all(backends, store, audit)
+        if sock is not None:
+            sock.close()
+            if inherited is None:
+                path.unlink(missing_ok=True)
+        raise
     app = Sidekey(loaded, store=store, audit=audit, backends=backends, codec=codec)
-    inherited = systemd.listen_socket()
-    sock = inherited if inherited is not None else bind_unix_socket(path, cfg.listen.mode_int)
-    if inherited is not None and isinstance(inherited.getsockname(), str):
-        path = Path(inherited.getsockname())
     server = HttpServer(app, cfg.listen)
     app.server = server
     try:
@@ -678,13 +692,20 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             await audit.emit(app.event("daemon.stopped", extra={"pid": os.getpid()}))
             nursery.cancel_scope.cancel()
     finally:
-        for b in backends.values():
-            with trio.CancelScope(shield=True):
-                await b.aclose()
-        with trio.CancelScope(shield=True):
-            await store.aclose()
-            await audit.aclose()
+        await _close_all(backends, store, audit)
     return 0
+
+
+async def _close_all(
+    backends: dict[str, Backend], store: StateStore | None, audit: AuditLog | None
+) -> None:
+    with trio.CancelScope(shield=True):
+        for b in backends.values():
+            await b.aclose()
+        if store is not None:
+            await store.aclose()
+        if audit is not None:
+            await audit.aclose()
 
 
 async def _signals(server: HttpServer) -> None:
