@@ -9,6 +9,7 @@ durably, *before* the response leaves; if audit cannot record, the call fails 50
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import signal
@@ -64,8 +65,14 @@ class Route:
     handler: Callable[[Request], Awaitable[Response]]
 
 
+@functools.lru_cache(maxsize=1024)
+def _iso_second(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """UTC ISO-8601 to the second (expiry times); cached, as a call formats several."""
+    return _iso_second(int(ts))
 
 
 def _json(status: int, value: Any) -> Response:

@@ -126,20 +126,38 @@ def _read_at(dir_fd: int, name: str, limit: int = 64 * 1024) -> bytes:
         os.close(fd)
 
 
-def _proc_facts(dir_fd: int) -> _ProcFacts:
-    """Parse status and stat through a /proc/<pid> directory fd (ESRCH once it is gone)."""
-    status = _read_at(dir_fd, "status").decode("utf-8", "replace")
-    fields: dict[str, str] = {}
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    uids = tuple(int(x) for x in fields["Uid"].split())
-    gids = tuple(int(x) for x in fields["Gid"].split())
-    groups = tuple(int(x) for x in fields.get("Groups", "").split())
-    raw_stat = _read_at(dir_fd, "stat").decode("utf-8", "replace")
-    # comm may contain spaces and parentheses: split after the last ')'.
-    rest = raw_stat[raw_stat.rindex(")") + 2 :].split()
-    state, start_time = rest[0], int(rest[19])
+def _ids(line: bytes) -> tuple[int, ...]:
+    return tuple(int(x) for x in line.split()[1:])
+
+
+def _proc_facts(dir_fd: int, *, with_start_time: bool = True) -> _ProcFacts:
+    """Parse status (and stat) through a /proc/<pid> directory fd (ESRCH once it is gone).
+
+    ``with_start_time=False`` skips the stat read (start time -1): a live pidfd already
+    proves the process is the same one.
+    """
+    uids: tuple[int, ...] = ()
+    gids: tuple[int, ...] = ()
+    groups: tuple[int, ...] = ()
+    state = ""
+    for line in _read_at(dir_fd, "status").split(b"\n"):
+        if line.startswith(b"State:"):
+            state = line.split()[1].decode("ascii", "replace")
+        elif line.startswith(b"Uid:"):
+            uids = _ids(line)
+        elif line.startswith(b"Gid:"):
+            gids = _ids(line)
+        elif line.startswith(b"Groups:"):
+            groups = _ids(line)
+            break  # Uid, Gid and State come before Groups
+    if len(uids) != 4 or len(gids) != 4 or not state:
+        raise ValueError("unexpected /proc status format")
+    start_time = -1
+    if with_start_time:
+        raw_stat = _read_at(dir_fd, "stat").decode("utf-8", "replace")
+        # comm may contain spaces and parentheses: split after the last ')'.
+        rest = raw_stat[raw_stat.rindex(")") + 2 :].split()
+        start_time = int(rest[19])
     return _ProcFacts(
         uids=(uids[0], uids[1], uids[2], uids[3]),
         gids=(gids[0], gids[1], gids[2], gids[3]),
@@ -211,15 +229,17 @@ class PeerHandle:
         ident = self.identity
         if self._dir_fd < 0:
             raise _gone(ident.pid)
-        if self._pidfd is not None and (
-            _pidfd_pid(self._pidfd) != ident.pid or not _pidfd_alive(self._pidfd)
-        ):
+        pinned = self._pidfd is not None
+        # A pidfd names one process for good: fdinfo shows Pid -1 once it is reaped,
+        # and status shows Z while it is a zombie. Without one, the start time must
+        # match (the dirfd already fails with ESRCH once that process is gone).
+        if self._pidfd is not None and _pidfd_pid(self._pidfd) != ident.pid:
             raise _gone(ident.pid)
         try:
-            facts = _proc_facts(self._dir_fd)
+            facts = _proc_facts(self._dir_fd, with_start_time=not pinned)
         except (OSError, KeyError, ValueError, IndexError):
             raise _gone(ident.pid) from None
-        if facts.state in ("Z", "X") or facts.start_time != ident.start_time:
+        if facts.state in ("Z", "X") or (not pinned and facts.start_time != ident.start_time):
             raise _gone(ident.pid)
         if facts.uids[1] != ident.uid or facts.gids[1] != ident.gid:
             raise Denied(

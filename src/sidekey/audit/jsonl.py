@@ -9,8 +9,9 @@ batch and waits for that batch. The long-lived writer task (:meth:`JsonlSink.run
 started in the daemon's nursery) takes the whole pending batch, writes it with one
 ``os.write`` and makes it durable with one ``os.fsync``, then wakes every waiter of
 that batch. The commit runs on the event loop while fsyncs are fast (under
-``INLINE_COMMIT_MAX_S``: a thread hop would cost as much as the fsync); after a slow
-one it moves to a worker thread for ``THREADED_BACKOFF_S`` so a sick disk cannot
+``INLINE_COMMIT_MAX_S``: a thread hop would cost as much as the fsync); after
+``SLOW_STREAK`` slow ones in a row (or one over ``INLINE_COMMIT_STALL_S``) it moves to a
+worker thread for ``THREADED_BACKOFF_S`` so a sick disk cannot
 freeze the loop. Events written with ``durable=False`` do not start a commit of their
 own: they join the next durable event's commit (or go out after ``DEFERRED_FLUSH_S``). Events that arrive while an fsync runs form the
 next batch, so one fsync covers everything queued meanwhile: throughput grows with
@@ -49,6 +50,8 @@ MAX_EVENT_BYTES = 1024 * 1024
 # A commit (write + fsync) runs on the event loop while it stays this fast; one that
 # takes longer sends commits to a worker thread for THREADED_BACKOFF_S.
 INLINE_COMMIT_MAX_S = 0.010
+SLOW_STREAK = 3  # this many slow commits in a row...
+INLINE_COMMIT_STALL_S = 0.1  # ...or one this slow
 THREADED_BACKOFF_S = 30
 # Events written with durable=False are committed with the next durable event, or
 # after this long if none comes.
@@ -98,6 +101,7 @@ class JsonlSink:
         self._stopped = trio.Event()
         self._running = False
         self._inline_after = 0.0  # trio time before which commits go to a worker thread
+        self._slow_streak = 0
         self._closed = False
         self._healthy = True
         self._last_error: str | None = None
@@ -257,7 +261,11 @@ class JsonlSink:
                             self._commit(data)
                         finally:
                             took = trio.current_time() - started
-                            if took > INLINE_COMMIT_MAX_S:
+                            # One slow fsync happens (the first after open, a journal
+                            # commit); a streak, or a very slow one, means a sick disk.
+                            self._slow_streak = self._slow_streak + 1 if took > INLINE_COMMIT_MAX_S else 0
+                            if self._slow_streak >= SLOW_STREAK or took > INLINE_COMMIT_STALL_S:
+                                self._slow_streak = 0
                                 # A slow disk must not stall the loop (health, status,
                                 # timeouts): use a worker thread for a while.
                                 self._inline_after = trio.current_time() + THREADED_BACKOFF_S
