@@ -406,40 +406,26 @@ def selector_matches(
     exe_hashes: ExeHashCache | None = None,
 ) -> bool:
     """True when every key the selector sets matches (an empty selector never does)."""
-    checked = False
+    expected: list[tuple[object, object]] = []  # (the peer's value, the selector's value)
     if sel.uid is not None:
-        checked = True
-        if ident.uid != _resolve_id(sel.uid, daemon_uid):
-            return False
+        expected.append((ident.uid, _resolve_id(sel.uid, daemon_uid)))
     if sel.user is not None:
-        checked = True
-        if ident.user != sel.user:
-            return False
+        expected.append((ident.user, sel.user))
     if sel.gid is not None:
-        checked = True
-        if ident.gid != _resolve_id(sel.gid, daemon_gid):
-            return False
+        expected.append((ident.gid, _resolve_id(sel.gid, daemon_gid)))
     if sel.group is not None:
-        checked = True
-        if ident.group != sel.group:
-            return False
+        expected.append((ident.group, sel.group))
     if sel.supplementary_group is not None:
-        checked = True
-        if sel.supplementary_group not in ident.supplementary_groups:
-            return False
+        expected.append((sel.supplementary_group in ident.supplementary_groups, True))
     if sel.unit is not None:
-        checked = True
-        if ident.unit != sel.unit:
-            return False
+        expected.append((ident.unit, sel.unit))
     if sel.exe is not None:
-        checked = True
-        if ident.exe != sel.exe:
-            return False
-    if sel.exe_sha256 is not None:
-        checked = True
-        if exe_hashes is None or exe_hashes.sha256(ident.pid) != sel.exe_sha256:
-            return False
-    return checked
+        expected.append((ident.exe, sel.exe))
+    if not all(have == want for have, want in expected):
+        return False
+    if sel.exe_sha256 is not None:  # last: hashing is the expensive check
+        return exe_hashes is not None and exe_hashes.sha256(ident.pid) == sel.exe_sha256
+    return bool(expected)
 
 
 def servers_of_peer(
