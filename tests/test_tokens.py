@@ -200,3 +200,35 @@ def test_garbage_tokens(codec: TokenCodec) -> None:
     for junk in ("", "a.b", "a.b.c", "x" * 9000, "....", "eyJ.eyJ.sig"):
         with pytest.raises(TokenError):
             codec.verify(junk, now=time.time())
+
+
+def test_interoperates_with_standard_jws(codec: TokenCodec) -> None:
+    """Our framing is plain RFC 7515 compact JWS: pyjwt reads our tokens and we read its."""
+    key = codec.keyset.active
+    token = issue(codec)
+    decoded = jwt.decode(token, key.secret, algorithms=["HS256"],
+                         options={"verify_aud": False, "verify_iat": False, "verify_nbf": False,
+                                  "verify_exp": False})
+    assert decoded["tool"] == "list_articles" and decoded["peer"] == {"uid": 1000, "pid": 42, "start": 7}
+    assert jwt.get_unverified_header(token) == {"alg": "HS256", "kid": key.kid, "typ": TOKEN_TYPE}
+    again = jwt.encode(decoded, key.secret, algorithm="HS256", headers={"kid": key.kid, "typ": TOKEN_TYPE})
+    assert codec.verify(again, now=NOW).claims.jti == decoded["jti"]
+
+
+def test_signature_framing_is_strict(codec: TokenCodec) -> None:
+    key = codec.keyset.active
+    head, payload, sig = issue(codec).split(".")
+    assert code_of(codec, f"{head}.{payload}.{sig[:-4]}") == "token_bad_signature"
+    assert code_of(codec, f"{head}.{payload}.") == "token_bad_signature"
+    assert code_of(codec, f"{head}.{payload}.{sig}=") == "token_malformed"  # padding
+    assert code_of(codec, f"{head}.{payload}.{sig[:-1]}!") == "token_malformed"  # alphabet
+    other = jwt.encode(
+        jwt.decode(f"{head}.{payload}.{sig}", options={"verify_signature": False}),
+        os.urandom(32), algorithm="HS256", headers={"kid": key.kid, "typ": TOKEN_TYPE},
+    )
+    assert code_of(codec, other) == "token_bad_signature"
+    unencoded = jwt.encode(
+        jwt.decode(f"{head}.{payload}.{sig}", options={"verify_signature": False}),
+        key.secret, algorithm="HS256", headers={"kid": key.kid, "typ": TOKEN_TYPE, "b64": False},
+    )
+    assert code_of(codec, unencoded) in ("token_malformed", "token_bad_signature")
