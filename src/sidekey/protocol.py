@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -95,6 +96,22 @@ class ConfigError(Exception):
 
 # ---------------------------------------------------------------------------
 # Requests
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """A verified OAuth2 access token (the user's bearer token), as policy sees it.
+
+    Produced by :mod:`sidekey.oauth` only after signature, issuer, audience and time
+    checks passed; ``scopes`` come from ``scope`` (space-separated) or ``scp`` (list).
+    """
+
+    issuer: str
+    subject: str
+    audience: tuple[str, ...]
+    scopes: frozenset[str]
+    expires_at: int
+    client_id: str | None = None
 
 
 class _Req(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
