@@ -140,6 +140,23 @@ class AuditConfig(_C, frozen=True, kw_only=True):
     )
 
 
+class ConfigSigning(_C, frozen=True, kw_only=True):
+    """Detached Ed25519 signatures over the main file and every include.
+
+    With ``require_signed_config`` a missing, stale or forged signature refuses start
+    and reload. On reload the *running* config's setting and keys decide, so a new
+    config cannot switch its own check off.
+    """
+
+    require_signed_config: bool = False
+    trusted_keys: list[IssuerKey] = []
+
+
+class PolicyOptions(_C, frozen=True, kw_only=True):
+    # Deny authorize calls that do not send server_version (when the registry pins one).
+    require_server_version: bool = False
+
+
 # --------------------------------------------------------------------------- seed policy shapes
 
 
@@ -230,6 +247,8 @@ class Config(_C, frozen=True, kw_only=True):
     peers: dict[str, list[PeerSelector]] = {}
     rbac: RbacConfig = RbacConfig()
     audit: AuditConfig = AuditConfig()
+    config_signing: ConfigSigning = ConfigSigning()
+    policy: PolicyOptions = PolicyOptions()
     # policy (from includes, seed shapes)
     servers: dict[str, ServerDef] = {}
     registry: Registry = Registry()
