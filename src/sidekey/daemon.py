@@ -28,7 +28,7 @@ from .audit import AuditLog, AuditSink
 from .audit.events import make_event
 from .audit.jsonl import open_jsonl_sink
 from .backends import Backend, SecretValue, build_backends
-from .config import LoadedConfig
+from .config import LoadedConfig, load_config
 from .leases import ACTIVE, RELEASED, REVOKED, LeaseManager, new_lease_id
 from .peer import (
     ExeHashCache,
@@ -41,6 +41,7 @@ from .policy import CallFacts, Decision, decide
 from .protocol import (
     AuthorizeRequest,
     BadRequest,
+    ConfigError,
     Denied,
     NotFound,
     RedeemRequest,
@@ -103,6 +104,8 @@ class Sidekey:
     ) -> None:
         self.loaded = loaded
         self.cfg = loaded.config
+        self.generation = 1  # bumped by every applied reload
+        self._reload_lock = trio.Lock()
         self.store = store
         self.audit = audit
         self.backends = backends
@@ -124,6 +127,7 @@ class Sidekey:
             ("POST", "/v1/release"): Route("service", self.release),
             ("POST", "/v1/tokens"): Route("admin", self.mint_token),
             ("GET", "/v1/status"): Route("admin", self.status),
+            ("POST", "/v1/admin/reload"): Route("admin", self.admin_reload),
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -131,7 +135,7 @@ class Sidekey:
     def _peer_facts(self, req: Request) -> tuple[frozenset[str], str]:
         """Servers this connection's peer is attested as, and its tier (cached per conn)."""
         cached = req.conn.cache.get("facts")
-        if cached is None:
+        if cached is None or cached[2] != self.generation:
             ident = req.peer.identity
             servers = frozenset(
                 servers_of_peer(
@@ -149,8 +153,8 @@ class Sidekey:
                 daemon_gid=self.daemon_gid,
                 is_service=bool(servers),
             )
-            cached = req.conn.cache["facts"] = (servers, tier)
-        return cached
+            cached = req.conn.cache["facts"] = (servers, tier, self.generation)
+        return cached[0], cached[1]
 
     def event(self, event_type: str, **fields: Any) -> dict[str, Any]:
         return make_event(
@@ -550,6 +554,59 @@ class Sidekey:
             ),
         )
 
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, *, source: str, peer: dict[str, Any] | None = None) -> tuple[bool, str | None]:
+        """Load the config again and swap it in atomically, or keep the old one.
+
+        Returns (applied, error). Every attempt writes a ``config.reloaded`` event with
+        ``outcome`` applied or rejected. Leases in flight are not touched: they live
+        in the state store and were granted under the policy of their time.
+        """
+        async with self._reload_lock:
+            old = self.loaded
+            try:
+                new = await trio.to_thread.run_sync(load_config, old.path)
+                check_config_signature(new, running=old)
+                _check_restart_only(old, new)
+                new_codec = build_codec(new, create=False)
+            except (ConfigError, SidekeyError) as exc:
+                error = str(exc)
+                log.error("config reload (%s) rejected, keeping the running config: %s", source, error)
+                await self.audit.emit(
+                    self.event(
+                        "config.reloaded",
+                        peer=peer,
+                        extra={"outcome": "rejected", "source": source, "reason": error,
+                               "generation": self.generation},
+                    )
+                )
+                return False, error
+            self.loaded, self.cfg, self.codec = new, new.config, new_codec
+            self.generation += 1
+            log.info("config reloaded (%s): generation %d", source, self.generation)
+            await self.audit.emit(
+                self.event(
+                    "config.reloaded",
+                    peer=peer,
+                    extra={"outcome": "applied", "source": source, "generation": self.generation,
+                           "files": [f.name for f in new.files]},
+                )
+            )
+            return True, None
+
+    async def admin_reload(self, req: Request) -> Response:
+        if req.body.strip() not in (b"", b"{}"):
+            raise BadRequest("reload takes no body", code="invalid_request")
+        applied, error = await self.reload(source="api", peer=req.peer.identity.audit())
+        if not applied:
+            err = SidekeyError(error or "config rejected", code="config_rejected")
+            err.status = 422
+            err.details["audited"] = True
+            raise err
+        return _json(200, {"outcome": "applied", "generation": self.generation,
+                           "request_id": req.request_id})
+
     # ------------------------------------------------------------------ helpers
 
     async def _reject(
@@ -610,9 +667,13 @@ def _denial(decision: Decision) -> SidekeyError:
 # --------------------------------------------------------------------------- running
 
 
-def build_codec(loaded: LoadedConfig) -> TokenCodec:
-    """Load (creating on first start) the token key set and the trusted issuers."""
-    if not loaded.keyset_path.exists():
+def build_codec(loaded: LoadedConfig, *, create: bool = True) -> TokenCodec:
+    """Load (creating on first start) the token key set and the trusted issuers.
+
+    A reload passes ``create=False``: a vanished key set must not be silently replaced
+    (every outstanding token would stop verifying); a rotated one is picked up.
+    """
+    if create and not loaded.keyset_path.exists():
         kid = rotate_keyset(loaded.keyset_path)
         log.info("created token key set %s (key id %s)", loaded.keyset_path, kid)
     keyset = load_keyset(loaded.keyset_path)
@@ -638,6 +699,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the process exit code."""
     cfg = loaded.config
     path = socket_path or loaded.socket_path
+    check_config_signature(loaded, running=None)
     # Cheap checks that can fail first (backend keys, the socket), so a failed start
     # leaves no state behind; everything opened is closed on every way out.
     backends = build_backends(loaded)
@@ -682,7 +744,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
                     },
                 )
             )
-            nursery.start_soon(_signals, server)
+            nursery.start_soon(_signals, server, app)
 
             async def closed() -> None:
                 if inherited is None:
@@ -703,6 +765,47 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
     return 0
 
 
+def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
+    """Refuse a reload that changes what only a restart can apply."""
+    a, b = old.config, new.config
+    changed = [
+        name
+        for name, x, y in (
+            ("listen", a.listen, b.listen),
+            ("state", a.state, b.state),
+            ("backends", a.backends, b.backends),
+            ("tokens.issuer", a.tokens.issuer, b.tokens.issuer),
+            ("tokens.keyset", a.tokens.keyset, b.tokens.keyset),
+            ("audit.path", a.audit.path, b.audit.path),
+            ("audit.fsync", a.audit.fsync, b.audit.fsync),
+        )
+        if x != y
+    ]
+    if changed:
+        raise ConfigError(
+            f"{new.path.name}: changes {', '.join(changed)}, which only a restart applies; "
+            "nothing was reloaded"
+        )
+
+
+def check_config_signature(new: LoadedConfig, *, running: LoadedConfig | None) -> None:
+    """Verify the detached signature when the running config (on reload) or the new one
+    (at start) requires it; on reload the running config's keys are the trusted ones."""
+    anchor = running if running is not None else new
+    if not (anchor.config.config_signing.require_signed_config
+            or new.config.config_signing.require_signed_config):
+        return
+    from .signing import trusted_keys, verify_config
+    keys = trusted_keys(anchor)
+    if not keys:
+        raise ConfigError(
+            f"{anchor.path.name}: $.config_signing.trusted_keys: require_signed_config needs at "
+            "least one trusted key"
+        )
+    kid = verify_config(new, keys)
+    log.info("config signature ok (key %s)", kid)
+
+
 async def _close_all(
     backends: dict[str, Backend], store: StateStore | None, audit: AuditLog | None
 ) -> None:
@@ -715,9 +818,15 @@ async def _close_all(
             await audit.aclose()
 
 
-async def _signals(server: HttpServer) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _signals(server: HttpServer, app: Sidekey) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                try:
+                    await app.reload(source="SIGHUP")
+                except SidekeyError as exc:  # audit down: logged, the old config stays
+                    log.error("config reload failed: %s", exc)
+                continue
             log.info("received %s: stopping", signal.Signals(signum).name)
             server.stop()
             return
