@@ -23,10 +23,12 @@ from typing import Any
 import yaml
 
 from sidekey.backends.local import LocalStore, generate_key_file, load_key
+from sidekey.devissuer import create_issuer, kid_of, mint_user_token
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart"
 START_TIMEOUT_S = 15.0
+ISSUER = "https://auth.example.com"  # the seed's issuer, served here from a local JWKS
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -76,6 +78,7 @@ class Daemon:
         base["listen"]["mode"] = "0666"
         base["listen"]["socket"] = "run/sock"
         base["listen"]["shutdown_grace_s"] = 5
+        base["oauth2_issuers"] = {ISSUER: {"jwks_file": "keys/issuer-jwks.json"}}
         cfg = _merge(base, overrides or {})
         self.config_path = self.root / "sidekey.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
@@ -86,6 +89,14 @@ class Daemon:
         self.audit_path = self.root / "state" / "audit.jsonl"
         self.log_path = self.root / "daemon.log"
         self.secrets = demo_secrets()
+        # A local OAuth2 issuer for the seed's "https://auth.example.com" (see
+        # oauth2_issuers in the config): authorize() mints user tokens with it.
+        self.issuer_key = self.root / "keys" / "issuer.pem"
+        self.issuer_jwks = self.root / "keys" / "issuer-jwks.json"
+        if not self.issuer_key.exists():
+            create_issuer(self.issuer_key, self.issuer_jwks)
+        self.issuer_kid = kid_of(self.issuer_jwks)
+        self._tokens: dict[str, str] = {}
         key_file = self.root / "keys" / "local.key"
         if not key_file.exists():
             generate_key_file(key_file)
@@ -180,9 +191,32 @@ class Daemon:
         finally:
             s.close()
 
+    def user_token(self, server: str = "content-api", *, user: str = "alice",
+                   scopes: list[str] | None = None, **kw: Any) -> str:
+        """A bearer token from the local issuer for ``server``'s audience (default: every
+        scope the server offers). Default tokens are cached, so a child process that
+        dropped privileges (and cannot read the issuer key) can still use them."""
+        cacheable = user == "alice" and scopes is None and not kw
+        if cacheable and server in self._tokens:
+            return self._tokens[server]
+        spec = yaml.safe_load((self.root / "mcp-server-registry.yaml").read_text())["servers"][server]
+        oauth = spec["oauth2"]
+        token = mint_user_token(
+            self.issuer_key, kid=self.issuer_kid, issuer=oauth["issuer"],
+            audience=kw.pop("audience", oauth["audience"]), subject=user,
+            scopes=oauth["scopes"] if scopes is None else scopes, **kw,
+        )
+        if cacheable:
+            self._tokens[server] = token
+        return token
+
     def authorize(self, server: str = "content-api", tool: str = "create_article", **kw: Any) -> tuple[int, dict[str, Any]]:
         body = {"server": server, "tool": tool, "agent_id": "content-writer", "session_id": "s1",
                 "arguments": {"title": "hello"}, **kw}
+        if "user_token" not in kw:
+            body["user_token"] = self.user_token(server)
+        elif kw["user_token"] is None:
+            del body["user_token"]
         return self.request("POST", "/v1/authorize", body)
 
     # ---------------------------------------------------------------- what it wrote

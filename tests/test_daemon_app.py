@@ -85,10 +85,11 @@ async def test_no_secret_leaves_when_audit_cannot_record(
     staged: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     secret = staged.secrets["content-api/write-key"]
+    authorize = {**AUTHORIZE, "user_token": staged.user_token("content-api")}
     with self_peer() as peer:
         conn = ConnectionState(peer=peer)
         async with app_on(staged) as app:
-            status, body = await call(app, conn, "/v1/authorize", AUTHORIZE)
+            status, body = await call(app, conn, "/v1/authorize", authorize)
             assert status == 200, body
             token = body["resolution_token"]
 
@@ -103,7 +104,7 @@ async def test_no_secret_leaves_when_audit_cannot_record(
             leases = await app.store.leases_in_state("active")
             assert leases == []
             # while audit is down, even an allowed authorize fails closed
-            status, body = await call(app, conn, "/v1/authorize", AUTHORIZE)
+            status, body = await call(app, conn, "/v1/authorize", authorize)
             assert status == 503 and body["error"]["code"] == "audit_unavailable", body
             assert app.audit.health()["ok"] is False
 
@@ -111,7 +112,7 @@ async def test_no_secret_leaves_when_audit_cannot_record(
             monkeypatch.undo()
             status, body = await call(app, conn, "/v1/redeem", {"resolution_token": token})
             assert status == 409 and body["error"]["code"] == "token_replayed", body
-            status, body = await call(app, conn, "/v1/authorize", AUTHORIZE)
+            status, body = await call(app, conn, "/v1/authorize", authorize)
             assert status == 200, body
             status, lease = await call(app, conn, "/v1/redeem",
                                        {"resolution_token": body["resolution_token"]})

@@ -56,6 +56,8 @@ def test_lease_carries_only_that_tools_secrets(daemon: Daemon) -> None:
 def _as_nobody(d: Daemon, fn: Any) -> dict[str, Any]:
     """Run fn(d) in a forked child that has dropped to uid nobody; return its JSON result."""
     nobody = pwd.getpwnam("nobody")
+    for server in ("content-api", "analytics-db"):
+        d.user_token(server)  # minted (and cached) while we can still read the issuer key
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:

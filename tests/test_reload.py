@@ -105,3 +105,65 @@ def test_leases_in_flight_survive_a_reload(daemon: Daemon) -> None:
     status, body = daemon.request("POST", "/v1/release", {"lease_id": lease["lease_id"],
                                                          "status": "success"})
     assert status == 200 and body["state"] == "released", body
+
+
+def _sidekey(*args: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "sidekey", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def _signed(d: Daemon) -> str:
+    """Turn on require_signed_config with a fresh key, sign, return the key path."""
+    import json
+
+    key = d.root / "keys" / "config-signing.pem"
+    out = _sidekey("keygen", "ed25519", "--out", str(key), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    _edit_main(d, lambda c: c.update({"config_signing": {
+        "require_signed_config": True,
+        "trusted_keys": [{"kid": info["kid"], "public_key": info["public_key"]}]}}))
+    signed = _sidekey("config", "sign", "--config", str(d.config_path), "--key", str(key))
+    assert signed.returncode == 0, signed.stderr
+    return str(key)
+
+
+def test_signed_config_tamper_refuses_start_and_reload(make_daemon: Any) -> None:
+    d = make_daemon()
+    _signed(d)
+    signed_main = d.config_path.read_bytes()
+    d.start()
+    assert d.authorize("content-api", "list_articles")[0] == 200
+
+    # One byte of an include changes: the reload is refused, the old policy serves.
+    include = d.root / "agent-tool-mappings.yaml"
+    original = include.read_bytes()
+    include.write_bytes(original.replace(b"publishes content", b"publishes contenT", 1))
+    status, body = d.request("POST", "/v1/admin/reload", {})
+    assert status == 422 and "stale signature" in body["error"]["message"], body
+    assert "agent-tool-mappings.yaml" in body["error"]["message"]
+    assert d.authorize("content-api", "list_articles")[0] == 200
+
+    # A new main file that switches the check off is still checked (the running config
+    # requires it), and it is not signed: refused.
+    include.write_bytes(original)
+    _edit_main(d, lambda c: c["config_signing"].update({"require_signed_config": False}))
+    status, body = d.request("POST", "/v1/admin/reload", {})
+    assert status == 422 and "stale signature" in body["error"]["message"], body
+
+    # A restart on the signed main file with the tampered include is refused outright.
+    assert d.stop() == 0
+    d.config_path.write_bytes(signed_main)
+    include.write_bytes(original.replace(b"publishes content", b"publishes contenT", 1))
+    out = _sidekey("serve", "--config", str(d.config_path))
+    assert out.returncode == 1, out.stderr
+    assert "stale signature" in out.stderr and "agent-tool-mappings.yaml" in out.stderr
+    assert "Traceback" not in out.stderr
+
+    # With the files as signed it starts again.
+    include.write_bytes(original)
+    d.start()
+    assert d.authorize("content-api", "list_articles")[0] == 200

@@ -110,7 +110,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "servers": {
             name: {
                 "tools": sorted(s.tool_scopes),
+                "tool_scopes": {t: list(ts.required) for t, ts in sorted(s.tool_scopes.items())},
                 "oauth2": "none" if s.oauth2 == "none" else s.oauth2.audience,
+                "issuer": None if s.oauth2 == "none" else s.oauth2.issuer,
                 "peers": len(cfg.peers.get(name, [])),
                 "registry_status": cfg.registry.servers[name].status
                 if name in cfg.registry.servers
@@ -118,7 +120,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             }
             for name, s in cfg.servers.items()
         },
-        "agents": sorted(cfg.agents),
+        "agents": {
+            name: {
+                "allowed": {g.server: list(g.tools) for g in a.allowed_servers},
+                "denied": list(a.denied_servers),
+            }
+            for name, a in sorted(cfg.agents.items())
+        },
+        "warnings": list(loaded.warnings),
         "backends": {n: "local" for n in cfg.backends},
         "secrets_mapped": mapped,
     }
@@ -131,8 +140,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  servers: {len(cfg.servers)}, tools: {tools}, agents: {len(cfg.agents)}, "
               f"backends: {len(cfg.backends)}, secrets mapped: {mapped}")
         for name, info in summary["servers"].items():
-            print(f"  - {name}: tools {', '.join(info['tools'])}; peers {info['peers']}; "
-                  f"oauth2 {info['oauth2']}; registry {info['registry_status']}")
+            print(f"  - {name}: oauth2 {info['oauth2']}; peers {info['peers']}; "
+                  f"registry {info['registry_status']}")
+            for tool, scopes in info["tool_scopes"].items():
+                print(f"      {tool}: {' '.join(scopes) if scopes else '(no scopes)'}")
+        for name, agent in summary["agents"].items():
+            grants = "; ".join(f"{srv}: {', '.join(tools)}" for srv, tools in agent["allowed"].items())
+            denied = f"; denied {', '.join(agent['denied'])}" if agent["denied"] else ""
+            print(f"  agent {name}: {grants or 'no grants'}{denied}")
+        for warning in loaded.warnings:
+            print(f"  warning: {warning}")
     return EXIT_OK
 
 
@@ -160,6 +177,45 @@ def cmd_keygen(args: argparse.Namespace) -> int:
             print(f"private key: {args.out} (mode 0600)")
             print(f"kid: {kid}")
             print(f"public_key: {public}")
+    return EXIT_OK
+
+
+def cmd_config_sign(args: argparse.Namespace) -> int:
+    from . import signing
+
+    loaded = _load(args)
+    key_path = Path(args.key)
+    public = signing.load_private_key(key_path).public_key()
+    trusted = signing.trusted_keys(loaded)
+    kid = args.kid or signing.kid_for(loaded, public) or signing.fingerprint(public)
+    listed = trusted.get(kid)
+    public_text = signing.public_key_text(public)
+    if listed is not None and signing.public_key_text(listed) != public_text:
+        _fail(f"kid {kid} is listed in config_signing.trusted_keys of {loaded.path.name} "
+              f"with a different public key than {key_path}")
+    out = signing.sign_config(loaded, key_path, kid=kid)
+    if listed is None:
+        print(f"sidekey: warning: key {kid} is not in config_signing.trusted_keys of "
+              f"{loaded.path.name} (a daemon checks against the trusted keys of the config it "
+              f'runs); to trust it add {{kid: "{kid}", public_key: {public_text}}}', file=sys.stderr)
+    print(f"signed {len(signing.signed_files(loaded))} files with key {kid}: {out}")
+    return EXIT_OK
+
+
+def cmd_config_verify(args: argparse.Namespace) -> int:
+    from . import signing
+
+    loaded = _load(args)
+    if args.key:
+        keys = [signing.load_public_key_file(Path(k)) for k in args.key]
+        result = signing.verify_config_with_keys(loaded, keys)
+    else:
+        trusted = signing.trusted_keys(loaded)
+        if not trusted:
+            _fail(f"{loaded.path.name} lists no config_signing.trusted_keys; add them "
+                  "or pass --key PUBLIC_KEY_PEM")
+        result = signing.verify_config_details(loaded, trusted)
+    print(f"signature ok (kid {result.kid}): {len(result.files)} files, signed at {result.signed_at}")
     return EXIT_OK
 
 
@@ -321,6 +377,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "of --config); never overwrites a local or ed25519 key")
     config_arg(sp)
     sp.add_argument("--json", action="store_true", help="print the result as JSON (ed25519)")
+
+    config = add("config", lambda a: EXIT_USAGE, "sign the config and its includes, or verify "
+                 "their signature (config_signing in the main file)")
+    csub = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    help_ = ("write a detached Ed25519 signature FILE.sig over the main config and every "
+             "include (SHA-256 of each file, signed). With config_signing.require_signed_config "
+             "the daemon refuses to start or reload a config whose signature is missing, "
+             "stale or forged; re-sign after every reviewed change.")
+    sp = csub.add_parser("sign", help="sign the main config and its includes (writes FILE.sig)",
+                         description=help_)
+    sp.set_defaults(func=cmd_config_sign)
+    config_arg(sp)
+    sp.add_argument("--key", "-k", required=True, metavar="PRIVATE_KEY_PEM",
+                    help="Ed25519 private key (PEM, mode 0600), e.g. from `sidekey keygen ed25519`")
+    sp.add_argument("--kid", metavar="KID",
+                    help="key id to record (default: the kid under which "
+                    "config_signing.trusted_keys lists this key, else its ed25519: fingerprint); "
+                    "needed when the running daemon knows the key under a kid this config does "
+                    "not list")
+    help_ = ("check FILE.sig: the signature is by a trusted key and every file the config "
+             "loads (main file and includes) is signed and unchanged. Prints one line per "
+             "problem and exits 1 on failure.")
+    sp = csub.add_parser("verify", help="verify the signature of the config and its includes",
+                         description=help_)
+    sp.set_defaults(func=cmd_config_verify)
+    config_arg(sp)
+    sp.add_argument("--key", "-k", action="append", metavar="PUBLIC_KEY_PEM",
+                    help="Ed25519 public key (PEM) to verify with, whatever kid the signature "
+                    "names; repeatable (default: config_signing.trusted_keys of the config)")
 
     secrets = add("secrets", lambda a: EXIT_USAGE, "manage secrets in the local encrypted store")
     ssub = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -152,6 +152,15 @@ class ConfigSigning(_C, frozen=True, kw_only=True):
     trusted_keys: list[IssuerKey] = []
 
 
+class IssuerSource(_C, frozen=True, kw_only=True):
+    """Where this host gets an OAuth2 issuer's keys, overriding discovery: a JWKS URL,
+    or a JWKS file for air-gapped hosts. Keyed by the issuer URL the policy files use."""
+
+    jwks_uri: str | None = None
+    jwks_file: str | None = None
+    algorithms: list[Literal["RS256", "ES256", "EdDSA"]] | None = None
+
+
 class PolicyOptions(_C, frozen=True, kw_only=True):
     # Deny authorize calls that do not send server_version (when the registry pins one).
     require_server_version: bool = False
@@ -248,6 +257,7 @@ class Config(_C, frozen=True, kw_only=True):
     rbac: RbacConfig = RbacConfig()
     audit: AuditConfig = AuditConfig()
     config_signing: ConfigSigning = ConfigSigning()
+    oauth2_issuers: dict[str, IssuerSource] = {}
     policy: PolicyOptions = PolicyOptions()
     # policy (from includes, seed shapes)
     servers: dict[str, ServerDef] = {}
@@ -268,9 +278,30 @@ class LoadedConfig(msgspec.Struct, frozen=True, kw_only=True):
     keyset_path: Path
     audit_path: Path
     token_issuer: str
+    # References that do not break enforcement but deserve a look (check-config, start log).
+    warnings: tuple[str, ...] = ()
+    # The bytes each file had when parsed: a signature is checked against these, not
+    # against a second read that could see a different file.
+    contents: dict[Path, bytes] = {}
 
     def resolve(self, p: str) -> Path:
         return resolve_path(self.base_dir, p)
+
+    def oauth2_for(self, server: str) -> OAuth2Config | None:
+        """The server's OAuth2 settings with this host's issuer key source applied
+        (None for ``oauth2: none``)."""
+        spec = self.config.servers[server].oauth2
+        if spec == "none":
+            return None
+        source = self.config.oauth2_issuers.get(spec.issuer)
+        if source is None:
+            return spec
+        return msgspec.structs.replace(
+            spec,
+            jwks_uri=source.jwks_uri,
+            jwks_file=str(self.resolve(source.jwks_file)) if source.jwks_file else None,
+            algorithms=source.algorithms if source.algorithms is not None else spec.algorithms,
+        )
 
     def secrets_for(self, server: str, tool: str) -> dict[str, SecretRef]:
         return self.config.secrets.get(server, {}).get(tool, {})
@@ -284,10 +315,12 @@ def resolve_path(base: Path, p: str) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, contents: dict[Path, bytes] | None = None) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
+        if contents is not None:
+            contents[path] = raw  # the exact bytes parsed, for signature checks
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     if len(raw) > MAX_CONFIG_BYTES:
@@ -392,7 +425,8 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
     """
     main = Path(path).absolute()
     base = main.parent
-    data = _read_yaml(main)
+    contents: dict[Path, bytes] = {}
+    data = _read_yaml(main, contents)
     origins: dict[str, str] = {k: main.name for k in data}
     files = [main]
     includes = data.get("include", [])
@@ -400,7 +434,7 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
         raise ConfigError(f"{main.name}: $.include: expected a list of file names")
     for inc in includes:
         inc_path = resolve_path(base, inc)
-        part = _read_yaml(inc_path)
+        part = _read_yaml(inc_path, contents)
         if "include" in part:
             raise ConfigError(f"{inc_path.name}: $.include: nested includes are not supported")
         for key, value in part.items():
@@ -417,7 +451,7 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
         origin = origins.get(located.path[0], main.name) if located.path else main.name
         raise ConfigError(_format_error(origin, data, located)) from None
     cfg = msgspec.convert(data, Config, strict=False)
-    _cross_check(cfg, origins, main.name)
+    warnings = _cross_check(cfg, origins, main.name)
     state_dir = resolve_path(base, cfg.state.dir)
     return LoadedConfig(
         config=cfg,
@@ -429,14 +463,74 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
         keyset_path=resolve_path(base, cfg.tokens.keyset) if cfg.tokens.keyset else state_dir / "token-keys.json",
         audit_path=resolve_path(base, cfg.audit.path) if cfg.audit.path else state_dir / "audit.jsonl",
         token_issuer=cfg.tokens.issuer or f"sidekey:{socket.gethostname()}",
+        warnings=tuple(warnings),
+        contents=contents,
     )
 
 
-def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> None:
+def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
+    """Raise ConfigError for references that make a rule unenforceable; return warnings
+    for references to things not declared on this host (the seed files name servers,
+    like crm-v2, that a host may not run)."""
+
     def where(section: str) -> str:
         return origins.get(section, main)
 
     errors: list[str] = []
+    warnings: list[str] = []
+    declared_tools = {t for s in cfg.servers.values() for t in s.tool_scopes}
+    for sname, sdef in cfg.servers.items():
+        if sdef.oauth2 == "none":
+            continue
+        offered = set(sdef.oauth2.scopes)
+        for tool, scopes in sdef.tool_scopes.items():
+            for scope in scopes.required:
+                if offered and scope not in offered:
+                    errors.append(
+                        f"{where('servers')}: $.servers.{sname}.tool_scopes.{tool}.required: "
+                        f'scope "{scope}" is not in $.servers.{sname}.oauth2.scopes'
+                    )
+        if sdef.oauth2.jwks_uri is not None and sdef.oauth2.jwks_file is not None:
+            errors.append(
+                f"{where('servers')}: $.servers.{sname}.oauth2: set at most one of jwks_uri or jwks_file"
+            )
+    for iss_url, source in cfg.oauth2_issuers.items():
+        if (source.jwks_uri is None) == (source.jwks_file is None):
+            errors.append(f"{where('oauth2_issuers')}: $.oauth2_issuers.{iss_url}: "
+                          "set exactly one of jwks_uri or jwks_file")
+    for agent, spec in cfg.agents.items():
+        for i, grant in enumerate(spec.allowed_servers):
+            at = f"{where('agents')}: $.agents.{agent}.allowed_servers.{i}"
+            server_def = cfg.servers.get(grant.server)
+            if server_def is None:
+                warnings.append(f'{at}.server: server "{grant.server}" is not declared under servers: '
+                                "(the grant has no effect on this host)")
+                continue
+            for tool in grant.tools:
+                if tool not in server_def.tool_scopes:
+                    errors.append(f'{at}.tools: tool "{tool}" is not declared by server "{grant.server}"')
+        for i, denied in enumerate(spec.denied_servers):
+            if denied not in cfg.servers and denied not in cfg.registry.servers:
+                warnings.append(f'{where("agents")}: $.agents.{agent}.denied_servers.{i}: '
+                                f'server "{denied}" is not declared anywhere')
+    for name, entry in cfg.registry.servers.items():
+        at = f"{where('registry')}: $.registry.servers.{name}"
+        if entry.replacement is not None and entry.replacement not in cfg.registry.servers \
+                and entry.replacement not in cfg.servers:
+            warnings.append(f'{at}.replacement: server "{entry.replacement}" does not exist in the '
+                            "registry or under servers:")
+        if entry.status == "deprecated" and entry.deprecation_date is None:
+            errors.append(f"{at}.deprecation_date: a deprecated server needs a deprecation_date")
+        if entry.health_check is not None and entry.url is None:
+            errors.append(f"{at}.url: health_check needs the server's url")
+    if cfg.registry.servers:
+        for name in cfg.servers:
+            if name not in cfg.registry.servers:
+                warnings.append(f'{where("servers")}: $.servers.{name}: not in the central registry; '
+                                "its calls are denied (server_not_registered)")
+    for tool in cfg.limits.per_tool:
+        if tool not in declared_tools:
+            warnings.append(f'{where("limits")}: $.limits.per_tool.{tool}: no server declares this tool')
     for server, tools in cfg.secrets.items():
         if server not in cfg.servers:
             errors.append(f"{where('secrets')}: $.secrets.{server}: server is not declared under servers:")
@@ -473,3 +567,4 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> None:
                 )
     if errors:
         raise ConfigError("\n".join(errors))
+    return warnings

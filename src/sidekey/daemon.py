@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import protocol, systemd
 from .audit import AuditLog, AuditSink
@@ -37,8 +38,11 @@ from .peer import (
     tier_allows,
     tier_of,
 )
+from .healthcheck import RegistryHealth
+from .oauth import OAuthVerifier
 from .policy import CallFacts, Decision, decide
 from .protocol import (
+    AccessToken,
     AuthorizeRequest,
     BadRequest,
     ConfigError,
@@ -105,6 +109,7 @@ class Sidekey:
         self.loaded = loaded
         self.cfg = loaded.config
         self.generation = 1  # bumped by every applied reload
+        self.trust: ConfigTrust | None = None  # what a reload's config must satisfy
         self._reload_lock = trio.Lock()
         self.store = store
         self.audit = audit
@@ -115,6 +120,8 @@ class Sidekey:
         self.daemon_uid = os.getuid()
         self.daemon_gid = os.getgid()
         self.exe_hashes = ExeHashCache()
+        self.oauth = OAuthVerifier(base_dir=loaded.base_dir, clock=clock)
+        self.registry_health = RegistryHealth(loaded.config.registry)
         self.leases = LeaseManager(store, on_expired=self._lease_expired, clock=clock)
         self.started_at = clock()
         self._pending: OrderedDict[str, _PendingCall] = OrderedDict()
@@ -266,14 +273,33 @@ class Sidekey:
                 "audit": self.audit.health(),
                 "backends": backends,
                 "servers": sorted(self.cfg.servers),
+                "registry_health": self.registry_health.status(),
+                "oauth2": self.oauth.status(),
+                "config_generation": self.generation,
             },
         )
+
+    async def _verify_user_token(
+        self, body: AuthorizeRequest, servers: frozenset[str]
+    ) -> tuple[AccessToken | None, SidekeyError | None]:
+        """Verify the bearer token against the server's issuer and audience, but only
+        for a process attested as that server: others must not make us fetch JWKS."""
+        if body.user_token is None or body.server not in servers or body.server not in self.cfg.servers:
+            return None, None
+        oauth = self.loaded.oauth2_for(body.server)
+        if oauth is None:
+            return None, None
+        try:
+            return await self.oauth.verify(body.user_token, oauth), None
+        except SidekeyError as exc:
+            return None, exc
 
     async def authorize(self, req: Request) -> Response:
         body: AuthorizeRequest = protocol.decode_body(req.body, AuthorizeRequest)
         args_digest = _digest_capped(body.arguments)
         servers, _ = self._peer_facts(req)
         ident = req.peer.identity
+        user_token, token_error = await self._verify_user_token(body, servers)
         now = self.clock()
         decision = decide(
             self.cfg,
@@ -287,9 +313,19 @@ class Sidekey:
                 session_id=body.session_id,
                 args_digest=args_digest,
                 now=datetime.datetime.fromtimestamp(now, datetime.UTC),
+                user_token=user_token,
+                token_error=token_error,
+                token_presented=body.user_token is not None,
+                server_version=body.server_version,
+                require_version=self.cfg.policy.require_server_version,
             ),
         )
-        auth: dict[str, Any] = {"token_issuer": None, "scopes": [], "token_exp": None, "verified": False}
+        auth: dict[str, Any] = {
+            "token_issuer": user_token.issuer if user_token else None,
+            "scopes": sorted(user_token.scopes) if user_token else [],
+            "token_exp": _iso(user_token.expires_at) if user_token else None,
+            "verified": user_token is not None,
+        }
         common: dict[str, Any] = {
             "server": body.server,
             "tool": body.tool,
@@ -567,7 +603,7 @@ class Sidekey:
             old = self.loaded
             try:
                 new = await trio.to_thread.run_sync(load_config, old.path)
-                check_config_signature(new, running=old)
+                trust = check_config_signature(new, running=self.trust)
                 _check_restart_only(old, new)
                 new_codec = build_codec(new, create=False)
             except (ConfigError, SidekeyError) as exc:
@@ -582,8 +618,9 @@ class Sidekey:
                     )
                 )
                 return False, error
-            self.loaded, self.cfg, self.codec = new, new.config, new_codec
+            self.loaded, self.cfg, self.codec, self.trust = new, new.config, new_codec, trust
             self.generation += 1
+            self.registry_health.update_config(new.config.registry)
             log.info("config reloaded (%s): generation %d", source, self.generation)
             await self.audit.emit(
                 self.event(
@@ -699,7 +736,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the process exit code."""
     cfg = loaded.config
     path = socket_path or loaded.socket_path
-    check_config_signature(loaded, running=None)
+    trust = check_config_signature(loaded, running=None)
     # Cheap checks that can fail first (backend keys, the socket), so a failed start
     # leaves no state behind; everything opened is closed on every way out.
     backends = build_backends(loaded)
@@ -724,7 +761,10 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             if inherited is None:
                 path.unlink(missing_ok=True)
         raise
+    for warning in loaded.warnings:
+        log.warning("config: %s", warning)
     app = Sidekey(loaded, store=store, audit=audit, backends=backends, codec=codec)
+    app.trust = trust
     server = HttpServer(app, cfg.listen)
     app.server = server
     try:
@@ -733,6 +773,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             await nursery.start(store.run_maintenance)  # type: ignore[attr-defined]
             recovered = await app.leases.recover()
             await nursery.start(app.leases.run)
+            await nursery.start(app.registry_health.run)
             await audit.emit(
                 app.event(
                     "daemon.started",
@@ -761,6 +802,8 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             await audit.emit(app.event("daemon.stopped", extra={"pid": os.getpid()}))
             nursery.cancel_scope.cancel()
     finally:
+        with trio.CancelScope(shield=True):
+            await app.oauth.aclose()
         await _close_all(backends, store, audit)
     return 0
 
@@ -788,22 +831,42 @@ def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
         )
 
 
-def check_config_signature(new: LoadedConfig, *, running: LoadedConfig | None) -> None:
-    """Verify the detached signature when the running config (on reload) or the new one
-    (at start) requires it; on reload the running config's keys are the trusted ones."""
-    anchor = running if running is not None else new
-    if not (anchor.config.config_signing.require_signed_config
-            or new.config.config_signing.require_signed_config):
-        return
-    from .signing import trusted_keys, verify_config
-    keys = trusted_keys(anchor)
+@dataclass(frozen=True, slots=True)
+class ConfigTrust:
+    """What a running config requires of the next one: the keys (read once, at the
+    start or the last applied reload) and the signing time it was signed at."""
+
+    keys: dict[str, Ed25519PublicKey]
+    signed_at: str | None
+
+
+def check_config_signature(new: LoadedConfig, *, running: ConfigTrust | None) -> ConfigTrust | None:
+    """Verify the detached signature of ``new`` when the running config (on reload) or
+    ``new`` itself requires one. On reload the running config's cached keys decide, so
+    a new config can neither switch the check off nor bring its own keys; an older
+    signature than the running one's (a rollback) is refused. Returns what the new
+    config will require of its successor. Raises :class:`ConfigError`."""
+    from .signing import trusted_keys, verify_config_details
+
+    wants = new.config.config_signing.require_signed_config
+    if running is None and not wants:
+        return None
+    keys = running.keys if running is not None else trusted_keys(new)
     if not keys:
         raise ConfigError(
-            f"{anchor.path.name}: $.config_signing.trusted_keys: require_signed_config needs at "
+            f"{new.path.name}: $.config_signing.trusted_keys: require_signed_config needs at "
             "least one trusted key"
         )
-    kid = verify_config(new, keys)
-    log.info("config signature ok (key %s)", kid)
+    verified = verify_config_details(new, keys, contents=new.contents)
+    if running is not None and running.signed_at and verified.signed_at < running.signed_at:
+        raise ConfigError(
+            f"{new.path.name}.sig: signed at {verified.signed_at}, before the running config "
+            f"({running.signed_at}); refusing a rollback"
+        )
+    log.info("config signature ok (key %s, signed at %s)", verified.kid, verified.signed_at)
+    if not wants:
+        return None
+    return ConfigTrust(keys=trusted_keys(new), signed_at=verified.signed_at)
 
 
 async def _close_all(

@@ -1,28 +1,60 @@
 """The authorization decision for one tool call. Pure: no I/O, the clock is passed in.
 
-The decision runs a fixed chain of steps (contract order: registry status -> peer
-matches server -> OAuth2 token + audience -> tool scopes -> agent grant -> quotas ->
-approval rules). Each step either adds the rule it matched to ``rules_matched`` and
-continues, or stops the chain with a denial carrying a stable ``code``. This module
-implements the steps that exist today (server registered, peer matches, tool
-registered, secrets mapped); later steps plug into :func:`decide` in order.
+The decision runs a fixed chain of steps in the contract's order. Each step either
+appends the rule it matched to ``rules_matched`` and continues, or stops the chain
+with a denial carrying a stable ``code``, an actionable ``message`` and an HTTP status:
+
+1. the server is declared under ``servers:`` (``server_unknown``, 404) and the central
+   registry lets it run (:mod:`sidekey.registry`: ``server_not_registered``,
+   ``server_deprecated``, ``server_retired``, ``version_mismatch``; 403);
+2. the calling process is attested as that server (``peer_mismatch``, 403);
+3. OAuth2: ``oauth2: none`` servers take the user from the peer's uid; otherwise the
+   user's token, already verified by the daemon against this server's issuer and
+   audience, names the user (``token_missing`` 401, or the verification error as is;
+   a verified token for another issuer or audience is ``issuer_mismatch`` /
+   ``audience_mismatch``, 401, as a second line of defence);
+4. the tool is declared for the server (``tool_unknown``, 404) and the token carries
+   the tool's required scopes (``scope_missing``, 403);
+5. the agent is granted the server and tool (``agent_missing``, ``agent_unknown``,
+   ``agent_denied_server``, ``agent_not_granted``; 403): a denial wins over any grant,
+   and no grant means deny;
+6. the secrets mapped to the server+tool, then the hooks (quotas, approval rules).
+
+The config is compiled once into a :class:`CompiledPolicy` (dict and set lookups only
+per call); :func:`decide` caches the compiled form per ``Config`` object.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
-from .config import Config, SecretRef
+from . import registry
+from .config import Config, OAuth2Config, RegistryEntry, SecretRef
+from .protocol import AccessToken, SidekeyError
 
 Outcome = Literal["allow", "deny", "pending_approval"]
+
+STATUS_NOT_FOUND = 404
+STATUS_DENIED = 403
+STATUS_UNAUTHENTICATED = 401
+COMPILED_CACHE_SIZE = 8  # configs kept compiled (the live one, plus a reload's candidate)
 
 
 @dataclass(frozen=True, slots=True)
 class CallFacts:
-    """What is known about a call before the decision (all attested or validated)."""
+    """What is known about a call before the decision (all attested or validated).
+
+    ``user_token`` is the user's OAuth2 access token *after* the daemon verified it
+    against this server's ``oauth2`` settings; if that verification failed,
+    ``token_error`` carries the failure and is reported as is at the OAuth2 step.
+    ``token_presented`` says whether the request carried a ``user_token`` at all.
+    ``now`` is the decision time (UTC); registry dates are compared in UTC.
+    """
 
     server: str
     tool: str
@@ -33,6 +65,11 @@ class CallFacts:
     session_id: str | None
     args_digest: str
     now: datetime.datetime
+    user_token: AccessToken | None = None
+    token_error: SidekeyError | None = None
+    token_presented: bool = False
+    server_version: str | None = None
+    require_version: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +101,25 @@ class Decision:
         return record
 
 
-class _Deny(Exception):
-    def __init__(self, code: str, message: str, status: int = 403) -> None:
-        self.code, self.message, self.status = code, message, status
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A hook's verdict that stops the chain.
+
+    ``outcome="pending_approval"`` holds the call for a human instead of denying it
+    (approval rules); ``code``/``message``/``status`` are reported either way.
+    """
+
+    code: str
+    message: str
+    status: int = STATUS_DENIED
+    outcome: Literal["deny", "pending_approval"] = "deny"
+
+
+# A later step of the chain (quotas, approval rules). Called with the facts and the
+# decided user id once every built-in step passed, in order. Returns None to pass
+# silently, a rule name (str) to pass and record that rule, or a Denial to stop.
+# Hooks must be pure and cheap like the rest of the chain; an exception is a local bug.
+Hook = Callable[[CallFacts, str], str | Denial | None]
 
 
 def local_user(uid: int, user: str | None) -> str:
@@ -74,35 +127,302 @@ def local_user(uid: int, user: str | None) -> str:
     return f"local:{user}" if user else f"uid:{uid}"
 
 
-def decide(cfg: Config, facts: CallFacts) -> Decision:
-    """Run the decision chain for one call. Never raises for a policy outcome."""
-    rules: list[str] = []
-    user_id = local_user(facts.peer_uid, facts.peer_user)
-    try:
-        server = cfg.servers.get(facts.server)
+# --------------------------------------------------------------------------- compiled form
+
+
+@dataclass(frozen=True, slots=True)
+class _Tool:
+    required: frozenset[str]
+    declared_rule: str
+    scopes_rule: str
+    secrets: Mapping[str, SecretRef]
+    secrets_rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Server:
+    name: str
+    oauth2: OAuth2Config | None
+    tools: Mapping[str, _Tool]
+    entry: RegistryEntry | None
+    declared_rule: str
+    peer_rule: str
+    issuer_rule: str
+    audience_rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Agent:
+    denied: frozenset[str]
+    grants: Mapping[str, frozenset[str]]  # server -> tools (several entries are merged)
+
+
+_NO_SECRETS: Mapping[str, SecretRef] = MappingProxyType({})
+
+
+def _quoted(names: Sequence[str] | frozenset[str]) -> str:
+    return ", ".join(sorted(names)) or "none"
+
+
+class CompiledPolicy:
+    """One config's policy as lookup tables; :meth:`decide` runs the chain.
+
+    Build it once per config (``CompiledPolicy(cfg)``, or let :func:`decide` cache it).
+    The config is treated as immutable: a reload brings a new ``Config`` object.
+    """
+
+    __slots__ = ("_agents", "_registry_listed", "_servers", "agents_configured")
+
+    def __init__(self, cfg: Config) -> None:
+        entries = cfg.registry.servers
+        self._registry_listed = bool(entries)
+        servers: dict[str, _Server] = {}
+        for name, sdef in cfg.servers.items():
+            mapped = cfg.secrets.get(name, {})
+            tools: dict[str, _Tool] = {}
+            for tool, ts in sdef.tool_scopes.items():
+                secrets = mapped.get(tool)
+                tools[tool] = _Tool(
+                    required=frozenset(ts.required),
+                    declared_rule=f"tool.declared:{name}/{tool}",
+                    scopes_rule=f"scopes:{tool}",
+                    secrets=MappingProxyType(dict(secrets)) if secrets else _NO_SECRETS,
+                    secrets_rule=f"secrets.mapped:{len(secrets or ())}",
+                )
+            oauth2 = sdef.oauth2 if isinstance(sdef.oauth2, OAuth2Config) else None
+            servers[name] = _Server(
+                name=name,
+                oauth2=oauth2,
+                tools=tools,
+                entry=entries.get(name),
+                declared_rule=f"server.declared:{name}",
+                peer_rule=f"peer.matches:{name}",
+                issuer_rule=f"oauth2.verified:{oauth2.issuer}" if oauth2 else "oauth2.none",
+                audience_rule=f"audience:{oauth2.audience}" if oauth2 else "",
+            )
+        self._servers = servers
+        agents: dict[str, _Agent] = {}
+        for name, adef in cfg.agents.items():
+            grants: dict[str, set[str]] = {}
+            for grant in adef.allowed_servers:
+                grants.setdefault(grant.server, set()).update(grant.tools)
+            agents[name] = _Agent(
+                denied=frozenset(adef.denied_servers),
+                grants={s: frozenset(t) for s, t in grants.items()},
+            )
+        self._agents = agents
+        self.agents_configured = bool(agents)
+
+    def decide(self, facts: CallFacts, *, hooks: Sequence[Hook] = ()) -> Decision:
+        """Run the decision chain for one call.
+
+        Returns an allow, deny or pending-approval :class:`Decision` listing every rule
+        matched; never raises for a policy outcome (a hook's exception propagates).
+        """
+        rules: list[str] = []
+        warnings: tuple[str, ...] = ()
+        user_id = local_user(facts.peer_uid, facts.peer_user)
+
+        def stop(
+            code: str, message: str, status: int, outcome: Outcome = "deny"
+        ) -> Decision:
+            return Decision(
+                outcome=outcome,
+                rules_matched=tuple(rules),
+                user_id=user_id,
+                code=code,
+                message=message,
+                status=status,
+                warnings=warnings,
+            )
+
+        # 1. server declared, central registry
+        name = facts.server
+        server = self._servers.get(name)
         if server is None:
-            raise _Deny("server_unknown", f'server "{facts.server}" is not registered', 404)
-        rules.append(f"server.registered:{facts.server}")
-        if facts.server not in facts.peer_servers:
-            raise _Deny(
+            return stop(
+                "server_unknown",
+                f'server "{name}" is not declared under servers: in this host\'s config',
+                STATUS_NOT_FOUND,
+            )
+        rules.append(server.declared_rule)
+        now = facts.now
+        today = now.date() if now.tzinfo is None else now.astimezone(datetime.UTC).date()
+        verdict = registry.evaluate(
+            server.entry,
+            server=name,
+            registry_listed=self._registry_listed,
+            today=today,
+            server_version=facts.server_version,
+            require_version=facts.require_version,
+        )
+        warnings = verdict.warnings
+        if not verdict.ok:
+            return stop(verdict.code or "denied", verdict.message or "denied", STATUS_DENIED)
+        rules.append(verdict.rule)
+
+        # 2. peer attested as this server
+        if name not in facts.peer_servers:
+            return stop(
                 "peer_mismatch",
-                f'the calling process is not attested as server "{facts.server}"',
+                f'the calling process is not attested as server "{name}" '
+                f"(check peers.{name} in the config)",
+                STATUS_DENIED,
             )
-        rules.append(f"peer.matches:{facts.server}")
-        if facts.tool not in server.tool_scopes:
-            raise _Deny(
-                "tool_unknown", f'tool "{facts.tool}" is not declared for server "{facts.server}"', 404
+        rules.append(server.peer_rule)
+
+        # 3. OAuth2: who the user is
+        oauth2 = server.oauth2
+        token = facts.user_token
+        if oauth2 is None:
+            rules.append("oauth2.none")
+            if facts.token_presented:
+                warnings = (
+                    *warnings,
+                    f'user_token ignored: server "{name}" has oauth2: none, '
+                    "so the user is the calling process's uid",
+                )
+        else:
+            err = facts.token_error
+            if err is not None:
+                return stop(err.code, err.message, err.status)
+            if token is None:
+                if facts.token_presented:
+                    return stop(
+                        "token_invalid",
+                        "the user token was presented but not verified",
+                        STATUS_UNAUTHENTICATED,
+                    )
+                return stop(
+                    "token_missing",
+                    f'server "{name}" requires the user\'s OAuth2 bearer token in user_token '
+                    f"(issuer {oauth2.issuer}, audience {oauth2.audience})",
+                    STATUS_UNAUTHENTICATED,
+                )
+            # Defence in depth: the daemon verified the token, but against *this*
+            # server's settings? A token for another audience must never pass here.
+            if token.issuer != oauth2.issuer:
+                return stop(
+                    "issuer_mismatch",
+                    f'the user token was issued by {token.issuer}; server "{name}" accepts '
+                    f"tokens from {oauth2.issuer}",
+                    STATUS_UNAUTHENTICATED,
+                )
+            if oauth2.audience not in token.audience:
+                return stop(
+                    "audience_mismatch",
+                    f'the user token is for audience {_quoted(token.audience)}; server "{name}" '
+                    f"requires audience {oauth2.audience}",
+                    STATUS_UNAUTHENTICATED,
+                )
+            user_id = token.subject
+            rules.append(server.issuer_rule)
+            rules.append(server.audience_rule)
+
+        # 4. tool declared, tool scopes
+        tool_name = facts.tool
+        tool = server.tools.get(tool_name)
+        if tool is None:
+            return stop(
+                "tool_unknown",
+                f'tool "{tool_name}" is not declared for server "{name}" '
+                f"(servers.{name}.tool_scopes lists: {_quoted(list(server.tools))})",
+                STATUS_NOT_FOUND,
             )
-        rules.append(f"tool.registered:{facts.server}/{facts.tool}")
-        secrets = cfg.secrets.get(facts.server, {}).get(facts.tool, {})
-        rules.append(f"secrets.mapped:{len(secrets)}")
-    except _Deny as deny:
+        rules.append(tool.declared_rule)
+        if token is None or oauth2 is None:
+            rules.append("scopes.skipped")
+        else:
+            missing = tool.required - token.scopes
+            if missing:
+                return stop(
+                    "scope_missing",
+                    f'tool "{tool_name}" on server "{name}" requires scope '
+                    f"{_quoted(missing)}, which the user's token lacks "
+                    f"(token scopes: {_quoted(token.scopes)})",
+                    STATUS_DENIED,
+                )
+            rules.append(tool.scopes_rule)
+
+        # 5. agent grant: deny wins, no grant means deny
+        agent_id = facts.agent_id
+        if agent_id is None:
+            return stop(
+                "agent_missing",
+                "send agent_id: tools are granted per agent (agents: in the policy)",
+                STATUS_DENIED,
+            )
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            hint = "" if self.agents_configured else "; no agents are configured on this host"
+            return stop(
+                "agent_unknown", f'agent "{agent_id}" is not defined under agents:{hint}',
+                STATUS_DENIED,
+            )
+        if name in agent.denied:
+            return stop(
+                "agent_denied_server",
+                f'agent "{agent_id}" is denied server "{name}" '
+                f"(agents.{agent_id}.denied_servers)",
+                STATUS_DENIED,
+            )
+        granted = agent.grants.get(name)
+        if granted is None:
+            return stop(
+                "agent_not_granted",
+                f'agent "{agent_id}" has no grant for server "{name}" '
+                f"(agents.{agent_id}.allowed_servers)",
+                STATUS_DENIED,
+            )
+        if tool_name not in granted:
+            return stop(
+                "agent_not_granted",
+                f'agent "{agent_id}" is not granted tool "{tool_name}" on server "{name}" '
+                f"(granted: {_quoted(granted)})",
+                STATUS_DENIED,
+            )
+        rules.append(f"agent.granted:{agent_id}:{name}/{tool_name}")
+
+        # 6. secrets, then the later steps (quotas, approval rules)
+        rules.append(tool.secrets_rule)
+        for hook in hooks:
+            result = hook(facts, user_id)
+            if result is None:
+                continue
+            if isinstance(result, str):
+                rules.append(result)
+                continue
+            return stop(result.code, result.message, result.status, result.outcome)
         return Decision(
-            outcome="deny",
+            outcome="allow",
             rules_matched=tuple(rules),
             user_id=user_id,
-            code=deny.code,
-            message=deny.message,
-            status=deny.status,
+            warnings=warnings,
+            secrets=tool.secrets,
         )
-    return Decision(outcome="allow", rules_matched=tuple(rules), user_id=user_id, secrets=secrets)
+
+
+# id(cfg) -> (cfg, compiled). The entry holds the Config itself, so its id cannot be
+# reused by another object while cached. Config structs are not hashable (dict fields).
+_compiled: OrderedDict[int, tuple[Config, CompiledPolicy]] = OrderedDict()
+
+
+def compile_policy(cfg: Config) -> CompiledPolicy:
+    """The compiled policy of ``cfg``, built on first use and cached per Config object."""
+    hit = _compiled.get(id(cfg))
+    if hit is not None and hit[0] is cfg:
+        _compiled.move_to_end(id(cfg))
+        return hit[1]
+    compiled = CompiledPolicy(cfg)
+    _compiled[id(cfg)] = (cfg, compiled)
+    while len(_compiled) > COMPILED_CACHE_SIZE:
+        _compiled.popitem(last=False)
+    return compiled
+
+
+def decide(cfg: Config, facts: CallFacts, *, hooks: Sequence[Hook] = ()) -> Decision:
+    """Run the decision chain for one call against ``cfg``. Never raises for a policy outcome.
+
+    See the module docstring for the steps, codes and statuses.
+    """
+    return compile_policy(cfg).decide(facts, hooks=hooks)

@@ -1,0 +1,788 @@
+"""OAuthVerifier against a real OAuth2/OIDC issuer on loopback (tests/oauth_issuer.py).
+
+Token times, caches and refresh limits run on an injected clock (``FakeClock``); the
+HTTP fetches are real, so every test runs under a ``trio.fail_after`` limit and every
+failure case asserts that it came back within its bound.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import msgspec
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from oauth_issuer import DEFAULT_SUBJECT, OAuthIssuer, b64url, public_jwk
+from sidekey import oauth
+from sidekey.config import OAuth2Config
+from sidekey.oauth import MAX_TOKEN_CHARS, OAuthVerifier
+from sidekey.protocol import AccessToken, TokenError, Unavailable
+
+LIMIT_S = 15.0  # per test; the verifier's own bounds are far smaller
+START = 1_800_000_000.0
+LEEWAY = 30
+
+
+class FakeClock:
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def cfg(**fields: Any) -> OAuth2Config:
+    """Build the config section the way the daemon does: by decoding."""
+    return msgspec.convert(fields, OAuth2Config)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def issuer(clock: FakeClock) -> Iterator[OAuthIssuer]:
+    with OAuthIssuer(clock=clock) as iss:
+        yield iss
+
+
+@pytest.fixture
+async def make_verifier(clock: FakeClock, tmp_path: Path) -> AsyncIterator[Callable[..., OAuthVerifier]]:
+    made: list[OAuthVerifier] = []
+
+    def make(**kw: Any) -> OAuthVerifier:
+        kw.setdefault("base_dir", tmp_path)
+        kw.setdefault("clock", clock)
+        kw.setdefault("fetch_timeout_s", 2.0)
+        kw.setdefault("leeway_s", LEEWAY)
+        verifier = OAuthVerifier(**kw)
+        made.append(verifier)
+        return verifier
+
+    yield make
+    for verifier in made:
+        await verifier.aclose()
+
+
+@pytest.fixture
+def verifier(make_verifier: Callable[..., OAuthVerifier]) -> OAuthVerifier:
+    return make_verifier()
+
+
+@pytest.fixture
+def sig_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every signature check the verifier makes (by alg)."""
+    calls: list[str] = []
+    real = oauth._verify_signature
+
+    def counting(alg: str, key: Any, signing_input: bytes, signature: bytes) -> bool:
+        calls.append(alg)
+        return real(alg, key, signing_input, signature)
+
+    monkeypatch.setattr(oauth, "_verify_signature", counting)
+    return calls
+
+
+async def refused(verifier: OAuthVerifier, token: str, conf: OAuth2Config) -> TokenError:
+    with pytest.raises(TokenError) as ei:
+        await verifier.verify(token, conf)
+    err = ei.value
+    if token:
+        assert token not in err.message and token not in str(err)
+    if token.count(".") == 2 and len(token) > 40:
+        assert token.split(".")[2] not in err.message or not token.split(".")[2]
+    return err
+
+
+async def unavailable(verifier: OAuthVerifier, token: str, conf: OAuth2Config) -> Unavailable:
+    with pytest.raises(Unavailable) as ei:
+        await verifier.verify(token, conf)
+    assert ei.value.code == "jwks_unavailable"
+    assert ei.value.status == 503
+    assert token not in ei.value.message
+    return ei.value
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
+async def test_valid_token_each_algorithm(issuer: OAuthIssuer, verifier: OAuthVerifier, alg: str) -> None:
+    with trio.fail_after(LIMIT_S):
+        claims = issuer.claims(scope="articles:read articles:write")
+        token = issuer.mint(claims, alg=alg)
+        got = await verifier.verify(token, cfg(**issuer.oauth2()))
+    assert got == AccessToken(
+        issuer=issuer.issuer,
+        subject=DEFAULT_SUBJECT,
+        audience=(issuer.audience,),
+        scopes=frozenset({"articles:read", "articles:write"}),
+        expires_at=claims["exp"],
+        client_id="test-agent",
+    )
+    assert issuer.counts["oidc"] == 1 and issuer.counts["jwks"] == 1
+
+
+async def test_scp_list_and_azp(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    with trio.fail_after(LIMIT_S):
+        claims = issuer.claims(scope=None, scp=["db:read", "db:write"], client_id=None, azp="cli-7")
+        got = await verifier.verify(issuer.mint(claims), cfg(**issuer.oauth2()))
+    assert got.scopes == {"db:read", "db:write"}
+    assert got.client_id == "cli-7"
+
+
+async def test_scp_as_string_and_no_scopes(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        got = await verifier.verify(issuer.mint(issuer.claims(scope=None, scp="a b")), conf)
+        assert got.scopes == {"a", "b"}
+        got = await verifier.verify(issuer.mint(issuer.claims(scope=None, client_id=None)), conf)
+        assert got.scopes == frozenset() and got.client_id is None
+
+
+async def test_audience_list_containing_ours(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    with trio.fail_after(LIMIT_S):
+        aud = ["https://other.example.test", issuer.audience]
+        got = await verifier.verify(issuer.mint(issuer.claims(aud=aud)), cfg(**issuer.oauth2()))
+    assert got.audience == tuple(aud)
+
+
+async def test_leeway_accepts_slightly_expired(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        token = issuer.mint(issuer.claims(ttl=60, nbf=int(clock.now) + 10))
+        await verifier.verify(token, cfg(**issuer.oauth2()))  # nbf within leeway
+        clock.advance(60 + LEEWAY - 1)
+        await verifier.verify(token, cfg(**issuer.oauth2()))  # exp within leeway
+
+
+# --------------------------------------------------------------------------- key sources
+
+
+async def test_discovery_rfc8414_fallback_for_issuer_with_path(
+    clock: FakeClock, make_verifier: Callable[..., OAuthVerifier]
+) -> None:
+    with OAuthIssuer(path="/realms/test", discovery="oauth", clock=clock) as iss, trio.fail_after(LIMIT_S):
+        assert iss.oauth_path == "/.well-known/oauth-authorization-server/realms/test"
+        got = await make_verifier().verify(iss.mint(iss.claims(), alg="EdDSA"), cfg(**iss.oauth2()))
+        assert got.issuer == iss.base_url + "/realms/test"
+        # OIDC appends to the issuer (404 here), RFC 8414 inserts before the path.
+        assert iss.requests == [
+            "/realms/test/.well-known/openid-configuration",
+            "/.well-known/oauth-authorization-server/realms/test",
+            "/jwks.json",
+        ]
+
+
+async def test_discovery_oidc_for_issuer_with_path(
+    clock: FakeClock, make_verifier: Callable[..., OAuthVerifier]
+) -> None:
+    with OAuthIssuer(path="/tenant1", discovery="oidc", clock=clock) as iss, trio.fail_after(LIMIT_S):
+        await make_verifier().verify(iss.mint(iss.claims()), cfg(**iss.oauth2()))
+        assert iss.requests == ["/tenant1/.well-known/openid-configuration", "/jwks.json"]
+
+
+async def test_explicit_jwks_uri_skips_discovery(
+    clock: FakeClock, make_verifier: Callable[..., OAuthVerifier]
+) -> None:
+    with OAuthIssuer(discovery="none", clock=clock) as iss, trio.fail_after(LIMIT_S):
+        conf = cfg(**iss.oauth2(jwks_uri=iss.jwks_uri))
+        await make_verifier().verify(iss.mint(iss.claims(), alg="ES256"), conf)
+        assert iss.requests == ["/jwks.json"]
+
+
+async def test_discovery_is_reused_across_refreshes(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        clock.advance(400)  # past jwks_ttl_s: keys refreshed, discovery document kept
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+    assert issuer.counts["discovery"] == 1 and issuer.counts["jwks"] == 2
+
+
+async def test_jwks_file_and_reload_on_change(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], clock: FakeClock, tmp_path: Path
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        issuer.write_jwks(tmp_path / "jwks.json")
+        verifier = make_verifier(base_dir=tmp_path)
+        conf = cfg(issuer="https://idp.airgapped.example", audience="api", jwks_file="jwks.json")
+        claims = issuer.claims(iss=conf.issuer, aud="api")
+        old = issuer.mint(claims)
+        assert (await verifier.verify(old, conf)).subject == DEFAULT_SUBJECT
+
+        issuer.rotate()  # old keys withdrawn
+        issuer.write_jwks(tmp_path / "jwks.json")
+        new = issuer.mint(claims)
+        # The file is re-stat'ed at most once a second.
+        assert (await refused(verifier, new, conf)).code == "token_unknown_key"
+        clock.advance(1.5)
+        assert (await verifier.verify(new, conf)).subject == DEFAULT_SUBJECT
+        # The old token was cached, but under the previous key set: not used any more.
+        assert (await refused(verifier, old, conf)).code == "token_unknown_key"
+        status = verifier.status()["issuers"][0]
+        assert status["source"] == "jwks_file" and status["generation"] == 2
+        assert status["location"] == str(tmp_path / "jwks.json")
+    assert issuer.requests == []  # air-gapped: no HTTP at all
+
+
+async def test_jwks_file_touched_but_unchanged_keeps_cache(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], clock: FakeClock,
+    tmp_path: Path, sig_checks: list[str],
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        path = issuer.write_jwks(tmp_path / "jwks.json")
+        verifier = make_verifier()
+        conf = cfg(issuer=issuer.issuer, audience=issuer.audience, jwks_file=str(path))
+        token = issuer.mint(issuer.claims())
+        await verifier.verify(token, conf)
+        issuer.write_jwks(path)  # same keys, new mtime
+        clock.advance(2)
+        await verifier.verify(token, conf)
+        assert sig_checks == ["RS256"]
+        assert verifier.status()["issuers"][0]["generation"] == 1
+
+
+async def test_jwks_file_missing_or_invalid(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, tmp_path: Path, clock: FakeClock
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2(jwks_file="nope.json"))
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), conf)
+        assert "does not exist" in err.message
+        (tmp_path / "bad.json").write_text("{not json")
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2(jwks_file="bad.json")))
+        assert "not valid JSON" in err.message
+
+
+# --------------------------------------------------------------------------- the attack matrix
+
+
+def _hs256_with_public_pem(iss: OAuthIssuer) -> str:
+    return iss.mint(iss.claims(), alg="HS256", kid=iss.kids["RS256"], key=iss.public_pem("RS256"))
+
+
+def _tampered(iss: OAuthIssuer) -> str:
+    header, _, sig = iss.mint(iss.claims()).split(".")
+    payload = b64url(json.dumps(iss.claims(sub="mallory")).encode())
+    return f"{header}.{payload}.{sig}"
+
+
+def _foreign_key(iss: OAuthIssuer) -> str:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return iss.mint(iss.claims(), kid=iss.kids["RS256"], key=other)
+
+
+def _raw(iss: OAuthIssuer, header: bytes, payload: bytes) -> str:
+    return iss.sign(header, payload, alg="RS256", key=iss.private_key("RS256"))
+
+
+def _dup_claim(iss: OAuthIssuer) -> str:
+    claims = json.dumps(iss.claims())[:-1] + ', "sub": "mallory"}'
+    header = json.dumps({"alg": "RS256", "kid": iss.kids["RS256"]})
+    return _raw(iss, header.encode(), claims.encode())
+
+
+ATTACKS: dict[str, tuple[Callable[[OAuthIssuer], str], str]] = {
+    "alg none": (lambda i: i.mint(i.claims(), alg="none", kid=i.kids["RS256"]), "token_wrong_algorithm"),
+    "alg none no kid": (lambda i: i.mint(i.claims(), alg="none"), "token_wrong_algorithm"),
+    "alg None casing": (lambda i: i.mint(i.claims(), alg="None", kid=i.kids["RS256"]), "token_wrong_algorithm"),
+    "hs256 with rsa public pem": (_hs256_with_public_pem, "token_wrong_algorithm"),
+    "rs512": (lambda i: i.mint(i.claims(), alg="RS512", kid=i.kids["RS256"], key=i.private_key("RS256")), "token_wrong_algorithm"),
+    "ps256": (lambda i: i.mint(i.claims(), alg="PS256", kid=i.kids["RS256"], key=i.private_key("RS256")), "token_wrong_algorithm"),
+    "es256 header on rsa kid": (lambda i: i.mint(i.claims(), alg="ES256", kid=i.kids["RS256"]), "token_wrong_algorithm"),
+    "alg not a string": (lambda i: i.mint(i.claims(), headers={"alg": ["RS256"]}), "token_wrong_algorithm"),
+    "no alg": (lambda i: i.mint(i.claims(), headers={"alg": None}), "token_wrong_algorithm"),
+    "jku": (lambda i: i.mint(i.claims(), headers={"jku": i.jwks_uri}), "token_forbidden_header"),
+    "x5u": (lambda i: i.mint(i.claims(), headers={"x5u": "https://evil.example/cert.pem"}), "token_forbidden_header"),
+    "jwk": (lambda i: i.mint(i.claims(), headers={"jwk": i.jwks()["keys"][0]}), "token_forbidden_header"),
+    "x5c": (lambda i: i.mint(i.claims(), headers={"x5c": ["MIIB"]}), "token_forbidden_header"),
+    "crit": (lambda i: i.mint(i.claims(), headers={"crit": ["exp"], "exp": 1}), "token_forbidden_header"),
+    "no kid": (lambda i: i.mint(i.claims(), headers={"kid": None}), "token_unknown_key"),
+    "empty kid": (lambda i: i.mint(i.claims(), headers={"kid": ""}), "token_unknown_key"),
+    "unknown kid": (lambda i: i.mint(i.claims(), kid="not-published"), "token_unknown_key"),
+    "tampered payload": (_tampered, "token_bad_signature"),
+    "signed by another key": (_foreign_key, "token_bad_signature"),
+    "truncated signature": (lambda i: i.mint(i.claims(), alg="ES256")[:-8], "token_bad_signature"),
+    "expired": (lambda i: i.mint(i.claims(now=START - 400)), "token_expired"),
+    "nbf in the future": (lambda i: i.mint(i.claims(nbf=int(START) + 120)), "token_not_yet_valid"),
+    "iat in the future": (lambda i: i.mint(i.claims(now=START + 120)), "token_not_yet_valid"),
+    "missing exp": (lambda i: i.mint(i.claims(exp=None)), "token_claims_invalid"),
+    "exp not a number": (lambda i: i.mint(i.claims(exp="never")), "token_claims_invalid"),
+    "exp a bool": (lambda i: i.mint(i.claims(exp=True)), "token_claims_invalid"),
+    "missing iss": (lambda i: i.mint(i.claims(iss=None)), "token_claims_invalid"),
+    "missing aud": (lambda i: i.mint(i.claims(aud=None)), "token_claims_invalid"),
+    "missing sub": (lambda i: i.mint(i.claims(sub=None)), "token_claims_invalid"),
+    "empty sub": (lambda i: i.mint(i.claims(sub="")), "token_claims_invalid"),
+    "aud not strings": (lambda i: i.mint(i.claims(aud=[1, 2])), "token_claims_invalid"),
+    "scope not a string": (lambda i: i.mint(i.claims(scope=7)), "token_claims_invalid"),
+    "scp not strings": (lambda i: i.mint(i.claims(scp=[1])), "token_claims_invalid"),
+    "wrong issuer": (lambda i: i.mint(i.claims(iss="https://evil.example")), "issuer_mismatch"),
+    "issuer trailing slash": (lambda i: i.mint(i.claims(iss=i.issuer + "/")), "issuer_mismatch"),
+    "wrong audience": (lambda i: i.mint(i.claims(aud="https://other.example.test")), "audience_mismatch"),
+    "audience list without ours": (lambda i: i.mint(i.claims(aud=["a", "b"])), "audience_mismatch"),
+    "lone surrogate sub": (lambda i: i.mint(i.claims(sub="\ud800")), "token_claims_invalid"),
+    "utf-16 payload": (lambda i: _raw(i, json.dumps({"alg": "RS256", "kid": i.kids["RS256"]}).encode(), json.dumps(i.claims()).encode("utf-16")), "token_malformed"),
+    "duplicate claim": (_dup_claim, "token_malformed"),
+    "header is a list": (lambda i: _raw(i, b"[1]", json.dumps(i.claims()).encode()), "token_malformed"),
+    "payload is a string": (lambda i: _raw(i, json.dumps({"alg": "RS256", "kid": i.kids["RS256"]}).encode(), b'"x"'), "token_malformed"),
+    "NaN exp": (lambda i: _raw(i, json.dumps({"alg": "RS256", "kid": i.kids["RS256"]}).encode(), json.dumps(i.claims()).replace('"exp": ', '"exp": NaN, "x": ').encode()), "token_malformed"),
+}
+
+GARBAGE = [
+    "",
+    "garbage",
+    "a.b",
+    "a.b.c.d",
+    "..",
+    "!!!.eyJ9.sig",
+    "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0=.c2ln",  # padded base64
+    "eyJhbGciOiJSUzI1NiJ9.bm90IGpzb24.c2ln",  # payload not JSON
+    "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln",
+    "é.é.é",
+    "a" * (MAX_TOKEN_CHARS + 1),
+]
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+async def test_attack_matrix(issuer: OAuthIssuer, verifier: OAuthVerifier, name: str) -> None:
+    build, code = ATTACKS[name]
+    with trio.fail_after(LIMIT_S):
+        token = build(issuer)
+        err = await refused(verifier, token, cfg(**issuer.oauth2()))
+    assert err.code == code, err.message
+    assert err.status == (403 if code == "audience_mismatch" else 401)
+    assert isinstance(err, TokenError)
+
+
+@pytest.mark.parametrize("token", GARBAGE, ids=range(len(GARBAGE)))
+async def test_garbage_is_malformed(issuer: OAuthIssuer, verifier: OAuthVerifier, token: str) -> None:
+    with trio.fail_after(LIMIT_S):
+        err = await refused(verifier, token, cfg(**issuer.oauth2()))
+    assert err.code == "token_malformed"
+    assert issuer.requests == []  # nothing fetched for garbage
+
+
+async def test_wrong_issuer_fetches_nothing(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    with trio.fail_after(LIMIT_S):
+        token = issuer.mint(issuer.claims(iss="https://evil.example"), kid="evil-kid")
+        assert (await refused(verifier, token, cfg(**issuer.oauth2()))).code == "issuer_mismatch"
+    assert issuer.requests == []
+
+
+async def test_alg_outside_the_servers_pinned_list(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, sig_checks: list[str]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        token = issuer.mint(issuer.claims(), alg="ES256")
+        # Verified (and cached) for a server that accepts ES256 ...
+        await verifier.verify(token, cfg(**issuer.oauth2()))
+        # ... but refused for one pinned to RS256, even though the cache holds it.
+        pinned = cfg(**issuer.oauth2(algorithms=["RS256"]))
+        err = await refused(verifier, token, pinned)
+        assert err.code == "token_wrong_algorithm"
+        assert "RS256" in err.message
+        assert (await verifier.verify(issuer.mint(issuer.claims()), pinned)).subject == DEFAULT_SUBJECT
+    assert sig_checks == ["ES256", "RS256"]
+
+
+# --------------------------------------------------------------------------- refresh rules
+
+
+async def test_unknown_kid_refreshes_once_then_rate_limited(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        assert issuer.counts["jwks"] == 1
+        # Within refresh_min_interval_s of the last fetch: no fetch for an unknown kid.
+        assert (await refused(verifier, issuer.mint(issuer.claims(), kid="k1"), conf)).code == "token_unknown_key"
+        assert issuer.counts["jwks"] == 1
+        clock.advance(31)
+        assert (await refused(verifier, issuer.mint(issuer.claims(), kid="k2"), conf)).code == "token_unknown_key"
+        assert issuer.counts["jwks"] == 2  # exactly one refresh
+        assert (await refused(verifier, issuer.mint(issuer.claims(), kid="k3"), conf)).code == "token_unknown_key"
+        assert issuer.counts["jwks"] == 2  # rate-limited
+        clock.advance(31)
+        await refused(verifier, issuer.mint(issuer.claims(), kid="k4"), conf)
+        assert issuer.counts["jwks"] == 3
+    assert issuer.counts["discovery"] == 1
+
+
+async def test_concurrent_loads_coalesce(issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock) -> None:
+    conf = cfg(**issuer.oauth2())
+    results: list[AccessToken] = []
+
+    async def one(alg: str) -> None:
+        results.append(await verifier.verify(issuer.mint(issuer.claims(), alg=alg), conf))
+
+    with trio.fail_after(LIMIT_S):
+        issuer.set_delay(0.2)
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(one, ("RS256", "ES256", "EdDSA")[i % 3])
+        assert len(results) == 12
+        assert issuer.counts["discovery"] == 1 and issuer.counts["jwks"] == 1
+
+        # A rotation with overlap: many callers with the new kid share one refresh.
+        issuer.rotate(keep_old=True)
+        clock.advance(31)
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(one, ("RS256", "ES256", "EdDSA")[i % 3])
+        assert len(results) == 24
+        assert issuer.counts["jwks"] == 2
+
+
+async def test_refresh_after_ttl_even_for_cache_hits(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock, sig_checks: list[str]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        token = issuer.mint(issuer.claims(ttl=3600))
+        await verifier.verify(token, conf)
+        clock.advance(301)  # past jwks_ttl_s
+        await verifier.verify(token, conf)
+        assert issuer.counts["jwks"] == 2  # the key set was refreshed ...
+        assert sig_checks == ["RS256"]  # ... unchanged, so the cached entry still counts
+
+
+# --------------------------------------------------------------------------- verified-token cache
+
+
+async def test_cache_hit_skips_signature_and_ends_at_exp(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock, sig_checks: list[str]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        token = issuer.mint(issuer.claims(ttl=120), alg="EdDSA")
+        first = await verifier.verify(token, conf)
+        for _ in range(5):
+            assert await verifier.verify(token, conf) == first
+        assert sig_checks == ["EdDSA"]
+        assert verifier.status()["cache"]["size"] == 1
+
+        clock.advance(120)  # at exp: the entry is no longer used; leeway still accepts it
+        assert await verifier.verify(token, conf) == first
+        assert sig_checks == ["EdDSA", "EdDSA"]
+        clock.advance(LEEWAY + 1)
+        assert (await refused(verifier, token, conf)).code == "token_expired"
+
+
+async def test_cache_is_per_audience_and_not_for_failures(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, sig_checks: list[str]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        token = issuer.mint(issuer.claims(aud=[issuer.audience, "b"]))
+        await verifier.verify(token, cfg(**issuer.oauth2()))
+        await verifier.verify(token, cfg(**issuer.oauth2(audience="b")))
+        assert len(sig_checks) == 2  # a separate entry per (issuer, audience)
+        err = await refused(verifier, token, cfg(**issuer.oauth2(audience="c")))
+        assert err.code == "audience_mismatch" and err.status == 403
+        await refused(verifier, token, cfg(**issuer.oauth2(audience="c")))
+        assert len(sig_checks) == 4  # failures are not cached
+        bad = _tampered(issuer)
+        for _ in range(2):
+            assert (await refused(verifier, bad, cfg(**issuer.oauth2()))).code == "token_bad_signature"
+        assert len(sig_checks) == 6
+
+
+async def test_cache_is_bounded_lru(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], sig_checks: list[str]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        verifier = make_verifier(cache_size=2)
+        conf = cfg(**issuer.oauth2())
+        a, b, c = (issuer.mint(issuer.claims()) for _ in range(3))
+        for token in (a, b, a, c):  # c evicts b (least recently used), not a
+            await verifier.verify(token, conf)
+        assert verifier.status()["cache"] == {"size": 2, "max": 2}
+        assert len(sig_checks) == 3
+        await verifier.verify(a, conf)
+        assert len(sig_checks) == 3
+        await verifier.verify(b, conf)
+        assert len(sig_checks) == 4
+
+
+async def test_rotation_invalidates_cached_tokens(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock, sig_checks: list[str]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        old = issuer.mint(issuer.claims(ttl=3600))
+        await verifier.verify(old, conf)
+        await verifier.verify(old, conf)
+        assert sig_checks == ["RS256"]
+
+        issuer.rotate()  # old keys withdrawn, new kids
+        clock.advance(31)
+        new = issuer.mint(issuer.claims(ttl=3600))
+        assert (await verifier.verify(new, conf)).subject == DEFAULT_SUBJECT
+        assert issuer.counts["jwks"] == 2
+        # The old token's cache entry belongs to the previous key set: it is not used,
+        # and its key is gone.
+        assert (await refused(verifier, old, conf)).code == "token_unknown_key"
+        assert verifier.status()["issuers"][0]["generation"] == 2
+
+
+async def test_overlap_rotation_reverifies_old_tokens(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock, sig_checks: list[str]
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        old = issuer.mint(issuer.claims(ttl=3600))
+        await verifier.verify(old, conf)
+        issuer.rotate(keep_old=True)
+        clock.advance(31)
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        await verifier.verify(old, conf)  # still valid, but checked again under the new set
+        assert sig_checks == ["RS256", "RS256", "RS256"]
+
+
+# --------------------------------------------------------------------------- an unreachable issuer
+
+
+async def test_issuer_slow_gives_unavailable_within_timeout(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier]
+) -> None:
+    verifier = make_verifier(fetch_timeout_s=0.5)
+    issuer.set_delay(30)
+    with trio.fail_after(LIMIT_S):
+        started = trio.current_time()
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
+        assert trio.current_time() - started < 2.0
+    assert "timed out after 0.5s" in err.message
+    assert verifier.status()["issuers"][0]["last_error"] == "timed out after 0.5s"
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["http-500", "connection-refused"])
+async def test_issuer_down_without_cached_keys(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock, refuse: bool
+) -> None:
+    conf = cfg(**issuer.oauth2())
+    token = issuer.mint(issuer.claims())
+    with trio.fail_after(LIMIT_S):
+        issuer.set_down(True, refuse=refuse)
+        err = await unavailable(verifier, token, conf)
+        assert ("ConnectError" if refuse else "HTTP 500") in err.message
+        assert issuer.issuer in err.message
+        seen = list(issuer.requests)
+        # Failed just now: callers get a fast 503 without hammering the issuer.
+        await unavailable(verifier, token, conf)
+        assert issuer.requests == seen
+        issuer.set_down(False)
+        clock.advance(3)
+        assert (await verifier.verify(token, conf)).subject == DEFAULT_SUBJECT
+
+
+async def test_cached_keys_survive_a_failed_refresh(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        issuer.set_down(True)
+        clock.advance(301)  # keys stale: a refresh is due, and fails
+        got = await verifier.verify(issuer.mint(issuer.claims(), alg="ES256"), conf)
+        assert got.subject == DEFAULT_SUBJECT
+        assert issuer.counts["jwks"] == 2
+        status = verifier.status()["issuers"][0]
+        assert "HTTP 500" in status["last_error"] and status["fetched_at"] == START
+        assert any("keeping 3 cached key(s)" in r.getMessage() for r in caplog.records)
+        # An unknown kid is still a token error, not an outage.
+        clock.advance(31)
+        err = await refused(verifier, issuer.mint(issuer.claims(), kid="new"), conf)
+        assert err.code == "token_unknown_key"
+        issuer.set_down(False)
+        clock.advance(31)
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        assert verifier.status()["issuers"][0]["last_error"] is None
+
+
+# --------------------------------------------------------------------------- what is fetched, and how
+
+
+async def test_discovery_document_for_another_issuer_is_refused(
+    issuer: OAuthIssuer, verifier: OAuthVerifier
+) -> None:
+    issuer.discovery_overrides = {"issuer": "https://evil.example"}
+    with trio.fail_after(LIMIT_S):
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
+    assert "'https://evil.example'" in err.message and "identical" in err.message
+    assert issuer.counts["jwks"] == 0
+
+
+async def test_discovery_document_without_jwks_uri(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    issuer.discovery_overrides = {"jwks_uri": None}
+    with trio.fail_after(LIMIT_S):
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
+    assert "has no jwks_uri" in err.message
+
+
+async def test_discovered_plain_http_jwks_uri_is_refused(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    issuer.discovery_overrides = {"jwks_uri": "http://keys.example.test/jwks.json"}
+    with trio.fail_after(LIMIT_S):
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
+    assert "must use https" in err.message
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"issuer": "https://idp.example.test", "jwks_uri": "http://192.0.2.10/jwks.json"},
+        {"issuer": "http://idp.example.test"},  # discovery over plain http
+        {"issuer": "https://idp.example.test", "jwks_uri": "https://user:pw@idp.example.test/jwks"},
+        {"issuer": "https://idp.example.test", "jwks_uri": "ftp://idp.example.test/jwks"},
+    ],
+    ids=["http-jwks-uri", "http-issuer", "credentials", "ftp"],
+)
+async def test_insecure_urls_refused_without_a_request(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier],
+    monkeypatch: pytest.MonkeyPatch, fields: dict[str, str],
+) -> None:
+    async def no_requests(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a request was sent")
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", no_requests)
+    verifier = make_verifier()
+    conf = cfg(audience=issuer.audience, **fields)
+    token = issuer.mint(issuer.claims(iss=fields["issuer"]))
+    with trio.fail_after(1.0):
+        err = await unavailable(verifier, token, conf)
+    assert "https" in err.message or "credentials" in err.message
+
+
+async def test_redirects_are_not_followed(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    moved = issuer.add_route("/moved", status=302, headers={"Location": issuer.jwks_uri})
+    with trio.fail_after(LIMIT_S):
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2(jwks_uri=moved)))
+    assert "HTTP 302 (redirects are not followed)" in err.message
+    assert issuer.counts["jwks"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b" " * (1024 * 1024 + 1), "larger than"),
+        (b"{not json", "did not return valid JSON"),
+        (b'{"keys": "nope"}', "is not a JWKS"),
+        (b'{"keys": []}', "no usable signing keys"),
+        (b'[{"keys": []}]', "is not a JWKS"),
+    ],
+    ids=["oversized", "not-json", "keys-not-list", "no-keys", "not-object"],
+)
+async def test_bad_jwks_documents(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, body: bytes, expected: str
+) -> None:
+    url = issuer.add_route("/bad-jwks", body=body, headers={"Content-Type": "application/json"})
+    with trio.fail_after(LIMIT_S):
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2(jwks_uri=url)))
+    assert expected in err.message
+
+
+async def test_unusable_jwks_entries_are_ignored(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    enc = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    leaked = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_jwk = jwt.algorithms.RSAAlgorithm.to_jwk(leaked, as_dict=True)
+    issuer.extra_jwks = [
+        public_jwk(weak, kid="weak", alg="RS256"),
+        {**public_jwk(enc, kid="enc", alg="RS256"), "use": "enc"},
+        {**public_jwk(enc, kid="ops", alg="RS256"), "key_ops": ["encrypt"]},
+        {**public_jwk(enc, kid="ps", alg="RS256"), "alg": "PS256"},
+        {**private_jwk, "kid": "leaked", "use": "sig"},
+        {"kty": "oct", "kid": "hmac", "k": b64url(issuer.public_pem())},
+        {"kty": "EC", "crv": "P-384", "kid": "p384", "x": "AA", "y": "AA"},
+        {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
+        "not an object",
+    ]
+    conf = cfg(**issuer.oauth2())
+    with trio.fail_after(LIMIT_S):
+        await verifier.verify(issuer.mint(issuer.claims()), conf)  # good keys still load
+        for kid, key in [("weak", weak), ("enc", enc), ("ops", enc), ("ps", enc), ("leaked", leaked)]:
+            err = await refused(verifier, issuer.mint(issuer.claims(), kid=kid, key=key), conf)
+            assert err.code == "token_unknown_key", kid
+        err = await refused(
+            verifier, issuer.mint(issuer.claims(), alg="HS256", kid="hmac", key=issuer.public_pem()), conf
+        )
+        assert err.code == "token_wrong_algorithm"
+    assert sorted(verifier.status()["issuers"][0]["key_ids"]) == sorted(issuer.kids.values())
+    assert any(
+        r.levelname == "WARNING" and "'leaked'" in r.getMessage() and "private" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+# --------------------------------------------------------------------------- status and lifecycle
+
+
+async def test_status_has_no_key_material(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    with trio.fail_after(LIMIT_S):
+        token = issuer.mint(issuer.claims())
+        await verifier.verify(token, cfg(**issuer.oauth2()))
+    status = verifier.status()
+    assert status["cache"] == {"size": 1, "max": 10_000}
+    [entry] = status["issuers"]
+    assert entry["issuer"] == issuer.issuer
+    assert entry["source"] == "discovery" and entry["jwks_uri"] == issuer.jwks_uri
+    assert sorted(entry["key_ids"]) == sorted(issuer.kids.values())
+    assert entry["algorithms"] == ["ES256", "EdDSA", "RS256"]
+    assert entry["fetched_at"] == START and entry["last_error"] is None
+    assert entry["cached_tokens"] == 1
+    text = json.dumps(status)  # JSON-serialisable, and nothing secret or key-like in it
+    for jwk in issuer.jwks()["keys"]:
+        for member in ("n", "x", "y"):
+            if member in jwk:
+                assert jwk[member] not in text
+    assert token not in text and token.split(".")[2] not in text
+
+
+async def test_aclose_then_cached_keys_only(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], clock: FakeClock
+) -> None:
+    verifier = make_verifier()
+    conf = cfg(**issuer.oauth2())
+    with trio.fail_after(LIMIT_S):
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        await verifier.aclose()
+        await verifier.aclose()  # idempotent
+        await verifier.verify(issuer.mint(issuer.claims()), conf)  # cached keys
+        other = make_verifier()
+        await other.aclose()
+        err = await unavailable(other, issuer.mint(issuer.claims()), conf)
+        assert "closed" in err.message
+
+
+def test_issuer_usable_from_sync_code(tmp_path: Path) -> None:
+    """The loopback issuer needs no event loop: plain blocking clients work too."""
+    with OAuthIssuer(discovery="both") as iss:
+        doc = httpx.get(iss.base_url + iss.oidc_path, timeout=5).json()
+        assert doc["issuer"] == iss.issuer and doc["jwks_uri"] == iss.jwks_uri
+        assert httpx.get(iss.base_url + iss.oauth_path, timeout=5).json() == doc
+        jwks = httpx.get(iss.jwks_uri, timeout=5).json()
+        assert {k["alg"] for k in jwks["keys"]} == {"RS256", "ES256", "EdDSA"}
+        assert all(k["use"] == "sig" and k["kid"] for k in jwks["keys"])
+        assert iss.counts == {"jwks": 1, "discovery": 2, "oidc": 1, "oauth": 1, "other": 0}
+        claims = iss.claims()
+        assert claims["exp"] - claims["iat"] == 300
+        assert claims["iat"] <= time.time() + 1
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(iss.jwks_uri, timeout=2)
