@@ -229,6 +229,16 @@ class Daemon:
     def events_of(self, event_type: str) -> list[dict[str, Any]]:
         return [e for e in self.audit_events() if e["event_type"] == event_type]
 
+    def wait_events(self, event_type: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Events of a type once at least ``count`` are on disk (an allowed authorize is
+        committed with the next durable event or within 50 ms, not before its response)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            events = self.events_of(event_type)
+            if len(events) >= count or time.monotonic() > deadline:
+                return events
+            time.sleep(0.02)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
