@@ -12,6 +12,8 @@ mkdir -p "$here/keys" "$here/state" "$here/run"
 chmod 700 "$here/keys" "$here/state"
 [ -f "$here/keys/local.key" ] || "$sidekey" keygen local --out "$here/keys/local.key"
 [ -f "$here/keys/token-keys.json" ] || "$sidekey" keygen tokens --config "$cfg"
+[ -f "$here/keys/demo-issuer.pem" ] || "$sidekey" keygen issuer \
+  --out "$here/keys/demo-issuer.pem" --jwks "$here/keys/demo-issuer-jwks.json"
 
 # One random demo secret per tool (values never appear on the command line).
 existing=$("$sidekey" secrets list --config "$cfg")
@@ -24,5 +26,6 @@ done
 "$sidekey" check-config --config "$cfg"
 echo "starting sidekey; in another terminal:"
 echo "  curl --unix-socket $here/run/sidekey.sock http://sidekey/v1/health"
+echo "  export SIDEKEY_USER_TOKEN=\$($sidekey token user --config $cfg --key $here/keys/demo-issuer.pem --jwks $here/keys/demo-issuer-jwks.json --server content-api --user alice)"
 echo "  $sidekey call --config $cfg --server content-api --tool create_article --agent content-writer"
 exec "$sidekey" serve --config "$cfg"

@@ -167,6 +167,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
             _fail("keygen local needs --out FILE")
         generate_key_file(Path(args.out))
         print(f"created local store key {args.out} (mode 0600)")
+    elif args.kind == "issuer":
+        from .devissuer import create_issuer
+
+        if not args.out or not args.jwks:
+            _fail("keygen issuer needs --out PRIVATE_KEY and --jwks JWKS_FILE")
+        kid = create_issuer(Path(args.out), Path(args.jwks))
+        print(f"created a local OAuth2 issuer key {args.out} (mode 0600) and its JWKS {args.jwks} "
+              f"(kid {kid}); point oauth2_issuers at the JWKS and mint tokens with "
+              "`sidekey token user`")
     else:
         if not args.out:
             _fail("keygen ed25519 needs --out FILE")
@@ -286,6 +295,34 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_token_user(args: argparse.Namespace) -> int:
+    from .devissuer import kid_of, mint_user_token
+
+    loaded = _load(args)
+    if args.server not in loaded.config.servers:
+        _fail(f'no server "{args.server}" in {loaded.path}')
+    oauth = loaded.config.servers[args.server].oauth2
+    if oauth == "none":
+        _fail(f'server "{args.server}" has oauth2: none; its calls need no user token')
+    token = mint_user_token(
+        Path(args.key), kid=kid_of(Path(args.jwks)), issuer=oauth.issuer, audience=oauth.audience,
+        subject=args.user, scopes=args.scope if args.scope else oauth.scopes, ttl_s=args.ttl,
+    )
+    print(token)
+    return EXIT_OK
+
+
+def _user_token(args: argparse.Namespace) -> str | None:
+    """From --user-token-file, else $SIDEKEY_USER_TOKEN (never argv: tokens are secrets)."""
+    if args.user_token_file:
+        try:
+            text = Path(args.user_token_file).read_text().strip()
+        except OSError as exc:
+            _fail(f"--user-token-file: {exc.strerror}: {args.user_token_file}")
+        return text or None
+    return os.environ.get("SIDEKEY_USER_TOKEN") or None
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     import time
 
@@ -295,7 +332,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         auth = client.authorize(
             server=args.server,
             tool=args.tool,
-            user_token=os.environ.get("SIDEKEY_USER_TOKEN"),
+            user_token=_user_token(args),
             agent_id=args.agent,
             session_id=args.session,
             arguments=arguments,
@@ -372,9 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("keygen", cmd_keygen, "create keys: the token HMAC key set (create or rotate), "
              "a local-store key, or an Ed25519 key pair for an external issuer")
-    sp.add_argument("kind", choices=["tokens", "local", "ed25519"], help="which key to create")
+    sp.add_argument("kind", choices=["tokens", "local", "ed25519", "issuer"],
+                    help="which key to create (issuer: a local OAuth2 issuer for demos and tests)")
     sp.add_argument("--out", "-o", metavar="FILE", help="where to write (tokens: default tokens.keyset "
-                    "of --config); never overwrites a local or ed25519 key")
+                    "of --config); never overwrites a local, ed25519 or issuer key")
+    sp.add_argument("--jwks", metavar="FILE", help="issuer: where to write the public JWKS")
     config_arg(sp)
     sp.add_argument("--json", action="store_true", help="print the result as JSON (ed25519)")
 
@@ -441,6 +480,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print token, jti and expiry as JSON")
     socket_args(sp)
 
+    sp = tsub.add_parser(
+        "user",
+        help="mint a user's OAuth2 access token with a local issuer key (demos and tests)",
+        description="mint an OAuth2 access token for a server's issuer and audience with a key "
+        "from `sidekey keygen issuer`, as an identity provider would; prints the token "
+        "(use it as SIDEKEY_USER_TOKEN for `sidekey call`)",
+    )
+    sp.set_defaults(func=cmd_token_user)
+    sp.add_argument("--key", required=True, metavar="PEM", help="issuer private key (keygen issuer)")
+    sp.add_argument("--jwks", required=True, metavar="FILE", help="the issuer's JWKS (for the kid)")
+    sp.add_argument("--server", required=True, help="server whose oauth2 issuer and audience to use")
+    sp.add_argument("--user", required=True, help="the user (sub claim)")
+    sp.add_argument("--scope", action="append", metavar="SCOPE",
+                    help="a scope to grant (repeatable; default: every scope the server offers)")
+    sp.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    config_arg(sp)
+
     sp = add("call", cmd_call, "run one governed tool call (authorize, redeem, release) and print "
              "a JSON summary with secret names")
     sp.add_argument("--server", required=True)
@@ -452,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="outcome reported at release (default success)")
     sp.add_argument("--show-secrets", action="store_true",
                     help="print secret values too (they end up in your terminal!)")
+    sp.add_argument("--user-token-file", metavar="FILE",
+                    help="the user's OAuth2 bearer token (default: $SIDEKEY_USER_TOKEN)")
     socket_args(sp)
 
     sp = add("status", cmd_status, "show the daemon's leases, backends, store and audit health")

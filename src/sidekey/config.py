@@ -164,6 +164,8 @@ class IssuerSource(_C, frozen=True, kw_only=True):
 class PolicyOptions(_C, frozen=True, kw_only=True):
     # Deny authorize calls that do not send server_version (when the registry pins one).
     require_server_version: bool = False
+    # Poll url + health_check of registry entries (shown in /v1/status, never blocks a call).
+    registry_health_checks: bool = True
 
 
 # --------------------------------------------------------------------------- seed policy shapes

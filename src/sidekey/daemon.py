@@ -30,7 +30,9 @@ from .audit.events import make_event
 from .audit.jsonl import open_jsonl_sink
 from .backends import Backend, SecretValue, build_backends
 from .config import LoadedConfig, load_config
+from .healthcheck import RegistryHealth
 from .leases import ACTIVE, RELEASED, REVOKED, LeaseManager, new_lease_id
+from .oauth import OAuthVerifier
 from .peer import (
     ExeHashCache,
     PeerHandle,
@@ -38,8 +40,6 @@ from .peer import (
     tier_allows,
     tier_of,
 )
-from .healthcheck import RegistryHealth
-from .oauth import OAuthVerifier
 from .policy import CallFacts, Decision, decide
 from .protocol import (
     AccessToken,
@@ -773,7 +773,8 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             await nursery.start(store.run_maintenance)  # type: ignore[attr-defined]
             recovered = await app.leases.recover()
             await nursery.start(app.leases.run)
-            await nursery.start(app.registry_health.run)
+            if cfg.policy.registry_health_checks:
+                await nursery.start(app.registry_health.run)
             await audit.emit(
                 app.event(
                     "daemon.started",
@@ -821,6 +822,8 @@ def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
             ("tokens.keyset", a.tokens.keyset, b.tokens.keyset),
             ("audit.path", a.audit.path, b.audit.path),
             ("audit.fsync", a.audit.fsync, b.audit.fsync),
+            ("policy.registry_health_checks", a.policy.registry_health_checks,
+             b.policy.registry_health_checks),
         )
         if x != y
     ]
