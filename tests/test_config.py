@@ -49,7 +49,7 @@ def _load_error(qs: Path) -> str:
     ("file", "old", "new", "expected"),
     [
         ("rate-limits.yaml", "requests_per_minute: 2\n", 'requests_per_minute: "two"\n',
-         'rate-limits.yaml: $.limits.per_tool.delete_record.requests_per_minute: expected int | null, got "two"'),
+         'rate-limits.yaml: $.limits.per_tool.delete_record.requests_per_minute: expected int, got "two"'),
         ("central-registry.yaml", 'status: "deprecated"', 'status: "sunset"',
          "central-registry.yaml: $.registry.servers.legacy-crm.status: Invalid enum value 'sunset'"),
         ("agent-tool-mappings.yaml", 'denied_servers:\n      - "legacy-crm"', "denied_servers: legacy-crm",
@@ -90,3 +90,34 @@ def test_cross_references(qs: Path) -> None:
     assert '$.secrets.content-api.list_articles.CONTENT_API_KEY.backend: no backend named "vault"' in _load_error(qs)
     (qs / "sidekey.yaml").write_text(text.replace("  analytics-db:\n    - uid: self", "  nosuch:\n    - uid: self"))
     assert "$.peers.nosuch: server is not declared" in _load_error(qs)
+
+
+def test_seed_references_to_undeclared_servers_are_warnings(qs: Path) -> None:
+    warnings = load_config(qs / "sidekey.yaml").warnings
+    assert any('$.agents.sales-assistant.allowed_servers.0.server: server "crm-v2"' in w for w in warnings)
+    assert any("$.registry.servers.legacy-crm.replacement" in w and "crm-v2" in w for w in warnings)
+    assert any("$.limits.per_tool.delete_record: no server declares this tool" in w for w in warnings)
+
+
+def test_policy_cross_references_are_errors(qs: Path) -> None:
+    agents = (qs / "agent-tool-mappings.yaml").read_text()
+    (qs / "agent-tool-mappings.yaml").write_text(agents.replace('tools: ["query_metrics"]',
+                                                                'tools: ["drop_tables"]', 1))
+    assert ('agent-tool-mappings.yaml: $.agents.content-writer.allowed_servers.1.tools: '
+            'tool "drop_tables" is not declared by server "analytics-db"') in _load_error(qs)
+    (qs / "agent-tool-mappings.yaml").write_text(agents)
+    servers = (qs / "mcp-server-registry.yaml").read_text()
+    (qs / "mcp-server-registry.yaml").write_text(servers.replace('required: ["content:publish"]',
+                                                                 'required: ["content:admin"]'))
+    assert ('mcp-server-registry.yaml: $.servers.content-api.tool_scopes.publish_article.required: '
+            'scope "content:admin" is not in $.servers.content-api.oauth2.scopes') in _load_error(qs)
+    (qs / "mcp-server-registry.yaml").write_text(servers)
+    registry = (qs / "central-registry.yaml").read_text()
+    (qs / "central-registry.yaml").write_text(registry.replace('      deprecation_date: "2026-06-01"\n', ""))
+    assert "$.registry.servers.legacy-crm.deprecation_date: a deprecated server needs" in _load_error(qs)
+    (qs / "central-registry.yaml").write_text(registry)
+    main = (qs / "sidekey.yaml").read_text()
+    (qs / "sidekey.yaml").write_text(main.replace(
+        "    jwks_file: keys/demo-issuer-jwks.json",
+        "    jwks_file: keys/demo-issuer-jwks.json\n    jwks_uri: https://idp.example/jwks"))
+    assert "$.oauth2_issuers.https://auth.example.com: set exactly one of jwks_uri or jwks_file" in _load_error(qs)

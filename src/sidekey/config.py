@@ -416,6 +416,8 @@ def _format_error(origin_file: str, data: dict[str, Any], located: _Located) -> 
         msg = "e" + msg[1:]
         if found:
             msg = msg.rsplit(", got", 1)[0] + f", got {_describe(value)}"
+            if value is not None:
+                msg = msg.replace(" | null,", ",")  # "may be left out" is not the point here
     path = "$" + "".join(f".{seg}" for seg in located.path)
     return f"{origin_file}: {path}: {msg}"
 
