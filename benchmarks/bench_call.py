@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from sidekey.devissuer import create_issuer, kid_of, mint_user_token
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart"
 
@@ -61,7 +63,18 @@ def setup(root: Path) -> Path:
     for name in ("content-api/read-key", "content-api/write-key", "content-api/publish-key",
                  "analytics-db/readonly-dsn"):
         store.put(name, os.urandom(16).hex())
+    # The quickstart's local demo issuer: the calls carry a real (EdDSA) user token.
+    create_issuer(root / "keys" / "demo-issuer.pem", root / "keys" / "demo-issuer-jwks.json")
     return config
+
+
+def user_token(root: Path) -> str:
+    """One bearer token for all calls, as an agent would present (verified once, then cached)."""
+    return mint_user_token(
+        root / "keys" / "demo-issuer.pem", kid=kid_of(root / "keys" / "demo-issuer-jwks.json"),
+        issuer="https://auth.example.com", audience="mcp:content-api", subject="bench-user",
+        scopes=["content:read", "content:write", "content:publish"],
+    )
 
 
 def start_daemon(root: Path, config: Path, profile: Path | None) -> subprocess.Popen[bytes]:
@@ -121,14 +134,14 @@ class _Conn:
             self.buf += chunk
 
 
-async def _raw_worker(sock_path: str, n: int, lat: list[float]) -> None:
+async def _raw_worker(sock_path: str, token: str, n: int, lat: list[float]) -> None:
     import trio
 
     stream = await trio.open_unix_socket(sock_path)
     conn = _Conn(stream)
     auth_req = _post("/v1/authorize", json.dumps({
         "server": SERVER, "tool": TOOL, "agent_id": "content-writer", "session_id": "bench",
-        "arguments": ARGS}).encode())
+        "user_token": token, "arguments": ARGS}).encode())
     try:
         for _ in range(n):
             t0 = time.perf_counter()
@@ -145,7 +158,7 @@ async def _raw_worker(sock_path: str, n: int, lat: list[float]) -> None:
         await stream.aclose()
 
 
-def _raw_process(sock_path: str, concurrency: int, per_worker: int, q: Any) -> None:
+def _raw_process(sock_path: str, token: str, concurrency: int, per_worker: int, q: Any) -> None:
     import trio
 
     lat: list[float] = []
@@ -154,14 +167,14 @@ def _raw_process(sock_path: str, concurrency: int, per_worker: int, q: Any) -> N
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
-                nursery.start_soon(_raw_worker, sock_path, per_worker, lat)
+                nursery.start_soon(_raw_worker, sock_path, token, per_worker, lat)
         return time.perf_counter() - t0
 
     wall = trio.run(main)
     q.put((wall, lat))
 
 
-def _client_process(sock_path: str, n: int, q: Any) -> None:
+def _client_process(sock_path: str, token: str, n: int, q: Any) -> None:
     from sidekey.client import Client
 
     lat: list[float] = []
@@ -170,7 +183,7 @@ def _client_process(sock_path: str, n: int, q: Any) -> None:
         for _ in range(n):
             t0 = time.perf_counter()
             auth = c.authorize(server=SERVER, tool=TOOL, agent_id="content-writer",
-                               session_id="bench", arguments=ARGS)
+                               session_id="bench", arguments=ARGS, user_token=token)
             lease = c.redeem(auth.resolution_token, arguments=ARGS)
             c.release(lease.lease_id, status="success", duration_ms=1)
             lat.append(time.perf_counter() - t0)
@@ -219,12 +232,16 @@ def main() -> int:
         sock_path = str(root / "run" / "sock")
         try:
             results = []
-            run_in_process(_raw_process, sock_path, 1, 100)  # warm-up
-            results.append(report("client c=1", *run_in_process(_client_process, sock_path, args.calls)))
-            results.append(report("raw c=1", *run_in_process(_raw_process, sock_path, 1, args.calls)))
+            token = user_token(root)
+            run_in_process(_raw_process, sock_path, token, 1, 100)  # warm-up
+            results.append(report("client c=1", *run_in_process(_client_process, sock_path, token,
+                                                                args.calls)))
+            results.append(report("raw c=1", *run_in_process(_raw_process, sock_path, token, 1,
+                                                             args.calls)))
             per = max(1, args.calls // args.concurrency) * 2
             results.append(report(f"raw c={args.concurrency}",
-                                  *run_in_process(_raw_process, sock_path, args.concurrency, per)))
+                                  *run_in_process(_raw_process, sock_path, token, args.concurrency,
+                                                  per)))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
