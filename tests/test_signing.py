@@ -251,7 +251,7 @@ def test_digest_edited_in_signature_file_is_forged_not_stale(qs: Setup) -> None:
 
 def test_include_added_after_signing_is_not_covered(qs: Setup) -> None:
     qs.sign()
-    (qs.root / "extra.yaml").write_text("policy:\n  require_server_version: false\n")
+    (qs.root / "extra.yaml").write_text("# adds nothing, but is loaded\n")
     text = qs.main.read_text()
     qs.main.write_text(text.replace("  - rate-limits.yaml\n", "  - rate-limits.yaml\n  - extra.yaml\n"))
     assert qs.verify_error().splitlines() == [
