@@ -15,6 +15,7 @@ import trio
 
 from harness import Daemon
 from sidekey.client import (
+    AccessDenied,
     AsyncClient,
     Client,
     ConflictError,
@@ -22,6 +23,7 @@ from sidekey.client import (
     Lease,
     NotFoundError,
     SidekeyClientError,
+    TokenRejected,
 )
 
 pytestmark = pytest.mark.integration
@@ -67,13 +69,18 @@ def test_sync_health(daemon: Daemon) -> None:
 
 
 def test_sync_authorize_redeem_release_round_trip(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
     value = _write_key(daemon)
     with Client(socket_path=daemon.socket) as client:
-        auth = client.authorize(SERVER, TOOL, agent_id=AGENT, session_id="s1", arguments=ARGS)
+        auth = client.authorize(
+            SERVER, TOOL, user_token=token, agent_id=AGENT, session_id="s1", arguments=ARGS
+        )
         assert auth.decision == "allow"
+        assert auth.user_id == "alice"  # the user named by the token
         assert auth.resolution_token
         assert auth.secrets == ("CONTENT_API_KEY",)
         assert auth.resolution_token not in repr(auth)
+        assert token not in repr(auth)
 
         lease = client.redeem(auth.resolution_token, arguments=ARGS)
         assert isinstance(lease, Lease)
@@ -92,13 +99,18 @@ def test_sync_authorize_redeem_release_round_trip(daemon: Daemon) -> None:
     assert event["result"]["duration_ms"] == 7
     assert event["result"]["result_size_bytes"] == 42
     assert event["agent_id"] == AGENT and event["session_id"] == "s1"
+    assert event["user_id"] == "alice"
     assert value.encode() not in daemon.everything_written()
+    assert token.encode() not in daemon.everything_written()
 
 
 def test_sync_tool_call_success(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
     value = _write_key(daemon)
     with Client(socket_path=daemon.socket) as client:
-        with client.tool_call(SERVER, TOOL, agent_id=AGENT, arguments=ARGS) as lease:
+        with client.tool_call(
+            SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+        ) as lease:
             assert lease.secrets["CONTENT_API_KEY"] == value
             assert value not in repr(lease)
             lease.result_size_bytes = 11
@@ -113,10 +125,11 @@ def test_sync_tool_call_success(daemon: Daemon) -> None:
 
 
 def test_sync_tool_call_error_in_body_releases_and_propagates(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
     seen: list[Lease] = []
     with Client(socket_path=daemon.socket) as client:
         with pytest.raises(BodyFailed, match="boom"), client.tool_call(
-            SERVER, TOOL, agent_id=AGENT, arguments=ARGS
+            SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
         ) as lease:
             seen.append(lease)
             raise BodyFailed("boom")
@@ -134,8 +147,9 @@ def test_sync_tool_call_error_in_body_releases_and_propagates(daemon: Daemon) ->
 
 
 def test_redeem_twice_is_token_replayed(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
     with Client(socket_path=daemon.socket) as client:
-        auth = client.authorize(SERVER, TOOL, agent_id=AGENT, arguments=ARGS)
+        auth = client.authorize(SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS)
         assert auth.resolution_token
         lease = client.redeem(auth.resolution_token)
         with pytest.raises(ConflictError) as info:
@@ -157,16 +171,60 @@ def test_redeem_twice_is_token_replayed(daemon: Daemon) -> None:
 def test_unknown_tool_or_server_is_not_found(
     daemon: Daemon, server: str, tool: str, code: str
 ) -> None:
+    token = daemon.user_token(SERVER)
     with Client(socket_path=daemon.socket) as client, pytest.raises(NotFoundError) as info:
-        client.authorize(server, tool, agent_id=AGENT, arguments={})
+        client.authorize(server, tool, user_token=token, agent_id=AGENT, arguments={})
     assert info.value.code == code
     assert info.value.status == 404
     assert isinstance(info.value, SidekeyClientError)
 
 
-def test_release_twice_is_lease_released(daemon: Daemon) -> None:
+def test_call_without_user_token_is_token_missing(daemon: Daemon) -> None:
+    entered = False
     with Client(socket_path=daemon.socket) as client:
-        auth = client.authorize(SERVER, TOOL, agent_id=AGENT, arguments=ARGS)
+        with pytest.raises(TokenRejected) as info, client.tool_call(
+            SERVER, TOOL, agent_id=AGENT, arguments=ARGS
+        ):
+            entered = True
+        assert client.health()["status"] == "ok"
+    assert not entered  # no lease, the body never ran
+    err = info.value
+    assert err.code == "token_missing"
+    assert err.status == 401
+    assert err.request_id and err.request_id.startswith("req_")
+    assert "user_token" in err.message  # says what to send
+    assert _write_key(daemon) not in str(err)
+    assert not daemon.events_of("mcp.redeem")
+    assert not daemon.events_of("mcp.tool_call")
+
+
+def test_token_without_tool_scope_is_scope_missing(daemon: Daemon) -> None:
+    read_only = daemon.user_token(SERVER, scopes=["content:read"])
+    entered = False
+    with Client(socket_path=daemon.socket) as client:
+        with pytest.raises(AccessDenied) as info, client.tool_call(
+            SERVER, TOOL, user_token=read_only, agent_id=AGENT, arguments=ARGS
+        ):
+            entered = True
+        # the same token is enough for a tool that needs only content:read
+        with client.tool_call(
+            SERVER, "list_articles", user_token=read_only, agent_id=AGENT, arguments={}
+        ) as lease:
+            assert set(lease.secrets) == {"CONTENT_API_KEY"}
+    assert not entered
+    err = info.value
+    assert err.code == "scope_missing"
+    assert err.status == 403
+    assert "content:write" in err.message  # names the missing scope
+    assert read_only not in str(err) and read_only not in repr(err)
+    assert _write_key(daemon) not in str(err)
+    assert [e["tool"] for e in daemon.events_of("mcp.redeem")] == ["list_articles"]
+
+
+def test_release_twice_is_lease_released(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
+    with Client(socket_path=daemon.socket) as client:
+        auth = client.authorize(SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS)
         assert auth.resolution_token
         lease = client.redeem(auth.resolution_token)
         assert client.release(lease.lease_id, "success", 1)["state"] == "released"
@@ -219,11 +277,14 @@ async def test_async_missing_socket_is_connection_failed(tmp_path: Path) -> None
 
 
 async def test_trio_tool_call_success(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
     value = _write_key(daemon)
     with trio.fail_after(ASYNC_TIMEOUT_S):
         async with AsyncClient(socket_path=daemon.socket) as client:
             assert (await client.health())["status"] == "ok"
-            async with client.tool_call(SERVER, TOOL, agent_id=AGENT, arguments=ARGS) as lease:
+            async with client.tool_call(
+                SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+            ) as lease:
                 assert lease.secrets["CONTENT_API_KEY"] == value
                 assert value not in repr(lease)
                 await trio.sleep(0.01)
@@ -233,9 +294,12 @@ async def test_trio_tool_call_success(daemon: Daemon) -> None:
 
 
 async def test_trio_typed_errors(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
     with trio.fail_after(ASYNC_TIMEOUT_S):
         async with AsyncClient(socket_path=daemon.socket) as client:
-            auth = await client.authorize(SERVER, TOOL, agent_id=AGENT, arguments=ARGS)
+            auth = await client.authorize(
+                SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+            )
             assert auth.resolution_token
             lease = await client.redeem(auth.resolution_token)
             with pytest.raises(ConflictError) as replay:
@@ -244,18 +308,21 @@ async def test_trio_typed_errors(daemon: Daemon) -> None:
             with pytest.raises(ConflictError) as again:
                 await client.release(lease, "success", 1)
             with pytest.raises(NotFoundError) as unknown:
-                await client.authorize(SERVER, "no_such_tool")
+                await client.authorize(SERVER, "no_such_tool", user_token=token)
     assert replay.value.code == "token_replayed"
     assert again.value.code == "lease_released"
     assert unknown.value.code == "tool_unknown"
 
 
 async def test_trio_tool_call_error_in_body(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
     seen: list[Lease] = []
     with trio.fail_after(ASYNC_TIMEOUT_S):
         async with AsyncClient(socket_path=daemon.socket) as client:
             with pytest.raises(BodyFailed, match="trio boom"):
-                async with client.tool_call(SERVER, TOOL, agent_id=AGENT, arguments=ARGS) as lease:
+                async with client.tool_call(
+                    SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+                ) as lease:
                     seen.append(lease)
                     raise BodyFailed("trio boom")
     (lease,) = seen
@@ -266,11 +333,14 @@ async def test_trio_tool_call_error_in_body(daemon: Daemon) -> None:
 
 
 async def test_trio_cancelled_body_still_releases(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
     seen: list[Lease] = []
     with trio.fail_after(ASYNC_TIMEOUT_S):
         async with AsyncClient(socket_path=daemon.socket) as client:
             with trio.CancelScope() as scope:
-                async with client.tool_call(SERVER, TOOL, agent_id=AGENT, arguments=ARGS) as lease:
+                async with client.tool_call(
+                    SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+                ) as lease:
                     seen.append(lease)
                     scope.cancel()
                     await trio.sleep(60)  # cancelled at once
@@ -288,12 +358,15 @@ async def test_trio_cancelled_body_still_releases(daemon: Daemon) -> None:
 
 async def test_trio_deadline_in_body_still_releases(daemon: Daemon) -> None:
     """A caller's deadline expiring mid-body: the shielded release still lands."""
+    token = daemon.user_token(SERVER)
     seen: list[Lease] = []
     with trio.fail_after(ASYNC_TIMEOUT_S):
         async with AsyncClient(socket_path=daemon.socket) as client:
             auth_done = trio.Event()
             with trio.move_on_after(5) as scope:
-                async with client.tool_call(SERVER, TOOL, agent_id=AGENT, arguments=ARGS) as lease:
+                async with client.tool_call(
+                    SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+                ) as lease:
                     seen.append(lease)
                     auth_done.set()
                     scope.deadline = trio.current_time() + 0.05
@@ -307,17 +380,22 @@ async def test_trio_deadline_in_body_still_releases(daemon: Daemon) -> None:
 
 
 def test_asyncio_tool_call_success_and_error(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
     value = _write_key(daemon)
 
     async def main() -> tuple[str, str]:
         async with AsyncClient(socket_path=daemon.socket) as client:
             assert (await client.health())["status"] == "ok"
-            async with client.tool_call(SERVER, TOOL, agent_id=AGENT, arguments=ARGS) as ok:
+            async with client.tool_call(
+                SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+            ) as ok:
                 assert ok.secrets["CONTENT_API_KEY"] == value
                 await asyncio.sleep(0.01)
             failed: list[Lease] = []
             with pytest.raises(BodyFailed, match="asyncio boom"):
-                async with client.tool_call(SERVER, TOOL, agent_id=AGENT, arguments=ARGS) as bad:
+                async with client.tool_call(
+                    SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+                ) as bad:
                     failed.append(bad)
                     raise BodyFailed("asyncio boom")
             return ok.lease_id, failed[0].lease_id
@@ -330,10 +408,14 @@ def test_asyncio_tool_call_success_and_error(daemon: Daemon) -> None:
 
 
 def test_asyncio_typed_errors(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
+
     async def main() -> list[str]:
         codes: list[str] = []
         async with AsyncClient(socket_path=daemon.socket) as client:
-            auth = await client.authorize(SERVER, TOOL, agent_id=AGENT, arguments=ARGS)
+            auth = await client.authorize(
+                SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+            )
             assert auth.resolution_token
             lease = await client.redeem(auth.resolution_token)
             try:
@@ -354,13 +436,17 @@ def test_asyncio_typed_errors(daemon: Daemon) -> None:
 
 
 def test_asyncio_cancelled_body_still_releases(daemon: Daemon) -> None:
+    token = daemon.user_token(SERVER)
+
     async def main() -> str:
         async with AsyncClient(socket_path=daemon.socket) as client:
             entered = asyncio.Event()
             seen: list[Lease] = []
 
             async def call() -> None:
-                async with client.tool_call(SERVER, TOOL, agent_id=AGENT, arguments=ARGS) as lease:
+                async with client.tool_call(
+                    SERVER, TOOL, user_token=token, agent_id=AGENT, arguments=ARGS
+                ) as lease:
                     seen.append(lease)
                     entered.set()
                     await asyncio.sleep(60)

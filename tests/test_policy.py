@@ -215,7 +215,7 @@ def test_presented_but_unverified_token_is_invalid(cfg: Config) -> None:
 
 def test_token_for_another_server_never_passes(cfg: Config) -> None:
     other = token("content:write", aud="mcp:analytics-db")
-    denied(decide(cfg, facts(user_token=other)), "audience_mismatch", 401)
+    denied(decide(cfg, facts(user_token=other)), "audience_mismatch", 403)
     foreign = token("content:write", iss="https://evil.example.com")
     denied(decide(cfg, facts(user_token=foreign)), "issuer_mismatch", 401)
 

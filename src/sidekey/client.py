@@ -110,7 +110,8 @@ class BadRequestError(SidekeyClientError):
 
 
 class TokenRejected(SidekeyClientError):
-    """401: the resolution token is malformed, expired, replayed or forged."""
+    """401: a token was refused: the user's OAuth2 bearer token (missing, expired,
+    forged, wrong issuer...) or the resolution token (malformed, expired, forged)."""
 
     code = "token_invalid"
 

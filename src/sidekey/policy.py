@@ -11,8 +11,8 @@ with a denial carrying a stable ``code``, an actionable ``message`` and an HTTP 
 3. OAuth2: ``oauth2: none`` servers take the user from the peer's uid; otherwise the
    user's token, already verified by the daemon against this server's issuer and
    audience, names the user (``token_missing`` 401, or the verification error as is;
-   a verified token for another issuer or audience is ``issuer_mismatch`` /
-   ``audience_mismatch``, 401, as a second line of defence);
+   a verified token for another issuer or audience is ``issuer_mismatch`` (401) /
+   ``audience_mismatch`` (403), as a second line of defence);
 4. the tool is declared for the server (``tool_unknown``, 404) and the token carries
    the tool's required scopes (``scope_missing``, 403);
 5. the agent is granted the server and tool (``agent_missing``, ``agent_unknown``,
@@ -313,7 +313,7 @@ class CompiledPolicy:
                     "audience_mismatch",
                     f'the user token is for audience {_quoted(token.audience)}; server "{name}" '
                     f"requires audience {oauth2.audience}",
-                    STATUS_UNAUTHENTICATED,
+                    403,  # as the verifier reports it: a valid token, for another server
                 )
             user_id = token.subject
             rules.append(server.issuer_rule)
