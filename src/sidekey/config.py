@@ -86,19 +86,89 @@ class LeasesConfig(_C, frozen=True, kw_only=True):
     max_ttl_seconds: Annotated[int, Meta(gt=0, le=MAX_TOKEN_TTL_S)] = MAX_TOKEN_TTL_S
 
 
+NonNegFloat = Annotated[float, Meta(ge=0)]
+
+
 class LocalBackendConfig(_C, frozen=True, kw_only=True, tag="local", tag_field="type"):
     path: str
     key_file: str | None = None
     # Name of a systemd credential ($CREDENTIALS_DIRECTORY/<name>) holding the key.
     key_credential: str | None = None
+    cache_ttl_s: NonNegFloat = 0.0  # decrypting locally is cheaper than a cache
+    stale_if_error_s: NonNegFloat = 0.0
 
 
-BackendConfig = LocalBackendConfig
+class VaultBackendConfig(_C, frozen=True, kw_only=True, tag="vault", tag_field="type"):
+    """HashiCorp Vault through hvac. Secrets in files or systemd credentials, never inline."""
+
+    addr: Annotated[str, Meta(pattern=r"^https?://")]
+    namespace: str | None = None
+    auth: Literal["token", "approle"] = "token"
+    # auth: token -> the token from a file or a systemd credential
+    token_file: str | None = None
+    token_credential: str | None = None
+    # auth: approle -> role_id here, secret_id from a file or a systemd credential
+    role_id: str | None = None
+    approle_mount: str = "approle"
+    secret_id_file: str | None = None
+    secret_id_credential: str | None = None
+    # TLS
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    timeout_s: PosFloat = 5.0
+    # Renew the token when less than this many seconds of its TTL are left.
+    renew_before_s: PosFloat = 300.0
+    max_concurrency: Annotated[int, Meta(gt=0, le=64)] = 8
+    cache_ttl_s: NonNegFloat = 60.0
+    stale_if_error_s: NonNegFloat = 0.0
+
+
+class AwsBackendConfig(_C, frozen=True, kw_only=True, tag="aws", tag_field="type"):
+    """AWS Secrets Manager through boto3 (credentials from boto3's default chain)."""
+
+    region: str
+    endpoint_url: str | None = None
+    profile: str | None = None
+    timeout_s: PosFloat = 5.0
+    max_concurrency: Annotated[int, Meta(gt=0, le=64)] = 8
+    cache_ttl_s: NonNegFloat = 60.0
+    stale_if_error_s: NonNegFloat = 0.0
+
+
+BackendConfig = LocalBackendConfig | VaultBackendConfig | AwsBackendConfig
 
 
 class SecretRef(_C, frozen=True, kw_only=True):
+    """Where one secret of a tool's lease comes from. Which keys apply depends on the
+    backend's type (checked at load): local ``name``; vault ``mount`` + ``path``
+    (+ ``key``, ``version``; ``kind: dynamic`` for per-call credentials such as
+    ``database/creds/<role>``, optionally from a warm ``pool_size``); aws ``secret_id``
+    (+ ``version_stage`` or ``version_id``, ``json_key``)."""
+
     backend: str
-    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    name: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    mount: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    path: Annotated[str, Meta(min_length=1, max_length=512)] | None = None
+    key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    version: PosInt | None = None
+    kind: Literal["static", "dynamic"] = "static"
+    pool_size: Annotated[int, Meta(ge=0, le=100)] = 0
+    secret_id: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
+    version_stage: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    version_id: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    json_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    # Cache lifetime for this secret (static secrets only); default: the backend's.
+    cache_ttl_s: NonNegFloat | None = None
+
+    @property
+    def label(self) -> str:
+        """A stable, value-free name for logs, audit and cache keys."""
+        if self.name is not None:
+            return self.name
+        if self.secret_id is not None:
+            return self.secret_id
+        return f"{self.mount}/{self.path}" + (f"#{self.key}" if self.key else "")
 
 
 class PeerSelector(_C, frozen=True, kw_only=True):
@@ -472,6 +542,30 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
     )
 
 
+def _ref_problems(ref: SecretRef, backend: BackendConfig) -> list[str]:
+    """What is wrong with a secret reference for its backend's type."""
+    given = {f for f in ("name", "mount", "path", "key", "version", "secret_id", "version_stage",
+                         "version_id", "json_key") if getattr(ref, f) is not None}
+    if ref.kind == "dynamic" or ref.pool_size:
+        given.add("kind")
+    if isinstance(backend, LocalBackendConfig):
+        allowed, required = {"name"}, {"name"}
+    elif isinstance(backend, VaultBackendConfig):
+        allowed, required = {"mount", "path", "key", "version", "kind"}, {"mount", "path"}
+    else:
+        allowed, required = {"secret_id", "version_stage", "version_id", "json_key"}, {"secret_id"}
+    kind = type(backend).__struct_config__.tag
+    problems = [f"{k}: not used by a {kind} backend" for k in sorted(given - allowed)]
+    problems += [f"{k}: required for a {kind} backend" for k in sorted(required - given)]
+    if ref.version_stage is not None and ref.version_id is not None:
+        problems.append("set version_stage or version_id, not both")
+    if ref.kind == "dynamic" and ref.version is not None:
+        problems.append("version: dynamic secrets have no versions")
+    if ref.pool_size and ref.kind != "dynamic":
+        problems.append("pool_size: only for kind: dynamic")
+    return problems
+
+
 def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
     """Raise ConfigError for references that make a rule unenforceable; return warnings
     for references to things not declared on this host (the seed files name servers,
@@ -558,10 +652,29 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
             if not any(getattr(sel, f) is not None for f in sel.__struct_fields__):
                 errors.append(f"{where('peers')}: $.peers.{server}.{i}: a selector needs at least one key")
     for name, backend in cfg.backends.items():
-        if (backend.key_file is None) == (backend.key_credential is None):
-            errors.append(
-                f"{where('backends')}: $.backends.{name}: set exactly one of key_file or key_credential"
-            )
+        at = f"{where('backends')}: $.backends.{name}"
+        if isinstance(backend, LocalBackendConfig):
+            if (backend.key_file is None) == (backend.key_credential is None):
+                errors.append(f"{at}: set exactly one of key_file or key_credential")
+        elif isinstance(backend, VaultBackendConfig):
+            if backend.auth == "token" and (backend.token_file is None) == (backend.token_credential is None):
+                errors.append(f"{at}: auth token needs exactly one of token_file or token_credential")
+            if backend.auth == "approle":
+                if not backend.role_id:
+                    errors.append(f"{at}.role_id: auth approle needs role_id")
+                if (backend.secret_id_file is None) == (backend.secret_id_credential is None):
+                    errors.append(f"{at}: auth approle needs exactly one of secret_id_file or "
+                                  "secret_id_credential")
+            if (backend.client_cert is None) != (backend.client_key is None):
+                errors.append(f"{at}: set both client_cert and client_key, or neither")
+    for server, tools in cfg.secrets.items():
+        for tool, refs in tools.items():
+            for alias, ref in refs.items():
+                backend_cfg = cfg.backends.get(ref.backend)
+                if backend_cfg is None:
+                    continue  # reported above
+                at = f"{where('secrets')}: $.secrets.{server}.{tool}.{alias}"
+                errors.extend(f"{at}: {problem}" for problem in _ref_problems(ref, backend_cfg))
     for issuer in cfg.tokens.trusted_issuers:
         for i, key in enumerate(issuer.keys):
             if (key.public_key is None) == (key.public_key_file is None):

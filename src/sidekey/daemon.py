@@ -444,7 +444,7 @@ class Sidekey:
             for alias, ref in refs.items():
                 backend = self.backends[ref.backend]
                 with trio.fail_after(BACKEND_TIMEOUT_S):
-                    values[alias] = await backend.fetch(ref.name)
+                    values[alias] = await backend.fetch(ref)
         except trio.TooSlowError:
             raise await self._reject(
                 "request.rejected", base, protocol.Unavailable(

@@ -14,15 +14,22 @@ from .. import protocol
 from ..protocol import ConfigError
 
 if TYPE_CHECKING:
-    from ..config import LoadedConfig
+    from ..config import LoadedConfig, SecretRef
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class SecretValue:
-    """One version of a secret. ``repr``/``str`` show the version only, never the value."""
+    """One version of a secret. ``repr``/``str`` show the version only, never the value.
+
+    ``lease_id`` is set for dynamic secrets (a Vault lease): the credential exists for
+    this one tool call and is revoked through :meth:`Backend.release` when the call's
+    lease ends (released, expired, revoked) — or at the next start after a crash.
+    """
 
     value: str
     version: str
+    lease_id: str | None = None
+    lease_ttl_s: int | None = None
 
     def __repr__(self) -> str:
         return f"SecretValue(version={self.version!r}, value=<redacted>)"
@@ -47,16 +54,39 @@ class SecretNotFound(protocol.SidekeyError):
     code = "secret_not_found"
 
 
+class LeaseJournal(Protocol):
+    """Where a backend records the dynamic credentials it creates, durably, so that a
+    crashed daemon revokes them at its next start. ``issued`` is awaited *before* the
+    credential is handed out; ``revoked`` after the backend confirmed the revocation."""
+
+    async def issued(self, backend: str, lease_id: str, expires_at: float) -> None: ...
+
+    async def revoked(self, backend: str, lease_id: str) -> None: ...
+
+
 class Backend(Protocol):
     """What the daemon needs from a secret backend."""
 
     name: str
 
-    async def fetch(self, secret_name: str) -> SecretValue:
-        """Return the current version of ``secret_name``.
+    async def fetch(self, ref: SecretRef) -> SecretValue:
+        """Return the value ``ref`` points at (its current version unless pinned; a fresh
+        credential for ``kind: dynamic``).
 
         Raises :class:`SecretNotFound` or :class:`BackendError`; never puts the
         value in an exception message.
+        """
+        ...
+
+    async def release(self, lease_id: str) -> None:
+        """End a dynamic secret's backend lease (revoke it). Raises :class:`BackendError`."""
+        ...
+
+    async def rotate(self, ref: SecretRef, value: str) -> str:
+        """Write ``value`` as the new current version of ``ref``; return that version.
+
+        A failed rotation leaves the old version current. Raises :class:`BackendError`,
+        :class:`SecretNotFound`.
         """
         ...
 

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Annotated, BinaryIO, TextIO
 
 import msgspec
 import trio
@@ -55,6 +55,9 @@ from msgspec import Meta
 
 from ..protocol import BadRequest, ConfigError, Conflict, SidekeyError, TooLarge
 from . import BackendError, SecretNotFound, SecretValue
+
+if TYPE_CHECKING:
+    from ..config import SecretRef
 
 log = logging.getLogger(__name__)
 
@@ -619,11 +622,14 @@ class LocalBackend:
         # One worker thread at a time: reloads and writes are serialised anyway.
         self._limiter = trio.CapacityLimiter(1)
 
-    async def fetch(self, secret_name: str) -> SecretValue:
-        """Decrypt the current version of ``secret_name``.
+    async def fetch(self, ref: SecretRef | str) -> SecretValue:
+        """Decrypt the current version of the secret ``ref`` names.
 
         Raises :class:`SecretNotFound` or :class:`BackendError`.
         """
+        secret_name = ref if isinstance(ref, str) else ref.name
+        if secret_name is None:
+            raise SecretNotFound("a local secret reference needs a name")
         await self._maybe_reload()
         # Decrypting is synchronous on purpose: AES-GCM over a value capped at 64 KiB
         # takes microseconds, far less than a thread hop. Only file I/O (the reload,
@@ -638,8 +644,14 @@ class LocalBackend:
         self._next_check = now + self._recheck_s
         await trio.to_thread.run_sync(self.store.reload_if_changed, limiter=self._limiter)
 
-    async def rotate(self, secret_name: str, value: str) -> str:
+    async def release(self, lease_id: str) -> None:
+        """Local secrets are static: there is no backend lease to end."""
+
+    async def rotate(self, ref: SecretRef | str, value: str) -> str:
         """Store a new version of an existing secret (admin rotate); returns the version."""
+        secret_name = ref if isinstance(ref, str) else ref.name
+        if secret_name is None:
+            raise SecretNotFound("a local secret reference needs a name")
         version = await trio.to_thread.run_sync(
             self.store.rotate, secret_name, value, limiter=self._limiter
         )
