@@ -266,3 +266,28 @@ async def test_errors_become_state_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StateUnavailable, match="closed"):
         await store.burn_jti("jti", 1.0)
     assert store.health()["ok"] is False
+
+
+async def test_backend_lease_journal(tmp_path: Path) -> None:
+    store = SqliteStore.open(tmp_path)
+    try:
+        await store.journal_backend_lease("vault", "database/creds/ro/abc", expires_at=100.0, at=1.0)
+        await store.journal_backend_lease("vault", "database/creds/ro/def", expires_at=100.0, at=2.0)
+        assert await store.open_backend_leases() == [
+            ("vault", "database/creds/ro/abc", None), ("vault", "database/creds/ro/def", None)]
+        await store.attach_backend_leases("lse_1", [("vault", "database/creds/ro/abc")])
+        assert await store.open_backend_leases("lse_1") == [("vault", "database/creds/ro/abc", "lse_1")]
+        await store.backend_lease_revoked("vault", "database/creds/ro/abc", at=3.0)
+        assert await store.open_backend_leases("lse_1") == []
+        assert [r[1] for r in await store.open_backend_leases()] == ["database/creds/ro/def"]
+        # revoked rows are purged after the retention, open ones never
+        assert await store.purge(3.0 + 10 * 86_400) >= 1
+        assert [r[1] for r in await store.open_backend_leases()] == ["database/creds/ro/def"]
+    finally:
+        await store.aclose()
+    # survives a reopen (journal is durable state)
+    store = SqliteStore.open(tmp_path)
+    try:
+        assert [r[1] for r in await store.open_backend_leases()] == ["database/creds/ro/def"]
+    finally:
+        await store.aclose()

@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ class Sidekey:
         self.generation = 1  # bumped by every applied reload
         self.trust: ConfigTrust | None = None  # what a reload's config must satisfy
         self._reload_lock = trio.Lock()
+        self._dynamic_leases: set[str] = set()  # active leases carrying dynamic credentials
         self.store = store
         self.audit = audit
         self.backends = backends
@@ -441,10 +442,17 @@ class Sidekey:
         refs = self.loaded.secrets_for(claims.server, claims.tool)
         values: dict[str, SecretValue] = {}
         try:
-            for alias, ref in refs.items():
-                backend = self.backends[ref.backend]
-                with trio.fail_after(BACKEND_TIMEOUT_S):
-                    values[alias] = await backend.fetch(ref)
+            try:
+                for alias, ref in refs.items():
+                    backend = self.backends[ref.backend]
+                    with trio.fail_after(BACKEND_TIMEOUT_S):
+                        values[alias] = await backend.fetch(ref)
+            except BaseException:
+                # Dynamic credentials already created for this call must not outlive it.
+                await self._revoke_backend_leases(
+                    [(refs[a].backend, v.lease_id) for a, v in values.items() if v.lease_id]
+                )
+                raise
         except trio.TooSlowError:
             raise await self._reject(
                 "request.rejected", base, protocol.Unavailable(
@@ -453,6 +461,7 @@ class Sidekey:
             ) from None
         except SidekeyError as exc:
             raise await self._reject("request.rejected", base, exc, jti=claims.jti) from None
+        dynamic = [(refs[a].backend, v.lease_id) for a, v in values.items() if v.lease_id]
         expires_at = min(float(claims.exp), now + self.cfg.leases.max_ttl_seconds)
         rec = LeaseRecord(
             lease_id=new_lease_id(),
@@ -471,6 +480,9 @@ class Sidekey:
             peer_uid=ident.uid,
         )
         await self.leases.create(rec)
+        if dynamic:
+            await self.store.attach_backend_leases(rec.lease_id, dynamic)
+            self._dynamic_leases.add(rec.lease_id)
         pending = self._pending.pop(claims.jti, None)
         if pending is not None:
             self._remember(self._lease_calls, rec.lease_id, pending)
@@ -495,6 +507,7 @@ class Sidekey:
             # Not recorded, so not handed out: the lease must not stay active.
             with trio.CancelScope(shield=True):
                 await self.leases.end(rec, REVOKED)
+                await self._end_lease_backends(rec.lease_id)
             raise
         # Last gate before any secret leaves: is the attested process still the one
         # that is connected (not exited, not setuid'd, pid not recycled)?
@@ -502,6 +515,7 @@ class Sidekey:
             req.peer.recheck()
         except SidekeyError as exc:
             await self.leases.end(rec, REVOKED)
+            await self._end_lease_backends(rec.lease_id)
             raise await self._reject("peer.rejected", {**base, "lease_id": rec.lease_id}, exc) from None
         return _json(
             200,
@@ -523,6 +537,7 @@ class Sidekey:
         if (rec.peer_uid, rec.peer_pid) != (ident.uid, ident.pid) and not tier_allows(tier, "admin"):
             raise Denied("only the process holding the lease may release it", code="peer_mismatch")
         ended = await self.leases.end(rec, RELEASED)
+        await self._end_lease_backends(rec.lease_id)
         call = self._lease_calls.pop(rec.lease_id, None)
         result: dict[str, Any] = {"status": body.status}
         if body.duration_ms is not None:
@@ -662,8 +677,50 @@ class Sidekey:
         exc.details["audited"] = True
         return exc
 
+    # ------------------------------------------------------------------ dynamic secrets
+
+    async def _end_lease_backends(self, lease_id: str) -> None:
+        """Revoke the dynamic credentials a tool call's lease carried (no-op for leases
+        with static secrets only, the common case: no store query)."""
+        if lease_id not in self._dynamic_leases:
+            return
+        self._dynamic_leases.discard(lease_id)
+        items = [(b, bl) for b, bl, _ in await self.store.open_backend_leases(lease_id)]
+        await self._revoke_backend_leases(items)
+
+    async def _revoke_backend_leases(self, items: Sequence[tuple[str, str | None]]) -> None:
+        """Revoke backend leases, each bounded in time. Failures are logged and stay in
+        the journal: the next start (or the next sweep) tries again."""
+        with trio.CancelScope(shield=True):
+            for backend_name, backend_lease_id in items:
+                backend = self.backends.get(backend_name)
+                if backend is None or backend_lease_id is None:
+                    continue
+                try:
+                    with trio.fail_after(BACKEND_TIMEOUT_S):
+                        await backend.release(backend_lease_id)
+                except (SidekeyError, trio.TooSlowError) as exc:
+                    log.error("could not revoke %s lease of backend %s (will retry at the next "
+                              "sweep): %s", "a dynamic", backend_name, exc)
+
+    async def sweep_backend_leases(self) -> int:
+        """Revoke journaled backend leases whose tool call is over (or never got a lease:
+        a crash between issue and hand-out). Returns how many were attempted."""
+        active = {rec.lease_id for rec in await self.store.leases_in_state(ACTIVE)}
+        stale: list[tuple[str, str | None]] = []
+        for backend_name, backend_lease_id, lease_id in await self.store.open_backend_leases():
+            if lease_id is not None and lease_id in active:
+                self._dynamic_leases.add(lease_id)
+                continue
+            stale.append((backend_name, backend_lease_id))
+        if stale:
+            log.info("revoking %d dynamic credentials left from ended or crashed calls", len(stale))
+            await self._revoke_backend_leases(stale)
+        return len(stale)
+
     async def _lease_expired(self, rec: LeaseRecord) -> None:
         self._lease_calls.pop(rec.lease_id, None)
+        await self._end_lease_backends(rec.lease_id)
         await self.audit.emit(
             self.event(
                 "lease.expired",
@@ -772,6 +829,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             await nursery.start(sink.run)  # type: ignore[attr-defined]
             await nursery.start(store.run_maintenance)  # type: ignore[attr-defined]
             recovered = await app.leases.recover()
+            await app.sweep_backend_leases()
             await nursery.start(app.leases.run)
             if cfg.policy.registry_health_checks:
                 await nursery.start(app.registry_health.run)
@@ -832,6 +890,20 @@ def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
             f"{new.path.name}: changes {', '.join(changed)}, which only a restart applies; "
             "nothing was reloaded"
         )
+
+
+class StoreJournal:
+    """:class:`~sidekey.backends.LeaseJournal` on the state store."""
+
+    def __init__(self, store: StateStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def issued(self, backend: str, lease_id: str, expires_at: float) -> None:
+        await self.store.journal_backend_lease(backend, lease_id, expires_at=expires_at, at=self.clock())
+
+    async def revoked(self, backend: str, lease_id: str) -> None:
+        await self.store.backend_lease_revoked(backend, lease_id, at=self.clock())
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ file under ``state.dir``). Every method either does what it says or raises
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,6 +62,24 @@ class StateStore(Protocol):
 
     async def get_lease(self, lease_id: str) -> LeaseRecord | None:
         """The lease, or None if unknown (or already purged)."""
+        ...
+
+    async def journal_backend_lease(
+        self, backend: str, backend_lease_id: str, *, expires_at: float, at: float
+    ) -> None:
+        """Record a dynamic credential a backend created, before it is handed out."""
+        ...
+
+    async def attach_backend_leases(self, lease_id: str, items: Sequence[tuple[str, str]]) -> None:
+        """Tie journaled (backend, backend lease id) pairs to the tool call's lease."""
+        ...
+
+    async def backend_lease_revoked(self, backend: str, backend_lease_id: str, *, at: float) -> None:
+        """Mark a journaled backend lease revoked."""
+        ...
+
+    async def open_backend_leases(self, lease_id: str | None = None) -> list[tuple[str, str, str | None]]:
+        """Unrevoked (backend, backend lease id, tool-call lease id); all, or one lease's."""
         ...
 
     async def leases_in_state(self, state: str) -> list[LeaseRecord]:

@@ -27,7 +27,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX leases_state ON leases (state, expires_at);
     CREATE INDEX leases_ended ON leases (ended_at) WHERE state != 'active';
+    """,
+    # v2: dynamic credentials a backend created (e.g. Vault leases), journaled before they
+    # are handed out so that a crashed daemon revokes them at its next start.
+    """
+    CREATE TABLE backend_leases (
+        backend TEXT NOT NULL,
+        backend_lease_id TEXT NOT NULL,
+        lease_id TEXT,
+        issued_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        revoked_at REAL,
+        PRIMARY KEY (backend, backend_lease_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX backend_leases_open ON backend_leases (lease_id) WHERE revoked_at IS NULL;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -293,6 +307,49 @@ class SqliteStore:
             row = conn.execute(_SELECT_LEASE_BY_ID, (lease_id,)).fetchone()
         return None if row is None else _row_to_lease(row)
 
+    async def journal_backend_lease(
+        self, backend: str, backend_lease_id: str, *, expires_at: float, at: float
+    ) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("journal_backend_lease") as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO backend_leases (backend, backend_lease_id, issued_at, "
+                "expires_at) VALUES (?, ?, ?, ?)",
+                (backend, backend_lease_id, float(at), float(expires_at)),
+            )
+
+    async def attach_backend_leases(self, lease_id: str, items: Sequence[tuple[str, str]]) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("attach_backend_leases") as conn:
+            conn.executemany(
+                "UPDATE backend_leases SET lease_id = ? WHERE backend = ? AND backend_lease_id = ?",
+                [(lease_id, b, bl) for b, bl in items],
+            )
+
+    async def backend_lease_revoked(self, backend: str, backend_lease_id: str, *, at: float) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("backend_lease_revoked") as conn:
+            conn.execute(
+                "UPDATE backend_leases SET revoked_at = ? WHERE backend = ? AND backend_lease_id = ?",
+                (float(at), backend, backend_lease_id),
+            )
+
+    async def open_backend_leases(self, lease_id: str | None = None) -> list[tuple[str, str, str | None]]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("open_backend_leases") as conn:
+            if lease_id is None:
+                rows = conn.execute(
+                    "SELECT backend, backend_lease_id, lease_id FROM backend_leases "
+                    "WHERE revoked_at IS NULL ORDER BY issued_at"
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT backend, backend_lease_id, lease_id FROM backend_leases "
+                    "WHERE revoked_at IS NULL AND lease_id = ?",
+                    (lease_id,),
+                ).fetchall()
+        return [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
+
     async def leases_in_state(self, state: str) -> list[LeaseRecord]:
         await trio.lowlevel.checkpoint_if_cancelled()
         with self._edge("leases_in_state") as conn:
@@ -314,6 +371,11 @@ class SqliteStore:
             (
                 "DELETE FROM leases WHERE lease_id IN (SELECT lease_id FROM leases "
                 "WHERE state != 'active' AND ended_at < ? LIMIT ?)",
+                float(now) - LEASE_RETENTION_S,
+            ),
+            (
+                "DELETE FROM backend_leases WHERE (backend, backend_lease_id) IN "
+                "(SELECT backend, backend_lease_id FROM backend_leases WHERE revoked_at < ? LIMIT ?)",
                 float(now) - LEASE_RETENTION_S,
             ),
         )
