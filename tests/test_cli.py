@@ -280,7 +280,7 @@ def test_secrets_put_rotate_list_offline(make_daemon: Any, tmp_path: Path) -> No
     assert out.stdout.strip() == "demo/file: version 1 stored"
     assert_not_leaked(from_file, out)
 
-    out = sidekey("secrets", "rotate", "demo/stdin", "--config", cfg, stdin=rotated.encode())
+    out = sidekey("secrets", "rotate", "demo/stdin", "--offline", "--config", cfg, stdin=rotated.encode())
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "demo/stdin: version 2 stored"
     assert_not_leaked(rotated, out)
@@ -313,7 +313,7 @@ def test_secrets_errors_are_one_line(make_daemon: Any, tmp_path: Path) -> None:
     value = f"never-stored-{os.urandom(6).hex()}"
 
     line = assert_one_error_line(
-        sidekey("secrets", "rotate", "no/such-secret", "--config", cfg, stdin=value.encode())
+        sidekey("secrets", "rotate", "no/such-secret", "--offline", "--config", cfg, stdin=value.encode())
     )
     assert "no/such-secret" in line and value not in line
 
@@ -353,7 +353,7 @@ def test_secrets_rotate_is_seen_by_running_daemon(daemon: Daemon) -> None:
     old = daemon.secrets[WRITE_KEY]
     assert redeem_value(daemon) == old
     new = f"SECRET-rotated-{os.urandom(6).hex()}"
-    out = sidekey("secrets", "rotate", WRITE_KEY, "--config", cfg, stdin=new.encode() + b"\n")
+    out = sidekey("secrets", "rotate", WRITE_KEY, "--offline", "--config", cfg, stdin=new.encode() + b"\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"{WRITE_KEY}: version 2 stored"
     assert_not_leaked(new, out)

@@ -252,6 +252,8 @@ def _local_store(args: argparse.Namespace) -> Any:
 def cmd_secrets(args: argparse.Namespace) -> int:
     from .backends.local import read_secret_input
 
+    if args.action == "rotate" and not args.offline:
+        return _rotate_via_daemon(args)
     store = _local_store(args)
     if args.action == "list":
         names = store.names()
@@ -268,6 +270,27 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     else:
         version = store.rotate(args.name, value)
     print(f"{args.name}: version {version} stored")
+    return EXIT_OK
+
+
+def _rotate_via_daemon(args: argparse.Namespace) -> int:
+    from .backends.local import read_secret_input
+
+    value: str | None = None
+    if args.generate is None:
+        if args.from_file is None and sys.stdin.isatty():
+            print(f"enter the new value for {args.name}, then Ctrl-D:", file=sys.stderr)
+        value = read_secret_input(args.from_file, sys.stdin.buffer)
+    elif args.from_file is not None:
+        _fail("use --from-file or --generate, not both")
+    with _client(args) as client:
+        out = client.rotate_secret(args.name, value=value, generate=args.generate,
+                                   backend=args.backend, revoke_leases=args.revoke_leases)
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"{out['secret']} ({out['backend']}): version {out['old_version']} -> "
+              f"{out['new_version']}; leases revoked: {out['leases_revoked']}")
     return EXIT_OK
 
 
@@ -448,16 +471,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     secrets = add("secrets", lambda a: EXIT_USAGE, "manage secrets in the local encrypted store")
     ssub = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, help_ in (
-        ("put", "store a new secret; the value is read from stdin or --from-file, never argv"),
-        ("rotate", "store a new version of an existing secret (stdin or --from-file)"),
-    ):
-        sp = ssub.add_parser(action, help=help_, description=help_)
-        sp.set_defaults(func=cmd_secrets)
-        sp.add_argument("name", help="secret name, e.g. content-api/write-key")
-        sp.add_argument("--from-file", metavar="FILE", help="read the value from FILE instead of stdin")
-        sp.add_argument("--backend", metavar="NAME", help="local backend to use (default: the only one)")
-        config_arg(sp)
+    sp = ssub.add_parser("put", help="store a new secret in the local store; the value is read "
+                         "from stdin or --from-file, never argv",
+                         description="store a new secret in the local encrypted store (works "
+                         "without the daemon); the value is read from stdin or --from-file")
+    sp.set_defaults(func=cmd_secrets)
+    sp.add_argument("name", help="secret name, e.g. content-api/write-key")
+    sp.add_argument("--from-file", metavar="FILE", help="read the value from FILE instead of stdin")
+    sp.add_argument("--backend", metavar="NAME", help="local backend to use (default: the only one)")
+    config_arg(sp)
+    sp = ssub.add_parser(
+        "rotate", help="write a new version of a secret to its own backend (via the daemon)",
+        description="write a new version of a mapped secret to its backend (local store, Vault "
+        "KV v2, AWS Secrets Manager) through the running daemon (tier security): cached copies "
+        "are dropped, a secret.rotated event records the versions. NAME is the secret's name "
+        "as mapped: the local name, the Secrets Manager secret_id, or mount/path[#key] for "
+        "Vault. The value comes from stdin, --from-file or --generate, never argv. A failed "
+        "rotation leaves the old version current.")
+    sp.set_defaults(func=cmd_secrets)
+    sp.add_argument("name", help="secret name, e.g. content-api/write-key")
+    sp.add_argument("--from-file", metavar="FILE", help="read the value from FILE instead of stdin")
+    sp.add_argument("--generate", type=int, metavar="LEN",
+                    help="generate a random URL-safe value of LEN characters (16..4096)")
+    sp.add_argument("--backend", metavar="NAME", help="the backend, if the name is in several")
+    sp.add_argument("--revoke-leases", action="store_true",
+                    help="also revoke active leases of the tools that use this secret")
+    sp.add_argument("--offline", action="store_true",
+                    help="rotate in the local store file directly, without the daemon (the "
+                    "daemon picks it up on its next fetch)")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON")
+    socket_args(sp)
     sp = ssub.add_parser("list", help="list secret names (never values)",
                          description="list secret names (never values)")
     sp.set_defaults(func=cmd_secrets)

@@ -39,6 +39,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -792,6 +793,24 @@ class Client:
                           ttl_seconds=ttl_seconds)
         status, data = self._call("POST", "/v1/tokens", body)
         _convert(data, _TokenBody, status, "POST /v1/tokens")
+        return data
+
+    def rotate_secret(
+        self,
+        name: str,
+        *,
+        value: str | None = None,
+        generate: int | None = None,
+        backend: str | None = None,
+        revoke_leases: bool = False,
+    ) -> dict[str, Any]:
+        """``POST /v1/admin/secrets/{name}/rotate`` (security tier): a new version in the
+        secret's backend; returns ``{secret, backend, old_version, new_version,
+        leases_revoked}``. Exactly one of ``value`` and ``generate`` (a length)."""
+        body = _drop_none(value=value, generate=generate, backend=backend,
+                          revoke_leases=revoke_leases)
+        path = "/v1/admin/secrets/" + urllib.parse.quote(name, safe="") + "/rotate"
+        _, data = self._call("POST", path, body)
         return data
 
     @contextlib.contextmanager

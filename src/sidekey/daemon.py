@@ -12,9 +12,11 @@ import datetime
 import functools
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +62,7 @@ from .tokens import PeerClaim, TokenCodec, load_ed25519_public, load_keyset, rot
 
 log = logging.getLogger(__name__)
 
+ROTATE_PREFIX = "/v1/admin/secrets/"
 MAX_PENDING_CALLS = 100_000  # authorize->redeem argument records kept in memory
 BACKEND_TIMEOUT_S = 10.0
 
@@ -175,6 +178,8 @@ class Sidekey:
 
     async def handle(self, request: Request) -> Response:
         route = self.routes.get((request.method, request.path))
+        if route is None and request.path.startswith(ROTATE_PREFIX) and request.path.endswith("/rotate"):
+            route = Route("security", self.rotate_secret) if request.method == "POST" else None
         try:
             if route is None:
                 if any(path == request.path for _, path in self.routes):
@@ -604,6 +609,80 @@ class Sidekey:
                 request_id=req.request_id,
             ),
         )
+
+    # ------------------------------------------------------------------ rotation
+
+    async def rotate_secret(self, req: Request) -> Response:
+        """``POST /v1/admin/secrets/{name}/rotate`` (tier security): write a new version to
+        the secret's own backend, drop cached copies, optionally revoke the leases that
+        still hold the old one. The value comes in the body or is generated here; it is
+        never logged or audited, only the versions are."""
+        name = urllib.parse.unquote(req.path[len(ROTATE_PREFIX) : -len("/rotate")])
+        body: protocol.RotateRequest = protocol.decode_body(req.body, protocol.RotateRequest)
+        if (body.value is None) == (body.generate is None):
+            raise BadRequest("send exactly one of value or generate", code="invalid_request")
+        matches = [
+            (server, tool, ref)
+            for server, tools in self.cfg.secrets.items()
+            for tool, refs in tools.items()
+            for ref in refs.values()
+            if ref.label == name and (body.backend is None or ref.backend == body.backend)
+        ]
+        if not matches:
+            raise NotFound(f'no secret "{name}" is mapped to any tool', code="secret_unknown")
+        backends_named = sorted({ref.backend for _, _, ref in matches})
+        if len(backends_named) > 1:
+            raise BadRequest(f'"{name}" exists in backends {", ".join(backends_named)}; choose one '
+                             "with backend", code="invalid_request")
+        ref = matches[0][2]
+        if ref.kind == "dynamic":
+            raise BadRequest(f'"{name}" is a dynamic secret: its backend creates one per call',
+                             code="invalid_request")
+        backend = self.backends[ref.backend]
+        value = body.value if body.value is not None else secrets.token_urlsafe(body.generate or 32)[
+            : body.generate or 32
+        ]
+        base: dict[str, Any] = {"peer": req.peer.identity.audit(), "request_id": req.request_id}
+        try:
+            with trio.fail_after(BACKEND_TIMEOUT_S):
+                old_version = (await backend.fetch(ref)).version
+                new_version = await backend.rotate(ref, value)
+        except (SidekeyError, trio.TooSlowError) as exc:
+            err = exc if isinstance(exc, SidekeyError) else protocol.Unavailable(
+                "secret backend timed out", code="backend_unavailable")
+            await self.audit.emit(self.event(
+                "secret.rotated", **base,
+                error={"code": err.code, "message": err.message, "status": err.status},
+                extra={"outcome": "failed", "secret": name, "backend": ref.backend},
+            ))
+            err.details["audited"] = True
+            raise err from None
+        revoked = 0
+        if body.revoke_leases:
+            pairs = {(server, tool) for server, tool, _ in matches}
+            for rec in await self.store.leases_in_state(ACTIVE):
+                if (rec.server, rec.tool) in pairs:
+                    try:
+                        await self.leases.end(rec, REVOKED)
+                    except SidekeyError:
+                        continue  # ended meanwhile
+                    await self._end_lease_backends(rec.lease_id)
+                    self._lease_calls.pop(rec.lease_id, None)
+                    revoked += 1
+                    await self.audit.emit(self.event(
+                        "lease.revoked", server=rec.server, tool=rec.tool, user_id=rec.user_id,
+                        agent_id=rec.agent_id, session_id=rec.session_id, lease_id=rec.lease_id,
+                        extra={"reason": f'secret "{name}" rotated'},
+                    ))
+        await self.audit.emit(self.event(
+            "secret.rotated", **base,
+            extra={"outcome": "applied", "secret": name, "backend": ref.backend,
+                   "old_version": old_version, "new_version": new_version,
+                   "leases_revoked": revoked},
+        ))
+        return _json(200, {"secret": name, "backend": ref.backend, "old_version": old_version,
+                           "new_version": new_version, "leases_revoked": revoked,
+                           "request_id": req.request_id})
 
     # ------------------------------------------------------------------ reload
 

@@ -146,6 +146,15 @@ class ReleaseRequest(_Req, frozen=True, kw_only=True):
     error: Annotated[str, Meta(max_length=512)] | None = None
 
 
+class RotateRequest(_Req, frozen=True, kw_only=True):
+    """``POST /v1/admin/secrets/{name}/rotate``: exactly one of value / generate."""
+
+    value: Annotated[str, Meta(min_length=1, max_length=64 * 1024)] | None = None
+    generate: Annotated[int, Meta(ge=16, le=4096)] | None = None
+    backend: Name | None = None
+    revoke_leases: bool = False
+
+
 class TokenRequest(_Req, frozen=True, kw_only=True):
     """``POST /v1/tokens``: an admin mints a resolution token for a server's peer."""
 
