@@ -30,7 +30,7 @@ from . import protocol, systemd
 from .audit import AuditLog, AuditSink
 from .audit.events import make_event
 from .audit.jsonl import open_jsonl_sink
-from .backends import Backend, SecretValue, build_backends
+from .backends import Backend, SecretValue, build_backends, unwrap
 from .config import LoadedConfig, load_config
 from .healthcheck import RegistryHealth
 from .leases import ACTIVE, RELEASED, REVOKED, LeaseManager, new_lease_id
@@ -783,19 +783,29 @@ class Sidekey:
                               "sweep): %s", "a dynamic", backend_name, exc)
 
     async def sweep_backend_leases(self) -> int:
-        """Revoke journaled backend leases whose tool call is over (or never got a lease:
-        a crash between issue and hand-out). Returns how many were attempted."""
-        active = {rec.lease_id for rec in await self.store.leases_in_state(ACTIVE)}
-        stale: list[tuple[str, str | None]] = []
-        for backend_name, backend_lease_id, lease_id in await self.store.open_backend_leases():
-            if lease_id is not None and lease_id in active:
-                self._dynamic_leases.add(lease_id)
+        """At start: revoke every journaled dynamic credential still open. After a crash
+        nobody can say whether the call that held it is still running, so the
+        conservative answer holds: the credential dies, and its tool call's lease (if it
+        is still active) is revoked with it. Returns how many credentials were revoked."""
+        open_items = await self.store.open_backend_leases()
+        if not open_items:
+            return 0
+        log.info("revoking %d dynamic credentials left from before the restart", len(open_items))
+        await self._revoke_backend_leases([(b, bl) for b, bl, _ in open_items])
+        for lease_id in {lid for _, _, lid in open_items if lid is not None}:
+            rec = await self.store.get_lease(lease_id)
+            if rec is None or rec.state != ACTIVE:
                 continue
-            stale.append((backend_name, backend_lease_id))
-        if stale:
-            log.info("revoking %d dynamic credentials left from ended or crashed calls", len(stale))
-            await self._revoke_backend_leases(stale)
-        return len(stale)
+            try:
+                await self.leases.end(rec, REVOKED)
+            except SidekeyError:
+                continue
+            await self.audit.emit(self.event(
+                "lease.revoked", server=rec.server, tool=rec.tool, user_id=rec.user_id,
+                agent_id=rec.agent_id, session_id=rec.session_id, lease_id=rec.lease_id,
+                extra={"reason": "daemon restarted: its dynamic credentials were revoked"},
+            ))
+        return len(open_items)
 
     async def _lease_expired(self, rec: LeaseRecord) -> None:
         self._lease_calls.pop(rec.lease_id, None)
@@ -875,7 +885,8 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
     trust = check_config_signature(loaded, running=None)
     # Cheap checks that can fail first (backend keys, the socket), so a failed start
     # leaves no state behind; everything opened is closed on every way out.
-    backends = build_backends(loaded)
+    journal = StoreJournal(None)
+    backends = build_backends(loaded, journal=journal)
     store: StateStore | None = None
     audit: AuditLog | None = None
     sock: socket.socket | None = None
@@ -888,6 +899,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
         codec = build_codec(loaded)
         loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = open_store(loaded.state_dir)
+        journal.store = store
         sink: AuditSink = open_jsonl_sink(loaded.audit_path, fsync=cfg.audit.fsync)
         audit = AuditLog([sink])
     except BaseException:
@@ -907,6 +919,10 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.run)  # type: ignore[attr-defined]
             await nursery.start(store.run_maintenance)  # type: ignore[attr-defined]
+            for backend in backends.values():
+                runner = getattr(unwrap(backend), "run", None)
+                if runner is not None:  # token renewal, warm pools
+                    await nursery.start(runner)
             recovered = await app.leases.recover()
             await app.sweep_backend_leases()
             await nursery.start(app.leases.run)
@@ -972,17 +988,24 @@ def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
 
 
 class StoreJournal:
-    """:class:`~sidekey.backends.LeaseJournal` on the state store."""
+    """:class:`~sidekey.backends.LeaseJournal` on the state store (set once it is open;
+    backends are built before it, so that a bad backend config leaves no state behind)."""
 
-    def __init__(self, store: StateStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: StateStore | None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
 
+    def _store(self) -> StateStore:
+        if self.store is None:
+            raise protocol.Unavailable("state store not open yet", code="state_unavailable")
+        return self.store
+
     async def issued(self, backend: str, lease_id: str, expires_at: float) -> None:
-        await self.store.journal_backend_lease(backend, lease_id, expires_at=expires_at, at=self.clock())
+        await self._store().journal_backend_lease(backend, lease_id, expires_at=expires_at,
+                                                  at=self.clock())
 
     async def revoked(self, backend: str, lease_id: str) -> None:
-        await self.store.backend_lease_revoked(backend, lease_id, at=self.clock())
+        await self._store().backend_lease_revoked(backend, lease_id, at=self.clock())
 
 
 @dataclass(frozen=True, slots=True)

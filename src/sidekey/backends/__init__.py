@@ -99,29 +99,52 @@ class Backend(Protocol):
         ...
 
 
-def build_backends(loaded: LoadedConfig) -> dict[str, Backend]:
+def build_backends(loaded: LoadedConfig, *, journal: LeaseJournal | None = None) -> dict[str, Backend]:
     """Create one backend per ``backends:`` entry of the config.
 
     Keys are loaded and local stores are opened (and their key checked) here, so a
     wrong key or a corrupt store refuses start/reload instead of failing calls later.
+    Remote backends (Vault, AWS) connect lazily, in worker threads, on first use.
+    Backends with ``cache_ttl_s > 0`` are wrapped in a :class:`~.cache.CachedBackend`.
     Raises :class:`ConfigError` naming the backend.
     """
-    from ..config import LocalBackendConfig
+    from ..config import AwsBackendConfig, LocalBackendConfig, VaultBackendConfig
+    from .cache import CachedBackend
     from .local import LocalBackend, load_key
 
     out: dict[str, Backend] = {}
     for name, cfg in loaded.config.backends.items():
-        if not isinstance(cfg, LocalBackendConfig):  # pragma: no cover - one type so far
-            raise ConfigError(f"backends.{name}: unsupported backend type")
+        backend: Backend
         try:
-            key = load_key(
-                loaded.resolve(cfg.key_file) if cfg.key_file else None, cfg.key_credential
-            )
-            backend = LocalBackend(name, loaded.resolve(cfg.path), key)
-            backend.store.reload_if_changed()
+            if isinstance(cfg, LocalBackendConfig):
+                key = load_key(
+                    loaded.resolve(cfg.key_file) if cfg.key_file else None, cfg.key_credential
+                )
+                local = LocalBackend(name, loaded.resolve(cfg.path), key)
+                local.store.reload_if_changed()
+                backend = local
+            elif isinstance(cfg, VaultBackendConfig):
+                from .vault import VaultBackend
+
+                backend = VaultBackend(name, cfg, base_dir=loaded.base_dir, journal=journal)
+            elif isinstance(cfg, AwsBackendConfig):
+                from .aws import AwsBackend
+
+                backend = AwsBackend(name, cfg)
+            else:  # pragma: no cover - the config union is closed
+                raise ConfigError(f"backends.{name}: unsupported backend type")
         except ConfigError as exc:
             raise ConfigError(f"backends.{name}: {exc}") from None
         except protocol.SidekeyError as exc:
             raise ConfigError(f"backends.{name}: {exc.message}") from None
+        if cfg.cache_ttl_s > 0:
+            backend = CachedBackend(backend, ttl_s=cfg.cache_ttl_s,
+                                    stale_if_error_s=cfg.stale_if_error_s)
         out[name] = backend
     return out
+
+
+def unwrap(backend: Backend) -> Backend:
+    """The backend under any cache wrapper (to start its background task)."""
+    inner = getattr(backend, "inner", None)
+    return backend if inner is None else unwrap(inner)

@@ -1,7 +1,8 @@
 """An in-memory cache in front of any :class:`~sidekey.backends.Backend`.
 
-Only ``kind: static`` secrets are cached: a dynamic secret is a fresh credential per
-tool call, so it always goes to the wrong place if it is shared. What the cache does:
+Only ``kind: static`` secrets are cached: a dynamic secret is a fresh credential for
+one tool call, and sharing it would hand one caller's credential to another. For
+static secrets:
 
 * **TTL.** An entry lives ``ref.cache_ttl_s`` seconds if the reference sets it, else
   the backend's ``ttl_s``. A TTL of 0 turns caching off for that reference.
@@ -198,7 +199,10 @@ class CachedBackend:
                 return await self._lead(key, ref, ttl, flight)
             await flight.done.wait()
             if flight.error is not None:
-                raise _shared_error(flight.error) from flight.error
+                shared = _shared_error(flight.error)
+                if shared is flight.error:
+                    raise shared
+                raise shared from flight.error
             if flight.value is not None:
                 if flight.stale:
                     self._stale_served += 1
@@ -287,6 +291,9 @@ class CachedBackend:
         try:
             value = await self.inner.fetch(ref)
         except SecretNotFound as exc:
+            # The secret (or version) is gone: its expired entry must not be served
+            # stale by a later outage either.
+            self._entries.pop(key, None)
             flight.error = exc
             raise
         except BackendError as exc:
