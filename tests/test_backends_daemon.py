@@ -79,6 +79,11 @@ def test_aws_and_vault_values_and_dynamic_revocation(make_daemon: Any, vault: Va
     d.start()
     status, lease = _redeem(d, "content-api", "list_articles")
     assert status == 200 and lease["secrets"]["CONTENT_API_KEY"] == aws_value, lease
+    status, health = d.request("GET", "/v1/health")
+    assert status == 200, health
+    assert health["backends"]["vault"]["authenticated"] is True
+    assert health["backends"]["vault"]["token_ttl_s"] > 3000
+    assert health["backends"]["aws"]["reachable"] is True
     status, lease = _redeem(d, "analytics-db", "export_report")
     assert status == 200 and lease["secrets"]["DATABASE_URL"] == DB_VALUE, lease
 

@@ -255,7 +255,11 @@ class Sidekey:
             "status": "ok" if ok else "degraded",
             "store": {"ok": store.get("ok")},
             "audit": {"ok": audit.get("ok")},
-            "backends": {n: {"ok": b.get("ok")} for n, b in backends.items()},
+            "backends": {
+                n: {k: b[k] for k in ("ok", "type", "reachable", "authenticated", "token_ttl_s")
+                    if k in b}
+                for n, b in backends.items()
+            },
         }
         return _json(200 if ok else 503, body)
 
