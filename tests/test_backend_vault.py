@@ -795,6 +795,7 @@ REAL_KV_MOUNT = os.environ.get("SIDEKEY_TEST_VAULT_KV_MOUNT", "secret")
 REAL_DYNAMIC = os.environ.get("SIDEKEY_TEST_VAULT_DYNAMIC")
 
 
+@pytest.mark.real_vault
 @pytest.mark.skipif(
     not (REAL_ADDR and REAL_TOKEN),
     reason="set SIDEKEY_TEST_VAULT_ADDR and SIDEKEY_TEST_VAULT_TOKEN to run against a real Vault",
