@@ -176,3 +176,35 @@ def test_rotation_mid_traffic_never_mixes_or_fails(make_daemon: Any, vault: Vaul
     stages = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_url)\
         .describe_secret(SecretId="content/read")["VersionIdsToStages"]
     assert sorted(sorted(v) for v in stages.values()) == [["AWSCURRENT"], ["AWSPREVIOUS"]]
+
+
+def test_warm_pool_is_filled_at_start_and_each_credential_handed_out_once(
+    make_daemon: Any, vault: VaultServer, moto_url: str
+) -> None:
+    d: Daemon = make_daemon()
+    _configure(d, vault, moto_url)
+    cfg = yaml.safe_load(d.config_path.read_text())
+    cfg["secrets"]["analytics-db"]["query_metrics"]["DATABASE_URL"]["pool_size"] = 2
+    d.config_path.write_text(yaml.safe_dump(cfg))
+    d.start()
+    deadline = time.monotonic() + 10
+    while len(vault.live_leases()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pooled = set(vault.live_leases())
+    assert len(pooled) == 2  # filled before any call
+    values = set()
+    for _ in range(3):
+        status, lease = _redeem(d, "analytics-db", "query_metrics")
+        assert status == 200, lease
+        values.add(lease["secrets"]["DATABASE_URL"])
+    assert len(values) == 3  # never the same credential twice
+    assert d.stop() == 0
+    # a clean stop revokes what is still pooled; the 3 handed out belong to open leases
+    handed_out = set(vault.live_leases())
+    assert len(handed_out) == 3 and pooled <= handed_out
+    # ... which the next start revokes (before it fills a new pool)
+    d.start()
+    deadline = time.monotonic() + 10
+    while handed_out & vault.live_leases() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not handed_out & vault.live_leases()

@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 
 ROTATE_PREFIX = "/v1/admin/secrets/"
 MAX_PENDING_CALLS = 100_000  # authorize->redeem argument records kept in memory
-BACKEND_TIMEOUT_S = 10.0
+# A backend call may re-authenticate once (lookup, login, retry: ~3 backend timeouts).
+BACKEND_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -923,12 +924,20 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.run)  # type: ignore[attr-defined]
             await nursery.start(store.run_maintenance)  # type: ignore[attr-defined]
+            recovered = await app.leases.recover()
+            # Before the backends' own tasks start: their warm pools journal credentials
+            # that belong to no call yet, and must not be taken for leftovers.
+            await app.sweep_backend_leases()
+            for tools in cfg.secrets.values():
+                for refs in tools.values():
+                    for ref in refs.values():
+                        register = getattr(unwrap(backends[ref.backend]), "register", None)
+                        if ref.kind == "dynamic" and ref.pool_size and register is not None:
+                            register(ref)  # fill its warm pool now, not at the first call
             for backend in backends.values():
                 runner = getattr(unwrap(backend), "run", None)
                 if runner is not None:  # token renewal, warm pools
                     await nursery.start(runner)
-            recovered = await app.leases.recover()
-            await app.sweep_backend_leases()
             await nursery.start(app.leases.run)
             if cfg.policy.registry_health_checks:
                 await nursery.start(app.registry_health.run)
