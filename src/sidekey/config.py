@@ -55,8 +55,19 @@ class ListenConfig(_C, frozen=True, kw_only=True):
 
 
 class StateConfig(_C, frozen=True, kw_only=True):
-    backend: Literal["sqlite"] = "sqlite"
+    # sqlite: one file under dir (the embedded default); redis: shared across hosts.
+    backend: Literal["sqlite", "redis"] = "sqlite"
     dir: str = "/var/lib/sidekey"
+    redis_url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")] | None = None
+    # The Redis password from a file (0600) or a systemd credential, never inline.
+    redis_password_file: str | None = None
+    redis_password_credential: str | None = None
+    redis_tls_ca_file: str | None = None
+    redis_key_prefix: Annotated[str, Meta(max_length=64)] = "sidekey:"
+    redis_timeout_s: PosFloat = 2.0
+    # On a store failure decisions fail closed (503 state_unavailable); "local" lets
+    # rate counters (only) fall back to this host's memory. Token burning always fails closed.
+    on_store_failure: Literal["closed", "local"] = "closed"
 
 
 class IssuerKey(_C, frozen=True, kw_only=True):
