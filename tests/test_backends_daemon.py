@@ -208,3 +208,23 @@ def test_warm_pool_is_filled_at_start_and_each_credential_handed_out_once(
     while handed_out & vault.live_leases() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not handed_out & vault.live_leases()
+
+
+def test_failed_revocation_is_retried(make_daemon: Any, vault: VaultServer, moto_url: str) -> None:
+    d: Daemon = make_daemon()
+    _configure(d, vault, moto_url)
+    cfg = yaml.safe_load(d.config_path.read_text())
+    cfg["leases"]["revocation_retry_s"] = 0.5
+    d.config_path.write_text(yaml.safe_dump(cfg))
+    d.start()
+    status, lease = _redeem(d, "analytics-db", "query_metrics")
+    assert status == 200, lease
+    vault.down()
+    status, body = d.request("POST", "/v1/release", {"lease_id": lease["lease_id"], "status": "success"})
+    assert status == 200, body  # the call is over; the revocation failed and is pending
+    assert len(vault.live_leases()) == 1
+    vault.up()
+    deadline = time.monotonic() + 15
+    while vault.live_leases() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vault.live_leases() == set()

@@ -95,6 +95,8 @@ class TokensConfig(_C, frozen=True, kw_only=True):
 
 class LeasesConfig(_C, frozen=True, kw_only=True):
     max_ttl_seconds: Annotated[int, Meta(gt=0, le=MAX_TOKEN_TTL_S)] = MAX_TOKEN_TTL_S
+    # How often revocations of dynamic credentials that failed (backend down) are retried.
+    revocation_retry_s: Annotated[float, Meta(ge=0.1, le=3600)] = 60.0
 
 
 NonNegFloat = Annotated[float, Meta(ge=0)]

@@ -66,6 +66,7 @@ ROTATE_PREFIX = "/v1/admin/secrets/"
 MAX_PENDING_CALLS = 100_000  # authorize->redeem argument records kept in memory
 # A backend call may re-authenticate once (lookup, login, retry: ~3 backend timeouts).
 BACKEND_TIMEOUT_S = 20.0
+REVOCATION_RETRY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -812,6 +813,27 @@ class Sidekey:
             ))
         return len(open_items)
 
+    async def retry_revocations(
+        self, *, interval_s: float = REVOCATION_RETRY_S,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Forever: retry revoking dynamic credentials whose tool call is over but whose
+        revocation failed (backend down at the time). Pool credentials (no call yet)
+        are the backend's own business and are skipped."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval_s)
+            try:
+                active = {rec.lease_id for rec in await self.store.leases_in_state(ACTIVE)}
+                stale = [(b, bl) for b, bl, lid in await self.store.open_backend_leases()
+                         if lid is not None and lid not in active]
+            except SidekeyError as exc:
+                log.warning("revocation retry skipped: %s", exc)
+                continue
+            if stale:
+                log.info("retrying the revocation of %d dynamic credentials", len(stale))
+                await self._revoke_backend_leases(stale)
+
     async def _lease_expired(self, rec: LeaseRecord) -> None:
         self._lease_calls.pop(rec.lease_id, None)
         await self._end_lease_backends(rec.lease_id)
@@ -938,6 +960,9 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
                 runner = getattr(unwrap(backend), "run", None)
                 if runner is not None:  # token renewal, warm pools
                     await nursery.start(runner)
+            await nursery.start(
+                functools.partial(app.retry_revocations, interval_s=cfg.leases.revocation_retry_s)
+            )
             await nursery.start(app.leases.run)
             if cfg.policy.registry_health_checks:
                 await nursery.start(app.registry_health.run)
