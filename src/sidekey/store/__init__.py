@@ -1,16 +1,32 @@
-"""The state store: burned token ids and leases, shared by every request on the host.
+"""The state store: burned token ids, leases, rate limits, counters and sessions,
+shared by every request on the host (and, with Redis, by every host).
 
 One contract (:class:`StateStore`), implemented by :mod:`sidekey.store.sqlite` (one
-file under ``state.dir``). Every method either does what it says or raises
-:class:`StateUnavailable` (503 ``state_unavailable``); the caller fails closed.
+file under ``state.dir``) and :mod:`sidekey.store.redis` (one Redis shared by hosts).
+Every method either does what it says or raises :class:`StateUnavailable`
+(503 ``state_unavailable``); the caller fails closed.
+
+Quota primitives (each one atomic, in one transaction or one Lua script):
+
+* :meth:`StateStore.rate_check` is GCRA (generic cell rate algorithm), see
+  :func:`gcra`: ``limit`` requests per ``period_s`` on average, at most ``limit`` at
+  once, then one more every ``period_s / limit``. A fixed window lets ``2 * limit``
+  through within a moment around its boundary; GCRA never lets more than ``limit``
+  through in any interval shorter than ``period_s / limit``, nor more than
+  ``limit + n`` within ``n * period_s / limit`` after a full burst. (Over a sliding
+  window of a whole ``period_s`` it admits up to ``2 * limit - 1`` requests if the
+  bucket was full at its start: that is the price of allowing a burst of ``limit``.)
+* :meth:`StateStore.counter_incr`: a durable counter that lives until ``expires_at``.
+* :meth:`StateStore.session_touch`: concurrent sessions per user, idle timeout.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..protocol import Unavailable
 
@@ -41,6 +57,53 @@ class LeaseRecord:
     ended_at: float | None
     peer_pid: int
     peer_uid: int
+
+
+# Float slack for comparing GCRA times: period_s / limit is rarely exact in binary,
+# and the limit-th request of a burst must not be refused for a rounding error.
+GCRA_EPSILON_S = 1e-6
+
+
+class GcraResult(NamedTuple):
+    """One GCRA decision: whether it is allowed, the new theoretical arrival time to store
+    (only if allowed), and how long a refused caller should wait (0.0 if allowed)."""
+
+    allowed: bool
+    new_tat: float
+    retry_after_s: float
+
+
+def check_rate_args(limit: int, period_s: float, cost: int) -> None:
+    """Raise ValueError unless ``1 <= cost <= limit`` and ``period_s`` is positive and finite."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    if not (period_s > 0 and math.isfinite(period_s)):
+        raise ValueError("period_s must be a positive number of seconds")
+    if not 1 <= cost <= limit:
+        raise ValueError(f"cost must be between 1 and limit ({limit})")
+
+
+def check_session_args(idle_s: float, max_sessions: int) -> None:
+    """Raise ValueError unless ``idle_s`` is positive and finite and ``max_sessions >= 1``."""
+    if not (idle_s > 0 and math.isfinite(idle_s)):
+        raise ValueError("idle_s must be a positive number of seconds")
+    if max_sessions < 1:
+        raise ValueError("max_sessions must be at least 1")
+
+
+def gcra(tat: float | None, *, limit: int, period_s: float, now: float, cost: int) -> GcraResult:
+    """GCRA with burst ``limit``: the pure decision both stores implement.
+
+    ``tat`` is the stored theoretical arrival time (None when there is none). The
+    Redis store runs the same arithmetic in Lua (``_GCRA_LUA`` in ``redis.py``).
+    """
+    interval = period_s / limit
+    base = now if tat is None or tat < now else tat
+    new_tat = base + cost * interval
+    allow_at = new_tat - period_s  # the request conforms if now >= allow_at
+    if allow_at - now > GCRA_EPSILON_S:
+        return GcraResult(False, base, allow_at - now)
+    return GcraResult(True, new_tat, 0.0)
 
 
 class StateStore(Protocol):
@@ -87,7 +150,33 @@ class StateStore(Protocol):
         ...
 
     async def purge(self, now: float) -> int:
-        """Delete jtis expired before ``now`` and ended leases past retention; return how many."""
+        """Delete jtis expired before ``now``, ended leases past retention and expired
+        rate, counter and session rows; return how many."""
+        ...
+
+    async def rate_check(
+        self, key: str, *, limit: int, period_s: float, now: float, cost: int = 1
+    ) -> tuple[bool, float]:
+        """GCRA: ``limit`` requests per ``period_s`` under ``key`` (see :func:`gcra`).
+
+        Returns ``(allowed, retry_after_s)``; ``retry_after_s`` is 0.0 when allowed, else
+        the wait after which the same request would be allowed. A refused request does
+        not count. Raises ValueError for a ``cost`` outside ``1..limit``.
+        """
+        ...
+
+    async def counter_incr(self, key: str, *, amount: int = 1, expires_at: float) -> int:
+        """Add ``amount`` to the counter ``key`` and return the new value. The counter lives
+        until ``expires_at`` (the latest one given wins); after that it starts again at 0."""
+        ...
+
+    async def session_touch(
+        self, user: str, session_id: str, *, now: float, idle_s: float, max_sessions: int
+    ) -> tuple[bool, int]:
+        """Mark ``user``'s session active at ``now``. A session is active until it has been
+        idle for ``idle_s``. Touching an active session always succeeds; a new one only if
+        fewer than ``max_sessions`` are active. Returns ``(allowed, active_count)``, the
+        count including this session when allowed."""
         ...
 
     def health(self) -> dict[str, Any]:
@@ -106,4 +195,15 @@ def open_store(state_dir: Path) -> StateStore:
     return SqliteStore.open(state_dir)
 
 
-__all__ = ["LEASE_STATES", "LeaseRecord", "StateStore", "StateUnavailable", "open_store"]
+__all__ = [
+    "GCRA_EPSILON_S",
+    "LEASE_STATES",
+    "GcraResult",
+    "LeaseRecord",
+    "StateStore",
+    "StateUnavailable",
+    "check_rate_args",
+    "check_session_args",
+    "gcra",
+    "open_store",
+]

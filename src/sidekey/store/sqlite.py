@@ -34,7 +34,14 @@ from typing import Any
 import msgspec
 import trio
 
-from . import LEASE_STATES, LeaseRecord, StateUnavailable
+from . import (
+    LEASE_STATES,
+    LeaseRecord,
+    StateUnavailable,
+    check_rate_args,
+    check_session_args,
+    gcra,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,28 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (backend, backend_lease_id)
     ) WITHOUT ROWID;
     CREATE INDEX backend_leases_open ON backend_leases (lease_id) WHERE revoked_at IS NULL;
+    """,
+    # v3: quotas. GCRA state (a row is stale once its tat has passed: equal to no row),
+    # durable counters (monthly per department), active sessions per user.
+    """
+    CREATE TABLE rate_gcra (
+        key TEXT PRIMARY KEY NOT NULL,
+        tat REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX rate_gcra_tat ON rate_gcra (tat);
+    CREATE TABLE counters (
+        key TEXT PRIMARY KEY NOT NULL,
+        value INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX counters_expires ON counters (expires_at);
+    CREATE TABLE sessions (
+        user_id TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (user_id, session_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_expires ON sessions (expires_at);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -248,6 +277,21 @@ class SqliteStore:
             self._healthy = True
             self._last_error = None
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error. IMMEDIATE takes the write
+        lock up front, so the read-then-write inside is atomic even against another
+        process (an operator's tool) on the same file."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     # ------------------------------------------------------------------ StateStore
 
     async def burn_jti(self, jti: str, expires_at: float) -> bool:
@@ -356,9 +400,87 @@ class SqliteStore:
             rows = conn.execute(_SELECT_LEASES_BY_STATE, (state,)).fetchall()
         return [_row_to_lease(row) for row in rows]
 
+    async def rate_check(
+        self, key: str, *, limit: int, period_s: float, now: float, cost: int = 1
+    ) -> tuple[bool, float]:
+        """GCRA under ``key`` (see :func:`sidekey.store.gcra`): ``(allowed, retry_after_s)``."""
+        check_rate_args(limit, period_s, cost)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("rate_check") as conn, self._transaction(conn):
+            row = conn.execute("SELECT tat FROM rate_gcra WHERE key = ?", (key,)).fetchone()
+            result = gcra(
+                None if row is None else float(row[0]),
+                limit=limit,
+                period_s=float(period_s),
+                now=float(now),
+                cost=cost,
+            )
+            if result.allowed:
+                conn.execute(
+                    "INSERT INTO rate_gcra (key, tat) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET tat = excluded.tat",
+                    (key, result.new_tat),
+                )
+        return result.allowed, result.retry_after_s
+
+    async def counter_incr(self, key: str, *, amount: int = 1, expires_at: float) -> int:
+        """Add ``amount`` to counter ``key``; return the new value. A row whose
+        ``expires_at`` has passed (by the store's clock) counts as absent."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        now = self._clock()
+        with self._edge("counter_incr") as conn, self._transaction(conn):
+            row = conn.execute(
+                "SELECT value, expires_at FROM counters WHERE key = ?", (key,)
+            ).fetchone()
+            if row is None or float(row[1]) <= now:
+                value, until = int(amount), float(expires_at)
+            else:
+                value, until = int(row[0]) + int(amount), max(float(row[1]), float(expires_at))
+            conn.execute(
+                "INSERT INTO counters (key, value, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                "expires_at = excluded.expires_at",
+                (key, value, until),
+            )
+        return value
+
+    async def session_touch(
+        self, user: str, session_id: str, *, now: float, idle_s: float, max_sessions: int
+    ) -> tuple[bool, int]:
+        """Touch ``user``'s session: ``(allowed, active_count)``; see the protocol."""
+        check_session_args(idle_s, max_sessions)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        until = float(now) + float(idle_s)
+        with self._edge("session_touch") as conn, self._transaction(conn):
+            conn.execute(
+                "DELETE FROM sessions WHERE user_id = ? AND expires_at <= ?", (user, float(now))
+            )
+            known = conn.execute(
+                "SELECT 1 FROM sessions WHERE user_id = ? AND session_id = ?", (user, session_id)
+            ).fetchone()
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM sessions WHERE user_id = ?", (user,)
+            ).fetchone()
+            count = int(count)
+            if known is None:
+                if count >= max_sessions:
+                    return False, count
+                conn.execute(
+                    "INSERT INTO sessions (user_id, session_id, expires_at) VALUES (?, ?, ?)",
+                    (user, session_id, until),
+                )
+                return True, count + 1
+            conn.execute(
+                "UPDATE sessions SET expires_at = max(expires_at, ?) "
+                "WHERE user_id = ? AND session_id = ?",
+                (until, user, session_id),
+            )
+            return True, count
+
     async def purge(self, now: float) -> int:
-        """Delete burned jtis with ``expires_at < now`` and leases that ended more than
-        :data:`LEASE_RETENTION_S` before ``now``. Returns the number of rows deleted.
+        """Delete burned jtis with ``expires_at < now``, leases that ended more than
+        :data:`LEASE_RETENTION_S` before ``now``, and rate, counter and session rows that
+        expired before ``now``. Returns the number of rows deleted.
 
         Works in chunks of :data:`PURGE_CHUNK` rows, yielding to other tasks between them.
         """
@@ -377,6 +499,21 @@ class SqliteStore:
                 "DELETE FROM backend_leases WHERE (backend, backend_lease_id) IN "
                 "(SELECT backend, backend_lease_id FROM backend_leases WHERE revoked_at < ? LIMIT ?)",
                 float(now) - LEASE_RETENTION_S,
+            ),
+            (
+                "DELETE FROM rate_gcra WHERE key IN "
+                "(SELECT key FROM rate_gcra WHERE tat < ? LIMIT ?)",
+                float(now),
+            ),
+            (
+                "DELETE FROM counters WHERE key IN "
+                "(SELECT key FROM counters WHERE expires_at < ? LIMIT ?)",
+                float(now),
+            ),
+            (
+                "DELETE FROM sessions WHERE (user_id, session_id) IN "
+                "(SELECT user_id, session_id FROM sessions WHERE expires_at <= ? LIMIT ?)",
+                float(now),
             ),
         )
         total = 0

@@ -1,0 +1,714 @@
+"""Redis state store: one Redis shared by every sidekey host.
+
+Every check-and-update is one Lua script (``EVALSHA`` through redis-py's
+``register_script``, which falls back to ``EVAL`` after a Redis restart), so it is
+atomic across hosts: a jti burned on host A is refused on host B, and the per-user
+limits are one aggregate for all hosts.
+
+Why the sync client in worker threads: the daemon runs on trio and ``redis.asyncio``
+needs asyncio. Each call runs ``trio.to_thread.run_sync`` behind a
+:class:`trio.CapacityLimiter` (as many threads as pooled connections) inside
+``trio.fail_after(timeout_s)``, with ``abandon_on_cancel=True``: a Redis that stops
+answering costs the caller ``timeout_s`` and a :class:`StateUnavailable`, never a hang.
+The abandoned thread ends when its socket timeout (also ``timeout_s``) fires. redis-py
+does not retry: a retried script that did run once (an INCRBY, a GCRA step) would
+count twice.
+
+Keys (all under the configured prefix, e.g. ``sidekey:``)::
+
+    jti:<jti>                 string, PXAT the token's expiry (+ leeway)
+    rl:<key>                  GCRA theoretical arrival time, PX until it is reached
+    ctr:<key>                 counter, PEXPIREAT expires_at
+    sess:<user>               sorted set session_id -> idle expiry, PEXPIRE to the last
+    lease:<lease_id>          hash (data, state, ended_at, expires_at), PEXPIREAT a safety
+                              TTL of 2x the retention after expiry, end or now (the latest)
+    leases:<state>            sorted set lease_id -> expires_at
+    leases:ended              sorted set lease_id -> ended_at (for purge)
+    bl:<json [backend, id]>   hash: a journaled backend lease
+    bl:open / bl:revoked      sorted sets member -> issued_at / revoked_at
+
+Clocks: ``now`` and ``expires_at`` are the caller's (wall clock, seconds); TTLs are
+relative to them, so hosts sharing a Redis need synchronised clocks (NTP), as for the
+tokens' ``exp``. Redis Cluster is not supported (the lease scripts touch several keys).
+
+The password is never logged: it is not in the URL shown by :meth:`RedisStore.health`,
+and it is scrubbed from any error message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import redis
+import trio
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
+
+from . import (
+    GCRA_EPSILON_S,
+    LEASE_STATES,
+    LeaseRecord,
+    StateUnavailable,
+    check_rate_args,
+    check_session_args,
+)
+from .sqlite import LEASE_RETENTION_S, PURGE_CHUNK
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_Arg = str | int | float | bytes  # a Lua script argument
+
+DEFAULT_PREFIX = "sidekey:"
+DEFAULT_TIMEOUT_S = 2.0
+# Worker threads = pooled connections: enough for a busy host, bounded.
+DEFAULT_MAX_CONNECTIONS = 16
+# A burned jti is kept at least this long, even if its expiry is already past (Redis
+# would drop a key whose PXAT is in the past at once, and the burn would not hold).
+JTI_MIN_KEEP_S = 60.0
+# Lease hashes carry a TTL this long after their expiry or end: a safety net so that
+# nothing grows forever if purge never runs. purge() removes ended leases earlier.
+LEASE_SAFETY_TTL_S = 2 * LEASE_RETENTION_S
+# purge() works through at most this many chunks per sorted set per call.
+MAX_PURGE_CHUNKS = 100
+
+_GCRA_LUA = """
+-- KEYS[1] rate key; ARGV limit, period_s, now, cost, epsilon. Same arithmetic as
+-- sidekey.store.gcra(). Returns {allowed, retry_after_s as a string}.
+local limit = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local eps = tonumber(ARGV[5])
+local stored = redis.call('GET', KEYS[1])
+local base = now
+if stored then
+  local tat = tonumber(stored)
+  if tat and tat >= now then base = tat end
+end
+local new_tat = base + cost * (period / limit)
+local allow_at = new_tat - period
+if allow_at - now > eps then
+  return {0, string.format('%.17g', allow_at - now)}
+end
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX',
+           math.ceil((new_tat - now) * 1000) + 1)
+return {1, '0'}
+"""
+
+_COUNTER_LUA = """
+-- KEYS[1] counter; ARGV amount, expires_at in ms. The latest expiry wins.
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+local wanted = tonumber(ARGV[2])
+local current = redis.call('PEXPIRETIME', KEYS[1])
+if current < 0 or current < wanted then
+  redis.call('PEXPIREAT', KEYS[1], wanted)
+end
+return value
+"""
+
+_SESSION_LUA = """
+-- KEYS[1] the user's sessions; ARGV session_id, now, now + idle_s, max_sessions.
+-- Returns {allowed, active_count}.
+local now = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local count = redis.call('ZCARD', KEYS[1])
+if known then
+  redis.call('ZADD', KEYS[1], 'GT', ARGV[3], ARGV[1])
+else
+  if count >= tonumber(ARGV[4]) then return {0, count} end
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  count = count + 1
+end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(last[2]) - now) * 1000) + 1)
+return {1, count}
+"""
+
+_PUT_LEASE_LUA = """
+-- KEYS lease hash, leases:<state>, leases:ended
+-- ARGV lease_id, data, state, ended_at or '', expires_at, safety expiry in ms
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'data', ARGV[2], 'state', ARGV[3], 'ended_at', ARGV[4],
+           'expires_at', ARGV[5])
+redis.call('PEXPIREAT', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+if ARGV[3] ~= 'active' and ARGV[4] ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+end
+return 1
+"""
+
+_TRANSITION_LUA = """
+-- KEYS lease hash, leases:<from>, leases:<to>, leases:ended
+-- ARGV lease_id, from, to, at, safety ttl in seconds, the caller's clock
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
+local expires_at = redis.call('HGET', KEYS[1], 'expires_at')
+local at = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'ended_at', ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], expires_at, ARGV[1])
+if ARGV[3] == 'active' then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+else
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+end
+local last = math.max(tonumber(expires_at), at, tonumber(ARGV[6]))
+redis.call('PEXPIREAT', KEYS[1], math.floor((last + tonumber(ARGV[5])) * 1000))
+return 1
+"""
+
+_PURGE_LEASE_LUA = """
+-- KEYS lease hash, leases:ended, then every leases:<state>; ARGV lease_id, cutoff.
+-- Deletes the lease if it is still ended before cutoff (or already gone).
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then
+  local ended = tonumber(redis.call('HGET', KEYS[1], 'ended_at'))
+  if state == 'active' or not ended or ended >= tonumber(ARGV[2]) then
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    return 0
+  end
+end
+local n = redis.call('DEL', KEYS[1])
+for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return n
+"""
+
+_JOURNAL_LUA = """
+-- KEYS item hash, bl:open; ARGV member, backend, id, issued_at, expires_at
+if redis.call('HSETNX', KEYS[1], 'issued_at', ARGV[4]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'backend', ARGV[2], 'id', ARGV[3], 'expires_at', ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+"""
+
+_ATTACH_LUA = """
+-- KEYS item hash; ARGV lease_id. A pair that was never journaled is ignored.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'lease_id', ARGV[1])
+return 1
+"""
+
+_REVOKE_LUA = """
+-- KEYS item hash, bl:open, bl:revoked; ARGV member, at, safety expiry in ms
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'revoked_at', ARGV[2])
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+
+_PURGE_BACKEND_LUA = """
+-- KEYS item hash, bl:revoked; ARGV member, cutoff
+local revoked = tonumber(redis.call('HGET', KEYS[1], 'revoked_at'))
+if revoked and revoked >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('DEL', KEYS[1])
+"""
+
+
+class _LeaseData(msgspec.Struct, frozen=True, array_like=True):
+    """The immutable part of a lease, as one JSON array in the hash's ``data`` field."""
+
+    jti: str
+    server: str
+    tool: str
+    user_id: str
+    agent_id: str | None
+    session_id: str | None
+    secrets: tuple[str, ...]
+    created_at: float
+    expires_at: float
+    peer_pid: int
+    peer_uid: int
+
+
+_lease_data_encoder = msgspec.json.Encoder()
+_lease_data_decoder = msgspec.json.Decoder(_LeaseData)
+_member_decoder = msgspec.json.Decoder(tuple[str, str])
+
+
+def _num(value: float) -> str:
+    """A float as the shortest string that reads back exactly (Lua's tonumber agrees)."""
+    return repr(float(value))
+
+
+def _ms(seconds: float) -> int:
+    return math.ceil(seconds * 1000)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without a password in its userinfo (``redis://user:***@host``)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<invalid url>"
+
+
+class RedisStore:
+    """:class:`~sidekey.store.StateStore` on a Redis server. Create with :meth:`open`."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        pool: redis.BlockingConnectionPool,
+        *,
+        url: str,
+        password: str | None,
+        prefix: str,
+        timeout_s: float,
+        max_connections: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._client: redis.Redis | None = client
+        self._pool = pool
+        self._url = redact_url(url)
+        self._password = password
+        self.prefix = prefix
+        self._timeout_s = timeout_s
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._clock = clock
+        self._healthy = True
+        self._last_error: str | None = None
+        self._purged = 0
+        self._gcra = client.register_script(_GCRA_LUA)
+        self._counter = client.register_script(_COUNTER_LUA)
+        self._session = client.register_script(_SESSION_LUA)
+        self._put_lease = client.register_script(_PUT_LEASE_LUA)
+        self._transition = client.register_script(_TRANSITION_LUA)
+        self._purge_lease = client.register_script(_PURGE_LEASE_LUA)
+        self._journal = client.register_script(_JOURNAL_LUA)
+        self._attach = client.register_script(_ATTACH_LUA)
+        self._revoke = client.register_script(_REVOKE_LUA)
+        self._purge_backend = client.register_script(_PURGE_BACKEND_LUA)
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        password: str | None = None,
+        ssl_ca_file: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        clock: Callable[[], float] = time.time,
+    ) -> RedisStore:
+        """A store on ``url`` (``redis://``, ``rediss://`` for TLS, ``unix://``).
+
+        No I/O happens here (connections open on first use; :meth:`ping` checks one).
+        ``ssl_ca_file`` verifies a ``rediss://`` server. Raises StateUnavailable for a
+        URL or option redis-py refuses, ValueError for a bad timeout or pool size.
+        """
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
+            raise ValueError("timeout_s must be a positive number of seconds")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        kwargs: dict[str, Any] = {
+            "max_connections": max_connections,
+            "timeout": timeout_s,  # waiting for a free pooled connection
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if password is not None:
+            kwargs["password"] = password
+        if ssl_ca_file is not None:
+            if not url.startswith("rediss://"):
+                # redis-py would fail only at the first connection, with a TypeError.
+                raise StateUnavailable(f"a TLS CA file needs a rediss:// URL, not {redact_url(url)}")
+            kwargs["ssl_ca_certs"] = ssl_ca_file
+        try:
+            pool = redis.BlockingConnectionPool.from_url(url, **kwargs)
+        except (ValueError, TypeError, redis.RedisError) as exc:
+            # The message may quote the URL; never the password.
+            raise StateUnavailable(
+                f"cannot use Redis URL {redact_url(url)}: {type(exc).__name__}"
+            ) from None
+        client = redis.Redis(connection_pool=pool)
+        return cls(
+            client,
+            pool,
+            url=url,
+            password=password,
+            prefix=prefix,
+            timeout_s=timeout_s,
+            max_connections=max_connections,
+            clock=clock,
+        )
+
+    # ------------------------------------------------------------------ the edge
+
+    def _scrub(self, text: str) -> str:
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    def _failed(self, what: str, reason: str) -> StateUnavailable:
+        reason = self._scrub(reason)
+        self._healthy = False
+        self._last_error = f"{what}: {reason}"
+        log.error("state store %s failed: %s", what, reason)
+        return StateUnavailable("state store unavailable")
+
+    async def _run(self, what: str, fn: Callable[[redis.Redis], T]) -> T:
+        """Run ``fn(client)`` in a worker thread, bounded by the timeout; translate errors."""
+        client = self._client
+        if client is None:
+            raise StateUnavailable("state store is closed")
+        try:
+            # The deadline covers the wait for a thread (limiter) too.
+            with trio.fail_after(self._timeout_s):
+                result = await trio.to_thread.run_sync(
+                    fn, client, limiter=self._limiter, abandon_on_cancel=True
+                )
+        except trio.TooSlowError:
+            raise self._failed(what, f"no answer within {self._timeout_s:g} s") from None
+        except (redis.RedisError, OSError) as exc:
+            # `from None`: a chained redis-py traceback could carry connection details.
+            raise self._failed(what, f"{type(exc).__name__}: {exc}") from None
+        if not self._healthy:
+            log.warning("state store works again")
+            self._healthy = True
+            self._last_error = None
+        return result
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}{kind}:{name}"
+
+    def _lease_key(self, lease_id: str) -> str:
+        return self._key("lease", lease_id)
+
+    def _state_key(self, state: str) -> str:
+        return self._key("leases", state)
+
+    def _bl_key(self, member: str) -> str:
+        return self._key("bl", member)
+
+    @staticmethod
+    def _bl_member(backend: str, backend_lease_id: str) -> str:
+        return msgspec.json.encode([backend, backend_lease_id]).decode()
+
+    # ------------------------------------------------------------------ StateStore
+
+    async def ping(self) -> None:
+        """One round trip to Redis (readiness at start). Raises StateUnavailable."""
+        await self._run("ping", lambda c: c.ping())
+
+    async def burn_jti(self, jti: str, expires_at: float) -> bool:
+        """Atomically burn ``jti`` (``SET NX PXAT``): True if newly burned, False on a replay."""
+        keep_until = max(float(expires_at), self._clock() + JTI_MIN_KEEP_S)
+        key = self._key("jti", jti)
+        result = await self._run(
+            "burn_jti", lambda c: c.set(key, b"1", nx=True, pxat=_ms(keep_until))
+        )
+        return bool(result)
+
+    async def put_lease(self, rec: LeaseRecord) -> None:
+        """Insert a new lease. A duplicate ``lease_id`` raises StateUnavailable (a local bug)."""
+        if rec.state not in LEASE_STATES:
+            raise ValueError(f"unknown lease state {rec.state!r}")
+        data = _lease_data_encoder.encode(
+            _LeaseData(
+                jti=rec.jti,
+                server=rec.server,
+                tool=rec.tool,
+                user_id=rec.user_id,
+                agent_id=rec.agent_id,
+                session_id=rec.session_id,
+                secrets=tuple(rec.secrets),
+                created_at=rec.created_at,
+                expires_at=rec.expires_at,
+                peer_pid=rec.peer_pid,
+                peer_uid=rec.peer_uid,
+            )
+        )
+        last = max(
+            rec.expires_at,
+            rec.ended_at if rec.ended_at is not None else rec.expires_at,
+            self._clock(),
+        )
+        keys = [self._lease_key(rec.lease_id), self._state_key(rec.state), self._key("leases", "ended")]
+        args: list[_Arg] = [
+            rec.lease_id,
+            data,
+            rec.state,
+            "" if rec.ended_at is None else _num(rec.ended_at),
+            _num(rec.expires_at),
+            _ms(last + LEASE_SAFETY_TTL_S),
+        ]
+        created = await self._run("put_lease", lambda c: self._put_lease(keys, args, client=c))
+        if not created:
+            raise StateUnavailable(f"lease {rec.lease_id} already exists")
+
+    async def transition_lease(
+        self, lease_id: str, from_state: str, to_state: str, *, at: float
+    ) -> bool:
+        """Compare-and-set: move the lease to ``to_state`` (``ended_at = at``) if it is in ``from_state``."""
+        if from_state not in LEASE_STATES or to_state not in LEASE_STATES:
+            raise ValueError(f"unknown lease state {from_state!r} -> {to_state!r}")
+        keys = [
+            self._lease_key(lease_id),
+            self._state_key(from_state),
+            self._state_key(to_state),
+            self._key("leases", "ended"),
+        ]
+        args: list[_Arg] = [
+            lease_id,
+            from_state,
+            to_state,
+            _num(at),
+            _num(LEASE_SAFETY_TTL_S),
+            _num(self._clock()),
+        ]
+        done = await self._run(
+            "transition_lease", lambda c: self._transition(keys, args, client=c)
+        )
+        return bool(done)
+
+    @staticmethod
+    def _decode_lease(lease_id: str, fields: dict[Any, Any]) -> LeaseRecord | None:
+        if not fields:
+            return None
+        data = _lease_data_decoder.decode(fields[b"data"])
+        ended = fields.get(b"ended_at", b"")
+        return LeaseRecord(
+            lease_id=lease_id,
+            jti=data.jti,
+            server=data.server,
+            tool=data.tool,
+            user_id=data.user_id,
+            agent_id=data.agent_id,
+            session_id=data.session_id,
+            secrets=tuple(data.secrets),
+            created_at=data.created_at,
+            expires_at=data.expires_at,
+            state=fields[b"state"].decode(),
+            ended_at=float(ended) if ended else None,
+            peer_pid=data.peer_pid,
+            peer_uid=data.peer_uid,
+        )
+
+    async def get_lease(self, lease_id: str) -> LeaseRecord | None:
+        key = self._lease_key(lease_id)
+        fields = await self._run("get_lease", lambda c: c.hgetall(key))
+        return self._decode_lease(lease_id, fields)
+
+    async def leases_in_state(self, state: str) -> list[LeaseRecord]:
+        """All leases in ``state``, soonest expiry first."""
+        zkey = self._state_key(state)
+
+        def read(c: redis.Redis) -> list[tuple[str, dict[Any, Any]]]:
+            ids = [_text(i) for i in c.zrange(zkey, 0, -1)]
+            pipe = c.pipeline(transaction=False)
+            for lease_id in ids:
+                pipe.hgetall(self._lease_key(lease_id))
+            return list(zip(ids, pipe.execute(), strict=True))
+
+        rows = await self._run("leases_in_state", read)
+        out: list[LeaseRecord] = []
+        for lease_id, fields in rows:
+            rec = self._decode_lease(lease_id, fields)
+            # A lease moved between the two reads is in its new state's set now.
+            if rec is not None and rec.state == state:
+                out.append(rec)
+        return out
+
+    async def journal_backend_lease(
+        self, backend: str, backend_lease_id: str, *, expires_at: float, at: float
+    ) -> None:
+        member = self._bl_member(backend, backend_lease_id)
+        keys = [self._bl_key(member), self._key("bl", "open")]
+        args: list[_Arg] = [member, backend, backend_lease_id, _num(at), _num(expires_at)]
+        await self._run("journal_backend_lease", lambda c: self._journal(keys, args, client=c))
+
+    async def attach_backend_leases(self, lease_id: str, items: Sequence[tuple[str, str]]) -> None:
+        members = [self._bl_member(b, bl) for b, bl in items]
+
+        def attach(c: redis.Redis) -> None:
+            pipe = c.pipeline(transaction=True)
+            for member in members:
+                self._attach([self._bl_key(member)], [lease_id], client=pipe)
+            pipe.execute()
+
+        await self._run("attach_backend_leases", attach)
+
+    async def backend_lease_revoked(self, backend: str, backend_lease_id: str, *, at: float) -> None:
+        member = self._bl_member(backend, backend_lease_id)
+        keys = [self._bl_key(member), self._key("bl", "open"), self._key("bl", "revoked")]
+        args: list[_Arg] = [member, _num(at), _ms(max(float(at), self._clock()) + LEASE_SAFETY_TTL_S)]
+        await self._run("backend_lease_revoked", lambda c: self._revoke(keys, args, client=c))
+
+    async def open_backend_leases(self, lease_id: str | None = None) -> list[tuple[str, str, str | None]]:
+        open_key = self._key("bl", "open")
+
+        def read(c: redis.Redis) -> list[list[bytes | None]]:
+            members = [_text(m) for m in c.zrange(open_key, 0, -1)]
+            pipe = c.pipeline(transaction=False)
+            for member in members:
+                pipe.hmget(self._bl_key(member), ["backend", "id", "lease_id", "revoked_at"])
+            return list(pipe.execute())
+
+        out: list[tuple[str, str, str | None]] = []
+        for backend, bl_id, owner, revoked in await self._run("open_backend_leases", read):
+            if backend is None or bl_id is None or revoked is not None:
+                continue
+            owner_s = None if owner is None else owner.decode()
+            if lease_id is None or owner_s == lease_id:
+                out.append((backend.decode(), bl_id.decode(), owner_s))
+        return out
+
+    async def rate_check(
+        self, key: str, *, limit: int, period_s: float, now: float, cost: int = 1
+    ) -> tuple[bool, float]:
+        """GCRA under ``key`` (see :func:`sidekey.store.gcra`): ``(allowed, retry_after_s)``."""
+        check_rate_args(limit, period_s, cost)
+        keys = [self._key("rl", key)]
+        args: list[_Arg] = [limit, _num(period_s), _num(now), cost, _num(GCRA_EPSILON_S)]
+        allowed, retry = await self._run("rate_check", lambda c: self._gcra(keys, args, client=c))
+        return bool(allowed), float(_text(retry))
+
+    async def counter_incr(self, key: str, *, amount: int = 1, expires_at: float) -> int:
+        """Add ``amount`` to counter ``key``; return the new value (``INCRBY``, ``PEXPIREAT``)."""
+        keys = [self._key("ctr", key)]
+        args: list[_Arg] = [int(amount), _ms(expires_at)]
+        value = await self._run("counter_incr", lambda c: self._counter(keys, args, client=c))
+        return int(value)
+
+    async def session_touch(
+        self, user: str, session_id: str, *, now: float, idle_s: float, max_sessions: int
+    ) -> tuple[bool, int]:
+        """Touch ``user``'s session: ``(allowed, active_count)``; see the protocol."""
+        check_session_args(idle_s, max_sessions)
+        keys = [self._key("sess", user)]
+        args: list[_Arg] = [session_id, _num(now), _num(float(now) + float(idle_s)), max_sessions]
+        allowed, count = await self._run(
+            "session_touch", lambda c: self._session(keys, args, client=c)
+        )
+        return bool(allowed), int(count)
+
+    async def _purge_batch(
+        self, what: str, zkey: str, cutoff: float, script: Script, keys_for: Callable[[str], list[str]]
+    ) -> tuple[int, int]:
+        """One chunk: members of ``zkey`` scored below ``cutoff``, each through ``script``.
+        Returns (members seen, items deleted)."""
+
+        def run(c: redis.Redis) -> tuple[int, int]:
+            members = [
+                _text(m)
+                for m in c.zrangebyscore(zkey, "-inf", f"({_num(cutoff)}", start=0, num=PURGE_CHUNK)
+            ]
+            pipe = c.pipeline(transaction=False)
+            for member in members:
+                script(keys_for(member), [member, _num(cutoff)], client=pipe)
+            return len(members), sum(int(n) for n in pipe.execute())
+
+        return await self._run(what, run)
+
+    async def purge(self, now: float) -> int:
+        """Delete leases that ended more than :data:`LEASE_RETENTION_S` before ``now`` and
+        backend leases revoked that long ago. jtis, rate, counter and session keys expire
+        by their TTL. Returns the number of items deleted. Works in chunks."""
+        cutoff = float(now) - LEASE_RETENTION_S
+        state_keys = [self._state_key(s) for s in sorted(LEASE_STATES)]
+        ended_key = self._key("leases", "ended")
+        revoked_key = self._key("bl", "revoked")
+
+        def lease_keys(member: str) -> list[str]:
+            return [self._lease_key(member), ended_key, *state_keys]
+
+        # (sorted set, cutoff, script, its keys, most chunks per call). Every member of
+        # leases:ended and bl:revoked below the cutoff leaves its set, so those loops
+        # progress; leases whose hash expired by its safety TTL (purge did not run for
+        # days) leave their id in leases:<state>, dropped one chunk per call.
+        stale_cutoff = float(now) - LEASE_SAFETY_TTL_S - LEASE_RETENTION_S
+        jobs: list[tuple[str, float, Script, Callable[[str], list[str]], int]] = [
+            (ended_key, cutoff, self._purge_lease, lease_keys, MAX_PURGE_CHUNKS),
+            (
+                revoked_key,
+                cutoff,
+                self._purge_backend,
+                lambda m: [self._bl_key(m), revoked_key],
+                MAX_PURGE_CHUNKS,
+            ),
+        ]
+        jobs += [(k, stale_cutoff, self._purge_lease, lease_keys, 1) for k in state_keys]
+        total = 0
+        for zkey, limit, script, keys_for, max_chunks in jobs:
+            for _ in range(max_chunks):
+                await trio.lowlevel.checkpoint()
+                seen, deleted = await self._purge_batch("purge", zkey, limit, script, keys_for)
+                total += deleted
+                if seen < PURGE_CHUNK:
+                    break
+        self._purged += total
+        return total
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ok": self._healthy and self._client is not None,
+            "backend": "redis",
+            "url": self._url,
+            "prefix": self.prefix,
+            "purged": self._purged,
+            "last_error": self._last_error,
+        }
+
+    async def aclose(self) -> None:
+        """Close every pooled connection (in a worker thread: it may block on a socket)."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        pool = self._pool
+
+        def close() -> None:
+            client.close()
+            pool.disconnect()
+
+        with trio.move_on_after(self._timeout_s):
+            await trio.to_thread.run_sync(close, abandon_on_cancel=True)
+
+    async def run_maintenance(
+        self,
+        *,
+        interval: float = 5.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Forever: every ``interval`` seconds purge ended leases. Errors are logged and
+        reflected in :meth:`health`; the loop keeps going."""
+        if not (interval > 0 and math.isfinite(interval)):
+            raise ValueError("interval must be a positive number of seconds")
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            if self._client is None:
+                return
+            try:
+                purged = await self.purge(self._clock())
+            except StateUnavailable:
+                continue  # already logged; health() shows it
+            if purged:
+                log.debug("purged %d expired state items", purged)
+
+
+__all__ = ["RedisStore", "redact_url"]

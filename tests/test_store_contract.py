@@ -1,0 +1,547 @@
+"""The StateStore contract, run against both stores: SQLite on tmp_path, and Redis on a
+real ``redis-server`` (one per test session, a unique key prefix per test).
+
+Plus Redis-only behaviour: two stores ("hosts") on one server share burned jtis and
+limits; an outage is a StateUnavailable within the timeout, never a hang; data survives
+a Redis restart with AOF; the password never leaks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_py
+import trio
+
+from redis_server import RedisServer
+from sidekey.store import LeaseRecord, StateStore, StateUnavailable, gcra
+from sidekey.store.redis import RedisStore, redact_url
+from sidekey.store.sqlite import LEASE_RETENTION_S, SqliteStore
+
+# Every real-I/O test finishes well within this (the suite's own bound, below pytest-timeout).
+IO_LIMIT_S = 60.0
+REDIS_TIMEOUT_S = 0.5
+
+Opener = Callable[[], StateStore]
+
+
+def lease(
+    lease_id: str = "lse_1",
+    *,
+    state: str = "active",
+    expires_at: float = 1300.0,
+    ended_at: float | None = None,
+) -> LeaseRecord:
+    return LeaseRecord(
+        lease_id=lease_id,
+        jti=f"jti-{lease_id}",
+        server="content-api",
+        tool="create_article",
+        user_id="usr_1",
+        agent_id="agent_content-writer",
+        session_id=None,
+        secrets=("CONTENT_API_KEY", "OTHER"),
+        created_at=1000.0,
+        expires_at=expires_at,
+        state=state,
+        ended_at=ended_at,
+        peer_pid=4242,
+        peer_uid=1001,
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def open_redis(url: str, prefix: str, **kw: object) -> RedisStore:
+    return RedisStore.open(url, prefix=prefix, timeout_s=REDIS_TIMEOUT_S, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Opens the store under test; every call opens another handle on the same state."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore.open(tmp_path / "state")
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = f"test:{uuid.uuid4().hex}:"
+    return lambda: open_redis(server.url, prefix)
+
+
+@pytest.fixture
+async def store(opener: Opener) -> AsyncIterator[StateStore]:
+    s = opener()
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+# ---------------------------------------------------------------------- jti
+
+
+async def test_burn_once(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        far = time.time() + 600
+        assert await store.burn_jti("jti-a", far) is True
+        assert await store.burn_jti("jti-a", far) is False
+        assert await store.burn_jti("jti-b", far) is True
+
+
+async def test_concurrent_burns_have_one_winner(store: StateStore) -> None:
+    wins: list[bool] = []
+
+    async def burn() -> None:
+        wins.append(await store.burn_jti("jti-race", time.time() + 600))
+
+    with trio.fail_after(IO_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(100):
+                nursery.start_soon(burn)
+    assert len(wins) == 100 and wins.count(True) == 1
+
+
+async def test_burn_survives_reopen(opener: Opener) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        first = opener()
+        try:
+            assert await first.burn_jti("jti-p", time.time() + 600)
+        finally:
+            await first.aclose()
+        second = opener()
+        try:
+            assert await second.burn_jti("jti-p", time.time() + 600) is False
+        finally:
+            await second.aclose()
+
+
+# ---------------------------------------------------------------------- leases
+
+
+async def test_lease_put_get_and_duplicate(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        assert await store.get_lease("lse_1") is None
+        await store.put_lease(lease())
+        assert await store.get_lease("lse_1") == lease()
+        with pytest.raises(StateUnavailable):
+            await store.put_lease(lease())
+        with pytest.raises(ValueError):
+            await store.put_lease(lease("lse_x", state="bogus"))
+
+
+async def test_transition_is_compare_and_set(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        await store.put_lease(lease())
+        assert await store.transition_lease("lse_1", "released", "expired", at=1100.0) is False
+        assert await store.transition_lease("lse_1", "active", "released", at=1100.0) is True
+        assert await store.transition_lease("lse_1", "active", "expired", at=1200.0) is False
+        assert await store.transition_lease("nope", "active", "released", at=1.0) is False
+        got = await store.get_lease("lse_1")
+        assert got is not None and got.state == "released" and got.ended_at == 1100.0
+
+
+async def test_racing_transitions_have_one_winner(store: StateStore) -> None:
+    await store.put_lease(lease())
+    results: list[bool] = []
+
+    async def move(to: str) -> None:
+        results.append(await store.transition_lease("lse_1", "active", to, at=1100.0))
+
+    with trio.fail_after(IO_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(move, ("released", "expired", "revoked")[i % 3])
+    assert results.count(True) == 1
+
+
+async def test_leases_in_state(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        await store.put_lease(lease("lse_b", expires_at=1500.0))
+        await store.put_lease(lease("lse_a", expires_at=1400.0))
+        await store.put_lease(lease("lse_c", expires_at=1300.0))
+        await store.put_lease(lease("lse_d", state="released", ended_at=1010.0))
+        assert [r.lease_id for r in await store.leases_in_state("active")] == [
+            "lse_c", "lse_a", "lse_b"]
+        assert await store.transition_lease("lse_a", "active", "revoked", at=1050.0)
+        assert [r.lease_id for r in await store.leases_in_state("active")] == ["lse_c", "lse_b"]
+        revoked = await store.leases_in_state("revoked")
+        assert [(r.lease_id, r.ended_at) for r in revoked] == [("lse_a", 1050.0)]
+        assert [r.lease_id for r in await store.leases_in_state("released")] == ["lse_d"]
+        assert await store.leases_in_state("expired") == []
+
+
+async def test_backend_lease_journal(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        await store.journal_backend_lease("vault", "database/creds/ro/abc", expires_at=100.0, at=1.0)
+        await store.journal_backend_lease("vault", "database/creds/ro/def", expires_at=100.0, at=2.0)
+        # journaling twice changes nothing
+        await store.journal_backend_lease("vault", "database/creds/ro/abc", expires_at=100.0, at=5.0)
+        assert await store.open_backend_leases() == [
+            ("vault", "database/creds/ro/abc", None), ("vault", "database/creds/ro/def", None)]
+        await store.attach_backend_leases(
+            "lse_1", [("vault", "database/creds/ro/abc"), ("vault", "never-journaled")])
+        assert await store.open_backend_leases("lse_1") == [
+            ("vault", "database/creds/ro/abc", "lse_1")]
+        await store.backend_lease_revoked("vault", "database/creds/ro/abc", at=3.0)
+        assert await store.open_backend_leases("lse_1") == []
+        assert [r[1] for r in await store.open_backend_leases()] == ["database/creds/ro/def"]
+        assert await store.open_backend_leases() == [("vault", "database/creds/ro/def", None)]
+
+
+async def test_purge(store: StateStore) -> None:
+    now = 10_000_000.0
+    with trio.fail_after(IO_LIMIT_S):
+        await store.put_lease(lease("lse_old", state="released", ended_at=now - LEASE_RETENTION_S - 1))
+        await store.put_lease(lease("lse_recent", state="released", ended_at=now - 10))
+        await store.put_lease(lease("lse_active"))
+        await store.journal_backend_lease("vault", "old", expires_at=now, at=1.0)
+        await store.backend_lease_revoked("vault", "old", at=now - LEASE_RETENTION_S - 1)
+        await store.journal_backend_lease("vault", "open", expires_at=now, at=2.0)
+        assert await store.purge(now) >= 2
+        assert await store.get_lease("lse_old") is None
+        assert await store.get_lease("lse_recent") is not None
+        assert await store.get_lease("lse_active") is not None
+        assert [r.lease_id for r in await store.leases_in_state("released")] == ["lse_recent"]
+        assert await store.open_backend_leases() == [("vault", "open", None)]
+        assert await store.purge(now) == 0
+        # quota state purged (or expired) is as if it never was: a full burst again
+        assert await store.rate_check("k", limit=3, period_s=60, now=now) == (True, 0.0)
+        await store.purge(now + 3600)
+        for _ in range(3):
+            assert (await store.rate_check("k", limit=3, period_s=60, now=now + 3600))[0]
+
+
+# ---------------------------------------------------------------------- rate_check
+
+
+async def test_200_concurrent_checks_let_exactly_30_through(store: StateStore) -> None:
+    now = 1_000_000.0
+    results: list[tuple[bool, float]] = []
+
+    async def check() -> None:
+        results.append(await store.rate_check("usr_1:delete_record", limit=30, period_s=60, now=now))
+
+    with trio.fail_after(IO_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(check)
+    allowed = [r for r in results if r[0]]
+    denied = [r for r in results if not r[0]]
+    assert len(allowed) == 30 and len(denied) == 170
+    assert all(retry == 0.0 for _, retry in allowed)
+    # one request every 60/30 = 2 s: the next one fits in 2 s, and denials did not count
+    assert all(math.isclose(retry, 2.0) for _, retry in denied)
+
+
+async def test_retry_after_is_when_it_is_allowed(store: StateStore) -> None:
+    now = 2_000_000.0
+    with trio.fail_after(IO_LIMIT_S):
+        for _ in range(10):
+            assert (await store.rate_check("k", limit=10, period_s=60, now=now))[0]
+        allowed, retry = await store.rate_check("k", limit=10, period_s=60, now=now + 1)
+        assert not allowed and math.isclose(retry, 5.0)
+        # many refusals later, the same wait still holds: a refusal does not consume
+        for _ in range(20):
+            assert not (await store.rate_check("k", limit=10, period_s=60, now=now + 5))[0]
+        assert await store.rate_check("k", limit=10, period_s=60, now=now + 6) == (True, 0.0)
+        allowed, retry = await store.rate_check("k", limit=10, period_s=60, now=now + 6)
+        assert not allowed and math.isclose(retry, 6.0)
+        # another key is independent
+        assert (await store.rate_check("other", limit=10, period_s=60, now=now + 6))[0]
+
+
+async def test_no_double_burst_at_a_window_boundary(store: StateStore) -> None:
+    """A fixed per-minute window would let 30 through at 59.9 s and 30 more at 60.0 s."""
+    minute = 60.0 * 50_000
+    with trio.fail_after(IO_LIMIT_S):
+        burst_at = minute + 59.9
+        for _ in range(30):
+            assert (await store.rate_check("b", limit=30, period_s=60, now=burst_at))[0]
+        for t in (minute + 60.0, minute + 60.5, minute + 61.0, minute + 61.8):
+            allowed, retry = await store.rate_check("b", limit=30, period_s=60, now=t)
+            assert not allowed and math.isclose(retry, burst_at + 2.0 - t, abs_tol=1e-6)
+        assert (await store.rate_check("b", limit=30, period_s=60, now=burst_at + 2.0))[0]
+        assert not (await store.rate_check("b", limit=30, period_s=60, now=burst_at + 2.0))[0]
+
+
+async def test_sustained_rate_and_cost(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        # limit 7 per 10 s: 1/7 of the period is not exact in binary; the 7th still fits
+        start = 3_000_000.0
+        assert all([(await store.rate_check("odd", limit=7, period_s=10, now=start))[0]
+                    for _ in range(7)])
+        assert not (await store.rate_check("odd", limit=7, period_s=10, now=start))[0]
+        # one request per second for 100 s against 7/10 s: 7 + 100 * 0.7 (+1 at the edge)
+        count = 0
+        for i in range(1, 101):
+            count += (await store.rate_check("odd", limit=7, period_s=10, now=start + i))[0]
+        assert count == 70
+        assert await store.rate_check("cost", limit=10, period_s=60, now=start, cost=5) == (True, 0.0)
+        assert (await store.rate_check("cost", limit=10, period_s=60, now=start, cost=5))[0]
+        allowed, retry = await store.rate_check("cost", limit=10, period_s=60, now=start, cost=5)
+        assert not allowed and math.isclose(retry, 30.0)
+        with pytest.raises(ValueError):
+            await store.rate_check("cost", limit=10, period_s=60, now=start, cost=11)
+        with pytest.raises(ValueError):
+            await store.rate_check("cost", limit=0, period_s=60, now=start)
+
+
+def test_gcra_pure() -> None:
+    r = gcra(None, limit=2, period_s=10, now=100.0, cost=1)
+    assert r.allowed and r.new_tat == 105.0 and r.retry_after_s == 0.0
+    r = gcra(110.0, limit=2, period_s=10, now=100.0, cost=1)
+    assert not r.allowed and r.retry_after_s == 5.0
+    assert gcra(50.0, limit=2, period_s=10, now=100.0, cost=2).new_tat == 110.0
+
+
+# ---------------------------------------------------------------------- counters
+
+
+async def test_counter_incr(store: StateStore) -> None:
+    far = time.time() + 3600
+    with trio.fail_after(IO_LIMIT_S):
+        assert await store.counter_incr("dept:eng:2025-01", expires_at=far) == 1
+        assert await store.counter_incr("dept:eng:2025-01", expires_at=far) == 2
+        assert await store.counter_incr("dept:eng:2025-01", amount=5, expires_at=far) == 7
+        assert await store.counter_incr("dept:ops:2025-01", expires_at=far) == 1
+
+        async def bump() -> None:
+            await store.counter_incr("dept:conc", expires_at=far)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(100):
+                nursery.start_soon(bump)
+        assert await store.counter_incr("dept:conc", amount=0, expires_at=far) == 100
+
+
+async def test_counter_expires(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        soon = time.time() + 0.3
+        assert await store.counter_incr("short", expires_at=soon) == 1
+        assert await store.counter_incr("short", expires_at=soon) == 2
+        await trio.sleep(0.6)
+        assert await store.counter_incr("short", expires_at=time.time() + 60) == 1
+
+
+async def test_counter_survives_reopen(opener: Opener) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        first = opener()
+        try:
+            assert await first.counter_incr("m", amount=3, expires_at=time.time() + 600) == 3
+        finally:
+            await first.aclose()
+        second = opener()
+        try:
+            assert await second.counter_incr("m", expires_at=time.time() + 600) == 4
+        finally:
+            await second.aclose()
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+async def test_sixth_session_refused_until_one_goes_idle(store: StateStore) -> None:
+    now, idle = 5_000_000.0, 600.0
+    touch = store.session_touch
+    with trio.fail_after(IO_LIMIT_S):
+        for i in range(1, 6):
+            assert await touch("usr_1", f"s{i}", now=now, idle_s=idle, max_sessions=5) == (True, i)
+        assert await touch("usr_1", "s6", now=now + 1, idle_s=idle, max_sessions=5) == (False, 5)
+        # an active session is always accepted; another user is independent
+        assert await touch("usr_1", "s3", now=now + 1, idle_s=idle, max_sessions=5) == (True, 5)
+        assert await touch("usr_2", "s6", now=now + 1, idle_s=idle, max_sessions=5) == (True, 1)
+        # keep s2..s5 busy, let s1 go idle
+        for i in range(2, 6):
+            assert (await touch("usr_1", f"s{i}", now=now + 300, idle_s=idle, max_sessions=5))[0]
+        assert await touch("usr_1", "s6", now=now + 599, idle_s=idle, max_sessions=5) == (False, 5)
+        assert await touch("usr_1", "s6", now=now + 600, idle_s=idle, max_sessions=5) == (True, 5)
+        # s1 is new again, and refused
+        assert await touch("usr_1", "s1", now=now + 601, idle_s=idle, max_sessions=5) == (False, 5)
+        # everything idle: the count starts over
+        assert await touch("usr_1", "s9", now=now + 5000, idle_s=idle, max_sessions=5) == (True, 1)
+        with pytest.raises(ValueError):
+            await touch("usr_1", "s9", now=now, idle_s=0, max_sessions=5)
+
+
+async def test_concurrent_new_sessions(store: StateStore) -> None:
+    results: list[tuple[bool, int]] = []
+
+    async def touch(i: int) -> None:
+        results.append(await store.session_touch(
+            "usr_c", f"s{i}", now=6_000_000.0, idle_s=60, max_sessions=5))
+
+    with trio.fail_after(IO_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(touch, i)
+    assert sum(ok for ok, _ in results) == 5
+    assert sorted(n for ok, n in results if ok) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------- SQLite only
+
+
+async def test_sqlite_purge_drops_expired_quota_rows(tmp_path: Path) -> None:
+    store = SqliteStore.open(tmp_path / "state")
+    try:
+        await store.rate_check("r", limit=5, period_s=60, now=100.0)
+        await store.counter_incr("c", expires_at=200.0)
+        await store.counter_incr("c2", expires_at=9e9)
+        await store.session_touch("u", "s", now=100.0, idle_s=50, max_sessions=2)
+        assert await store.purge(1000.0) == 3
+    finally:
+        await store.aclose()
+    conn = sqlite3.connect(tmp_path / "state" / "state.db")
+    try:
+        assert conn.execute("SELECT count(*) FROM rate_gcra").fetchone() == (0,)
+        assert conn.execute("SELECT key FROM counters").fetchall() == [("c2",)]
+        assert conn.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------- Redis only
+
+
+async def test_redis_keys_have_ttls(redis_server: RedisServer) -> None:
+    prefix = f"ttl:{uuid.uuid4().hex}:"
+    store = open_redis(redis_server.url, prefix)
+    now = time.time()
+    try:
+        with trio.fail_after(IO_LIMIT_S):
+            await store.burn_jti("j", now + 300)
+            await store.rate_check("r", limit=30, period_s=60, now=now)
+            await store.counter_incr("c", expires_at=now + 3600)
+            await store.session_touch("u", "s", now=now, idle_s=600, max_sessions=5)
+            await store.put_lease(lease("l", expires_at=now + 300))
+    finally:
+        await store.aclose()
+    with redis_py.Redis.from_url(redis_server.url) as client:
+        ttls = {k.decode()[len(prefix):]: client.pttl(k) for k in client.scan_iter(f"{prefix}*")}
+    assert 0 < ttls["jti:j"] <= 300_000
+    assert 0 < ttls["rl:r"] <= 2_100
+    assert 3_590_000 < ttls["ctr:c"] <= 3_600_000
+    assert 0 < ttls["sess:u"] <= 600_000
+    assert ttls["lease:l"] > 0
+    # only the lease index is without a TTL (purge keeps it in step with the hashes)
+    assert [k for k, v in ttls.items() if v < 0] == ["leases:active"]
+
+
+async def test_two_hosts_share_jtis_and_limits(redis_server: RedisServer) -> None:
+    prefix = f"hosts:{uuid.uuid4().hex}:"
+    host_a = open_redis(redis_server.url, prefix)
+    host_b = open_redis(redis_server.url, prefix)
+    try:
+        with trio.fail_after(IO_LIMIT_S):
+            assert await host_a.burn_jti("jti-shared", time.time() + 300)
+            assert await host_b.burn_jti("jti-shared", time.time() + 300) is False
+            results: list[bool] = []
+
+            async def check(host: RedisStore) -> None:
+                results.append((await host.rate_check(
+                    "usr_1", limit=30, period_s=60, now=7_000_000.0))[0])
+
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(check, (host_a, host_b)[i % 2])
+            assert results.count(True) == 30
+            assert await host_a.session_touch("u", "a", now=1.0, idle_s=60, max_sessions=1) == (True, 1)
+            assert await host_b.session_touch("u", "b", now=2.0, idle_s=60, max_sessions=1) == (False, 1)
+    finally:
+        await host_a.aclose()
+        await host_b.aclose()
+
+
+async def test_redis_outage_is_state_unavailable_without_a_hang(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    store = open_redis(server.url, "outage:")
+    try:
+        with trio.fail_after(IO_LIMIT_S):
+            await store.ping()
+            assert await store.burn_jti("before", time.time() + 60)
+            assert server.proc is not None
+            # A Redis that stops answering (SIGSTOP): bounded by the timeout.
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(StateUnavailable):
+                    await store.burn_jti("during", time.time() + 60)
+                with pytest.raises(StateUnavailable):
+                    await store.rate_check("r", limit=1, period_s=1, now=1.0)
+                assert time.monotonic() - started < 2 * REDIS_TIMEOUT_S + 1.0
+                health = store.health()
+                assert health["ok"] is False and "no answer" in health["last_error"]
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            # A Redis that is gone (connection refused): an error at once.
+            server.kill()
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable):
+                await store.counter_incr("c", expires_at=time.time() + 60)
+            assert time.monotonic() - started < REDIS_TIMEOUT_S + 1.0
+            # ... and back: the store recovers by itself.
+            server.start()
+            assert await store.counter_incr("c", expires_at=time.time() + 60) == 1
+            assert store.health()["ok"] is True
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+async def test_redis_restart_keeps_state_with_aof(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    store = open_redis(server.url, "aof:")
+    try:
+        with trio.fail_after(IO_LIMIT_S):
+            assert await store.burn_jti("jti-kept", time.time() + 600)
+            assert await store.counter_incr("month", amount=41, expires_at=time.time() + 600) == 41
+            server.kill()  # kill -9: appendfsync always keeps every acknowledged write
+            server.start()
+            assert await store.burn_jti("jti-kept", time.time() + 600) is False
+            assert await store.counter_incr("month", expires_at=time.time() + 600) == 42
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+async def test_redis_password_is_used_and_never_shown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "s3cret-" + uuid.uuid4().hex
+    server = RedisServer(tmp_path / "redis", password=secret).start()
+    good = RedisStore.open(server.url, password=secret, prefix="pw:", timeout_s=REDIS_TIMEOUT_S)
+    bad = RedisStore.open(server.url, password="wrong-" + secret, prefix="pw:",
+                          timeout_s=REDIS_TIMEOUT_S)
+    with_url = RedisStore.open(f"redis://:{secret}@127.0.0.1:{server.port}/0", prefix="pw:",
+                               timeout_s=REDIS_TIMEOUT_S)
+    caplog.set_level(logging.DEBUG)
+    try:
+        with trio.fail_after(IO_LIMIT_S):
+            assert await good.burn_jti("j", time.time() + 60)
+            assert await with_url.burn_jti("j", time.time() + 60) is False
+            with pytest.raises(StateUnavailable) as info:
+                await bad.burn_jti("j2", time.time() + 60)
+    finally:
+        for s in (good, bad, with_url):
+            await s.aclose()
+        server.stop()
+    shown = " ".join([caplog.text, str(info.value), repr(bad.health()), repr(with_url.health())])
+    assert secret not in shown
+    assert with_url.health()["url"] == f"redis://:***@127.0.0.1:{server.port}/0"
+    assert redact_url("redis://127.0.0.1:1/0") == "redis://127.0.0.1:1/0"
+    with pytest.raises(StateUnavailable, match="rediss://"):
+        RedisStore.open("redis://127.0.0.1:1/0", ssl_ca_file="/etc/ssl/ca.pem")
