@@ -24,8 +24,8 @@ def daemon() -> Iterator[Daemon]:
 def make_daemon() -> Iterator[object]:
     made: list[Daemon] = []
 
-    def make(overrides: dict[str, object] | None = None) -> Daemon:
-        d = Daemon(overrides)
+    def make(overrides: dict[str, object] | None = None, **kw: object) -> Daemon:
+        d = Daemon(overrides, **kw)  # type: ignore[arg-type]
         made.append(d)
         return d
 

@@ -68,12 +68,22 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 class Daemon:
     """A sidekey daemon in its own short-path directory (AF_UNIX paths are capped at 107 bytes)."""
 
-    def __init__(self, overrides: dict[str, Any] | None = None, *, root: Path | None = None) -> None:
+    def __init__(self, overrides: dict[str, Any] | None = None, *, root: Path | None = None,
+                 seed_limits: bool = False) -> None:
         self.root = root or Path(tempfile.mkdtemp(prefix="sk-"))
         os.chmod(self.root, 0o755)  # so a test process running as nobody can reach the socket
         for f in QUICKSTART.glob("*.yaml"):
             if f.name != "sidekey.yaml":
                 shutil.copy(f, self.root / f.name)
+        if not seed_limits:
+            # The seed's limits (10 create_article calls a minute per user...) would throttle
+            # tests that are about something else; quota tests ask for seed_limits=True.
+            limits = yaml.safe_load((self.root / "rate-limits.yaml").read_text())
+            for section in [limits["limits"]["per_user"], *limits["limits"]["per_tool"].values()]:
+                for key in ("requests_per_minute", "requests_per_hour", "concurrent_sessions"):
+                    if key in section:
+                        section[key] = 1_000_000
+            (self.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
         base = yaml.safe_load((QUICKSTART / "sidekey.yaml").read_text())
         base["listen"]["mode"] = "0666"
         base["listen"]["socket"] = "run/sock"

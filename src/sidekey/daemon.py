@@ -8,6 +8,7 @@ durably, *before* the response leaves; if audit cannot record, the call fails 50
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import logging
@@ -26,7 +27,7 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from . import protocol, systemd
+from . import protocol, quotas, systemd
 from .audit import AuditLog, AuditSink
 from .audit.events import make_event
 from .audit.jsonl import open_jsonl_sink
@@ -57,7 +58,7 @@ from .protocol import (
     TokenRequest,
 )
 from .server import HttpServer, Request, Response, bind_unix_socket, error_response
-from .store import LeaseRecord, StateStore, open_store
+from .store import LeaseRecord, StateStore, open_configured_store
 from .tokens import PeerClaim, TokenCodec, load_ed25519_public, load_keyset, rotate_keyset
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,39 @@ class Sidekey:
         except SidekeyError as exc:
             return None, exc
 
+    async def _apply_quotas(self, decision: Decision, body: AuthorizeRequest, now: float) -> Decision:
+        """The quota step after the policy chain (``limits:``): sessions, per user per
+        tool, per user, counted in the state store (shared across hosts with Redis).
+        Fails closed: a store failure is 503 state_unavailable."""
+        plan = quotas.plan(
+            self.cfg.limits, user=decision.user_id, tool=body.tool, department=None,
+            session_id=body.session_id,
+            now=datetime.datetime.fromtimestamp(now, datetime.UTC),
+        )
+        rules = list(decision.rules_matched)
+        for check in plan.checks:
+            answer: Any
+            if isinstance(check, quotas.SessionCheck):
+                answer = await self.store.session_touch(
+                    check.user, check.session_id, now=plan.now_s, idle_s=check.idle_s,
+                    max_sessions=check.max_sessions)
+            elif isinstance(check, quotas.RateCheck):
+                answer = await self.store.rate_check(
+                    check.key, limit=check.limit, period_s=check.period_s, now=plan.now_s)
+            else:
+                answer = await self.store.counter_incr(check.key, expires_at=check.expires_at_s)
+            denial = quotas.check_denial(check, answer, now=plan.now)
+            if denial is not None:
+                return dataclasses.replace(
+                    decision, outcome="deny", rules_matched=tuple(rules), code=denial.code,
+                    message=denial.message, status=denial.status,
+                    details={**denial.details, "limit": denial.limit,
+                             **({"retry_after_s": denial.retry_after_s}
+                                if denial.retry_after_s is not None else {})},
+                )
+            rules.append(check.rule)
+        return dataclasses.replace(decision, rules_matched=tuple(rules))
+
     async def authorize(self, req: Request) -> Response:
         body: AuthorizeRequest = protocol.decode_body(req.body, AuthorizeRequest)
         args_digest = _digest_capped(body.arguments)
@@ -332,6 +366,8 @@ class Sidekey:
                 require_version=self.cfg.policy.require_server_version,
             ),
         )
+        if decision.allowed:
+            decision = await self._apply_quotas(decision, body, now)
         auth: dict[str, Any] = {
             "token_issuer": user_token.issuer if user_token else None,
             "scopes": sorted(user_token.scopes) if user_token else [],
@@ -869,7 +905,7 @@ def _digest_capped(arguments: dict[str, Any]) -> str:
 
 def _denial(decision: Decision) -> SidekeyError:
     cls: type[SidekeyError] = NotFound if decision.status == 404 else Denied
-    err = cls(decision.message or "denied", code=decision.code)
+    err = cls(decision.message or "denied", code=decision.code, **dict(decision.details))
     err.status = decision.status
     return err
 
@@ -925,7 +961,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             path = Path(inherited.getsockname())
         codec = build_codec(loaded)
         loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        store = open_store(loaded.state_dir)
+        store = await open_configured_store(loaded)
         journal.store = store
         sink: AuditSink = open_jsonl_sink(loaded.audit_path, fsync=cfg.audit.fsync)
         audit = AuditLog([sink])

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 from . import registry
 from .config import Config, OAuth2Config, RegistryEntry, SecretRef
@@ -82,6 +82,8 @@ class Decision:
     status: int = 200
     warnings: tuple[str, ...] = ()
     secrets: Mapping[str, SecretRef] = field(default_factory=dict)
+    # For a denial: machine-readable facts for the error body (e.g. retry_after_s).
+    details: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def allowed(self) -> bool:

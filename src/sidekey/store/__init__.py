@@ -26,9 +26,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ..protocol import Unavailable
+
+if TYPE_CHECKING:
+    from ..config import LoadedConfig
 
 LEASE_STATES = frozenset({"active", "released", "expired", "revoked"})
 
@@ -186,6 +189,38 @@ class StateStore(Protocol):
     async def aclose(self) -> None:
         """Release the store's resources."""
         ...
+
+
+async def open_configured_store(loaded: LoadedConfig) -> StateStore:
+    """The store ``state:`` asks for: SQLite under ``state.dir`` (the default), or Redis
+    (password from a 0600 file or a systemd credential, never inline), checked with
+    one round trip. Raises StateUnavailable / ConfigError."""
+    state = loaded.config.state
+    if state.backend == "sqlite":
+        return open_store(loaded.state_dir)
+    from ..backends.vault import _read_secret
+    from ..protocol import ConfigError
+    from .redis import RedisStore
+
+    if state.redis_url is None:
+        raise ConfigError(f"{loaded.path.name}: $.state.redis_url: required for backend redis")
+    password = None
+    if state.redis_password_file or state.redis_password_credential:
+        password = _read_secret(
+            loaded.resolve(state.redis_password_file) if state.redis_password_file else None,
+            state.redis_password_credential, what="Redis password",
+        )
+    store = RedisStore.open(
+        state.redis_url, password=password,
+        ssl_ca_file=str(loaded.resolve(state.redis_tls_ca_file)) if state.redis_tls_ca_file else None,
+        prefix=state.redis_key_prefix, timeout_s=state.redis_timeout_s,
+    )
+    try:
+        await store.ping()
+    except BaseException:
+        await store.aclose()
+        raise
+    return store
 
 
 def open_store(state_dir: Path) -> StateStore:

@@ -1,0 +1,83 @@
+"""The seed's rate limits enforced by a real daemon, counted in the state store."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from harness import Daemon
+
+
+def test_per_tool_limit_lets_exactly_the_limit_through_under_concurrency(make_daemon: Any) -> None:
+    """create_article: requests_per_minute 10 per user (seed rate-limits.yaml). 60
+    concurrent authorize calls by one user: exactly 10 allowed, the rest 429 with the
+    limit named and a retry time; every refusal audited."""
+    d: Daemon = make_daemon(seed_limits=True).start()
+    d.user_token("content-api")  # mint once, before the threads
+    results: list[tuple[int, dict[str, Any]]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        r = d.authorize("content-api", "create_article")
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=one) for _ in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    allowed = [b for s, b in results if s == 200]
+    refused = [b for s, b in results if s != 200]
+    assert len(allowed) == 10, [b.get("error") for b in refused][:3]
+    assert all(b["error"]["code"] == "rate_limited" for b in refused)
+    details = refused[0]["error"]["details"]
+    assert details["limit"] == "per_tool.create_article.requests_per_minute"
+    assert 0 < details["retry_after_s"] <= 60
+    assert any(r.startswith("quota.ok:") for r in allowed[0]["policy"]["rules_matched"])
+    denied_events = [e for e in d.audit_events() if e.get("error", {}).get("code") == "rate_limited"]
+    assert len(denied_events) == 50
+    # another tool of the same user is not throttled by create_article's limit
+    assert d.authorize("content-api", "list_articles")[0] == 200
+
+
+def test_limits_survive_a_restart(make_daemon: Any) -> None:
+    d: Daemon = make_daemon(seed_limits=True).start()
+    for _ in range(10):
+        assert d.authorize("content-api", "create_article")[0] == 200
+    d.kill()
+    d.start()
+    status, body = d.authorize("content-api", "create_article")
+    assert status == 429 and body["error"]["code"] == "rate_limited", body
+
+
+def test_two_daemons_sharing_redis_enforce_one_aggregate_limit(make_daemon: Any, tmp_path: Any) -> None:
+    """Two "hosts" (daemons with their own sockets and SQLite dirs) on one Redis: the
+    per-user create_article limit (10/min) holds across both; a token burned on one
+    host is refused on the other."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        state = {"state": {"backend": "redis", "redis_url": server.url,
+                           "redis_key_prefix": "sk-test:"}}
+        a: Daemon = make_daemon(state, seed_limits=True)
+        b: Daemon = make_daemon(state, seed_limits=True)
+        # one issuer and one token key set for both hosts (as a fleet would share them)
+        import shutil
+        shutil.copy(a.issuer_jwks, b.issuer_jwks)
+        a.start()
+        shutil.copy(a.root / "keys" / "token-keys.json", b.root / "keys" / "token-keys.json")
+        b.start()
+        token = a.user_token("content-api")
+        statuses = []
+        for d in (a, b) * 6:
+            statuses.append(d.authorize("content-api", "create_article", user_token=token)[0])
+        assert statuses.count(200) == 10 and statuses.count(429) == 2, statuses
+        _, tok = a.request("POST", "/v1/tokens", {"server": "content-api", "tool": "list_articles",
+                                                 "user": "u1"})
+        assert a.request("POST", "/v1/redeem", {"resolution_token": tok["resolution_token"]})[0] == 200
+        status, body = b.request("POST", "/v1/redeem", {"resolution_token": tok["resolution_token"]})
+        assert status == 409 and body["error"]["code"] == "token_replayed", body
+    finally:
+        server.stop()
