@@ -231,12 +231,25 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32, help="workers for the concurrent run")
     ap.add_argument("--profile", action="store_true", help="profile the daemon with cProfile")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    ap.add_argument("--state", choices=["sqlite", "redis"], default="sqlite",
+                    help="state store (redis: a redis-server started here on loopback)")
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="skb-"))
     profile = root / "daemon.prof" if args.profile else None
+    redis = None
     try:
         config = setup(root)
+        if args.state == "redis":
+            sys.path.insert(0, str(ROOT / "tests"))
+            from redis_server import RedisServer
+
+            (root / "redis").mkdir()
+            redis = RedisServer(root / "redis").start()
+            cfg = yaml.safe_load(config.read_text())
+            cfg["state"] = {**cfg["state"], "backend": "redis", "redis_url": redis.url}
+            config.write_text(yaml.safe_dump(cfg))
+        print(f"state store: {args.state}", flush=True)
         proc = start_daemon(root, config, profile)
         sock_path = str(root / "run" / "sock")
         try:
@@ -264,6 +277,8 @@ def main() -> int:
             if os.environ.get("SIDEKEY_BENCH_KEEP_PROFILE"):
                 shutil.copy(profile, os.environ["SIDEKEY_BENCH_KEEP_PROFILE"])
     finally:
+        if redis is not None:
+            redis.stop()
         shutil.rmtree(root, ignore_errors=True)
     return 0
 
