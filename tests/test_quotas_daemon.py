@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import yaml
+
 from harness import Daemon
 
 
@@ -81,3 +83,27 @@ def test_two_daemons_sharing_redis_enforce_one_aggregate_limit(make_daemon: Any,
         assert status == 409 and body["error"]["code"] == "token_replayed", body
     finally:
         server.stop()
+
+
+def test_department_monthly_quota_thresholds_and_exhaustion(make_daemon: Any) -> None:
+    d: Daemon = make_daemon({"policy": {"user_departments": {"alice": "marketing"}}})
+    limits = yaml.safe_load((d.root / "rate-limits.yaml").read_text())
+    limits["limits"]["per_department"]["marketing"]["monthly_tool_calls"] = 10
+    (d.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
+    d.start()
+    for _ in range(10):
+        assert d.authorize("content-api", "list_articles")[0] == 200
+    status, body = d.authorize("content-api", "list_articles")
+    assert status == 429 and body["error"]["code"] == "monthly_quota_exhausted", body
+    marks = [e["threshold_percent"] for e in d.events_of("quota.threshold")]
+    assert marks == [80, 90, 100]
+
+
+def test_result_over_max_size_is_withheld_and_audited(daemon: Daemon) -> None:
+    status, auth = daemon.authorize("analytics-db", "query_metrics")
+    assert status == 200, auth
+    _, lease = daemon.request("POST", "/v1/redeem", {"resolution_token": auth["resolution_token"]})
+    status, body = daemon.request("POST", "/v1/release", {
+        "lease_id": lease["lease_id"], "status": "success", "result_size_bytes": 600 * 1024})
+    assert status == 200 and body["withhold_result"] is True, body  # seed: 512 kb
+    assert daemon.events_of("mcp.tool_call")[-1]["result"]["withheld"] is True

@@ -249,6 +249,8 @@ class PolicyOptions(_C, frozen=True, kw_only=True):
     require_server_version: bool = False
     # Poll url + health_check of registry entries (shown in /v1/status, never blocks a call).
     registry_health_checks: bool = True
+    # Which department a user belongs to (for limits.per_department monthly quotas).
+    user_departments: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- seed policy shapes

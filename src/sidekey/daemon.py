@@ -311,12 +311,15 @@ class Sidekey:
         """The quota step after the policy chain (``limits:``): sessions, per user per
         tool, per user, counted in the state store (shared across hosts with Redis).
         Fails closed: a store failure is 503 state_unavailable."""
+        department = quotas.department_of(
+            None, decision.user_id, claim=None, user_map=self.cfg.policy.user_departments)
         plan = quotas.plan(
-            self.cfg.limits, user=decision.user_id, tool=body.tool, department=None,
+            self.cfg.limits, user=decision.user_id, tool=body.tool, department=department,
             session_id=body.session_id,
             now=datetime.datetime.fromtimestamp(now, datetime.UTC),
         )
         rules = list(decision.rules_matched)
+        results: list[Any] = []
         for check in plan.checks:
             answer: Any
             if isinstance(check, quotas.SessionCheck):
@@ -328,6 +331,12 @@ class Sidekey:
                     check.key, limit=check.limit, period_s=check.period_s, now=plan.now_s)
             else:
                 answer = await self.store.counter_incr(check.key, expires_at=check.expires_at_s)
+            if isinstance(check, quotas.MonthlyCheck):
+                for alert in quotas.alerts(plan, [*results, answer]):
+                    await self.audit.emit(self.event(
+                        "quota.threshold", user_id=decision.user_id, server=body.server,
+                        tool=body.tool, extra=alert.event_fields()))
+            results.append(answer)
             denial = quotas.check_denial(check, answer, now=plan.now)
             if denial is not None:
                 return dataclasses.replace(
@@ -589,8 +598,12 @@ class Sidekey:
         result: dict[str, Any] = {"status": body.status}
         if body.duration_ms is not None:
             result["duration_ms"] = body.duration_ms
+        withhold = False
         if body.result_size_bytes is not None:
             result["result_size_bytes"] = body.result_size_bytes
+            withhold = quotas.max_result_size_exceeded(self.cfg.limits, rec.tool, body.result_size_bytes)
+            if withhold:
+                result["withheld"] = True  # over max_result_size_kb: the client drops it
         if body.error is not None:
             result["error"] = body.error
         await self.audit.emit(
@@ -612,7 +625,8 @@ class Sidekey:
         )
         return _json(
             200,
-            protocol.ReleaseResponse(lease_id=rec.lease_id, state=ended.state, request_id=req.request_id),
+            protocol.ReleaseResponse(lease_id=rec.lease_id, state=ended.state,
+                                     request_id=req.request_id, withhold_result=withhold),
         )
 
     async def mint_token(self, req: Request) -> Response:

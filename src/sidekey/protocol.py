@@ -211,6 +211,8 @@ class ReleaseResponse(msgspec.Struct, kw_only=True):
     lease_id: str
     state: str
     request_id: str
+    # The result is larger than the tool's max_result_size_kb: do not return it.
+    withhold_result: bool = False
 
 
 class TokenResponse(msgspec.Struct, kw_only=True):
