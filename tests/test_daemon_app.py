@@ -118,3 +118,30 @@ async def test_no_secret_leaves_when_audit_cannot_record(
                                        {"resolution_token": body["resolution_token"]})
             assert status == 200 and lease["secrets"]["CONTENT_API_KEY"] == secret
     assert secret not in staged.audit_path.read_text()
+
+
+async def test_load_shedding_sheds_standard_before_high(staged: Daemon) -> None:
+    import types
+
+    import yaml
+
+    cfg = yaml.safe_load(staged.config_path.read_text())
+    cfg["policy"] = {**cfg.get("policy", {}), "max_in_flight": 100,
+                     "user_departments": {"alice": "marketing", "bob": "engineering"}}
+    staged.config_path.write_text(yaml.safe_dump(cfg))
+    bodies = {user: {**AUTHORIZE, "user_token": staged.user_token("content-api", user=user)}
+              for user in ("alice", "bob")}
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(staged) as app:
+            fake = types.SimpleNamespace(in_flight=95)
+            app.server = fake  # type: ignore[assignment]
+            status, body = await call(app, conn, "/v1/authorize", bodies["alice"])  # standard
+            assert status == 503 and body["error"]["code"] == "overloaded", body
+            status, body = await call(app, conn, "/v1/authorize", bodies["bob"])  # high
+            assert status == 200, body
+            fake.in_flight = 100
+            status, body = await call(app, conn, "/v1/authorize", bodies["bob"])
+            assert status == 503 and body["error"]["code"] == "overloaded", body
+            fake.in_flight = 10
+            assert (await call(app, conn, "/v1/authorize", bodies["alice"]))[0] == 200

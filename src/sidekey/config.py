@@ -251,6 +251,9 @@ class PolicyOptions(_C, frozen=True, kw_only=True):
     registry_health_checks: bool = True
     # Which department a user belongs to (for limits.per_department monthly quotas).
     user_departments: dict[str, str] = {}
+    # Calls in flight on this host above which authorize sheds load: departments with
+    # priority "standard" from 90 % of the cap, "high" only at the cap (503 overloaded).
+    max_in_flight: Annotated[int, Meta(gt=0, le=100_000)] = 1024
 
 
 # --------------------------------------------------------------------------- seed policy shapes

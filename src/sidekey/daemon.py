@@ -313,6 +313,14 @@ class Sidekey:
         Fails closed: a store failure is 503 state_unavailable."""
         department = quotas.department_of(
             None, decision.user_id, claim=None, user_map=self.cfg.policy.user_departments)
+        in_flight = self.server.in_flight if self.server is not None else 0
+        priority = quotas.priority_of(self.cfg.limits, department)
+        if quotas.shed(priority, in_flight, self.cfg.policy.max_in_flight):
+            shed = quotas.overloaded(priority, in_flight, self.cfg.policy.max_in_flight)
+            return dataclasses.replace(
+                decision, outcome="deny", code=shed.code, message=shed.message, status=shed.status,
+                details={**shed.details, "retry_after_s": shed.retry_after_s},
+            )
         plan = quotas.plan(
             self.cfg.limits, user=decision.user_id, tool=body.tool, department=department,
             session_id=body.session_id,
