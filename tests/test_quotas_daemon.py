@@ -107,3 +107,19 @@ def test_result_over_max_size_is_withheld_and_audited(daemon: Daemon) -> None:
         "lease_id": lease["lease_id"], "status": "success", "result_size_bytes": 600 * 1024})
     assert status == 200 and body["withhold_result"] is True, body  # seed: 512 kb
     assert daemon.events_of("mcp.tool_call")[-1]["result"]["withheld"] is True
+
+
+def test_department_from_a_token_claim(make_daemon: Any) -> None:
+    d: Daemon = make_daemon({"policy": {"department_claim": "department",
+                                        "user_departments": {"alice": "engineering"}}})
+    limits = yaml.safe_load((d.root / "rate-limits.yaml").read_text())
+    limits["limits"]["per_department"]["marketing"]["monthly_tool_calls"] = 2
+    (d.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
+    d.start()
+    token = d.user_token("content-api", extra={"department": "marketing"})
+    for _ in range(2):
+        assert d.authorize("content-api", "list_articles", user_token=token)[0] == 200
+    status, body = d.authorize("content-api", "list_articles", user_token=token)
+    assert status == 429 and body["error"]["code"] == "monthly_quota_exhausted", body
+    # the claim wins over the map; without the claim the map applies (engineering: 50000)
+    assert d.authorize("content-api", "list_articles")[0] == 200

@@ -249,7 +249,9 @@ class PolicyOptions(_C, frozen=True, kw_only=True):
     require_server_version: bool = False
     # Poll url + health_check of registry entries (shown in /v1/status, never blocks a call).
     registry_health_checks: bool = True
-    # Which department a user belongs to (for limits.per_department monthly quotas).
+    # Which department a user belongs to (for limits.per_department monthly quotas):
+    # the named claim of the user's verified OAuth2 token, else this map.
+    department_claim: str | None = None
     user_departments: dict[str, str] = {}
     # Calls in flight on this host above which authorize sheds load: departments with
     # priority "standard" from 90 % of the cap, "high" only at the cap (503 overloaded).

@@ -307,12 +307,17 @@ class Sidekey:
         except SidekeyError as exc:
             return None, exc
 
-    async def _apply_quotas(self, decision: Decision, body: AuthorizeRequest, now: float) -> Decision:
+    async def _apply_quotas(
+        self, decision: Decision, body: AuthorizeRequest, now: float,
+        user_token: AccessToken | None = None,
+    ) -> Decision:
         """The quota step after the policy chain (``limits:``): sessions, per user per
         tool, per user, counted in the state store (shared across hosts with Redis).
         Fails closed: a store failure is 503 state_unavailable."""
+        claims = dict(user_token.string_claims) if user_token is not None else None
         department = quotas.department_of(
-            None, decision.user_id, claim=None, user_map=self.cfg.policy.user_departments)
+            claims, decision.user_id, claim=self.cfg.policy.department_claim,
+            user_map=self.cfg.policy.user_departments)
         in_flight = self.server.in_flight if self.server is not None else 0
         priority = quotas.priority_of(self.cfg.limits, department)
         if quotas.shed(priority, in_flight, self.cfg.policy.max_in_flight):
@@ -384,7 +389,7 @@ class Sidekey:
             ),
         )
         if decision.allowed:
-            decision = await self._apply_quotas(decision, body, now)
+            decision = await self._apply_quotas(decision, body, now, user_token)
         auth: dict[str, Any] = {
             "token_issuer": user_token.issuer if user_token else None,
             "scopes": sorted(user_token.scopes) if user_token else [],

@@ -81,6 +81,9 @@ from .config import OAuth2Config
 from .protocol import AccessToken, TokenError, Unavailable
 
 log = logging.getLogger(__name__)
+# Plain string claims kept on a verified token for policy (e.g. a department claim).
+MAX_STRING_CLAIMS = 32
+MAX_STRING_CLAIM = 256
 
 # --------------------------------------------------------------------------- limits
 
@@ -652,6 +655,11 @@ class OAuthVerifier:
             scopes=scopes,
             expires_at=int(exp),
             client_id=client_id,
+            string_claims=tuple(sorted(
+                (k, v) for k, v in claims.items()
+                if isinstance(v, str) and len(v) <= MAX_STRING_CLAIM
+                and k not in ("iss", "sub", "aud", "scope", "jti", "client_id", "azp")
+            ))[:MAX_STRING_CLAIMS],
         )
 
     @staticmethod

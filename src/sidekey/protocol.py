@@ -112,6 +112,11 @@ class AccessToken:
     scopes: frozenset[str]
     expires_at: int
     client_id: str | None = None
+    # The token's other top-level string claims (e.g. a department), for policy.
+    string_claims: tuple[tuple[str, str], ...] = ()
+
+    def claim(self, name: str) -> str | None:
+        return dict(self.string_claims).get(name)
 
 
 class _Req(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
