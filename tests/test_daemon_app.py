@@ -145,3 +145,33 @@ async def test_load_shedding_sheds_standard_before_high(staged: Daemon) -> None:
             assert status == 503 and body["error"]["code"] == "overloaded", body
             fake.in_flight = 10
             assert (await call(app, conn, "/v1/authorize", bodies["alice"]))[0] == 200
+
+
+async def test_store_failure_fails_closed_unless_local_rate_counting(
+    staged: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from sidekey.store import StateUnavailable
+
+    limits = yaml.safe_load((staged.root / "rate-limits.yaml").read_text())
+    limits["limits"]["per_tool"]["create_article"]["requests_per_minute"] = 2
+    (staged.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
+    authorize = {**AUTHORIZE, "user_token": staged.user_token("content-api")}
+
+    async def broken(*args: object, **kw: object) -> tuple[bool, float]:
+        raise StateUnavailable("state store unavailable")
+
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(staged) as app:
+            monkeypatch.setattr(app.store, "rate_check", broken)
+            status, body = await call(app, conn, "/v1/authorize", authorize)
+            assert status == 503 and body["error"]["code"] == "state_unavailable", body
+        cfg = yaml.safe_load(staged.config_path.read_text())
+        cfg["state"] = {**cfg["state"], "on_store_failure": "local"}
+        staged.config_path.write_text(yaml.safe_dump(cfg))
+        async with app_on(staged) as app:
+            monkeypatch.setattr(app.store, "rate_check", broken)
+            codes = [(await call(app, conn, "/v1/authorize", authorize))[0] for _ in range(3)]
+            assert codes == [200, 200, 429], codes  # counted on this host meanwhile

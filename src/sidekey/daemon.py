@@ -58,7 +58,7 @@ from .protocol import (
     TokenRequest,
 )
 from .server import HttpServer, Request, Response, bind_unix_socket, error_response
-from .store import LeaseRecord, StateStore, open_configured_store
+from .store import LeaseRecord, StateStore, StateUnavailable, gcra, open_configured_store
 from .tokens import PeerClaim, TokenCodec, load_ed25519_public, load_keyset, rotate_keyset
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,9 @@ class Sidekey:
         self.trust: ConfigTrust | None = None  # what a reload's config must satisfy
         self._reload_lock = trio.Lock()
         self._dynamic_leases: set[str] = set()  # active leases carrying dynamic credentials
+        # on_store_failure: local — this host's GCRA state while the store is down
+        self._local_rates: OrderedDict[str, float] = OrderedDict()
+        self._local_rates_warned = False
         self.store = store
         self.audit = audit
         self.backends = backends
@@ -340,8 +343,7 @@ class Sidekey:
                     check.user, check.session_id, now=plan.now_s, idle_s=check.idle_s,
                     max_sessions=check.max_sessions)
             elif isinstance(check, quotas.RateCheck):
-                answer = await self.store.rate_check(
-                    check.key, limit=check.limit, period_s=check.period_s, now=plan.now_s)
+                answer = await self._rate_check(check, plan.now_s)
             else:
                 answer = await self.store.counter_incr(check.key, expires_at=check.expires_at_s)
             if isinstance(check, quotas.MonthlyCheck):
@@ -361,6 +363,27 @@ class Sidekey:
                 )
             rules.append(check.rule)
         return dataclasses.replace(decision, rules_matched=tuple(rules))
+
+    async def _rate_check(self, check: quotas.RateCheck, now: float) -> tuple[bool, float]:
+        """The store's GCRA; with ``state.on_store_failure: local`` a failing store falls
+        back to this host's memory for rate counters only (sessions, monthly quotas and
+        token burning always fail closed)."""
+        try:
+            return await self.store.rate_check(
+                check.key, limit=check.limit, period_s=check.period_s, now=now)
+        except StateUnavailable:
+            if self.cfg.state.on_store_failure != "local":
+                raise
+        if not self._local_rates_warned:
+            log.warning("state store unavailable: counting rate limits on this host only")
+            self._local_rates_warned = True
+        result = gcra(self._local_rates.get(check.key), limit=check.limit,
+                      period_s=check.period_s, now=now, cost=1)
+        if result.allowed:
+            self._local_rates[check.key] = result.new_tat
+            while len(self._local_rates) > MAX_PENDING_CALLS:
+                self._local_rates.popitem(last=False)
+        return result.allowed, result.retry_after_s
 
     async def authorize(self, req: Request) -> Response:
         body: AuthorizeRequest = protocol.decode_body(req.body, AuthorizeRequest)
