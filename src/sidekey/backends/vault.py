@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import re
-import stat
 import threading
 import time
 import urllib.parse
@@ -58,6 +57,8 @@ import trio
 
 from ..config import resolve_path
 from ..protocol import BadRequest, ConfigError, SidekeyError
+from ..secretfiles import check_private as _check_private
+from ..secretfiles import read_secret as _read_secret
 from . import BackendError, LeaseJournal, SecretNotFound, SecretValue
 
 if TYPE_CHECKING:
@@ -82,11 +83,9 @@ MAX_SLEEP_S = 300.0
 HEALTH_PROBE_INTERVAL_S = 10.0
 # A revocation that keeps failing is left to the journal sweep / Vault's own TTL.
 MAX_REVOKE_ATTEMPTS = 5
-MAX_SECRET_FILE_BYTES = 16 * 1024
 MAX_ERROR_CHARS = 300
 MAX_LEASE_ID_CHARS = 1024
 
-_CREDENTIAL_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,255}$")
 _ERRNO_RE = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
 # Vault's answers to a revocation of a lease it does not know (any more).
 _UNKNOWN_LEASE_RE = re.compile(r"lease not found|invalid lease|lease .*not exist", re.IGNORECASE)
@@ -220,75 +219,6 @@ class _Handoff:
         with self._lock:
             self._abandoned = True
             return self._lease_id
-
-
-def _read_secret(path: Path | None, credential: str | None, *, what: str) -> str:
-    """Read one line of secret material (a token, a secret_id) from ``path`` or from the
-    systemd credential ``$CREDENTIALS_DIRECTORY/<credential>``.
-
-    ``path`` must be a regular file owned by the daemon's uid (or root) with no
-    group/other permission bits (like the local store's key file). Raises
-    :class:`ConfigError`; the message never contains the material.
-    """
-    if credential is not None:
-        if not _CREDENTIAL_RE.fullmatch(credential) or credential in (".", ".."):
-            raise ConfigError(f"{what} credential {credential!r} is not a valid credential name")
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise ConfigError(
-                f"{what} credential {credential!r}: $CREDENTIALS_DIRECTORY is not set "
-                f"(run the daemon under systemd with LoadCredential={credential}:<file>)"
-            )
-        # systemd owns access control here (a private directory, maybe an ACL for the
-        # service user): check the file type and size, not owner and mode bits.
-        return _read_secret_file(Path(directory) / credential, what=what, check_permissions=False)
-    if path is None:
-        raise ConfigError(f"no file or credential configured for the {what}")
-    return _read_secret_file(path, what=what, check_permissions=True)
-
-
-def _read_secret_file(path: Path, *, what: str, check_permissions: bool) -> str:
-    try:
-        # O_NONBLOCK: a FIFO planted at the path must not hang the daemon.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot open the {what} file: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: the {what} file is not a regular file")
-        if check_permissions:
-            _check_private(path, st, what)
-        raw = os.read(fd, MAX_SECRET_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the {what} file: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_SECRET_FILE_BYTES:
-        raise ConfigError(f"{path}: the {what} file is larger than {MAX_SECRET_FILE_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: the {what} file is not UTF-8 text") from None
-    if not text:
-        raise ConfigError(f"{path}: the {what} file is empty")
-    if any(c.isspace() or not c.isprintable() for c in text):
-        raise ConfigError(f"{path}: the {what} file must hold one {what} on one line")
-    return text
-
-
-def _check_private(path: Path, st: os.stat_result, what: str) -> None:
-    if st.st_uid not in (os.geteuid(), 0):
-        raise ConfigError(
-            f"{path}: the {what} file is owned by uid {st.st_uid}; it must be owned by "
-            f"uid {os.geteuid()} (the daemon) or root"
-        )
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise ConfigError(
-            f"{path}: the {what} file mode is {mode:04o}; it must not be accessible by "
-            f"group or others (chmod 600 {path})"
-        )
 
 
 def _transport_reason(exc: requests.exceptions.RequestException) -> str:

@@ -198,15 +198,15 @@ async def open_configured_store(loaded: LoadedConfig) -> StateStore:
     state = loaded.config.state
     if state.backend == "sqlite":
         return open_store(loaded.state_dir)
-    from ..backends.vault import _read_secret
     from ..protocol import ConfigError
+    from ..secretfiles import read_secret
     from .redis import RedisStore
 
     if state.redis_url is None:
         raise ConfigError(f"{loaded.path.name}: $.state.redis_url: required for backend redis")
     password = None
     if state.redis_password_file or state.redis_password_credential:
-        password = _read_secret(
+        password = read_secret(
             loaded.resolve(state.redis_password_file) if state.redis_password_file else None,
             state.redis_password_credential, what="Redis password",
         )
