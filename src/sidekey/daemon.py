@@ -32,7 +32,7 @@ from .audit import AuditLog, AuditSink
 from .audit.events import make_event
 from .audit.jsonl import open_jsonl_sink
 from .backends import Backend, SecretValue, build_backends, unwrap
-from .config import LoadedConfig, load_config
+from .config import LoadedConfig, OAuth2Config, load_config
 from .healthcheck import RegistryHealth
 from .leases import ACTIVE, RELEASED, REVOKED, LeaseManager, new_lease_id
 from .oauth import OAuthVerifier
@@ -115,6 +115,9 @@ class Sidekey:
         self.loaded = loaded
         self.cfg = loaded.config
         self.generation = 1  # bumped by every applied reload
+        # Each server's OAuth2 settings with this host's issuer sources applied: computed
+        # once per config, not on every authorize.
+        self._oauth_specs = _oauth_specs(loaded)
         self.trust: ConfigTrust | None = None  # what a reload's config must satisfy
         self._reload_lock = trio.Lock()
         self._dynamic_leases: set[str] = set()  # active leases carrying dynamic credentials
@@ -302,7 +305,7 @@ class Sidekey:
         for a process attested as that server: others must not make us fetch JWKS."""
         if body.user_token is None or body.server not in servers or body.server not in self.cfg.servers:
             return None, None
-        oauth = self.loaded.oauth2_for(body.server)
+        oauth = self._oauth_specs.get(body.server)
         if oauth is None:
             return None, None
         try:
@@ -805,6 +808,7 @@ class Sidekey:
                 )
                 return False, error
             self.loaded, self.cfg, self.codec, self.trust = new, new.config, new_codec, trust
+            self._oauth_specs = _oauth_specs(new)
             self.generation += 1
             self.registry_health.update_config(new.config.registry)
             log.info("config reloaded (%s): generation %d", source, self.generation)
@@ -871,8 +875,8 @@ class Sidekey:
                     with trio.fail_after(BACKEND_TIMEOUT_S):
                         await backend.release(backend_lease_id)
                 except (SidekeyError, trio.TooSlowError) as exc:
-                    log.error("could not revoke %s lease of backend %s (will retry at the next "
-                              "sweep): %s", "a dynamic", backend_name, exc)
+                    log.error("could not revoke a dynamic credential's lease in backend %s "
+                              "(retried later): %s", backend_name, exc)
 
     async def sweep_backend_leases(self) -> int:
         """At start: revoke every journaled dynamic credential still open. After a crash
@@ -1084,6 +1088,11 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             await app.oauth.aclose()
         await _close_all(backends, store, audit)
     return 0
+
+
+def _oauth_specs(loaded: LoadedConfig) -> dict[str, OAuth2Config]:
+    specs = {name: loaded.oauth2_for(name) for name in loaded.config.servers}
+    return {name: spec for name, spec in specs.items() if spec is not None}
 
 
 def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
