@@ -76,11 +76,13 @@ class Daemon:
             if f.name != "sidekey.yaml":
                 shutil.copy(f, self.root / f.name)
         if not seed_limits:
-            # The seed's limits (10 create_article calls a minute per user...) would throttle
-            # tests that are about something else; quota tests ask for seed_limits=True.
+            # The seed's limits (10 create_article calls a minute per user, approval
+            # beyond 5 an hour...) would throttle or hold tests that are about something
+            # else; quota tests ask for seed_limits=True.
             limits = yaml.safe_load((self.root / "rate-limits.yaml").read_text())
             for section in [limits["limits"]["per_user"], *limits["limits"]["per_tool"].values()]:
-                for key in ("requests_per_minute", "requests_per_hour", "concurrent_sessions"):
+                for key in ("requests_per_minute", "requests_per_hour", "concurrent_sessions",
+                            "requires_approval_above"):
                     if key in section:
                         section[key] = 1_000_000
             (self.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))

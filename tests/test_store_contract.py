@@ -8,6 +8,7 @@ a Redis restart with AOF; the password never leaks.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -23,7 +24,8 @@ import redis as redis_py
 import trio
 
 from redis_server import RedisServer
-from sidekey.store import LeaseRecord, StateStore, StateUnavailable, gcra
+from sidekey import approvals
+from sidekey.store import APPROVAL_RETENTION_S, LeaseRecord, StateStore, StateUnavailable, gcra
 from sidekey.store.redis import RedisStore, redact_url
 from sidekey.store.sqlite import LEASE_RETENTION_S, SqliteStore
 
@@ -223,6 +225,113 @@ async def test_purge(store: StateStore) -> None:
         await store.purge(now + 3600)
         for _ in range(3):
             assert (await store.rate_check("k", limit=3, period_s=60, now=now + 3600))[0]
+
+
+# ---------------------------------------------------------------------- approvals
+
+
+def held(n: int, *, at: float | None = None, ttl_s: float = 900.0) -> approvals.Approval:
+    created = datetime.datetime.fromtimestamp(
+        (time.time() if at is None else at) + n * 0.001, datetime.UTC)
+    return approvals.new_approval(
+        server="analytics-db", tool="delete_record", user="alice", agent="data-analyst",
+        args_digest=f"{n:064x}", now=created, held_for="requires_human_approval",
+        ttl_s=ttl_s, approval_id=f"apr_{n:04d}",
+    )
+
+
+async def test_approval_put_get_and_duplicate(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        a = held(1)
+        await store.put_approval(a)
+        assert await store.get_approval(a.id) == a
+        assert await store.get_approval("apr_unknown") is None
+        with pytest.raises(StateUnavailable):
+            await store.put_approval(a)
+
+
+async def test_approval_transition_is_compare_and_set(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        a = held(1)
+        await store.put_approval(a)
+        now = a.created_at + datetime.timedelta(seconds=5)
+        ok = approvals.approve(a, by="uid:0 root", now=now, reason="fine")
+        assert await store.transition_approval(ok, from_state="approved") is False
+        assert await store.transition_approval(ok, from_state="pending") is True
+        assert await store.get_approval(a.id) == ok
+        # a deny computed from the stale pending copy loses
+        no = approvals.deny(a, by="uid:1 bob", now=now, reason="no")
+        assert await store.transition_approval(no, from_state="pending") is False
+        assert (await store.get_approval(a.id)) == ok
+        unknown = approvals.approve(held(2), by="x", now=now)
+        assert await store.transition_approval(unknown, from_state="pending") is False
+
+
+async def test_racing_approvers_have_one_winner(store: StateStore) -> None:
+    a = held(1)
+    await store.put_approval(a)
+    now = a.created_at
+    won: list[str] = []
+
+    async def decide(i: int) -> None:
+        new = (approvals.approve(a, by=f"approver{i}", now=now) if i % 2
+               else approvals.deny(a, by=f"approver{i}", now=now, reason="no"))
+        if await store.transition_approval(new, from_state="pending"):
+            won.append(new.state)
+
+    with trio.fail_after(IO_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(decide, i)
+    assert len(won) == 1
+    stored = await store.get_approval(a.id)
+    assert stored is not None and stored.state == won[0]
+
+
+async def test_list_approvals_by_state_oldest_first(store: StateStore) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        items = [held(n) for n in (3, 1, 2, 4)]
+        for a in items:
+            await store.put_approval(a)
+        by_id = {a.id: a for a in items}
+        await store.transition_approval(
+            approvals.deny(by_id["apr_0002"], by="x", now=by_id["apr_0002"].created_at, reason="r"),
+            from_state="pending")
+        assert [a.id for a in await store.list_approvals()] == [
+            "apr_0001", "apr_0002", "apr_0003", "apr_0004"]
+        assert [a.id for a in await store.list_approvals(["pending"])] == [
+            "apr_0001", "apr_0003", "apr_0004"]
+        assert [a.id for a in await store.list_approvals(["denied", "expired"])] == ["apr_0002"]
+        assert [a.id for a in await store.list_approvals(["pending"], limit=2)] == [
+            "apr_0001", "apr_0003"]
+        assert await store.list_approvals(["redeemed"]) == []
+
+
+async def test_approval_survives_reopen(opener: Opener) -> None:
+    first = opener()
+    a = held(7)
+    try:
+        await first.put_approval(a)
+    finally:
+        await first.aclose()
+    second = opener()
+    try:
+        assert await second.get_approval(a.id) == a
+    finally:
+        await second.aclose()
+
+
+async def test_purge_drops_approvals_long_expired(store: StateStore) -> None:
+    now = time.time()
+    with trio.fail_after(IO_LIMIT_S):
+        old = held(1, at=now - APPROVAL_RETENTION_S - 3600, ttl_s=60)
+        recent = held(2, at=now - 1000, ttl_s=60)  # expired, still within retention
+        await store.put_approval(old)
+        await store.put_approval(recent)
+        await store.purge(now)
+        assert await store.get_approval(old.id) is None
+        assert await store.get_approval(recent.id) == recent
+        assert [a.id for a in await store.list_approvals()] == [recent.id]
 
 
 # ---------------------------------------------------------------------- rate_check

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import datetime
 import hmac
+import re
 import secrets
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -56,12 +57,15 @@ TRANSITIONS: Mapping[tuple[ApprovalState, Action], ApprovalState] = {
     (APPROVED, "redeem"): REDEEMED,
     (APPROVED, "expire"): EXPIRED,
 }
+STATES: frozenset[ApprovalState] = frozenset({PENDING, APPROVED, DENIED, EXPIRED, REDEEMED})
 # States that still expire (every other state is terminal).
 LIVE_STATES: frozenset[ApprovalState] = frozenset({PENDING, APPROVED})
 
 DEFAULT_TTL_S = 15 * 60.0
+MAX_APPROVAL_TTL_S = 24 * 3600.0  # the longest approvals.ttl_seconds a config may set
 DEFAULT_WINDOW_S = 3600.0
 ID_PREFIX = "apr_"
+APPROVAL_ID = re.compile(r"apr_[A-Za-z0-9_-]{1,64}")  # what the API accepts as an id
 _ID_BYTES = 18  # 144 random bits -> 24 url-safe characters
 STATUS_PENDING = 202
 MAX_REASON_LEN = 512
@@ -121,6 +125,24 @@ class Approval(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     decided_at: datetime.datetime | None = None
     reason: str | None = None  # the approver's reason (required to deny)
     redeemed_at: datetime.datetime | None = None
+    # The call's arguments for the approvers to read, with values under sensitive keys
+    # redacted (as in audit); None if they were too large to keep.
+    arguments: dict[str, Any] | None = None
+    requested_by: str | None = None  # the MCP server process that asked (for approvers)
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Approval)
+
+
+def encode_approval(approval: Approval) -> str:
+    """The approval as JSON text (what the state stores keep)."""
+    return _encoder.encode(approval).decode()
+
+
+def decode_approval(data: str | bytes) -> Approval:
+    """The inverse of :func:`encode_approval`."""
+    return _decoder.decode(data)
 
 
 def new_approval_id() -> str:
@@ -139,6 +161,8 @@ def new_approval(
     held_for: str = "",
     ttl_s: float = DEFAULT_TTL_S,
     approval_id: str | None = None,
+    arguments: dict[str, Any] | None = None,
+    requested_by: str | None = None,
 ) -> Approval:
     """A pending approval for this exact call, expiring ``ttl_s`` after ``now``."""
     if ttl_s <= 0:
@@ -154,6 +178,8 @@ def new_approval(
         created_at=now,
         expires_at=now + datetime.timedelta(seconds=ttl_s),
         held_for=held_for,
+        arguments=arguments,
+        requested_by=requested_by,
     )
 
 

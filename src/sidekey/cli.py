@@ -18,6 +18,7 @@ DEFAULT_CONFIG = "/etc/sidekey/sidekey.yaml"
 DEFAULT_SOCKET = "/run/sidekey/sidekey.sock"
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_PENDING = 3  # `sidekey call`: the call is held for human approval
 
 
 class CliError(Exception):
@@ -349,22 +350,33 @@ def _user_token(args: argparse.Namespace) -> str | None:
 def cmd_call(args: argparse.Namespace) -> int:
     import time
 
+    from .client import ApprovalPending, _approval_outcome
+
     arguments = _parse_arguments(args.arguments)
     with _client(args) as client:
         started = time.monotonic()
-        auth = client.authorize(
-            server=args.server,
-            tool=args.tool,
-            user_token=_user_token(args),
-            agent_id=args.agent,
-            session_id=args.session,
-            arguments=arguments,
+        kw: dict[str, Any] = dict(
+            server=args.server, tool=args.tool, user_token=_user_token(args),
+            agent_id=args.agent, session_id=args.session, arguments=arguments,
         )
+        try:
+            auth = client.authorize(**kw, approval_id=args.approval_id)
+        except ApprovalPending as pending:
+            if args.wait_approval is None:
+                _print_json({"decision": "pending_approval", "approval_id": pending.approval_id,
+                             "expires_at": pending.expires_at})
+                print(f"sidekey: call held for human approval: an approver runs `sidekey "
+                      f"approvals approve {pending.approval_id}`; then repeat this command with "
+                      f"--approval-id {pending.approval_id}", file=sys.stderr)
+                return EXIT_PENDING
+            approval = client.wait_for_approval(pending.approval_id, args.wait_approval)
+            auth = client.authorize(**kw, approval_id=_approval_outcome(approval, pending))
         lease = client.redeem(auth.resolution_token, arguments=arguments)
         duration_ms = int((time.monotonic() - started) * 1000)
         released = client.release(lease.lease_id, status=args.status, duration_ms=duration_ms)
     summary: dict[str, Any] = {
         "decision": auth.decision,
+        **({"approval_id": args.approval_id} if args.approval_id else {}),
         "user_id": auth.user_id,
         "rules_matched": auth.policy.get("rules_matched", []),
         "lease_id": lease.lease_id,
@@ -374,6 +386,50 @@ def cmd_call(args: argparse.Namespace) -> int:
     }
     _print_json(summary)
     return EXIT_OK
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "list":
+            found = client.list_approvals(state=args.state, limit=args.limit)
+            if args.json:
+                _print_json(found)
+            elif not found:
+                print(f"(no {args.state} approvals)" if args.state != "all" else "(no approvals)")
+            else:
+                for a in found:
+                    print(_approval_line(a))
+            return EXIT_OK
+        if args.action == "wait":
+            approval = client.wait_for_approval(args.id, args.wait)
+        elif args.action == "approve":
+            approval = client.approve(args.id, reason=args.reason)
+        else:
+            if not args.reason or not args.reason.strip():
+                _fail("deny needs --reason TEXT (it is recorded in the approval and in audit)")
+            approval = client.deny(args.id, reason=args.reason)
+    if args.json:
+        _print_json(approval)
+    else:
+        print(_approval_line(approval))
+    return EXIT_OK
+
+
+def _approval_line(a: dict[str, Any]) -> str:
+    """One human-readable line (and an indented detail line) per approval."""
+    agent = f" agent {a['agent']}" if a.get("agent") else ""
+    head = (f"{a['id']}  {a['state']:<8}  {a['server']}/{a['tool']}  user {a['user']}{agent}  "
+            f"expires {a['expires_at']}")
+    detail = f"    held: {a.get('held_for') or '-'}"
+    if a.get("arguments") is not None:
+        detail += f"\n    arguments: {json.dumps(a['arguments'], sort_keys=True)}"
+    else:
+        detail += f"\n    arguments: (not kept; sha256 {a.get('args_digest')})"
+    if a.get("decided_by"):
+        detail += f"\n    {a['state']} by {a['decided_by']}"
+        if a.get("reason"):
+            detail += f": {a['reason']}"
+    return head + "\n" + detail
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -553,6 +609,49 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print secret values too (they end up in your terminal!)")
     sp.add_argument("--user-token-file", metavar="FILE",
                     help="the user's OAuth2 bearer token (default: $SIDEKEY_USER_TOKEN)")
+    sp.add_argument("--approval-id", metavar="ID",
+                    help="present this approved approval (for exactly the same call and arguments)")
+    sp.add_argument("--wait-approval", type=float, metavar="SECONDS",
+                    help="if the call is held, wait this long for an approver's verdict (default: "
+                    f"print the approval id and exit {EXIT_PENDING})")
+    socket_args(sp)
+
+    approvals = add("approvals", lambda a: EXIT_USAGE,
+                    "human approval of held tool calls (approver tier): list, approve, deny, wait")
+    asub = approvals.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sp = asub.add_parser("list", help="list held calls (default: pending), oldest first",
+                         description="list held calls with their arguments (sensitive values "
+                         "redacted), who asked and why they are held")
+    sp.add_argument("--state", default="pending",
+                    choices=["pending", "approved", "denied", "expired", "redeemed", "all"],
+                    help="which approvals (default pending)")
+    sp.add_argument("--limit", type=int, help="at most this many (default 1000)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_approvals)
+    socket_args(sp)
+    sp = asub.add_parser("approve", help="approve a pending call: it may then run once, with "
+                         "exactly the arguments shown, before the approval expires",
+                         description="approve a pending call (recorded with your uid in audit)")
+    sp.add_argument("id", help="approval id (apr_...)")
+    sp.add_argument("--reason", help="why (recorded in the approval and in audit)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_approvals)
+    socket_args(sp)
+    sp = asub.add_parser("deny", help="deny a pending call (a reason is required)",
+                         description="deny a pending call (recorded with your uid in audit)")
+    sp.add_argument("id", help="approval id (apr_...)")
+    sp.add_argument("--reason", required=True, help="why (recorded in the approval and in audit)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_approvals)
+    socket_args(sp)
+    sp = asub.add_parser("wait", help="wait until an approval is decided or expires",
+                         description="long-poll one approval; prints it when it is no longer "
+                         "pending or after --wait seconds")
+    sp.add_argument("id", help="approval id (apr_...)")
+    sp.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                    help="how long to wait (default 60)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_approvals)
     socket_args(sp)
 
     sp = add("status", cmd_status, "show the daemon's leases, backends, store and audit health")

@@ -364,6 +364,7 @@ def _authorize_body(
     session_id: str | None,
     arguments: Mapping[str, Any] | None,
     server_version: str | None,
+    approval_id: str | None = None,
 ) -> dict[str, Any]:
     return _drop_none(
         server=server,
@@ -373,7 +374,34 @@ def _authorize_body(
         session_id=session_id,
         arguments=dict(arguments or {}),
         server_version=server_version,
+        approval_id=approval_id,
     )
+
+
+def _approval_path(approval_id: str, verb: str) -> str:
+    return "/v1/approvals/" + urllib.parse.quote(approval_id, safe="") + "/" + verb
+
+
+# The longest single long-poll request; longer waits are several of them.
+MAX_WAIT_CHUNK_S = 60.0
+
+
+def _approval_outcome(approval: Mapping[str, Any], pending: ApprovalPending) -> str:
+    """After a wait: the approval id to present if approved, else raise why not."""
+    state = approval.get("state")
+    aid = pending.approval_id
+    if state == "approved":
+        return aid
+    if state == "pending":
+        raise pending
+    if state == "denied":
+        by = approval.get("decided_by") or "an approver"
+        raise AccessDenied(
+            f"approval {aid} was denied by {by}: {approval.get('reason') or 'no reason given'}",
+            code="approval_denied", status=403, request_id=pending.request_id,
+        )
+    raise ConflictError(f"approval {aid} is {state}; request the call again",
+                        code=f"approval_{state}", status=409, request_id=pending.request_id)
 
 
 def _release_body(
@@ -721,18 +749,52 @@ class Client:
         arguments: Mapping[str, Any] | None = None,
         server_version: str | None = None,
         raise_on_pending: bool = True,
+        approval_id: str | None = None,
     ) -> AuthorizeResult:
         """Ask for a decision on one tool call.
 
         Returns an ``allow`` result with a single-use ``resolution_token``. Raises
         :class:`ApprovalPending` when the call is held (or, with
         ``raise_on_pending=False``, returns the ``pending_approval`` result), and
-        :class:`AccessDenied`, :class:`RateLimited`, ... when it is refused.
+        :class:`AccessDenied`, :class:`RateLimited`, ... when it is refused. After an
+        approver approved a held call, present its ``approval_id`` with exactly the same
+        call (arguments included) to get the token.
         """
         body = _authorize_body(server, tool, user_token, agent_id, session_id, arguments,
-                               server_version)
+                               server_version, approval_id)
         status, data = self._call("POST", "/v1/authorize", body, _OK_OR_HELD)
         return _authorize_result(status, data, raise_on_pending)
+
+    def wait_for_approval(self, approval_id: str, timeout_s: float) -> dict[str, Any]:
+        """Long-poll ``GET /v1/approvals/{id}/wait`` until the approval is decided or
+        expires, or ``timeout_s`` passes; returns the approval (``state`` says which)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            chunk = max(0.0, min(MAX_WAIT_CHUNK_S, deadline - time.monotonic()))
+            _, data = self._call("GET", _approval_path(approval_id, "wait") + f"?timeout={chunk:.3f}",
+                                 timeout=_timeout(chunk + (self.timeout.read or DEFAULT_TIMEOUT_S)))
+            approval: dict[str, Any] = data["approval"]
+            if approval.get("state") != "pending" or time.monotonic() >= deadline:
+                return approval
+
+    def list_approvals(self, state: str = "pending", limit: int | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/approvals`` (approver tier): held calls in ``state`` (or ``all``)."""
+        query = urllib.parse.urlencode(_drop_none(state=state, limit=limit))
+        _, data = self._call("GET", "/v1/approvals?" + query)
+        approvals: list[dict[str, Any]] = data["approvals"]
+        return approvals
+
+    def approve(self, approval_id: str, reason: str | None = None) -> dict[str, Any]:
+        """``POST /v1/approvals/{id}/approve`` (approver tier); returns the approval."""
+        _, data = self._call("POST", _approval_path(approval_id, "approve"), _drop_none(reason=reason))
+        approval: dict[str, Any] = data["approval"]
+        return approval
+
+    def deny(self, approval_id: str, reason: str) -> dict[str, Any]:
+        """``POST /v1/approvals/{id}/deny`` (approver tier, reason required)."""
+        _, data = self._call("POST", _approval_path(approval_id, "deny"), {"reason": reason})
+        approval: dict[str, Any] = data["approval"]
+        return approval
 
     def redeem(self, resolution_token: str, arguments: Mapping[str, Any] | None = None) -> Lease:
         """Exchange a resolution token for a :class:`Lease` with the secrets.
@@ -824,6 +886,7 @@ class Client:
         session_id: str | None = None,
         arguments: Mapping[str, Any] | None = None,
         server_version: str | None = None,
+        approval_timeout_s: float | None = None,
     ) -> Iterator[Lease]:
         """Authorize, redeem, yield the :class:`Lease`, release with the outcome.
 
@@ -831,10 +894,23 @@ class Client:
         ``KeyboardInterrupt``/``SystemExit``) and the body's exception propagates; a
         failed release is then only logged. After a successful body a failed release
         raises.
+
+        A call held for human approval raises :class:`ApprovalPending` (with its
+        ``approval_id``) at once, or, with ``approval_timeout_s``, waits that long for
+        the verdict: approved -> the call goes on; denied -> :class:`AccessDenied`
+        (``approval_denied``); expired -> :class:`ConflictError`; still pending ->
+        :class:`ApprovalPending`.
         """
-        decision = self.authorize(server, tool, user_token=user_token, agent_id=agent_id,
-                                  session_id=session_id, arguments=arguments,
-                                  server_version=server_version)
+        kw = dict(user_token=user_token, agent_id=agent_id, session_id=session_id,
+                  arguments=arguments, server_version=server_version)
+        try:
+            decision = self.authorize(server, tool, **kw)  # type: ignore[arg-type]
+        except ApprovalPending as pending:
+            if approval_timeout_s is None:
+                raise
+            approved = _approval_outcome(
+                self.wait_for_approval(pending.approval_id, approval_timeout_s), pending)
+            decision = self.authorize(server, tool, approval_id=approved, **kw)  # type: ignore[arg-type]
         assert decision.resolution_token is not None
         lease = self.redeem(decision.resolution_token, arguments if arguments is not None else {})
         started = time.monotonic()
@@ -910,14 +986,15 @@ class AsyncClient:
 
     async def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None = None,
-        ok: frozenset[int] = _OK,
+        ok: frozenset[int] = _OK, http_timeout: httpx.Timeout | None = None,
     ) -> tuple[int, dict[str, Any]]:
         what = f"{method} {path}"
         content = _encoder.encode(body) if body is not None else None
         http = self._client()
         try:
             async with http.stream(
-                method, path, content=content, headers=_JSON if content is not None else None
+                method, path, content=content, headers=_JSON if content is not None else None,
+                timeout=http_timeout or self.timeout,
             ) as resp:
                 _check_length(resp, what)
                 buf = bytearray()
@@ -946,12 +1023,47 @@ class AsyncClient:
         arguments: Mapping[str, Any] | None = None,
         server_version: str | None = None,
         raise_on_pending: bool = True,
+        approval_id: str | None = None,
     ) -> AuthorizeResult:
         """Ask for a decision on one tool call. See :meth:`Client.authorize`."""
         body = _authorize_body(server, tool, user_token, agent_id, session_id, arguments,
-                               server_version)
+                               server_version, approval_id)
         status, data = await self._call("POST", "/v1/authorize", body, _OK_OR_HELD)
         return _authorize_result(status, data, raise_on_pending)
+
+    async def wait_for_approval(self, approval_id: str, timeout_s: float) -> dict[str, Any]:
+        """See :meth:`Client.wait_for_approval`."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            chunk = max(0.0, min(MAX_WAIT_CHUNK_S, deadline - time.monotonic()))
+            _, data = await self._call(
+                "GET", _approval_path(approval_id, "wait") + f"?timeout={chunk:.3f}",
+                http_timeout=_timeout(chunk + (self.timeout.read or DEFAULT_TIMEOUT_S)))
+            approval: dict[str, Any] = data["approval"]
+            if approval.get("state") != "pending" or time.monotonic() >= deadline:
+                return approval
+
+    async def list_approvals(
+        self, state: str = "pending", limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """See :meth:`Client.list_approvals`."""
+        query = urllib.parse.urlencode(_drop_none(state=state, limit=limit))
+        _, data = await self._call("GET", "/v1/approvals?" + query)
+        approvals: list[dict[str, Any]] = data["approvals"]
+        return approvals
+
+    async def approve(self, approval_id: str, reason: str | None = None) -> dict[str, Any]:
+        """See :meth:`Client.approve`."""
+        _, data = await self._call("POST", _approval_path(approval_id, "approve"),
+                                   _drop_none(reason=reason))
+        approval: dict[str, Any] = data["approval"]
+        return approval
+
+    async def deny(self, approval_id: str, reason: str) -> dict[str, Any]:
+        """See :meth:`Client.deny`."""
+        _, data = await self._call("POST", _approval_path(approval_id, "deny"), {"reason": reason})
+        approval: dict[str, Any] = data["approval"]
+        return approval
 
     async def redeem(
         self, resolution_token: str, arguments: Mapping[str, Any] | None = None
@@ -1010,6 +1122,7 @@ class AsyncClient:
         session_id: str | None = None,
         arguments: Mapping[str, Any] | None = None,
         server_version: str | None = None,
+        approval_timeout_s: float | None = None,
     ) -> AsyncIterator[Lease]:
         """Authorize, redeem, yield the :class:`Lease`, release with the outcome.
 
@@ -1017,11 +1130,19 @@ class AsyncClient:
         raises. If the body raises, it is released as ``error``; if the body is
         cancelled, as ``cancelled``. Either way that release is shielded from
         cancellation but bounded by ``RELEASE_AFTER_FAILURE_TIMEOUT_S``, its failure is
-        only logged, and the body's exception propagates unchanged.
+        only logged, and the body's exception propagates unchanged. Approval holds as in
+        :meth:`Client.tool_call`.
         """
-        decision = await self.authorize(server, tool, user_token=user_token, agent_id=agent_id,
-                                        session_id=session_id, arguments=arguments,
-                                        server_version=server_version)
+        kw = dict(user_token=user_token, agent_id=agent_id, session_id=session_id,
+                  arguments=arguments, server_version=server_version)
+        try:
+            decision = await self.authorize(server, tool, **kw)  # type: ignore[arg-type]
+        except ApprovalPending as pending:
+            if approval_timeout_s is None:
+                raise
+            approval = await self.wait_for_approval(pending.approval_id, approval_timeout_s)
+            decision = await self.authorize(
+                server, tool, approval_id=_approval_outcome(approval, pending), **kw)  # type: ignore[arg-type]
         assert decision.resolution_token is not None
         lease = await self.redeem(decision.resolution_token,
                                   arguments if arguments is not None else {})

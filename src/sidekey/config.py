@@ -258,6 +258,22 @@ class PolicyOptions(_C, frozen=True, kw_only=True):
     max_in_flight: Annotated[int, Meta(gt=0, le=100_000)] = 1024
 
 
+class ApprovalsConfig(_C, frozen=True, kw_only=True):
+    # A held call's approval expires this long after the request (pending or approved).
+    ttl_seconds: Annotated[float, Meta(ge=1, le=24 * 3600)] = 900.0
+    # requires_approval_above: N counts a user's calls of the tool in windows this long.
+    window_seconds: Annotated[float, Meta(ge=1, le=31 * 24 * 3600)] = 3600.0
+    # GET /v1/approvals/{id}/wait?timeout=S waits at most this long.
+    max_wait_seconds: Annotated[float, Meta(gt=0, le=3600)] = 300.0
+    # POSTed a JSON notice for every new request (id, server, tool, user, agent, why,
+    # expiry; never argument values). https, or http to a loopback address.
+    webhook_url: str | None = None
+    webhook_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
+    # Pending approvals one user may have at once (a flood of held calls is refused
+    # with 429 rate_limited instead of burying the approvers).
+    max_pending_per_user: Annotated[int, Meta(ge=1, le=10_000)] = 20
+
+
 # --------------------------------------------------------------------------- seed policy shapes
 
 
@@ -351,6 +367,7 @@ class Config(_C, frozen=True, kw_only=True):
     config_signing: ConfigSigning = ConfigSigning()
     oauth2_issuers: dict[str, IssuerSource] = {}
     policy: PolicyOptions = PolicyOptions()
+    approvals: ApprovalsConfig = ApprovalsConfig()
     # policy (from includes, seed shapes)
     servers: dict[str, ServerDef] = {}
     registry: Registry = Registry()
@@ -586,6 +603,26 @@ def _ref_problems(ref: SecretRef, backend: BackendConfig) -> list[str]:
     return problems
 
 
+def _webhook_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an approvals webhook (https, or http to loopback only)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "not a valid URL"
+    if not host:
+        return "the URL has no host"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials in the URL"
+    if parts.scheme == "https" or (
+        parts.scheme == "http" and host in ("127.0.0.1", "::1", "localhost")
+    ):
+        return None
+    return "must use https (plain http only to 127.0.0.1, ::1 or localhost)"
+
+
 def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
     """Raise ConfigError for references that make a rule unenforceable; return warnings
     for references to things not declared on this host (the seed files name servers,
@@ -665,6 +702,10 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
                         f"{where('secrets')}: $.secrets.{server}.{tool}.{alias}.backend: "
                         f'no backend named "{ref.backend}"'
                     )
+    if cfg.approvals.webhook_url is not None:
+        problem = _webhook_problem(cfg.approvals.webhook_url)
+        if problem:
+            errors.append(f"{main}: $.approvals.webhook_url: {problem}")
     for server, selectors in cfg.peers.items():
         if server not in cfg.servers:
             errors.append(f"{where('peers')}: $.peers.{server}: server is not declared under servers:")

@@ -27,7 +27,10 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from . import protocol, quotas, systemd
+from . import approvals, protocol, quotas, systemd
+from .approval_desk import ApprovalDesk, HeldCall, parse_timeout
+from .approval_desk import wire as approval_wire
+from .approvals import APPROVAL_ID, Approval
 from .audit import AuditLog, AuditSink
 from .audit.events import make_event
 from .audit.jsonl import open_jsonl_sink
@@ -58,12 +61,27 @@ from .protocol import (
     TokenRequest,
 )
 from .server import HttpServer, Request, Response, bind_unix_socket, error_response
-from .store import LeaseRecord, StateStore, StateUnavailable, gcra, open_configured_store
+from .store import (
+    MAX_APPROVALS_LISTED,
+    LeaseRecord,
+    StateStore,
+    StateUnavailable,
+    gcra,
+    open_configured_store,
+)
 from .tokens import PeerClaim, TokenCodec, load_ed25519_public, load_keyset, rotate_keyset
 
 log = logging.getLogger(__name__)
 
 ROTATE_PREFIX = "/v1/admin/secrets/"
+APPROVALS_PREFIX = "/v1/approvals/"
+# /v1/approvals/{id}/{verb}: the verb's method and minimum tier ("wait" is also open to
+# the service the approval belongs to: the handler checks that).
+APPROVAL_VERBS: dict[str, tuple[str, str]] = {
+    "approve": ("POST", "approver"),
+    "deny": ("POST", "approver"),
+    "wait": ("GET", "service"),
+}
 MAX_PENDING_CALLS = 100_000  # authorize->redeem argument records kept in memory
 # A backend call may re-authenticate once (lookup, login, retry: ~3 backend timeouts).
 BACKEND_TIMEOUT_S = 20.0
@@ -140,7 +158,10 @@ class Sidekey:
         self._pending: OrderedDict[str, _PendingCall] = OrderedDict()
         self._lease_calls: OrderedDict[str, _PendingCall] = OrderedDict()
         self.server: HttpServer | None = None
+        self.approvals = ApprovalDesk(
+            store=store, audit=audit, event=self.event, config=lambda: self.cfg, clock=clock)
         self.routes: dict[tuple[str, str], Route] = {
+            ("GET", "/v1/approvals"): Route("approver", self.list_approvals),
             ("GET", "/v1/health"): Route("anonymous", self.health),
             ("POST", "/v1/authorize"): Route("service", self.authorize),
             ("POST", "/v1/redeem"): Route("service", self.redeem),
@@ -189,6 +210,10 @@ class Sidekey:
         route = self.routes.get((request.method, request.path))
         if route is None and request.path.startswith(ROTATE_PREFIX) and request.path.endswith("/rotate"):
             route = Route("security", self.rotate_secret) if request.method == "POST" else None
+        if route is None and request.path.startswith(APPROVALS_PREFIX):
+            verb = APPROVAL_VERBS.get(request.path.rsplit("/", 1)[-1])
+            if verb is not None and request.method == verb[0]:
+                route = Route(verb[1], self.approval_verb)
         try:
             if route is None:
                 if any(path == request.path for _, path in self.routes):
@@ -324,7 +349,8 @@ class Sidekey:
         department = quotas.department_of(
             claims, decision.user_id, claim=self.cfg.policy.department_claim,
             user_map=self.cfg.policy.user_departments)
-        in_flight = self.server.in_flight if self.server is not None else 0
+        # Long-polls for approvals wait for a human, not for this host: not shed load.
+        in_flight = (self.server.in_flight if self.server is not None else 0) - self.approvals.waiting
         priority = quotas.priority_of(self.cfg.limits, department)
         if quotas.shed(priority, in_flight, self.cfg.policy.max_in_flight):
             shed = quotas.overloaded(priority, in_flight, self.cfg.policy.max_in_flight)
@@ -388,6 +414,54 @@ class Sidekey:
                 self._local_rates.popitem(last=False)
         return result.allowed, result.retry_after_s
 
+    async def _apply_approvals(
+        self, decision: Decision, body: AuthorizeRequest, args_digest: str, now: float,
+        req: Request,
+    ) -> tuple[Decision, Approval | None]:
+        """The approval step, last in the chain: hold the call (202 pending_approval,
+        audited as approval.requested) or redeem the approval it presents."""
+        call = HeldCall(
+            server=body.server, tool=body.tool, user=decision.user_id, agent=body.agent_id,
+            session_id=body.session_id, args_digest=args_digest, arguments=body.arguments,
+            peer=req.peer.identity.audit(), request_id=req.request_id,
+            policy=decision.policy_record(),
+        )
+        try:
+            rule, held = await self.approvals.check(call, approval_id=body.approval_id, now=now)
+        except StateUnavailable:
+            raise
+        except SidekeyError as exc:
+            return dataclasses.replace(
+                decision, outcome="deny", code=exc.code, message=exc.message, status=exc.status,
+                details={k: v for k, v in exc.details.items() if k != "audited"},
+            ), None
+        rules = (*decision.rules_matched, rule) if rule else decision.rules_matched
+        if held is None:
+            return dataclasses.replace(decision, rules_matched=rules), None
+        pending = approvals.pending_denial(held)
+        return dataclasses.replace(
+            decision, outcome="pending_approval", rules_matched=rules, code=pending.code,
+            message=pending.message, status=pending.status,
+        ), held
+
+    def _held_response(self, decision: Decision, held: Approval, req: Request) -> Response:
+        return _json(
+            approvals.STATUS_PENDING,
+            protocol.AuthorizeResponse(
+                decision="pending_approval",
+                request_id=req.request_id,
+                expires_at=_iso(held.expires_at.timestamp()),
+                policy=protocol.DecisionBody(
+                    decision="pending_approval",
+                    rules_matched=list(decision.rules_matched),
+                    warnings=list(decision.warnings),
+                ),
+                user_id=decision.user_id,
+                approval_id=held.id,
+                message=decision.message,
+            ),
+        )
+
     async def authorize(self, req: Request) -> Response:
         body: AuthorizeRequest = protocol.decode_body(req.body, AuthorizeRequest)
         args_digest = _digest_capped(body.arguments)
@@ -416,6 +490,11 @@ class Sidekey:
         )
         if decision.allowed:
             decision = await self._apply_quotas(decision, body, now, user_token)
+        held: Approval | None = None
+        if decision.allowed:
+            decision, held = await self._apply_approvals(decision, body, args_digest, now, req)
+        if held is not None:
+            return self._held_response(decision, held, req)
         auth: dict[str, Any] = {
             "token_issuer": user_token.issuer if user_token else None,
             "scopes": sorted(user_token.scopes) if user_token else [],
@@ -461,10 +540,10 @@ class Sidekey:
         # Queued, not awaited: the token grants nothing until redeemed, and the redeem's
         # durable event is committed after this one (same sinks, FIFO). Denials above
         # are durable before the response.
-        await self.audit.emit(
-            self.event("mcp.authorize", **common, extra={"jti": claims.jti, "token_exp": _iso(claims.exp)}),
-            durable=False,
-        )
+        extra: dict[str, Any] = {"jti": claims.jti, "token_exp": _iso(claims.exp)}
+        if body.approval_id is not None:
+            extra["approval_id"] = body.approval_id
+        await self.audit.emit(self.event("mcp.authorize", **common, extra=extra), durable=False)
         self._remember(
             self._pending,
             claims.jti,
@@ -704,6 +783,59 @@ class Sidekey:
                 request_id=req.request_id,
             ),
         )
+
+    # ------------------------------------------------------------------ approvals
+
+    async def list_approvals(self, req: Request) -> Response:
+        """``GET /v1/approvals?state=pending`` (tier approver): held calls, oldest first.
+        ``state`` is pending (the default), approved, denied, expired, redeemed or all;
+        ``limit`` at most 1000."""
+        query = urllib.parse.parse_qs(req.query, keep_blank_values=True)
+        state = (query.get("state") or ["pending"])[-1]
+        if state != "all" and state not in approvals.STATES:
+            raise BadRequest(
+                f"state must be all or one of {', '.join(sorted(approvals.STATES))}",
+                code="invalid_request")
+        try:
+            limit = int((query.get("limit") or [str(MAX_APPROVALS_LISTED)])[-1])
+        except ValueError:
+            raise BadRequest("limit must be an integer", code="invalid_request") from None
+        if not 1 <= limit <= MAX_APPROVALS_LISTED:
+            raise BadRequest(f"limit must be between 1 and {MAX_APPROVALS_LISTED}",
+                             code="invalid_request")
+        found = await self.approvals.list(None if state == "all" else [state], limit=limit)
+        now = self.clock()
+        return _json(200, {"approvals": [approval_wire(a, now) for a in found],
+                           "request_id": req.request_id})
+
+    async def approval_verb(self, req: Request) -> Response:
+        """``POST /v1/approvals/{id}/approve`` and ``.../deny`` (tier approver; deny needs
+        a reason), ``GET /v1/approvals/{id}/wait?timeout=S`` (tier approver, or the
+        service the held call belongs to): long-polls until the approval is decided or
+        expires, or ``S`` seconds pass (capped by ``approvals.max_wait_seconds``)."""
+        approval_id, _, verb = req.path[len(APPROVALS_PREFIX):].partition("/")
+        if not APPROVAL_ID.fullmatch(approval_id):
+            raise NotFound(f"no approval {approval_id[:80]!r}", code="approval_not_found")
+        ident = req.peer.identity
+        if verb == "wait":
+            servers, tier = self._peer_facts(req)
+            timeout_s = parse_timeout(req.query, default=0.0)
+            if not tier_allows(tier, "approver"):
+                # A service may wait on its own held calls only.
+                current = await self.approvals.store.get_approval(approval_id)
+                if current is None or current.server not in servers:
+                    raise NotFound(f"no approval {approval_id}", code="approval_not_found")
+            approval, pending = await self.approvals.wait(approval_id, timeout_s=timeout_s)
+            return _json(200, {"approval": approval_wire(approval, self.clock()),
+                               "timed_out": pending, "request_id": req.request_id})
+        body: protocol.ApprovalDecisionRequest = protocol.decode_body(
+            req.body or b"{}", protocol.ApprovalDecisionRequest)
+        decided = await self.approvals.decide(
+            approval_id, verdict=verb, reason=body.reason, peer=ident.audit(),
+            peer_user=ident.user, request_id=req.request_id,
+        )
+        return _json(200, {"approval": approval_wire(decided, self.clock()),
+                           "request_id": req.request_id})
 
     # ------------------------------------------------------------------ rotation
 
@@ -1054,6 +1186,8 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
                 functools.partial(app.retry_revocations, interval_s=cfg.leases.revocation_retry_s)
             )
             await nursery.start(app.leases.run)
+            await nursery.start(app.approvals.run_sweeper)
+            await nursery.start(app.approvals.run_webhook)
             if cfg.policy.registry_health_checks:
                 await nursery.start(app.registry_health.run)
             await audit.emit(
@@ -1202,4 +1336,5 @@ async def _signals(server: HttpServer, app: Sidekey) -> None:
                 continue
             log.info("received %s: stopping", signal.Signals(signum).name)
             server.stop()
+            app.approvals.stop()
             return

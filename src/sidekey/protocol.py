@@ -26,6 +26,7 @@ MAX_ARGUMENTS_BYTES = 32 * 1024
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LEN, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
 Opaque = Annotated[str, Meta(min_length=1, max_length=256)]
 UserToken = Annotated[str, Meta(max_length=16 * 1024)]
+ApprovalId = Annotated[str, Meta(pattern=r"^apr_[A-Za-z0-9_-]{1,64}$")]
 ResolutionToken = Annotated[str, Meta(min_length=1, max_length=8 * 1024)]
 
 
@@ -131,6 +132,13 @@ class AuthorizeRequest(_Req, frozen=True, kw_only=True):
     session_id: Opaque | None = None
     arguments: dict[str, Any] = msgspec.field(default_factory=dict)
     server_version: Annotated[str, Meta(max_length=64)] | None = None
+    # The id of an approved approval for exactly this call (after a 202 pending_approval).
+    approval_id: ApprovalId | None = None
+
+
+class ApprovalDecisionRequest(_Req, frozen=True, kw_only=True):
+    # Required to deny; optional to approve. Recorded in the approval and in audit.
+    reason: Annotated[str, Meta(min_length=1, max_length=512)] | None = None
 
 
 class RedeemRequest(_Req, frozen=True, kw_only=True):
@@ -197,10 +205,14 @@ class AuthorizeResponse(msgspec.Struct, kw_only=True):
     decision: Literal["allow", "pending_approval"]
     request_id: str
     resolution_token: str | None = None
+    # The token's expiry (allow), or the approval's (pending_approval).
     expires_at: str | None = None
     secrets: list[str] = msgspec.field(default_factory=list)
     policy: DecisionBody
     user_id: str
+    # pending_approval (HTTP 202): the held call's approval id and why it is held.
+    approval_id: str | None = None
+    message: str | None = None
 
 
 class LeaseResponse(msgspec.Struct, kw_only=True):

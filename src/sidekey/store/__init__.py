@@ -18,12 +18,16 @@ Quota primitives (each one atomic, in one transaction or one Lua script):
   bucket was full at its start: that is the price of allowing a burst of ``limit``.)
 * :meth:`StateStore.counter_incr`: a durable counter that lives until ``expires_at``.
 * :meth:`StateStore.session_touch`: concurrent sessions per user, idle timeout.
+
+Approvals (:class:`sidekey.approvals.Approval`, stored whole as JSON) change state only
+by :meth:`StateStore.transition_approval`, a compare-and-set on ``state``: of two
+approvers (or an approver and the expiry sweeper, on any host) exactly one wins.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -31,9 +35,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from ..protocol import Unavailable
 
 if TYPE_CHECKING:
+    from ..approvals import Approval
     from ..config import LoadedConfig
 
 LEASE_STATES = frozenset({"active", "released", "expired", "revoked"})
+# An approval is kept this long after its expiry (for `sidekey approvals list --all`
+# and the wait endpoint), then purged. Its history is in the audit trail.
+APPROVAL_RETENTION_S = 24 * 3600.0
+# list_approvals returns at most this many.
+MAX_APPROVALS_LISTED = 1000
 
 
 class StateUnavailable(Unavailable):
@@ -153,8 +163,9 @@ class StateStore(Protocol):
         ...
 
     async def purge(self, now: float) -> int:
-        """Delete jtis expired before ``now``, ended leases past retention and expired
-        rate, counter and session rows; return how many."""
+        """Delete jtis expired before ``now``, ended leases past retention, approvals
+        expired more than :data:`APPROVAL_RETENTION_S` ago and expired rate, counter and
+        session rows; return how many."""
         ...
 
     async def rate_check(
@@ -180,6 +191,25 @@ class StateStore(Protocol):
         idle for ``idle_s``. Touching an active session always succeeds; a new one only if
         fewer than ``max_sessions`` are active. Returns ``(allowed, active_count)``, the
         count including this session when allowed."""
+        ...
+
+    async def put_approval(self, approval: Approval) -> None:
+        """Store a new approval. A duplicate id raises StateUnavailable (a local bug)."""
+        ...
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        """The approval, or None if unknown (or purged)."""
+        ...
+
+    async def transition_approval(self, approval: Approval, *, from_state: str) -> bool:
+        """Compare-and-set: replace the stored approval with ``approval`` (same id, its new
+        state) if the stored one is in ``from_state``. False if it is not (or is gone)."""
+        ...
+
+    async def list_approvals(
+        self, states: Collection[str] | None = None, *, limit: int = MAX_APPROVALS_LISTED
+    ) -> list[Approval]:
+        """Approvals in ``states`` (all if None), oldest request first, at most ``limit``."""
         ...
 
     def health(self) -> dict[str, Any]:
@@ -231,8 +261,10 @@ def open_store(state_dir: Path) -> StateStore:
 
 
 __all__ = [
+    "APPROVAL_RETENTION_S",
     "GCRA_EPSILON_S",
     "LEASE_STATES",
+    "MAX_APPROVALS_LISTED",
     "GcraResult",
     "LeaseRecord",
     "StateStore",

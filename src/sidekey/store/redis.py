@@ -26,6 +26,9 @@ Keys (all under the configured prefix, e.g. ``sidekey:``)::
     leases:ended              sorted set lease_id -> ended_at (for purge)
     bl:<json [backend, id]>   hash: a journaled backend lease
     bl:open / bl:revoked      sorted sets member -> issued_at / revoked_at
+    apr:<approval_id>         hash (state, data = the Approval as JSON), PEXPIREAT its
+                              expiry + APPROVAL_RETENTION_S
+    aprs                      sorted set approval_id -> created_at (for listing)
 
 Clocks: ``now`` and ``expires_at`` are the caller's (wall clock, seconds); TTLs are
 relative to them, so hosts sharing a Redis need synchronised clocks (NTP), as for the
@@ -40,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -51,9 +54,12 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from ..approvals import MAX_APPROVAL_TTL_S, Approval, decode_approval, encode_approval
 from . import (
+    APPROVAL_RETENTION_S,
     GCRA_EPSILON_S,
     LEASE_STATES,
+    MAX_APPROVALS_LISTED,
     LeaseRecord,
     StateUnavailable,
     check_rate_args,
@@ -207,6 +213,22 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return 1
 """
 
+_PUT_APPROVAL_LUA = """
+-- KEYS apr hash, aprs; ARGV id, state, data, created_at, expiry in ms
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'data', ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+"""
+
+_TRANSITION_APPROVAL_LUA = """
+-- KEYS apr hash; ARGV from, to, data. Compare-and-set on state (the TTL stays).
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'data', ARGV[3])
+return 1
+"""
+
 _PURGE_BACKEND_LUA = """
 -- KEYS item hash, bl:revoked; ARGV member, cutoff
 local revoked = tonumber(redis.call('HGET', KEYS[1], 'revoked_at'))
@@ -301,6 +323,8 @@ class RedisStore:
         self._attach = client.register_script(_ATTACH_LUA)
         self._revoke = client.register_script(_REVOKE_LUA)
         self._purge_backend = client.register_script(_PURGE_BACKEND_LUA)
+        self._put_approval = client.register_script(_PUT_APPROVAL_LUA)
+        self._transition_approval = client.register_script(_TRANSITION_APPROVAL_LUA)
 
     @classmethod
     def open(
@@ -607,6 +631,66 @@ class RedisStore:
         )
         return bool(allowed), int(count)
 
+    async def put_approval(self, approval: Approval) -> None:
+        """Store a new approval. A duplicate id raises StateUnavailable (a local bug)."""
+        keys = [self._key("apr", approval.id), self._key("aprs", "all")]
+        args: list[_Arg] = [
+            approval.id,
+            approval.state,
+            encode_approval(approval),
+            _num(approval.created_at.timestamp()),
+            _ms(approval.expires_at.timestamp() + APPROVAL_RETENTION_S),
+        ]
+        created = await self._run("put_approval", lambda c: self._put_approval(keys, args, client=c))
+        if not created:
+            raise StateUnavailable(f"approval {approval.id} already exists")
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        key = self._key("apr", approval_id)
+        data = await self._run("get_approval", lambda c: c.hget(key, "data"))
+        return None if data is None else decode_approval(data)
+
+    async def transition_approval(self, approval: Approval, *, from_state: str) -> bool:
+        """Compare-and-set on ``state``: store ``approval`` if the stored one is in ``from_state``."""
+        keys = [self._key("apr", approval.id)]
+        args: list[_Arg] = [from_state, approval.state, encode_approval(approval)]
+        done = await self._run(
+            "transition_approval", lambda c: self._transition_approval(keys, args, client=c)
+        )
+        return bool(done)
+
+    async def list_approvals(
+        self, states: Collection[str] | None = None, *, limit: int = MAX_APPROVALS_LISTED
+    ) -> list[Approval]:
+        """Approvals in ``states`` (all if None), oldest request first, at most ``limit``."""
+        limit = max(0, min(int(limit), MAX_APPROVALS_LISTED))
+        wanted = None if states is None else {s.encode() for s in states}
+        index = self._key("aprs", "all")
+
+        def read(c: redis.Redis) -> list[bytes]:
+            out: list[bytes] = []
+            gone: list[str] = []
+            start = 0
+            while len(out) < limit:
+                ids = c.zrange(index, start, start + PURGE_CHUNK - 1)
+                if not ids:
+                    break
+                start += len(ids)
+                pipe = c.pipeline(transaction=False)
+                for approval_id in ids:
+                    pipe.hmget(self._key("apr", _text(approval_id)), "state", "data")
+                for approval_id, (state, data) in zip(ids, pipe.execute(), strict=True):
+                    if data is None:
+                        gone.append(_text(approval_id))  # expired by its TTL: drop from the index
+                    elif wanted is None or state in wanted:
+                        out.append(data)
+            if gone:
+                c.zrem(index, *gone)
+            return out[:limit]
+
+        rows = await self._run("list_approvals", read)
+        return [decode_approval(data) for data in rows]
+
     async def _purge_batch(
         self, what: str, zkey: str, cutoff: float, script: Script, keys_for: Callable[[str], list[str]]
     ) -> tuple[int, int]:
@@ -653,7 +737,12 @@ class RedisStore:
             ),
         ]
         jobs += [(k, stale_cutoff, self._purge_lease, lease_keys, 1) for k in state_keys]
-        total = 0
+        # Approval hashes expire by their TTL; their index entries go once surely gone
+        # (created more than the longest approval TTL + retention ago).
+        index = self._key("aprs", "all")
+        approvals_cutoff = float(now) - APPROVAL_RETENTION_S - MAX_APPROVAL_TTL_S
+        total = int(await self._run(
+            "purge", lambda c: c.zremrangebyscore(index, "-inf", f"({_num(approvals_cutoff)}")))
         for zkey, limit, script, keys_for, max_chunks in jobs:
             for _ in range(max_chunks):
                 await trio.lowlevel.checkpoint()

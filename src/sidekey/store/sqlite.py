@@ -27,15 +27,18 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import trio
 
+from ..approvals import Approval, decode_approval, encode_approval
 from . import (
+    APPROVAL_RETENTION_S,
     LEASE_STATES,
+    MAX_APPROVALS_LISTED,
     LeaseRecord,
     StateUnavailable,
     check_rate_args,
@@ -121,6 +124,20 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (user_id, session_id)
     ) WITHOUT ROWID;
     CREATE INDEX sessions_expires ON sessions (expires_at);
+    """,
+    # v4: human approvals. ``data`` is the whole Approval as JSON; ``state`` mirrors
+    # its state for the compare-and-set and the listing.
+    """
+    CREATE TABLE approvals (
+        id TEXT PRIMARY KEY NOT NULL,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        data TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX approvals_state ON approvals (state, created_at);
+    CREATE INDEX approvals_created ON approvals (created_at);
+    CREATE INDEX approvals_expires ON approvals (expires_at);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -477,6 +494,59 @@ class SqliteStore:
             )
             return True, count
 
+    async def put_approval(self, approval: Approval) -> None:
+        """Insert a new approval. A duplicate id raises StateUnavailable (a local bug)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("put_approval") as conn:
+            conn.execute(
+                "INSERT INTO approvals (id, state, created_at, expires_at, data) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    approval.id,
+                    approval.state,
+                    approval.created_at.timestamp(),
+                    approval.expires_at.timestamp(),
+                    encode_approval(approval),
+                ),
+            )
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("get_approval") as conn:
+            row = conn.execute("SELECT data FROM approvals WHERE id = ?", (approval_id,)).fetchone()
+        return None if row is None else decode_approval(row[0])
+
+    async def transition_approval(self, approval: Approval, *, from_state: str) -> bool:
+        """Compare-and-set on ``state``: store ``approval`` if the stored one is in ``from_state``."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("transition_approval") as conn:
+            cur = conn.execute(
+                "UPDATE approvals SET state = ?, data = ? WHERE id = ? AND state = ?",
+                (approval.state, encode_approval(approval), approval.id, from_state),
+            )
+            return cur.rowcount == 1
+
+    async def list_approvals(
+        self, states: Collection[str] | None = None, *, limit: int = MAX_APPROVALS_LISTED
+    ) -> list[Approval]:
+        """Approvals in ``states`` (all if None), oldest request first, at most ``limit``."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        limit = max(0, min(int(limit), MAX_APPROVALS_LISTED))
+        with self._edge("list_approvals") as conn:
+            if states is None:
+                rows = conn.execute(
+                    "SELECT data FROM approvals ORDER BY created_at LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                wanted = sorted(set(states))
+                marks = ", ".join("?" * len(wanted))  # placeholders only, never values
+                rows = conn.execute(
+                    f"SELECT data FROM approvals WHERE state IN ({marks}) "  # noqa: S608
+                    "ORDER BY created_at LIMIT ?",
+                    (*wanted, limit),
+                ).fetchall()
+        return [decode_approval(row[0]) for row in rows]
+
     async def purge(self, now: float) -> int:
         """Delete burned jtis with ``expires_at < now``, leases that ended more than
         :data:`LEASE_RETENTION_S` before ``now``, and rate, counter and session rows that
@@ -514,6 +584,11 @@ class SqliteStore:
                 "DELETE FROM sessions WHERE (user_id, session_id) IN "
                 "(SELECT user_id, session_id FROM sessions WHERE expires_at <= ? LIMIT ?)",
                 float(now),
+            ),
+            (
+                "DELETE FROM approvals WHERE id IN "
+                "(SELECT id FROM approvals WHERE expires_at < ? LIMIT ?)",
+                float(now) - APPROVAL_RETENTION_S,
             ),
         )
         total = 0
