@@ -145,10 +145,10 @@ def test_denied_call_is_refused_with_the_reason(make_daemon: Any) -> None:
     # A caller that waits for the verdict learns it as an error naming the reason.
     thread = threading.Thread(target=answer_when_asked, args=(d, "deny", "not today"))
     thread.start()
-    with Client(socket_path=d.socket) as client, pytest.raises(AccessDenied) as info:
-        with client.tool_call("content-api", "publish_article", user_token=token,
-                              agent_id="content-writer", arguments=ARGS, approval_timeout_s=30):
-            raise AssertionError("a denied call ran")
+    with Client(socket_path=d.socket) as client, pytest.raises(AccessDenied) as info, \
+            client.tool_call("content-api", "publish_article", user_token=token,
+                             agent_id="content-writer", arguments=ARGS, approval_timeout_s=30):
+        raise AssertionError("a denied call ran")
     thread.join()
     assert info.value.code == "approval_denied" and "not today" in info.value.message
 
@@ -186,11 +186,11 @@ def test_tool_call_waits_for_an_approver_then_runs(make_daemon: Any) -> None:
     # Nobody answers: ApprovalPending with the id after the wait.
     with Client(socket_path=d.socket) as client:
         started = time.monotonic()
-        with pytest.raises(ApprovalPending) as info:
-            with client.tool_call("content-api", "publish_article", user_token=token,
-                                  agent_id="content-writer", arguments=ARGS,
-                                  approval_timeout_s=1.0):
-                pass
+        with pytest.raises(ApprovalPending) as info, client.tool_call(
+            "content-api", "publish_article", user_token=token, agent_id="content-writer",
+            arguments=ARGS, approval_timeout_s=1.0,
+        ):
+            pass
         assert 0.9 <= time.monotonic() - started < 10
         assert info.value.approval_id.startswith("apr_")
 
@@ -305,7 +305,7 @@ def test_bad_requests(make_daemon: Any) -> None:
 class _Hook(http.server.BaseHTTPRequestHandler):
     received: list[dict[str, Any]] = []
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         length = int(self.headers["content-length"])
         self.received.append(json.loads(self.rfile.read(length)))
         self.send_response(204)
@@ -348,9 +348,57 @@ def test_conflict_error_type_for_expired(make_daemon: Any) -> None:
     d: Daemon = make_daemon({"approvals": {"ttl_seconds": 1}})
     hold_every_call(d)
     d.start()
-    with Client(socket_path=d.socket) as client, pytest.raises(ConflictError) as info:
-        with client.tool_call("content-api", "publish_article",
-                              user_token=d.user_token("content-api"),
-                              agent_id="content-writer", arguments=ARGS, approval_timeout_s=10):
-            pass
+    with Client(socket_path=d.socket) as client, pytest.raises(ConflictError) as info, \
+            client.tool_call("content-api", "publish_article",
+                             user_token=d.user_token("content-api"),
+                             agent_id="content-writer", arguments=ARGS, approval_timeout_s=10):
+        pass
     assert info.value.code == "approval_expired"
+
+
+def test_two_hosts_sharing_redis_share_approvals(make_daemon: Any, tmp_path: Path) -> None:
+    """Held on host A, approved with host B's CLI, redeemed once (on A; B refuses a
+    second redemption); an expiry is audited by exactly one of the two hosts."""
+    import shutil
+
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        state = {"state": {"backend": "redis", "redis_url": server.url,
+                           "redis_key_prefix": "sk-apr:"},
+                 "approvals": {"ttl_seconds": 3}}
+        a: Daemon = make_daemon(state)
+        b: Daemon = make_daemon(state)
+        for d in (a, b):
+            hold_every_call(d)
+        shutil.copy(a.issuer_jwks, b.issuer_jwks)
+        a.start()
+        b.start()
+        token = a.user_token("content-api")
+        approval_id = held(a, user_token=token)["approval_id"]
+        out = cli(b, "approvals", "list", "--json")
+        assert [x["id"] for x in json.loads(out.stdout)] == [approval_id]
+        assert cli(b, "approvals", "approve", approval_id).returncode == 0
+        status, body = a.authorize("content-api", "publish_article", arguments=ARGS,
+                                   approval_id=approval_id, user_token=token)
+        assert status == 200, body
+        status, body = b.authorize("content-api", "publish_article", arguments=ARGS,
+                                   approval_id=approval_id, user_token=token)
+        assert status == 409 and body["error"]["code"] == "approval_redeemed", body
+
+        lapsed = held(b, user_token=token)["approval_id"]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            expired = a.events_of("approval.expired") + b.events_of("approval.expired")
+            if expired:
+                break
+            time.sleep(0.2)
+        time.sleep(SWEEP_GRACE_S)  # both sweepers have had their turn
+        expired = a.events_of("approval.expired") + b.events_of("approval.expired")
+        assert [e["approval_id"] for e in expired] == [lapsed]
+    finally:
+        server.stop()
+
+
+SWEEP_GRACE_S = 6.0  # > the sweeper's 5 s period
