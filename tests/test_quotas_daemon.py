@@ -89,12 +89,18 @@ def test_two_daemons_sharing_redis_enforce_one_aggregate_limit(make_daemon: Any,
 
 
 def test_department_monthly_quota_thresholds_and_exhaustion(make_daemon: Any) -> None:
+    """marketing: 10 calls a month; alerts at 8, 9, 10; the 11th refused, across a kill -9."""
     d: Daemon = make_daemon({"policy": {"user_departments": {"alice": "marketing"}}})
     limits = yaml.safe_load((d.root / "rate-limits.yaml").read_text())
     limits["limits"]["per_department"]["marketing"]["monthly_tool_calls"] = 10
     (d.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
     d.start()
-    for _ in range(10):
+    for _ in range(7):
+        assert d.authorize("content-api", "list_articles")[0] == 200
+    # The monthly counter survives kill -9: the count goes on from 7, not from 0.
+    d.kill()
+    d.start()
+    for _ in range(3):
         assert d.authorize("content-api", "list_articles")[0] == 200
     status, body = d.authorize("content-api", "list_articles")
     assert status == 429 and body["error"]["code"] == "monthly_quota_exhausted", body
@@ -126,3 +132,28 @@ def test_department_from_a_token_claim(make_daemon: Any) -> None:
     assert status == 429 and body["error"]["code"] == "monthly_quota_exhausted", body
     # the claim wins over the map; without the claim the map applies (engineering: 50000)
     assert d.authorize("content-api", "list_articles")[0] == 200
+
+
+def test_sixth_concurrent_session_refused_until_one_goes_idle(make_daemon: Any) -> None:
+    """Seed: concurrent_sessions 5 per user. With a 2 s idle time the sixth MCP session
+    is refused while five are active, and accepted once one of them has gone idle."""
+    import time
+
+    d: Daemon = make_daemon({"policy": {"session_idle_seconds": 2}})
+    limits = yaml.safe_load((d.root / "rate-limits.yaml").read_text())
+    limits["limits"]["per_user"]["concurrent_sessions"] = 5
+    (d.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
+    d.start()
+    for i in range(5):
+        assert d.authorize("content-api", "list_articles", session_id=f"s{i}")[0] == 200
+    status, body = d.authorize("content-api", "list_articles", session_id="s5")
+    assert status == 429 and body["error"]["code"] == "too_many_sessions", body
+    assert body["error"]["details"]["limit"] == "per_user.concurrent_sessions"
+    # an active session keeps working; another user has sessions of their own
+    assert d.authorize("content-api", "list_articles", session_id="s0")[0] == 200
+    bob = d.user_token("content-api", user="bob")
+    assert d.authorize("content-api", "list_articles", session_id="s5", user_token=bob)[0] == 200
+    time.sleep(1.2)
+    assert d.authorize("content-api", "list_articles", session_id="s0")[0] == 200  # s0 stays active
+    time.sleep(1.2)  # s1..s4 idle for 2.4 s now: gone
+    assert d.authorize("content-api", "list_articles", session_id="s5")[0] == 200

@@ -256,6 +256,9 @@ class PolicyOptions(_C, frozen=True, kw_only=True):
     # Calls in flight on this host above which authorize sheds load: departments with
     # priority "standard" from 90 % of the cap, "high" only at the cap (503 overloaded).
     max_in_flight: Annotated[int, Meta(gt=0, le=100_000)] = 1024
+    # An MCP session (session_id) counts against per_user.concurrent_sessions until it
+    # has been idle (no authorize) this long.
+    session_idle_seconds: Annotated[float, Meta(ge=1, le=7 * 24 * 3600)] = 1800.0
 
 
 class ApprovalsConfig(_C, frozen=True, kw_only=True):

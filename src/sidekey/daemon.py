@@ -362,6 +362,7 @@ class Sidekey:
             self.cfg.limits, user=decision.user_id, tool=body.tool, department=department,
             session_id=body.session_id,
             now=datetime.datetime.fromtimestamp(now, datetime.UTC),
+            session_idle_s=self.cfg.policy.session_idle_seconds,
         )
         rules = list(decision.rules_matched)
         results: list[Any] = []
