@@ -166,6 +166,7 @@ async def test_store_failure_fails_closed_unless_local_rate_counting(
         conn = ConnectionState(peer=peer)
         async with app_on(staged) as app:
             monkeypatch.setattr(app.store, "rate_check", broken)
+            monkeypatch.setattr(app.store, "quota_apply", broken)
             status, body = await call(app, conn, "/v1/authorize", authorize)
             assert status == 503 and body["error"]["code"] == "state_unavailable", body
         cfg = yaml.safe_load(staged.config_path.read_text())
@@ -173,5 +174,6 @@ async def test_store_failure_fails_closed_unless_local_rate_counting(
         staged.config_path.write_text(yaml.safe_dump(cfg))
         async with app_on(staged) as app:
             monkeypatch.setattr(app.store, "rate_check", broken)
+            monkeypatch.setattr(app.store, "quota_apply", broken)
             codes = [(await call(app, conn, "/v1/authorize", authorize))[0] for _ in range(3)]
             assert codes == [200, 200, 429], codes  # counted on this host meanwhile

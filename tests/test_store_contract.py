@@ -25,7 +25,16 @@ import trio
 
 from redis_server import RedisServer
 from sidekey import approvals
-from sidekey.store import APPROVAL_RETENTION_S, LeaseRecord, StateStore, StateUnavailable, gcra
+from sidekey.store import (
+    APPROVAL_RETENTION_S,
+    CounterOp,
+    LeaseRecord,
+    RateOp,
+    SessionOp,
+    StateStore,
+    StateUnavailable,
+    gcra,
+)
 from sidekey.store.redis import RedisStore, redact_url
 from sidekey.store.sqlite import LEASE_RETENTION_S, SqliteStore
 
@@ -354,6 +363,61 @@ async def test_200_concurrent_checks_let_exactly_30_through(store: StateStore) -
     assert all(retry == 0.0 for _, retry in allowed)
     # one request every 60/30 = 2 s: the next one fits in 2 s, and denials did not count
     assert all(math.isclose(retry, 2.0) for _, retry in denied)
+
+
+# ---------------------------------------------------------------------- quota_apply
+
+
+async def test_quota_batch_200_concurrent_calls_let_exactly_30_through(store: StateStore) -> None:
+    """A whole call's checks as one batch: per-user 60/min, per-tool 30/min, a session
+    and a monthly counter. 200 concurrent calls: exactly 30 through; the refused ones
+    stopped at the per-tool limit, so they counted neither the month nor the session."""
+    now = time.time()
+    month_end = now + 86400
+    ops = [
+        SessionOp("usr_1", "sess-a", 1800.0, 5),
+        RateOp("usertool:usr_1:query_metrics:minute", 30, 60.0),
+        RateOp("user:usr_1:minute", 60, 60.0),
+        CounterOp("monthly:eng:2026-11", month_end, stop_above=50_000),
+    ]
+    results: list[list[object]] = []
+
+    async def call() -> None:
+        results.append(list(await store.quota_apply(ops, now=now)))
+
+    with trio.fail_after(IO_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(call)
+    through = [r for r in results if len(r) == 4]
+    stopped = [r for r in results if len(r) != 4]
+    assert len(through) == 30 and len(stopped) == 170
+    assert sorted(r[3] for r in through) == list(range(1, 31))  # type: ignore[type-var]
+    assert all(r[0] == (True, 1) and r[1] == (True, 0.0) and r[2] == (True, 0.0) for r in through)
+    assert all(len(r) == 2 and r[1][0] is False and math.isclose(r[1][1], 2.0)  # type: ignore[index]
+               for r in stopped)
+    # the same state as the single primitives see it
+    assert await store.counter_incr("monthly:eng:2026-11", expires_at=month_end) == 31
+    assert (await store.rate_check("user:usr_1:minute", limit=60, period_s=60, now=now))[0]
+    assert await store.session_touch("usr_1", "sess-b", now=now, idle_s=1800, max_sessions=5) == (True, 2)
+
+
+async def test_quota_batch_stops_at_a_counter_over_its_limit(store: StateStore) -> None:
+    now = time.time()
+    ops = [CounterOp("m", now + 3600, stop_above=2), RateOp("r", 5, 60.0)]
+    assert len(await store.quota_apply(ops, now=now)) == 2
+    assert len(await store.quota_apply(ops, now=now)) == 2
+    assert await store.quota_apply(ops, now=now) == [3]  # counted, stopped before the rate
+    # the rate saw 2 calls: 3 more fit
+    for _ in range(3):
+        assert (await store.rate_check("r", limit=5, period_s=60, now=now))[0]
+    assert not (await store.rate_check("r", limit=5, period_s=60, now=now))[0]
+    assert await store.quota_apply([], now=now) == []
+    sixth = [SessionOp("u", f"s{i}", 60.0, 5) for i in range(6)]
+    answers = await store.quota_apply(sixth, now=now)
+    assert answers == [(True, 1), (True, 2), (True, 3), (True, 4), (True, 5), (False, 5)]
+    with pytest.raises(ValueError):
+        await store.quota_apply([RateOp("r", 0, 60.0)], now=now)
 
 
 async def test_retry_after_is_when_it_is_allowed(store: StateStore) -> None:

@@ -63,7 +63,11 @@ from .protocol import (
 from .server import HttpServer, Request, Response, bind_unix_socket, error_response
 from .store import (
     MAX_APPROVALS_LISTED,
+    CounterOp,
     LeaseRecord,
+    QuotaOp,
+    RateOp,
+    SessionOp,
     StateStore,
     StateUnavailable,
     gcra,
@@ -365,17 +369,9 @@ class Sidekey:
             session_idle_s=self.cfg.policy.session_idle_seconds,
         )
         rules = list(decision.rules_matched)
+        answers = await self._quota_answers(plan)
         results: list[Any] = []
-        for check in plan.checks:
-            answer: Any
-            if isinstance(check, quotas.SessionCheck):
-                answer = await self.store.session_touch(
-                    check.user, check.session_id, now=plan.now_s, idle_s=check.idle_s,
-                    max_sessions=check.max_sessions)
-            elif isinstance(check, quotas.RateCheck):
-                answer = await self._rate_check(check, plan.now_s)
-            else:
-                answer = await self.store.counter_incr(check.key, expires_at=check.expires_at_s)
+        for check, answer in zip(plan.checks, answers, strict=False):
             if isinstance(check, quotas.MonthlyCheck):
                 for alert in quotas.alerts(plan, [*results, answer]):
                     await self.audit.emit(self.event(
@@ -393,6 +389,39 @@ class Sidekey:
                 )
             rules.append(check.rule)
         return dataclasses.replace(decision, rules_matched=tuple(rules))
+
+    async def _quota_answers(self, plan: quotas.QuotaPlan) -> list[Any]:
+        """The plan's checks in one store round trip (stopping at the first refusal).
+        With ``state.on_store_failure: local`` and the store down, check by check: rate
+        limits on this host's memory, the rest fail closed."""
+        ops: list[QuotaOp] = []
+        for check in plan.checks:
+            if isinstance(check, quotas.SessionCheck):
+                ops.append(SessionOp(check.user, check.session_id, check.idle_s, check.max_sessions))
+            elif isinstance(check, quotas.RateCheck):
+                ops.append(RateOp(check.key, check.limit, check.period_s))
+            else:
+                ops.append(CounterOp(check.key, check.expires_at_s, stop_above=check.limit))
+        try:
+            return list(await self.store.quota_apply(ops, now=plan.now_s))
+        except StateUnavailable:
+            if self.cfg.state.on_store_failure != "local":
+                raise
+        answers: list[Any] = []
+        for check in plan.checks:
+            answer: Any
+            if isinstance(check, quotas.SessionCheck):
+                answer = await self.store.session_touch(
+                    check.user, check.session_id, now=plan.now_s, idle_s=check.idle_s,
+                    max_sessions=check.max_sessions)
+            elif isinstance(check, quotas.RateCheck):
+                answer = await self._rate_check(check, plan.now_s)
+            else:
+                answer = await self.store.counter_incr(check.key, expires_at=check.expires_at_s)
+            answers.append(answer)
+            if quotas.check_denial(check, answer, now=plan.now) is not None:
+                break
+        return answers
 
     async def _rate_check(self, check: quotas.RateCheck, now: float) -> tuple[bool, float]:
         """The store's GCRA; with ``state.on_store_failure: local`` a failing store falls

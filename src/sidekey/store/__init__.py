@@ -18,6 +18,8 @@ Quota primitives (each one atomic, in one transaction or one Lua script):
   bucket was full at its start: that is the price of allowing a burst of ``limit``.)
 * :meth:`StateStore.counter_incr`: a durable counter that lives until ``expires_at``.
 * :meth:`StateStore.session_touch`: concurrent sessions per user, idle timeout.
+* :meth:`StateStore.quota_apply`: a call's whole list of the three above, in order, in
+  one transaction (SQLite) or one Lua script (Redis): one round trip per authorize.
 
 Approvals (:class:`sidekey.approvals.Approval`, stored whole as JSON) change state only
 by :meth:`StateStore.transition_approval`, a compare-and-set on ``state``: of two
@@ -119,6 +121,55 @@ def gcra(tat: float | None, *, limit: int, period_s: float, now: float, cost: in
     return GcraResult(True, new_tat, 0.0)
 
 
+class RateOp(NamedTuple):
+    """``rate_check(key, limit=, period_s=)`` with cost 1, in a :meth:`StateStore.quota_apply` batch."""
+
+    key: str
+    limit: int
+    period_s: float
+
+
+class CounterOp(NamedTuple):
+    """``counter_incr(key, amount=1, expires_at=)``; the batch stops after it if the new
+    value exceeds ``stop_above`` (the call is refused; it has been counted)."""
+
+    key: str
+    expires_at: float
+    stop_above: int | None = None
+
+
+class SessionOp(NamedTuple):
+    """``session_touch(user, session_id, idle_s=, max_sessions=)``."""
+
+    user: str
+    session_id: str
+    idle_s: float
+    max_sessions: int
+
+
+QuotaOp = RateOp | CounterOp | SessionOp
+# RateOp -> (allowed, retry_after_s); CounterOp -> new value; SessionOp -> (allowed, count)
+QuotaAnswer = tuple[bool, float] | int | tuple[bool, int]
+
+
+def check_quota_ops(ops: Sequence[QuotaOp]) -> None:
+    """Raise ValueError for an op either store would refuse."""
+    for op in ops:
+        if isinstance(op, RateOp):
+            check_rate_args(op.limit, op.period_s, 1)
+        elif isinstance(op, SessionOp):
+            check_session_args(op.idle_s, op.max_sessions)
+
+
+def refused(op: QuotaOp, answer: QuotaAnswer) -> bool:
+    """Whether ``answer`` to ``op`` stops the batch."""
+    if isinstance(op, CounterOp):
+        assert isinstance(answer, int)
+        return op.stop_above is not None and answer > op.stop_above
+    assert isinstance(answer, tuple)
+    return not answer[0]
+
+
 class StateStore(Protocol):
     """Durable state shared by all requests. Every method may raise :class:`StateUnavailable`."""
 
@@ -193,6 +244,13 @@ class StateStore(Protocol):
         count including this session when allowed."""
         ...
 
+    async def quota_apply(self, ops: Sequence[QuotaOp], *, now: float) -> list[QuotaAnswer]:
+        """Run ``ops`` in order as one atomic step and return their answers, stopping
+        after the first one that refuses (see :func:`refused`): the answers list is then
+        shorter than ``ops``, and the ops after it did not run. Same semantics as the
+        single primitives (a refused rate check or session does not count)."""
+        ...
+
     async def put_approval(self, approval: Approval) -> None:
         """Store a new approval. A duplicate id raises StateUnavailable (a local bug)."""
         ...
@@ -265,12 +323,19 @@ __all__ = [
     "GCRA_EPSILON_S",
     "LEASE_STATES",
     "MAX_APPROVALS_LISTED",
+    "CounterOp",
     "GcraResult",
     "LeaseRecord",
+    "QuotaAnswer",
+    "QuotaOp",
+    "RateOp",
+    "SessionOp",
     "StateStore",
     "StateUnavailable",
+    "check_quota_ops",
     "check_rate_args",
     "check_session_args",
     "gcra",
     "open_store",
+    "refused",
 ]

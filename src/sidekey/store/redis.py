@@ -60,8 +60,13 @@ from . import (
     GCRA_EPSILON_S,
     LEASE_STATES,
     MAX_APPROVALS_LISTED,
+    CounterOp,
     LeaseRecord,
+    QuotaAnswer,
+    QuotaOp,
+    RateOp,
     StateUnavailable,
+    check_quota_ops,
     check_rate_args,
     check_session_args,
 )
@@ -137,6 +142,74 @@ end
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(last[2]) - now) * 1000) + 1)
 return {1, count}
+"""
+
+_QUOTA_LUA = """
+-- A call's quota ops in order (the three scripts above, one round trip). KEYS one per
+-- op; ARGV now, epsilon, then per op: 'r', limit, period_s | 'c', expires_at ms,
+-- stop_above (-1: none) | 's', session_id, idle_s, max_sessions. Stops after the first
+-- refusal. Returns one answer per op run: {allowed, retry} | value | {allowed, count}.
+local now = tonumber(ARGV[1])
+local eps = tonumber(ARGV[2])
+local out = {}
+local a = 3
+for i = 1, #KEYS do
+  local kind = ARGV[a]
+  if kind == 'r' then
+    local limit = tonumber(ARGV[a + 1])
+    local period = tonumber(ARGV[a + 2])
+    a = a + 3
+    local stored = redis.call('GET', KEYS[i])
+    local base = now
+    if stored then
+      local tat = tonumber(stored)
+      if tat and tat >= now then base = tat end
+    end
+    local new_tat = base + period / limit
+    local allow_at = new_tat - period
+    if allow_at - now > eps then
+      out[#out + 1] = {0, string.format('%.17g', allow_at - now)}
+      return out
+    end
+    redis.call('SET', KEYS[i], string.format('%.17g', new_tat), 'PX',
+               math.ceil((new_tat - now) * 1000) + 1)
+    out[#out + 1] = {1, '0'}
+  elseif kind == 'c' then
+    local wanted = tonumber(ARGV[a + 1])
+    local stop = tonumber(ARGV[a + 2])
+    a = a + 3
+    local value = redis.call('INCRBY', KEYS[i], 1)
+    local current = redis.call('PEXPIRETIME', KEYS[i])
+    if current < 0 or current < wanted then
+      redis.call('PEXPIREAT', KEYS[i], wanted)
+    end
+    out[#out + 1] = value
+    if stop >= 0 and value > stop then return out end
+  else
+    local sid = ARGV[a + 1]
+    local idle = tonumber(ARGV[a + 2])
+    local max = tonumber(ARGV[a + 3])
+    a = a + 4
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
+    local known = redis.call('ZSCORE', KEYS[i], sid)
+    local count = redis.call('ZCARD', KEYS[i])
+    local until_s = string.format('%.17g', now + idle)
+    if known then
+      redis.call('ZADD', KEYS[i], 'GT', until_s, sid)
+    else
+      if count >= max then
+        out[#out + 1] = {0, count}
+        return out
+      end
+      redis.call('ZADD', KEYS[i], until_s, sid)
+      count = count + 1
+    end
+    local last = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
+    redis.call('PEXPIRE', KEYS[i], math.ceil((tonumber(last[2]) - now) * 1000) + 1)
+    out[#out + 1] = {1, count}
+  end
+end
+return out
 """
 
 _PUT_LEASE_LUA = """
@@ -316,6 +389,7 @@ class RedisStore:
         self._gcra = client.register_script(_GCRA_LUA)
         self._counter = client.register_script(_COUNTER_LUA)
         self._session = client.register_script(_SESSION_LUA)
+        self._quota = client.register_script(_QUOTA_LUA)
         self._put_lease = client.register_script(_PUT_LEASE_LUA)
         self._transition = client.register_script(_TRANSITION_LUA)
         self._purge_lease = client.register_script(_PURGE_LEASE_LUA)
@@ -630,6 +704,34 @@ class RedisStore:
             "session_touch", lambda c: self._session(keys, args, client=c)
         )
         return bool(allowed), int(count)
+
+    async def quota_apply(self, ops: Sequence[QuotaOp], *, now: float) -> list[QuotaAnswer]:
+        """All of a call's quota ops in one Lua script: one round trip (see the protocol)."""
+        check_quota_ops(ops)
+        if not ops:
+            return []
+        keys: list[str] = []
+        args: list[_Arg] = [_num(now), _num(GCRA_EPSILON_S)]
+        for op in ops:
+            if isinstance(op, RateOp):
+                keys.append(self._key("rl", op.key))
+                args += ["r", op.limit, _num(op.period_s)]
+            elif isinstance(op, CounterOp):
+                keys.append(self._key("ctr", op.key))
+                args += ["c", _ms(op.expires_at), -1 if op.stop_above is None else op.stop_above]
+            else:
+                keys.append(self._key("sess", op.user))
+                args += ["s", op.session_id, _num(op.idle_s), op.max_sessions]
+        raw = await self._run("quota_apply", lambda c: self._quota(keys, args, client=c))
+        answers: list[QuotaAnswer] = []
+        for op, item in zip(ops, raw, strict=False):
+            if isinstance(op, RateOp):
+                answers.append((bool(item[0]), float(_text(item[1]))))
+            elif isinstance(op, CounterOp):
+                answers.append(int(item))
+            else:
+                answers.append((bool(item[0]), int(item[1])))
+        return answers
 
     async def put_approval(self, approval: Approval) -> None:
         """Store a new approval. A duplicate id raises StateUnavailable (a local bug)."""

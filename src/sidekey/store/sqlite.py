@@ -39,11 +39,17 @@ from . import (
     APPROVAL_RETENTION_S,
     LEASE_STATES,
     MAX_APPROVALS_LISTED,
+    CounterOp,
     LeaseRecord,
+    QuotaAnswer,
+    QuotaOp,
+    RateOp,
     StateUnavailable,
+    check_quota_ops,
     check_rate_args,
     check_session_args,
     gcra,
+    refused,
 )
 
 log = logging.getLogger(__name__)
@@ -230,6 +236,72 @@ def _row_to_lease(row: tuple[Any, ...]) -> LeaseRecord:
         peer_pid=int(row[12]),
         peer_uid=int(row[13]),
     )
+
+
+def _rate(
+    conn: sqlite3.Connection, key: str, *, limit: int, period_s: float, now: float, cost: int
+) -> tuple[bool, float]:
+    """One GCRA step inside the caller's transaction."""
+    row = conn.execute("SELECT tat FROM rate_gcra WHERE key = ?", (key,)).fetchone()
+    result = gcra(
+        None if row is None else float(row[0]),
+        limit=limit,
+        period_s=float(period_s),
+        now=float(now),
+        cost=cost,
+    )
+    if result.allowed:
+        conn.execute(
+            "INSERT INTO rate_gcra (key, tat) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET tat = excluded.tat",
+            (key, result.new_tat),
+        )
+    return result.allowed, result.retry_after_s
+
+
+def _counter(
+    conn: sqlite3.Connection, key: str, *, amount: int, expires_at: float, now: float
+) -> int:
+    """One counter increment inside the caller's transaction (expired rows count as absent)."""
+    row = conn.execute("SELECT value, expires_at FROM counters WHERE key = ?", (key,)).fetchone()
+    if row is None or float(row[1]) <= now:
+        value, until = int(amount), float(expires_at)
+    else:
+        value, until = int(row[0]) + int(amount), max(float(row[1]), float(expires_at))
+    conn.execute(
+        "INSERT INTO counters (key, value, expires_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+        "expires_at = excluded.expires_at",
+        (key, value, until),
+    )
+    return value
+
+
+def _session(
+    conn: sqlite3.Connection, user: str, session_id: str, *, now: float, idle_s: float,
+    max_sessions: int,
+) -> tuple[bool, int]:
+    """One session touch inside the caller's transaction."""
+    until = float(now) + float(idle_s)
+    conn.execute("DELETE FROM sessions WHERE user_id = ? AND expires_at <= ?", (user, float(now)))
+    known = conn.execute(
+        "SELECT 1 FROM sessions WHERE user_id = ? AND session_id = ?", (user, session_id)
+    ).fetchone()
+    (count,) = conn.execute("SELECT COUNT(*) FROM sessions WHERE user_id = ?", (user,)).fetchone()
+    count = int(count)
+    if known is None:
+        if count >= max_sessions:
+            return False, count
+        conn.execute(
+            "INSERT INTO sessions (user_id, session_id, expires_at) VALUES (?, ?, ?)",
+            (user, session_id, until),
+        )
+        return True, count + 1
+    conn.execute(
+        "UPDATE sessions SET expires_at = max(expires_at, ?) WHERE user_id = ? AND session_id = ?",
+        (until, user, session_id),
+    )
+    return True, count
 
 
 class SqliteStore:
@@ -424,21 +496,7 @@ class SqliteStore:
         check_rate_args(limit, period_s, cost)
         await trio.lowlevel.checkpoint_if_cancelled()
         with self._edge("rate_check") as conn, self._transaction(conn):
-            row = conn.execute("SELECT tat FROM rate_gcra WHERE key = ?", (key,)).fetchone()
-            result = gcra(
-                None if row is None else float(row[0]),
-                limit=limit,
-                period_s=float(period_s),
-                now=float(now),
-                cost=cost,
-            )
-            if result.allowed:
-                conn.execute(
-                    "INSERT INTO rate_gcra (key, tat) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET tat = excluded.tat",
-                    (key, result.new_tat),
-                )
-        return result.allowed, result.retry_after_s
+            return _rate(conn, key, limit=limit, period_s=period_s, now=now, cost=cost)
 
     async def counter_incr(self, key: str, *, amount: int = 1, expires_at: float) -> int:
         """Add ``amount`` to counter ``key``; return the new value. A row whose
@@ -446,20 +504,7 @@ class SqliteStore:
         await trio.lowlevel.checkpoint_if_cancelled()
         now = self._clock()
         with self._edge("counter_incr") as conn, self._transaction(conn):
-            row = conn.execute(
-                "SELECT value, expires_at FROM counters WHERE key = ?", (key,)
-            ).fetchone()
-            if row is None or float(row[1]) <= now:
-                value, until = int(amount), float(expires_at)
-            else:
-                value, until = int(row[0]) + int(amount), max(float(row[1]), float(expires_at))
-            conn.execute(
-                "INSERT INTO counters (key, value, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-                "expires_at = excluded.expires_at",
-                (key, value, until),
-            )
-        return value
+            return _counter(conn, key, amount=amount, expires_at=expires_at, now=now)
 
     async def session_touch(
         self, user: str, session_id: str, *, now: float, idle_s: float, max_sessions: int
@@ -467,32 +512,30 @@ class SqliteStore:
         """Touch ``user``'s session: ``(allowed, active_count)``; see the protocol."""
         check_session_args(idle_s, max_sessions)
         await trio.lowlevel.checkpoint_if_cancelled()
-        until = float(now) + float(idle_s)
         with self._edge("session_touch") as conn, self._transaction(conn):
-            conn.execute(
-                "DELETE FROM sessions WHERE user_id = ? AND expires_at <= ?", (user, float(now))
-            )
-            known = conn.execute(
-                "SELECT 1 FROM sessions WHERE user_id = ? AND session_id = ?", (user, session_id)
-            ).fetchone()
-            (count,) = conn.execute(
-                "SELECT COUNT(*) FROM sessions WHERE user_id = ?", (user,)
-            ).fetchone()
-            count = int(count)
-            if known is None:
-                if count >= max_sessions:
-                    return False, count
-                conn.execute(
-                    "INSERT INTO sessions (user_id, session_id, expires_at) VALUES (?, ?, ?)",
-                    (user, session_id, until),
-                )
-                return True, count + 1
-            conn.execute(
-                "UPDATE sessions SET expires_at = max(expires_at, ?) "
-                "WHERE user_id = ? AND session_id = ?",
-                (until, user, session_id),
-            )
-            return True, count
+            return _session(conn, user, session_id, now=now, idle_s=idle_s,
+                            max_sessions=max_sessions)
+
+    async def quota_apply(self, ops: Sequence[QuotaOp], *, now: float) -> list[QuotaAnswer]:
+        """All of a call's quota ops in one transaction (see the protocol)."""
+        check_quota_ops(ops)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        clock_now = self._clock()
+        answers: list[QuotaAnswer] = []
+        with self._edge("quota_apply") as conn, self._transaction(conn):
+            for op in ops:
+                answer: QuotaAnswer
+                if isinstance(op, RateOp):
+                    answer = _rate(conn, op.key, limit=op.limit, period_s=op.period_s, now=now, cost=1)
+                elif isinstance(op, CounterOp):
+                    answer = _counter(conn, op.key, amount=1, expires_at=op.expires_at, now=clock_now)
+                else:
+                    answer = _session(conn, op.user, op.session_id, now=now, idle_s=op.idle_s,
+                                      max_sessions=op.max_sessions)
+                answers.append(answer)
+                if refused(op, answer):
+                    break
+        return answers
 
     async def put_approval(self, approval: Approval) -> None:
         """Insert a new approval. A duplicate id raises StateUnavailable (a local bug)."""
