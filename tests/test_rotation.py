@@ -85,3 +85,40 @@ def test_rotate_needs_security_tier(make_daemon: Any) -> None:
         "POST", "/v1/admin/secrets/" + WRITE_KEY.replace("/", "%2F") + "/rotate", {"generate": 20})))
     assert result[0] == 403 and result[1]["error"]["code"] == "peer_rejected", result
     assert d.events_of("secret.rotated") == []
+
+
+def test_rotation_on_one_host_drops_the_cached_copy_on_another(make_daemon: Any, tmp_path: Any) -> None:
+    """Two hosts share a Redis state store and one secret (here: the same local store
+    file, cached 300 s on both). Host B has the old value cached; a rotation through
+    host A reaches B's cache through the store's rotation notices within seconds."""
+    import time
+
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        first: Daemon = make_daemon()  # creates the key and the store with its secrets
+        a: Daemon = first
+        shared = {"type": "local", "path": str(a.root / "state" / "secrets.enc"),
+                  "key_file": str(a.root / "keys" / "local.key"), "cache_ttl_s": 300}
+        state = {"backend": "redis", "redis_url": server.url, "redis_key_prefix": "sk-rot:"}
+        a = make_daemon({"state": state, "backends": {"local": shared}}, root=first.root)
+        b: Daemon = make_daemon({"state": state, "backends": {"local": shared}})
+        a.secrets = b.secrets = first.secrets
+        a.start()
+        b.start()
+        old = a.secrets[WRITE_KEY]
+        assert redeem(b)["secrets"]["CONTENT_API_KEY"] == old  # cached on B now
+        new = f"SECRET-rotated-{os.urandom(6).hex()}"
+        out = sidekey("secrets", "rotate", WRITE_KEY, "--config", str(a.config_path), stdin=new.encode())
+        assert out.returncode == 0, out.stderr
+        assert redeem(a)["secrets"]["CONTENT_API_KEY"] == new
+        deadline = time.monotonic() + 10
+        seen = old
+        while seen != new and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen = redeem(b)["secrets"]["CONTENT_API_KEY"]
+        assert seen == new
+        assert "rotation notice" in b.log()
+    finally:
+        server.stop()

@@ -718,3 +718,31 @@ async def test_redis_password_is_used_and_never_shown(
     assert redact_url("redis://127.0.0.1:1/0") == "redis://127.0.0.1:1/0"
     with pytest.raises(StateUnavailable, match="rediss://"):
         RedisStore.open("redis://127.0.0.1:1/0", ssl_ca_file="/etc/ssl/ca.pem")
+
+
+# ---------------------------------------------------------------------- rotation notices
+
+
+async def test_rotation_notices_are_read_once_by_every_reader(opener: Opener) -> None:
+    a, b = opener(), opener()  # two handles: two hosts on one state
+    try:
+        with trio.fail_after(IO_LIMIT_S):
+            start_a = await a.rotation_cursor()
+            start_b = await b.rotation_cursor()
+            assert await a.rotations_after(start_a) == ([], start_a)
+            await a.note_rotation('{"backend":"aws","secret_id":"s1"}', at=time.time())
+            await a.note_rotation('{"backend":"aws","secret_id":"s2"}', at=time.time())
+            got_b, cur_b = await b.rotations_after(start_b)
+            assert got_b == ['{"backend":"aws","secret_id":"s1"}', '{"backend":"aws","secret_id":"s2"}']
+            assert await b.rotations_after(cur_b) == ([], cur_b)
+            got_a, cur_a = await a.rotations_after(start_a)
+            assert len(got_a) == 2
+            # a reader starting now sees only what comes next
+            assert await b.rotation_cursor() == cur_b
+            await b.note_rotation("third", at=time.time())
+            assert (await a.rotations_after(cur_a))[0] == ["third"]
+            with pytest.raises(ValueError):
+                await a.rotations_after("nonsense")
+    finally:
+        await a.aclose()
+        await b.aclose()

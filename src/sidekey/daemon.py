@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -35,7 +36,7 @@ from .audit import AuditLog, AuditSink
 from .audit.events import make_event
 from .audit.jsonl import open_jsonl_sink
 from .backends import Backend, SecretValue, build_backends, unwrap
-from .config import LoadedConfig, OAuth2Config, load_config
+from .config import LoadedConfig, OAuth2Config, SecretRef, load_config
 from .healthcheck import RegistryHealth
 from .leases import ACTIVE, RELEASED, REVOKED, LeaseManager, new_lease_id
 from .oauth import OAuthVerifier
@@ -79,6 +80,8 @@ log = logging.getLogger(__name__)
 
 ROTATE_PREFIX = "/v1/admin/secrets/"
 APPROVALS_PREFIX = "/v1/approvals/"
+# How often each host reads rotation notices (to drop its cached copies).
+ROTATION_POLL_S = 1.0
 # /v1/approvals/{id}/{verb}: the verb's method and minimum tier ("wait" is also open to
 # the service the approval belongs to: the handler checks that).
 APPROVAL_VERBS: dict[str, tuple[str, str]] = {
@@ -914,6 +917,16 @@ class Sidekey:
             ))
             err.details["audited"] = True
             raise err from None
+        # Every host (this one included) drops its cached copies when it reads the notice;
+        # this one does at once.
+        invalidate = getattr(backend, "invalidate", None)
+        if invalidate is not None:
+            invalidate(ref)
+        try:
+            await self.store.note_rotation(msgspec.json.encode(ref).decode(), at=self.clock())
+        except StateUnavailable:
+            log.warning('rotation of "%s" not posted to the state store: other hosts keep their '
+                        "cached copy until it expires", name)
         revoked = 0
         if body.revoke_leases:
             pairs = {(server, tool) for server, tool, _ in matches}
@@ -940,6 +953,32 @@ class Sidekey:
         return _json(200, {"secret": name, "backend": ref.backend, "old_version": old_version,
                            "new_version": new_version, "leases_revoked": revoked,
                            "request_id": req.request_id})
+
+    async def watch_rotations(
+        self, *, interval_s: float = ROTATION_POLL_S,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Read the rotation notices other hosts (or this one) post to the state store
+        and drop the cached copies of those secrets here, within ``interval_s``."""
+        cursor = await self.store.rotation_cursor()
+        task_status.started()
+        while True:
+            await trio.sleep(interval_s)
+            try:
+                payloads, cursor = await self.store.rotations_after(cursor)
+            except StateUnavailable:
+                continue  # logged by the store; read on when it is back
+            for payload in payloads:
+                try:
+                    ref = msgspec.json.decode(payload, type=SecretRef)
+                except msgspec.ValidationError:
+                    log.warning("ignoring a malformed rotation notice")
+                    continue
+                invalidate = getattr(self.backends.get(ref.backend), "invalidate", None)
+                if invalidate is not None:
+                    dropped = invalidate(ref)
+                    log.info('rotation notice for "%s" (%s): %d cached entries dropped',
+                             ref.label, ref.backend, dropped)
 
     # ------------------------------------------------------------------ reload
 
@@ -1217,6 +1256,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             )
             await nursery.start(app.leases.run)
             await nursery.start(app.approvals.run_sweeper)
+            await nursery.start(app.watch_rotations)
             await nursery.start(app.approvals.run_webhook)
             if cfg.policy.registry_health_checks:
                 await nursery.start(app.registry_health.run)

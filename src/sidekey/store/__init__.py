@@ -21,6 +21,10 @@ Quota primitives (each one atomic, in one transaction or one Lua script):
 * :meth:`StateStore.quota_apply`: a call's whole list of the three above, in order, in
   one transaction (SQLite) or one Lua script (Redis): one round trip per authorize.
 
+Rotation notices: a rotation through one host is posted (:meth:`StateStore.note_rotation`)
+and every host reads the notices after its cursor (:meth:`StateStore.rotations_after`) to
+drop its cached copies of that secret.
+
 Approvals (:class:`sidekey.approvals.Approval`, stored whole as JSON) change state only
 by :meth:`StateStore.transition_approval`, a compare-and-set on ``state``: of two
 approvers (or an approver and the expiry sweeper, on any host) exactly one wins.
@@ -46,6 +50,10 @@ LEASE_STATES = frozenset({"active", "released", "expired", "revoked"})
 APPROVAL_RETENTION_S = 24 * 3600.0
 # list_approvals returns at most this many.
 MAX_APPROVALS_LISTED = 1000
+# Rotation notices are kept this long (hosts read them within seconds), and
+# rotations_after returns at most MAX_NOTICES_READ at a time.
+NOTICE_RETENTION_S = 24 * 3600.0
+MAX_NOTICES_READ = 1000
 
 
 class StateUnavailable(Unavailable):
@@ -251,6 +259,19 @@ class StateStore(Protocol):
         single primitives (a refused rate check or session does not count)."""
         ...
 
+    async def note_rotation(self, payload: str, *, at: float) -> None:
+        """Post a rotation notice (``payload``: which secret, never its value)."""
+        ...
+
+    async def rotation_cursor(self) -> str:
+        """The cursor after the newest notice (a host starts reading from here)."""
+        ...
+
+    async def rotations_after(self, cursor: str) -> tuple[list[str], str]:
+        """Payloads of the notices after ``cursor`` (oldest first, at most
+        :data:`MAX_NOTICES_READ`) and the cursor after the last one returned."""
+        ...
+
     async def put_approval(self, approval: Approval) -> None:
         """Store a new approval. A duplicate id raises StateUnavailable (a local bug)."""
         ...
@@ -323,6 +344,8 @@ __all__ = [
     "GCRA_EPSILON_S",
     "LEASE_STATES",
     "MAX_APPROVALS_LISTED",
+    "MAX_NOTICES_READ",
+    "NOTICE_RETENTION_S",
     "CounterOp",
     "GcraResult",
     "LeaseRecord",

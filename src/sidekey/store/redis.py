@@ -29,6 +29,7 @@ Keys (all under the configured prefix, e.g. ``sidekey:``)::
     apr:<approval_id>         hash (state, data = the Approval as JSON), PEXPIREAT its
                               expiry + APPROVAL_RETENTION_S
     aprs                      sorted set approval_id -> created_at (for listing)
+    rotations                 stream of rotation notices (payload, at), MAXLEN ~10000
 
 Clocks: ``now`` and ``expires_at`` are the caller's (wall clock, seconds); TTLs are
 relative to them, so hosts sharing a Redis need synchronised clocks (NTP), as for the
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -60,6 +62,7 @@ from . import (
     GCRA_EPSILON_S,
     LEASE_STATES,
     MAX_APPROVALS_LISTED,
+    MAX_NOTICES_READ,
     CounterOp,
     LeaseRecord,
     QuotaAnswer,
@@ -89,6 +92,9 @@ JTI_MIN_KEEP_S = 60.0
 LEASE_SAFETY_TTL_S = 2 * LEASE_RETENTION_S
 # purge() works through at most this many chunks per sorted set per call.
 MAX_PURGE_CHUNKS = 100
+# Rotation notices kept in the stream (hosts read them within seconds).
+MAX_NOTICES_KEPT = 10_000
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 _GCRA_LUA = """
 -- KEYS[1] rate key; ARGV limit, period_s, now, cost, epsilon. Same arithmetic as
@@ -732,6 +738,27 @@ class RedisStore:
             else:
                 answers.append((bool(item[0]), int(item[1])))
         return answers
+
+    async def note_rotation(self, payload: str, *, at: float) -> None:
+        key = self._key("rotations", "all")
+        await self._run("note_rotation", lambda c: c.xadd(
+            key, {"payload": payload, "at": _num(at)}, maxlen=MAX_NOTICES_KEPT, approximate=True))
+
+    async def rotation_cursor(self) -> str:
+        key = self._key("rotations", "all")
+        newest = await self._run("rotation_cursor", lambda c: c.xrevrange(key, "+", "-", count=1))
+        return _text(newest[0][0]) if newest else "0-0"
+
+    async def rotations_after(self, cursor: str) -> tuple[list[str], str]:
+        if not _STREAM_ID.fullmatch(cursor):
+            raise ValueError(f"not a rotation cursor: {cursor[:40]!r}")
+        key = self._key("rotations", "all")
+        entries = await self._run(
+            "rotations_after", lambda c: c.xrange(key, f"({cursor}", "+", count=MAX_NOTICES_READ))
+        if not entries:
+            return [], cursor
+        payloads = [_text(fields[b"payload"]) for _, fields in entries if fields]
+        return payloads, _text(entries[-1][0])
 
     async def put_approval(self, approval: Approval) -> None:
         """Store a new approval. A duplicate id raises StateUnavailable (a local bug)."""

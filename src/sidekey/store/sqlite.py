@@ -39,6 +39,8 @@ from . import (
     APPROVAL_RETENTION_S,
     LEASE_STATES,
     MAX_APPROVALS_LISTED,
+    MAX_NOTICES_READ,
+    NOTICE_RETENTION_S,
     CounterOp,
     LeaseRecord,
     QuotaAnswer,
@@ -144,6 +146,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX approvals_state ON approvals (state, created_at);
     CREATE INDEX approvals_created ON approvals (created_at);
     CREATE INDEX approvals_expires ON approvals (expires_at);
+    """,
+    # v5: rotation notices (read by every daemon on this state; see note_rotation).
+    """
+    CREATE TABLE rotation_notices (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE INDEX rotation_notices_at ON rotation_notices (at);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -537,6 +548,32 @@ class SqliteStore:
                     break
         return answers
 
+    async def note_rotation(self, payload: str, *, at: float) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("note_rotation") as conn:
+            conn.execute("INSERT INTO rotation_notices (at, payload) VALUES (?, ?)", (float(at), payload))
+
+    async def rotation_cursor(self) -> str:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("rotation_cursor") as conn:
+            (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM rotation_notices").fetchone()
+        return str(int(seq))
+
+    async def rotations_after(self, cursor: str) -> tuple[list[str], str]:
+        try:
+            after = int(cursor)
+        except ValueError:
+            raise ValueError(f"not a rotation cursor: {cursor[:40]!r}") from None
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("rotations_after") as conn:
+            rows = conn.execute(
+                "SELECT seq, payload FROM rotation_notices WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, MAX_NOTICES_READ),
+            ).fetchall()
+        if not rows:
+            return [], cursor
+        return [str(r[1]) for r in rows], str(int(rows[-1][0]))
+
     async def put_approval(self, approval: Approval) -> None:
         """Insert a new approval. A duplicate id raises StateUnavailable (a local bug)."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -632,6 +669,11 @@ class SqliteStore:
                 "DELETE FROM approvals WHERE id IN "
                 "(SELECT id FROM approvals WHERE expires_at < ? LIMIT ?)",
                 float(now) - APPROVAL_RETENTION_S,
+            ),
+            (
+                "DELETE FROM rotation_notices WHERE seq IN "
+                "(SELECT seq FROM rotation_notices WHERE at < ? LIMIT ?)",
+                float(now) - NOTICE_RETENTION_S,
             ),
         )
         total = 0
