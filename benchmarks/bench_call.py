@@ -9,16 +9,28 @@ fsynced audit) in a temporary directory and drives it over its Unix socket:
   separate process (keep-alive connection per worker), so the figures are the daemon's
   cost rather than the client library's.
 
+``--users N`` (default 1) pre-mints N distinct user tokens (``sub`` = ``user-00000``,
+``user-00001``, ...) before anything is timed, and every run spreads its calls
+round-robin over them (one cycle shared by all workers of a run, starting at user 0), so
+each call touches that user's own quota keys (sessions, per-user and per-user-per-tool
+rate limits): the figures at 10 and 10,000 users show whether the per-call cost grows
+with the key space. A warm-up (not timed) first makes one call per user (at least 100
+calls in all), so every token is verified and cached and every user's quota rows exist,
+as in a steady state; the daemon's verified-token cache holds 10,000 tokens, so beyond
+that the runs also pay token verification.
+
 Prints calls/s and per-call p50/p99 latency. Targets on the 2-core reference machine:
 p50 <= 1 ms at c=1, >= 2000 calls/s at c=32. ``--profile`` runs the daemon under
 cProfile and prints its top functions afterwards.
 
-    python benchmarks/bench_call.py [--calls 2000] [--profile]
+    python benchmarks/bench_call.py [--calls 2000] [--users 1] [--state sqlite|redis]
+                                    [--profile] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -30,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +90,18 @@ def setup(root: Path) -> Path:
     return config
 
 
-def user_token(root: Path) -> str:
-    """One bearer token for all calls, as an agent would present (verified once, then cached)."""
+def user_token(root: Path, subject: str = "bench-user") -> str:
+    """A bearer token for ``subject``, as an agent would present (verified once, then cached)."""
     return mint_user_token(
         root / "keys" / "demo-issuer.pem", kid=kid_of(root / "keys" / "demo-issuer-jwks.json"),
-        issuer="https://auth.example.com", audience="mcp:content-api", subject="bench-user",
+        issuer="https://auth.example.com", audience="mcp:content-api", subject=subject,
         scopes=["content:read", "content:write", "content:publish"],
     )
+
+
+def user_tokens(root: Path, n: int) -> list[str]:
+    """``n`` tokens of distinct users ``user-00000``, ``user-00001``, ..."""
+    return [user_token(root, f"user-{i:05d}") for i in range(n)]
 
 
 def start_daemon(root: Path, config: Path, profile: Path | None) -> subprocess.Popen[bytes]:
@@ -143,18 +161,23 @@ class _Conn:
             self.buf += chunk
 
 
-async def _raw_worker(sock_path: str, token: str, n: int, lat: list[float]) -> None:
+def _authorize_request(token: str) -> bytes:
+    return _post("/v1/authorize", json.dumps({
+        "server": SERVER, "tool": TOOL, "agent_id": "content-writer", "session_id": "bench",
+        "user_token": token, "arguments": ARGS}).encode())
+
+
+async def _raw_worker(sock_path: str, auth_reqs: Iterator[bytes], n: int, lat: list[float]) -> None:
+    """``n`` calls on one connection; each takes the next user's pre-encoded authorize
+    request from ``auth_reqs`` (shared by the run's workers: round-robin over users)."""
     import trio
 
     stream = await trio.open_unix_socket(sock_path)
     conn = _Conn(stream)
-    auth_req = _post("/v1/authorize", json.dumps({
-        "server": SERVER, "tool": TOOL, "agent_id": "content-writer", "session_id": "bench",
-        "user_token": token, "arguments": ARGS}).encode())
     try:
         for _ in range(n):
             t0 = time.perf_counter()
-            st, a = await conn.call(auth_req)
+            st, a = await conn.call(next(auth_reqs))
             assert st == 200, a
             st, lease = await conn.call(_post("/v1/redeem", json.dumps(
                 {"resolution_token": a["resolution_token"], "arguments": ARGS}).encode()))
@@ -167,32 +190,36 @@ async def _raw_worker(sock_path: str, token: str, n: int, lat: list[float]) -> N
         await stream.aclose()
 
 
-def _raw_process(sock_path: str, token: str, concurrency: int, per_worker: int, q: Any) -> None:
+def _raw_process(sock_path: str, tokens: list[str], concurrency: int, per_worker: int,
+                 q: Any) -> None:
     import trio
 
     lat: list[float] = []
+    auth_reqs = itertools.cycle([_authorize_request(t) for t in tokens])  # before the clock
 
     async def main() -> float:
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
-                nursery.start_soon(_raw_worker, sock_path, token, per_worker, lat)
+                nursery.start_soon(_raw_worker, sock_path, auth_reqs, per_worker, lat)
         return time.perf_counter() - t0
 
     wall = trio.run(main)
     q.put((wall, lat))
 
 
-def _client_process(sock_path: str, token: str, n: int, q: Any) -> None:
+def _client_process(sock_path: str, tokens: list[str], n: int, q: Any) -> None:
     from sidekey.client import Client
 
     lat: list[float] = []
     with Client(socket_path=sock_path) as c:
         t_start = time.perf_counter()
-        for _ in range(n):
+        for i in range(n):
             t0 = time.perf_counter()
             auth = c.authorize(server=SERVER, tool=TOOL, agent_id="content-writer",
-                               session_id="bench", arguments=ARGS, user_token=token)
+                               session_id="bench", arguments=ARGS,
+                               user_token=tokens[i % len(tokens)])
+            assert auth.resolution_token is not None, auth
             lease = c.redeem(auth.resolution_token, arguments=ARGS)
             c.release(lease.lease_id, status="success", duration_ms=1)
             lat.append(time.perf_counter() - t0)
@@ -229,11 +256,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=2000, help="calls per run (default 2000)")
     ap.add_argument("--concurrency", type=int, default=32, help="workers for the concurrent run")
+    ap.add_argument("--users", type=int, default=1,
+                    help="distinct users (tokens), calls round-robin over them (default 1)")
     ap.add_argument("--profile", action="store_true", help="profile the daemon with cProfile")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     ap.add_argument("--state", choices=["sqlite", "redis"], default="sqlite",
                     help="state store (redis: a redis-server started here on loopback)")
     args = ap.parse_args()
+    if args.users < 1:
+        ap.error("--users must be at least 1")
 
     root = Path(tempfile.mkdtemp(prefix="skb-"))
     profile = root / "daemon.prof" if args.profile else None
@@ -242,28 +273,36 @@ def main() -> int:
         config = setup(root)
         if args.state == "redis":
             sys.path.insert(0, str(ROOT / "tests"))
-            from redis_server import RedisServer
+            from redis_server import RedisServer  # type: ignore[import-not-found]
 
             (root / "redis").mkdir()
             redis = RedisServer(root / "redis").start()
             cfg = yaml.safe_load(config.read_text())
             cfg["state"] = {**cfg["state"], "backend": "redis", "redis_url": redis.url}
             config.write_text(yaml.safe_dump(cfg))
-        print(f"state store: {args.state}", flush=True)
+        print(f"state store: {args.state}, users: {args.users}", flush=True)
+        t0 = time.perf_counter()
+        tokens = user_tokens(root, args.users)
+        print(f"minted {args.users} user token(s) in {time.perf_counter() - t0:.1f} s (not timed)",
+              flush=True)
         proc = start_daemon(root, config, profile)
         sock_path = str(root / "run" / "sock")
         try:
             results = []
-            token = user_token(root)
-            run_in_process(_raw_process, sock_path, token, 1, 100)  # warm-up
-            results.append(report("client c=1", *run_in_process(_client_process, sock_path, token,
-                                                                args.calls)))
-            results.append(report("raw c=1", *run_in_process(_raw_process, sock_path, token, 1,
+            # Warm-up: every user once (tokens verified and cached, quota rows created).
+            warm_c = min(args.concurrency, args.users)
+            run_in_process(_raw_process, sock_path, tokens, warm_c,
+                           -(-max(100, args.users) // warm_c))
+            results.append(report("client c=1", *run_in_process(_client_process, sock_path,
+                                                                tokens, args.calls)))
+            results.append(report("raw c=1", *run_in_process(_raw_process, sock_path, tokens, 1,
                                                              args.calls)))
             per = max(1, args.calls // args.concurrency) * 2
             results.append(report(f"raw c={args.concurrency}",
-                                  *run_in_process(_raw_process, sock_path, token, args.concurrency,
-                                                  per)))
+                                  *run_in_process(_raw_process, sock_path, tokens,
+                                                  args.concurrency, per)))
+            for r in results:
+                r.update(state=args.state, users=args.users)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)

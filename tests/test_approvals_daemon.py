@@ -73,6 +73,7 @@ def test_held_call_approved_with_the_cli_runs_once_and_only_with_its_arguments(
     assert requested[0]["policy"]["decision"] == "pending_approval"
     assert "requires_human_approval" in requested[0]["held_for"]
 
+    assert "approvals pending: 1" in cli(d, "status").stdout
     # Presenting the id before a verdict is refused.
     out = cli(d, *call_argv(ARGS, "--approval-id", approval_id), token=token)
     assert out.returncode == 1 and "approval_pending" in out.stderr, out.stderr

@@ -441,6 +441,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"sidekey on {status['host']} pid {status['pid']}, up {status['uptime_s']} s")
         print(f"  socket {status['socket']}; config {status['config']}")
         print(f"  leases active: {status['leases']['active']}; connections: {status['connections']}")
+        pending = status.get("approvals", {}).get("pending")
+        if pending:
+            print(f"  approvals pending: {pending} (sidekey approvals list)")
         print(f"  store: {'ok' if status['store'].get('ok') else 'FAILING'}; "
               f"audit: {'ok' if status['audit'].get('ok') else 'FAILING'}")
         for name, b in status["backends"].items():

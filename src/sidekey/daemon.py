@@ -307,6 +307,11 @@ class Sidekey:
     async def status(self, req: Request) -> Response:
         backends = {name: await b.health() for name, b in self.backends.items()}
         server = self.server
+        try:
+            pending: int | None = len(await self.approvals.list([approvals.PENDING],
+                                                                limit=MAX_APPROVALS_LISTED))
+        except StateUnavailable:
+            pending = None  # the store's health says why
         return _json(
             200,
             {
@@ -318,6 +323,7 @@ class Sidekey:
                 "token_issuer": self.codec.issuer,
                 "token_key_id": self.codec.keyset.active.kid,
                 "leases": {"active": self.leases.active_count},
+                "approvals": {"pending": pending, "waiting": self.approvals.waiting},
                 "connections": server.active_connections if server else 0,
                 "in_flight": server.in_flight if server else 0,
                 "store": self.store.health(),
