@@ -41,7 +41,7 @@ def self_peer() -> Iterator[PeerHandle]:
 
 
 @asynccontextmanager
-async def app_on(d: Daemon) -> AsyncIterator[daemon_mod.Sidekey]:
+async def app_on(d: Daemon, clock: Any = None) -> AsyncIterator[daemon_mod.Sidekey]:
     loaded = load_config(d.config_path)
     store = open_store(loaded.state_dir)
     sink = open_jsonl_sink(loaded.audit_path, fsync=True)
@@ -51,6 +51,7 @@ async def app_on(d: Daemon) -> AsyncIterator[daemon_mod.Sidekey]:
         audit=AuditLog([sink]),
         backends=build_backends(loaded),
         codec=daemon_mod.build_codec(loaded),
+        **({"clock": clock} if clock is not None else {}),
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -177,3 +178,33 @@ async def test_store_failure_fails_closed_unless_local_rate_counting(
             monkeypatch.setattr(app.store, "quota_apply", broken)
             codes = [(await call(app, conn, "/v1/authorize", authorize))[0] for _ in range(3)]
             assert codes == [200, 200, 429], codes  # counted on this host meanwhile
+
+
+async def test_monthly_quota_rolls_over_at_the_month_boundary(staged: Daemon) -> None:
+    """The daemon's clock injected: marketing's 2 calls a month are spent on
+    2026-11-30 23:59:59 UTC, refused a moment later, allowed again at 2026-12-01 00:00 UTC."""
+    import datetime
+
+    import yaml
+
+    limits = yaml.safe_load((staged.root / "rate-limits.yaml").read_text())
+    limits["limits"]["per_department"]["marketing"]["monthly_tool_calls"] = 2
+    (staged.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
+    cfg = yaml.safe_load(staged.config_path.read_text())
+    cfg["policy"] = {**cfg.get("policy", {}), "user_departments": {"alice": "marketing"}}
+    staged.config_path.write_text(yaml.safe_dump(cfg))
+    now = [datetime.datetime(2026, 11, 30, 23, 59, 58, tzinfo=datetime.UTC).timestamp()]
+    token = staged.user_token("content-api", ttl_s=3600, now=now[0] - 60)
+    body = {**AUTHORIZE, "tool": "list_articles", "user_token": token}
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(staged, clock=lambda: now[0]) as app:
+            assert (await call(app, conn, "/v1/authorize", body))[0] == 200
+            assert (await call(app, conn, "/v1/authorize", body))[0] == 200
+            now[0] += 1.5  # 23:59:59.5
+            status, out = await call(app, conn, "/v1/authorize", body)
+            assert status == 429 and out["error"]["code"] == "monthly_quota_exhausted", out
+            now[0] += 0.5  # 2026-12-01T00:00:00Z
+            status, out = await call(app, conn, "/v1/authorize", body)
+            assert status == 200, out
+            assert any("monthly" in r for r in out["policy"]["rules_matched"])
