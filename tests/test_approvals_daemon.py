@@ -292,6 +292,10 @@ def test_bad_requests(make_daemon: Any) -> None:
     status, body = d.request("POST", "/v1/approvals/apr_nope/approve", {})
     assert status == 404 and body["error"]["code"] == "approval_not_found"
     assert d.request("POST", "/v1/approvals/../../etc/approve", {})[0] == 404
+    approval_id = held(d)["approval_id"]
+    assert d.request("POST", f"/v1/approvals/{approval_id}/x/approve", {"reason": "r"})[0] == 404
+    assert d.request("POST", f"/v1/approvals/{approval_id}/x/deny", {"reason": "r"})[0] == 404
+    assert d.request("GET", f"/v1/approvals/{approval_id}/wait")[1]["approval"]["state"] == "pending"
     assert d.request("GET", "/v1/approvals/apr_x/wait?timeout=-1")[0] == 400
     assert d.request("GET", "/v1/approvals/apr_x/approve")[0] in (404, 405)
     approval_id = held(d)["approval_id"]

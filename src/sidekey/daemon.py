@@ -853,7 +853,7 @@ class Sidekey:
         service the held call belongs to): long-polls until the approval is decided or
         expires, or ``S`` seconds pass (capped by ``approvals.max_wait_seconds``)."""
         approval_id, _, verb = req.path[len(APPROVALS_PREFIX):].partition("/")
-        if not APPROVAL_ID.fullmatch(approval_id):
+        if verb not in APPROVAL_VERBS or not APPROVAL_ID.fullmatch(approval_id):
             raise NotFound(f"no approval {approval_id[:80]!r}", code="approval_not_found")
         ident = req.peer.identity
         if verb == "wait":
