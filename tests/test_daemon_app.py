@@ -203,7 +203,8 @@ async def test_monthly_quota_rolls_over_at_the_month_boundary(staged: Daemon) ->
             assert (await call(app, conn, "/v1/authorize", body))[0] == 200
             now[0] += 1.5  # 23:59:59.5
             status, out = await call(app, conn, "/v1/authorize", body)
-            assert status == 429 and out["error"]["code"] == "monthly_quota_exhausted", out
+            assert status == 429 and out["error"]["code"] == "rate_limited", out
+            assert out["error"]["details"]["reason"] == "monthly_quota_exhausted"
             now[0] += 0.5  # 2026-12-01T00:00:00Z
             status, out = await call(app, conn, "/v1/authorize", body)
             assert status == 200, out

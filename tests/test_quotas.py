@@ -219,8 +219,9 @@ def test_interpret_sessions() -> None:
     d = quotas.interpret(_plan(), [(False, 5)])
     assert d is not None
     assert (d.code, d.status, d.limit, d.retry_after_s) == (
-        "too_many_sessions", 429, "per_user.concurrent_sessions", None
+        "rate_limited", 429, "per_user.concurrent_sessions", quotas.DEFAULT_SESSION_IDLE_S
     )
+    assert d.details["reason"] == "too_many_sessions"
     assert d.details["active_sessions"] == 5 and d.details["max"] == 5
     assert "per-user concurrent_sessions (5)" in d.message
 
@@ -232,7 +233,8 @@ def test_interpret_monthly_exhausted_retry_until_month_end() -> None:
     assert quotas.interpret(p, [*ok, 50000]) is None  # the 50000th call is allowed
     d = quotas.interpret(p, [*ok, 50001])
     assert d is not None
-    assert (d.code, d.status, d.retry_after_s) == ("monthly_quota_exhausted", 429, 60.0)
+    assert (d.code, d.status, d.retry_after_s) == ("rate_limited", 429, 60.0)
+    assert d.details["reason"] == "monthly_quota_exhausted"
     assert d.details["resets_at"] == "2026-12-01T00:00:00Z"
     assert d.details["department"] == "engineering" and d.details["month"] == "2026-11"
     assert "department engineering monthly_tool_calls (50000)" in d.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -43,6 +44,20 @@ def test_per_tool_limit_lets_exactly_the_limit_through_under_concurrency(make_da
     assert len(denied_events) == 50
     # another tool of the same user is not throttled by create_article's limit
     assert d.authorize("content-api", "list_articles")[0] == 200
+    # the same wait as a Retry-After header (whole seconds, rounded up)
+    from harness import UnixHTTPConnection
+
+    conn = UnixHTTPConnection(d.socket)
+    try:
+        body = {"server": "content-api", "tool": "create_article", "agent_id": "content-writer",
+                "arguments": {}, "user_token": d.user_token("content-api")}
+        conn.request("POST", "/v1/authorize", body=json.dumps(body).encode(),
+                     headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 429 and 1 <= int(resp.headers["retry-after"]) <= 60
+    finally:
+        conn.close()
 
 
 def test_limits_survive_a_restart(make_daemon: Any) -> None:
@@ -103,7 +118,8 @@ def test_department_monthly_quota_thresholds_and_exhaustion(make_daemon: Any) ->
     for _ in range(3):
         assert d.authorize("content-api", "list_articles")[0] == 200
     status, body = d.authorize("content-api", "list_articles")
-    assert status == 429 and body["error"]["code"] == "monthly_quota_exhausted", body
+    assert status == 429 and body["error"]["code"] == "rate_limited", body
+    assert body["error"]["details"]["reason"] == "monthly_quota_exhausted"
     marks = [e["threshold_percent"] for e in d.events_of("quota.threshold")]
     assert marks == [80, 90, 100]
 
@@ -129,7 +145,8 @@ def test_department_from_a_token_claim(make_daemon: Any) -> None:
     for _ in range(2):
         assert d.authorize("content-api", "list_articles", user_token=token)[0] == 200
     status, body = d.authorize("content-api", "list_articles", user_token=token)
-    assert status == 429 and body["error"]["code"] == "monthly_quota_exhausted", body
+    assert status == 429 and body["error"]["code"] == "rate_limited", body
+    assert body["error"]["details"]["reason"] == "monthly_quota_exhausted"
     # the claim wins over the map; without the claim the map applies (engineering: 50000)
     assert d.authorize("content-api", "list_articles")[0] == 200
 
@@ -147,7 +164,8 @@ def test_sixth_concurrent_session_refused_until_one_goes_idle(make_daemon: Any) 
     for i in range(5):
         assert d.authorize("content-api", "list_articles", session_id=f"s{i}")[0] == 200
     status, body = d.authorize("content-api", "list_articles", session_id="s5")
-    assert status == 429 and body["error"]["code"] == "too_many_sessions", body
+    assert status == 429 and body["error"]["code"] == "rate_limited", body
+    assert body["error"]["details"]["reason"] == "too_many_sessions"
     assert body["error"]["details"]["limit"] == "per_user.concurrent_sessions"
     # an active session keeps working; another user has sessions of their own
     assert d.authorize("content-api", "list_articles", session_id="s0")[0] == 200

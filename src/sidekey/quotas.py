@@ -285,9 +285,11 @@ def plan(
 class QuotaDenial:
     """A quota verdict that stops the call.
 
-    ``code`` is ``rate_limited``, ``too_many_sessions``, ``monthly_quota_exhausted``
-    (429) or ``overloaded`` (503). ``retry_after_s`` is set when a retry can succeed
-    at a known time (send it as ``Retry-After``: :attr:`retry_after_header`).
+    ``code`` is ``rate_limited`` (429; ``limit`` names the limit that fired and, for a
+    session or monthly limit, ``details["reason"]`` is ``too_many_sessions`` or
+    ``monthly_quota_exhausted``) or ``overloaded`` (503). ``retry_after_s`` is when a
+    retry can succeed (for sessions: at the latest, when the least recently used one
+    has gone idle); send it as ``Retry-After``: :attr:`retry_after_header`.
     ``details`` is ready for the error body's ``details`` (no secrets, no keys).
     """
 
@@ -333,7 +335,7 @@ def check_denial(check: Check, answer: StoreAnswer, *, now: datetime.datetime) -
         retry = max(0.0, (check.expires_at - as_utc(now)).total_seconds())
         resets = check.expires_at.isoformat().replace("+00:00", "Z")
         return QuotaDenial(
-            code="monthly_quota_exhausted",
+            code="rate_limited",
             status=STATUS_TOO_MANY,
             limit=check.name,
             retry_after_s=retry,
@@ -342,6 +344,7 @@ def check_denial(check: Check, answer: StoreAnswer, *, now: datetime.datetime) -
             ),
             details={
                 "limit": check.name,
+                "reason": "monthly_quota_exhausted",
                 "label": check.label,
                 "max": check.limit,
                 "department": check.department,
@@ -357,15 +360,18 @@ def check_denial(check: Check, answer: StoreAnswer, *, now: datetime.datetime) -
         return None
     if isinstance(check, SessionCheck):
         return QuotaDenial(
-            code="too_many_sessions",
+            code="rate_limited",
             status=STATUS_TOO_MANY,
             limit=check.name,
+            # At the latest: the least recently used session is idle by then.
+            retry_after_s=check.idle_s,
             message=(
                 f"{check.label} reached: {int(number)} sessions active; end one, or "
                 f"wait until one has been idle for {_fmt_s(check.idle_s)}"
             ),
             details={
                 "limit": check.name,
+                "reason": "too_many_sessions",
                 "label": check.label,
                 "max": check.max_sessions,
                 "active_sessions": int(number),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 import stat
@@ -84,7 +85,12 @@ def new_request_id() -> str:
 
 
 def error_response(exc: SidekeyError, request_id: str) -> Response:
-    return Response(status=exc.status, body=protocol.error_body(exc, request_id))
+    headers: list[tuple[bytes, bytes]] = []
+    retry = exc.details.get("retry_after_s")
+    if exc.status in (429, 503) and isinstance(retry, int | float) and math.isfinite(retry):
+        # Whole seconds, rounded up, at least 1 (RFC 9110 delay-seconds).
+        headers.append((b"retry-after", str(max(1, math.ceil(retry))).encode()))
+    return Response(status=exc.status, body=protocol.error_body(exc, request_id), headers=headers)
 
 
 # --------------------------------------------------------------------------- socket setup
