@@ -13,9 +13,11 @@ port, no persistence), and for 10 and 10,000 distinct users:
 2. pre-populates the store with one check set per user (not timed), so every user's
    rows/keys exist (SQLite: checkpointing the WAL as the daemon's maintenance would;
    no purge, so the stale GCRA rows stay too), then makes 200 untimed warm-up sets;
-3. times ``--calls`` check sets, each for a user drawn at random (seeded), run in plan
-   order against the store exactly as the daemon does (``plan()`` included in the
-   time), on a fresh store per (store, users).
+3. times ``--calls`` check sets, each for a user drawn at random (seeded), on a fresh
+   store per (store, mode, users), ``plan()`` included in the time. Mode ``batch`` is
+   what the daemon does: the whole set in one ``quota_apply`` (one SQLite transaction,
+   one Redis Lua script); ``per-check`` calls the five primitives one by one, for
+   comparison.
 
 Redis drops a GCRA key once its bucket is full again (``PX`` until the theoretical
 arrival time); under the raised limits that is microseconds after each call, so its
@@ -49,7 +51,7 @@ import yaml
 
 from sidekey import quotas
 from sidekey.config import Limits
-from sidekey.store import StateStore, open_store
+from sidekey.store import CounterOp, QuotaOp, RateOp, SessionOp, StateStore, open_store
 from sidekey.store.redis import RedisStore
 from sidekey.store.sqlite import DB_NAME, SqliteStore
 
@@ -79,11 +81,28 @@ def bench_limits() -> tuple[Limits, list[str]]:
     return limits, sorted(limits.per_department)
 
 
-async def check_set(store: StateStore, limits: Limits, user: str, department: str) -> int:
-    """One call's quota checks, as ``Sidekey._apply_quotas`` runs them; returns how many ran."""
+async def check_set(store: StateStore, limits: Limits, user: str, department: str,
+                    batch: bool = True) -> int:
+    """One call's quota checks; returns how many ran. ``batch``: one ``quota_apply`` as
+    ``Sidekey._apply_quotas`` does (one transaction / one Lua script); else one store
+    primitive per check (one round trip each), for comparison."""
     now = time.time()
     plan = quotas.plan(limits, user=user, tool=TOOL, department=department, session_id=SESSION,
                        now=datetime.datetime.fromtimestamp(now, datetime.UTC))
+    if batch:
+        ops: list[QuotaOp] = []
+        for check in plan.checks:
+            if isinstance(check, quotas.SessionCheck):
+                ops.append(SessionOp(check.user, check.session_id, check.idle_s, check.max_sessions))
+            elif isinstance(check, quotas.RateCheck):
+                ops.append(RateOp(check.key, check.limit, check.period_s))
+            else:
+                ops.append(CounterOp(check.key, check.expires_at_s, stop_above=check.limit))
+        answers = await store.quota_apply(ops, now=plan.now_s)
+        for check, got in zip(plan.checks, answers, strict=True):
+            if quotas.check_denial(check, got, now=plan.now) is not None:
+                raise SystemExit(f"unexpected denial for {user}")
+        return len(answers)
     ran = 0
     for check in plan.checks:
         answer: quotas.StoreAnswer
@@ -104,14 +123,14 @@ async def check_set(store: StateStore, limits: Limits, user: str, department: st
 
 
 async def run_one(store: StateStore, limits: Limits, departments: list[str], users: int,
-                  calls: int, seed: int) -> dict[str, Any]:
+                  calls: int, seed: int, batch: bool) -> dict[str, Any]:
     names = [f"user-{i:05d}" for i in range(users)]
     dept = [departments[i % len(departments)] for i in range(users)]
     sqlite = store if isinstance(store, SqliteStore) else None
     t0 = time.perf_counter()
     checks_per_set = 0
     for i, name in enumerate(names):  # pre-populate: every user's rows exist
-        checks_per_set = await check_set(store, limits, name, dept[i])
+        checks_per_set = await check_set(store, limits, name, dept[i], batch)
         if sqlite is not None and i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
             await sqlite.checkpoint()
     if sqlite is not None:
@@ -120,17 +139,18 @@ async def run_one(store: StateStore, limits: Limits, departments: list[str], use
     rng = random.Random(seed)
     for _ in range(WARMUP_SETS):
         i = rng.randrange(users)
-        await check_set(store, limits, names[i], dept[i])
+        await check_set(store, limits, names[i], dept[i], batch)
     order = [rng.randrange(users) for _ in range(calls)]
     lat: list[float] = []
     t_start = time.perf_counter()
     for i in order:
         t = time.perf_counter()
-        await check_set(store, limits, names[i], dept[i])
+        await check_set(store, limits, names[i], dept[i], batch)
         lat.append(time.perf_counter() - t)
     wall = time.perf_counter() - t_start
     lat.sort()
     return {
+        "mode": "batch" if batch else "per-check",
         "users": users,
         "calls": calls,
         "checks_per_set": checks_per_set,
@@ -162,7 +182,7 @@ def redis_keys(url: str) -> dict[str, int]:
 
 def show(store: str, r: dict[str, Any]) -> None:
     rows = ", ".join(f"{k}={v}" for k, v in r["rows"].items())
-    print(f"{store:<7} users={r['users']:<6} sets={r['calls']:<5} "
+    print(f"{store:<7} {r['mode']:<9} users={r['users']:<6} sets={r['calls']:<5} "
           f"p50={r['p50_us']:>7.1f} us  p99={r['p99_us']:>7.1f} us  "
           f"sets/s={r['sets_per_s']:<6} checks/s={r['checks_per_s']:<6} "
           f"rows/keys after: {r['rows_total']} ({rows})  [populate {r['populate_s']} s]",
@@ -185,13 +205,15 @@ def main() -> int:
     try:
         print(f"check set: {TOOL}, {len(departments)} departments, "
               f"{args.calls} timed sets per run", flush=True)
-        for users in USER_COUNTS:
-            state_dir = root / f"sqlite-{users}"
+        for batch, users in [(b, u) for b in (True, False) for u in USER_COUNTS]:
+            state_dir = root / f"sqlite-{users}-{batch}"
 
-            async def on_sqlite(users: int = users, state_dir: Path = state_dir) -> dict[str, Any]:
+            async def on_sqlite(users: int = users, state_dir: Path = state_dir,
+                                batch: bool = batch) -> dict[str, Any]:
                 store = open_store(state_dir)
                 try:
-                    return await run_one(store, limits, departments, users, args.calls, args.seed)
+                    return await run_one(store, limits, departments, users, args.calls, args.seed,
+                                         batch)
                 finally:
                     await store.aclose()
 
@@ -206,15 +228,16 @@ def main() -> int:
 
         server = RedisServer(root / "redis").start()
         url: str = server.url
-        for users in USER_COUNTS:
+        for batch, users in [(b, u) for b in (True, False) for u in USER_COUNTS]:
             with redis.Redis.from_url(url) as admin:
                 admin.flushall()
 
-            async def on_redis(users: int = users) -> dict[str, Any]:
+            async def on_redis(users: int = users, batch: bool = batch) -> dict[str, Any]:
                 store = RedisStore.open(url)
                 try:
                     await store.ping()
-                    return await run_one(store, limits, departments, users, args.calls, args.seed)
+                    return await run_one(store, limits, departments, users, args.calls, args.seed,
+                                         batch)
                 finally:
                     await store.aclose()
 
