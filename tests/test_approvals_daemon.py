@@ -407,3 +407,64 @@ def test_two_hosts_sharing_redis_share_approvals(make_daemon: Any, tmp_path: Pat
 
 
 SWEEP_GRACE_S = 6.0  # > the sweeper's 5 s period
+
+
+def _as_uid(d: Daemon, uid: int, fn: Any) -> Any:
+    """Run fn(d) in a forked child that dropped to ``uid``; return its JSON result."""
+    import os
+
+    d.user_token("content-api")  # minted (and cached) while the issuer key is readable
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(w, json.dumps(fn(d)).encode())
+        except BaseException as exc:
+            os.write(w, json.dumps({"child_error": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def test_the_requesting_uid_cannot_approve_its_own_call(make_daemon: Any) -> None:
+    """Four eyes: content-api runs as nobody, and nobody is (wrongly) also an approver.
+    It may list and deny its held call but not approve it; another approver uid may."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    other = pwd.getpwnam("daemon").pw_uid
+    d: Daemon = make_daemon({
+        "peers": {"content-api": [{"uid": nobody}]},
+        "rbac": {"approver": {"uids": [nobody, other]}},
+    })
+    hold_every_call(d)
+    d.start()
+
+    def request_and_self_approve(dd: Daemon) -> Any:
+        status, body = dd.authorize("content-api", "publish_article", arguments=ARGS)
+        assert status == 202, body
+        approve = dd.request("POST", f"/v1/approvals/{body['approval_id']}/approve", {})
+        listed = dd.request("GET", "/v1/approvals")
+        return {"id": body["approval_id"], "approve": approve, "listed": listed[0]}
+
+    got = _as_uid(d, nobody, request_and_self_approve)
+    assert "child_error" not in got, got
+    status, body = got["approve"]
+    assert status == 403 and body["error"]["code"] == "approval_self_approval", body
+    assert got["listed"] == 200
+    approved = _as_uid(d, other, lambda dd: list(
+        dd.request("POST", f"/v1/approvals/{got['id']}/approve", {"reason": "checked"})))
+    assert approved[0] == 200, approved
+    assert "uid 1" in approved[1]["approval"]["decided_by"]
+    [event] = d.events_of("approval.approved")
+    assert event["peer"]["uid"] == other

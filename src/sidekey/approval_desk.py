@@ -30,7 +30,7 @@ from .approvals import Approval, ApprovalConflict, ApprovalError
 from .audit import AuditLog
 from .audit.events import redact
 from .config import Config
-from .protocol import NotFound, SidekeyError
+from .protocol import Denied, NotFound, SidekeyError
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class ApprovalDesk:
             args_digest=call.args_digest, now=_dt(now), held_for=why,
             ttl_s=cfg.approvals.ttl_seconds, arguments=self._shown(call.arguments, cfg),
             requested_by=approver_name(call.peer, None),
+            requested_uid=call.peer.get("uid"),
         )
         await self.store.put_approval(held)
         await self.audit.emit(self._event(
@@ -203,11 +204,22 @@ class ApprovalDesk:
 
     async def decide(
         self, approval_id: str, *, verdict: str, reason: str | None, peer: dict[str, Any],
-        peer_user: str | None, request_id: str,
+        peer_user: str | None, request_id: str, owner: bool = False,
     ) -> Approval:
         """Approve or deny a pending approval (``verdict`` is ``approve`` or ``deny``).
-        Raises ApprovalUnknown, ApprovalConflict (approval_<state>)."""
+
+        Four eyes: a process running as the uid that requested the call may deny it but
+        not approve it (the daemon's own uid, the owner, excepted: it could change the
+        policy anyway). Raises ApprovalUnknown, ApprovalConflict (approval_<state>),
+        Denied (approval_self_approval)."""
         stored = await self._get(approval_id)
+        if (verdict == "approve" and not owner and stored.requested_uid is not None
+                and peer.get("uid") == stored.requested_uid):
+            raise Denied(
+                f"approval {approval_id} was requested by a process of uid "
+                f"{stored.requested_uid}; another uid must approve it",
+                code="approval_self_approval",
+            )
         now = self._clock()
         if approvals.is_due(stored, _dt(now)):
             await self._expire(stored, now)

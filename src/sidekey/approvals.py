@@ -129,6 +129,7 @@ class Approval(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # redacted (as in audit); None if they were too large to keep.
     arguments: dict[str, Any] | None = None
     requested_by: str | None = None  # the MCP server process that asked (for approvers)
+    requested_uid: int | None = None  # its uid: that uid cannot approve the call itself
 
 
 _encoder = msgspec.json.Encoder()
@@ -163,6 +164,7 @@ def new_approval(
     approval_id: str | None = None,
     arguments: dict[str, Any] | None = None,
     requested_by: str | None = None,
+    requested_uid: int | None = None,
 ) -> Approval:
     """A pending approval for this exact call, expiring ``ttl_s`` after ``now``."""
     if ttl_s <= 0:
@@ -180,6 +182,7 @@ def new_approval(
         held_for=held_for,
         arguments=arguments,
         requested_by=requested_by,
+        requested_uid=requested_uid,
     )
 
 

@@ -869,9 +869,10 @@ class Sidekey:
                                "timed_out": pending, "request_id": req.request_id})
         body: protocol.ApprovalDecisionRequest = protocol.decode_body(
             req.body or b"{}", protocol.ApprovalDecisionRequest)
+        _, tier = self._peer_facts(req)
         decided = await self.approvals.decide(
             approval_id, verdict=verb, reason=body.reason, peer=ident.audit(),
-            peer_user=ident.user, request_id=req.request_id,
+            peer_user=ident.user, request_id=req.request_id, owner=tier == "owner",
         )
         return _json(200, {"approval": approval_wire(decided, self.clock()),
                            "request_id": req.request_id})
