@@ -31,6 +31,7 @@ from .audit import AuditLog
 from .audit.events import redact
 from .config import Config
 from .protocol import Denied, NotFound, SidekeyError
+from .store import CounterOp
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,25 @@ class ApprovalDesk:
 
     # ------------------------------------------------------------------ authorize
 
-    async def check(self, call: HeldCall, *, approval_id: str | None, now: float) -> tuple[str | None, Approval | None]:
+    def window_op(self, user: str, tool: str, now: float) -> CounterOp | None:
+        """The store op counting this call in the user's ``requires_approval_above``
+        window, for the daemon to run with the call's quota checks (one round trip), or
+        None when the tool has no such rule."""
+        cfg = self._config()
+        if not approvals.counts_calls(cfg.limits, tool):
+            return None
+        key, end = approvals.window_counter(user, tool, now=_dt(now),
+                                            window_s=cfg.approvals.window_seconds)
+        return CounterOp(key, end.timestamp())
+
+    async def check(
+        self, call: HeldCall, *, approval_id: str | None, now: float,
+        calls_in_window: int | None = None,
+    ) -> tuple[str | None, Approval | None]:
         """The approval step of authorize, after the policy chain and quotas.
+
+        ``calls_in_window``: the result of :meth:`window_op` if the daemon ran it with
+        the quota checks; else it is counted here.
 
         Returns ``(rule, held)``: the rule matched (None when the tool has no approval
         rule) and, if the call is held, its new pending approval (already stored and
@@ -122,10 +140,10 @@ class ApprovalDesk:
             return await self._redeem(call, approval_id, now), None
         limits = cfg.limits
         window_s = cfg.approvals.window_seconds
-        count = 0
-        if approvals.counts_calls(limits, call.tool):
-            key, end = approvals.window_counter(call.user, call.tool, now=_dt(now), window_s=window_s)
-            count = await self.store.counter_incr(key, expires_at=end.timestamp())
+        count = 0 if calls_in_window is None else calls_in_window
+        op = self.window_op(call.user, call.tool, now) if calls_in_window is None else None
+        if op is not None:
+            count = await self.store.counter_incr(op.key, expires_at=op.expires_at)
         why = approvals.needs_approval(limits, call.tool, calls_in_window=count, window_s=window_s)
         tool_limits = limits.per_tool.get(call.tool)
         if why is None:

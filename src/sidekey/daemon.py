@@ -354,7 +354,7 @@ class Sidekey:
     async def _apply_quotas(
         self, decision: Decision, body: AuthorizeRequest, now: float,
         user_token: AccessToken | None = None,
-    ) -> Decision:
+    ) -> tuple[Decision, int | None]:
         """The quota step after the policy chain (``limits:``): sessions, per user per
         tool, per user, counted in the state store (shared across hosts with Redis).
         Fails closed: a store failure is 503 state_unavailable."""
@@ -370,7 +370,7 @@ class Sidekey:
             return dataclasses.replace(
                 decision, outcome="deny", code=shed.code, message=shed.message, status=shed.status,
                 details={**shed.details, "retry_after_s": shed.retry_after_s},
-            )
+            ), None
         plan = quotas.plan(
             self.cfg.limits, user=decision.user_id, tool=body.tool, department=department,
             session_id=body.session_id,
@@ -378,7 +378,12 @@ class Sidekey:
             session_idle_s=self.cfg.policy.session_idle_seconds,
         )
         rules = list(decision.rules_matched)
-        answers = await self._quota_answers(plan)
+        # The approval rule's window counter rides in the same round trip, last: it
+        # counts only a call that passed every quota (as it would one step later).
+        window = (self.approvals.window_op(decision.user_id, body.tool, now)
+                  if body.approval_id is None else None)
+        answers = await self._quota_answers(plan, window)
+        calls_in_window = answers[-1] if window is not None and len(answers) > len(plan.checks) else None
         results: list[Any] = []
         for check, answer in zip(plan.checks, answers, strict=False):
             if isinstance(check, quotas.MonthlyCheck):
@@ -395,14 +400,15 @@ class Sidekey:
                     details={**denial.details, "limit": denial.limit,
                              **({"retry_after_s": denial.retry_after_s}
                                 if denial.retry_after_s is not None else {})},
-                )
+                ), None
             rules.append(check.rule)
-        return dataclasses.replace(decision, rules_matched=tuple(rules))
+        return dataclasses.replace(decision, rules_matched=tuple(rules)), calls_in_window
 
-    async def _quota_answers(self, plan: quotas.QuotaPlan) -> list[Any]:
-        """The plan's checks in one store round trip (stopping at the first refusal).
-        With ``state.on_store_failure: local`` and the store down, check by check: rate
-        limits on this host's memory, the rest fail closed."""
+    async def _quota_answers(self, plan: quotas.QuotaPlan, extra: CounterOp | None = None) -> list[Any]:
+        """The plan's checks (and ``extra``, last) in one store round trip, stopping at
+        the first refusal. With ``state.on_store_failure: local`` and the store down,
+        check by check: rate limits on this host's memory, the rest fail closed
+        (``extra`` is then left to its owner)."""
         ops: list[QuotaOp] = []
         for check in plan.checks:
             if isinstance(check, quotas.SessionCheck):
@@ -411,6 +417,8 @@ class Sidekey:
                 ops.append(RateOp(check.key, check.limit, check.period_s))
             else:
                 ops.append(CounterOp(check.key, check.expires_at_s, stop_above=check.limit))
+        if extra is not None:
+            ops.append(extra)
         try:
             return list(await self.store.quota_apply(ops, now=plan.now_s))
         except StateUnavailable:
@@ -455,7 +463,7 @@ class Sidekey:
 
     async def _apply_approvals(
         self, decision: Decision, body: AuthorizeRequest, args_digest: str, now: float,
-        req: Request,
+        req: Request, calls_in_window: int | None = None,
     ) -> tuple[Decision, Approval | None]:
         """The approval step, last in the chain: hold the call (202 pending_approval,
         audited as approval.requested) or redeem the approval it presents."""
@@ -466,7 +474,8 @@ class Sidekey:
             policy=decision.policy_record(),
         )
         try:
-            rule, held = await self.approvals.check(call, approval_id=body.approval_id, now=now)
+            rule, held = await self.approvals.check(call, approval_id=body.approval_id, now=now,
+                                                    calls_in_window=calls_in_window)
         except StateUnavailable:
             raise
         except SidekeyError as exc:
@@ -527,11 +536,13 @@ class Sidekey:
                 require_version=self.cfg.policy.require_server_version,
             ),
         )
+        calls_in_window: int | None = None
         if decision.allowed:
-            decision = await self._apply_quotas(decision, body, now, user_token)
+            decision, calls_in_window = await self._apply_quotas(decision, body, now, user_token)
         held: Approval | None = None
         if decision.allowed:
-            decision, held = await self._apply_approvals(decision, body, args_digest, now, req)
+            decision, held = await self._apply_approvals(
+                decision, body, args_digest, now, req, calls_in_window)
         if held is not None:
             return self._held_response(decision, held, req)
         auth: dict[str, Any] = {
