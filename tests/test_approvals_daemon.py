@@ -86,6 +86,7 @@ def test_held_call_approved_with_the_cli_runs_once_and_only_with_its_arguments(
     assert (shown["server"], shown["tool"], shown["user"], shown["agent"]) == (
         "content-api", "publish_article", "alice", "content-writer")
     assert shown["arguments"] == ARGS
+    assert shown["requested_by"].startswith("root (uid 0, pid ")
     out = cli(d, "approvals", "list")
     assert approval_id in out.stdout and '"article_id": 7' in out.stdout
     out = cli(d, "approvals", "approve", approval_id, "--reason", "scheduled launch")

@@ -64,6 +64,7 @@ class HeldCall(msgspec.Struct, frozen=True, kw_only=True):
     peer: dict[str, Any]
     request_id: str
     policy: dict[str, Any]
+    peer_user: str | None = None
 
 
 def _dt(ts: float) -> datetime.datetime:
@@ -71,9 +72,10 @@ def _dt(ts: float) -> datetime.datetime:
 
 
 def approver_name(peer: Mapping[str, Any], user: str | None) -> str:
-    """How an approver is named in the approval and in audit: the local user, uid and
-    pid the kernel reported for the approving process (never a claim it made)."""
-    who = user if user else f"uid {peer.get('uid')}"
+    """How an approver (or a requesting MCP server) is named in the approval and in
+    audit: the local user (else its systemd unit), uid and pid the kernel reported for
+    the process (never a claim it made)."""
+    who = user or peer.get("unit") or f"uid {peer.get('uid')}"
     return f"{who} (uid {peer.get('uid')}, pid {peer.get('pid')})"
 
 
@@ -155,7 +157,7 @@ class ApprovalDesk:
             server=call.server, tool=call.tool, user=call.user, agent=call.agent,
             args_digest=call.args_digest, now=_dt(now), held_for=why,
             ttl_s=cfg.approvals.ttl_seconds, arguments=self._shown(call.arguments, cfg),
-            requested_by=approver_name(call.peer, None),
+            requested_by=approver_name(call.peer, call.peer_user),
             requested_uid=call.peer.get("uid"),
         )
         await self.store.put_approval(held)

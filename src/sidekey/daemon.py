@@ -471,7 +471,7 @@ class Sidekey:
             server=body.server, tool=body.tool, user=decision.user_id, agent=body.agent_id,
             session_id=body.session_id, args_digest=args_digest, arguments=body.arguments,
             peer=req.peer.identity.audit(), request_id=req.request_id,
-            policy=decision.policy_record(),
+            policy=decision.policy_record(), peer_user=req.peer.identity.user,
         )
         try:
             rule, held = await self.approvals.check(call, approval_id=body.approval_id, now=now,
