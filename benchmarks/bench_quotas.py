@@ -51,7 +51,7 @@ import yaml
 
 from sidekey import quotas
 from sidekey.config import Limits
-from sidekey.store import CounterOp, QuotaOp, RateOp, SessionOp, StateStore, open_store
+from sidekey.store import StateStore, open_store
 from sidekey.store.redis import RedisStore
 from sidekey.store.sqlite import DB_NAME, SqliteStore
 
@@ -90,15 +90,7 @@ async def check_set(store: StateStore, limits: Limits, user: str, department: st
     plan = quotas.plan(limits, user=user, tool=TOOL, department=department, session_id=SESSION,
                        now=datetime.datetime.fromtimestamp(now, datetime.UTC))
     if batch:
-        ops: list[QuotaOp] = []
-        for check in plan.checks:
-            if isinstance(check, quotas.SessionCheck):
-                ops.append(SessionOp(check.user, check.session_id, check.idle_s, check.max_sessions))
-            elif isinstance(check, quotas.RateCheck):
-                ops.append(RateOp(check.key, check.limit, check.period_s))
-            else:
-                ops.append(CounterOp(check.key, check.expires_at_s, stop_above=check.limit))
-        answers = await store.quota_apply(ops, now=plan.now_s)
+        answers = await store.quota_apply(quotas.store_ops(plan), now=plan.now_s)
         for check, got in zip(plan.checks, answers, strict=True):
             if quotas.check_denial(check, got, now=plan.now) is not None:
                 raise SystemExit(f"unexpected denial for {user}")

@@ -261,3 +261,31 @@ class Daemon:
             if p.is_file() and p.suffix not in (".enc", ".key") and p.name != "token-keys.json":
                 out.append(p.read_bytes())
         return b"\n".join(out)
+
+
+def run_as(d: Daemon, uid: int, gid: int, fn: Any) -> Any:
+    """Run fn(d) in a forked child that has dropped to ``uid``/``gid`` (no supplementary
+    groups); return its JSON result (``{"child_error": ...}`` if it raised). The default
+    user tokens are minted first, while the issuer key is still readable."""
+    for server in ("content-api", "analytics-db"):
+        d.user_token(server)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.write(w, json.dumps(fn(d)).encode())
+        except BaseException as exc:
+            os.write(w, json.dumps({"child_error": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)

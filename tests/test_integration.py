@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harness import Daemon, UnixHTTPConnection
+from harness import Daemon, UnixHTTPConnection, run_as
 
 pytestmark = pytest.mark.integration
 
@@ -56,29 +56,8 @@ def test_lease_carries_only_that_tools_secrets(daemon: Daemon) -> None:
 def _as_nobody(d: Daemon, fn: Any) -> dict[str, Any]:
     """Run fn(d) in a forked child that has dropped to uid nobody; return its JSON result."""
     nobody = pwd.getpwnam("nobody")
-    for server in ("content-api", "analytics-db"):
-        d.user_token(server)  # minted (and cached) while we can still read the issuer key
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            result = fn(d)
-            os.write(w, json.dumps(result).encode())
-        except BaseException as exc:
-            os.write(w, json.dumps({"child_error": repr(exc)}).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data)  # type: ignore[no-any-return]
+    result: dict[str, Any] = run_as(d, nobody.pw_uid, nobody.pw_gid, fn)
+    return result
 
 
 def test_other_uid_is_refused_and_audited(daemon: Daemon) -> None:

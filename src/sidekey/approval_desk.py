@@ -31,7 +31,7 @@ from .audit import AuditLog
 from .audit.events import redact
 from .config import Config
 from .protocol import Denied, NotFound, SidekeyError
-from .store import CounterOp
+from .store import CounterOp, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ApprovalDesk:
     def __init__(
         self,
         *,
-        store: Any,
+        store: StateStore,
         audit: AuditLog,
         event: EventBuilder,
         config: Callable[[], Config],
@@ -374,12 +374,14 @@ class ApprovalDesk:
                 if cfg.webhook_url is None:
                     continue
                 try:
+                    # Only the status matters: the answer's body is never read (no cap needed).
                     with trio.fail_after(cfg.webhook_timeout_s):
-                        resp = await http.post(cfg.webhook_url, json=notice,
-                                               timeout=cfg.webhook_timeout_s)
-                    if resp.status_code >= 300:
+                        async with http.stream("POST", cfg.webhook_url, json=notice,
+                                               timeout=cfg.webhook_timeout_s) as resp:
+                            status = resp.status_code
+                    if status >= 300:
                         log.warning("approvals webhook answered HTTP %d for %s",
-                                    resp.status_code, notice["approval_id"])
+                                    status, notice["approval_id"])
                 except (httpx.HTTPError, trio.TooSlowError) as exc:
                     log.warning("approvals webhook failed for %s: %s",
                                 notice["approval_id"], type(exc).__name__)

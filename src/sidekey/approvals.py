@@ -338,6 +338,14 @@ def needs_approval(
     return None
 
 
+def has_rule(limits: Limits, tool: str) -> bool:
+    """Whether ``tool`` has any approval rule (else the approval step has nothing to do)."""
+    tool_limits = limits.per_tool.get(tool)
+    return tool_limits is not None and (
+        tool_limits.requires_human_approval or tool_limits.requires_approval_above is not None
+    )
+
+
 def counts_calls(limits: Limits, tool: str) -> bool:
     """Whether the daemon needs a window count for ``tool`` (only for
     ``requires_approval_above`` without ``requires_human_approval``)."""

@@ -66,9 +66,6 @@ from .store import (
     MAX_APPROVALS_LISTED,
     CounterOp,
     LeaseRecord,
-    QuotaOp,
-    RateOp,
-    SessionOp,
     StateStore,
     StateUnavailable,
     gcra,
@@ -409,14 +406,7 @@ class Sidekey:
         the first refusal. With ``state.on_store_failure: local`` and the store down,
         check by check: rate limits on this host's memory, the rest fail closed
         (``extra`` is then left to its owner)."""
-        ops: list[QuotaOp] = []
-        for check in plan.checks:
-            if isinstance(check, quotas.SessionCheck):
-                ops.append(SessionOp(check.user, check.session_id, check.idle_s, check.max_sessions))
-            elif isinstance(check, quotas.RateCheck):
-                ops.append(RateOp(check.key, check.limit, check.period_s))
-            else:
-                ops.append(CounterOp(check.key, check.expires_at_s, stop_above=check.limit))
+        ops = quotas.store_ops(plan)
         if extra is not None:
             ops.append(extra)
         try:
@@ -467,6 +457,8 @@ class Sidekey:
     ) -> tuple[Decision, Approval | None]:
         """The approval step, last in the chain: hold the call (202 pending_approval,
         audited as approval.requested) or redeem the approval it presents."""
+        if body.approval_id is None and not approvals.has_rule(self.cfg.limits, body.tool):
+            return decision, None  # most calls: nothing to hold, nothing to redeem
         call = HeldCall(
             server=body.server, tool=body.tool, user=decision.user_id, agent=body.agent_id,
             session_id=body.session_id, args_digest=args_digest, arguments=body.arguments,
@@ -476,8 +468,8 @@ class Sidekey:
         try:
             rule, held = await self.approvals.check(call, approval_id=body.approval_id, now=now,
                                                     calls_in_window=calls_in_window)
-        except StateUnavailable:
-            raise
+        except protocol.Unavailable:
+            raise  # store or audit down: 503, not a verdict on the call
         except SidekeyError as exc:
             return dataclasses.replace(
                 decision, outcome="deny", code=exc.code, message=exc.message, status=exc.status,
@@ -989,7 +981,7 @@ class Sidekey:
             for payload in payloads:
                 try:
                     ref = msgspec.json.decode(payload, type=SecretRef)
-                except msgspec.ValidationError:
+                except msgspec.DecodeError:  # not JSON, or not a SecretRef
                     log.warning("ignoring a malformed rotation notice")
                     continue
                 invalidate = getattr(self.backends.get(ref.backend), "invalidate", None)

@@ -45,6 +45,7 @@ from urllib.parse import quote
 from .config import Limits
 from .policy import CallFacts, Denial, Hook
 from .protocol import SidekeyError
+from .store import CounterOp, QuotaOp, RateOp, SessionOp
 
 UTC = datetime.UTC
 
@@ -320,6 +321,21 @@ class QuotaDenial:
 
 def _fmt_s(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".") + " s"
+
+
+def store_ops(plan: QuotaPlan) -> list[QuotaOp]:
+    """The plan's checks as state-store ops, in order, for one
+    :meth:`~sidekey.store.StateStore.quota_apply` (a monthly counter stops the batch
+    once it is over its limit)."""
+    ops: list[QuotaOp] = []
+    for check in plan.checks:
+        if isinstance(check, SessionCheck):
+            ops.append(SessionOp(check.user, check.session_id, check.idle_s, check.max_sessions))
+        elif isinstance(check, RateCheck):
+            ops.append(RateOp(check.key, check.limit, check.period_s))
+        else:
+            ops.append(CounterOp(check.key, check.expires_at_s, stop_above=check.limit))
+    return ops
 
 
 def check_denial(check: Check, answer: StoreAnswer, *, now: datetime.datetime) -> QuotaDenial | None:
