@@ -19,8 +19,10 @@ concurrency while each caller still only returns once its event is on disk.
 
 Failure is closed: if the write or fsync fails, every waiter of that batch gets
 :class:`~sidekey.audit.AuditUnavailable` and the sink reports unhealthy; the file is
-reopened for the next batch (a torn last line is terminated first), so a transient
-problem (disk full, a removed directory) heals by itself. A full queue also fails
+truncated back to its size before the batch (so a disk-full episode leaves no torn
+line and no event whose caller was told it failed) and reopened for the next batch,
+so a transient problem (disk full, a removed directory) heals by itself. (A torn last
+line left by a crash or a failed truncation is terminated at the next open.) A full queue also fails
 immediately rather than letting memory grow.
 """
 
@@ -154,17 +156,40 @@ class JsonlSink:
             view = view[n:]
 
     def _commit(self, data: bytes) -> None:
-        """Append ``data`` and (if configured) fsync. Raises OSError; drops the fd on error."""
+        """Append ``data`` and (if configured) fsync. Raises OSError; drops the fd on error.
+
+        All or nothing: if the write (ENOSPC, EFBIG, EIO, a short write) or the fsync
+        fails, the file is truncated back to its size before this batch, so it never
+        keeps a torn line or events whose callers were told they failed.
+        """
         with self._lock:
             if self._fd is None:
                 self._fd = self._open()
+            fd = self._fd
+            # The daemon is the file's only writer (O_APPEND), so its size is where this
+            # batch starts.
+            start = os.fstat(fd).st_size
             try:
-                self._write_all(self._fd, data)
+                self._write_all(fd, data)
                 if self.fsync:
-                    os.fsync(self._fd)
+                    os.fsync(fd)
             except OSError:
+                self._roll_back_locked(fd, start)
                 self._close_fd_locked()
                 raise
+
+    def _roll_back_locked(self, fd: int, start: int) -> None:
+        """Cut a failed batch off the file (best effort: truncating needs no free space)."""
+        try:
+            os.ftruncate(fd, start)
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            # Left as it is: the next open terminates a torn last line, as after a crash.
+            log.error(
+                "audit file %s: cannot truncate a failed batch back to %d bytes: %s",
+                self.path, start, _describe_oserror(exc),
+            )
 
     def _close_fd_locked(self) -> None:
         fd, self._fd = self._fd, None
