@@ -228,18 +228,22 @@ class ApprovalDesk:
     ) -> Approval:
         """Approve or deny a pending approval (``verdict`` is ``approve`` or ``deny``).
 
-        Four eyes: a process running as the uid that requested the call may deny it but
-        not approve it (the daemon's own uid, the owner, excepted: it could change the
-        policy anyway). Raises ApprovalUnknown, ApprovalConflict (approval_<state>),
-        Denied (approval_self_approval)."""
+        Four eyes (:func:`sidekey.approvals.self_approval`): neither a process running as
+        the uid that requested the call (the owner excepted) nor an approver known as
+        the user the call is made for (its own user name, or
+        ``approvals.approver_identities``; no owner exception) may approve it; either
+        may deny it. Raises ApprovalUnknown, ApprovalConflict (approval_<state>),
+        Denied (approval_self_approval; the daemon audits it as request.rejected)."""
         stored = await self._get(approval_id)
-        if (verdict == "approve" and not owner and stored.requested_uid is not None
-                and peer.get("uid") == stored.requested_uid):
-            raise Denied(
-                f"approval {approval_id} was requested by a process of uid "
-                f"{stored.requested_uid}; another uid must approve it",
-                code="approval_self_approval",
+        if verdict == "approve":
+            uid = peer.get("uid")
+            why = approvals.self_approval(
+                stored, approver_uid=uid if isinstance(uid, int) else None,
+                approver_user=peer_user,
+                identities=self._config().approvals.approver_identities, owner=owner,
             )
+            if why is not None:
+                raise Denied(why, code="approval_self_approval")
         now = self._clock()
         if approvals.is_due(stored, _dt(now)):
             await self._expire(stored, now)

@@ -30,7 +30,8 @@ import datetime
 import hmac
 import re
 import secrets
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -309,6 +310,67 @@ def mismatched_fields(
 
 def _clip(reason: str | None) -> str | None:
     return None if reason is None else reason[:MAX_REASON_LEN]
+
+
+# --------------------------------------------------------------------------- four eyes
+
+
+def user_id_key(user_id: str) -> str:
+    """How user ids are compared for four eyes: NFKC, case-folded. Wider than the
+    token's exact subject on purpose: a near miss (``Alice@Example.com``) refuses an
+    approval another approver can give, never lets a person approve their own call."""
+    return unicodedata.normalize("NFKC", user_id).casefold()
+
+
+def approver_user_ids(
+    *, approver_uid: int | None, approver_user: str | None,
+    identities: Mapping[str, Sequence[str]],
+) -> frozenset[str]:
+    """Every user id (as :func:`user_id_key`) an approver process is known as.
+
+    Always its own unix user name, and the ids sidekey itself gives local callers
+    (``local:<name>``, ``uid:<N>``, see :func:`sidekey.policy.local_user`); plus the
+    ids ``approvals.approver_identities`` lists under its user name or ``uid:<N>``.
+    """
+    ids: set[str] = set()
+    keys: list[str] = []
+    if approver_user:
+        ids.update((approver_user, f"local:{approver_user}"))
+        keys.append(approver_user)
+    if approver_uid is not None:
+        ids.add(f"uid:{approver_uid}")
+        keys.append(f"uid:{approver_uid}")
+    for key in keys:
+        ids.update(identities.get(key, ()))
+    return frozenset(user_id_key(i) for i in ids)
+
+
+def self_approval(
+    approval: Approval, *, approver_uid: int | None, approver_user: str | None,
+    identities: Mapping[str, Sequence[str]], owner: bool,
+) -> str | None:
+    """Why this approver may not approve ``approval`` (four eyes), or None.
+
+    Two rules. The approver's uid must not be the uid of the process that requested
+    the call (the owner is excepted: it could rewrite the policy anyway, and the
+    daemon's own tools run as it). And the person the call is made for (its
+    ``user``) must not be among :func:`approver_user_ids`, with *no* owner exception:
+    an owner mapped to that person has to change the mapping first, which a reload
+    records in audit, instead of approving silently. Only approving is refused: a
+    denial by the requester or the subject cannot make a call run.
+    """
+    if (not owner and approval.requested_uid is not None
+            and approver_uid == approval.requested_uid):
+        return (f"approval {approval.id} was requested by a process of uid "
+                f"{approval.requested_uid}; another uid must approve it")
+    known_as = approver_user_ids(approver_uid=approver_uid, approver_user=approver_user,
+                                 identities=identities)
+    if user_id_key(approval.user) in known_as:
+        who = approver_user or f"uid:{approver_uid}"
+        return (f'approval {approval.id} is for user "{approval.user}", and the approver '
+                f"{who} (uid {approver_uid}) is known as that user; another person must "
+                "approve it")
+    return None
 
 
 # --------------------------------------------------------------------------- rules

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import typing
 from pathlib import Path
@@ -261,6 +262,13 @@ class PolicyOptions(_C, frozen=True, kw_only=True):
     session_idle_seconds: Annotated[float, Meta(ge=1, le=7 * 24 * 3600)] = 1800.0
 
 
+# approvals.approver_identities bounds: approvers, ids per approver, characters.
+MAX_APPROVER_IDENTITIES = 1000
+MAX_APPROVER_IDS = 64
+MAX_APPROVER_NAME_LEN = 64  # a user name (Linux caps them at 32) or "uid:N"
+MAX_USER_ID_LEN = 256
+
+
 class ApprovalsConfig(_C, frozen=True, kw_only=True):
     # A held call's approval expires this long after the request (pending or approved).
     ttl_seconds: Annotated[float, Meta(ge=1, le=24 * 3600)] = 900.0
@@ -275,6 +283,14 @@ class ApprovalsConfig(_C, frozen=True, kw_only=True):
     # Pending approvals one user may have at once (a flood of held calls is refused
     # with 429 rate_limited instead of burying the approvers).
     max_pending_per_user: Annotated[int, Meta(ge=1, le=10_000)] = 20
+    # Four eyes by person: an approver's local identity (unix user name, or "uid:N")
+    # -> the user ids (OAuth2 subjects, e-mails...) that person is known as. An approver
+    # may not approve a call made for one of them (403 approval_self_approval); its own
+    # user name counts without being listed. Checked in _cross_check.
+    approver_identities: Annotated[
+        dict[str, Annotated[list[str], Meta(max_length=MAX_APPROVER_IDS)]],
+        Meta(max_length=MAX_APPROVER_IDENTITIES),
+    ] = {}
 
 
 # --------------------------------------------------------------------------- seed policy shapes
@@ -626,6 +642,25 @@ def _webhook_problem(url: str) -> str | None:
     return "must use https (plain http only to 127.0.0.1, ::1 or localhost)"
 
 
+_APPROVER_NAME = re.compile(r"uid:[0-9]{1,10}|[A-Za-z0-9_][A-Za-z0-9_.@-]*\$?")
+
+
+def _approver_identity_problems(name: str, ids: list[str]) -> list[str]:
+    """What is wrong with one ``approvals.approver_identities`` entry (``: problem``,
+    or ``.<i>: problem`` for one of its user ids)."""
+    problems: list[str] = []
+    if not 0 < len(name) <= MAX_APPROVER_NAME_LEN or not _APPROVER_NAME.fullmatch(name):
+        problems.append(f": the key must be a unix user name or uid:<N> (at most "
+                        f"{MAX_APPROVER_NAME_LEN} characters)")
+    if not ids:
+        problems.append(": list at least one user id")
+    for i, user_id in enumerate(ids):
+        if not user_id.strip() or len(user_id) > MAX_USER_ID_LEN:
+            problems.append(f".{i}: a user id must be non-blank and at most "
+                            f"{MAX_USER_ID_LEN} characters")
+    return problems
+
+
 def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
     """Raise ConfigError for references that make a rule unenforceable; return warnings
     for references to things not declared on this host (the seed files name servers,
@@ -709,6 +744,9 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
         problem = _webhook_problem(cfg.approvals.webhook_url)
         if problem:
             errors.append(f"{main}: $.approvals.webhook_url: {problem}")
+    for name, ids in cfg.approvals.approver_identities.items():
+        at = f"{where('approvals')}: $.approvals.approver_identities.{name[:MAX_APPROVER_NAME_LEN]}"
+        errors.extend(at + problem for problem in _approver_identity_problems(name, ids))
     for server, selectors in cfg.peers.items():
         if server not in cfg.servers:
             errors.append(f"{where('peers')}: $.peers.{server}: server is not declared under servers:")
