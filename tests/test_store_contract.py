@@ -27,6 +27,7 @@ from redis_server import RedisServer
 from sidekey import approvals
 from sidekey.store import (
     APPROVAL_RETENTION_S,
+    BackendIntent,
     CounterOp,
     LeaseRecord,
     RateOp,
@@ -211,6 +212,100 @@ async def test_backend_lease_journal(store: StateStore) -> None:
         assert await store.open_backend_leases("lse_1") == []
         assert [r[1] for r in await store.open_backend_leases()] == ["database/creds/ro/def"]
         assert await store.open_backend_leases() == [("vault", "database/creds/ro/def", None)]
+
+
+async def test_backend_intents(store: StateStore) -> None:
+    """Issue 9 item 9: an intent is journaled before the backend is asked; journaling the
+    credential with its intent id resolves the intent in the same step."""
+    with trio.fail_after(IO_LIMIT_S):
+        prefix = "database/creds/ro/"
+        await store.journal_backend_intent("vault", "int_1", prefix, at=10.0, deadline=12.5)
+        await store.journal_backend_intent("vault", "int_2", prefix, at=11.0, deadline=13.5)
+        await store.journal_backend_intent("other", "int_1", "db/creds/x/", at=12.0, deadline=14.0)
+        # journaling twice changes nothing
+        await store.journal_backend_intent("vault", "int_1", prefix, at=99.0, deadline=99.0)
+        assert await store.open_backend_intents() == [
+            BackendIntent("vault", "int_1", prefix, 10.0, 12.5),
+            BackendIntent("vault", "int_2", prefix, 11.0, 13.5),
+            BackendIntent("other", "int_1", "db/creds/x/", 12.0, 14.0),
+        ]
+        await store.journal_backend_lease("vault", prefix + "abc", expires_at=100.0, at=11.5,
+                                          intent_id="int_1")
+        assert [(i.backend, i.intent_id) for i in await store.open_backend_intents()] == [
+            ("vault", "int_2"), ("other", "int_1")]
+        assert await store.open_backend_leases() == [("vault", prefix + "abc", None)]
+        await store.backend_intent_done("vault", "int_2")
+        await store.backend_intent_done("vault", "never-there")
+        assert [(i.backend, i.intent_id) for i in await store.open_backend_intents()] == [
+            ("other", "int_1")]
+        # which listed lease ids are journaled (open or revoked), per backend
+        await store.journal_backend_lease("vault", prefix + "def", expires_at=100.0, at=12.0)
+        await store.backend_lease_revoked("vault", prefix + "def", at=13.0)
+        assert await store.backend_leases_known(
+            "vault", [prefix + "abc", prefix + "def", prefix + "zzz"]) == {
+            prefix + "abc", prefix + "def"}
+        assert await store.backend_leases_known("other", [prefix + "abc"]) == set()
+        assert await store.backend_leases_known("vault", []) == set()
+
+
+async def test_backend_intents_survive_reopen(opener: Opener) -> None:
+    with trio.fail_after(IO_LIMIT_S):
+        first = opener()
+        try:
+            await first.journal_backend_intent("vault", "int_9", "d/creds/r/", at=1.0, deadline=2.0)
+        finally:
+            await first.aclose()
+        second = opener()
+        try:
+            assert await second.open_backend_intents() == [
+                BackendIntent("vault", "int_9", "d/creds/r/", 1.0, 2.0)]
+        finally:
+            await second.aclose()
+
+
+async def test_lease_end_is_unaudited_until_marked(store: StateStore) -> None:
+    """Issue 9 item 10: a lease's end and "its event is not written yet" are one step;
+    mark_lease_audited clears it. Active leases and leases stored ended are not listed."""
+    with trio.fail_after(IO_LIMIT_S):
+        for lid in ("lse_a", "lse_b", "lse_c", "lse_d"):
+            await store.put_lease(lease(lid))
+        await store.put_lease(lease("lse_old", state="released", ended_at=1001.0))
+        assert await store.leases_unaudited() == []
+        assert await store.transition_lease("lse_b", "active", "expired", at=1200.0)
+        assert await store.transition_lease("lse_a", "active", "released", at=1100.0)
+        assert await store.transition_lease("lse_c", "active", "revoked", at=1150.0)
+        got = await store.leases_unaudited()
+        assert [(r.lease_id, r.state, r.ended_at) for r in got] == [
+            ("lse_a", "released", 1100.0), ("lse_c", "revoked", 1150.0),
+            ("lse_b", "expired", 1200.0)]
+        assert [r.lease_id for r in await store.leases_unaudited(limit=1)] == ["lse_a"]
+        await store.mark_lease_audited("lse_a")
+        await store.mark_lease_audited("lse_d")  # still active: nothing to mark
+        await store.mark_lease_audited("nope")
+        assert [r.lease_id for r in await store.leases_unaudited()] == ["lse_c", "lse_b"]
+        assert await store.transition_lease("lse_d", "active", "released", at=1300.0)
+        assert [r.lease_id for r in await store.leases_unaudited()] == ["lse_c", "lse_b", "lse_d"]
+
+
+async def test_unaudited_mark_survives_reopen_and_purge(opener: Opener) -> None:
+    now = 10_000_000.0
+    with trio.fail_after(IO_LIMIT_S):
+        first = opener()
+        try:
+            await first.put_lease(lease("lse_u"))
+            await first.put_lease(lease("lse_gone"))
+            assert await first.transition_lease("lse_u", "active", "released", at=now - 5)
+            assert await first.transition_lease(
+                "lse_gone", "active", "released", at=now - LEASE_RETENTION_S - 1)
+        finally:
+            await first.aclose()
+        second = opener()
+        try:
+            assert [r.lease_id for r in await second.leases_unaudited()] == ["lse_gone", "lse_u"]
+            await second.purge(now)
+            assert [r.lease_id for r in await second.leases_unaudited()] == ["lse_u"]
+        finally:
+            await second.aclose()
 
 
 async def test_purge(store: StateStore) -> None:

@@ -732,7 +732,9 @@ class Sidekey:
         except SidekeyError as exc:
             await self.leases.end(rec, REVOKED)
             await self._end_lease_backends(rec.lease_id)
-            raise await self._reject("peer.rejected", {**base, "lease_id": rec.lease_id}, exc) from None
+            rejected = await self._reject("peer.rejected", {**base, "lease_id": rec.lease_id}, exc)
+            await self.leases.audited(rec.lease_id)  # peer.rejected names the lease: its end event
+            raise rejected from None
         return _json(
             200,
             protocol.LeaseResponse(
@@ -783,6 +785,9 @@ class Sidekey:
                 request_id=req.request_id,
             )
         )
+        # The end's event is durable: the lease leaves leases_unaudited (a crash before
+        # this line makes the next start write lease.recovered for it; see leases.py).
+        await self.leases.audited(rec.lease_id)
         return _json(
             200,
             protocol.ReleaseResponse(lease_id=rec.lease_id, state=ended.state,
@@ -954,6 +959,7 @@ class Sidekey:
                         agent_id=rec.agent_id, session_id=rec.session_id, lease_id=rec.lease_id,
                         extra={"reason": f'secret "{name}" rotated'},
                     ))
+                    await self.leases.audited(rec.lease_id)
         await self.audit.emit(self.event(
             "secret.rotated", **base,
             extra={"outcome": "applied", "secret": name, "backend": ref.backend,
@@ -1089,6 +1095,31 @@ class Sidekey:
                     log.error("could not revoke a dynamic credential's lease in backend %s "
                               "(retried later): %s", backend_name, exc)
 
+    async def reconcile_lease_events(self) -> int:
+        """At start: write ``lease.recovered`` for every lease that ended without its end
+        event being known to be written (a crash between the two), and mark it. A crash
+        during this repeats the event at the next start (at least once, never lost).
+        Returns how many. Raises AuditUnavailable / StateUnavailable (start fails)."""
+        count = 0
+        seen: set[str] = set()  # a mark that failed to stick must not loop forever
+        while batch := [r for r in await self.leases.unaudited() if r.lease_id not in seen]:
+            for rec in batch:
+                seen.add(rec.lease_id)
+                await self.audit.emit(self.event(
+                    "lease.recovered", server=rec.server, tool=rec.tool, user_id=rec.user_id,
+                    agent_id=rec.agent_id, session_id=rec.session_id, lease_id=rec.lease_id,
+                    peer={"pid": rec.peer_pid, "uid": rec.peer_uid},
+                    extra={"state": rec.state,
+                           "ended_at": None if rec.ended_at is None else _iso(rec.ended_at),
+                           "reason": "the daemon stopped between the lease's end and its "
+                                     "audit event; the call's outcome is unknown"},
+                ))
+                await self.leases.audited(rec.lease_id)
+                count += 1
+        if count:
+            log.warning("wrote lease.recovered for %d leases that ended just before a crash", count)
+        return count
+
     async def sweep_backend_leases(self) -> int:
         """At start: revoke every journaled dynamic credential still open. After a crash
         nobody can say whether the call that held it is still running, so the
@@ -1112,6 +1143,7 @@ class Sidekey:
                 agent_id=rec.agent_id, session_id=rec.session_id, lease_id=rec.lease_id,
                 extra={"reason": "daemon restarted: its dynamic credentials were revoked"},
             ))
+            await self.leases.audited(rec.lease_id)
         return len(open_items)
 
     async def retry_revocations(
@@ -1248,6 +1280,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             await nursery.start(sink.run)  # type: ignore[attr-defined]
             await nursery.start(store.run_maintenance)  # type: ignore[attr-defined]
             recovered = await app.leases.recover()
+            await app.reconcile_lease_events()
             # Before the backends' own tasks start: their warm pools journal credentials
             # that belong to no call yet, and must not be taken for leftovers.
             await app.sweep_backend_leases()

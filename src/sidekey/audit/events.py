@@ -25,6 +25,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "mcp.tool_call",
     "lease.expired",
     "lease.revoked",
+    "lease.recovered",
     "token.issued",
     "token.rejected",
     "token.replayed",
@@ -34,6 +35,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "secret.rotated",
     "daemon.started",
     "daemon.stopped",
+    "request.rejected.suppressed",
 )
 
 # Later features add types (approval.*, quota.threshold); any dotted lowercase name is
@@ -181,4 +183,108 @@ def make_event(
         if clash:
             raise ValueError(f"audit extra keys shadow standard keys: {sorted(clash)}")
         event.update((k, v) for k, v in extra.items() if v is not None)
-    return event
+    return cap_event(event)
+
+
+# --------------------------------------------------------------------------- size caps
+
+# What one event can hold, JSON-encoded. A caller controls some strings (a request path,
+# an error detail, argument values); these caps are what make the audit volume a caller
+# can cause computable (README, "Security": burst x MAX_EVENT_BYTES per window).
+MAX_STRING_BYTES = 1024  # one string value, marker included
+MAX_EVENT_BYTES = 16 * 1024  # the whole event (arguments alone may take 8 KiB)
+# A JSON-encoded character takes at most 6 bytes (control characters become \uXXXX), so
+# a string this short cannot be over the cap: the common case costs one len().
+_SHORT_CHARS = MAX_STRING_BYTES // 6
+_MARKER_ROOM = 48  # bytes kept free for "…(truncated N bytes)"
+# Keys that identify the event; never replaced when a too-large event is shrunk.
+_FIXED_KEYS = frozenset(("event_id", "timestamp", "event_type", "schema_version", "host",
+                         "request_id", "lease_id"))
+_MAX_WALK_DEPTH = MAX_DEPTH + 8  # arguments are already cut at MAX_DEPTH below their key
+
+
+def _json_size(value: Any) -> int:
+    return len(_encoder.encode(value))
+
+
+def cap_string(text: str, max_bytes: int = MAX_STRING_BYTES) -> str:
+    """``text`` if it JSON-encodes to at most ``max_bytes``; else its longest prefix that
+    fits with the marker ``…(truncated N bytes)`` (N: UTF-8 bytes cut off) appended."""
+    if len(text) <= max_bytes // 6:
+        return text
+    size = _json_size(text) - 2  # without the quotes
+    if size <= max_bytes:
+        return text
+    budget = max(0, max_bytes - _MARKER_ROOM)
+    keep = min(len(text), budget)
+    while keep > 0:
+        used = _json_size(text[:keep]) - 2
+        if used <= budget:
+            break
+        keep = max(0, min(keep - 1, keep * budget // used))
+    dropped = len(text[keep:].encode("utf-8", "surrogatepass"))
+    return f"{text[:keep]}…(truncated {dropped} bytes)"
+
+
+def _capped(value: Any, depth: int) -> Any:
+    """``value`` with every string capped; containers are copied only if something changed
+    (callers' dicts, e.g. a call's auth facts reused by later events, are never modified)."""
+    if isinstance(value, str):
+        return value if len(value) <= _SHORT_CHARS else cap_string(value)
+    if isinstance(value, dict):
+        if depth >= _MAX_WALK_DEPTH:
+            return TOO_DEEP
+        out: dict[Any, Any] | None = None
+        for key, item in value.items():
+            new = _capped(item, depth + 1)
+            if new is not item:
+                if out is None:
+                    out = dict(value)
+                out[key] = new
+        return value if out is None else out
+    if isinstance(value, list | tuple):
+        if depth >= _MAX_WALK_DEPTH:
+            return TOO_DEEP
+        items = [_capped(item, depth + 1) for item in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return items
+    return value
+
+
+def _digest_marker(value: Any) -> dict[str, Any]:
+    encoded = _encoder.encode(value)
+    return {"_truncated": True, "size": len(encoded),
+            "sha256": hashlib.sha256(encoded).hexdigest()}
+
+
+def cap_event(event: dict[str, Any]) -> dict[str, Any]:
+    """Cap every string value at :data:`MAX_STRING_BYTES` and the whole event at
+    :data:`MAX_EVENT_BYTES` (JSON-encoded).
+
+    An event still too large has its largest object/list fields replaced, largest first,
+    by ``{"_truncated": true, "size": n, "sha256": hex}``; if even that is not enough
+    (only possible with a great many fields), every field but the identifying ones is
+    dropped (seed keys become null) and ``_truncated`` describes the whole event.
+    """
+    event = _capped(event, 0)
+    size = _json_size(event)
+    if size <= MAX_EVENT_BYTES:
+        return event
+    event = dict(event)  # shrunk below: never the caller's dict
+    whole = _digest_marker(event)
+    big = sorted(
+        ((_json_size(v), k) for k, v in event.items()
+         if k not in _FIXED_KEYS and isinstance(v, dict | list)),
+        reverse=True,
+    )
+    for field_size, key in big:
+        marker = _digest_marker(event[key])
+        event[key] = marker
+        size -= field_size - _json_size(marker)
+        if size <= MAX_EVENT_BYTES:
+            return event
+    slim: dict[str, Any] = {k: (v if k in _FIXED_KEYS else None) for k, v in event.items()
+                            if k in _FIXED_KEYS or k in SEED_KEYS}
+    slim["_truncated"] = whole
+    return slim

@@ -54,12 +54,28 @@ MAX_APPROVALS_LISTED = 1000
 # rotations_after returns at most MAX_NOTICES_READ at a time.
 NOTICE_RETENTION_S = 24 * 3600.0
 MAX_NOTICES_READ = 1000
+# leases_unaudited returns at most this many per call (the start-up reconciliation
+# loops until none is left).
+MAX_UNAUDITED_LISTED = 1000
 
 
 class StateUnavailable(Unavailable):
     """The state store cannot serve the call (I/O error, corrupt or locked database)."""
 
     code = "state_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendIntent:
+    """A dynamic credential that may exist in ``backend`` under lease-id ``prefix`` (e.g.
+    ``database/creds/readonly/``), asked for at ``at`` by a call that gives up by
+    ``deadline`` (the journaling host's wall clock), whose lease id was never journaled."""
+
+    backend: str
+    intent_id: str
+    prefix: str
+    at: float
+    deadline: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,9 +216,34 @@ class StateStore(Protocol):
         ...
 
     async def journal_backend_lease(
-        self, backend: str, backend_lease_id: str, *, expires_at: float, at: float
+        self, backend: str, backend_lease_id: str, *, expires_at: float, at: float,
+        intent_id: str | None = None,
     ) -> None:
-        """Record a dynamic credential a backend created, before it is handed out."""
+        """Record a dynamic credential a backend created, before it is handed out. With
+        ``intent_id``, the intent (see :meth:`journal_backend_intent`) is resolved in the
+        same atomic step: the credential is journaled and its intent gone, or neither."""
+        ...
+
+    async def journal_backend_intent(
+        self, backend: str, intent_id: str, prefix: str, *, at: float, deadline: float
+    ) -> None:
+        """Record, *before* a backend is asked for a dynamic credential, that one may be
+        created under lease-id ``prefix`` between ``at`` and ``deadline``: a crash after
+        the backend created it but before :meth:`journal_backend_lease` leaves this
+        intent open, and the start-up sweep looks the prefix up. Idempotent per id."""
+        ...
+
+    async def backend_intent_done(self, backend: str, intent_id: str) -> None:
+        """Resolve an intent that produced no credential (the call failed) or that the
+        sweep has dealt with. Unknown ids are ignored."""
+        ...
+
+    async def open_backend_intents(self) -> list[BackendIntent]:
+        """Unresolved intents, oldest first (every host's, with a shared store)."""
+        ...
+
+    async def backend_leases_known(self, backend: str, backend_lease_ids: Sequence[str]) -> set[str]:
+        """Which of ``backend_lease_ids`` are journaled (open or revoked, any host's)."""
         ...
 
     async def attach_backend_leases(self, lease_id: str, items: Sequence[tuple[str, str]]) -> None:
@@ -219,6 +260,17 @@ class StateStore(Protocol):
 
     async def leases_in_state(self, state: str) -> list[LeaseRecord]:
         """All leases in ``state``, soonest expiry first."""
+        ...
+
+    async def mark_lease_audited(self, lease_id: str) -> None:
+        """Record that the event of the lease's end (``mcp.tool_call``, ``lease.expired``,
+        ``lease.revoked``, ``lease.recovered``) is durable. :meth:`transition_lease` to an
+        ended state clears this mark in the same atomic step, so a crash between the end
+        and its event leaves the lease in :meth:`leases_unaudited`."""
+        ...
+
+    async def leases_unaudited(self, *, limit: int = MAX_UNAUDITED_LISTED) -> list[LeaseRecord]:
+        """Ended leases whose end event is not known to be written, oldest end first."""
         ...
 
     async def purge(self, now: float) -> int:
@@ -342,10 +394,12 @@ def open_store(state_dir: Path) -> StateStore:
 __all__ = [
     "APPROVAL_RETENTION_S",
     "GCRA_EPSILON_S",
+    "MAX_UNAUDITED_LISTED",
     "LEASE_STATES",
     "MAX_APPROVALS_LISTED",
     "MAX_NOTICES_READ",
     "NOTICE_RETENTION_S",
+    "BackendIntent",
     "CounterOp",
     "GcraResult",
     "LeaseRecord",

@@ -24,8 +24,12 @@ Keys (all under the configured prefix, e.g. ``sidekey:``)::
                               TTL of 2x the retention after expiry, end or now (the latest)
     leases:<state>            sorted set lease_id -> expires_at
     leases:ended              sorted set lease_id -> ended_at (for purge)
+    leases:unaudited          sorted set lease_id -> ended_at: ended, end event not yet
+                              known to be written (added by the transition script itself)
     bl:<json [backend, id]>   hash: a journaled backend lease
     bl:open / bl:revoked      sorted sets member -> issued_at / revoked_at
+    bi:<json [backend, id]>   hash: an intent (prefix, at, deadline), PEXPIREAT at + retention
+    bi:open                   sorted set intent member -> at
     apr:<approval_id>         hash (state, data = the Approval as JSON), PEXPIREAT its
                               expiry + APPROVAL_RETENTION_S
     aprs                      sorted set approval_id -> created_at (for listing)
@@ -63,6 +67,8 @@ from . import (
     LEASE_STATES,
     MAX_APPROVALS_LISTED,
     MAX_NOTICES_READ,
+    MAX_UNAUDITED_LISTED,
+    BackendIntent,
     CounterOp,
     LeaseRecord,
     QuotaAnswer,
@@ -233,7 +239,7 @@ return 1
 """
 
 _TRANSITION_LUA = """
--- KEYS lease hash, leases:<from>, leases:<to>, leases:ended
+-- KEYS lease hash, leases:<from>, leases:<to>, leases:ended, leases:unaudited
 -- ARGV lease_id, from, to, at, safety ttl in seconds, the caller's clock
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
 local expires_at = redis.call('HGET', KEYS[1], 'expires_at')
@@ -243,8 +249,10 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], expires_at, ARGV[1])
 if ARGV[3] == 'active' then
   redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
 else
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
 end
 local last = math.max(tonumber(expires_at), at, tonumber(ARGV[6]))
 redis.call('PEXPIREAT', KEYS[1], math.floor((last + tonumber(ARGV[5])) * 1000))
@@ -268,10 +276,25 @@ return n
 """
 
 _JOURNAL_LUA = """
--- KEYS item hash, bl:open; ARGV member, backend, id, issued_at, expires_at
+-- KEYS item hash, bl:open[, intent hash, bi:open]; ARGV member, backend, id, issued_at,
+-- expires_at[, intent member]. The credential is journaled and its intent resolved at once.
+if #KEYS == 4 then
+  redis.call('DEL', KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[6])
+end
 if redis.call('HSETNX', KEYS[1], 'issued_at', ARGV[4]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'backend', ARGV[2], 'id', ARGV[3], 'expires_at', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+"""
+
+_INTENT_LUA = """
+-- KEYS intent hash, bi:open; ARGV member, backend, id, prefix, at, deadline, expiry in ms
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'backend', ARGV[2], 'id', ARGV[3], 'prefix', ARGV[4],
+           'at', ARGV[5], 'deadline', ARGV[6])
+redis.call('PEXPIREAT', KEYS[1], ARGV[7])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 return 1
 """
 
@@ -400,6 +423,7 @@ class RedisStore:
         self._transition = client.register_script(_TRANSITION_LUA)
         self._purge_lease = client.register_script(_PURGE_LEASE_LUA)
         self._journal = client.register_script(_JOURNAL_LUA)
+        self._intent = client.register_script(_INTENT_LUA)
         self._attach = client.register_script(_ATTACH_LUA)
         self._revoke = client.register_script(_REVOKE_LUA)
         self._purge_backend = client.register_script(_PURGE_BACKEND_LUA)
@@ -576,6 +600,7 @@ class RedisStore:
             self._state_key(from_state),
             self._state_key(to_state),
             self._key("leases", "ended"),
+            self._key("leases", "unaudited"),
         ]
         args: list[_Arg] = [
             lease_id,
@@ -638,13 +663,105 @@ class RedisStore:
                 out.append(rec)
         return out
 
+    async def mark_lease_audited(self, lease_id: str) -> None:
+        key = self._key("leases", "unaudited")
+        await self._run("mark_lease_audited", lambda c: c.zrem(key, lease_id))
+
+    async def leases_unaudited(self, *, limit: int = MAX_UNAUDITED_LISTED) -> list[LeaseRecord]:
+        index = self._key("leases", "unaudited")
+        count = max(0, int(limit))
+
+        def read(c: redis.Redis) -> list[tuple[str, dict[Any, Any]]]:
+            if count == 0:
+                return []
+            ids = [_text(i) for i in c.zrange(index, 0, count - 1)]
+            pipe = c.pipeline(transaction=False)
+            for lease_id in ids:
+                pipe.hgetall(self._lease_key(lease_id))
+            rows = list(zip(ids, pipe.execute(), strict=True))
+            gone = [lease_id for lease_id, fields in rows if not fields]
+            if gone:
+                c.zrem(index, *gone)  # purged or expired by the safety TTL
+            return rows
+
+        out: list[LeaseRecord] = []
+        for lease_id, fields in await self._run("leases_unaudited", read):
+            rec = self._decode_lease(lease_id, fields)
+            if rec is not None:
+                out.append(rec)
+        return out
+
     async def journal_backend_lease(
-        self, backend: str, backend_lease_id: str, *, expires_at: float, at: float
+        self, backend: str, backend_lease_id: str, *, expires_at: float, at: float,
+        intent_id: str | None = None,
     ) -> None:
         member = self._bl_member(backend, backend_lease_id)
         keys = [self._bl_key(member), self._key("bl", "open")]
         args: list[_Arg] = [member, backend, backend_lease_id, _num(at), _num(expires_at)]
+        if intent_id is not None:
+            intent = self._bl_member(backend, intent_id)
+            keys += [self._key("bi", intent), self._key("bi", "open")]
+            args.append(intent)
         await self._run("journal_backend_lease", lambda c: self._journal(keys, args, client=c))
+
+    async def journal_backend_intent(
+        self, backend: str, intent_id: str, prefix: str, *, at: float, deadline: float
+    ) -> None:
+        member = self._bl_member(backend, intent_id)
+        keys = [self._key("bi", member), self._key("bi", "open")]
+        args: list[_Arg] = [member, backend, intent_id, prefix, _num(at), _num(deadline),
+                            _ms(max(float(at), self._clock()) + LEASE_RETENTION_S)]
+        await self._run("journal_backend_intent", lambda c: self._intent(keys, args, client=c))
+
+    async def backend_intent_done(self, backend: str, intent_id: str) -> None:
+        member = self._bl_member(backend, intent_id)
+        key, index = self._key("bi", member), self._key("bi", "open")
+
+        def done(c: redis.Redis) -> None:
+            pipe = c.pipeline(transaction=True)
+            pipe.delete(key)
+            pipe.zrem(index, member)
+            pipe.execute()
+
+        await self._run("backend_intent_done", done)
+
+    async def open_backend_intents(self) -> list[BackendIntent]:
+        index = self._key("bi", "open")
+
+        def read(c: redis.Redis) -> list[tuple[str, list[bytes | None]]]:
+            members = [_text(m) for m in c.zrange(index, 0, -1)]
+            pipe = c.pipeline(transaction=False)
+            for member in members:
+                pipe.hmget(self._key("bi", member), ["backend", "id", "prefix", "at", "deadline"])
+            rows = list(zip(members, pipe.execute(), strict=True))
+            gone = [m for m, fields in rows if fields[0] is None]
+            if gone:
+                c.zrem(index, *gone)  # expired by their TTL
+            return rows
+
+        out: list[BackendIntent] = []
+        for _, (backend, intent_id, prefix, at, deadline) in await self._run(
+            "open_backend_intents", read
+        ):
+            if backend is None or intent_id is None or prefix is None or at is None or deadline is None:
+                continue
+            out.append(BackendIntent(backend.decode(), intent_id.decode(), prefix.decode(),
+                                     float(at), float(deadline)))
+        return out
+
+    async def backend_leases_known(self, backend: str, backend_lease_ids: Sequence[str]) -> set[str]:
+        ids = list(backend_lease_ids)
+
+        def read(c: redis.Redis) -> list[int]:
+            pipe = c.pipeline(transaction=False)
+            for bl_id in ids:
+                pipe.exists(self._bl_key(self._bl_member(backend, bl_id)))
+            return list(pipe.execute())
+
+        if not ids:
+            return set()
+        found = await self._run("backend_leases_known", read)
+        return {bl_id for bl_id, n in zip(ids, found, strict=True) if n}
 
     async def attach_backend_leases(self, lease_id: str, items: Sequence[tuple[str, str]]) -> None:
         members = [self._bl_member(b, bl) for b, bl in items]
@@ -846,9 +963,10 @@ class RedisStore:
         state_keys = [self._state_key(s) for s in sorted(LEASE_STATES)]
         ended_key = self._key("leases", "ended")
         revoked_key = self._key("bl", "revoked")
+        unaudited_key = self._key("leases", "unaudited")
 
         def lease_keys(member: str) -> list[str]:
-            return [self._lease_key(member), ended_key, *state_keys]
+            return [self._lease_key(member), ended_key, *state_keys, unaudited_key]
 
         # (sorted set, cutoff, script, its keys, most chunks per call). Every member of
         # leases:ended and bl:revoked below the cutoff leaves its set, so those loops

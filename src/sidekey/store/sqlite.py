@@ -40,7 +40,9 @@ from . import (
     LEASE_STATES,
     MAX_APPROVALS_LISTED,
     MAX_NOTICES_READ,
+    MAX_UNAUDITED_LISTED,
     NOTICE_RETENTION_S,
+    BackendIntent,
     CounterOp,
     LeaseRecord,
     QuotaAnswer,
@@ -156,6 +158,22 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX rotation_notices_at ON rotation_notices (at);
     """,
+    # v6: crash windows. Intents: a dynamic credential asked for and not journaled yet
+    # (resolved by journal_backend_lease in the same transaction). end_audited: 0 from a
+    # lease's end until its end event is durable (rows from before v6 count as audited).
+    """
+    CREATE TABLE backend_intents (
+        backend TEXT NOT NULL,
+        intent_id TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        at REAL NOT NULL,
+        deadline REAL NOT NULL,
+        PRIMARY KEY (backend, intent_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX backend_intents_at ON backend_intents (at);
+    ALTER TABLE leases ADD COLUMN end_audited INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX leases_unaudited ON leases (ended_at) WHERE end_audited = 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -173,6 +191,11 @@ _SELECT_LEASES_BY_STATE = (
     "SELECT lease_id, jti, server, tool, user_id, agent_id, session_id, secrets, "
     "created_at, expires_at, state, ended_at, peer_pid, peer_uid FROM leases "
     "WHERE state = ? ORDER BY expires_at"
+)
+_SELECT_LEASES_UNAUDITED = (
+    "SELECT lease_id, jti, server, tool, user_id, agent_id, session_id, secrets, "
+    "created_at, expires_at, state, ended_at, peer_pid, peer_uid FROM leases "
+    "WHERE end_audited = 0 ORDER BY ended_at LIMIT ?"
 )
 _secrets_decoder = msgspec.json.Decoder(list[str])
 
@@ -439,11 +462,26 @@ class SqliteStore:
             raise ValueError(f"unknown lease state {from_state!r} -> {to_state!r}")
         await trio.lowlevel.checkpoint_if_cancelled()
         with self._edge("transition_lease") as conn:
+            # The end and "its event is not written yet" in one statement: a crash
+            # after it leaves the lease in leases_unaudited (see mark_lease_audited).
             cur = conn.execute(
-                "UPDATE leases SET state = ?, ended_at = ? WHERE lease_id = ? AND state = ?",
-                (to_state, float(at), lease_id, from_state),
+                "UPDATE leases SET state = ?, ended_at = ?, end_audited = ? "
+                "WHERE lease_id = ? AND state = ?",
+                (to_state, float(at), 1 if to_state == "active" else 0, lease_id, from_state),
             )
             return cur.rowcount == 1
+
+    async def mark_lease_audited(self, lease_id: str) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("mark_lease_audited") as conn:
+            conn.execute("UPDATE leases SET end_audited = 1 WHERE lease_id = ? AND end_audited = 0",
+                         (lease_id,))
+
+    async def leases_unaudited(self, *, limit: int = MAX_UNAUDITED_LISTED) -> list[LeaseRecord]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("leases_unaudited") as conn:
+            rows = conn.execute(_SELECT_LEASES_UNAUDITED, (max(0, int(limit)),)).fetchall()
+        return [_row_to_lease(row) for row in rows]
 
     async def get_lease(self, lease_id: str) -> LeaseRecord | None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -452,15 +490,61 @@ class SqliteStore:
         return None if row is None else _row_to_lease(row)
 
     async def journal_backend_lease(
-        self, backend: str, backend_lease_id: str, *, expires_at: float, at: float
+        self, backend: str, backend_lease_id: str, *, expires_at: float, at: float,
+        intent_id: str | None = None,
     ) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        with self._edge("journal_backend_lease") as conn:
+        with self._edge("journal_backend_lease") as conn, self._transaction(conn):
             conn.execute(
                 "INSERT OR IGNORE INTO backend_leases (backend, backend_lease_id, issued_at, "
                 "expires_at) VALUES (?, ?, ?, ?)",
                 (backend, backend_lease_id, float(at), float(expires_at)),
             )
+            if intent_id is not None:
+                conn.execute("DELETE FROM backend_intents WHERE backend = ? AND intent_id = ?",
+                             (backend, intent_id))
+
+    async def journal_backend_intent(
+        self, backend: str, intent_id: str, prefix: str, *, at: float, deadline: float
+    ) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("journal_backend_intent") as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO backend_intents (backend, intent_id, prefix, at, deadline) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (backend, intent_id, prefix, float(at), float(deadline)),
+            )
+
+    async def backend_intent_done(self, backend: str, intent_id: str) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("backend_intent_done") as conn:
+            conn.execute("DELETE FROM backend_intents WHERE backend = ? AND intent_id = ?",
+                         (backend, intent_id))
+
+    async def open_backend_intents(self) -> list[BackendIntent]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._edge("open_backend_intents") as conn:
+            rows = conn.execute(
+                "SELECT backend, intent_id, prefix, at, deadline FROM backend_intents ORDER BY at"
+            ).fetchall()
+        return [BackendIntent(str(r[0]), str(r[1]), str(r[2]), float(r[3]), float(r[4]))
+                for r in rows]
+
+    async def backend_leases_known(self, backend: str, backend_lease_ids: Sequence[str]) -> set[str]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        known: set[str] = set()
+        ids = list(backend_lease_ids)
+        with self._edge("backend_leases_known") as conn:
+            for start in range(0, len(ids), PURGE_CHUNK):
+                chunk = ids[start:start + PURGE_CHUNK]
+                marks = ", ".join("?" * len(chunk))  # placeholders only, never values
+                rows = conn.execute(
+                    "SELECT backend_lease_id FROM backend_leases "  # noqa: S608
+                    f"WHERE backend = ? AND backend_lease_id IN ({marks})",
+                    (backend, *chunk),
+                ).fetchall()
+                known.update(str(r[0]) for r in rows)
+        return known
 
     async def attach_backend_leases(self, lease_id: str, items: Sequence[tuple[str, str]]) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -648,6 +732,11 @@ class SqliteStore:
             (
                 "DELETE FROM backend_leases WHERE (backend, backend_lease_id) IN "
                 "(SELECT backend, backend_lease_id FROM backend_leases WHERE revoked_at < ? LIMIT ?)",
+                float(now) - LEASE_RETENTION_S,
+            ),
+            (
+                "DELETE FROM backend_intents WHERE (backend, intent_id) IN "
+                "(SELECT backend, intent_id FROM backend_intents WHERE at < ? LIMIT ?)",
                 float(now) - LEASE_RETENTION_S,
             ),
             (
