@@ -580,9 +580,14 @@ def test_recheck_compares_start_time_and_credentials(
             assert _code(exc_info) == code
 
 
-def test_recheck_refuses_a_pidfd_naming_another_pid() -> None:
-    ident = _own_identity(pid=os.getppid())  # the identity claims a different pid
-    with PeerHandle(ident, pidfd=os.pidfd_open(os.getpid()), dir_fd=_proc_self_dir_fd()) as h:
+def test_recheck_refuses_when_the_pinned_process_was_reaped(peer: ForkedPeer) -> None:
+    """recheck asks the pidfd whether its process lives (attest already proved that the
+    pidfd and the /proc dirfd name one process; that pairing is tested on attest, and
+    recheck no longer re-reads fdinfo for it). Here the pidfd's process is reaped while
+    the dirfd still works: peer_gone."""
+    pidfd = os.pidfd_open(peer.pid)
+    peer.exit_and_reap()
+    with PeerHandle(_own_identity(), pidfd=pidfd, dir_fd=_proc_self_dir_fd()) as h:
         with pytest.raises(Denied) as exc_info:
             h.recheck()
         assert _code(exc_info) == "peer_gone"
@@ -732,6 +737,17 @@ def test_einval_from_so_peerpidfd_means_the_peer_was_reaped() -> None:
         ("12:pids:/system.slice/v1.service\n", None),
         ("4:memory:/system.slice/v1.service\n0::/system.slice/v2.service\n", "v2.service"),
         ("10::/system.slice/fake.service\n", None),  # only hierarchy 0 is v2
+        # Only cgroups under the system manager's slices count (issue 9, item 3): a
+        # delegated or hand-made subtree can hold directories with any name.
+        ("0::/delegated/mcp-content-api.service\n", None),
+        ("0::/sk-test/mcp-content-api.service\n", None),
+        ("0::/machine/qemu.scope\n", None),
+        ("0::/system.slice/payload/mcp-content-api.service\n", None),
+        ("0::/user.slice/user-1000.slice/mine/mcp-content-api.service\n", None),
+        ("0::/system.slice/system-getty.slice/getty@tty1.service\n", "getty@tty1.service"),
+        ("0::/.slice/x.service\n", None),
+        ("0::system.slice/x.service\n", None),  # not an absolute path
+        ("0:://system.slice/x.service\n", None),
     ],
 )
 def test_unit_from_cgroup(text: str, unit: str | None) -> None:
@@ -763,7 +779,13 @@ def test_unit_from_cgroup_is_the_outermost_unit(parts: list[str], hierarchy: str
     line = f"{hierarchy}::{path}"
     expected = None
     if hierarchy == "0":
-        expected = next((p for p in path.split("/") if _UNIT.fullmatch(p)), None)
+        # Item 3 of issue 9: the first unit, and only when everything above it is a slice.
+        for p in path.split("/")[1:]:
+            if _UNIT.fullmatch(p):
+                expected = p
+                break
+            if not re.fullmatch(r"[^/]+\.slice", p):
+                break
     # splitlines() line boundaries inside a component would make it not one cgroup path
     assume(not any(ch in line for ch in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"))
     assert _unit_from_cgroup(line + "\n") == expected
@@ -857,6 +879,7 @@ def ident(**overrides: Any) -> PeerIdentity:
         unit="mcp-content.service",
         start_time=12345,
         attestation="pidfd",
+        same_mnt_ns=True,
     )
     return dataclasses.replace(base, **overrides)
 

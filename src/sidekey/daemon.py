@@ -178,7 +178,9 @@ class Sidekey:
     # ------------------------------------------------------------------ plumbing
 
     def _peer_facts(self, req: Request) -> tuple[frozenset[str], str]:
-        """Servers this connection's peer is attested as, and its tier (cached per conn)."""
+        """Servers this connection's peer is attested as, and its tier (cached per conn:
+        :meth:`handle` re-checks the peer before every request above anonymous, so the
+        cached facts still describe the process on the other end)."""
         cached = req.conn.cache.get("facts")
         if cached is None or cached[2] != self.generation:
             ident = req.peer.identity
@@ -225,6 +227,13 @@ class Sidekey:
                         f"{request.method} is not allowed on {request.path}", code="method_not_allowed"
                     )
                 raise NotFound(f"no endpoint {request.path}", code="not_found")
+            if route.tier != "anonymous":
+                # The connection's identity was read at accept; the socket may since have
+                # been passed to another process (SCM_RIGHTS) or its process may have
+                # exited or setuid()'d. Every request that needs a tier (all of them
+                # change or reveal state) re-checks the pinned process first: peer_gone /
+                # peer_changed, audited as peer.rejected.
+                request.peer.recheck()
             _, tier = self._peer_facts(request)
             if not tier_allows(tier, route.tier):
                 raise Denied(
@@ -873,6 +882,9 @@ class Sidekey:
                 if current is None or current.server not in servers:
                     raise NotFound(f"no approval {approval_id}", code="approval_not_found")
             approval, pending = await self.approvals.wait(approval_id, timeout_s=timeout_s)
+            # A long poll may outlive the process that asked (or its uid): check again
+            # before the decision is handed to whoever holds the socket now.
+            req.peer.recheck()
             return _json(200, {"approval": approval_wire(approval, self.clock()),
                                "timed_out": pending, "request_id": req.request_id})
         body: protocol.ApprovalDecisionRequest = protocol.decode_body(

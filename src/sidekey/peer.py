@@ -6,9 +6,21 @@ At accept the daemon reads the kernel's record of the connecting process
 systemd unit (from the cgroup path), groups and start time. Reading ``/proc`` by pid
 races with pid reuse, so after the reads the pidfd is checked to still name that pid:
 if the original process died and the pid was recycled, the pidfd says so and the
-connection is refused. :meth:`PeerHandle.recheck` repeats the check (plus uid, gid,
-start time and executable) right before a secret leaves, which defeats "connect, exit, hand the fd
-to a process with another identity".
+connection is refused. :meth:`PeerHandle.recheck` repeats the check (alive, same
+effective uid, gid and supplementary groups, same executable file) before every request
+that needs more than the anonymous tier and again right before a secret leaves, which
+defeats "connect, exit, hand the fd to a process with another identity" and "connect,
+then setuid()".
+
+``exe`` selectors compare the path ``/proc/<pid>/exe`` shows, which is the path as the
+*peer's* mount namespace sees it: a user who can create a user and mount namespace can
+make any path name a file of its choice there. So an ``exe`` key matches a peer in
+another mount namespace only when the file the peer runs is the very file (device and
+inode) that the configured path names in the daemon's own namespace.
+
+``unit`` comes from the cgroup v2 path and counts only when every cgroup above the unit
+is a ``*.slice``: a cgroup subtree that someone was delegated (or made by hand) can hold
+directories with any name.
 
 On kernels without ``SO_PEERPIDFD`` the fallback holds a ``/proc/<pid>`` directory
 fd (reads through it fail with ESRCH once that process is gone, even if the pid is
@@ -49,6 +61,7 @@ if TYPE_CHECKING:
 SO_PEERPIDFD = 77  # include/uapi/asm-generic/socket.h; Python has no constant
 _UCRED = struct.Struct("3i")
 _UNIT_RE = re.compile(r"[^/]+\.(?:service|scope)$")
+_SLICE_RE = re.compile(r"[^/]+\.slice$")
 PROC = "/proc"
 
 TIER_RANK: dict[str, int] = {
@@ -94,6 +107,12 @@ class PeerIdentity:
     unit: str | None
     start_time: int  # clock ticks since boot (/proc/<pid>/stat field 22)
     attestation: Attestation
+    # Whether the peer's mount namespace is the daemon's (/proc/<pid>/ns/mnt and
+    # /proc/self/ns/mnt name one namespace). False when unknown: fail closed.
+    same_mnt_ns: bool = False
+    # (st_dev, st_ino) of the file the peer runs, read through /proc/<pid>/exe (which
+    # opens the real file, whatever path the peer's namespace shows); None if unreadable.
+    exe_id: tuple[int, int] | None = None
 
     def audit(self) -> dict[str, Any]:
         return {
@@ -126,30 +145,32 @@ def _read_at(dir_fd: int, name: str, limit: int = 64 * 1024) -> bytes:
         os.close(fd)
 
 
-def _ids(line: bytes) -> tuple[int, ...]:
-    return tuple(int(x) for x in line.split()[1:])
+def _status_field(raw: bytes, key: bytes) -> bytes:
+    """The value of ``key`` (e.g. ``b"\\nUid:"``) in a /proc status text.
+
+    The kernel escapes newlines in ``Name:``, so a key found after a newline is the
+    field itself, not text a process chose.
+    """
+    i = raw.find(key)
+    if i < 0:
+        raise ValueError(f"no {key!r} in /proc status")
+    i += len(key)
+    j = raw.find(b"\n", i)
+    return raw[i:] if j < 0 else raw[i:j]
 
 
 def _proc_facts(dir_fd: int, *, with_start_time: bool = True) -> _ProcFacts:
     """Parse status (and stat) through a /proc/<pid> directory fd (ESRCH once it is gone).
 
     ``with_start_time=False`` skips the stat read (start time -1): a live pidfd already
-    proves the process is the same one.
+    proves the process is the same one. This runs on every request above the anonymous
+    tier, so status is read once and searched, not split into lines.
     """
-    uids: tuple[int, ...] = ()
-    gids: tuple[int, ...] = ()
-    groups: tuple[int, ...] = ()
-    state = ""
-    for line in _read_at(dir_fd, "status").split(b"\n"):
-        if line.startswith(b"State:"):
-            state = line.split()[1].decode("ascii", "replace")
-        elif line.startswith(b"Uid:"):
-            uids = _ids(line)
-        elif line.startswith(b"Gid:"):
-            gids = _ids(line)
-        elif line.startswith(b"Groups:"):
-            groups = _ids(line)
-            break  # Uid, Gid and State come before Groups
+    raw = _read_at(dir_fd, "status", 16 * 1024)
+    uids = tuple(int(x) for x in _status_field(raw, b"\nUid:").split())
+    gids = tuple(int(x) for x in _status_field(raw, b"\nGid:").split())
+    groups = tuple(sorted(int(x) for x in _status_field(raw, b"\nGroups:").split()))
+    state = _status_field(raw, b"\nState:").strip()[:1].decode("ascii", "replace")
     if len(uids) != 4 or len(gids) != 4 or not state:
         raise ValueError("unexpected /proc status format")
     start_time = -1
@@ -168,20 +189,31 @@ def _proc_facts(dir_fd: int, *, with_start_time: bool = True) -> _ProcFacts:
 
 
 def _unit_from_cgroup(text: str) -> str | None:
-    """The systemd unit of a cgroup v2 path: its *outermost* ``*.service``/``*.scope``.
+    """The systemd unit of a cgroup v2 path, or None.
 
-    Like systemd's own ``cg_path_get_unit``: below a unit's cgroup, names are chosen
-    by whoever the unit delegates to (``Delegate=yes``, or a user's service manager
-    ``user@UID.service``, where ``systemd-run --user --unit=anything.service`` works),
-    so they must not be able to claim a system unit's name.
+    Rule: walk the path from the root; every component before the unit must be a
+    ``*.slice``, and the first ``*.service``/``*.scope`` reached is the unit
+    (``/system.slice/x.service``, ``/init.scope``,
+    ``/user.slice/user-1000.slice/user@1000.service/...`` -> ``user@1000.service``).
+    Anything else yields no unit: a first component that is not a slice
+    (``/delegated/mcp-content-api.service``, a hand-made or container cgroup), and
+    every name *inside* a unit's subtree, which whoever the unit delegates to
+    (``Delegate=yes``, a user's service manager, where ``systemd-run --user
+    --unit=anything.service`` works) may choose. Slices directly below the root are
+    created by the system manager, which only root can write to.
     """
     for line in text.splitlines():
         hierarchy, _, path = line.partition("::")
         if hierarchy != "0":
             continue
-        for part in path.split("/"):
+        if not path.startswith("/"):
+            return None
+        for part in path[1:].split("/"):
             if _UNIT_RE.fullmatch(part):
                 return part
+            if not _SLICE_RE.fullmatch(part):
+                return None
+        return None
     return None
 
 
@@ -207,6 +239,22 @@ def _pidfd_alive(pidfd: int) -> bool:
     return True
 
 
+def _ns_id(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _same_mnt_ns(dir_fd: int) -> bool:
+    """Whether the process of a /proc/<pid> dirfd shares this process's mount namespace.
+
+    A namespace is identified by the device and inode of its ``ns/mnt`` file. Unreadable
+    (no ptrace-read access, process gone) counts as another namespace: fail closed.
+    """
+    try:
+        return _ns_id(os.stat("ns/mnt", dir_fd=dir_fd)) == _ns_id(os.stat(f"{PROC}/self/ns/mnt"))
+    except OSError:
+        return False
+
+
 def _gone(pid: int) -> Denied:
     return Denied(
         f"the process that opened this connection (pid {pid}) is gone; reconnect",
@@ -225,15 +273,24 @@ class PeerHandle:
         self._dir_fd = dir_fd
 
     def recheck(self) -> None:
-        """Raise :class:`Denied` unless the attested process is still alive, unchanged."""
+        """Raise :class:`Denied` unless the attested process is still alive, unchanged.
+
+        ``peer_gone``: exited (zombie or reaped), or the fds were closed. ``peer_changed``:
+        another effective uid or gid, other supplementary groups, or another executable
+        file than at attestation. Runs before every request above the anonymous tier,
+        so it costs one /proc read (status) plus one stat of ``exe`` when the identity
+        had one; with a pidfd, one ``pidfd_send_signal(0)``.
+        """
         ident = self.identity
         if self._dir_fd < 0:
             raise _gone(ident.pid)
         pinned = self._pidfd is not None
-        # A pidfd names one process for good: fdinfo shows Pid -1 once it is reaped,
-        # and status shows Z while it is a zombie. Without one, the start time must
-        # match (the dirfd already fails with ESRCH once that process is gone).
-        if self._pidfd is not None and _pidfd_pid(self._pidfd) != ident.pid:
+        # attest() proved that the pidfd and the /proc/<pid> dirfd name one process; both
+        # stay bound to it (not to the pid number), and reads through the dirfd fail with
+        # ESRCH once it is reaped. A zombie still answers: its status says Z. Without a
+        # pidfd the dirfd may have been opened on a recycled pid, so the start time must
+        # match too.
+        if self._pidfd is not None and not _pidfd_alive(self._pidfd):
             raise _gone(ident.pid)
         try:
             facts = _proc_facts(self._dir_fd, with_start_time=not pinned)
@@ -241,20 +298,34 @@ class PeerHandle:
             raise _gone(ident.pid) from None
         if facts.state in ("Z", "X") or (not pinned and facts.start_time != ident.start_time):
             raise _gone(ident.pid)
-        if facts.uids[1] != ident.uid or facts.gids[1] != ident.gid:
+        if (
+            facts.uids[1] != ident.uid
+            or facts.gids[1] != ident.gid
+            or facts.groups != ident.supplementary_gids
+        ):
             raise Denied(
                 f"process {ident.pid} changed its credentials after connecting", code="peer_changed"
             )
-        if ident.exe is not None:
+        if ident.exe_id is not None:
+            # The file itself, not its path: after unshare() and a mount, another file
+            # can show the same path.
             try:
-                exe: str | None = os.readlink("exe", dir_fd=self._dir_fd)
+                st = os.stat("exe", dir_fd=self._dir_fd)
+                same = (st.st_dev, st.st_ino) == ident.exe_id
             except OSError:
-                exe = None
-            if exe != ident.exe:
-                raise Denied(
-                    f"process {ident.pid} executed another program after connecting",
-                    code="peer_changed",
-                )
+                same = False
+        elif ident.exe is not None:
+            try:
+                same = os.readlink("exe", dir_fd=self._dir_fd) == ident.exe
+            except OSError:
+                same = False
+        else:
+            same = True
+        if not same:
+            raise Denied(
+                f"process {ident.pid} executed another program after connecting",
+                code="peer_changed",
+            )
 
     def close(self) -> None:
         for attr in ("_pidfd", "_dir_fd"):
@@ -306,8 +377,12 @@ def attest(sock: socket.socket, *, use_pidfd: bool = True) -> PeerHandle:
             facts = _proc_facts(dir_fd)
             try:
                 exe: str | None = os.readlink("exe", dir_fd=dir_fd)
+                exe_st = os.stat("exe", dir_fd=dir_fd)
+                exe_id: tuple[int, int] | None = (exe_st.st_dev, exe_st.st_ino)
             except OSError:
-                exe = None  # kernel thread, zombie, or no ptrace-read access (daemon not root)
+                # kernel thread, zombie, or no ptrace-read access (daemon not root)
+                exe, exe_id = None, None
+            same_mnt_ns = _same_mnt_ns(dir_fd)
             try:
                 unit = _unit_from_cgroup(_read_at(dir_fd, "cgroup").decode("utf-8", "replace"))
             except OSError:
@@ -335,6 +410,8 @@ def attest(sock: socket.socket, *, use_pidfd: bool = True) -> PeerHandle:
             unit=unit,
             start_time=facts.start_time,
             attestation="pidfd" if pidfd is not None else "best-effort",
+            same_mnt_ns=same_mnt_ns,
+            exe_id=exe_id,
         )
     except BaseException:
         for fd in (pidfd, dir_fd):
@@ -350,7 +427,8 @@ def attest(sock: socket.socket, *, use_pidfd: bool = True) -> PeerHandle:
 
 @dataclass(slots=True)
 class ExeHashCache:
-    """SHA-256 of a process's executable, cached by (device, inode, mtime, size).
+    """SHA-256 of a process's executable, cached by (device, inode, mtime, size), and
+    the file identity of a configured ``exe`` path (:meth:`file_id`).
 
     The file is read through ``/proc/<pid>/exe``, i.e. the executable actually
     mapped, even if the path was replaced since. Files above ``max_bytes`` are not
@@ -360,6 +438,15 @@ class ExeHashCache:
     max_entries: int = 256
     max_bytes: int = 256 * 1024 * 1024
     _cache: OrderedDict[tuple[int, int, int, int], str] = field(default_factory=OrderedDict)
+
+    def file_id(self, path: str) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of ``path`` as the daemon's mount namespace resolves it, or
+        None. Not cached: a package upgrade replaces the file at the path."""
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
     def sha256(self, pid: int) -> str | None:
         try:
@@ -397,6 +484,21 @@ def _resolve_id(value: int | str, daemon_id: int) -> int:
     return daemon_id if value == "self" else int(value)
 
 
+def _exe_is_the_configured_file(
+    path: str, ident: PeerIdentity, exe_hashes: ExeHashCache | None
+) -> bool:
+    """For an ``exe`` key whose path already equals the peer's: does that path name the
+    file the peer runs? In the daemon's mount namespace the path is the daemon's path.
+    In another one (a user namespace with its own mounts, a container, a systemd unit
+    with ProtectSystem=/PrivateTmp=) it is only the peer's view, so the file the peer
+    runs must be the one the path names for the daemon (same device and inode)."""
+    if ident.same_mnt_ns:
+        return True
+    if exe_hashes is None or ident.exe_id is None:
+        return False
+    return exe_hashes.file_id(path) == ident.exe_id
+
+
 def selector_matches(
     sel: PeerSelector,
     ident: PeerIdentity,
@@ -422,6 +524,8 @@ def selector_matches(
     if sel.exe is not None:
         expected.append((ident.exe, sel.exe))
     if not all(have == want for have, want in expected):
+        return False
+    if sel.exe is not None and not _exe_is_the_configured_file(sel.exe, ident, exe_hashes):
         return False
     if sel.exe_sha256 is not None:  # last: hashing is the expensive check
         return exe_hashes is not None and exe_hashes.sha256(ident.pid) == sel.exe_sha256
