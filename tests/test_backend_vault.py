@@ -54,12 +54,24 @@ class Journal:
     def __init__(self) -> None:
         self.events: list[tuple[str, str, float | None]] = []
         self.fail_issued: Exception | None = None
+        self.intents: dict[str, str] = {}  # open intent id -> lease prefix
 
-    async def issued(self, backend: str, lease_id: str, expires_at: float) -> None:
+    async def intent(self, backend: str, intent_id: str, prefix: str, *, at: float,
+                     deadline: float) -> None:
+        assert backend == "vault" and prefix.endswith("/") and deadline > at
+        self.intents[intent_id] = prefix
+
+    async def issued(self, backend: str, lease_id: str, expires_at: float, *,
+                     intent_id: str | None = None) -> None:
         assert backend == "vault"
         if self.fail_issued is not None:
             raise self.fail_issued
+        assert intent_id is not None and lease_id.startswith(self.intents.pop(intent_id))
         self.events.append(("issued", lease_id, expires_at))
+
+    async def intent_done(self, backend: str, intent_id: str) -> None:
+        assert backend == "vault"
+        self.intents.pop(intent_id, None)
 
     async def revoked(self, backend: str, lease_id: str) -> None:
         assert backend == "vault"
@@ -429,8 +441,9 @@ async def test_dynamic_credential_is_journaled_before_it_is_returned(
     got: list[SecretValue] = []
 
     class GatedJournal(Journal):
-        async def issued(self, backend: str, lease_id: str, expires_at: float) -> None:
-            await super().issued(backend, lease_id, expires_at)
+        async def issued(self, backend: str, lease_id: str, expires_at: float, *,
+                         intent_id: str | None = None) -> None:
+            await super().issued(backend, lease_id, expires_at, intent_id=intent_id)
             entered.set()
             await gate.wait()
 

@@ -30,6 +30,13 @@ endpoints sidekey uses, with the request and response shapes of Vault's API docs
   queued revocation with ``202 Accepted`` and a ``sync: true`` one with ``204``, and a
   lease it does not know (expired, already revoked) is not an error ("If there is no
   entry, nothing to revoke"): the same 202/204.
+  "List leases": ``LIST /v1/sys/leases/lookup/{prefix}`` (needs ``sudo``) ->
+  ``{"data": {"keys": [...]}}``, the keys relative to the prefix (a deeper level as
+  ``"name/"``); an empty listing is Vault's usual ``404 {"errors": []}``. "Read lease":
+  ``PUT``/``POST /v1/sys/leases/lookup`` with ``lease_id`` -> ``{"data": {"id",
+  "issue_time", "expire_time", "last_renewal", "renewable", "ttl"}}`` (RFC 3339 times
+  with nanoseconds, as Vault writes them); an unknown, expired or revoked lease is
+  ``400 {"errors": ["invalid lease"]}``.
 
 Errors are ``{"errors": [...]}``: ``403 ["permission denied"]`` for a missing, unknown,
 expired or other-namespace ``X-Vault-Token`` (and for paths :meth:`VaultServer.deny`
@@ -42,7 +49,9 @@ Knobs for tests: :meth:`~VaultServer.put_secret`, :meth:`~VaultServer.add_approl
 :meth:`~VaultServer.add_dynamic_role`, :meth:`~VaultServer.down` / :meth:`~VaultServer.up`
 (close / reopen the listener: connection refused), :meth:`~VaultServer.set_delay` (answer
 late, per route), :meth:`~VaultServer.fail` (inject error answers), :meth:`~VaultServer.deny`,
-:meth:`~VaultServer.set_sealed`; :attr:`~VaultServer.counts` per route,
+:meth:`~VaultServer.set_answer_delay` (create, then answer late: a crash of the client in
+between leaves a credential it never saw), :meth:`~VaultServer.set_sealed`;
+:attr:`~VaultServer.counts` per route,
 :attr:`~VaultServer.log` of every request (method, path, route; never a token),
 :attr:`~VaultServer.issued_leases`, :attr:`~VaultServer.revoked_leases`,
 :meth:`~VaultServer.live_leases`.
@@ -118,6 +127,7 @@ class Lease:
     issued_at: float
     expires_at: float
     revoked_at: float | None = None
+    issued_wall: float = 0.0  # time.time() at issue, for "issue_time"
 
 
 @dataclass
@@ -195,6 +205,7 @@ class VaultServer:
         self._stopping = threading.Event()
         self._counts: dict[str, int] = {}
         self._delays: dict[str | None, float] = {}
+        self._answer_delays: dict[str, float] = {}
         self._faults: dict[str, _Fault] = {}
         self._denied: list[str] = []
         self._sealed = False
@@ -271,6 +282,12 @@ class VaultServer:
         :attr:`counts`). Cut short by :meth:`stop`."""
         with self._lock:
             self._delays[route] = seconds
+
+    def set_answer_delay(self, seconds: float, route: str) -> None:
+        """Handle ``route``'s requests at once (a creds read creates its lease) but answer
+        ``seconds`` later. Cut short by :meth:`stop`."""
+        with self._lock:
+            self._answer_delays[route] = seconds
 
     def fail(self, route: str, status: int = 500, errors: list[str] | None = None,
              times: int = 1) -> None:
@@ -397,7 +414,8 @@ class VaultServer:
     @property
     def counts(self) -> dict[str, int]:
         """Requests received per route: ``lookup_self``, ``renew_self``, ``login``,
-        ``kv_read``, ``kv_write``, ``kv_metadata``, ``creds``, ``revoke``, ``other``."""
+        ``kv_read``, ``kv_write``, ``kv_metadata``, ``creds``, ``revoke``, ``list_leases``,
+        ``lookup_lease``, ``other``."""
         with self._lock:
             return dict(self._counts)
 
@@ -414,6 +432,10 @@ class VaultServer:
             return "login", {"mount": parts[1]}
         if rel == "sys/leases/revoke" or rel.startswith("sys/leases/revoke/"):
             return "revoke", {"url_lease_id": rel[len("sys/leases/revoke/"):]}
+        if rel == "sys/leases/lookup" and method != "LIST":
+            return "lookup_lease", {}
+        if rel.startswith("sys/leases/lookup"):
+            return "list_leases", {"prefix": rel[len("sys/leases/lookup"):].lstrip("/")}
         if len(parts) >= 3 and parts[0] in self._kv and parts[1] in ("data", "metadata"):
             kind = "kv_metadata" if parts[1] == "metadata" else (
                 "kv_read" if method == "GET" else "kv_write")
@@ -424,10 +446,24 @@ class VaultServer:
 
     def _respond(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> Answer:
         """Runs in a handler thread."""
+        answer = self._answer(method, raw_path, headers, body)
+        with self._lock:
+            late = self._answer_delays.get(self._route(method, self._rel(raw_path))[0], 0.0)
+        if late > 0:
+            self._stopping.wait(late)
+        return answer
+
+    @staticmethod
+    def _rel(raw_path: str) -> str:
+        return urllib.parse.unquote(urllib.parse.urlsplit(raw_path).path).removeprefix("/v1/").strip("/")
+
+    def _answer(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> Answer:
         url = urllib.parse.urlsplit(raw_path)
         path = urllib.parse.unquote(url.path)
         query = urllib.parse.parse_qs(url.query)
         rel = path.removeprefix("/v1/").strip("/")
+        if method == "GET" and query.get("list") == ["true"]:
+            method = "LIST"  # Vault takes GET ?list=true for LIST
         headers = {k.lower(): v for k, v in headers.items()}
         with self._lock:
             route, params = self._route(method, rel)
@@ -467,6 +503,10 @@ class VaultServer:
                 return self._renew(token, doc, now)
             if route == "revoke" and method in ("POST", "PUT"):
                 return self._revoke(doc, params["url_lease_id"], now)
+            if route == "list_leases" and method == "LIST":
+                return self._list_leases(params["prefix"], now)
+            if route == "lookup_lease" and method in ("POST", "PUT"):
+                return self._lookup_lease(doc, now)
             if route == "kv_read":
                 return self._kv_read(params["mount"], params["path"], query)
             if route == "kv_write" and method in ("POST", "PUT"):
@@ -546,6 +586,41 @@ class VaultServer:
         # Known or not, Vault answers the same: 204 for sync, 202 (queued) otherwise.
         return (204, None) if doc.get("sync") else (202, None)
 
+    def _live(self, lease: Lease, now: float) -> bool:
+        return lease.revoked_at is None and lease.expires_at > now
+
+    def _list_leases(self, prefix: str, now: float) -> Answer:
+        keys: set[str] = set()
+        for lease_id, lease in self._leases.items():
+            if not lease_id.startswith(prefix) or not self._live(lease, now):
+                continue
+            rest = lease_id[len(prefix):]
+            head, sep, _ = rest.partition("/")
+            keys.add(head + sep)
+        if not keys:
+            return 404, {"errors": []}
+        return 200, self._envelope(data={"keys": sorted(keys)})
+
+    def _lookup_lease(self, doc: dict[str, Any], now: float) -> Answer:
+        lease_id = doc.get("lease_id")
+        if not isinstance(lease_id, str) or not lease_id:
+            return 400, {"errors": ["missing lease ID"]}
+        lease = self._leases.get(lease_id)
+        if lease is None or not self._live(lease, now):
+            return 400, {"errors": ["invalid lease"]}
+
+        def rfc3339(ts: float) -> str:
+            # Vault writes nanoseconds and an offset: 2017-04-30T10:18:11.228946471-04:00
+            dt = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+            return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond:06d}123Z"
+
+        left = lease.expires_at - now
+        return 200, self._envelope(data={
+            "id": lease.lease_id, "issue_time": rfc3339(lease.issued_wall),
+            "expire_time": rfc3339(time.time() + left), "last_renewal": None,
+            "renewable": True, "ttl": int(left),
+        })
+
     def _kv_write(self, mount: str, path: str, data: dict[str, Any], cas: int | None) -> tuple[bool, int]:
         entry = self._kv.setdefault(mount, {}).setdefault(path, _KvSecret())
         if cas is not None and cas != entry.current:
@@ -607,6 +682,7 @@ class VaultServer:
             username=f"v-token-{role_name}-{secrets.token_hex(8)}",
             password="A1a-" + secrets.token_urlsafe(15),
             lease_duration=role["ttl"], issued_at=now, expires_at=now + role["ttl"],
+            issued_wall=time.time(),
         )
         self._leases[lease.lease_id] = lease
         self.issued_leases.append(lease)

@@ -13,6 +13,7 @@ import datetime
 import functools
 import logging
 import os
+import pwd
 import secrets
 import signal
 import socket
@@ -28,21 +29,23 @@ import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from . import approvals, protocol, quotas, systemd
+from . import approvals, hardening, protocol, quotas, systemd
 from .approval_desk import ApprovalDesk, HeldCall, parse_timeout
 from .approval_desk import wire as approval_wire
 from .approvals import APPROVAL_ID, Approval
 from .audit import AuditLog, AuditSink
-from .audit.events import make_event
+from .audit.events import format_timestamp, make_event
 from .audit.jsonl import open_jsonl_sink
-from .backends import Backend, SecretValue, build_backends, unwrap
-from .config import LoadedConfig, OAuth2Config, SecretRef, load_config
+from .audit.ratelimit import RejectionLimiter, Suppressed
+from .backends import INTENT_GRACE_S, Backend, SecretValue, build_backends, unwrap
+from .config import Config, LoadedConfig, OAuth2Config, RbacEntry, SecretRef, load_config
 from .healthcheck import RegistryHealth
 from .leases import ACTIVE, RELEASED, REVOKED, LeaseManager, new_lease_id
 from .oauth import OAuthVerifier
 from .peer import (
     ExeHashCache,
     PeerHandle,
+    PeerIdentity,
     servers_of_peer,
     tier_allows,
     tier_of,
@@ -62,8 +65,10 @@ from .protocol import (
     TokenRequest,
 )
 from .server import HttpServer, Request, Response, bind_unix_socket, error_response
+from .store.sqlite import reinitialize_if_empty
 from .store import (
     MAX_APPROVALS_LISTED,
+    BackendIntent,
     CounterOp,
     LeaseRecord,
     StateStore,
@@ -90,6 +95,11 @@ MAX_PENDING_CALLS = 100_000  # authorize->redeem argument records kept in memory
 # A backend call may re-authenticate once (lookup, login, retry: ~3 backend timeouts).
 BACKEND_TIMEOUT_S = 20.0
 REVOCATION_RETRY_S = 60.0
+# Request paths in error messages and audit events are cut to this many characters (an
+# anonymous caller chooses them; the whole path is no evidence worth 16 KB per refusal).
+MAX_PATH_SHOWN = 200
+# How often closed rejection-audit windows are summarised when their uid is quiet.
+REJECTION_FLUSH_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +116,13 @@ def _iso_second(second: int) -> str:
 def _iso(ts: float) -> str:
     """UTC ISO-8601 to the second (expiry times); cached, as a call formats several."""
     return _iso_second(int(ts))
+
+
+def _shown(text: str) -> str:
+    """A caller-chosen path (or method) as it may appear in a message or audit event."""
+    if len(text) <= MAX_PATH_SHOWN:
+        return text
+    return f"{text[:MAX_PATH_SHOWN]}…(truncated {len(text) - MAX_PATH_SHOWN} chars)"
 
 
 def _json(status: int, value: Any) -> Response:
@@ -162,6 +179,13 @@ class Sidekey:
         self._pending: OrderedDict[str, _PendingCall] = OrderedDict()
         self._lease_calls: OrderedDict[str, _PendingCall] = OrderedDict()
         self.server: HttpServer | None = None
+        # Audit volume of unattested callers' refusals, per uid (audit.rejections_per_uid).
+        limit = loaded.config.audit.rejections_per_uid
+        self._rejection_limit = limit
+        self.rejections = RejectionLimiter(
+            burst=limit.burst, per_seconds=limit.per_seconds, max_keys=limit.max_uids)
+        # (generation, any uid may match a selector, uids named, user names named)
+        self._uid_classes: tuple[int, bool, frozenset[int], frozenset[str]] | None = None
         self.approvals = ApprovalDesk(
             store=store, audit=audit, event=self.event, config=lambda: self.cfg, clock=clock)
         self.routes: dict[tuple[str, str], Route] = {
@@ -209,6 +233,7 @@ class Sidekey:
             host=self.host,
             now=datetime.datetime.fromtimestamp(self.clock(), datetime.UTC),
             redact_keys=self.cfg.audit.redact_keys,
+            redact_tool_fields=self.cfg.audit.redact_tool_fields,
             **fields,
         )
 
@@ -224,9 +249,10 @@ class Sidekey:
             if route is None:
                 if any(path == request.path for _, path in self.routes):
                     raise SidekeyError(
-                        f"{request.method} is not allowed on {request.path}", code="method_not_allowed"
+                        f"{_shown(request.method)} is not allowed on {_shown(request.path)}",
+                        code="method_not_allowed",
                     )
-                raise NotFound(f"no endpoint {request.path}", code="not_found")
+                raise NotFound(f"no endpoint {_shown(request.path)}", code="not_found")
             if route.tier != "anonymous":
                 # The connection's identity was read at accept; the socket may since have
                 # been passed to another process (SCM_RIGHTS) or its process may have
@@ -237,7 +263,7 @@ class Sidekey:
             _, tier = self._peer_facts(request)
             if not tier_allows(tier, route.tier):
                 raise Denied(
-                    f"{request.path} requires tier {route.tier}; this process is {tier}",
+                    f"{_shown(request.path)} requires tier {route.tier}; this process is {tier}",
                     code="peer_rejected",
                 )
             return await route.handler(request)
@@ -267,27 +293,140 @@ class Sidekey:
             event_type = "peer.rejected"
         else:
             event_type = "request.rejected"
+        # A refusal of a caller attested above anonymous is a security decision about a
+        # known principal: always written in full. An anonymous caller's are bounded per
+        # uid (audit.rejections_per_uid), or it could fill the audit disk.
+        if self._anonymous_connection(request) and not await self._admit_rejection(
+            request.peer.identity.uid, exc.code
+        ):
+            return
         await self.audit.emit(
             self.event(
                 event_type,
                 peer=request.peer.identity.audit(),
                 request_id=request.request_id,
                 error={"code": exc.code, "message": exc.message, "status": exc.status},
-                extra={"path": request.path},
+                extra={"path": _shown(request.path)},
             )
         )
 
-    async def rejected(self, peer: PeerHandle | None, error: SidekeyError, request_id: str) -> None:
-        """Called by the server for transport-level rejections (bad HTTP, too large, ...)."""
+    async def rejected(
+        self, peer: PeerHandle | None, error: SidekeyError, request_id: str, *, uid: int | None = None
+    ) -> None:
+        """Called by the server for transport-level rejections (bad HTTP, too large,
+        unattestable peer, too many connections). ``uid``: the peer's uid from
+        SO_PEERCRED when there is no attested peer. Bounded per uid whoever the caller is:
+        none of these is a decision about a principal, and most come before attestation."""
         event_type = "peer.rejected" if error.code.startswith("peer_") else "request.rejected"
+        key = peer.identity.uid if peer is not None else uid
+        if not await self._admit_rejection(-1 if key is None else key, error.code):
+            return
+        if peer is not None:
+            who: dict[str, Any] | None = peer.identity.audit()
+        else:
+            who = {"uid": uid} if uid is not None else None
         await self.audit.emit(
             self.event(
                 event_type,
-                peer=peer.identity.audit() if peer is not None else None,
+                peer=who,
                 request_id=request_id,
                 error={"code": error.code, "message": error.message, "status": error.status},
             )
         )
+
+    # ------------------------------------------------------------------ caller bounds
+
+    def _identity_tier(self, ident: PeerIdentity) -> str:
+        servers = servers_of_peer(
+            self.cfg.peers, ident, daemon_uid=self.daemon_uid, daemon_gid=self.daemon_gid,
+            exe_hashes=self.exe_hashes,
+        )
+        return tier_of(self.cfg.rbac, ident, daemon_uid=self.daemon_uid,
+                       daemon_gid=self.daemon_gid, is_service=bool(servers))
+
+    def _anonymous_connection(self, request: Request) -> bool:
+        """Whether the connection's peer, as attested at accept, holds no tier above
+        anonymous (cached per connection and config generation)."""
+        cached = request.conn.cache.get("anonymous")
+        if cached is None or cached[0] != self.generation:
+            anonymous = self._identity_tier(request.peer.identity) == "anonymous"
+            cached = request.conn.cache["anonymous"] = (self.generation, anonymous)
+        return bool(cached[1])
+
+    def connection_class(self, uid: int, identity: PeerIdentity | None) -> str:
+        """The server's hook for per-uid connection slots: ``"service"`` or ``"anonymous"``.
+
+        With ``identity`` (after attestation): anonymous unless the peer holds a tier above
+        anonymous. Without (at accept, uid only): anonymous only when no selector could
+        give this uid more, i.e. the daemon's uid is not it, and every peers/rbac selector
+        that does not pin a uid or user (gid, group, unit, exe only) is absent: such a
+        selector could match any uid, so then every uid counts as service until attested.
+        """
+        if identity is not None:
+            return "anonymous" if self._identity_tier(identity) == "anonymous" else "service"
+        if uid == self.daemon_uid:
+            return "service"
+        classes = self._uid_classes
+        if classes is None or classes[0] != self.generation:
+            classes = self._uid_classes = (self.generation, *_selector_uids(self.cfg, self.daemon_uid))
+        _, any_uid, uids, users = classes
+        if any_uid or uid in uids:
+            return "service"
+        return "service" if users and _uid_name(uid) in users else "anonymous"
+
+    async def _admit_rejection(self, uid: int, code: str) -> bool:
+        """Count one refusal of ``uid``; True when its full event is to be written.
+        Writes the summaries of windows that closed (``request.rejected.suppressed``)."""
+        limit = self.cfg.audit.rejections_per_uid
+        if limit is not self._rejection_limit:  # reloaded
+            self._rejection_limit = limit
+            self.rejections.configure(
+                burst=limit.burst, per_seconds=limit.per_seconds, max_keys=limit.max_uids)
+        full = self.rejections.admit(uid, code, self.clock())
+        await self._emit_suppressed()
+        return full
+
+    async def _emit_suppressed(self) -> None:
+        for summary in self.rejections.take():
+            await self.audit.emit(self._suppressed_event(summary))
+
+    def _suppressed_event(self, s: Suppressed) -> dict[str, Any]:
+        def ts(t: float) -> str:
+            return format_timestamp(datetime.datetime.fromtimestamp(t, datetime.UTC))
+
+        return self.event(
+            "request.rejected.suppressed",
+            peer={"uid": s.key} if s.key >= 0 else None,
+            extra={
+                "window_start": ts(s.window_start),
+                "window_end": ts(s.window_end),
+                "closed": s.reason,  # interval | evicted | shutdown
+                "written": s.written,
+                "suppressed": s.total,
+                "by_code": s.counts,
+            },
+        )
+
+    async def run_rejection_flusher(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Summarise rejection windows that closed while their uid stayed quiet."""
+        task_status.started()
+        while True:
+            await trio.sleep(REJECTION_FLUSH_S)
+            self.rejections.expire(self.clock())
+            try:
+                await self._emit_suppressed()
+            except SidekeyError as exc:
+                log.warning("cannot write request.rejected.suppressed: %s", exc)
+
+    async def close_rejection_windows(self) -> None:
+        """At shutdown: write the counts of every open window (none is lost)."""
+        self.rejections.close_all(self.clock())
+        try:
+            await self._emit_suppressed()
+        except SidekeyError as exc:
+            log.warning("cannot write request.rejected.suppressed at shutdown: %s", exc)
 
     # ------------------------------------------------------------------ endpoints
 
@@ -300,7 +439,8 @@ class Sidekey:
         )
         body = {
             "status": "ok" if ok else "degraded",
-            "store": {"ok": store.get("ok")},
+            "store": {"ok": store.get("ok"),
+                      **({"reason": store["reason"]} if store.get("reason") else {})},
             "audit": {"ok": audit.get("ok")},
             "backends": {
                 n: {k: b[k] for k in ("ok", "type", "reachable", "authenticated", "token_ttl_s")
@@ -1136,10 +1276,14 @@ class Sidekey:
         """At start: revoke every journaled dynamic credential still open. After a crash
         nobody can say whether the call that held it is still running, so the
         conservative answer holds: the credential dies, and its tool call's lease (if it
-        is still active) is revoked with it. Returns how many credentials were revoked."""
+        is still active) is revoked with it. Returns how many credentials were revoked.
+        Credentials Vault issued that never reached the journal are found through their
+        intents (:meth:`resolve_backend_intents`; those still within their grace are
+        resolved by :meth:`retry_revocations` a little later)."""
+        orphans = await self.resolve_backend_intents()
         open_items = await self.store.open_backend_leases()
         if not open_items:
-            return 0
+            return orphans
         log.info("revoking %d dynamic credentials left from before the restart", len(open_items))
         await self._revoke_backend_leases([(b, bl) for b, bl, _ in open_items])
         for lease_id in {lid for _, _, lid in open_items if lid is not None}:
@@ -1156,7 +1300,46 @@ class Sidekey:
                 extra={"reason": "daemon restarted: its dynamic credentials were revoked"},
             ))
             await self.leases.audited(rec.lease_id)
-        return len(open_items)
+        return orphans + len(open_items)
+
+    async def resolve_backend_intents(self) -> int:
+        """Resolve every journaled intent whose deadline passed more than
+        :data:`~sidekey.backends.INTENT_GRACE_S` ago (its call crashed or failed before
+        its credential, if any, was journaled): the backend revokes what it issued under
+        the intent's prefix in the intent's window that nobody journaled. Intents of one
+        prefix share one listing. An intent whose backend fails stays open (next round).
+        Never raises for a backend or store outage. Returns how many credentials were
+        revoked."""
+        try:
+            intents = await self.store.open_backend_intents()
+        except SidekeyError as exc:
+            log.warning("intent sweep skipped: %s", exc)
+            return 0
+        now = self.clock()
+        groups: dict[tuple[str, str], list[BackendIntent]] = {}
+        for intent in intents:
+            if now >= intent.deadline + INTENT_GRACE_S:
+                groups.setdefault((intent.backend, intent.prefix), []).append(intent)
+        revoked = 0
+        for (name, prefix), group in groups.items():
+            backend = self.backends.get(name)
+            sweep = getattr(unwrap(backend), "sweep_orphans", None) if backend else None
+            if sweep is None:
+                log.error("%d open intents for backend %r, which is not configured (or cannot "
+                          "sweep): credentials under %s may live until their TTL",
+                          len(group), name, prefix)
+                continue
+            try:
+                with trio.fail_after(BACKEND_TIMEOUT_S):
+                    revoked += await sweep(
+                        prefix, [(i.at, i.deadline) for i in group],
+                        functools.partial(self.store.backend_leases_known, name))
+                for intent in group:
+                    await self.store.backend_intent_done(intent.backend, intent.intent_id)
+            except (SidekeyError, trio.TooSlowError) as exc:
+                log.warning("cannot resolve %d intents under %s in backend %r yet: %s",
+                            len(group), prefix, name, exc)
+        return revoked
 
     async def retry_revocations(
         self, *, interval_s: float = REVOCATION_RETRY_S,
@@ -1178,6 +1361,7 @@ class Sidekey:
             if stale:
                 log.info("retrying the revocation of %d dynamic credentials", len(stale))
                 await self._revoke_backend_leases(stale)
+            await self.resolve_backend_intents()
 
     async def _lease_expired(self, rec: LeaseRecord) -> None:
         self._lease_calls.pop(rec.lease_id, None)
@@ -1201,6 +1385,38 @@ class Sidekey:
         table[key] = value
         while len(table) > MAX_PENDING_CALLS:
             table.popitem(last=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _uid_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _selector_uids(cfg: Config, daemon_uid: int) -> tuple[bool, frozenset[int], frozenset[str]]:
+    """Which uids a peers or rbac selector can lift above anonymous, from the config
+    alone: (any uid may: some selector pins neither uid nor user, the uids named, the
+    user names named)."""
+    any_uid = False
+    uids: set[int] = set()
+    users: set[str] = set()
+    for selectors in cfg.peers.values():
+        for sel in selectors:
+            if sel.uid is not None:
+                uids.add(daemon_uid if sel.uid == "self" else int(sel.uid))
+            elif sel.user is not None:
+                users.add(sel.user)
+            else:
+                any_uid = True
+    for tier in ("owner", "admin", "security", "approver", "service"):
+        entry: RbacEntry = getattr(cfg.rbac, tier)
+        uids.update(daemon_uid if u == "self" else int(u) for u in entry.uids)
+        users.update(entry.users)
+        if entry.gids or entry.groups or entry.units:
+            any_uid = True
+    return any_uid, frozenset(uids), frozenset(users)
 
 
 def _digest_capped(arguments: dict[str, Any]) -> str:
@@ -1250,11 +1466,24 @@ def build_codec(loaded: LoadedConfig, *, create: bool = True) -> TokenCodec:
     )
 
 
-async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT. Returns the process exit code."""
+async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bool = False) -> int:
+    """Run the daemon until SIGTERM/SIGINT. Returns the process exit code.
+
+    ``init``: start a new state database in place of an empty (0-byte) ``state.db``
+    (without it such a file stops the start: ``state_db_empty``).
+    """
+    # First, before any key is loaded: no core dumps, no ptrace/proc access by others
+    # of our uid (see sidekey.hardening).
+    hardening.protect_process_memory()
     cfg = loaded.config
     path = socket_path or loaded.socket_path
     trust = check_config_signature(loaded, running=None)
+    # Files the daemon writes: a loose mode is fixed (with a warning), a foreign owner
+    # or a directory others can write to stops the start.
+    file_warnings = hardening.check_daemon_files(hardening.daemon_files(loaded), fix=True)
+    reinitialized = (
+        init and cfg.state.backend == "sqlite" and reinitialize_if_empty(loaded.state_dir)
+    )
     # Cheap checks that can fail first (backend keys, the socket), so a failed start
     # leaves no state behind; everything opened is closed on every way out.
     journal = StoreJournal(None)
@@ -1311,6 +1540,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
             )
             await nursery.start(app.leases.run)
             await nursery.start(app.approvals.run_sweeper)
+            await nursery.start(app.run_rejection_flusher)
             await nursery.start(app.watch_rotations)
             await nursery.start(app.approvals.run_webhook)
             if cfg.policy.registry_health_checks:
@@ -1323,6 +1553,10 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
                         "socket": str(path),
                         "config": str(loaded.path),
                         "leases_recovered": recovered,
+                        # Start-up hardening (sidekey.hardening): modes it fixed, and
+                        # whether an empty state database was replaced (--init).
+                        **({"files_fixed": file_warnings} if file_warnings else {}),
+                        **({"state_reinitialized": True} if reinitialized else {}),
                     },
                 )
             )
@@ -1340,6 +1574,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None) -> int:
                 systemd.notify("READY=1")
             # serve() has returned: the listener is closed and connections drained.
             systemd.notify("STOPPING=1")
+            await app.close_rejection_windows()
             await audit.emit(app.event("daemon.stopped", extra={"pid": os.getpid()}))
             nursery.cancel_scope.cancel()
     finally:
@@ -1392,9 +1627,18 @@ class StoreJournal:
             raise protocol.Unavailable("state store not open yet", code="state_unavailable")
         return self.store
 
-    async def issued(self, backend: str, lease_id: str, expires_at: float) -> None:
+    async def intent(self, backend: str, intent_id: str, prefix: str, *, at: float,
+                     deadline: float) -> None:
+        await self._store().journal_backend_intent(backend, intent_id, prefix, at=at,
+                                                   deadline=deadline)
+
+    async def issued(self, backend: str, lease_id: str, expires_at: float, *,
+                     intent_id: str | None = None) -> None:
         await self._store().journal_backend_lease(backend, lease_id, expires_at=expires_at,
-                                                  at=self.clock())
+                                                  at=self.clock(), intent_id=intent_id)
+
+    async def intent_done(self, backend: str, intent_id: str) -> None:
+        await self._store().backend_intent_done(backend, intent_id)
 
     async def revoked(self, backend: str, lease_id: str) -> None:
         await self._store().backend_lease_revoked(backend, lease_id, at=self.clock())

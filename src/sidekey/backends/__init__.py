@@ -54,12 +54,35 @@ class SecretNotFound(protocol.SidekeyError):
     code = "secret_not_found"
 
 
+# A backend's clock and the journaling host's may differ by this much (NTP keeps it far
+# smaller); an intent's window is widened by it on both sides.
+INTENT_CLOCK_SKEW_S = 5.0
+# An intent is resolved by the sweep only this long after its deadline: by then every
+# host that is still alive has journaled (or revoked) what it got in that window, so a
+# credential in the window that nobody journaled is an orphan. Covers the skew above
+# plus a journal write (a store call is bounded by its timeout, a few seconds).
+INTENT_GRACE_S = 2 * INTENT_CLOCK_SKEW_S
+
+
 class LeaseJournal(Protocol):
     """Where a backend records the dynamic credentials it creates, durably, so that a
-    crashed daemon revokes them at its next start. ``issued`` is awaited *before* the
-    credential is handed out; ``revoked`` after the backend confirmed the revocation."""
+    crashed daemon revokes them at its next start.
 
-    async def issued(self, backend: str, lease_id: str, expires_at: float) -> None: ...
+    ``intent`` is awaited *before* the backend is asked for a credential (``prefix``: the
+    lease ids it will have, e.g. ``database/creds/readonly/``; ``deadline``: the latest
+    the backend can create it); ``issued`` *before* the credential is handed out, and it
+    resolves the intent in the same atomic step; ``intent_done`` resolves an intent that
+    produced nothing; ``revoked`` after the backend confirmed the revocation. A crash
+    between the backend's answer and ``issued`` leaves the intent open, and the sweep
+    (:func:`sidekey.daemon.Sidekey.resolve_backend_intents`) looks its prefix up."""
+
+    async def intent(self, backend: str, intent_id: str, prefix: str, *, at: float,
+                     deadline: float) -> None: ...
+
+    async def issued(self, backend: str, lease_id: str, expires_at: float, *,
+                     intent_id: str | None = None) -> None: ...
+
+    async def intent_done(self, backend: str, intent_id: str) -> None: ...
 
     async def revoked(self, backend: str, lease_id: str) -> None: ...
 

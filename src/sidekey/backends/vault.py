@@ -18,6 +18,24 @@ What it does with Vault (API paths relative to ``/v1``):
   lease is written to the :class:`~sidekey.backends.LeaseJournal` *before* the value is
   handed out and revoked (``sys/leases/revoke``) when the tool call's lease ends. With
   ``pool_size`` a few credentials are issued ahead of time, each handed out once.
+* **Crash between Vault's answer and the journal.** Before the read, an *intent* is
+  journaled: "a credential may appear under ``database/creds/readonly/`` between now and
+  ``deadline``" (the whole issuing call is bounded, so the deadline holds). Journaling
+  the lease resolves the intent atomically. An intent still open after its deadline +
+  :data:`~sidekey.backends.INTENT_GRACE_S` is resolved by :meth:`VaultBackend.sweep_orphans`:
+  list the leases under the prefix (``LIST sys/leases/lookup/<prefix>``, which needs
+  ``sudo`` on that path), drop the ones journaled by anyone (any host on the same
+  state store) or pooled, read each remaining lease's ``issue_time``
+  (``PUT sys/leases/lookup``) and revoke those issued inside the intent's window.
+  Not ``sys/leases/revoke-prefix``: the prefix is the *role*, shared by every host,
+  by the warm pool and by calls in flight, and Vault lease ids carry no per-host or
+  per-request marker, so a prefix revocation would kill live credentials of others.
+  (Vault API: https://developer.hashicorp.com/vault/api-docs/system/leases -- "List
+  leases" LIST /sys/leases/lookup/:prefix, sudo, ``{"data": {"keys": [...]}}``; "Read
+  lease" PUT /sys/leases/lookup -> ``data.issue_time``; hvac ``sys.list_leases`` /
+  ``sys.read_lease``.) What remains: a host that does not share the state store but
+  uses the same role can lose a credential it got within the same few seconds as a
+  crashed host's intent (its call fails; nothing leaks). Give such hosts a role each.
 
 Every hvac call runs in a worker thread behind a :class:`trio.CapacityLimiter`, bounded
 by ``trio.fail_after(timeout_s + CALL_MARGIN_S)`` with ``abandon_on_cancel=True``: a hung
@@ -40,10 +58,12 @@ import logging
 import math
 import os
 import re
+import datetime
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -59,7 +79,7 @@ from ..config import resolve_path
 from ..protocol import BadRequest, ConfigError, SidekeyError
 from ..secretfiles import check_private as _check_private
 from ..secretfiles import read_secret as _read_secret
-from . import BackendError, LeaseJournal, SecretNotFound, SecretValue
+from . import INTENT_CLOCK_SKEW_S, BackendError, LeaseJournal, SecretNotFound, SecretValue
 
 if TYPE_CHECKING:
     from ..config import SecretRef, VaultBackendConfig
@@ -85,6 +105,12 @@ HEALTH_PROBE_INTERVAL_S = 10.0
 MAX_REVOKE_ATTEMPTS = 5
 MAX_ERROR_CHARS = 300
 MAX_LEASE_ID_CHARS = 1024
+# The calls one issuance may make (the read, a re-authentication of two calls, the
+# read again): the issuing call is bounded by this many call budgets, and so is its
+# intent's deadline.
+ISSUE_CALLS = 4
+# An orphan sweep looks at most this many unjournaled leases under one prefix per round.
+MAX_ORPHAN_SCAN = 10_000
 
 _ERRNO_RE = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
 # Vault's answers to a revocation of a lease it does not know (any more).
@@ -149,6 +175,22 @@ class _KvReadResponse(_R, frozen=True, kw_only=True):
 
 class _KvWriteResponse(_R, frozen=True, kw_only=True):
     data: _KvMetadata
+
+
+class _LeaseList(_R, frozen=True, kw_only=True):
+    keys: list[str] = []
+
+
+class _LeaseListResponse(_R, frozen=True, kw_only=True):
+    data: _LeaseList
+
+
+class _LeaseInfo(_R, frozen=True, kw_only=True):
+    issue_time: str = ""
+
+
+class _LeaseInfoResponse(_R, frozen=True, kw_only=True):
+    data: _LeaseInfo
 
 
 class _LeaseResponse(_R, frozen=True, kw_only=True):
@@ -654,21 +696,43 @@ class VaultBackend:
             self._to_revoke.setdefault(cred.lease_id, 0)
         return None
 
+    def _issue_budget(self) -> float:
+        return ISSUE_CALLS * (self._cfg.timeout_s + CALL_MARGIN_S)
+
     async def _issue(self, mount: str, path: str) -> _Credential:
-        """A fresh credential from ``<mount>/<path>``, journaled before it is returned."""
+        """A fresh credential from ``<mount>/<path>``, journaled before it is returned
+        (and announced by an intent before Vault is asked: see the module doc)."""
         label = f"{mount}/{path}"
+        intent_id: str | None = None
+        if self._journal is not None:
+            intent_id = f"int_{uuid.uuid4().hex}"
+            at = self._clock()
+            # The last moment Vault can create this credential: every request is sent
+            # within the budget (fail_after below), and an abandoned worker thread's
+            # request reaches Vault within one more call timeout (connect + send).
+            deadline = at + self._issue_budget() + self._cfg.timeout_s + CALL_MARGIN_S
+            await self._journal.intent(self.name, intent_id, f"{label}/", at=at, deadline=deadline)
         handoff = _Handoff()
         try:
-            raw = await self._authed(
-                f"read of {label}", lambda: self._w_issue(mount, path, handoff), label
-            )
-        except BaseException:
+            with trio.fail_after(self._issue_budget()):
+                raw = await self._authed(
+                    f"read of {label}", lambda: self._w_issue(mount, path, handoff), label
+                )
+        except BaseException as exc:
             orphan = handoff.abandon()
             if orphan is not None:
                 # The thread delivered a lease just as we gave up on it: nobody will
-                # hand it out, so it is revoked in the background.
+                # hand it out, so it is revoked in the background (and if that fails and
+                # the daemon dies, the intent, left open, lets the sweep find it).
                 self._to_revoke.setdefault(orphan, 0)
                 self._pool_wakeup.set()
+            elif intent_id is not None and isinstance(exc, SecretNotFound):
+                # Vault answered (unknown role): it created nothing. Other failures may
+                # have a request still on its way; the sweep resolves those intents.
+                await self._intent_done_quietly(intent_id)
+            if isinstance(exc, trio.TooSlowError):
+                raise BackendError(f"vault read of {label} did not complete within "
+                                   f"{self._issue_budget():g} s") from None
             raise
         try:
             parsed = self._parse(raw, _LeaseResponse, f"read of {label}")
@@ -691,7 +755,8 @@ class VaultBackend:
         )
         if self._journal is not None:
             try:
-                await self._journal.issued(self.name, cred.lease_id, cred.expires_at)
+                await self._journal.issued(self.name, cred.lease_id, cred.expires_at,
+                                           intent_id=intent_id)
             except BaseException:
                 # Not journaled means not revocable after a crash: never hand it out.
                 with trio.CancelScope(shield=True):
@@ -700,6 +765,76 @@ class VaultBackend:
         log.debug("vault backend %r: issued lease %s from %s (ttl %d s)",
                   self.name, cred.lease_id, label, cred.lease_duration)
         return cred
+
+    async def _intent_done_quietly(self, intent_id: str) -> None:
+        assert self._journal is not None
+        try:
+            with trio.CancelScope(shield=True):
+                await self._journal.intent_done(self.name, intent_id)
+        except Exception as exc:  # left open: the sweep resolves it later
+            log.debug("vault backend %r: intent %s not resolved: %s", self.name, intent_id,
+                      getattr(exc, "message", type(exc).__name__))
+
+    async def sweep_orphans(
+        self,
+        prefix: str,
+        windows: Sequence[tuple[float, float]],
+        is_journaled: Callable[[list[str]], Awaitable[set[str]]],
+    ) -> int:
+        """Revoke the credentials under lease-id ``prefix`` that Vault issued within one of
+        ``windows`` (``(at, deadline)`` on the journaling host's clock, widened by
+        :data:`~sidekey.backends.INTENT_CLOCK_SKEW_S`) and that nobody journaled
+        (``is_journaled`` answers which of a list are) nor pooled. Returns how many were
+        revoked. Raises :class:`BackendError` (Vault down, no ``sudo`` on
+        ``sys/leases/lookup``, a revocation failed): the caller keeps its intents open
+        and tries again.
+        """
+        if not prefix.endswith("/") or len(prefix) > MAX_LEASE_ID_CHARS:
+            raise BadRequest("invalid vault lease prefix", code="bad_lease_id")
+        _segments(prefix, "lease prefix", prefix)
+        listed = await self._authed(
+            f"lease list of {prefix}", lambda: self._w_list_leases(prefix), prefix)
+        keys = [] if listed is None else self._parse(
+            listed, _LeaseListResponse, f"lease list of {prefix}").data.keys
+        # Keys ending in "/" are deeper levels (another role whose name continues ours
+        # is a sibling, not a child: database/creds/ro/ vs database/creds/ro2/).
+        ids = [prefix + k for k in keys if k and not k.endswith("/")][:MAX_ORPHAN_SCAN]
+        if not ids:
+            return 0
+        skip = await is_journaled(ids) | self.pooled_lease_ids() | set(self._to_revoke)
+        revoked = 0
+        for lease_id in ids:
+            if lease_id in skip or len(lease_id) > MAX_LEASE_ID_CHARS:
+                continue
+            issued = await self._lease_issue_time(lease_id)
+            if issued is None or not any(
+                at - INTENT_CLOCK_SKEW_S <= issued <= deadline + INTENT_CLOCK_SKEW_S
+                for at, deadline in windows
+            ):
+                continue
+            if not await self._revoke_quietly(lease_id):
+                raise BackendError(f"vault backend {self.name!r}: could not revoke the orphaned "
+                                   f"lease {lease_id}")
+            log.warning("vault backend %r: revoked lease %s, issued for a call that crashed "
+                        "before it was journaled", self.name, lease_id)
+            revoked += 1
+        return revoked
+
+    async def _lease_issue_time(self, lease_id: str) -> float | None:
+        """When Vault issued ``lease_id`` (epoch seconds); None if it is gone already."""
+        raw = await self._authed(
+            "lease lookup", lambda: self._w_read_lease(lease_id), "the lease")
+        if raw is None:
+            return None
+        text = self._parse(raw, _LeaseInfoResponse, "lease lookup").data.issue_time
+        try:
+            # RFC 3339 with nanoseconds (2017-04-30T10:18:11.228946471-04:00); Python 3.11
+            # reads it (digits past microseconds are dropped).
+            return datetime.datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            log.warning("vault backend %r: lease %s has an unreadable issue_time; left to its "
+                        "TTL", self.name, lease_id)
+            return None
 
     async def _revoke(self, lease_id: str) -> None:
         await self._authed("lease revocation", lambda: self._w_revoke(lease_id), "the lease")
@@ -1152,6 +1287,24 @@ class VaultBackend:
                 log.warning("vault backend %r: could not revoke abandoned lease %s (Vault ends "
                             "it at its TTL)", self.name, lease_id)
         return raw
+
+    def _w_list_leases(self, prefix: str) -> Any:
+        try:
+            # hvac's sys.list_leases(prefix), through the adapter like every call here.
+            return self._client.adapter.list("/v1/sys/leases/lookup/" + urllib.parse.quote(prefix))
+        except hvac.exceptions.InvalidPath:
+            return None  # Vault answers an empty listing with 404
+
+    def _w_read_lease(self, lease_id: str) -> Any:
+        try:
+            # hvac's sys.read_lease(lease_id)
+            return self._client.adapter.put("/v1/sys/leases/lookup", json={"lease_id": lease_id})
+        except hvac.exceptions.InvalidPath:
+            return None
+        except hvac.exceptions.InvalidRequest as exc:
+            if _UNKNOWN_LEASE_RE.search(_errors_of(exc)):
+                return None  # expired or revoked meanwhile
+            raise
 
     def _w_revoke(self, lease_id: str) -> None:
         # Queued revocation (Vault's default; 202 or 204): Vault retries a failing
