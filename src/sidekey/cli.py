@@ -78,7 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = _load(args)
     try:
         return trio.run(
-            lambda: daemon.run(loaded, socket_path=Path(args.socket).absolute() if args.socket else None)
+            lambda: daemon.run(loaded, socket_path=Path(args.socket).absolute() if args.socket else None,
+                               init=args.init)
         )
     except ServerError as exc:
         _fail(str(exc))
@@ -99,8 +100,16 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .hardening import UnsafePathError, check_daemon_files, daemon_files
+
     loaded = _load(args)
     cfg = loaded.config
+    # The files the daemon writes: what it would fix (or refuse) at start. Checked as
+    # the current user, which may not be the daemon's.
+    try:
+        file_warnings = check_daemon_files(daemon_files(loaded), fix=False)
+    except UnsafePathError as exc:
+        file_warnings = [f"the daemon refuses to start: {exc.code}: {exc}"]
     tools = sum(len(s.tool_scopes) for s in cfg.servers.values())
     mapped = sum(len(refs) for tools_ in cfg.secrets.values() for refs in tools_.values())
     summary: dict[str, Any] = {
@@ -128,7 +137,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             }
             for name, a in sorted(cfg.agents.items())
         },
-        "warnings": list(loaded.warnings),
+        "warnings": [*loaded.warnings, *file_warnings],
         "backends": {n: "local" for n in cfg.backends},
         "secrets_mapped": mapped,
     }
@@ -149,7 +158,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             grants = "; ".join(f"{srv}: {', '.join(tools)}" for srv, tools in agent["allowed"].items())
             denied = f"; denied {', '.join(agent['denied'])}" if agent["denied"] else ""
             print(f"  agent {name}: {grants or 'no grants'}{denied}")
-        for warning in loaded.warnings:
+        for warning in summary["warnings"]:
             print(f"  warning: {warning}")
     return EXIT_OK
 
@@ -298,7 +307,8 @@ def _rotate_via_daemon(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from .client import Client
 
-    return Client(socket_path=_socket_path(args), timeout=args.timeout)
+    return Client(socket_path=_socket_path(args), timeout=args.timeout,
+                  expected_uid=getattr(args, "daemon_uid", None))
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
@@ -480,10 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="daemon socket (default $SIDEKEY_SOCKET, else the socket of --config, "
                         f"else {DEFAULT_SOCKET})")
         sp.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+        sp.add_argument("--daemon-uid", metavar="UID|USER",
+                        help="the uid (or user) the daemon must run as; nothing is sent to a socket "
+                        "served by another uid (default $SIDEKEY_DAEMON_UID, else root or your "
+                        "own uid)")
 
     sp = add("serve", cmd_serve, "run the daemon in the foreground until SIGTERM/SIGINT")
     config_arg(sp)
     sp.add_argument("--socket", "-s", metavar="PATH", help="listen here instead of listen.socket")
+    sp.add_argument("--init", action="store_true",
+                    help="start a new state database in place of an empty (0-byte) state.db "
+                    "(replay protection restarts from nothing; without --init that refuses)")
 
     sp = add("check-config", cmd_check_config, "validate the config and its includes; print a summary")
     config_arg(sp)

@@ -35,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import socket
 import ssl
+import struct
 import threading
 import time
 import urllib.parse
@@ -54,6 +56,8 @@ from . import __version__
 log = logging.getLogger(__name__)
 
 SOCKET_ENV = "SIDEKEY_SOCKET"
+# The uid (or user name) the daemon runs as; see resolve_daemon_uids.
+DAEMON_UID_ENV = "SIDEKEY_DAEMON_UID"
 DEFAULT_SOCKET_PATH = "/run/sidekey/sidekey.sock"
 DEFAULT_TIMEOUT_S = 10.0
 # Releasing after a failed or cancelled body is best effort: shielded from the
@@ -169,6 +173,13 @@ class ProtocolError(SidekeyClientError):
     """The daemon's answer is not the documented JSON (or is over the size cap)."""
 
     code = "protocol_error"
+
+
+class DaemonIdentityError(SidekeyClientError):
+    """The process serving the socket does not run as the expected uid (SO_PEERCRED):
+    it may be an impostor that replaced the socket. Nothing was sent to it."""
+
+    code = "daemon_identity"
 
 
 class ApprovalPending(SidekeyClientError):
@@ -350,6 +361,63 @@ def resolve_socket_path(socket_path: str | os.PathLike[str] | None = None) -> st
     if socket_path is not None:
         return os.fspath(socket_path)
     return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET_PATH
+
+
+def resolve_daemon_uids(expected_uid: int | str | None = None) -> frozenset[int]:
+    """The uids the daemon may run as: ``expected_uid`` (a uid or a user name), else
+    ``$SIDEKEY_DAEMON_UID``, else this process's own uid. Root is always accepted: it
+    can do anything anyway, and under systemd socket activation the listening socket
+    (whose credentials SO_PEERCRED reports) was created by systemd as root.
+
+    The default (root or yourself) fits the quickstart (one user runs both) and the
+    shipped systemd units (socket activation); a daemon that binds its own socket under
+    a dedicated user needs ``SIDEKEY_DAEMON_UID=<that user>``. Raises ValueError for an
+    unknown user name or a negative uid.
+    """
+    value: int | str | None = expected_uid
+    if value is None:
+        value = os.environ.get(DAEMON_UID_ENV) or None
+    if value is None:
+        return frozenset({0, os.geteuid()})
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            value = int(text)
+        else:
+            try:
+                value = pwd.getpwnam(text).pw_uid
+            except KeyError:
+                raise ValueError(f"daemon uid: no user named {text[:64]!r}") from None
+    if isinstance(value, bool) or value < 0:
+        raise ValueError("daemon uid must be a user name or a uid >= 0")
+    return frozenset({0, int(value)})
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _check_daemon_peer(sock: Any, allowed: frozenset[int] | None, path: str) -> None:
+    """Raise DaemonIdentityError unless the peer of connected ``sock`` runs as an allowed uid.
+
+    SO_PEERCRED gives the credentials of the process that called listen() on the other
+    end, which only the kernel can vouch for: checked before the first byte is sent.
+    """
+    if allowed is None:
+        return
+    try:
+        _pid, uid, _gid = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except (OSError, AttributeError, struct.error) as exc:
+        raise DaemonIdentityError(
+            f"{path}: cannot read the daemon's credentials (SO_PEERCRED): {exc}"
+        ) from None
+    if uid not in allowed:
+        raise DaemonIdentityError(
+            f"{path}: the process serving this socket runs as uid {uid}, not as "
+            f"{' or '.join(str(u) for u in sorted(allowed))}; refusing to send anything to it "
+            f"(if the daemon runs under its own user, set {DAEMON_UID_ENV} to it)"
+        )
 
 
 def _drop_none(**fields: Any) -> dict[str, Any]:
@@ -624,11 +692,15 @@ except ImportError:  # pragma: no cover
 
 
 class _UnixBackend(httpcore.SyncBackend):
-    """httpcore's sync backend, but a failed connect closes its socket.
+    """httpcore's sync backend, but a failed connect closes its socket, and a daemon
+    that runs as an unexpected uid is refused before anything is sent.
 
     httpcore 1.0 leaves the socket of a failed ``connect()`` (daemon down) to the
     garbage collector, which then warns (``ResourceWarning``). trio and anyio close it.
     """
+
+    def __init__(self, allowed_uids: frozenset[int] | None = None) -> None:
+        self.allowed_uids = allowed_uids
 
     def connect_unix_socket(
         self,
@@ -637,13 +709,20 @@ class _UnixBackend(httpcore.SyncBackend):
         socket_options: Any = None,
     ) -> httpcore.NetworkStream:
         if _SyncStream is None:  # pragma: no cover - httpcore moved its stream class
-            return super().connect_unix_socket(path, timeout, socket_options)
+            stream = super().connect_unix_socket(path, timeout, socket_options)
+            try:
+                _check_daemon_peer(stream.get_extra_info("socket"), self.allowed_uids, path)
+            except BaseException:
+                stream.close()
+                raise
+            return stream
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             for option in socket_options or ():
                 sock.setsockopt(*option)
             sock.settimeout(timeout)
             sock.connect(path)
+            _check_daemon_peer(sock, self.allowed_uids, path)
         except TimeoutError as exc:
             sock.close()
             raise httpcore.ConnectTimeout(str(exc)) from exc
@@ -659,7 +738,7 @@ class _UnixBackend(httpcore.SyncBackend):
 class _UnixTransport(httpx.HTTPTransport):
     """httpx's HTTP/1.1 transport over a Unix socket with :class:`_UnixBackend`."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, allowed_uids: frozenset[int] | None = None) -> None:
         super().__init__(uds=path, verify=_no_tls(), trust_env=False, limits=_HTTPX_LIMITS)
         self._pool = httpcore.ConnectionPool(
             ssl_context=_no_tls(),
@@ -667,7 +746,53 @@ class _UnixTransport(httpx.HTTPTransport):
             max_keepalive_connections=_HTTPX_LIMITS.max_keepalive_connections,
             keepalive_expiry=_HTTPX_LIMITS.keepalive_expiry,
             uds=path,
-            network_backend=_UnixBackend(),
+            network_backend=_UnixBackend(allowed_uids),
+        )
+
+
+class _CheckedAsyncBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's auto-detected async backend (asyncio or trio), plus the daemon uid
+    check of :class:`_UnixBackend` on every new Unix-socket connection."""
+
+    def __init__(self, allowed_uids: frozenset[int] | None) -> None:
+        from httpcore._backends.auto import AutoBackend
+
+        self._inner = AutoBackend()
+        self.allowed_uids = allowed_uids
+
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None,
+        local_address: str | None = None, socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:  # pragma: no cover - only Unix sockets are used
+        return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
+        try:
+            _check_daemon_peer(stream.get_extra_info("socket"), self.allowed_uids, path)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _AsyncUnixTransport(httpx.AsyncHTTPTransport):
+    """httpx's async HTTP/1.1 transport over a Unix socket with :class:`_CheckedAsyncBackend`."""
+
+    def __init__(self, path: str, allowed_uids: frozenset[int] | None) -> None:
+        super().__init__(uds=path, verify=_no_tls(), trust_env=False, limits=_HTTPX_LIMITS)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=_no_tls(),
+            max_connections=_HTTPX_LIMITS.max_connections,
+            max_keepalive_connections=_HTTPX_LIMITS.max_keepalive_connections,
+            keepalive_expiry=_HTTPX_LIMITS.keepalive_expiry,
+            uds=path,
+            network_backend=_CheckedAsyncBackend(allowed_uids),
         )
 
 
@@ -678,7 +803,9 @@ class Client:
     """Synchronous client. Thread-safe; the HTTP connection pool is created on first use.
 
     ``transport`` is for tests (an ``httpx.MockTransport``); by default the client
-    speaks HTTP/1.1 over ``socket_path`` (see :func:`resolve_socket_path`).
+    speaks HTTP/1.1 over ``socket_path`` (see :func:`resolve_socket_path`), and only to
+    a daemon running as ``expected_uid`` or root (see :func:`resolve_daemon_uids`):
+    otherwise a request raises :class:`DaemonIdentityError` before anything is sent.
     """
 
     def __init__(
@@ -687,8 +814,10 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
+        expected_uid: int | str | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        self.daemon_uids = resolve_daemon_uids(expected_uid)
         self.timeout = _timeout(timeout)
         self._transport = transport
         self._http: httpx.Client | None = None
@@ -703,7 +832,7 @@ class Client:
             if self._closed:
                 raise RuntimeError("sidekey client is closed")
             if self._http is None:
-                transport = self._transport or _UnixTransport(self.socket_path)
+                transport = self._transport or _UnixTransport(self.socket_path, self.daemon_uids)
                 self._http = httpx.Client(
                     transport=transport, base_url=_BASE_URL, timeout=self.timeout,
                     headers=_HEADERS, trust_env=False,
@@ -952,6 +1081,7 @@ class AsyncClient:
 
     ``transport`` is for tests (an ``httpx.MockTransport``). Create one per process
     and share it between tasks; the connection pool is created on first use.
+    ``expected_uid``: as for :class:`Client`.
     """
 
     def __init__(
@@ -960,8 +1090,10 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
+        expected_uid: int | str | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        self.daemon_uids = resolve_daemon_uids(expected_uid)
         self.timeout = _timeout(timeout)
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
@@ -975,9 +1107,7 @@ class AsyncClient:
         if self._closed:
             raise RuntimeError("sidekey client is closed")
         if self._http is None:
-            transport = self._transport or httpx.AsyncHTTPTransport(
-                uds=self.socket_path, verify=_no_tls(), trust_env=False, limits=_HTTPX_LIMITS
-            )
+            transport = self._transport or _AsyncUnixTransport(self.socket_path, self.daemon_uids)
             self._http = httpx.AsyncClient(
                 transport=transport, base_url=_BASE_URL, timeout=self.timeout, headers=_HEADERS,
                 trust_env=False,
@@ -1198,6 +1328,7 @@ __all__ = [
     "Client",
     "ConflictError",
     "ConnectionFailed",
+    "DaemonIdentityError",
     "Lease",
     "NotFoundError",
     "ProtocolError",
@@ -1207,5 +1338,6 @@ __all__ = [
     "ServiceUnavailable",
     "SidekeyClientError",
     "TokenRejected",
+    "resolve_daemon_uids",
     "resolve_socket_path",
 ]

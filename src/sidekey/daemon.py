@@ -91,6 +91,8 @@ APPROVAL_VERBS: dict[str, tuple[str, str]] = {
     "deny": ("POST", "approver"),
     "wait": ("GET", "service"),
 }
+# PeerHandle.recheck's refusals: the connection is closed after answering one.
+PEER_LOST_CODES = frozenset({"peer_gone", "peer_changed"})
 MAX_PENDING_CALLS = 100_000  # authorize->redeem argument records kept in memory
 # A backend call may re-authenticate once (lookup, login, retry: ~3 backend timeouts).
 BACKEND_TIMEOUT_S = 20.0
@@ -272,9 +274,15 @@ class Sidekey:
                 exc.status = 405
             try:
                 await self._audit_rejection(request, exc)
+                response = error_response(exc, request.request_id)
             except SidekeyError as audit_exc:
-                return error_response(audit_exc, request.request_id)
-            return error_response(exc, request.request_id)
+                response = error_response(audit_exc, request.request_id)
+            if exc.code in PEER_LOST_CODES:
+                # The process this connection was attested for is gone or changed for
+                # good: one refusal (one audit event) per connection, not one per
+                # request whoever holds the socket now pipelines.
+                response.headers.append((b"connection", b"close"))
+            return response
         except Exception:
             log.exception("internal error handling %s %s", request.method, request.path)
             err = SidekeyError("internal error", code="internal")

@@ -14,8 +14,10 @@ import errno
 import logging
 import math
 import os
+import resource
 import socket
 import stat
+import struct
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +29,8 @@ import trio
 
 from . import protocol
 from .config import ListenConfig
-from .peer import PeerHandle, attest
+from .hardening import open_socket_dir
+from .peer import PeerHandle, PeerIdentity, attest
 from .protocol import SidekeyError
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,48 @@ RECEIVE_CHUNK = 64 * 1024
 SERVER_HEADER = b"sidekey"
 OVERLOAD_REPLY_TIMEOUT_S = 1.0
 MAX_REFUSING = 64  # beyond this many 503 replies in flight, excess connections are just closed
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# File descriptors one connection holds: the socket, the peer's pidfd and /proc/<pid> dir.
+FDS_PER_CONNECTION = 3
+FD_RESERVE = 256  # state store, audit, backends, refusals in progress
+
+
+def _peer_uid(stream: trio.SocketStream) -> int:
+    """The connecting process's uid (SO_PEERCRED), -1 if the kernel does not say."""
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return -1
+    uid: int = _UCRED.unpack(raw)[1]
+    return uid
+
+
+def _reserve_fds(max_connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE so that max_connections connections fit (systemd's
+    default soft limit, 1024, is less than 512 connections x 3 fds): a full table must
+    refuse with 503, not fail accept() or attestation with EMFILE."""
+    needed = max_connections * FDS_PER_CONNECTION + MAX_REFUSING + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        if soft < needed:
+            log.warning("RLIMIT_NOFILE is %d; %d connections need about %d file descriptors",
+                        soft, max_connections, needed)
+
+
+def _too_many(message: str) -> SidekeyError:
+    return protocol.Unavailable(message, code="too_many_connections")
+
+
+def _decrement(counts: dict[int, int], key: int) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)  # the tables hold only uids with open connections
 
 
 class ServerError(Exception):
@@ -76,8 +121,14 @@ class Application(Protocol):
     async def handle(self, request: Request) -> Response: ...
 
     async def rejected(
-        self, peer: PeerHandle | None, error: SidekeyError, request_id: str
+        self, peer: PeerHandle | None, error: SidekeyError, request_id: str, *, uid: int | None = None
     ) -> None: ...
+
+    def connection_class(self, uid: int, identity: PeerIdentity | None) -> str:
+        """``"service"`` or ``"anonymous"``: which per-uid connection cap applies. Called
+        at accept with the uid only (must not under-estimate: a uid that *might* be
+        attested above anonymous is "service"), then with the attested identity."""
+        ...
 
 
 def new_request_id() -> str:
@@ -99,13 +150,33 @@ def error_response(exc: SidekeyError, request_id: str) -> Response:
 def bind_unix_socket(path: Path, mode: int) -> socket.socket:
     """Bind and listen on ``path`` with file mode ``mode``.
 
-    Refuses to start when a live daemon answers on the path; removes a stale socket
-    file left by a crashed daemon; refuses to replace anything that is not a socket.
+    Refuses to start when the socket's directory (or one above it) is open to other
+    users (:func:`sidekey.hardening.open_socket_dir`, ``socket_dir_unsafe``), when a
+    live daemon answers on the path, or when something that is not a socket is there;
+    removes a stale socket file left by a crashed daemon. The socket is bound inside
+    the directory fd that was checked (``/proc/self/fd/<fd>/<name>``), so a directory
+    swapped in by a symlink after the check cannot receive it.
     """
     if len(os.fsencode(path)) > 107:
         raise ServerError(f"{path}: socket path longer than 107 bytes")
     try:
-        st = path.lstat()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as exc:
+        raise ServerError(f"{path.parent}: cannot create socket directory: {exc.strerror}") from exc
+    try:
+        dfd = open_socket_dir(path.parent)
+    except OSError as exc:
+        raise ServerError(f"{path.parent}: cannot open socket directory: {exc.strerror}") from exc
+    try:
+        return _bind_in_dir(path, dfd, mode)
+    finally:
+        os.close(dfd)
+
+
+def _bind_in_dir(path: Path, dfd: int, mode: int) -> socket.socket:
+    name = path.name
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         st = None
     if st is not None:
@@ -114,32 +185,38 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
         try:
-            probe.connect(os.fspath(path))
+            probe.connect(f"/proc/self/fd/{dfd}/{name}")
         except OSError as exc:
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
                 raise ServerError(f"{path}: cannot probe existing socket: {exc.strerror}") from exc
             log.warning("removing stale socket %s", path)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dfd)
         else:
             raise ServerError(f"{path}: another sidekey daemon is listening on this socket")
         finally:
             probe.close()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    except OSError as exc:
-        raise ServerError(f"{path.parent}: cannot create socket directory: {exc.strerror}") from exc
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # umask covers the window between bind() and chmod(): the socket is never looser
     # than the configured mode.
     old_umask = os.umask(0o777 & ~mode)
     try:
-        sock.bind(os.fspath(path))
+        # bind() never follows a symlink in the last component (an existing name is
+        # EADDRINUSE); the directory is the one checked, reached through its fd.
+        sock.bind(f"/proc/self/fd/{dfd}/{name}")
     except OSError as exc:
         sock.close()
         raise ServerError(f"{path}: cannot bind: {exc.strerror}") from exc
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise ServerError(f"{path}: the bound socket was replaced; refusing to use it")
+        os.chmod(name, mode, dir_fd=dfd)
+    except BaseException:
+        sock.close()
+        raise
     sock.listen(1024)
     return sock
 
@@ -158,6 +235,11 @@ class HttpServer:
         self.app = app
         self.limits = limits
         self.active_connections = 0
+        # Connection slots by peer uid (SO_PEERCRED at accept), and those counted as
+        # anonymous (per uid and in all): see ListenConfig.max_connections_per_*.
+        self.uid_connections: dict[int, int] = {}
+        self.anonymous_uid_connections: dict[int, int] = {}
+        self.anonymous_connections = 0
         self._refusing = 0  # 503 replies to connections over the cap, in progress
         self.in_flight = 0
         self._stop = trio.Event()
@@ -176,6 +258,7 @@ class HttpServer:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept connections on ``sock`` until :meth:`stop`, then drain and return."""
+        _reserve_fds(self.limits.max_connections)
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as acceptor:
@@ -201,25 +284,77 @@ class HttpServer:
                 log.error("accept failed: %s", exc.strerror)
                 await trio.sleep(0.1)
                 continue
-            if self.active_connections >= self.limits.max_connections:
+            uid = _peer_uid(stream)
+            refusal, anonymous = self._admit(uid)
+            if refusal is not None:
                 if self._refusing >= MAX_REFUSING:
-                    await stream.aclose()  # a flood: not even a 503 for these
+                    # A flood: not even a 503 for these, but each refusal is still
+                    # reported (the app bounds its audit volume per uid).
+                    nursery.start_soon(self._report_refusal, None, uid, refusal, new_request_id())
+                    await stream.aclose()
                 else:
-                    nursery.start_soon(self._refuse_overloaded, stream)
+                    nursery.start_soon(self._refuse_overloaded, stream, uid, refusal)
                 continue
-            self.active_connections += 1
-            nursery.start_soon(self._connection, stream)
+            nursery.start_soon(self._connection, stream, uid, anonymous)
 
-    async def _refuse_overloaded(self, stream: trio.SocketStream) -> None:
+    # Connection slots. At accept only the uid is known (one getsockopt, no /proc reads):
+    # the app says whether that uid could be attested above anonymous at all. A uid that
+    # could (e.g. a selector matches by unit or group, unknown until attestation) is
+    # counted as service and re-classified right after attestation.
+
+    def _admit(self, uid: int) -> tuple[SidekeyError | None, bool]:
+        """Take a slot for a new connection of ``uid``, or say why not.
+        Returns (refusal, counted as anonymous)."""
+        if self.active_connections >= self.limits.max_connections:
+            return _too_many("too many connections"), False
+        anonymous = self.app.connection_class(uid, None) == "anonymous"
+        refusal = self._over_cap(uid, anonymous=anonymous)
+        if refusal is None:
+            self.active_connections += 1
+            self.uid_connections[uid] = self.uid_connections.get(uid, 0) + 1
+            if anonymous:
+                self._add_anonymous(uid)
+        return refusal, anonymous
+
+    def _over_cap(self, uid: int, *, anonymous: bool) -> SidekeyError | None:
+        limits = self.limits
+        if not anonymous:
+            if self.uid_connections.get(uid, 0) >= limits.max_connections_per_service_uid:
+                return _too_many(f"too many connections from uid {uid}")
+            return None
+        if self.anonymous_uid_connections.get(uid, 0) >= limits.max_connections_per_anonymous_uid:
+            return _too_many(f"too many connections from uid {uid} (not attested as a service)")
+        if self.anonymous_connections >= limits.max_anonymous_connections:
+            return _too_many("too many connections from processes not attested as a service")
+        return None
+
+    def _add_anonymous(self, uid: int) -> None:
+        self.anonymous_connections += 1
+        self.anonymous_uid_connections[uid] = self.anonymous_uid_connections.get(uid, 0) + 1
+
+    def _release(self, uid: int, *, anonymous: bool) -> None:
+        self.active_connections -= 1
+        _decrement(self.uid_connections, uid)
+        if anonymous:
+            self.anonymous_connections -= 1
+            _decrement(self.anonymous_uid_connections, uid)
+
+    async def _report_refusal(
+        self, peer: PeerHandle | None, uid: int, err: SidekeyError, rid: str
+    ) -> None:
+        with contextlib.suppress(Exception):
+            await self.app.rejected(peer, err, rid, uid=uid)
+
+    async def _refuse_overloaded(self, stream: trio.SocketStream, uid: int, err: SidekeyError) -> None:
         self._refusing += 1
         try:
-            await self._send_overloaded(stream)
+            rid = new_request_id()
+            await self._report_refusal(None, uid, err, rid)
+            await self._send_overloaded(stream, err, rid)
         finally:
             self._refusing -= 1
 
-    async def _send_overloaded(self, stream: trio.SocketStream) -> None:
-        rid = new_request_id()
-        err = protocol.Unavailable("too many connections", code="too_many_connections")
+    async def _send_overloaded(self, stream: trio.SocketStream, err: SidekeyError, rid: str) -> None:
         body = protocol.error_body(err, rid)
         head = (
             b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -231,27 +366,40 @@ class HttpServer:
                 await self._linger(stream)  # so the client reads the 503, not a reset
         await stream.aclose()
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: trio.SocketStream, uid: int, anonymous: bool) -> None:
         peer: PeerHandle | None = None
         try:
             try:
                 peer = attest(stream.socket)  # type: ignore[arg-type]
             except SidekeyError as exc:
                 # Unattestable peers (exited before accept, recycled pid) get nothing.
-                await self.app.rejected(None, exc, new_request_id())
+                await self.app.rejected(None, exc, new_request_id(), uid=uid)
                 return
+            if not anonymous and self.app.connection_class(uid, peer.identity) == "anonymous":
+                # Counted as a possible service at accept; attested, it is anonymous:
+                # it takes an anonymous slot or is refused now, before any request.
+                refusal = self._over_cap(uid, anonymous=True)
+                if refusal is not None:
+                    rid = new_request_id()
+                    await self._report_refusal(peer, uid, refusal, rid)
+                    await self._send_overloaded(stream, refusal, rid)
+                    return
+                anonymous = True
+                self._add_anonymous(uid)
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
             state = ConnectionState(peer=peer)
             with contextlib.suppress(_Close, trio.BrokenResourceError, trio.ClosedResourceError):
+                first = True
                 while not self._draining:
-                    await self._one_request(stream, conn, state)
+                    await self._one_request(stream, conn, state, first=first)
+                    first = False
                     if conn.our_state is h11.MUST_CLOSE or self._draining:
                         break
                     conn.start_next_cycle()
         except Exception:
             log.exception("connection handler failed")
         finally:
-            self.active_connections -= 1
+            self._release(uid, anonymous=anonymous)
             if peer is not None:
                 peer.close()
             with contextlib.suppress(Exception):
@@ -269,14 +417,18 @@ class HttpServer:
             await self._receive(stream, conn)
 
     async def _one_request(
-        self, stream: trio.SocketStream, conn: h11.Connection, state: ConnectionState
+        self, stream: trio.SocketStream, conn: h11.Connection, state: ConnectionState,
+        *, first: bool = False,
     ) -> None:
         rid = new_request_id()
         limits = self.limits
         # Phase 1: the request head. Wait up to idle_timeout for the first byte of a
-        # new request (keep-alive), then header_timeout for the whole head.
+        # new request (keep-alive; first_request_timeout on a connection that has sent
+        # nothing yet, so silent connections cannot sit on slots), then header_timeout
+        # for the whole head.
+        idle_s = limits.first_request_timeout_s if first else limits.idle_timeout_s
         try:
-            with trio.CancelScope(deadline=trio.current_time() + limits.idle_timeout_s) as scope:
+            with trio.CancelScope(deadline=trio.current_time() + idle_s) as scope:
                 self._idle_scopes.add(scope)
                 try:
                     while True:

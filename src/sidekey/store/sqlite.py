@@ -71,6 +71,13 @@ BUSY_TIMEOUT_MS = 2_000
 MAINTENANCE_BUSY_TIMEOUT_MS = 10_000
 # After a checkpoint lets the WAL restart, truncate the file back to this size.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+# PRAGMA quick_check (b-tree structure, record format, NOT NULL; O(database size)) at
+# open and then this often from the maintenance task: a damaged page that no point
+# query happens to touch still turns the health check red.
+QUICK_CHECK_INTERVAL_S = 600.0
+QUICK_CHECK_MAX_ERRORS = 5
+# Primary result codes that mean the file itself is damaged (not a lock or I/O error).
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 # Migration i brings the schema from version i to version i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -253,6 +260,45 @@ def _connect(path: Path, *, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return True
+    return isinstance(exc, sqlite3.DatabaseError) and "malformed" in str(exc)
+
+
+def _quick_check(conn: sqlite3.Connection) -> str | None:
+    """None if ``PRAGMA quick_check`` finds the database sound, else its first finding."""
+    try:
+        rows = conn.execute(f"PRAGMA quick_check({QUICK_CHECK_MAX_ERRORS})").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if _is_corruption(exc):
+            return str(exc)
+        raise
+    if [tuple(r) for r in rows] == [("ok",)]:
+        return None
+    return "; ".join(str(r[0]) for r in rows)[:500]
+
+
+def reinitialize_if_empty(state_dir: Path) -> bool:
+    """``sidekey serve --init``: remove a zero-length ``state.db`` (and its ``-wal`` and
+    ``-shm``, whose frames must not be replayed into a new file) so that :meth:`SqliteStore.open`
+    creates a new database. Returns True if it did. Raises OSError."""
+    path = state_dir / DB_NAME
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if st.st_size != 0:
+        return False
+    for suffix in ("-wal", "-shm", ""):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.with_name(path.name + suffix))
+    log.warning("state database %s was empty: starting a new one (--init); burned token ids "
+                "and lease records from before are gone", path)
+    return True
+
+
 def _row_to_lease(row: tuple[Any, ...]) -> LeaseRecord:
     return LeaseRecord(
         lease_id=row[0],
@@ -348,13 +394,32 @@ class SqliteStore:
         self._clock = clock
         self._healthy = True
         self._last_error: str | None = None
+        # Set once the file is found damaged; never cleared while open (fail closed).
+        self._corrupt: str | None = None
         self._last_checkpoint: float | None = None
+        self._last_quick_check: float | None = None
         self._purged = 0
 
     @classmethod
     def open(cls, state_dir: Path, *, clock: Callable[[], float] = time.time) -> SqliteStore:
         """Open (creating dir 0700 and file 0600) and migrate. Raises StateUnavailable."""
         path = state_dir / DB_NAME
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None  # the first start: created below
+        except OSError as exc:
+            raise StateUnavailable(f"cannot stat state database {path}: {exc.strerror}") from exc
+        if st is not None and st.st_size == 0:
+            # An existing file with no pages (truncated, or a restore gone wrong): SQLite
+            # would quietly start a new database, forgetting every burned token id.
+            raise StateUnavailable(
+                f"state database {path} is empty (0 bytes): the burned token ids and leases "
+                "it held are gone, so replay protection would silently restart from nothing. "
+                "Restore it from a backup, or start once with `sidekey serve --init` to "
+                "begin a new one (tokens issued before remain redeemable until they expire)",
+                code="state_db_empty",
+            )
         try:
             if not state_dir.exists():
                 state_dir.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
@@ -379,7 +444,27 @@ class SqliteStore:
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn, clock=clock)
+        store = cls(path, conn, clock=clock)
+        # Start degraded rather than refuse: /v1/health and /v1/status then say why
+        # (state_corrupt) while every store operation fails closed.
+        try:
+            finding = _quick_check(conn)
+        except sqlite3.Error as exc:
+            finding = f"quick_check failed: {exc}"
+        store._last_quick_check = clock()
+        if finding is not None:
+            store._mark_corrupt("open", finding)
+        return store
+
+    def _mark_corrupt(self, what: str, finding: str) -> None:
+        if self._corrupt is None:
+            log.critical(
+                "state database %s is corrupt (%s: %s); every state operation fails until it "
+                "is repaired or restored (stop sidekey first)", self.path, what, finding,
+            )
+        self._corrupt = f"{what}: {finding}"
+        self._healthy = False
+        self._last_error = self._corrupt
 
     # ------------------------------------------------------------------ the edge
 
@@ -388,9 +473,15 @@ class SqliteStore:
         """Yield the connection; translate sqlite3 errors into StateUnavailable."""
         if self._conn is None:
             raise StateUnavailable("state store is closed")
+        if self._corrupt is not None:
+            # A damaged table may hide a burned jti: no answer from it is trusted.
+            raise StateUnavailable("state database is corrupt", code="state_corrupt")
         try:
             yield self._conn
         except sqlite3.Error as exc:
+            if _is_corruption(exc):
+                self._mark_corrupt(what, str(exc))
+                raise StateUnavailable("state database is corrupt", code="state_corrupt") from exc
             self._healthy = False
             self._last_error = f"{what}: {type(exc).__name__}: {exc}"
             log.error("state store %s failed: %s: %s", what, type(exc).__name__, exc)
@@ -779,10 +870,16 @@ class SqliteStore:
 
     def health(self) -> dict[str, Any]:
         return {
-            "ok": self._healthy and self._conn is not None,
+            "ok": self._healthy and self._conn is not None and self._corrupt is None,
+            # Why it is not ok: state_corrupt (damaged file, see last_error), state_closed,
+            # state_unavailable (the last operation failed).
+            "reason": "state_corrupt" if self._corrupt is not None
+            else "state_closed" if self._conn is None
+            else None if self._healthy else "state_unavailable",
             "backend": "sqlite",
             "path": str(self.path),
             "last_checkpoint": self._last_checkpoint,
+            "last_quick_check": self._last_quick_check,
             "purged": self._purged,
             "last_error": self._last_error,
         }
@@ -822,6 +919,8 @@ class SqliteStore:
             self._healthy = False
             self._last_error = f"checkpoint: {type(exc).__name__}: {exc}"
             log.error("state store checkpoint failed: %s: %s", type(exc).__name__, exc)
+            if _is_corruption(exc):
+                self._mark_corrupt("checkpoint", str(exc))
             if self._maint is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self._maint.close()
@@ -831,13 +930,37 @@ class SqliteStore:
         if busy or (log_frames > 0 and done < log_frames):
             log.debug("WAL checkpoint incomplete: %d of %d frames", done, log_frames)
 
+    def _run_quick_check(self) -> str | None:
+        """Runs in a worker thread, on the maintenance connection."""
+        if self._maint is None:
+            self._maint = _connect(self.path, busy_timeout_ms=MAINTENANCE_BUSY_TIMEOUT_MS)
+        return _quick_check(self._maint)
+
+    async def quick_check(self) -> None:
+        """``PRAGMA quick_check`` in a worker thread; a finding marks the store corrupt
+        (health ``reason: state_corrupt``). Raises StateUnavailable."""
+        if self._conn is None:
+            raise StateUnavailable("state store is closed")
+        try:
+            finding = await trio.to_thread.run_sync(self._run_quick_check)
+        except sqlite3.Error as exc:
+            self._healthy = False
+            self._last_error = f"quick_check: {type(exc).__name__}: {exc}"
+            log.error("state store quick_check failed: %s: %s", type(exc).__name__, exc)
+            raise StateUnavailable("state store unavailable") from exc
+        self._last_quick_check = self._clock()
+        if finding is not None:
+            self._mark_corrupt("quick_check", finding)
+
     async def run_maintenance(
         self,
         *,
         interval: float = 5.0,
+        quick_check_interval: float = QUICK_CHECK_INTERVAL_S,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Forever: every ``interval`` seconds checkpoint the WAL and purge expired rows.
+        """Forever: every ``interval`` seconds checkpoint the WAL and purge expired rows;
+        every ``quick_check_interval`` seconds run ``PRAGMA quick_check``.
 
         Errors are logged and reflected in :meth:`health`; the loop keeps going.
         """
@@ -849,6 +972,10 @@ class SqliteStore:
             if self._conn is None:
                 return
             try:
+                last = self._last_quick_check
+                if self._corrupt is None and (last is None
+                                              or self._clock() - last >= quick_check_interval):
+                    await self.quick_check()
                 await self.checkpoint()
                 purged = await self.purge(self._clock())
             except StateUnavailable:
@@ -857,4 +984,4 @@ class SqliteStore:
                 log.debug("purged %d expired state rows", purged)
 
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "migrate"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "migrate", "reinitialize_if_empty"]
