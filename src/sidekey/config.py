@@ -48,6 +48,16 @@ class ListenConfig(_C, frozen=True, kw_only=True):
     header_timeout_s: PosFloat = 5.0
     body_timeout_s: PosFloat = 10.0
     idle_timeout_s: PosFloat = 120.0
+    # A connection that has not sent the first byte of its first request by then is
+    # closed (idle_timeout_s applies between requests of a keep-alive connection).
+    first_request_timeout_s: PosFloat = 5.0
+    # Connection slots per peer uid (SO_PEERCRED). "service" uids are those the peers or
+    # rbac selectors can give a tier above anonymous (and the daemon's own uid); any other
+    # process is anonymous: few slots per uid, and all of them together at most
+    # max_anonymous_connections, so a flooding uid never takes an attested server's slot.
+    max_connections_per_service_uid: Annotated[int, Meta(gt=0, le=65536)] = 256
+    max_connections_per_anonymous_uid: Annotated[int, Meta(gt=0, le=65536)] = 8
+    max_anonymous_connections: Annotated[int, Meta(gt=0, le=65536)] = 128
     shutdown_grace_s: Annotated[float, Meta(ge=0, le=300)] = 10.0
 
     @property
@@ -214,14 +224,40 @@ class RbacConfig(_C, frozen=True, kw_only=True):
     service: RbacEntry = RbacEntry()
 
 
+class RejectionAuditLimit(_C, frozen=True, kw_only=True):
+    """Audit volume of refused callers that are not attested above tier anonymous
+    (and of every transport-level refusal), per uid: the first ``burst`` refusals of each
+    ``per_seconds`` window get their full event, the rest one
+    ``request.rejected.suppressed`` event with counts by error code when the window closes."""
+
+    burst: Annotated[int, Meta(ge=1, le=100_000)] = 20
+    per_seconds: Annotated[float, Meta(ge=1, le=3600)] = 10.0
+    # uids tracked at once (least recently refused are summarised and forgotten first).
+    max_uids: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+
+
+# One audit.redact_keys / redact_tool_fields entry, and how many a list may hold.
+RedactNeedle = Annotated[str, Meta(min_length=1, max_length=64)]
+MAX_REDACT_NEEDLES = 256
+
+
 class AuditConfig(_C, frozen=True, kw_only=True):
     # JSON-lines file; default <state.dir>/audit.jsonl
     path: str | None = None
     fsync: bool = True
-    # Argument keys (case-insensitive substrings) whose values are redacted.
-    redact_keys: list[str] = msgspec.field(
-        default_factory=lambda: ["password", "secret", "token", "key", "credential", "authorization"]
-    )
+    rejections_per_uid: RejectionAuditLimit = RejectionAuditLimit()
+    # Argument keys whose values are redacted in audit and in the approvals list, *added*
+    # to the built-in ones (sidekey.audit.events.BUILTIN_REDACT_SUBSTRINGS / _WORDS:
+    # password, passwd, pwd, secret, token, key, credential, auth, cookie, dsn, ...),
+    # which a config cannot switch off. Matched as substrings of the key with case and
+    # separators ignored ("api_key" matches "X-Api-Key" and "apiKey").
+    redact_keys: Annotated[list[RedactNeedle], Meta(max_length=MAX_REDACT_NEEDLES)] = []
+    # Per tool (by name, as limits.per_tool): more argument keys to redact for that
+    # tool's calls only, e.g. {create_article: [body_markdown]}.
+    redact_tool_fields: Annotated[
+        dict[str, Annotated[list[RedactNeedle], Meta(min_length=1, max_length=MAX_REDACT_NEEDLES)]],
+        Meta(max_length=1000),
+    ] = {}
 
 
 class ConfigSigning(_C, frozen=True, kw_only=True):
@@ -744,6 +780,16 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
         problem = _webhook_problem(cfg.approvals.webhook_url)
         if problem:
             errors.append(f"{main}: $.approvals.webhook_url: {problem}")
+    redact_lists = [("redact_keys", cfg.audit.redact_keys)] + [
+        (f"redact_tool_fields.{tool}", fields) for tool, fields in cfg.audit.redact_tool_fields.items()]
+    for at, needles in redact_lists:
+        for i, needle in enumerate(needles):
+            if not any(c.isalnum() for c in needle):
+                errors.append(f"{where('audit')}: $.audit.{at}.{i}: needs a letter or digit (case and "
+                              "separators are ignored when matching)")
+    for tool in cfg.audit.redact_tool_fields:
+        if tool not in declared_tools:
+            warnings.append(f"{where('audit')}: $.audit.redact_tool_fields.{tool}: no server declares this tool")
     for name, ids in cfg.approvals.approver_identities.items():
         at = f"{where('approvals')}: $.approvals.approver_identities.{name[:MAX_APPROVER_NAME_LEN]}"
         errors.extend(at + problem for problem in _approver_identity_problems(name, ids))

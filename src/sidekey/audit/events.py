@@ -9,8 +9,10 @@ event-specific top-level keys; it may not shadow a standard key.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import re
+import unicodedata
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -72,40 +74,198 @@ TOO_DEEP = "[TOO_DEEP]"
 _encoder = msgspec.json.Encoder()
 
 
-def _redact_value(value: Any, needles: tuple[str, ...], depth: int) -> Any:
-    if isinstance(value, Mapping):
-        if depth >= MAX_DEPTH:
-            return TOO_DEEP
-        out: dict[str, Any] = {}
+# Argument keys whose values are always redacted, whatever ``audit.redact_keys`` adds
+# (a config cannot switch these off). A key is compared in its normalised form: NFKC,
+# lower case, letters and digits only ("x-api-key", "X_API_KEY" and "xApiKey" are all
+# "xapikey"). Long, unambiguous needles match as substrings of that form...
+BUILTIN_REDACT_SUBSTRINGS: tuple[str, ...] = (
+    "password", "passwd", "passphrase", "passcode", "secret", "token", "key",
+    "credential", "authorization", "cookie", "connectionstring", "connstr",
+)
+# ... short ones only as a whole word of the key (split at separators and camelCase),
+# so "auth" hides "basic_auth" and "authHeader" but not "author", "dsn" hides
+# "sentry_dsn" but not "ads_network".
+BUILTIN_REDACT_WORDS: frozenset[str] = frozenset((
+    "auth", "oauth", "pwd", "pw", "pass", "creds", "cred", "dsn", "jwt", "bearer",
+    "pin", "otp", "cvv", "cvc",
+))
+# A dict {name|key|header|...: "<sensitive name>", value: ...} is one header or
+# parameter: its value fields are redacted (the name stays readable).
+_PAIR_NAME_FIELDS = frozenset(("name", "key", "header", "headername", "field", "param",
+                               "parameter"))
+_PAIR_VALUE_FIELDS = frozenset(("value", "values", "val", "headervalue"))
+_MAX_PAIR_FIELDS = 4  # a header object has few fields; bigger dicts are not one
+_MAX_PAIR_FIELD_LEN = 16
+_WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+# "scheme://user:password@host": the password part of a URL (a DSN under any key).
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)[^\s@]+@")
+# "Name: value" / "--name=value" strings in a list (curl -H style, argv): the name part
+# is at most this long.
+_MAX_INLINE_NAME = 64
+# Key names remembered per redactor (argument keys repeat from call to call); names
+# longer than _MAX_CACHED_KEY are classified every time instead of filling the memo.
+_MAX_CACHED = 4096
+_MAX_CACHED_KEY = 128
+
+
+def _normalised(name: str) -> tuple[str, frozenset[str]]:
+    if name.isascii():
+        words = [w.lower() for w in _WORDS.findall(name)]
+        return "".join(words), frozenset(words)
+    name = unicodedata.normalize("NFKC", name)  # full-width letters become ASCII
+    words = [w.lower() for w in _WORDS.findall(name)]
+    return "".join(c for c in name.casefold() if c.isalnum()), frozenset(words)
+
+
+class Redactor:
+    """The redaction rule for one set of needles, precomputed (one per config and tool:
+    see :func:`redactor`). :meth:`sensitive` is a memoised set/substring test."""
+
+    __slots__ = ("_memo", "substrings", "words")
+
+    def __init__(self, extra: Sequence[str] = ()) -> None:
+        # A configured needle matches as a substring of the normalised key, like the
+        # built-in substrings; one that normalises to nothing (config forbids it) is
+        # ignored rather than matching every key.
+        added = {n for n in (_normalised(k)[0] for k in extra) if n}
+        self.substrings = tuple(sorted(set(BUILTIN_REDACT_SUBSTRINGS) | added))
+        self.words = BUILTIN_REDACT_WORDS
+        self._memo: dict[str, bool] = {}
+
+    def sensitive(self, name: str) -> bool:
+        """Whether values under key ``name`` are redacted."""
+        hit = self._memo.get(name)
+        if hit is not None:
+            return hit
+        flat, words = _normalised(name)
+        hit = not words.isdisjoint(self.words) or any(s in flat for s in self.substrings)
+        if len(name) <= _MAX_CACHED_KEY:
+            if len(self._memo) >= _MAX_CACHED:
+                self._memo.clear()
+            self._memo[name] = hit
+        return hit
+
+    def _inline(self, text: str) -> str:
+        # "Authorization: Bearer x" or "--password=x" inside a list.
+        colon = text.find(":", 0, _MAX_INLINE_NAME + 1)
+        equals = text.find("=", 0, _MAX_INLINE_NAME + 1)
+        cut = min(colon, equals) if colon >= 0 and equals >= 0 else max(colon, equals)
+        if cut > 0 and self.sensitive(text[:cut]):
+            sep = text[cut]
+            return f"{text[:cut]}{sep}{' ' if sep == ':' else ''}{REDACTED}"
+        return self._string(text)
+
+    @staticmethod
+    def _string(text: str) -> str:
+        if "://" in text and "@" in text:
+            return _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+        return text
+
+    def _pair_fields(self, value: Mapping[Any, Any]) -> tuple[set[Any], set[Any]] | None:
+        # {name: "Authorization", value: ...}: (its name keys, its value keys), or None.
+        names: set[Any] = set()
+        values: set[Any] = set()
         for key, item in value.items():
-            name = str(key)
-            lowered = name.lower()
-            if any(needle in lowered for needle in needles):
-                out[name] = REDACTED
+            if not isinstance(key, str) or len(key) > _MAX_PAIR_FIELD_LEN:
+                continue
+            flat = key.lower().replace("_", "").replace("-", "")
+            if flat in _PAIR_NAME_FIELDS and isinstance(item, str) and self.sensitive(item):
+                names.add(key)
+            elif flat in _PAIR_VALUE_FIELDS:
+                values.add(key)
+        return (names, values) if names and values else None
+
+    def value(self, value: Any, depth: int = 0) -> Any:
+        """A redacted copy of a JSON-like ``value`` (see :func:`redact`)."""
+        if isinstance(value, str):
+            return self._string(value)
+        if isinstance(value, Mapping):
+            if depth >= MAX_DEPTH:
+                return TOO_DEEP
+            pair = self._pair_fields(value) if len(value) <= _MAX_PAIR_FIELDS else None
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                name = str(key)
+                if pair is not None and key in pair[1]:
+                    out[name] = REDACTED
+                elif pair is not None and key in pair[0]:
+                    out[name] = item  # the header's name, e.g. "Authorization"
+                elif self.sensitive(name):
+                    out[name] = REDACTED
+                else:
+                    out[name] = self.value(item, depth + 1)
+            return out
+        if isinstance(value, list | tuple):
+            if depth >= MAX_DEPTH:
+                return TOO_DEEP
+            return self._list(value, depth)
+        if value is None or isinstance(value, int | float | bool):
+            return value
+        # Not a JSON value: never put its repr (which could hold anything) in the log.
+        return f"[{type(value).__name__}]"
+
+    def _list(self, items: Sequence[Any], depth: int) -> list[Any]:
+        # ["Authorization", "Bearer x"] (a header pair) and argv ["--password", "x"]:
+        # a string naming a secret hides the element after it.
+        pair = len(items) == 2 and isinstance(items[0], str)
+        out: list[Any] = []
+        hide_next = False
+        for i, item in enumerate(items):
+            if hide_next:
+                out.append(REDACTED)
+                hide_next = False
+                continue
+            if isinstance(item, str):
+                out.append(self._inline(item))
+                if ((pair and i == 0) or item.startswith("-")) and _bare_name(item) \
+                        and self.sensitive(item):
+                    hide_next = True
             else:
-                out[name] = _redact_value(item, needles, depth + 1)
+                out.append(self.value(item, depth + 1))
         return out
-    if isinstance(value, list | tuple):
-        if depth >= MAX_DEPTH:
-            return TOO_DEEP
-        return [_redact_value(item, needles, depth + 1) for item in value]
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    # Not a JSON value: never put its repr (which could hold anything) in the log.
-    return f"[{type(value).__name__}]"
 
 
-def redact(arguments: Mapping[str, Any], redact_keys: Sequence[str]) -> dict[str, Any]:
+def _bare_name(text: str) -> bool:
+    # A header or flag name alone ("Authorization", "--password"), not a sentence or an
+    # inline "name: value" (handled by _inline).
+    return len(text) <= _MAX_INLINE_NAME and not any(c in text for c in " :=")
+
+
+@functools.lru_cache(maxsize=64)
+def _redactor(extra: tuple[str, ...]) -> Redactor:
+    return Redactor(extra)
+
+
+def redactor(redact_keys: Sequence[str], extra_keys: Sequence[str] = ()) -> Redactor:
+    """The (cached) :class:`Redactor` for the configured ``audit.redact_keys`` plus a
+    tool's ``audit.redact_tool_fields``; built once per distinct list, not per event."""
+    return _redactor((*redact_keys, *extra_keys))
+
+
+def sensitive_key(name: str, redact_keys: Sequence[str]) -> bool:
+    """Whether argument values under key ``name`` are redacted (built-in needles plus
+    ``redact_keys``)."""
+    return redactor(redact_keys).sensitive(name)
+
+
+def redact(
+    arguments: Mapping[str, Any], redact_keys: Sequence[str], extra_keys: Sequence[str] = ()
+) -> dict[str, Any]:
     """Return a copy of ``arguments`` safe to write to the audit log.
 
-    Values under any key containing one of ``redact_keys`` (case-insensitive
-    substring) become ``"[REDACTED]"``, at any depth (in nested objects and lists).
+    Values under a sensitive key become ``"[REDACTED]"``, at any depth (in nested
+    objects and lists). Sensitive: the built-in needles (:data:`BUILTIN_REDACT_SUBSTRINGS`
+    as substrings, :data:`BUILTIN_REDACT_WORDS` as whole words of the key) and
+    ``redact_keys`` / ``extra_keys`` (substrings), all compared case-insensitively
+    with separators ignored. Header shapes are covered too: ``["Authorization",
+    "Bearer x"]``, ``{"name": "Authorization", "value": "x"}``, ``"Cookie: x"`` and
+    ``--password x`` / ``--password=x`` in a list; and the password of any
+    ``scheme://user:password@host`` URL.
     If the redacted arguments serialize to more than :data:`MAX_ARGUMENTS_BYTES`, they
     are replaced by ``{"_truncated": true, "size": n, "sha256": hex}`` (the digest is
     of the *redacted* JSON, so it cannot be used to guess a redacted value).
     """
-    needles = tuple(k.lower() for k in redact_keys)
-    redacted: dict[str, Any] = _redact_value(arguments, needles, 0)
+    redacted: dict[str, Any] = redactor(redact_keys, extra_keys).value(arguments)
     encoded = _encoder.encode(redacted)
     if len(encoded) > MAX_ARGUMENTS_BYTES:
         return {
@@ -151,10 +311,12 @@ def make_event(
     error: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     redact_keys: Sequence[str],
+    redact_tool_fields: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Build one audit event (a plain dict, ready to encode as one JSON line).
 
-    ``arguments`` are redacted with :func:`redact`. Raises :class:`ValueError` (a
+    ``arguments`` are redacted with :func:`redact` (``redact_keys`` plus the
+    ``redact_tool_fields`` of ``tool``). Raises :class:`ValueError` (a
     local bug) for a malformed ``event_type`` (not ``noun.verb``) or an ``extra`` key
     that shadows a standard key.
     """
@@ -169,7 +331,10 @@ def make_event(
         "user_id": user_id,
         "agent_id": agent_id,
         "session_id": session_id,
-        "arguments": redact(arguments, redact_keys) if arguments is not None else None,
+        "arguments": None if arguments is None else redact(
+            arguments, redact_keys,
+            redact_tool_fields.get(tool, ()) if redact_tool_fields and tool else (),
+        ),
         "result": result,
         "auth": auth,
         "policy": policy,
@@ -228,27 +393,48 @@ def cap_string(text: str, max_bytes: int = MAX_STRING_BYTES) -> str:
 
 def _capped(value: Any, depth: int) -> Any:
     """``value`` with every string capped; containers are copied only if something changed
-    (callers' dicts, e.g. a call's auth facts reused by later events, are never modified)."""
-    if isinstance(value, str):
-        return value if len(value) <= _SHORT_CHARS else cap_string(value)
-    if isinstance(value, dict):
+    (callers' dicts, e.g. a call's auth facts reused by later events, are never modified).
+
+    On the hot path (every event): scalars are skipped without a call, by exact type first.
+    """
+    if type(value) is dict:
         if depth >= _MAX_WALK_DEPTH:
             return TOO_DEEP
         out: dict[Any, Any] | None = None
         for key, item in value.items():
-            new = _capped(item, depth + 1)
+            kind = type(item)
+            if kind is str:
+                if len(item) <= _SHORT_CHARS:
+                    continue
+                new = cap_string(item)
+            elif kind is int or kind is bool or kind is float or item is None:
+                continue
+            else:
+                new = _capped(item, depth + 1)
             if new is not item:
                 if out is None:
                     out = dict(value)
                 out[key] = new
         return value if out is None else out
-    if isinstance(value, list | tuple):
+    if type(value) is list or type(value) is tuple:
         if depth >= _MAX_WALK_DEPTH:
             return TOO_DEEP
-        items = [_capped(item, depth + 1) for item in value]
-        if all(a is b for a, b in zip(items, value, strict=True)):
-            return value
-        return items
+        items: list[Any] | None = None
+        for index, item in enumerate(value):
+            if type(item) is str and len(item) <= _SHORT_CHARS:
+                continue
+            new = _capped(item, depth + 1)
+            if new is not item:
+                if items is None:
+                    items = list(value)
+                items[index] = new
+        return value if items is None else items
+    if isinstance(value, str):
+        return value if len(value) <= _SHORT_CHARS else cap_string(value)
+    if isinstance(value, Mapping):
+        return _capped(dict(value), depth)
+    if isinstance(value, list | tuple):
+        return _capped(list(value), depth)
     return value
 
 
