@@ -156,7 +156,7 @@ class ApprovalDesk:
         held = approvals.new_approval(
             server=call.server, tool=call.tool, user=call.user, agent=call.agent,
             args_digest=call.args_digest, now=_dt(now), held_for=why,
-            ttl_s=cfg.approvals.ttl_seconds, arguments=self._shown(call.arguments, cfg),
+            ttl_s=cfg.approvals.ttl_seconds, arguments=self._shown(call.arguments, cfg, call.tool),
             requested_by=approver_name(call.peer, call.peer_user),
             requested_uid=call.peer.get("uid"),
         )
@@ -203,8 +203,8 @@ class ApprovalDesk:
             raise exc
 
     @staticmethod
-    def _shown(arguments: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
-        shown = redact(arguments, cfg.audit.redact_keys)
+    def _shown(arguments: dict[str, Any], cfg: Config, tool: str) -> dict[str, Any] | None:
+        shown = redact(arguments, cfg.audit.redact_keys, cfg.audit.redact_tool_fields.get(tool, ()))
         if len(msgspec.json.encode(shown)) > MAX_SHOWN_ARGUMENTS_BYTES:
             return None
         return shown
