@@ -1136,11 +1136,18 @@ class Sidekey:
     ) -> None:
         """Read the rotation notices other hosts (or this one) post to the state store
         and drop the cached copies of those secrets here, within ``interval_s``."""
-        cursor = await self.store.rotation_cursor()
+        cursor: str | None
+        try:
+            cursor = await self.store.rotation_cursor()
+        except StateUnavailable:
+            cursor = None  # a degraded start (corrupt state database): read it once back
         task_status.started()
         while True:
             await trio.sleep(interval_s)
             try:
+                if cursor is None:
+                    cursor = await self.store.rotation_cursor()
+                    continue
                 payloads, cursor = await self.store.rotations_after(cursor)
             except StateUnavailable:
                 continue  # logged by the store; read on when it is back
@@ -1528,11 +1535,18 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.run)  # type: ignore[attr-defined]
             await nursery.start(store.run_maintenance)  # type: ignore[attr-defined]
-            recovered = await app.leases.recover()
-            await app.reconcile_lease_events()
-            # Before the backends' own tasks start: their warm pools journal credentials
-            # that belong to no call yet, and must not be taken for leftovers.
-            await app.sweep_backend_leases()
+            recovered = 0
+            if store.health().get("reason") == "state_corrupt":
+                # Degraded start (SqliteStore.open found the file damaged): /v1/health
+                # says why and every call fails closed; recovery and sweeps wait for a
+                # repaired or restored database.
+                log.error("state database is corrupt: lease recovery and backend sweeps skipped")
+            else:
+                recovered = await app.leases.recover()
+                await app.reconcile_lease_events()
+                # Before the backends' own tasks start: their warm pools journal credentials
+                # that belong to no call yet, and must not be taken for leftovers.
+                await app.sweep_backend_leases()
             for tools in cfg.secrets.values():
                 for refs in tools.values():
                     for ref in refs.values():
