@@ -664,3 +664,31 @@ def test_unit_selector_ignores_a_cgroup_outside_the_system_slices(
         for path in reversed(made):
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+
+# --------------------------------------------------------------------------- check-config
+
+
+def test_check_config_warns_about_selectors_that_rely_on_exe_alone() -> None:
+    """Each selector with exe (or exe_sha256) and none of uid/user/gid/group/
+    supplementary_group/unit gets a warning naming its $.path; pinned ones do not."""
+    from test_cli import sidekey
+
+    d = Daemon({"peers": {
+        "content-api": [{"exe": "/usr/bin/python3"}, {"uid": 0, "exe": "/usr/bin/python3"}],
+        "analytics-db": [{"unit": "mcp-analytics.service", "exe_sha256": "0" * 64},
+                         {"exe_sha256": "1" * 64}],
+    }})
+    try:
+        out = sidekey("check-config", "--config", str(d.config_path))
+        assert out.returncode == 0, out.stderr
+        warned = [line.strip() for line in out.stdout.splitlines()
+                  if "is no boundary against a user who can run" in line]
+        assert len(warned) == 2, out.stdout
+        assert any("$.peers.content-api.0.exe: exe is no boundary" in w for w in warned)
+        assert any("$.peers.analytics-db.1.exe_sha256: exe_sha256 is no boundary" in w for w in warned)
+        assert all(w.startswith("warning:") and w.endswith("add uid or unit") for w in warned)
+        as_json = json.loads(sidekey("check-config", "--config", str(d.config_path), "--json").stdout)
+        assert sum("no boundary" in w for w in as_json["warnings"]) == 2
+    finally:
+        d.cleanup()

@@ -195,6 +195,12 @@ class SecretRef(_C, frozen=True, kw_only=True):
         return f"{self.mount}/{self.path}" + (f"#{self.key}" if self.key else "")
 
 
+# Selector keys that an unprivileged local user cannot satisfy at will: the kernel's
+# credentials and the system manager's unit. exe / exe_sha256 alone are not among them:
+# anyone who may run that binary (or interpreter) matches them.
+BOUNDARY_SELECTOR_KEYS = ("uid", "user", "gid", "group", "supplementary_group", "unit")
+
+
 class PeerSelector(_C, frozen=True, kw_only=True):
     """All selectors given must match (like a SPIRE workload entry)."""
 
@@ -799,6 +805,14 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
         for i, sel in enumerate(selectors):
             if not any(getattr(sel, f) is not None for f in sel.__struct_fields__):
                 errors.append(f"{where('peers')}: $.peers.{server}.{i}: a selector needs at least one key")
+            elif (sel.exe is not None or sel.exe_sha256 is not None) and not any(
+                getattr(sel, f) is not None for f in BOUNDARY_SELECTOR_KEYS
+            ):
+                key = "exe" if sel.exe is not None else "exe_sha256"
+                warnings.append(
+                    f"{where('peers')}: $.peers.{server}.{i}.{key}: {key} is no boundary against a "
+                    "user who can run the same interpreter/binary; add uid or unit"
+                )
     for name, backend in cfg.backends.items():
         at = f"{where('backends')}: $.backends.{name}"
         if isinstance(backend, LocalBackendConfig):
