@@ -166,6 +166,9 @@ def held(user: str, requested_uid: int | None = 65534) -> approvals.Approval:
     ("alice", 65534, "nobody", {}, False, True),  # the requesting uid (existing rule)
     ("alice", 65534, "nobody", {}, True, False),  # ... which excepts the owner
     ("alice", 0, "root", {"root": ["alice"]}, True, True),  # the user-id rule does not
+    ("root", 0, "root", {}, True, True),  # ... nor the user name
+    ("local:root", 0, "root", {}, True, False),  # the owner's own account: the uid rule
+    ("local:root", 0, "root", {"root": ["local:root"]}, True, True),  # unless mapped
 ])
 def test_self_approval_rule(user: str, approver_uid: int, approver_user: str | None,
                             identities: dict[str, list[str]], owner: bool, refused: bool) -> None:

@@ -326,22 +326,15 @@ def approver_user_ids(
     *, approver_uid: int | None, approver_user: str | None,
     identities: Mapping[str, Sequence[str]],
 ) -> frozenset[str]:
-    """Every user id (as :func:`user_id_key`) an approver process is known as.
-
-    Always its own unix user name, and the ids sidekey itself gives local callers
-    (``local:<name>``, ``uid:<N>``, see :func:`sidekey.policy.local_user`); plus the
-    ids ``approvals.approver_identities`` lists under its user name or ``uid:<N>``.
-    """
+    """The user ids (as :func:`user_id_key`) naming the *person* at an approver process:
+    its unix user name, and what ``approvals.approver_identities`` lists under that
+    name or under ``uid:<N>``."""
     ids: set[str] = set()
-    keys: list[str] = []
     if approver_user:
-        ids.update((approver_user, f"local:{approver_user}"))
-        keys.append(approver_user)
+        ids.add(approver_user)
+        ids.update(identities.get(approver_user, ()))
     if approver_uid is not None:
-        ids.add(f"uid:{approver_uid}")
-        keys.append(f"uid:{approver_uid}")
-    for key in keys:
-        ids.update(identities.get(key, ()))
+        ids.update(identities.get(f"uid:{approver_uid}", ()))
     return frozenset(user_id_key(i) for i in ids)
 
 
@@ -351,21 +344,28 @@ def self_approval(
 ) -> str | None:
     """Why this approver may not approve ``approval`` (four eyes), or None.
 
-    Two rules. The approver's uid must not be the uid of the process that requested
-    the call (the owner is excepted: it could rewrite the policy anyway, and the
-    daemon's own tools run as it). And the person the call is made for (its
-    ``user``) must not be among :func:`approver_user_ids`, with *no* owner exception:
-    an owner mapped to that person has to change the mapping first, which a reload
-    records in audit, instead of approving silently. Only approving is refused: a
-    denial by the requester or the subject cannot make a call run.
+    Two rules. *Same account*: the approver's uid must not be the uid of the process
+    that requested the call, nor the local user id sidekey gave the call
+    (``local:<name>`` / ``uid:<N>``, :func:`sidekey.policy.local_user`: the requesting
+    process's own account, for ``oauth2: none`` servers). The owner is excepted here:
+    it could rewrite the policy anyway, and a one-account host (the quickstart) runs
+    its servers as the owner. *Same person*: the user the call is made for must not be
+    among :func:`approver_user_ids` (the approver's user name and mapped ids), with no
+    owner exception: an owner mapped to that person must change the mapping first,
+    which a reload records in audit, instead of approving quietly. Only approving is
+    refused: a denial by the requester or the subject cannot make a call run.
     """
-    if (not owner and approval.requested_uid is not None
-            and approver_uid == approval.requested_uid):
-        return (f"approval {approval.id} was requested by a process of uid "
-                f"{approval.requested_uid}; another uid must approve it")
-    known_as = approver_user_ids(approver_uid=approver_uid, approver_user=approver_user,
-                                 identities=identities)
-    if user_id_key(approval.user) in known_as:
+    user = user_id_key(approval.user)
+    if not owner:
+        if approval.requested_uid is not None and approver_uid == approval.requested_uid:
+            return (f"approval {approval.id} was requested by a process of uid "
+                    f"{approval.requested_uid}; another uid must approve it")
+        own = {f"uid:{approver_uid}"} | ({f"local:{approver_user}"} if approver_user else set())
+        if user in {user_id_key(i) for i in own}:
+            return (f'approval {approval.id} is for "{approval.user}", this approver\'s own '
+                    "account; another uid must approve it")
+    if user in approver_user_ids(approver_uid=approver_uid, approver_user=approver_user,
+                                 identities=identities):
         who = approver_user or f"uid:{approver_uid}"
         return (f'approval {approval.id} is for user "{approval.user}", and the approver '
                 f"{who} (uid {approver_uid}) is known as that user; another person must "
