@@ -435,7 +435,10 @@ class VaultServer:
         if rel == "sys/leases/lookup" and method != "LIST":
             return "lookup_lease", {}
         if rel.startswith("sys/leases/lookup"):
-            return "list_leases", {"prefix": rel[len("sys/leases/lookup"):].lstrip("/")}
+            # Vault's handler (logical_system.go, handleLeaseLookupList) lists under the
+            # prefix with a "/" appended when missing; the path has lost it here anyway.
+            prefix = rel[len("sys/leases/lookup"):].strip("/")
+            return "list_leases", {"prefix": prefix + "/" if prefix else ""}
         if len(parts) >= 3 and parts[0] in self._kv and parts[1] in ("data", "metadata"):
             kind = "kv_metadata" if parts[1] == "metadata" else (
                 "kv_read" if method == "GET" else "kv_write")
