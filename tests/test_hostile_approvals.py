@@ -20,8 +20,6 @@ from sidekey import approvals
 from sidekey.approvals import new_approval, self_approval
 from test_approvals_daemon import ARGS, hold_every_call
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
 NOBODY, NOBODY_GID = pwd.getpwnam("nobody")[2:4]
 DAEMON, DAEMON_GID = pwd.getpwnam("daemon")[2:4]
 BIN, BIN_GID = pwd.getpwnam("bin")[2:4]
@@ -72,6 +70,8 @@ def rejections(d: Daemon, code: str) -> list[dict[str, Any]]:
     return [e for e in d.events_of("request.rejected") if e.get("error", {}).get("code") == code]
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(120)
 def test_an_approver_mapped_to_the_calls_user_cannot_approve_it(make_daemon: Any) -> None:
     """The attack: alice's approver account (uid 1, user ``daemon``) approves the call
     made for alice. Refused 403 approval_self_approval, audited, still pending; another
@@ -103,6 +103,8 @@ def test_an_approver_mapped_to_the_calls_user_cannot_approve_it(make_daemon: Any
     assert status == 200 and body["decision"] == "allow", body
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(120)
 def test_mapping_by_uid_and_case_insensitive_user_ids(make_daemon: Any) -> None:
     """``uid:N`` keys name an approver without a passwd entry; the user id matches
     whatever case the token's subject uses."""
@@ -114,6 +116,8 @@ def test_mapping_by_uid_and_case_insensitive_user_ids(make_daemon: Any) -> None:
     assert status == 200, body
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(120)
 def test_an_approver_cannot_approve_a_call_made_for_their_own_user_name(
     make_daemon: Any,
 ) -> None:
@@ -131,6 +135,8 @@ def test_an_approver_cannot_approve_a_call_made_for_their_own_user_name(
     assert status == 200, body
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(120)
 def test_the_owner_is_not_excepted_from_the_user_id_rule(make_daemon: Any) -> None:
     """The owner (root here: the daemon's uid) may approve a call its own uid asked for
     (the uid rule's exception), but not one made for a person it is mapped to: to
