@@ -1175,3 +1175,159 @@ def test_unknown_tier_allows_nothing(unknown: str) -> None:
 def test_unknown_minimum_is_a_programming_error() -> None:
     with pytest.raises(KeyError):
         tier_allows("owner", "root")
+
+
+# --------------------------------------------------------------------------- issue 9: groups, exe file, mount namespace
+
+
+def test_attest_records_the_mount_namespace_and_the_exe_file() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b, attest(a) as handle:
+        st_ = os.stat("/proc/self/exe")
+        assert handle.identity.same_mnt_ns is True
+        assert handle.identity.exe_id == (st_.st_dev, st_.st_ino)
+
+
+@needs_root
+def test_attest_of_a_peer_in_another_mount_namespace(use_pidfd: bool) -> None:
+    """A child that unshare()d its mount namespace before connecting: same_mnt_ns is
+    False, and its exe file is still identified (same device and inode)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    addr = f"\0sidekey-test-mntns-{uuid.uuid4().hex}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(addr)
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if libc.unshare(0x00020000) == 0:  # CLONE_NEWNS
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.connect(addr)
+                c.settimeout(CHILD_TIMEOUT)
+                with contextlib.suppress(OSError):
+                    c.recv(1)
+                code = 0
+        finally:
+            os._exit(code)
+    try:
+        conn, _ = listener.accept()
+        with conn, attest(conn, use_pidfd=use_pidfd) as handle:
+            st_ = os.stat("/proc/self/exe")
+            assert handle.identity.same_mnt_ns is False
+            assert handle.identity.exe_id == (st_.st_dev, st_.st_ino)
+            handle.recheck()  # another namespace is not a change
+    finally:
+        listener.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_recheck_compares_the_exe_file_not_only_its_path() -> None:
+    """Same path, another file (what a mount in a private namespace produces):
+    peer_changed. The path alone is compared only when the file was unreadable."""
+    me = _own_identity()
+    assert me.exe_id is not None
+    with PeerHandle(dataclasses.replace(me, exe_id=(me.exe_id[0], me.exe_id[1] + 1)),
+                    pidfd=None, dir_fd=_proc_self_dir_fd()) as h:
+        with pytest.raises(Denied) as exc_info:
+            h.recheck()
+        assert _code(exc_info) == "peer_changed"
+    with PeerHandle(dataclasses.replace(me, exe_id=None), pidfd=None, dir_fd=_proc_self_dir_fd()) as h:
+        h.recheck()
+    with PeerHandle(dataclasses.replace(me, exe_id=None, exe="/usr/bin/other"),
+                    pidfd=None, dir_fd=_proc_self_dir_fd()) as h:
+        with pytest.raises(Denied) as exc_info:
+            h.recheck()
+        assert _code(exc_info) == "peer_changed"
+
+
+def test_recheck_compares_supplementary_groups() -> None:
+    me = _own_identity()
+    with PeerHandle(dataclasses.replace(me, supplementary_gids=(*me.supplementary_gids, 4242)),
+                    pidfd=None, dir_fd=_proc_self_dir_fd()) as h:
+        with pytest.raises(Denied) as exc_info:
+            h.recheck()
+        assert _code(exc_info) == "peer_changed"
+
+
+@needs_root
+def test_recheck_after_peer_setgroups_is_peer_changed(use_pidfd: bool) -> None:
+    """A real process that only changes its supplementary groups after connecting
+    (uid and gid unchanged): peer_changed."""
+    addr = f"\0sidekey-test-groups-{uuid.uuid4().hex}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(addr)
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    go_r, go_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(addr)
+            ready, _, _ = select.select([go_r], [], [], CHILD_TIMEOUT)
+            if ready and os.read(go_r, 1) == b"g":
+                os.setgroups([NOBODY.pw_gid])
+                os.write(ack_w, b"g")
+                select.select([go_r], [], [], CHILD_TIMEOUT)
+                code = 0
+        finally:
+            os._exit(code)
+    try:
+        conn, _ = listener.accept()
+        with conn, attest(conn, use_pidfd=use_pidfd) as handle:
+            assert handle.identity.supplementary_gids == ()
+            handle.recheck()
+            os.write(go_w, b"g")
+            ready, _, _ = select.select([ack_r], [], [], TIMEOUT)
+            assert ready and os.read(ack_r, 1) == b"g"
+            with pytest.raises(Denied) as exc_info:
+                handle.recheck()
+            assert _code(exc_info) == "peer_changed"
+    finally:
+        listener.close()
+        for fd in (go_r, go_w, ack_r, ack_w):
+            os.close(fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_exe_key_in_another_mount_namespace_needs_the_very_file(tmp_path: Path) -> None:
+    """Pure rule with a real file: in the daemon's namespace the path decides; in
+    another, the peer's file (device, inode) must be the one the path names here.
+    Without the means to stat (no ExeHashCache) or an unknown file: no match."""
+    exe = tmp_path / "mcp-content"
+    exe.write_bytes(b"\x7fELF")
+    st_ = os.stat(exe)
+    real = (st_.st_dev, st_.st_ino)
+    cache = ExeHashCache()
+    sel = PeerSelector(exe=str(exe))
+    assert matches(sel, ident(exe=str(exe), same_mnt_ns=True, exe_id=None))
+    assert matches(sel, ident(exe=str(exe), same_mnt_ns=False, exe_id=real), exe_hashes=cache)
+    assert not matches(sel, ident(exe=str(exe), same_mnt_ns=False, exe_id=(real[0], real[1] + 1)),
+                       exe_hashes=cache)
+    assert not matches(sel, ident(exe=str(exe), same_mnt_ns=False, exe_id=real))  # no cache
+    assert not matches(sel, ident(exe=str(exe), same_mnt_ns=False, exe_id=None), exe_hashes=cache)
+    # the path must still be the peer's path
+    assert not matches(sel, ident(exe="/elsewhere", same_mnt_ns=False, exe_id=real), exe_hashes=cache)
+    # a path that does not exist here names no file
+    gone = PeerSelector(exe=str(tmp_path / "missing"))
+    assert not matches(gone, ident(exe=str(tmp_path / "missing"), same_mnt_ns=False, exe_id=real),
+                       exe_hashes=cache)
+    # keys other than exe do not care about the namespace
+    assert matches(PeerSelector(uid=1000), ident(same_mnt_ns=False, exe_id=None))
+    # the default for an identity built without namespace facts is "another": fail closed
+    bare = dataclasses.replace(ident(exe=str(exe)))
+    assert not matches(sel, PeerIdentity(**{
+        f: getattr(bare, f) for f in ("pid", "uid", "gid", "user", "group", "supplementary_gids",
+                                      "supplementary_groups", "exe", "unit", "start_time",
+                                      "attestation")}))

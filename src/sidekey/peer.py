@@ -166,10 +166,10 @@ def _proc_facts(dir_fd: int, *, with_start_time: bool = True) -> _ProcFacts:
     proves the process is the same one. This runs on every request above the anonymous
     tier, so status is read once and searched, not split into lines.
     """
-    raw = _read_at(dir_fd, "status", 16 * 1024)
-    uids = tuple(int(x) for x in _status_field(raw, b"\nUid:").split())
-    gids = tuple(int(x) for x in _status_field(raw, b"\nGid:").split())
-    groups = tuple(sorted(int(x) for x in _status_field(raw, b"\nGroups:").split()))
+    raw = _read_at(dir_fd, "status")  # 64 KiB: room for a long Groups line
+    uids = tuple(map(int, _status_field(raw, b"\nUid:").split()))
+    gids = tuple(map(int, _status_field(raw, b"\nGid:").split()))
+    groups = tuple(sorted(map(int, _status_field(raw, b"\nGroups:").split())))
     state = _status_field(raw, b"\nState:").strip()[:1].decode("ascii", "replace")
     if len(uids) != 4 or len(gids) != 4 or not state:
         raise ValueError("unexpected /proc status format")
