@@ -212,3 +212,17 @@ def test_event_with_very_many_fields_still_fits() -> None:
 def test_cap_event_idempotent_on_small_events() -> None:
     event = make_event("daemon.started", host="h", now=NOW, redact_keys=[], extra={"pid": 1})
     assert cap_event(dict(event)) == event
+
+
+def test_tighter_caps_for_refusal_events() -> None:
+    """The daemon builds refused callers' events with smaller caps (its bound)."""
+    long = "p" * 10_000
+    event = make_event(
+        "request.rejected", host="h", now=NOW, redact_keys=[], max_string_bytes=512,
+        max_event_bytes=4096, error={"code": "not_found", "message": long, "status": 404},
+        peer={"pid": 1, "uid": 2, "exe": long, "unit": long}, extra={"path": long},
+    )
+    assert _size(event) <= 4096
+    assert all(_size(v) - 2 <= 512 for v in (event["path"], event["peer"]["exe"],
+                                               event["peer"]["unit"], event["error"]["message"]))
+    assert event["peer"]["uid"] == 2

@@ -7,7 +7,7 @@ as ``content-api``.
 - Audit amplification (item 5): pipelined refusals with ~15 KB paths used to write two
   copies of the path per refusal, fsynced, without limit. Now each refusal of an
   anonymous caller counts against ``audit.rejections_per_uid`` and the audit file grows
-  by at most ``windows x (burst + 1) x (MAX_EVENT_BYTES + 1)`` bytes for that uid.
+  by at most ``windows x (burst + 1) x (REJECTION_EVENT_BYTES + 1)`` bytes for that uid.
 - Connection slots (item 6): one uid holding idle connections used to take every slot
   (503 ``too_many_connections`` for the MCP servers). Now an anonymous uid has
   ``listen.max_connections_per_anonymous_uid`` slots, silent connections are closed after
@@ -33,15 +33,15 @@ from typing import Any
 import pytest
 
 from harness import Daemon
-from sidekey.audit.events import MAX_EVENT_BYTES
 from sidekey.config import ListenConfig
+from sidekey.daemon import REJECTION_EVENT_BYTES
 
 pytestmark = pytest.mark.integration
 
 NOBODY = pwd.getpwnam("nobody")
 SERVICE = pwd.getpwnam("daemon")  # uid 1: the MCP server "content-api" in these tests
 CHILD_TIMEOUT_S = 120.0
-LINE_MAX = MAX_EVENT_BYTES + 1  # one event and its newline
+LINE_MAX = REJECTION_EVENT_BYTES + 1  # one refusal (or summary) event and its newline
 
 
 # --------------------------------------------------------------------------- a child as another uid

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import logging
+import math
 import os
 import pwd
 import secrets
@@ -50,6 +52,7 @@ from .peer import (
     tier_allows,
     tier_of,
 )
+from .pending import CallRecords
 from .policy import CallFacts, Decision, decide
 from .protocol import (
     AccessToken,
@@ -93,7 +96,9 @@ APPROVAL_VERBS: dict[str, tuple[str, str]] = {
 }
 # PeerHandle.recheck's refusals: the connection is closed after answering one.
 PEER_LOST_CODES = frozenset({"peer_gone", "peer_changed"})
-MAX_PENDING_CALLS = 100_000  # authorize->redeem argument records kept in memory
+MAX_PENDING_CALLS = 100_000  # entries of the local rate-limit fallback kept in memory
+# How often expired call records are dropped when no authorize comes to do it.
+CALL_RECORD_SWEEP_S = 1.0
 # A backend call may re-authenticate once (lookup, login, retry: ~3 backend timeouts).
 BACKEND_TIMEOUT_S = 20.0
 REVOCATION_RETRY_S = 60.0
@@ -102,6 +107,14 @@ REVOCATION_RETRY_S = 60.0
 MAX_PATH_SHOWN = 200
 # How often closed rejection-audit windows are summarised when their uid is quiet.
 REJECTION_FLUSH_S = 1.0
+# Caps for the events a refused caller causes under audit.rejections_per_uid (its full
+# refusals and their summaries): with these the audit volume one such uid can cause is
+# (burst + 1) x (REJECTION_EVENT_BYTES + 1) bytes per window. A refusal event holds a few
+# short strings (code, message with the path cut, exe, unit): about 0.5-2.5 KB.
+REJECTION_STRING_BYTES = 512
+REJECTION_EVENT_BYTES = 4096
+LIMITED_EVENT_CAPS: dict[str, int] = {
+    "max_string_bytes": REJECTION_STRING_BYTES, "max_event_bytes": REJECTION_EVENT_BYTES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +146,22 @@ def _json(status: int, value: Any) -> Response:
 
 @dataclass(slots=True)
 class _PendingCall:
-    """What authorize knew about a call, kept until release for the tool_call event."""
+    """What authorize knew about a call, kept until release for the tool_call event.
 
-    arguments: dict[str, Any]
-    auth: dict[str, Any]
-    policy: dict[str, Any]
+    Kept encoded (the arguments as the canonical JSON already made for the digest):
+    the bytes counted against the budget are the bytes held, whatever the shape of
+    the arguments (decoded, 32 KB of ``[[],[],...]`` would take ~20 times more)."""
+
+    arguments: bytes  # canonical JSON
+    context: bytes  # JSON of {"auth": ..., "policy": ...}
+
+    @property
+    def size(self) -> int:
+        return len(self.arguments) + len(self.context)
+
+    def decoded(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        context = msgspec.json.decode(self.context)
+        return msgspec.json.decode(self.arguments), context["auth"], context["policy"]
 
 
 class Sidekey:
@@ -178,8 +202,12 @@ class Sidekey:
         self.registry_health = RegistryHealth(loaded.config.registry)
         self.leases = LeaseManager(store, on_expired=self._lease_expired, clock=clock)
         self.started_at = clock()
-        self._pending: OrderedDict[str, _PendingCall] = OrderedDict()
-        self._lease_calls: OrderedDict[str, _PendingCall] = OrderedDict()
+        # Call records from authorize (keyed by the token's jti) to the end of the lease
+        # (re-keyed by lease id): dropped at expiry, bounded in bytes per server.
+        self._calls: CallRecords[_PendingCall] = CallRecords(
+            per_owner_bytes=loaded.config.leases.pending_bytes_per_server,
+            total_bytes=loaded.config.leases.pending_bytes_total)
+        self._calls_warned: dict[str, float] = {}  # server -> when its eviction was logged
         self.server: HttpServer | None = None
         # Audit volume of unattested callers' refusals, per uid (audit.rejections_per_uid).
         limit = loaded.config.audit.rejections_per_uid
@@ -283,10 +311,23 @@ class Sidekey:
                 # request whoever holds the socket now pipelines.
                 response.headers.append((b"connection", b"close"))
             return response
-        except Exception:
-            log.exception("internal error handling %s %s", request.method, request.path)
+        except Exception as exc:
+            log.exception("internal error handling %s %s", request.method, request.path[:256])
             err = SidekeyError("internal error", code="internal")
             err.status = 500
+            # A bug, not a verdict: recorded all the same (the exception's type only; its
+            # message may quote request data), so a fault an attacker can trigger shows.
+            try:
+                await self.audit.emit(self.event(
+                    "request.failed",
+                    peer=request.peer.identity.audit(),
+                    request_id=request.request_id,
+                    error={"code": err.code, "message": err.message, "status": err.status},
+                    extra={"path": request.path[:256], "method": request.method[:16],
+                           "exception": type(exc).__name__},
+                ))
+            except Exception:  # audit down: the log line above is all there is
+                log.exception("could not audit the internal error of %s", request.request_id)
             return error_response(err, request.request_id)
 
     async def _audit_rejection(self, request: Request, exc: SidekeyError) -> None:
@@ -304,9 +345,8 @@ class Sidekey:
         # A refusal of a caller attested above anonymous is a security decision about a
         # known principal: always written in full. An anonymous caller's are bounded per
         # uid (audit.rejections_per_uid), or it could fill the audit disk.
-        if self._anonymous_connection(request) and not await self._admit_rejection(
-            request.peer.identity.uid, exc.code
-        ):
+        limited = self._anonymous_connection(request)
+        if limited and not await self._admit_rejection(request.peer.identity.uid, exc.code):
             return
         await self.audit.emit(
             self.event(
@@ -315,6 +355,7 @@ class Sidekey:
                 request_id=request.request_id,
                 error={"code": exc.code, "message": exc.message, "status": exc.status},
                 extra={"path": _shown(request.path)},
+                **(LIMITED_EVENT_CAPS if limited else {}),
             )
         )
 
@@ -339,6 +380,7 @@ class Sidekey:
                 peer=who,
                 request_id=request_id,
                 error={"code": error.code, "message": error.message, "status": error.status},
+                **LIMITED_EVENT_CAPS,
             )
         )
 
@@ -413,6 +455,7 @@ class Sidekey:
                 "suppressed": s.total,
                 "by_code": s.counts,
             },
+            **LIMITED_EVENT_CAPS,
         )
 
     async def run_rejection_flusher(
@@ -477,6 +520,8 @@ class Sidekey:
                 "token_issuer": self.codec.issuer,
                 "token_key_id": self.codec.keyset.active.kid,
                 "leases": {"active": self.leases.active_count},
+                # Call records held in memory (authorize -> lease end) and their budgets.
+                "pending_calls": self._pending_calls_status(),
                 "approvals": {"pending": pending, "waiting": self.approvals.waiting},
                 "connections": server.active_connections if server else 0,
                 "in_flight": server.in_flight if server else 0,
@@ -661,7 +706,7 @@ class Sidekey:
 
     async def authorize(self, req: Request) -> Response:
         body: AuthorizeRequest = protocol.decode_body(req.body, AuthorizeRequest)
-        args_digest = _digest_capped(body.arguments)
+        args_digest, args_json = _canonical_capped(body.arguments)
         servers, _ = self._peer_facts(req)
         ident = req.peer.identity
         user_token, token_error = await self._verify_user_token(body, servers)
@@ -743,10 +788,14 @@ class Sidekey:
         if body.approval_id is not None:
             extra["approval_id"] = body.approval_id
         await self.audit.emit(self.event("mcp.authorize", **common, extra=extra), durable=False)
-        self._remember(
-            self._pending,
+        self._remember_call(
             claims.jti,
-            _PendingCall(arguments=body.arguments, auth=auth, policy=decision.policy_record()),
+            _PendingCall(arguments=args_json,
+                         context=protocol.encode({"auth": auth, "policy": decision.policy_record()})),
+            server=body.server,
+            # Redeemable until exp + leeway: the record is needed no longer.
+            expires_at=float(claims.exp + self.codec.leeway_s),
+            now=now,
         )
         return _json(
             200,
@@ -856,9 +905,10 @@ class Sidekey:
         if dynamic:
             await self.store.attach_backend_leases(rec.lease_id, dynamic)
             self._dynamic_leases.add(rec.lease_id)
-        pending = self._pending.pop(claims.jti, None)
-        if pending is not None:
-            self._remember(self._lease_calls, rec.lease_id, pending)
+        # The record now lives as long as the lease (plus leeway: a release racing the
+        # expiry task still finds it).
+        self._calls.move(claims.jti, rec.lease_id, expires_at=expires_at + self.codec.leeway_s,
+                         now=now)
         redeem_event = self.event(
             "mcp.redeem",
             **base,
@@ -913,7 +963,8 @@ class Sidekey:
             raise Denied("only the process holding the lease may release it", code="peer_mismatch")
         ended = await self.leases.end(rec, RELEASED)
         await self._end_lease_backends(rec.lease_id)
-        call = self._lease_calls.pop(rec.lease_id, None)
+        call = self._calls.pop(rec.lease_id, None)
+        arguments, call_auth, call_policy = call.decoded() if call is not None else (None, None, None)
         result: dict[str, Any] = {"status": body.status}
         if body.duration_ms is not None:
             result["duration_ms"] = body.duration_ms
@@ -933,13 +984,16 @@ class Sidekey:
                 user_id=rec.user_id,
                 agent_id=rec.agent_id,
                 session_id=rec.session_id,
-                arguments=call.arguments if call else None,
+                arguments=arguments,
                 result=result,
-                auth=call.auth if call else None,
-                policy=call.policy if call else None,
+                auth=call_auth,
+                policy=call_policy,
                 peer=ident.audit(),
                 lease_id=rec.lease_id,
                 request_id=req.request_id,
+                # No record (evicted for the server's memory budget, or the daemon
+                # restarted): the call's mcp.authorize event (same jti) has the arguments.
+                extra=None if call is not None else {"jti": rec.jti, "call_record": "dropped"},
             )
         )
         # The end's event is durable: the lease leaves leases_unaudited (a crash before
@@ -1112,7 +1166,7 @@ class Sidekey:
                     except SidekeyError:
                         continue  # ended meanwhile
                     await self._end_lease_backends(rec.lease_id)
-                    self._lease_calls.pop(rec.lease_id, None)
+                    self._calls.pop(rec.lease_id, None)
                     revoked += 1
                     await self.audit.emit(self.event(
                         "lease.revoked", server=rec.server, tool=rec.tool, user_id=rec.user_id,
@@ -1270,7 +1324,10 @@ class Sidekey:
         count = 0
         seen: set[str] = set()  # a mark that failed to stick must not loop forever
         while batch := [r for r in await self.leases.unaudited() if r.lease_id not in seen]:
-            for rec in batch:
+            # One fsync per batch: the events are queued and the last one commits them
+            # all (a sink commits queued events before a later durable one); only then
+            # are the leases marked.
+            for i, rec in enumerate(batch):
                 seen.add(rec.lease_id)
                 await self.audit.emit(self.event(
                     "lease.recovered", server=rec.server, tool=rec.tool, user_id=rec.user_id,
@@ -1280,7 +1337,8 @@ class Sidekey:
                            "ended_at": None if rec.ended_at is None else _iso(rec.ended_at),
                            "reason": "the daemon stopped between the lease's end and its "
                                      "audit event; the call's outcome is unknown"},
-                ))
+                ), durable=i == len(batch) - 1)
+            for rec in batch:
                 await self.leases.audited(rec.lease_id)
                 count += 1
         if count:
@@ -1379,7 +1437,7 @@ class Sidekey:
             await self.resolve_backend_intents()
 
     async def _lease_expired(self, rec: LeaseRecord) -> None:
-        self._lease_calls.pop(rec.lease_id, None)
+        self._calls.pop(rec.lease_id, None)
         await self._end_lease_backends(rec.lease_id)
         await self.audit.emit(
             self.event(
@@ -1395,11 +1453,34 @@ class Sidekey:
             )
         )
 
-    @staticmethod
-    def _remember(table: OrderedDict[str, _PendingCall], key: str, value: _PendingCall) -> None:
-        table[key] = value
-        while len(table) > MAX_PENDING_CALLS:
-            table.popitem(last=False)
+    def _remember_call(self, key: str, call: _PendingCall, *, server: str, expires_at: float,
+                       now: float) -> None:
+        """Keep a call record within the configured budgets (a reload may change them)."""
+        leases = self.cfg.leases
+        self._calls.set_limits(per_owner_bytes=leases.pending_bytes_per_server,
+                               total_bytes=leases.pending_bytes_total)
+        evicted = self._calls.put(key, call, owner=server, size=call.size,
+                                  expires_at=expires_at, now=now)
+        if evicted and now - self._calls_warned.get(server, -math.inf) >= 60.0:
+            self._calls_warned[server] = now
+            log.warning('call records of server "%s" over budget (leases.pending_bytes_per_server '
+                        "or _total): its oldest were dropped; their mcp.tool_call events will "
+                        "refer to the mcp.authorize event for the arguments", server)
+
+    def _pending_calls_status(self) -> dict[str, Any]:
+        self._calls.sweep(self.clock())
+        return self._calls.stats()
+
+    async def sweep_call_records(
+        self, *, interval_s: float = CALL_RECORD_SWEEP_S,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Forever: drop call records past their expiry (tokens never redeemed, leases
+        that ended without a release) when no authorize comes along to do it."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval_s)
+            self._calls.sweep(self.clock())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1434,13 +1515,21 @@ def _selector_uids(cfg: Config, daemon_uid: int) -> tuple[bool, frozenset[int], 
     return any_uid, frozenset(uids), frozenset(users)
 
 
-def _digest_capped(arguments: dict[str, Any]) -> str:
-    canonical = protocol.canonical_json(arguments) if arguments is not None else b"{}"
+def _canonical_capped(arguments: dict[str, Any] | None) -> tuple[str, bytes]:
+    """(SHA-256 hex, canonical JSON) of a call's arguments, at most MAX_ARGUMENTS_BYTES."""
+    try:
+        canonical = protocol.canonical_json(arguments) if arguments is not None else b"{}"
+    except (TypeError, ValueError, RecursionError) as exc:  # decode_body bounds the depth
+        raise BadRequest("arguments are not canonical JSON", code="bad_arguments") from exc
     if len(canonical) > protocol.MAX_ARGUMENTS_BYTES:
         raise BadRequest(
             f"arguments larger than {protocol.MAX_ARGUMENTS_BYTES} bytes", code="arguments_too_large"
         )
-    return protocol.arguments_digest(arguments)
+    return hashlib.sha256(canonical).hexdigest(), canonical
+
+
+def _digest_capped(arguments: dict[str, Any] | None) -> str:
+    return _canonical_capped(arguments)[0]
 
 
 def _denial(decision: Decision) -> SidekeyError:
@@ -1561,6 +1650,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
                 functools.partial(app.retry_revocations, interval_s=cfg.leases.revocation_retry_s)
             )
             await nursery.start(app.leases.run)
+            await nursery.start(app.sweep_call_records)
             await nursery.start(app.approvals.run_sweeper)
             await nursery.start(app.run_rejection_flusher)
             await nursery.start(app.watch_rotations)

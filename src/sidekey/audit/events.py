@@ -33,6 +33,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "token.replayed",
     "peer.rejected",
     "request.rejected",
+    "request.failed",
     "config.reloaded",
     "secret.rotated",
     "daemon.started",
@@ -312,8 +313,14 @@ def make_event(
     extra: dict[str, Any] | None = None,
     redact_keys: Sequence[str],
     redact_tool_fields: Mapping[str, Sequence[str]] | None = None,
+    max_string_bytes: int | None = None,
+    max_event_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Build one audit event (a plain dict, ready to encode as one JSON line).
+
+    Every string value is capped at ``max_string_bytes`` and the event at
+    ``max_event_bytes`` (:func:`cap_event`; defaults :data:`MAX_STRING_BYTES`,
+    :data:`MAX_EVENT_BYTES`).
 
     ``arguments`` are redacted with :func:`redact` (``redact_keys`` plus the
     ``redact_tool_fields`` of ``tool``). Raises :class:`ValueError` (a
@@ -348,7 +355,8 @@ def make_event(
         if clash:
             raise ValueError(f"audit extra keys shadow standard keys: {sorted(clash)}")
         event.update((k, v) for k, v in extra.items() if v is not None)
-    return cap_event(event)
+    return cap_event(event, max_string_bytes=max_string_bytes or MAX_STRING_BYTES,
+                     max_event_bytes=max_event_bytes or MAX_EVENT_BYTES)
 
 
 # --------------------------------------------------------------------------- size caps
@@ -359,8 +367,7 @@ def make_event(
 MAX_STRING_BYTES = 1024  # one string value, marker included
 MAX_EVENT_BYTES = 16 * 1024  # the whole event (arguments alone may take 8 KiB)
 # A JSON-encoded character takes at most 6 bytes (control characters become \uXXXX), so
-# a string this short cannot be over the cap: the common case costs one len().
-_SHORT_CHARS = MAX_STRING_BYTES // 6
+# a string of at most cap // 6 characters cannot be over the cap: one len() in the common case.
 _MARKER_ROOM = 48  # bytes kept free for "…(truncated N bytes)"
 # Keys that identify the event; never replaced when a too-large event is shrunk.
 _FIXED_KEYS = frozenset(("event_id", "timestamp", "event_type", "schema_version", "host",
@@ -391,12 +398,14 @@ def cap_string(text: str, max_bytes: int = MAX_STRING_BYTES) -> str:
     return f"{text[:keep]}…(truncated {dropped} bytes)"
 
 
-def _capped(value: Any, depth: int) -> Any:
-    """``value`` with every string capped; containers are copied only if something changed
-    (callers' dicts, e.g. a call's auth facts reused by later events, are never modified).
+def _capped(value: Any, depth: int, limit: int) -> Any:
+    """``value`` with every string capped at ``limit`` bytes; containers are copied only
+    if something changed (callers' dicts, e.g. a call's auth facts reused by later
+    events, are never modified).
 
     On the hot path (every event): scalars are skipped without a call, by exact type first.
     """
+    short = limit // 6  # a string this short cannot encode to more than the cap
     if type(value) is dict:
         if depth >= _MAX_WALK_DEPTH:
             return TOO_DEEP
@@ -404,13 +413,13 @@ def _capped(value: Any, depth: int) -> Any:
         for key, item in value.items():
             kind = type(item)
             if kind is str:
-                if len(item) <= _SHORT_CHARS:
+                if len(item) <= short:
                     continue
-                new = cap_string(item)
+                new = cap_string(item, limit)
             elif kind is int or kind is bool or kind is float or item is None:
                 continue
             else:
-                new = _capped(item, depth + 1)
+                new = _capped(item, depth + 1, limit)
             if new is not item:
                 if out is None:
                     out = dict(value)
@@ -421,20 +430,20 @@ def _capped(value: Any, depth: int) -> Any:
             return TOO_DEEP
         items: list[Any] | None = None
         for index, item in enumerate(value):
-            if type(item) is str and len(item) <= _SHORT_CHARS:
+            if type(item) is str and len(item) <= short:
                 continue
-            new = _capped(item, depth + 1)
+            new = _capped(item, depth + 1, limit)
             if new is not item:
                 if items is None:
                     items = list(value)
                 items[index] = new
         return value if items is None else items
     if isinstance(value, str):
-        return value if len(value) <= _SHORT_CHARS else cap_string(value)
+        return value if len(value) <= short else cap_string(value, limit)
     if isinstance(value, Mapping):
-        return _capped(dict(value), depth)
+        return _capped(dict(value), depth, limit)
     if isinstance(value, list | tuple):
-        return _capped(list(value), depth)
+        return _capped(list(value), depth, limit)
     return value
 
 
@@ -444,18 +453,24 @@ def _digest_marker(value: Any) -> dict[str, Any]:
             "sha256": hashlib.sha256(encoded).hexdigest()}
 
 
-def cap_event(event: dict[str, Any]) -> dict[str, Any]:
-    """Cap every string value at :data:`MAX_STRING_BYTES` and the whole event at
-    :data:`MAX_EVENT_BYTES` (JSON-encoded).
+def cap_event(
+    event: dict[str, Any],
+    *,
+    max_string_bytes: int = MAX_STRING_BYTES,
+    max_event_bytes: int = MAX_EVENT_BYTES,
+) -> dict[str, Any]:
+    """Cap every string value at ``max_string_bytes`` and the whole event at
+    ``max_event_bytes`` (JSON-encoded; defaults :data:`MAX_STRING_BYTES`,
+    :data:`MAX_EVENT_BYTES`).
 
     An event still too large has its largest object/list fields replaced, largest first,
     by ``{"_truncated": true, "size": n, "sha256": hex}``; if even that is not enough
     (only possible with a great many fields), every field but the identifying ones is
     dropped (seed keys become null) and ``_truncated`` describes the whole event.
     """
-    event = _capped(event, 0)
+    event = _capped(event, 0, max_string_bytes)
     size = _json_size(event)
-    if size <= MAX_EVENT_BYTES:
+    if size <= max_event_bytes:
         return event
     event = dict(event)  # shrunk below: never the caller's dict
     whole = _digest_marker(event)
@@ -468,7 +483,7 @@ def cap_event(event: dict[str, Any]) -> dict[str, Any]:
         marker = _digest_marker(event[key])
         event[key] = marker
         size -= field_size - _json_size(marker)
-        if size <= MAX_EVENT_BYTES:
+        if size <= max_event_bytes:
             return event
     slim: dict[str, Any] = {k: (v if k in _FIXED_KEYS else None) for k, v in event.items()
                             if k in _FIXED_KEYS or k in SEED_KEYS}
