@@ -53,12 +53,12 @@ included.
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import logging
 import math
 import os
 import re
-import datetime
 import threading
 import time
 import urllib.parse

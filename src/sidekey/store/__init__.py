@@ -394,10 +394,10 @@ def open_store(state_dir: Path) -> StateStore:
 __all__ = [
     "APPROVAL_RETENTION_S",
     "GCRA_EPSILON_S",
-    "MAX_UNAUDITED_LISTED",
     "LEASE_STATES",
     "MAX_APPROVALS_LISTED",
     "MAX_NOTICES_READ",
+    "MAX_UNAUDITED_LISTED",
     "NOTICE_RETENTION_S",
     "BackendIntent",
     "CounterOp",
