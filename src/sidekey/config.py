@@ -108,6 +108,12 @@ class LeasesConfig(_C, frozen=True, kw_only=True):
     max_ttl_seconds: Annotated[int, Meta(gt=0, le=MAX_TOKEN_TTL_S)] = MAX_TOKEN_TTL_S
     # How often revocations of dynamic credentials that failed (backend down) are retried.
     revocation_retry_s: Annotated[float, Meta(ge=0.1, le=3600)] = 60.0
+    # Memory for call records (a call's arguments and facts, kept from authorize until
+    # its lease ends, for the mcp.tool_call event): bytes per MCP server and in total on
+    # this host. Over budget, that server's oldest records go (the mcp.authorize event
+    # keeps the arguments); records also go at token expiry and at lease end.
+    pending_bytes_per_server: Annotated[int, Meta(ge=1 << 20, le=1 << 34)] = 64 << 20
+    pending_bytes_total: Annotated[int, Meta(ge=1 << 20, le=1 << 36)] = 256 << 20
 
 
 NonNegFloat = Annotated[float, Meta(ge=0)]
@@ -813,6 +819,13 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
                     f"{where('peers')}: $.peers.{server}.{i}.{key}: {key} is no boundary against a "
                     "user who can run the same interpreter/binary; add uid or unit"
                 )
+    if cfg.listen.max_anonymous_connections >= cfg.listen.max_connections:
+        warnings.append(
+            f"{where('listen')}: $.listen.max_anonymous_connections: "
+            f"{cfg.listen.max_anonymous_connections} >= max_connections "
+            f"({cfg.listen.max_connections}): processes not attested as a service can take "
+            "every connection slot"
+        )
     for name, backend in cfg.backends.items():
         at = f"{where('backends')}: $.backends.{name}"
         if isinstance(backend, LocalBackendConfig):

@@ -39,7 +39,9 @@ Error codes (``TokenError``, 401 unless noted):
                             at most one rate-limited refresh)
 ``token_bad_signature``     the signature does not verify
 ``token_claims_invalid``    ``iss``/``exp``/``aud``/``sub`` missing or mistyped,
-                            ``scope``/``scp``/``client_id``/``azp`` mistyped
+                            ``scope``/``scp``/``client_id``/``azp`` mistyped, a time
+                            claim (``exp``, ``nbf``, ``iat``, ``auth_time``) not a
+                            finite number in 0..253402300799 (year 9999)
 ``issuer_mismatch``         ``iss`` is not the configured issuer
 ``audience_mismatch``       (403) ``aud`` does not contain the configured audience
 ``token_expired``           ``exp`` + leeway is past
@@ -78,7 +80,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from .config import OAuth2Config
-from .protocol import AccessToken, TokenError, Unavailable
+from .protocol import (
+    MAX_JSON_DEPTH,
+    MAX_TIMESTAMP,
+    AccessToken,
+    TokenError,
+    Unavailable,
+    json_too_deep,
+)
 
 log = logging.getLogger(__name__)
 # Plain string claims kept on a verified token for policy (e.g. a department claim).
@@ -142,10 +151,18 @@ def _reject_constant(name: str) -> Any:
 
 
 def _strict_json(data: bytes) -> Any:
-    """UTF-8 JSON with duplicate member names and NaN/Infinity refused. Raises ValueError."""
+    """UTF-8 JSON with duplicate member names, NaN/Infinity and nesting deeper than
+    :data:`~sidekey.protocol.MAX_JSON_DEPTH` refused (json.loads recurses: a token or a
+    JWKS document of nested brackets must be malformed, not a RecursionError). Raises
+    ValueError."""
+    if json_too_deep(data, MAX_JSON_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     # Decode first: json.loads(bytes) would also accept UTF-16/32, which JWTs never are.
     text = data.decode("utf-8")
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except RecursionError:  # not reachable after the depth check; kept as a guard
+        raise ValueError("nested too deeply") from None
 
 
 def _is_text(value: Any, *, max_len: int = 1024) -> bool:
@@ -169,6 +186,12 @@ def _is_number(value: Any) -> bool:
     return (
         isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     )
+
+
+def _is_time(value: Any) -> bool:
+    """A NumericDate sidekey can compute and print with: finite, 0..year 9999 (a larger
+    ``exp`` would overflow datetime where the call is audited)."""
+    return _is_number(value) and 0 <= value <= MAX_TIMESTAMP
 
 
 def _verify_signature(alg: str, key: Any, signing_input: bytes, signature: bytes) -> bool:
@@ -606,11 +629,13 @@ class OAuthVerifier:
             if name not in claims:
                 raise TokenError(f"bearer token has no {name} claim", code="token_claims_invalid")
         exp = claims["exp"]
-        if not _is_number(exp):
-            raise TokenError("bearer token exp is not a number", code="token_claims_invalid")
-        for name in ("nbf", "iat"):
-            if name in claims and not _is_number(claims[name]):
-                raise TokenError(f"bearer token {name} is not a number", code="token_claims_invalid")
+        for name in ("exp", "nbf", "iat", "auth_time"):
+            if name in claims and not _is_time(claims[name]):
+                raise TokenError(
+                    f"bearer token {name} is not a time between 0 and {MAX_TIMESTAMP} "
+                    "(a finite number of seconds)",
+                    code="token_claims_invalid",
+                )
         sub = claims["sub"]
         if not _is_text(sub):
             raise TokenError("bearer token sub is not a non-empty string", code="token_claims_invalid")

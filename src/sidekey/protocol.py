@@ -22,6 +22,12 @@ from msgspec import Meta
 MAX_TOKEN_TTL_S = 300
 MAX_NAME_LEN = 128
 MAX_ARGUMENTS_BYTES = 32 * 1024
+# Nesting depth of a call's arguments (a request body may nest one level more). Decoders
+# and encoders recurse: deeper input is refused before any of them sees it.
+MAX_JSON_DEPTH = 32
+# Largest time claim (exp, iat, nbf) accepted in any token: 9999-12-31T23:59:59Z, the
+# last second datetime can format. Larger values are refused as invalid claims.
+MAX_TIMESTAMP = 253_402_300_799
 
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LEN, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
 Opaque = Annotated[str, Meta(min_length=1, max_length=256)]
@@ -155,7 +161,7 @@ class ReleaseRequest(_Req, frozen=True, kw_only=True):
     lease_id: Opaque
     status: ReleaseStatus
     duration_ms: Annotated[int, Meta(ge=0, le=86_400_000)] | None = None
-    result_size_bytes: Annotated[int, Meta(ge=0)] | None = None
+    result_size_bytes: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
     error: Annotated[str, Meta(max_length=512)] | None = None
 
 
@@ -262,8 +268,49 @@ _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 _encoder = msgspec.json.Encoder()
 
 
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_ONE_BRACKET_KIND = bytes.maketrans(b"{}", b"[]")
+
+
+def json_too_deep(data: bytes, max_depth: int) -> bool:
+    """Whether the JSON text ``data`` nests arrays/objects deeper than ``max_depth``.
+
+    Iterative and at C speed (no recursion, no per-byte Python loop). Almost every
+    document has fewer brackets than ``max_depth`` and is answered by two counts.
+    Otherwise strings are cut out (escaped backslashes, then escaped quotes removed, so
+    the quotes left delimit strings), the brackets kept, and innermost pairs peeled off
+    at most ``max_depth`` times; whatever is left is deeper (or unbalanced with that
+    many open brackets: refused as well, as a decoder would recurse into it).
+    """
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        return False
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(unescaped.split(b'"')[0::2])
+    brackets = outside.translate(_ONE_BRACKET_KIND, _NOT_BRACKETS)
+    if b"[" * (max_depth + 1) in brackets:
+        return True  # the usual shape of a deep document: a run of opening brackets
+    for depth in range(max_depth + 1):
+        if not brackets:
+            return False
+        peeled = brackets.replace(b"[]", b"")
+        if peeled == brackets:  # unbalanced: what is left opens this many more levels
+            return depth + brackets.count(b"[") > max_depth
+        brackets = peeled
+    return True
+
+
 def decode_body(body: bytes, kind: type[_Req]) -> Any:
-    """Decode and validate a JSON request body into ``kind`` or raise :class:`BadRequest`."""
+    """Decode and validate a JSON request body into ``kind`` or raise :class:`BadRequest`.
+
+    Nesting is checked first (the body holds ``arguments``, which may nest
+    :data:`MAX_JSON_DEPTH` levels): 400 ``json_too_deep``, never a RecursionError.
+    """
+    if json_too_deep(body, MAX_JSON_DEPTH + 1):
+        raise BadRequest(
+            f"request body nests JSON deeper than {MAX_JSON_DEPTH + 1} levels "
+            f"(arguments may nest {MAX_JSON_DEPTH})",
+            code="json_too_deep",
+        )
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)
@@ -273,6 +320,8 @@ def decode_body(body: bytes, kind: type[_Req]) -> Any:
         raise BadRequest(f"invalid request: {exc}", code="invalid_request") from exc
     except msgspec.DecodeError as exc:
         raise BadRequest("body is not valid JSON", code="invalid_json") from exc
+    except RecursionError:  # not reachable after the depth check; kept as a guard
+        raise BadRequest("request body nests JSON too deeply", code="json_too_deep") from None
 
 
 def encode(value: Any) -> bytes:

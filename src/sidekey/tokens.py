@@ -33,7 +33,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from msgspec import Meta
 
-from .protocol import MAX_TOKEN_TTL_S, ConfigError, TokenError
+from .protocol import (
+    MAX_JSON_DEPTH,
+    MAX_TIMESTAMP,
+    MAX_TOKEN_TTL_S,
+    ConfigError,
+    TokenError,
+    json_too_deep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +52,18 @@ MAX_TOKEN_BYTES = 8 * 1024
 _FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit", "b64"})
 
 Str = Annotated[str, Meta(min_length=1, max_length=256)]
+# Times a token may carry: seconds from 1970 to the end of year 9999 (datetime's range:
+# an exp past it would overflow where the call is audited).
+Time = Annotated[int, Meta(ge=0, le=MAX_TIMESTAMP)]
+U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 
 
 class PeerClaim(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The attested peer a token is bound to. Every field present must match the redeemer."""
 
-    uid: int | None = None
-    pid: int | None = None
-    start: int | None = None
+    uid: U32 | None = None
+    pid: U32 | None = None
+    start: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None  # jiffies since boot
 
 
 class ResolutionClaims(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -63,9 +74,9 @@ class ResolutionClaims(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     sid: Str | None
     tool: Str
     jti: Annotated[str, Meta(min_length=16, max_length=64)]
-    iat: int
-    nbf: int
-    exp: int
+    iat: Time
+    nbf: Time
+    exp: Time
     args: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
     peer: PeerClaim
 
@@ -313,11 +324,15 @@ class TokenCodec:
             raise TokenError("resolution token is malformed", code="token_malformed")
         header_b64, payload_b64, signature_b64 = token.split(".")
         try:
-            header = msgspec.json.decode(_b64url_segment(header_b64))
+            header_json = _b64url_segment(header_b64)
             payload = _b64url_segment(payload_b64)
             signature = _b64url_segment(signature_b64)
+            # Checked before decoding: msgspec recurses (RecursionError, not a 401).
+            if json_too_deep(header_json, MAX_JSON_DEPTH) or json_too_deep(payload, MAX_JSON_DEPTH):
+                raise ValueError("nested too deeply")
+            header = msgspec.json.decode(header_json)
             unverified = msgspec.json.decode(payload)
-        except (ValueError, msgspec.DecodeError):
+        except (ValueError, msgspec.DecodeError, RecursionError):
             raise TokenError("resolution token is malformed", code="token_malformed") from None
         if not isinstance(header, dict) or not isinstance(unverified, dict):
             raise TokenError("resolution token is malformed", code="token_malformed")
