@@ -760,14 +760,15 @@ class _CheckedAsyncBackend(httpcore.AsyncNetworkBackend):
         self._inner = AutoBackend()
         self.allowed_uids = allowed_uids
 
+    # httpcore's AsyncNetworkBackend interface names these parameters `timeout`.
     async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None,
+        self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
         local_address: str | None = None, socket_options: Any = None,
     ) -> httpcore.AsyncNetworkStream:  # pragma: no cover - only Unix sockets are used
         return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
 
     async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Any = None,
+        self, path: str, timeout: float | None = None, socket_options: Any = None,  # noqa: ASYNC109
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
         try:

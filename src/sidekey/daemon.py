@@ -68,7 +68,6 @@ from .protocol import (
     TokenRequest,
 )
 from .server import HttpServer, Request, Response, bind_unix_socket, error_response
-from .store.sqlite import reinitialize_if_empty
 from .store import (
     MAX_APPROVALS_LISTED,
     BackendIntent,
@@ -79,6 +78,7 @@ from .store import (
     gcra,
     open_configured_store,
 )
+from .store.sqlite import reinitialize_if_empty
 from .tokens import PeerClaim, TokenCodec, load_ed25519_public, load_keyset, rotate_keyset
 
 log = logging.getLogger(__name__)
