@@ -437,3 +437,12 @@ def test_uid_prefilter_classes_are_never_lower_than_after_attestation() -> None:
                   {"rbac": {"admin": {"groups": ["wheel"]}}},
                   {"rbac": {"service": {"units": ["x.service"]}}}):
         assert _selector_uids(_config(loose), 999)[0] is True, loose
+
+
+def test_check_config_warns_when_anonymous_callers_can_take_every_slot() -> None:
+    from sidekey.config import _cross_check
+
+    loose = _config({"listen": {"max_connections": 64, "max_anonymous_connections": 64}})
+    assert any("max_anonymous_connections" in w for w in _cross_check(loose, {}, "sidekey.yaml"))
+    assert not any("max_anonymous_connections" in w
+                   for w in _cross_check(_config({}), {}, "sidekey.yaml"))
