@@ -5,6 +5,12 @@ once at accept, parses requests within the configured caps (header size, body si
 header/body read time, connection count), hands complete requests to an
 :class:`Application`, and writes its response. Protocol violations are answered here
 (400/408/413/431/503) and reported to the application so it can audit them.
+
+Connection slots are counted per peer uid (SO_PEERCRED, read at accept before any
+/proc work). Which cap applies is the application's call (:meth:`Application.connection_class`:
+"service" for a uid that may be attested above anonymous, else "anonymous"), asked with
+the uid at accept and again with the attested identity; the numbers are ``listen.*``.
+A connection that sends nothing is closed after ``first_request_timeout_s``.
 """
 
 from __future__ import annotations
