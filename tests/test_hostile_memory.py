@@ -126,7 +126,7 @@ def test_unredeemed_calls_are_held_compactly_and_dropped_at_expiry(make_daemon: 
     # Before: every record kept as decoded objects, ~600 KB each (grew ~90 MB).
     assert grown < 40 * MIB, grown
     pending = status(d)["pending_calls"]
-    assert pending["count"] == 151 and 151 * 30_000 < pending["bytes"] < 151 * 31_000
+    assert pending["count"] == 151 and 151 * 30_000 < pending["bytes"] < 151 * 32_000
     # Never redeemed: gone once the tokens expire (20 s; the daemon sweeps every second).
     drained = wait_for(lambda: status(d)["pending_calls"]["count"] == 0, timeout=40.0)
     assert drained, status(d)["pending_calls"]
