@@ -814,10 +814,10 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
             elif (sel.exe is not None or sel.exe_sha256 is not None) and not any(
                 getattr(sel, f) is not None for f in BOUNDARY_SELECTOR_KEYS
             ):
-                key = "exe" if sel.exe is not None else "exe_sha256"
+                exe_key = "exe" if sel.exe is not None else "exe_sha256"
                 warnings.append(
-                    f"{where('peers')}: $.peers.{server}.{i}.{key}: {key} is no boundary against a "
-                    "user who can run the same interpreter/binary; add uid or unit"
+                    f"{where('peers')}: $.peers.{server}.{i}.{exe_key}: {exe_key} is no boundary "
+                    "against a user who can run the same interpreter/binary; add uid or unit"
                 )
     if cfg.listen.max_anonymous_connections >= cfg.listen.max_connections:
         warnings.append(
