@@ -318,14 +318,19 @@ class Sidekey:
             # A bug, not a verdict: recorded all the same (the exception's type only; its
             # message may quote request data), so a fault an attacker can trigger shows.
             try:
-                await self.audit.emit(self.event(
-                    "request.failed",
-                    peer=request.peer.identity.audit(),
-                    request_id=request.request_id,
-                    error={"code": err.code, "message": err.message, "status": err.status},
-                    extra={"path": request.path[:256], "method": request.method[:16],
-                           "exception": type(exc).__name__},
-                ))
+                # An anonymous caller that found such a fault must not get unbounded audit
+                # volume out of it either (audit.rejections_per_uid, like its refusals).
+                limited = self._anonymous_connection(request)
+                if not limited or await self._admit_rejection(request.peer.identity.uid, err.code):
+                    await self.audit.emit(self.event(
+                        "request.failed",
+                        peer=request.peer.identity.audit(),
+                        request_id=request.request_id,
+                        error={"code": err.code, "message": err.message, "status": err.status},
+                        extra={"path": request.path[:256], "method": request.method[:16],
+                               "exception": type(exc).__name__},
+                        **(LIMITED_EVENT_CAPS if limited else {}),
+                    ))
             except Exception:  # audit down: the log line above is all there is
                 log.exception("could not audit the internal error of %s", request.request_id)
             return error_response(err, request.request_id)
@@ -1585,6 +1590,11 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
     # Files the daemon writes: a loose mode is fixed (with a warning), a foreign owner
     # or a directory others can write to stops the start.
     file_warnings = hardening.check_daemon_files(hardening.daemon_files(loaded), fix=True)
+    try:
+        hardening.check_key_files(hardening.key_files(loaded))
+    except hardening.UnsafePathError as exc:
+        # Reported like the key loaders' own refusals: a config error naming the file.
+        raise ConfigError(f"{exc} [{exc.code}]") from None
     reinitialized = (
         init and cfg.state.backend == "sqlite" and reinitialize_if_empty(loaded.state_dir)
     )
