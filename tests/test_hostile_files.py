@@ -230,6 +230,9 @@ def test_files_the_daemon_does_not_own_are_refused(make_daemon: Any) -> None:
     # A key file readable by others: refused (the operator's file; rotate, not chmod).
     key = d.root / "keys" / "local.key"
     os.chmod(key, 0o644)
+    check = subprocess.run([sys.executable, "-m", "sidekey", "check-config", "--config",
+                            str(d.config_path)], capture_output=True, text=True, timeout=30)
+    assert "the daemon refuses to start: key_file_unsafe" in check.stdout, check.stdout
     out = _serve(d)
     assert out.returncode == 1 and "chmod 600" in out.stderr and str(key) in out.stderr, out.stderr
     os.chmod(key, 0o600)

@@ -100,16 +100,27 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .hardening import UnsafePathError, check_daemon_files, daemon_files
+    from .hardening import (
+        UnsafePathError,
+        check_daemon_files,
+        check_key_files,
+        daemon_files,
+        key_files,
+    )
 
     loaded = _load(args)
     cfg = loaded.config
     # The files the daemon writes: what it would fix (or refuse) at start. Checked as
     # the current user, which may not be the daemon's.
+    file_warnings: list[str] = []
     try:
-        file_warnings = check_daemon_files(daemon_files(loaded), fix=False)
+        file_warnings += check_daemon_files(daemon_files(loaded), fix=False)
     except UnsafePathError as exc:
-        file_warnings = [f"the daemon refuses to start: {exc.code}: {exc}"]
+        file_warnings.append(f"the daemon refuses to start: {exc.code}: {exc}")
+    try:
+        check_key_files(key_files(loaded))
+    except UnsafePathError as exc:
+        file_warnings.append(f"the daemon refuses to start: {exc.code}: {exc}")
     tools = sum(len(s.tool_scopes) for s in cfg.servers.values())
     mapped = sum(len(refs) for tools_ in cfg.secrets.values() for refs in tools_.values())
     summary: dict[str, Any] = {

@@ -56,7 +56,8 @@ class UnsafePathError(SidekeyError):
     Codes: ``socket_dir_unsafe`` (the socket's directory or one above it),
     ``file_owner_unsafe`` (a daemon file owned by another uid, or not a regular file),
     ``file_mode_unsafe`` (a loose mode the daemon cannot fix), ``dir_unsafe`` (the
-    directory of a daemon file is writable by others).
+    directory of a daemon file is writable by others), ``key_file_unsafe`` (a key or
+    credential file open to others).
     """
 
     status = 500
@@ -186,6 +187,50 @@ def _check_dir_owner_and_mode(
         )
 
 
+# --------------------------------------------------------------------------- key files
+
+
+def key_files(loaded: LoadedConfig) -> list[tuple[Path, str]]:
+    """Files holding keys or credentials that the operator provides (never the daemon)."""
+    from .config import LocalBackendConfig, VaultBackendConfig
+
+    files: list[tuple[Path, str]] = [(loaded.keyset_path, "token key set")]
+    for name, backend in sorted(loaded.config.backends.items()):
+        if isinstance(backend, LocalBackendConfig) and backend.key_file:
+            files.append((loaded.resolve(backend.key_file), f"key file of backend {name!r}"))
+        elif isinstance(backend, VaultBackendConfig):
+            for attr, what in (("token_file", "Vault token"), ("secret_id_file", "AppRole secret_id"),
+                               ("client_key", "Vault TLS client key")):
+                value = getattr(backend, attr)
+                if value:
+                    files.append((loaded.resolve(value), f"{what} file of backend {name!r}"))
+    state = loaded.config.state
+    if state.redis_password_file:
+        files.append((loaded.resolve(state.redis_password_file), "Redis password file"))
+    return files
+
+
+def check_key_files(files: Iterable[tuple[Path, str]]) -> None:
+    """Refuse key files (those that exist) that are not regular files owned by the
+    daemon's uid or root with no group/other bits. Not fixed: the operator owns them,
+    and a key that others could read may already be copied; the fix is to rotate it.
+    Raises :class:`UnsafePathError` (``key_file_unsafe``)."""
+    euid = os.geteuid()
+    for path, what in files:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue  # created later (the token key set) or reported by its loader
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (euid, 0) or mode & 0o077:
+            raise UnsafePathError(
+                f"{path}: the {what} is owned by uid {st.st_uid} with mode {mode:04o}; it must "
+                f"be a regular file owned by uid {euid} (the daemon) or root, not accessible "
+                f"by group or others (chmod 600 {path}; if others could read it, rotate it)",
+                code="key_file_unsafe",
+            )
+
+
 # --------------------------------------------------------------------------- socket path
 
 
@@ -232,8 +277,10 @@ def open_socket_dir(directory: Path) -> int:
 __all__ = [
     "UnsafePathError",
     "check_daemon_files",
+    "check_key_files",
     "daemon_files",
     "is_dumpable",
+    "key_files",
     "open_socket_dir",
     "protect_process_memory",
 ]
