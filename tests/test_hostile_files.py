@@ -540,3 +540,58 @@ def test_client_default_accepts_a_root_daemon(daemon: Daemon) -> None:
             return client.health()["status"]
 
     assert run_as(daemon, NOBODY, NOGROUP, health) == "ok"
+
+
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_maintenance_quick_check_finds_a_page_damaged_while_running(tmp_path: Path) -> None:
+    """The periodic half of item 12: a page damaged under a running store is found by
+    the maintenance task's quick_check, not first by the call that happens to read it."""
+    import trio
+
+    from sidekey.store import StateUnavailable
+    from sidekey.store.sqlite import SqliteStore
+
+    async def running() -> None:
+        # Damage the file under a store that opened it sound.
+        db = tmp_path / "state2" / "state.db"
+        store = SqliteStore.open(db.parent)
+        await store.aclose()
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.executemany("INSERT INTO burned_jti (jti, expires_at) VALUES (?, ?)",
+                         [(f"jti_{i:06d}", 4e9) for i in range(3000)])
+        conn.close()
+        store = SqliteStore.open(db.parent)
+        try:
+            assert store.health()["ok"] is True
+            assert await store.burn_jti("jti_000001", 4e9) is False  # a point lookup works
+            await store.checkpoint()
+            _corrupt_leaf(db)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: store.run_maintenance(
+                    interval=0.01, quick_check_interval=0.0, task_status=task_status))
+                with trio.fail_after(30):
+                    while store.health()["reason"] != "state_corrupt":
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            assert store.health()["ok"] is False
+            with pytest.raises(StateUnavailable) as info:
+                await store.burn_jti("jti-new", 4e9)
+            assert info.value.code == "state_corrupt"
+        finally:
+            await store.aclose()
+
+    trio.run(running)
+
+
+def _corrupt_leaf(db: Path) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        leaves = [r[0] for r in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'burned_jti' AND pagetype = 'leaf' ORDER BY pageno")]
+    finally:
+        conn.close()
+    page = leaves[len(leaves) // 2]
+    with db.open("r+b") as f:
+        f.seek((page - 1) * page_size + page_size // 4)
+        f.write(bytes(range(256)) * 2)

@@ -181,6 +181,9 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
 
 def _bind_in_dir(path: Path, dfd: int, mode: int) -> socket.socket:
     name = path.name
+    # The checked directory through its fd; without /proc, its path (then only the
+    # lstat after bind vouches for the result).
+    where = f"/proc/self/fd/{dfd}" if os.path.isdir(f"/proc/self/fd/{dfd}") else str(path.parent)
     try:
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
@@ -191,7 +194,7 @@ def _bind_in_dir(path: Path, dfd: int, mode: int) -> socket.socket:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
         try:
-            probe.connect(f"/proc/self/fd/{dfd}/{name}")
+            probe.connect(f"{where}/{name}")
         except OSError as exc:
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
                 raise ServerError(f"{path}: cannot probe existing socket: {exc.strerror}") from exc
@@ -209,7 +212,7 @@ def _bind_in_dir(path: Path, dfd: int, mode: int) -> socket.socket:
     try:
         # bind() never follows a symlink in the last component (an existing name is
         # EADDRINUSE); the directory is the one checked, reached through its fd.
-        sock.bind(f"/proc/self/fd/{dfd}/{name}")
+        sock.bind(f"{where}/{name}")
     except OSError as exc:
         sock.close()
         raise ServerError(f"{path}: cannot bind: {exc.strerror}") from exc
