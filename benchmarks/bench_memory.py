@@ -17,11 +17,11 @@ Python objects than as JSON (empty lists), as a hostile MCP server would.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,17 @@ def arguments(size: int, shape: str) -> dict[str, Any]:
 def rss(d: Daemon) -> int:
     assert d.proc is not None
     return int(psutil.Process(d.proc.pid).memory_info().rss)
+
+
+def rss_parts(d: Daemon) -> str:
+    """Anonymous (heap) vs file-backed resident memory, from /proc/<pid>/status."""
+    assert d.proc is not None
+    fields = {}
+    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile", "RssShmem"):
+            fields[name] = int(value.split()[0]) * 1024
+    return ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in fields.items())
 
 
 def main() -> None:
@@ -73,9 +84,11 @@ def main() -> None:
         assert status == 200, answer
         time.sleep(0.5)
         before = rss(d)
+        parts_before = rss_parts(d)
         deadline = time.monotonic() + opts.max_seconds
         lock = threading.Lock()
         counts = {"sent": 0, "ok": 0, "other": 0}
+        others: Counter[int] = Counter()
 
         def worker() -> None:
             conn = UnixHTTPConnection(d.socket, timeout=30.0)
@@ -91,6 +104,8 @@ def main() -> None:
                     resp.read()
                     with lock:
                         counts["ok" if resp.status == 200 else "other"] += 1
+                        if resp.status != 200:
+                            others[resp.status] += 1
             finally:
                 conn.close()
 
@@ -114,8 +129,10 @@ def main() -> None:
               f" leases.pending_bytes_total = {pending['budget_total'] / MIB:.0f} MiB")
         print(f"call records held: {pending['count']} ({pending['bytes'] / MIB:.1f} MiB counted), "
               f"evicted: {pending['evicted']}, expired: {pending['expired']}")
-        print(f"daemon RSS: before {before / MIB:.1f} MiB, after {after / MIB:.1f} MiB, "
-              f"growth {(after - before) / MIB:.1f} MiB")
+        print(f"daemon RSS: before {before / MIB:.1f} MiB ({parts_before}), after "
+              f"{after / MIB:.1f} MiB ({rss_parts(d)}), growth {(after - before) / MIB:.1f} MiB")
+        if counts["other"]:
+            print(f"non-200 answers: {dict(others)}")
     finally:
         d.cleanup()
 
