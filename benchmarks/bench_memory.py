@@ -10,6 +10,10 @@ token TTL is the maximum (300 s), so nothing expires during the run: the bound i
 what holds memory down. ``--shape wide`` sends arguments that are ~20 times bigger as
 Python objects than as JSON (empty lists), as a hostile MCP server would.
 
+The RSS growth includes more than the records: the audit queue (events of allowed
+calls are queued, up to 64 MiB, and written in batches) and memory the allocator keeps
+after a burst. ``--per-server-mib 1 --total-mib 1`` shows that part alone.
+
     python benchmarks/bench_memory.py [--calls 100000] [--arg-bytes 1024]
         [--per-server-mib 64] [--total-mib 256] [--shape text|wide] [--max-seconds 600]
 """
@@ -113,6 +117,17 @@ def main() -> None:
         threads = [threading.Thread(target=worker) for _ in range(opts.workers)]
         for t in threads:
             t.start()
+        # RSS at each fifth of the calls: a bound shows as a plateau once the budget is
+        # full (the audit queue, up to 64 MiB of queued events, and the allocator's
+        # high-water mark come on top of the records).
+        marks = [opts.calls * k // 5 for k in range(1, 5)]
+        samples: list[str] = []
+        while any(t.is_alive() for t in threads):
+            time.sleep(0.2)
+            with lock:
+                done_now = counts["ok"] + counts["other"]
+            while marks and done_now >= marks[0]:
+                samples.append(f"{marks.pop(0)}: {rss(d) / MIB:.0f}")
         for t in threads:
             t.join()
         elapsed = time.monotonic() - started
@@ -131,6 +146,7 @@ def main() -> None:
               f"evicted: {pending['evicted']}, expired: {pending['expired']}")
         print(f"daemon RSS: before {before / MIB:.1f} MiB ({parts_before}), after "
               f"{after / MIB:.1f} MiB ({rss_parts(d)}), growth {(after - before) / MIB:.1f} MiB")
+        print(f"RSS (MiB) after N calls: {', '.join(samples)}, {done}: {after / MIB:.0f}")
         if counts["other"]:
             print(f"non-200 answers: {dict(others)}")
     finally:

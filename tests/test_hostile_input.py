@@ -19,9 +19,11 @@ import jwt
 import msgspec
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harness import Daemon
-from sidekey.protocol import TokenError
+from sidekey.protocol import TokenError, json_too_deep
 from sidekey.server import ConnectionState, Request
 from sidekey.tokens import TOKEN_TYPE, PeerClaim, TokenCodec, load_keyset, rotate_keyset
 from test_daemon_app import AUTHORIZE, app_on, self_peer
@@ -219,3 +221,26 @@ async def test_an_unexpected_error_is_a_500_and_audited(monkeypatch: pytest.Monk
         assert "a bug with request data" not in d.audit_path.read_text()
     finally:
         d.cleanup()
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab,:'),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(alphabet='[]{}"\\k', max_size=4), inner, max_size=3),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_json_values, limit=st.integers(min_value=0, max_value=12))
+def test_json_too_deep_agrees_with_the_real_depth(value: Any, limit: int) -> None:
+    data = json.dumps(value, ensure_ascii=bool(limit % 2)).encode()
+    assert json_too_deep(data, limit) == (_depth(value) > limit)
