@@ -92,7 +92,7 @@ def main() -> None:
         deadline = time.monotonic() + opts.max_seconds
         lock = threading.Lock()
         counts = {"sent": 0, "ok": 0, "other": 0}
-        others: Counter[int] = Counter()
+        others: Counter[str] = Counter()
 
         def worker() -> None:
             conn = UnixHTTPConnection(d.socket, timeout=30.0)
@@ -105,11 +105,12 @@ def main() -> None:
                     conn.request("POST", "/v1/authorize", body=body,
                                  headers={"content-type": "application/json"})
                     resp = conn.getresponse()
-                    resp.read()
+                    data = resp.read()
                     with lock:
                         counts["ok" if resp.status == 200 else "other"] += 1
                         if resp.status != 200:
-                            others[resp.status] += 1
+                            code = json.loads(data).get("error", {}).get("code")
+                            others[f"{resp.status} {code}"] += 1
             finally:
                 conn.close()
 

@@ -190,3 +190,31 @@ def test_lease_records_end_with_the_lease_and_an_evicted_one_is_marked(make_daem
     assert event["arguments"] == {"title": "second"} and "call_record" not in event
     assert event["auth"]["verified"] is True and event["policy"]["decision"] == "allow"
     assert json.dumps(event)  # plain JSON all the way
+
+
+# --------------------------------------------------------------------------- the audit queue
+
+
+async def test_a_steady_stream_of_queued_audit_events_is_flushed_on_time(tmp_path: Any) -> None:
+    """Found by benchmarks/bench_memory.py: each queued (durable=False) event pushed the
+    deferred flush back by DEFERRED_FLUSH_S, so under a steady stream of allowed
+    authorizes nothing was written until the queue was full (10,000 events, up to
+    64 MiB held, then 503 audit_unavailable for the calls)."""
+    import trio
+
+    from sidekey.audit import jsonl
+
+    path = tmp_path / "audit.jsonl"
+    sink = jsonl.open_jsonl_sink(path, fsync=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        written_during_stream = 0
+        for i in range(100):  # one event every 10 ms for 1 s
+            await sink.write({"event_type": "mcp.authorize", "n": i}, durable=False)
+            await trio.sleep(0.01)
+            if i == 60:
+                written_during_stream = len(path.read_bytes().splitlines())
+        await sink.aclose()
+        nursery.cancel_scope.cancel()
+    assert written_during_stream >= 40, written_during_stream
+    assert len(path.read_bytes().splitlines()) == 100

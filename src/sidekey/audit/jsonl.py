@@ -260,14 +260,19 @@ class JsonlSink:
         try:
             task_status.started()
             while True:
+                flush_at: float | None = None
                 while not (self._pending.urgent or (self._closed and self._pending.lines)):
                     if self._closed:
                         return
                     self._nonempty = trio.Event()
                     if self._pending.lines:
                         # Only queued (durable=False) events: they ride along with the
-                        # next durable one, or go out after DEFERRED_FLUSH_S at most.
-                        with trio.move_on_after(DEFERRED_FLUSH_S) as deferred:
+                        # next durable one, or go out DEFERRED_FLUSH_S after the first of
+                        # them at most (a deadline that each new event does not push back:
+                        # a steady stream of them must not grow the queue until it is full).
+                        if flush_at is None:
+                            flush_at = trio.current_time() + DEFERRED_FLUSH_S
+                        with trio.move_on_at(flush_at) as deferred:
                             await self._nonempty.wait()
                         if deferred.cancelled_caught:
                             break
