@@ -494,14 +494,14 @@ async def test_slow_fsync_moves_commits_off_the_event_loop(
     thread (so a sick disk cannot freeze health checks), and events still land."""
     path = tmp_path / "audit.jsonl"
     sink = open_jsonl_sink(path, fsync=True)
-    real_fsync = os.fsync
     threads: list[str] = []
     delay = {"s": 0.0}
 
     def fsync(fd: int) -> None:
+        # Simulated: a real fsync on this busy 2-core box can itself take longer than
+        # INLINE_COMMIT_MAX_S and flip the mode early; durability is not what this tests.
         threads.append(threading.current_thread().name)
         time.sleep(delay["s"])
-        real_fsync(fd)
 
     monkeypatch.setattr(jsonl.os, "fsync", fsync)
     with trio.fail_after(20):
