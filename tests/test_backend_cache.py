@@ -10,6 +10,7 @@ import trio.testing
 from sidekey.backends import Backend, BackendError, SecretNotFound, SecretValue
 from sidekey.backends.cache import CachedBackend, cache_key
 from sidekey.config import SecretRef
+from sidekey.expiry import PURGE_INTERVAL_S
 
 VALUE = "s3cr3t-Value-xyzzy"
 NEW_VALUE = "r0tated-Value-plugh"
@@ -559,3 +560,111 @@ async def test_aclose_clears_and_closes_inner(inner: FakeBackend) -> None:
     assert (await cache_stats(cache))["entries"] == 0
     with pytest.raises(BackendError, match="closed"):
         await cache.fetch(ref())
+
+
+# ---------------------------------------------------------------------------- timed purge
+
+
+def held_values(cache: CachedBackend) -> list[str]:
+    """The secret values the cache's table still references."""
+    return [e.value.value for e in cache._entries.values()]
+
+
+async def test_expired_entry_is_purged_without_any_lookup(
+    inner: FakeBackend, autojump_clock: trio.abc.Clock
+) -> None:
+    """A value nobody asks for again leaves memory within ttl + stale + one interval
+    (before: it stayed until the same key was looked up, or evicted)."""
+    cache = make(inner, ttl_s=10, stale_if_error_s=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run_purger)
+        await cache.fetch(ref())
+        await cache.fetch(ref("other", cache_ttl_s=100))
+        fetched_at = trio.current_time()
+        assert sorted(held_values(cache)) == sorted([VALUE, "other-value"])
+        await trio.sleep(10 + 5 + PURGE_INTERVAL_S)
+        assert held_values(cache) == ["other-value"]  # its own TTL is longer
+        await trio.sleep(100 + 5 + PURGE_INTERVAL_S - (trio.current_time() - fetched_at))
+        assert cache._entries == {}
+        nursery.cancel_scope.cancel()
+    assert inner.fetches == 2  # nothing was looked up after the first fetches
+
+
+async def test_entry_inside_its_stale_window_survives_the_purge(
+    inner: FakeBackend, autojump_clock: trio.abc.Clock
+) -> None:
+    cache = make(inner, ttl_s=10, stale_if_error_s=30)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run_purger)
+        await cache.fetch(ref())
+        await trio.sleep(10 + 30 - 1)  # expired, still servable on error for 1 s
+        assert held_values(cache) == [VALUE]
+        inner.fail = BackendError("down")
+        stale = await cache.fetch(ref())
+        assert stale.value == VALUE
+        await trio.sleep(1 + PURGE_INTERVAL_S)  # the stale window is over
+        assert held_values(cache) == []
+        with pytest.raises(BackendError):
+            await cache.fetch(ref())
+        nursery.cancel_scope.cancel()
+
+
+async def test_purge_exactly_at_the_deadlines(inner: FakeBackend, autojump_clock: trio.abc.Clock) -> None:
+    """purge_expired() keeps a value while fetch() could still return it and drops it at
+    the instant fetch() would not (fresh until ttl, stale-servable until ttl + stale)."""
+    cache = make(inner, ttl_s=10, stale_if_error_s=5)
+    await cache.fetch(ref())
+    await trio.sleep(10 + 5 - 0.001)
+    assert cache.purge_expired() == 0
+    assert held_values(cache) == [VALUE]
+    await trio.sleep(0.001)
+    assert cache.purge_expired() == 1
+    assert held_values(cache) == []
+    # Without a stale window the value goes at its TTL.
+    cache = make(inner, ttl_s=10)
+    await cache.fetch(ref())
+    await trio.sleep(9.999)
+    assert cache.purge_expired() == 0
+    await trio.sleep(0.001)
+    assert cache.purge_expired() == 1
+
+
+async def test_purge_spares_a_refetched_entry_and_keeps_behaviour(
+    inner: FakeBackend, autojump_clock: trio.abc.Clock
+) -> None:
+    """The index item of a replaced entry must not drop its successor; rotation and
+    single flight are unchanged by purging."""
+    cache = make(inner, ttl_s=10)
+    await cache.fetch(ref())
+    await trio.sleep(10)  # expired: the next fetch stores a new entry (deadline 20 s on)
+    inner.put("db", NEW_VALUE)
+    assert (await cache.fetch(ref())).value == NEW_VALUE
+    assert cache.purge_expired() == 0  # the first entry's item fell due; its key is fresh
+    assert held_values(cache) == [NEW_VALUE]
+    await cache.rotate(ref(), "third")
+    assert held_values(cache) == []
+    assert cache.purge_expired() == 0
+    # Concurrent misses still share one fetch.
+    before = inner.fetches
+    inner.delay = 1.0
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(cache.fetch, ref())
+    assert inner.fetches == before + 1
+    assert held_values(cache) == ["third"]
+
+
+async def test_expiry_index_is_bounded_under_churn(inner: FakeBackend) -> None:
+    """Evicted and invalidated entries leave key-only index items; the index is rebuilt
+    from the live entries before it exceeds twice the cache's bound."""
+    cache = make(inner, max_entries=4)
+    for i in range(50):
+        inner.put(f"s{i}", f"v{i}")
+        await cache.fetch(ref(f"s{i}"))
+        assert len(cache._expiry) <= 2 * cache.max_entries
+    for _ in range(20):
+        await cache.rotate(ref("s49"), "again")
+        await cache.fetch(ref("s49"))
+        assert len(cache._expiry) <= 2 * cache.max_entries
+    assert len(cache._entries) == 4
+    assert VALUE not in repr(cache._expiry._heap)

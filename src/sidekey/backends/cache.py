@@ -11,6 +11,13 @@ static secrets:
   failed fetch is not cached. If the task doing the fetch is cancelled, one of the
   waiters starts a new fetch, so no waiter waits on a fetch that will never end.
 * **Bounded.** At most ``max_entries`` entries; the least recently used one goes first.
+* **Purged on time.** An entry is dropped once it can no longer be served — ``ttl``
+  after it was fetched, plus ``stale_if_error_s`` — by :meth:`CachedBackend.purge_expired`,
+  which the daemon runs every :data:`~sidekey.expiry.PURGE_INTERVAL_S`
+  (:meth:`CachedBackend.run_purger`), not only when the same key is looked up again.
+  So a cached value stays in memory at most ``ttl + stale_if_error_s +
+  PURGE_INTERVAL_S`` (invalidation, rotation, eviction and :meth:`CachedBackend.aclose`
+  drop it sooner).
 * **Stale if error** (off by default: fail closed). When the inner fetch fails with
   :class:`BackendError` and the entry expired less than ``stale_if_error_s`` ago, the
   expired value is served and a warning names the secret. :class:`SecretNotFound` is
@@ -35,6 +42,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..expiry import PURGE_INTERVAL_S, ExpiryIndex, run_purger
 from . import Backend, BackendError, SecretNotFound, SecretValue
 
 if TYPE_CHECKING:
@@ -150,6 +158,9 @@ class CachedBackend:
         self._clock = clock
         # Least recently used first.
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
+        # When each entry stops being servable (expires_at + stale_if_error_s), soonest
+        # first, for purge_expired().
+        self._expiry: ExpiryIndex[_Key] = ExpiryIndex()
         self._inflight: dict[_Key, _Flight] = {}
         self._hits = 0
         self._misses = 0
@@ -260,6 +271,7 @@ class CachedBackend:
         if ref is None:
             dropped = len(self._entries)
             self._entries.clear()
+            self._expiry.clear()
             self._inflight.clear()
             return dropped
         sid = _secret_id(ref)
@@ -269,6 +281,35 @@ class CachedBackend:
         for k in [k for k in self._inflight if k[0] == sid]:
             del self._inflight[k]
         return len(keys)
+
+    def purge_expired(self) -> int:
+        """Drop every entry that can no longer be served — past its TTL and past the
+        stale-if-error window after it — and return how many were dropped.
+
+        An entry inside its stale window is kept: an outage may still need it. Cost: the
+        number of index items that fell due, not the cache's size.
+        """
+        now = self._clock()
+        dropped = 0
+        for key in self._expiry.due(now):
+            entry = self._entries.get(key)
+            # The key may have been refetched since this item was queued (a newer entry
+            # with a later deadline and its own item), or already dropped.
+            if entry is not None and now - entry.expires_at >= self.stale_if_error_s:
+                # Dropping the reference is all Python allows: the str itself cannot be
+                # overwritten, and its memory is freed (not zeroed) once nothing else
+                # refers to it. The bound is on how long *the cache* keeps it alive.
+                del self._entries[key]
+                dropped += 1
+        return dropped
+
+    async def run_purger(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run :meth:`purge_expired` every :data:`~sidekey.expiry.PURGE_INTERVAL_S`
+        until cancelled (the daemon starts this for each cached backend)."""
+        await run_purger(self.purge_expired, interval_s=PURGE_INTERVAL_S,
+                         task_status=task_status)
 
     # ------------------------------------------------------------------ internals
 
@@ -359,5 +400,13 @@ class CachedBackend:
     def _store(self, key: _Key, value: SecretValue, expires_at: float) -> None:
         self._entries[key] = _Entry(value, expires_at)
         self._entries.move_to_end(key)
+        self._expiry.add(expires_at + self.stale_if_error_s, key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+        if len(self._expiry) > 2 * self.max_entries:
+            # Items of evicted, invalidated or replaced entries (keys only) pile up under
+            # churn until their deadline: rebuild from the live entries, O(n) once per
+            # max_entries stores.
+            self._expiry.rebuild(
+                (e.expires_at + self.stale_if_error_s, k) for k, e in self._entries.items()
+            )
