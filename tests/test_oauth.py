@@ -786,3 +786,43 @@ def test_issuer_usable_from_sync_code(tmp_path: Path) -> None:
         assert claims["iat"] <= time.time() + 1
     with pytest.raises(httpx.ConnectError):
         httpx.get(iss.jwks_uri, timeout=2)
+
+
+# --------------------------------------------------------------------------- timed purge
+
+
+async def test_cached_claims_are_purged_at_exp_without_any_lookup(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    """A verified token nobody presents again leaves the cache at its exp (before: it
+    stayed until the same token came back, or LRU eviction)."""
+    conf = cfg(**issuer.oauth2())
+    with trio.fail_after(LIMIT_S):
+        await verifier.verify(issuer.mint(issuer.claims(ttl=60, sub="short")), conf)
+        await verifier.verify(issuer.mint(issuer.claims(ttl=600, sub="long")), conf)
+
+    def subjects() -> list[str]:
+        return sorted(e.token.subject for e in verifier._cache.values())
+
+    assert subjects() == ["long", "short"]
+    assert verifier.purge_expired() == 0
+    clock.advance(59.9)
+    assert verifier.purge_expired() == 0  # still servable from the cache
+    clock.advance(0.1)
+    assert verifier.purge_expired() == 1
+    assert subjects() == ["long"]
+    clock.advance(600)
+    assert verifier.purge_expired() == 1
+    assert verifier._cache == {} and len(verifier._expiry) == 0
+
+
+async def test_token_cache_expiry_index_is_bounded(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier]
+) -> None:
+    verifier = make_verifier(cache_size=3)
+    conf = cfg(**issuer.oauth2())
+    with trio.fail_after(LIMIT_S):
+        for i in range(20):
+            await verifier.verify(issuer.mint(issuer.claims(sub=f"user{i}")), conf)
+            assert len(verifier._expiry) <= 2 * verifier.cache_size
+    assert len(verifier._cache) == 3

@@ -1656,6 +1656,11 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
                 runner = getattr(unwrap(backend), "run", None)
                 if runner is not None:  # token renewal, warm pools
                     await nursery.start(runner)
+                purger = getattr(backend, "run_purger", None)
+                if purger is not None:  # drops expired cached values (backends.cache)
+                    await nursery.start(purger)
+            # Drops verified-token cache entries at their exp (sidekey.expiry).
+            await nursery.start(app.oauth.run_purger)
             await nursery.start(
                 functools.partial(app.retry_revocations, interval_s=cfg.leases.revocation_retry_s)
             )

@@ -23,6 +23,10 @@ pyjwt's algorithm objects on the exact bytes received.
 
 Verified tokens are cached (bounded LRU) until their ``exp``: an agent presents the
 same bearer token for many calls, and a signature check costs far more than a hash.
+The cache holds the token's SHA-256 (never the token) and the :class:`AccessToken`
+made from its claims (subject, audience, scopes, client id, short string claims); the
+daemon's purge task (:meth:`OAuthVerifier.run_purger`) drops an entry at most
+:data:`~sidekey.expiry.PURGE_INTERVAL_S` after its ``exp``, looked up again or not.
 An entry remembers the key-set generation it was verified under and is never used
 once that issuer's key set has changed.
 
@@ -80,6 +84,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from .config import OAuth2Config
+from .expiry import PURGE_INTERVAL_S, ExpiryIndex, run_purger
 from .protocol import (
     MAX_JSON_DEPTH,
     MAX_TIMESTAMP,
@@ -442,6 +447,8 @@ class OAuthVerifier:
         self.allow_http_hosts = allow_http_hosts
         self._sources: dict[tuple[str, str, str], _Source] = {}
         self._cache: OrderedDict[tuple[bytes, str, str], _CacheEntry] = OrderedDict()
+        # Cache keys by the token's exp, soonest first, for purge_expired().
+        self._expiry: ExpiryIndex[tuple[bytes, str, str]] = ExpiryIndex()
         self._client: httpx.AsyncClient | None = None
         self._closed = False
         self._file_limiter = trio.CapacityLimiter(2)
@@ -490,9 +497,34 @@ class OAuthVerifier:
                 token=access, source=source, generation=source.generation, alg=parsed.alg
             )
             self._cache.move_to_end(cache_key)
+            self._expiry.add(access.expires_at, cache_key)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
+            if len(self._expiry) > 2 * self.cache_size:
+                # Items of evicted or replaced entries pile up under churn: rebuild from
+                # the live entries, O(n) once per cache_size insertions.
+                self._expiry.rebuild((e.token.expires_at, k) for k, e in self._cache.items())
         return access
+
+    def purge_expired(self) -> int:
+        """Drop every cached token whose ``exp`` has passed (a hit needs ``now < exp``,
+        so such an entry is never served again); return how many were dropped."""
+        now = self.clock()
+        dropped = 0
+        for key in self._expiry.due(now):
+            entry = self._cache.get(key)
+            if entry is not None and now >= entry.token.expires_at:
+                del self._cache[key]
+                dropped += 1
+        return dropped
+
+    async def run_purger(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run :meth:`purge_expired` every :data:`~sidekey.expiry.PURGE_INTERVAL_S` (trio
+        time) until cancelled; the daemon starts it."""
+        await run_purger(self.purge_expired, interval_s=PURGE_INTERVAL_S,
+                         task_status=task_status)
 
     def status(self) -> dict[str, Any]:
         """Per issuer key source: kind, location, key ids, fetch times, last error and
