@@ -217,6 +217,7 @@ class Generator:
             # Never an empty body: a real reload is not what is being fuzzed here.
             return request(b"POST", b"/v1/admin/reload", b'{"x": 1}')
         target = rng.choice([b"/", b"/v1", b"/v1/authorize/", b"/v1/%ff", b"/\xff\xfe",
+                             b"/v1/authorize", b"/v1/health", b"/v1/status", b"/v1/approvals",
                              b"/v1/" + b"a" * 8000, b"*", b"http://x/v1/health", b"/v1/health?\xff"])
         return request(rng.choice([b"GET", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"POST"]),
                        target, rng.choice([None, b"{}"]))
