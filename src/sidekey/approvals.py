@@ -41,14 +41,21 @@ from .policy import Denial
 from .protocol import SidekeyError
 from .quotas import as_utc, key_part
 
-ApprovalState = Literal["pending", "approved", "denied", "expired", "redeemed"]
-Action = Literal["approve", "deny", "expire", "redeem"]
+# The record, its states and its codec live with the stores that keep them (storage
+# must not import policy); re-exported here, where callers have always found them.
+from .store.records import APPROVED as APPROVED
+from .store.records import DENIED as DENIED
+from .store.records import EXPIRED as EXPIRED
+from .store.records import MAX_APPROVAL_TTL_S as MAX_APPROVAL_TTL_S
+from .store.records import PENDING as PENDING
+from .store.records import REDEEMED as REDEEMED
+from .store.records import STATES as STATES
+from .store.records import Approval as Approval
+from .store.records import ApprovalState as ApprovalState
+from .store.records import decode_approval as decode_approval
+from .store.records import encode_approval as encode_approval
 
-PENDING: ApprovalState = "pending"
-APPROVED: ApprovalState = "approved"
-DENIED: ApprovalState = "denied"
-EXPIRED: ApprovalState = "expired"
-REDEEMED: ApprovalState = "redeemed"
+Action = Literal["approve", "deny", "expire", "redeem"]
 
 # The whole state machine: (state, action) -> next state. Anything else is illegal.
 TRANSITIONS: Mapping[tuple[ApprovalState, Action], ApprovalState] = {
@@ -58,12 +65,10 @@ TRANSITIONS: Mapping[tuple[ApprovalState, Action], ApprovalState] = {
     (APPROVED, "redeem"): REDEEMED,
     (APPROVED, "expire"): EXPIRED,
 }
-STATES: frozenset[ApprovalState] = frozenset({PENDING, APPROVED, DENIED, EXPIRED, REDEEMED})
 # States that still expire (every other state is terminal).
 LIVE_STATES: frozenset[ApprovalState] = frozenset({PENDING, APPROVED})
 
 DEFAULT_TTL_S = 15 * 60.0
-MAX_APPROVAL_TTL_S = 24 * 3600.0  # the longest approvals.ttl_seconds a config may set
 DEFAULT_WINDOW_S = 3600.0
 ID_PREFIX = "apr_"
 APPROVAL_ID = re.compile(r"apr_[A-Za-z0-9_-]{1,64}")  # what the API accepts as an id
@@ -107,44 +112,6 @@ class ApprovalMismatch(ApprovalError):
 
     status = 403
     code = "approval_mismatch"
-
-
-class Approval(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One held call and its fate. Times are UTC; ``args_digest`` binds the arguments."""
-
-    id: str
-    server: str
-    tool: str
-    user: str
-    agent: str | None
-    args_digest: str
-    state: ApprovalState = PENDING
-    created_at: datetime.datetime
-    expires_at: datetime.datetime
-    held_for: str = ""  # the rule that held the call (needs_approval's reason)
-    decided_by: str | None = None  # approver identity (approve/deny)
-    decided_at: datetime.datetime | None = None
-    reason: str | None = None  # the approver's reason (required to deny)
-    redeemed_at: datetime.datetime | None = None
-    # The call's arguments for the approvers to read, with values under sensitive keys
-    # redacted (as in audit); None if they were too large to keep.
-    arguments: dict[str, Any] | None = None
-    requested_by: str | None = None  # the MCP server process that asked (for approvers)
-    requested_uid: int | None = None  # its uid: that uid cannot approve the call itself
-
-
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Approval)
-
-
-def encode_approval(approval: Approval) -> str:
-    """The approval as JSON text (what the state stores keep)."""
-    return _encoder.encode(approval).decode()
-
-
-def decode_approval(data: str | bytes) -> Approval:
-    """The inverse of :func:`encode_approval`."""
-    return _decoder.decode(data)
 
 
 def new_approval_id() -> str:

@@ -25,7 +25,7 @@ Rotation notices: a rotation through one host is posted (:meth:`StateStore.note_
 and every host reads the notices after its cursor (:meth:`StateStore.rotations_after`) to
 drop its cached copies of that secret.
 
-Approvals (:class:`sidekey.approvals.Approval`, stored whole as JSON) change state only
+Approvals (:class:`sidekey.store.records.Approval`, stored whole as JSON) change state only
 by :meth:`StateStore.transition_approval`, a compare-and-set on ``state``: of two
 approvers (or an approver and the expiry sweeper, on any host) exactly one wins.
 """
@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from ..protocol import Unavailable
 
 if TYPE_CHECKING:
-    from ..approvals import Approval
     from ..config import LoadedConfig
+    from .records import Approval
 
 LEASE_STATES = frozenset({"active", "released", "expired", "revoked"})
 # An approval is kept this long after its expiry (for `sidekey approvals list --all`

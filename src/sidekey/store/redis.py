@@ -60,7 +60,6 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from ..approvals import MAX_APPROVAL_TTL_S, Approval, decode_approval, encode_approval
 from . import (
     APPROVAL_RETENTION_S,
     GCRA_EPSILON_S,
@@ -79,6 +78,7 @@ from . import (
     check_rate_args,
     check_session_args,
 )
+from .records import MAX_APPROVAL_TTL_S, Approval, decode_approval, encode_approval
 from .sqlite import LEASE_RETENTION_S, PURGE_CHUNK
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,6 @@ from typing import Any
 import msgspec
 import trio
 
-from ..approvals import Approval, decode_approval, encode_approval
 from . import (
     APPROVAL_RETENTION_S,
     LEASE_STATES,
@@ -55,6 +54,7 @@ from . import (
     gcra,
     refused,
 )
+from .records import Approval, decode_approval, encode_approval
 
 log = logging.getLogger(__name__)
 
