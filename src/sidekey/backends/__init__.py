@@ -74,7 +74,7 @@ class LeaseJournal(Protocol):
     resolves the intent in the same atomic step; ``intent_done`` resolves an intent that
     produced nothing; ``revoked`` after the backend confirmed the revocation. A crash
     between the backend's answer and ``issued`` leaves the intent open, and the sweep
-    (:func:`sidekey.daemon.Sidekey.resolve_backend_intents`) looks its prefix up."""
+    (:func:`sidekey.daemon.lifecycle.Lifecycle.resolve_backend_intents`) looks its prefix up."""
 
     async def intent(self, backend: str, intent_id: str, prefix: str, *, at: float,
                      deadline: float) -> None: ...
