@@ -112,8 +112,22 @@ def start_daemon(root: Path, config: Path, profile: Path | None) -> subprocess.P
     cmd = [sys.executable]
     if profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
-    cmd += ["-m", "sidekey", "--log-level", "warning", "serve", "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "daemon.log", "wb"))  # noqa: SIM115
+    cmd += ["-m", "sidekey", *serve_args(config)]
+    return spawn_daemon(root, cmd)
+
+
+def serve_args(config: Path) -> list[str]:
+    """The daemon's command line after ``sidekey`` (or whatever runs its main)."""
+    return ["--log-level", "warning", "serve", "--config", str(config)]
+
+
+def spawn_daemon(root: Path, cmd: list[str]) -> subprocess.Popen[bytes]:
+    """Run ``cmd`` (a daemon of ``setup(root)``'s config) in ``root`` with its stderr in
+    daemon.log; return once its socket accepts a connection (SystemExit after 20 s, or if
+    it exits)."""
+    log = open(root / "daemon.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
     sock_path = str(root / "run" / "sock")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -146,23 +160,31 @@ class _Conn:
 
     async def call(self, req: bytes) -> tuple[int, dict[str, Any]]:
         await self.stream.send_all(req)
-        while True:
-            head_end = self.buf.find(b"\r\n\r\n")
-            if head_end >= 0:
-                head = self.buf[:head_end].decode("latin-1")
-                length = 0
-                for line in head.split("\r\n")[1:]:
-                    k, _, v = line.partition(":")
-                    if k.lower() == "content-length":
-                        length = int(v)
-                if len(self.buf) >= head_end + 4 + length:
-                    body = self.buf[head_end + 4 : head_end + 4 + length]
-                    self.buf = self.buf[head_end + 4 + length :]
-                    return int(head.split(" ", 2)[1]), json.loads(body)
+        while (got := split_response(self.buf)) is None:
             chunk = await self.stream.receive_some(65536)
             if not chunk:
                 raise ConnectionError("daemon closed the connection")
             self.buf += chunk
+        status, body, self.buf = got
+        return status, json.loads(body)
+
+
+def split_response(buf: bytes) -> tuple[int, bytes, bytes] | None:
+    """The first response in ``buf`` (framed by content-length) as (status, body, what
+    follows it), or None while it is incomplete."""
+    head_end = buf.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    head = buf[:head_end].decode("latin-1")
+    length = 0
+    for line in head.split("\r\n")[1:]:
+        k, _, v = line.partition(":")
+        if k.lower() == "content-length":
+            length = int(v)
+    end = head_end + 4 + length
+    if len(buf) < end:
+        return None
+    return int(head.split(" ", 2)[1]), buf[head_end + 4 : end], buf[end:]
 
 
 def _authorize_request(token: str) -> bytes:

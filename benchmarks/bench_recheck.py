@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_call import setup, user_token
+from bench_call import _post, serve_args, setup, spawn_daemon, split_response, user_token
 
 from sidekey.peer import PeerHandle, attest
 
@@ -129,24 +129,9 @@ def micro(loops: int) -> dict[str, float]:
 
 
 def start(root: Path, config: Path, *, recheck: bool) -> subprocess.Popen[bytes]:
-    args = ["--log-level", "warning", "serve", "--config", str(config)]
+    args = serve_args(config)
     cmd = [sys.executable, "-m", "sidekey", *args] if recheck else [sys.executable, "-c", NO_RECHECK, *args]
-    log = open(root / "daemon.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=log)
-    log.close()
-    sock_path = str(root / "run" / "sock")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"daemon exited: {(root / 'daemon.log').read_text()}")
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(sock_path)
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("daemon did not start")
+    return spawn_daemon(root, cmd)
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -171,22 +156,13 @@ class Client:
 
     def call(self, req: bytes) -> int:
         self.sock.sendall(req)
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head = self.buf[:end].decode("latin-1")
-                length = 0
-                for line in head.split("\r\n")[1:]:
-                    k, _, v = line.partition(":")
-                    if k.lower() == "content-length":
-                        length = int(v)
-                if len(self.buf) >= end + 4 + length:
-                    self.buf = self.buf[end + 4 + length :]
-                    return int(head.split(" ", 2)[1])
+        while (got := split_response(self.buf)) is None:
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError("daemon closed the connection")
             self.buf += chunk
+        status, _, self.buf = got
+        return status
 
     def close(self) -> None:
         self.sock.close()
@@ -198,10 +174,7 @@ def requests(token: str) -> dict[str, bytes]:
                        "arguments": {"title": "Q2 update"}}).encode()
     return {
         "GET /v1/status": b"GET /v1/status HTTP/1.1\r\nhost: sidekey\r\n\r\n",
-        "POST /v1/authorize": (
-            b"POST /v1/authorize HTTP/1.1\r\nhost: sidekey\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\n\r\n".encode() + body
-        ),
+        "POST /v1/authorize": _post("/v1/authorize", body),
     }
 
 

@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -74,6 +74,24 @@ def _drop_to(uid: int, gid: int) -> None:
     os.setuid(uid)
 
 
+def _drop_keeping_root(uid: int, gid: int) -> None:
+    """Effective and real ids become uid/gid (what the daemon attests); the saved uid
+    stays root, so that this process (or its child) can change its ids again later."""
+    os.setgroups([])
+    os.setresgid(gid, gid, 0)
+    os.setresuid(uid, uid, 0)
+
+
+def _connect(d: Daemon, count: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(WAIT_S)
+        sock.connect(d.socket)
+        socks.append(sock)
+    return socks
+
+
 def _read_all(fd: int, deadline: float) -> bytes:
     data = b""
     while True:
@@ -101,6 +119,50 @@ def _wait_reaped(pid: int, deadline: float) -> int:
     raise AssertionError(f"child {pid} did not exit in time")
 
 
+def _report(fn: Callable[[], Any], label: str = "") -> NoReturn:
+    """In a forked child: write ``fn()``'s result to stdout as JSON (``{"child_error":
+    label + repr(exc)}`` if it raised), then exit whatever happened."""
+    try:
+        os.write(1, json.dumps(fn()).encode())
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(1, json.dumps({"child_error": label + repr(exc)}).encode())
+    finally:
+        os._exit(0)
+
+
+def in_child(
+    fn: Callable[[], Any], *, label: str = "", parent: Callable[[int], None] | None = None,
+) -> Any:
+    """Fork; the child runs ``fn()`` with its stdout on a pipe and reports as
+    ``_report`` does (or, if ``fn`` execs, the program's output is the result; a
+    grandchild that inherits the stdout may report instead). The test process runs
+    ``parent(child_pid)`` if given, reads the child's stdout to its end and returns it
+    decoded from JSON. Reading and reaping are bounded by WAIT_S (then the child is
+    killed and the test fails)."""
+    r, w = os.pipe()
+    deadline = time.monotonic() + WAIT_S
+    pid = os.fork()
+    if pid == 0:
+
+        def run() -> Any:
+            os.close(r)
+            os.dup2(w, 1)
+            os.close(w)
+            return fn()
+
+        _report(run, label)
+    os.close(w)
+    try:
+        if parent is not None:
+            parent(pid)
+        data = _read_all(r, deadline)
+    finally:
+        os.close(r)
+        _wait_reaped(pid, deadline + 5)
+    return json.loads(data)
+
+
 def handed_over(
     d: Daemon,
     opener: Callable[[list[socket.socket]], Any],
@@ -122,68 +184,53 @@ def handed_over(
     """
     for server in ("content-api", "analytics-db"):
         d.user_token(server)  # minted while the issuer key is readable
-    r, w = os.pipe()
-    deadline = time.monotonic() + WAIT_S
-    a_pid = os.fork()
-    if a_pid == 0:  # A: the opener
-        try:
-            os.close(r)
-            os.setgroups([])
-            # Effective (what the daemon attests) and real ids are the opener's; the
-            # saved uid stays root only so that B can still become the receiver.
-            os.setresgid(opener_ids[1], opener_ids[1], 0)
-            os.setresuid(opener_ids[0], opener_ids[0], 0)
-            socks = []
-            for _ in range(connections):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(WAIT_S)
-                sock.connect(d.socket)
-                socks.append(sock)
-            first = opener(socks)
-            pass_a, pass_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            me = os.getpid()
-            b_pid = os.fork()
-            if b_pid == 0:  # B: the receiver
-                try:
-                    pass_a.close()
-                    for sock in socks:
-                        sock.close()  # inherited by fork; B uses only what it is sent
-                    os.setresuid(0, 0, 0)  # allowed: the saved uid is root
-                    _drop_to(*receiver_ids)
-                    pass_b.settimeout(WAIT_S)
-                    _, fds, _, _ = socket.recv_fds(pass_b, 16, connections)
-                    assert len(fds) == connections, fds
-                    got = [socket.socket(fileno=fd) for fd in fds]
-                    for sock in got:
-                        sock.settimeout(WAIT_S)
-                    until = time.monotonic() + WAIT_S
-                    while os.getppid() == me and time.monotonic() < until:
-                        time.sleep(0.005)  # A exits right after the hand-over
-                    assert os.getppid() != me, "the opener did not exit"
-                    out = {"opener": first, "opener_pid": me, "receiver": receiver(got)}
-                    os.write(w, json.dumps(out).encode())
-                except BaseException as exc:
-                    os.write(w, json.dumps({"child_error": repr(exc)}).encode())
-                finally:
-                    os._exit(0)
-            pass_b.close()
-            socket.send_fds(pass_a, [b"s"], [sock.fileno() for sock in socks])
+
+    def a() -> Any:  # the opener
+        _drop_keeping_root(*opener_ids)  # so that B can still become the receiver
+        socks = _connect(d, connections)
+        first = opener(socks)
+        pass_a, pass_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        me = os.getpid()
+
+        def b() -> Any:  # the receiver
+            pass_a.close()
             for sock in socks:
-                sock.close()  # the receiver holds the only copies now
-            os.close(w)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                os.write(w, json.dumps({"child_error": f"opener: {exc!r}"}).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        data = _read_all(r, deadline)
-    finally:
-        os.close(r)
-        _wait_reaped(a_pid, deadline + 5)
-    result: dict[str, Any] = json.loads(data)
+                sock.close()  # inherited by fork; B uses only what it is sent
+            os.setresuid(0, 0, 0)  # allowed: the saved uid is root
+            _drop_to(*receiver_ids)
+            pass_b.settimeout(WAIT_S)
+            _, fds, _, _ = socket.recv_fds(pass_b, 16, connections)
+            assert len(fds) == connections, fds
+            got = [socket.socket(fileno=fd) for fd in fds]
+            for sock in got:
+                sock.settimeout(WAIT_S)
+            until = time.monotonic() + WAIT_S
+            while os.getppid() == me and time.monotonic() < until:
+                time.sleep(0.005)  # A exits right after the hand-over
+            assert os.getppid() != me, "the opener did not exit"
+            return {"opener": first, "opener_pid": me, "receiver": receiver(got)}
+
+        if os.fork() == 0:
+            _report(b)  # on the stdout inherited from A: B reports for both
+        pass_b.close()
+        socket.send_fds(pass_a, [b"s"], [sock.fileno() for sock in socks])
+        for sock in socks:
+            sock.close()  # the receiver holds the only copies now
+        os._exit(0)
+
+    result: dict[str, Any] = in_child(a, label="opener: ")
     return result
+
+
+def nobody_serves_content_api(make_daemon: Any, *, seed_limits: bool = False) -> Daemon:
+    """A started daemon whose content-api is any process of nobody's and whose
+    publish_article holds every call for a human's approval."""
+    d: Daemon = make_daemon({"peers": {"content-api": [{"uid": NOBODY.pw_uid}]}}, seed_limits=seed_limits)
+    path = d.root / "rate-limits.yaml"
+    limits = yaml.safe_load(path.read_text())
+    limits["limits"]["per_tool"].setdefault("publish_article", {})["requires_human_approval"] = True
+    path.write_text(yaml.safe_dump(limits))
+    return d.start()
 
 
 def rejected(d: Daemon, code: str) -> list[dict[str, Any]]:
@@ -249,12 +296,7 @@ def test_service_connection_handed_over_after_the_server_exited_gets_no_authoriz
     and the connection closed; no quota is counted for the user (a real content-api
     process then gets all 5 calls below the seed's approval threshold allowed), no
     approval is opened (not even for a tool that holds every call)."""
-    d: Daemon = make_daemon({"peers": {"content-api": [{"uid": NOBODY.pw_uid}]}}, seed_limits=True)
-    path = d.root / "rate-limits.yaml"
-    limits = yaml.safe_load(path.read_text())
-    limits["limits"]["per_tool"].setdefault("publish_article", {})["requires_human_approval"] = True
-    path.write_text(yaml.safe_dump(limits))
-    d.start()
+    d = nobody_serves_content_api(make_daemon, seed_limits=True)
     token = d.user_token("content-api")
 
     def call(tool: str) -> dict[str, Any]:
@@ -304,34 +346,16 @@ def test_process_that_setuids_after_connecting_is_peer_changed(daemon: Daemon) -
     """Same process, still alive: connects as root (owner), then setuid(nobody). The
     next requests are 403 peer_changed, audited; nothing is minted."""
     d = daemon
-    r, w = os.pipe()
-    deadline = time.monotonic() + WAIT_S
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            socks = []
-            for _ in range(2):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(WAIT_S)
-                sock.connect(d.socket)
-                socks.append(sock)
-            before = [_http(sock, "GET", "/v1/status")[0] for sock in socks]
-            _drop_to(NOBODY.pw_uid, NOBODY.pw_gid)
-            token = {"server": "content-api", "tool": "create_article", "user": "mallory"}
-            out = {"before": before, "tokens": _http(socks[0], "POST", "/v1/tokens", token),
-                   "status": _http(socks[1], "GET", "/v1/status"), "pid": os.getpid()}
-            os.write(w, json.dumps(out).encode())
-        except BaseException as exc:
-            os.write(w, json.dumps({"child_error": repr(exc)}).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        got = json.loads(_read_all(r, deadline))
-    finally:
-        os.close(r)
-        _wait_reaped(pid, deadline + 5)
+
+    def connect_then_setuid() -> Any:
+        socks = _connect(d, 2)
+        before = [_http(sock, "GET", "/v1/status")[0] for sock in socks]
+        _drop_to(NOBODY.pw_uid, NOBODY.pw_gid)
+        token = {"server": "content-api", "tool": "create_article", "user": "mallory"}
+        return {"before": before, "tokens": _http(socks[0], "POST", "/v1/tokens", token),
+                "status": _http(socks[1], "GET", "/v1/status"), "pid": os.getpid()}
+
+    got = in_child(connect_then_setuid)
     assert "child_error" not in got, got
     assert got["before"] == [200, 200]
     for name in ("tokens", "status"):
@@ -348,49 +372,28 @@ def test_approval_long_poll_rechecks_before_answering(make_daemon: Any) -> None:
     """A service waits on its held call; while it waits its process drops to another
     uid (it must not learn the verdict under the server's identity): the answer is 403
     peer_changed, not the approval."""
-    d: Daemon = make_daemon({"peers": {"content-api": [{"uid": NOBODY.pw_uid}]}})
-    path = d.root / "rate-limits.yaml"
-    limits = yaml.safe_load(path.read_text())
-    limits["limits"]["per_tool"].setdefault("publish_article", {})["requires_human_approval"] = True
-    path.write_text(yaml.safe_dump(limits))
-    d.start()
+    d = nobody_serves_content_api(make_daemon)
     token = d.user_token("content-api")
-    r, w = os.pipe()
-    deadline = time.monotonic() + WAIT_S
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            # Saved uid root lets this process change its effective uid later, mid-poll.
-            os.setgroups([])
-            os.setresgid(NOBODY.pw_gid, NOBODY.pw_gid, 0)
-            os.setresuid(NOBODY.pw_uid, NOBODY.pw_uid, 0)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(WAIT_S)
-            sock.connect(d.socket)
-            status, held = _http(sock, "POST", "/v1/authorize", {
-                "server": "content-api", "tool": "publish_article", "agent_id": "content-writer",
-                "session_id": "s1", "arguments": {"a": 1}, "user_token": token})
-            assert status == 202, held
 
-            def switch(*_: Any) -> None:
-                os.seteuid(0)  # allowed: the saved uid is root
-                os.setresuid(NOBODY.pw_uid, ATTACKER_UID, 0)
+    def wait_then_setuid() -> Any:
+        # Saved uid root lets this process change its effective uid later, mid-poll.
+        _drop_keeping_root(NOBODY.pw_uid, NOBODY.pw_gid)
+        [sock] = _connect(d, 1)
+        status, held = _http(sock, "POST", "/v1/authorize", {
+            "server": "content-api", "tool": "publish_article", "agent_id": "content-writer",
+            "session_id": "s1", "arguments": {"a": 1}, "user_token": token})
+        assert status == 202, held
 
-            signal.signal(signal.SIGALRM, switch)
-            signal.setitimer(signal.ITIMER_REAL, 0.5)  # during the 3 s wait below
-            answer = _http(sock, "GET", f"/v1/approvals/{held['approval_id']}/wait?timeout=3")
-            os.write(w, json.dumps({"answer": answer, "euid": os.geteuid()}).encode())
-        except BaseException as exc:
-            os.write(w, json.dumps({"child_error": repr(exc)}).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        got = json.loads(_read_all(r, deadline))
-    finally:
-        os.close(r)
-        _wait_reaped(pid, deadline + 5)
+        def switch(*_: Any) -> None:
+            os.seteuid(0)  # allowed: the saved uid is root
+            os.setresuid(NOBODY.pw_uid, ATTACKER_UID, 0)
+
+        signal.signal(signal.SIGALRM, switch)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)  # during the 3 s wait below
+        answer = _http(sock, "GET", f"/v1/approvals/{held['approval_id']}/wait?timeout=3")
+        return {"answer": answer, "euid": os.geteuid()}
+
+    got = in_child(wait_then_setuid)
     assert "child_error" not in got, got
     assert got["euid"] == ATTACKER_UID
     status, body = got["answer"]
@@ -443,15 +446,11 @@ def _python_for_nobody() -> str:
 
 
 def _unprivileged_userns_works() -> bool:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            _drop_to(NOBODY.pw_uid, NOBODY.pw_gid)
-            code = 0 if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) == 0 else 1
-        finally:
-            os._exit(code)
-    return _wait_reaped(pid, time.monotonic() + WAIT_S) == 0
+    def probe() -> bool:
+        _drop_to(NOBODY.pw_uid, NOBODY.pw_gid)
+        return bool(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) == 0)
+
+    return in_child(probe) is True
 
 
 def _check(rc: int, what: str) -> None:
@@ -464,27 +463,13 @@ def _run_script(d: Daemon, exe: str, prepare: Callable[[], None]) -> Any:
     """Fork; ``prepare()`` in the child (namespaces, mounts, uid), then exec ``exe``
     (a Python) with CALL_SCRIPT; return what it printed."""
     token = d.user_token("content-api")
-    r, w = os.pipe()
-    deadline = time.monotonic() + WAIT_S
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.dup2(w, 1)
-            prepare()
-            env = {"SK_SOCKET": d.socket, "SK_TOKEN": token, "PATH": "/usr/bin:/bin"}
-            os.execve(exe, [exe, "-I", "-c", CALL_SCRIPT], env)
-        except BaseException as exc:
-            os.write(w, json.dumps({"child_error": repr(exc)}).encode())
-        finally:
-            os._exit(1)
-    os.close(w)
-    try:
-        data = _read_all(r, deadline)
-    finally:
-        os.close(r)
-        _wait_reaped(pid, deadline + 5)
-    return json.loads(data)
+
+    def run() -> None:
+        prepare()
+        env = {"SK_SOCKET": d.socket, "SK_TOKEN": token, "PATH": "/usr/bin:/bin"}
+        os.execve(exe, [exe, "-I", "-c", CALL_SCRIPT], env)
+
+    return in_child(run)
 
 
 @pytest.fixture
@@ -598,35 +583,26 @@ def _in_cgroup(d: Daemon, cgroup: Path, uid: int, gid: int) -> Any:
     """Fork a child, move it into ``cgroup``, let it drop to uid/gid and authorize as
     content-api; return [status, body, its /proc/self/cgroup line]."""
     token = d.user_token("content-api")
-    r, w = os.pipe()
     go_r, go_w = os.pipe()
-    deadline = time.monotonic() + WAIT_S
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.close(go_w)
-            ready, _, _ = select.select([go_r], [], [], WAIT_S)
-            assert ready and os.read(go_r, 1) == b"g", "not moved into the cgroup"
-            _drop_to(uid, gid)
-            cg = [x for x in Path("/proc/self/cgroup").read_text().splitlines() if x.startswith("0::")]
-            status, body = d.authorize("content-api", "create_article", user_token=token)
-            os.write(w, json.dumps([status, body, cg]).encode())
-        except BaseException as exc:
-            os.write(w, json.dumps({"child_error": repr(exc)}).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.close(go_r)
-    try:
+
+    def child() -> Any:
+        os.close(go_w)
+        ready, _, _ = select.select([go_r], [], [], WAIT_S)
+        assert ready and os.read(go_r, 1) == b"g", "not moved into the cgroup"
+        _drop_to(uid, gid)
+        cg = [x for x in Path("/proc/self/cgroup").read_text().splitlines() if x.startswith("0::")]
+        status, body = d.authorize("content-api", "create_article", user_token=token)
+        return [status, body, cg]
+
+    def move(pid: int) -> None:
+        os.close(go_r)
         (cgroup / "cgroup.procs").write_text(str(pid))
         os.write(go_w, b"g")
-        data = _read_all(r, deadline)
+
+    try:
+        return in_child(child, parent=move)
     finally:
-        os.close(r)
         os.close(go_w)
-        _wait_reaped(pid, deadline + 5)
-    return json.loads(data)
 
 
 def test_unit_selector_ignores_a_cgroup_outside_the_system_slices(

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -106,8 +106,10 @@ def _code(exc_info: pytest.ExceptionInfo[Denied]) -> str:
     return exc_info.value.code
 
 
-def _child_main(addr: str, cmd_r: int, ack_w: int) -> int:
-    """Runs in the forked child: connect, then obey one-byte commands."""
+def _child_main(addr: str, cmd_r: int, ack_w: int, before_connect: Callable[[], None] | None) -> int:
+    """Runs in the forked child: ``before_connect()``, connect, then obey one-byte commands."""
+    if before_connect is not None:
+        before_connect()
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(addr)
     os.write(ack_w, b"c")
@@ -124,6 +126,8 @@ def _child_main(addr: str, cmd_r: int, ack_w: int) -> int:
             os.setuid(NOBODY.pw_uid)
         elif cmd == b"g":  # change only the group
             os.setgid(NOBODY.pw_gid)
+        elif cmd == b"G":  # change only the supplementary groups
+            os.setgroups([NOBODY.pw_gid])
         elif cmd == b"e":  # become another program (same pid, same credentials)
             os.write(ack_w, cmd)
             os.execv(SLEEP, ["sleep", str(CHILD_TIMEOUT)])
@@ -136,10 +140,13 @@ class ForkedPeer:
     """A forked child connected to a listener of ours; ``conn`` is our accepted end.
 
     Commands: ``exit()``, ``command(b"u")`` (setuid nobody), ``command(b"g")``
-    (setgid nobody). Every wait is bounded; ``close()`` kills and reaps the child.
+    (setgid nobody), ``command(b"G")`` (supplementary groups: nobody's gid only). The
+    child runs ``before_connect()`` (if given) before it connects. Every wait is
+    bounded; ``close()`` kills and reaps the child.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, before_connect: Callable[[], None] | None = None) -> None:
+        self.before_connect = before_connect
         self.addr = f"\0sidekey-test-peer-{uuid.uuid4().hex}"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.conn: socket.socket | None = None
@@ -174,7 +181,7 @@ class ForkedPeer:
             try:
                 os.close(cmd_w)
                 os.close(ack_r)
-                code = _child_main(self.addr, cmd_r, ack_w)
+                code = _child_main(self.addr, cmd_r, ack_w, self.before_connect)
             finally:
                 os._exit(code)
         self.pid = pid
@@ -1195,36 +1202,16 @@ def test_attest_of_a_peer_in_another_mount_namespace(use_pidfd: bool) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    addr = f"\0sidekey-test-mntns-{uuid.uuid4().hex}"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(addr)
-    listener.listen(1)
-    listener.settimeout(TIMEOUT)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            if libc.unshare(0x00020000) == 0:  # CLONE_NEWNS
-                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                c.connect(addr)
-                c.settimeout(CHILD_TIMEOUT)
-                with contextlib.suppress(OSError):
-                    c.recv(1)
-                code = 0
-        finally:
-            os._exit(code)
-    try:
-        conn, _ = listener.accept()
-        with conn, attest(conn, use_pidfd=use_pidfd) as handle:
-            st_ = os.stat("/proc/self/exe")
-            assert handle.identity.same_mnt_ns is False
-            assert handle.identity.exe_id == (st_.st_dev, st_.st_ino)
-            handle.recheck()  # another namespace is not a change
-    finally:
-        listener.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+
+    def own_mount_namespace() -> None:
+        if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+
+    with ForkedPeer(own_mount_namespace) as peer, attest(peer.sock, use_pidfd=use_pidfd) as handle:
+        st_ = os.stat("/proc/self/exe")
+        assert handle.identity.same_mnt_ns is False
+        assert handle.identity.exe_id == (st_.st_dev, st_.st_ino)
+        handle.recheck()  # another namespace is not a change
 
 
 def test_recheck_compares_the_exe_file_not_only_its_path() -> None:
@@ -1259,46 +1246,13 @@ def test_recheck_compares_supplementary_groups() -> None:
 def test_recheck_after_peer_setgroups_is_peer_changed(use_pidfd: bool) -> None:
     """A real process that only changes its supplementary groups after connecting
     (uid and gid unchanged): peer_changed."""
-    addr = f"\0sidekey-test-groups-{uuid.uuid4().hex}"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(addr)
-    listener.listen(1)
-    listener.settimeout(TIMEOUT)
-    go_r, go_w = os.pipe()
-    ack_r, ack_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setgroups([])
-            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            c.connect(addr)
-            ready, _, _ = select.select([go_r], [], [], CHILD_TIMEOUT)
-            if ready and os.read(go_r, 1) == b"g":
-                os.setgroups([NOBODY.pw_gid])
-                os.write(ack_w, b"g")
-                select.select([go_r], [], [], CHILD_TIMEOUT)
-                code = 0
-        finally:
-            os._exit(code)
-    try:
-        conn, _ = listener.accept()
-        with conn, attest(conn, use_pidfd=use_pidfd) as handle:
-            assert handle.identity.supplementary_gids == ()
+    with ForkedPeer(lambda: os.setgroups([])) as peer, attest(peer.sock, use_pidfd=use_pidfd) as handle:
+        assert handle.identity.supplementary_gids == ()
+        handle.recheck()
+        peer.command(b"G")  # setgroups([nobody's gid]); uid and gid unchanged
+        with pytest.raises(Denied) as exc_info:
             handle.recheck()
-            os.write(go_w, b"g")
-            ready, _, _ = select.select([ack_r], [], [], TIMEOUT)
-            assert ready and os.read(ack_r, 1) == b"g"
-            with pytest.raises(Denied) as exc_info:
-                handle.recheck()
-            assert _code(exc_info) == "peer_changed"
-    finally:
-        listener.close()
-        for fd in (go_r, go_w, ack_r, ack_w):
-            os.close(fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        assert _code(exc_info) == "peer_changed"
 
 
 def test_exe_key_in_another_mount_namespace_needs_the_very_file(tmp_path: Path) -> None:

@@ -682,6 +682,18 @@ def _no_tls() -> ssl.SSLContext:
 _HTTPX_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5)
 
 
+def _pool_options(path: str) -> dict[str, Any]:
+    """What httpx's transport gives its own connection pool (no TLS, _HTTPX_LIMITS, the
+    socket path): the transports replace that pool with one on a checking backend."""
+    return {
+        "ssl_context": _no_tls(),
+        "max_connections": _HTTPX_LIMITS.max_connections,
+        "max_keepalive_connections": _HTTPX_LIMITS.max_keepalive_connections,
+        "keepalive_expiry": _HTTPX_LIMITS.keepalive_expiry,
+        "uds": path,
+    }
+
+
 _SyncStream: Callable[[socket.socket], httpcore.NetworkStream] | None
 try:  # The stream class is not exported; without it the stock backend is used.
     from httpcore._backends.sync import SyncStream as _ImportedSyncStream
@@ -740,14 +752,7 @@ class _UnixTransport(httpx.HTTPTransport):
 
     def __init__(self, path: str, allowed_uids: frozenset[int] | None = None) -> None:
         super().__init__(uds=path, verify=_no_tls(), trust_env=False, limits=_HTTPX_LIMITS)
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=_no_tls(),
-            max_connections=_HTTPX_LIMITS.max_connections,
-            max_keepalive_connections=_HTTPX_LIMITS.max_keepalive_connections,
-            keepalive_expiry=_HTTPX_LIMITS.keepalive_expiry,
-            uds=path,
-            network_backend=_UnixBackend(allowed_uids),
-        )
+        self._pool = httpcore.ConnectionPool(**_pool_options(path), network_backend=_UnixBackend(allowed_uids))
 
 
 class _CheckedAsyncBackend(httpcore.AsyncNetworkBackend):
@@ -787,14 +792,7 @@ class _AsyncUnixTransport(httpx.AsyncHTTPTransport):
 
     def __init__(self, path: str, allowed_uids: frozenset[int] | None) -> None:
         super().__init__(uds=path, verify=_no_tls(), trust_env=False, limits=_HTTPX_LIMITS)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=_no_tls(),
-            max_connections=_HTTPX_LIMITS.max_connections,
-            max_keepalive_connections=_HTTPX_LIMITS.max_keepalive_connections,
-            keepalive_expiry=_HTTPX_LIMITS.keepalive_expiry,
-            uds=path,
-            network_backend=_CheckedAsyncBackend(allowed_uids),
-        )
+        self._pool = httpcore.AsyncConnectionPool(**_pool_options(path), network_backend=_CheckedAsyncBackend(allowed_uids))
 
 
 # --------------------------------------------------------------------------- sync client

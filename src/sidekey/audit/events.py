@@ -406,38 +406,26 @@ def _capped(value: Any, depth: int, limit: int) -> Any:
     On the hot path (every event): scalars are skipped without a call, by exact type first.
     """
     short = limit // 6  # a string this short cannot encode to more than the cap
-    if type(value) is dict:
+    kind = type(value)
+    if kind is dict or kind is list or kind is tuple:
         if depth >= _MAX_WALK_DEPTH:
             return TOO_DEEP
-        out: dict[Any, Any] | None = None
-        for key, item in value.items():
-            kind = type(item)
-            if kind is str:
+        out: dict[Any, Any] | list[Any] | None = None
+        for key, item in value.items() if kind is dict else enumerate(value):
+            item_kind = type(item)
+            if item_kind is str:
                 if len(item) <= short:
                     continue
                 new = cap_string(item, limit)
-            elif kind is int or kind is bool or kind is float or item is None:
+            elif item_kind is int or item_kind is bool or item_kind is float or item is None:
                 continue
             else:
                 new = _capped(item, depth + 1, limit)
             if new is not item:
                 if out is None:
-                    out = dict(value)
+                    out = dict(value) if kind is dict else list(value)
                 out[key] = new
         return value if out is None else out
-    if type(value) is list or type(value) is tuple:
-        if depth >= _MAX_WALK_DEPTH:
-            return TOO_DEEP
-        items: list[Any] | None = None
-        for index, item in enumerate(value):
-            if type(item) is str and len(item) <= short:
-                continue
-            new = _capped(item, depth + 1, limit)
-            if new is not item:
-                if items is None:
-                    items = list(value)
-                items[index] = new
-        return value if items is None else items
     if isinstance(value, str):
         return value if len(value) <= short else cap_string(value, limit)
     if isinstance(value, Mapping):
