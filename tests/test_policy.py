@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import time
 from pathlib import Path
 from typing import Any
 
@@ -364,7 +363,8 @@ def test_hooks_not_run_for_an_earlier_denial(cfg: Config) -> None:
     assert decide(cfg, facts(agent_id=None), hooks=(boom,)).code == "agent_missing"
 
 
-# --------------------------------------------------------------------------- compiled, cheap
+# --------------------------------------------------------------------------- compiled once
+# (the cost per decision is a figure, not a test: benchmarks/bench_policy.py prints it)
 
 
 def test_compiled_once_per_config(cfg: Config) -> None:
@@ -372,14 +372,3 @@ def test_compiled_once_per_config(cfg: Config) -> None:
     other = copy.deepcopy(cfg)
     assert compile_policy(other) is not compile_policy(cfg)
     assert decide(other, facts()) == decide(cfg, facts())
-
-
-def test_decision_is_cheap(cfg: Config) -> None:
-    f = facts()
-    decide(cfg, f)
-    n = 2000
-    start = time.perf_counter()
-    for _ in range(n):
-        decide(cfg, f)
-    per_call_us = (time.perf_counter() - start) / n * 1e6
-    assert per_call_us < 100, f"{per_call_us:.1f} us per decision"
