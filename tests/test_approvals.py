@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -40,9 +41,17 @@ class _RateFile(msgspec.Struct, forbid_unknown_fields=True):
     limits: Limits
 
 
-LIMITS = msgspec.yaml.decode(
-    (SEED if SEED.is_file() else QUICKSTART).read_bytes(), type=_RateFile
-).limits
+def _rate_limits_file() -> Path:
+    """The shared seed; a dev checkout without ../shared falls back to the quickstart copy,
+    but CI (which has the seed beside the checkout) must not pass on that missing ground."""
+    if SEED.is_file():
+        return SEED
+    if os.environ.get("CI"):
+        pytest.fail(f"{SEED} not beside the checkout (CI is set: not falling back)", pytrace=False)
+    return QUICKSTART
+
+
+LIMITS = msgspec.yaml.decode(_rate_limits_file().read_bytes(), type=_RateFile).limits
 
 
 def at(seconds: float) -> datetime.datetime:
