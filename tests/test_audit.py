@@ -70,6 +70,8 @@ def ev(event_type: str = "mcp.tool_call", **fields: Any) -> dict[str, Any]:
 def test_seed_example_is_what_the_tests_assume() -> None:
     if SEED_FILE.exists():  # the shared seed sits beside the checkout on dev machines
         assert json.loads(SEED_FILE.read_text()) == SEED_EXAMPLE
+    elif os.environ.get("CI"):  # CI runs with ../shared beside the checkout: never pass on missing ground
+        pytest.fail(f"{SEED_FILE} not beside the checkout (CI is set: not skipping)")
     assert tuple(SEED_EXAMPLE) == SEED_KEYS
 
 
