@@ -430,6 +430,11 @@ class Calls(Context):
                 "jti": claims.jti,
                 "token_issuer": claims.iss,
                 "self_issued": verified.self_issued,
+                # Presenting the arguments at redeem is optional on the wire (older
+                # clients, curl): true means they were presented and matched the digest
+                # bound into the token, false that the check did not run (the
+                # mcp.authorize event with this jti names the arguments authorized).
+                "arguments_checked": body.arguments is not None,
                 "secrets": [
                     {"name": a, "backend": refs[a].backend, "version": v.version}
                     for a, v in sorted(values.items())
