@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import select
 import socket
 import subprocess
 import sys
@@ -200,12 +201,12 @@ def test_garbage_bad_json_unknown_fields_big_body_stall(daemon: Daemon) -> None:
     big = b"{" + b" " * (10 * 1024 * 1024) + b"}"
     conn = UnixHTTPConnection(daemon.socket)
     try:
+        # The daemon answers 413 as soon as it sees the length, then lingers draining the
+        # rest, so this client finishes sending and reads the 413 (no broken pipe / reset).
         conn.request("POST", "/v1/authorize", body=big, headers={"content-type": "application/json"})
         resp2 = conn.getresponse()
         assert resp2.status == 413
         assert json.loads(resp2.read())["error"]["code"] == "body_too_large"
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the daemon may close before the client finished sending; then check audit
     finally:
         conn.close()
     full_call(daemon)
@@ -217,13 +218,14 @@ def test_garbage_bad_json_unknown_fields_big_body_stall(daemon: Daemon) -> None:
     resp = daemon.raw(req, timeout=5)
     assert resp.startswith(b"HTTP/1.1 413"), resp[:100]
 
-    # a client that stalls mid-request gets 408 after header_timeout_s, others are served meanwhile
+    # a client that stalls mid-body gets 408 after body_timeout_s (10 s); others are served
+    # meanwhile: a whole call completes while the stalled one is still unanswered.
     stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stalled.connect(daemon.socket)
     stalled.sendall(b"POST /v1/authorize HTTP/1.1\r\nhost: s\r\ncontent-length: 100\r\n\r\n{\"serv")
-    t0 = time.monotonic()
     full_call(daemon)
-    assert time.monotonic() - t0 < 2
+    readable, _, _ = select.select([stalled], [], [], 0)
+    assert not readable, "the stalled request was answered before another client was served"
     stalled.settimeout(20)
     got = stalled.recv(65536)
     stalled.close()
