@@ -78,6 +78,7 @@ class Child:
         self._to = to_w
         self._from = from_r
         self._buf = b""
+        self._closed = False
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
         os.write(self._to, json.dumps({"method": method, "path": path, "body": body}).encode() + b"\n")
@@ -110,7 +111,17 @@ class Child:
     def release(self, lease_id: str) -> tuple[int, dict[str, Any]]:
         return self.request("POST", "/v1/release", {"lease_id": lease_id, "status": "success"})
 
+    def start_time(self) -> int:
+        """Clock ticks since boot at which this process started (/proc/<pid>/stat field
+        22, what the daemon binds a token to next to the pid)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(OSError):
             os.close(self._to)  # EOF: the child's loop ends and it exits
         os.close(self._from)
@@ -152,6 +163,19 @@ def spawn(d: Daemon) -> Iterator[Any]:
             c.close()
 
 
+def _twins(spawn: Any) -> tuple[Child, Child]:
+    """Two processes of uid nobody that started in the same clock tick: the daemon can
+    tell them apart by pid only (a token bound to uid + start time alone would be
+    redeemable by the other). Forked back to back, most pairs share a tick."""
+    for _ in range(200):
+        a, b = spawn(), spawn()
+        if a.start_time() == b.start_time():
+            return a, b
+        a.close()
+        b.close()
+    pytest.fail("no two children started in the same clock tick in 200 tries")
+
+
 def _token(d: Daemon, holder: Child) -> str:
     status, body = holder.authorize(d, "content-api", "create_article", CALL_ARGS)
     assert status == 200 and body["decision"] == "allow", body
@@ -177,7 +201,7 @@ def _active_leases(d: Daemon) -> int:
 def test_redeem_from_another_process_of_the_same_uid_and_server_is_refused_and_burns_nothing(
     d: Daemon, spawn: Any,
 ) -> None:
-    a, b = spawn(), spawn()
+    a, b = _twins(spawn)  # same uid, same server, same start time: only the pid differs
     token = _token(d, a)
 
     status, body = b.redeem(token)
