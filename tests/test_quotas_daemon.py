@@ -171,7 +171,21 @@ def test_sixth_concurrent_session_refused_until_one_goes_idle(make_daemon: Any) 
     assert d.authorize("content-api", "list_articles", session_id="s0")[0] == 200
     bob = d.user_token("content-api", user="bob")
     assert d.authorize("content-api", "list_articles", session_id="s5", user_token=bob)[0] == 200
-    time.sleep(1.2)
-    assert d.authorize("content-api", "list_articles", session_id="s0")[0] == 200  # s0 stays active
-    time.sleep(1.2)  # s1..s4 idle for 2.4 s now: gone
-    assert d.authorize("content-api", "list_articles", session_id="s5")[0] == 200
+    # No fixed sleeps: poll (bounded) until the idle sessions s1..s4 are gone, using s0 (and
+    # each newly admitted session) on every round so that they stay active.
+    deadline = time.monotonic() + 30
+    kept = ["s0"]
+    for sid in ("s5", "s6", "s7", "s8"):
+        while True:
+            for k in kept:  # an active session keeps working
+                assert d.authorize("content-api", "list_articles", session_id=k)[0] == 200
+            status, body = d.authorize("content-api", "list_articles", session_id=sid)
+            if status == 200:
+                break
+            assert status == 429 and body["error"]["details"]["reason"] == "too_many_sessions"
+            assert time.monotonic() < deadline, f"{sid} still refused: idle sessions never expired"
+            time.sleep(0.1)
+        kept.append(sid)
+    # s8 got in, so s1..s4 are all gone; s0 is still counted (used throughout): a sixth is refused
+    status, body = d.authorize("content-api", "list_articles", session_id="s9")
+    assert status == 429 and body["error"]["details"]["reason"] == "too_many_sessions", body
