@@ -598,11 +598,21 @@ async def test_counter_incr(store: StateStore) -> None:
 
 async def test_counter_expires(store: StateStore) -> None:
     with trio.fail_after(IO_LIMIT_S):
-        soon = time.time() + 0.3
-        assert await store.counter_incr("short", expires_at=soon) == 1
-        assert await store.counter_incr("short", expires_at=soon) == 2
-        await trio.sleep(0.6)
-        assert await store.counter_incr("short", expires_at=time.time() + 60) == 1
+        # No race against a fixed window: a round whose two increments did not both finish
+        # before the expiry proves nothing about it and is retried with a fresh key.
+        for attempt in range(5):
+            key = f"short{attempt}"
+            soon = time.time() + 1.0
+            counts = [await store.counter_incr(key, expires_at=soon) for _ in range(2)]
+            if time.time() < soon:
+                break
+        else:
+            pytest.fail("never two round trips within 1 s: the machine is too slow to tell")
+        assert counts == [1, 2]
+        # Wait until the expiry has passed on the stores' clock (the wall clock), not a guess.
+        while time.time() <= soon + 0.01:
+            await trio.sleep(soon + 0.01 - time.time() + 0.001)
+        assert await store.counter_incr(key, expires_at=time.time() + 60) == 1
 
 
 async def test_counter_survives_reopen(opener: Opener) -> None:
@@ -742,25 +752,25 @@ async def test_redis_outage_is_state_unavailable_without_a_hang(tmp_path: Path) 
             await store.ping()
             assert await store.burn_jti("before", time.time() + 60)
             assert server.proc is not None
-            # A Redis that stops answering (SIGSTOP): bounded by the timeout.
+            # A Redis that stops answering (SIGSTOP): each call ends by the store's own
+            # timeout (its error says so), not by this test's outer bound.
             os.kill(server.proc.pid, signal.SIGSTOP)
+            no_answer = f"no answer within {REDIS_TIMEOUT_S:g} s"
             try:
-                started = time.monotonic()
                 with pytest.raises(StateUnavailable):
                     await store.burn_jti("during", time.time() + 60)
+                assert no_answer in store.health()["last_error"]
                 with pytest.raises(StateUnavailable):
                     await store.rate_check("r", limit=1, period_s=1, now=1.0)
-                assert time.monotonic() - started < 2 * REDIS_TIMEOUT_S + 1.0
                 health = store.health()
-                assert health["ok"] is False and "no answer" in health["last_error"]
+                assert health["ok"] is False and no_answer in health["last_error"]
             finally:
                 os.kill(server.proc.pid, signal.SIGCONT)
-            # A Redis that is gone (connection refused): an error at once.
+            # A Redis that is gone (connection refused): an error at once, not a timeout.
             server.kill()
-            started = time.monotonic()
             with pytest.raises(StateUnavailable):
                 await store.counter_incr("c", expires_at=time.time() + 60)
-            assert time.monotonic() - started < REDIS_TIMEOUT_S + 1.0
+            assert "no answer" not in store.health()["last_error"]
             # ... and back: the store recovers by itself.
             server.start()
             assert await store.counter_incr("c", expires_at=time.time() + 60) == 1
