@@ -9,7 +9,6 @@ import os
 import re
 import stat
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -490,20 +489,21 @@ async def test_audit_log_over_a_jsonl_sink(tmp_path: Path) -> None:
 
 
 async def test_slow_fsync_moves_commits_off_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
 ) -> None:
-    """Commits run inline while fsync is fast; one slow fsync switches to a worker
-    thread (so a sick disk cannot freeze health checks), and events still land."""
+    """Commits run inline while fsync is fast; a streak of slow fsyncs switches to a
+    worker thread (so a sick disk cannot freeze health checks), and events still land."""
     path = tmp_path / "audit.jsonl"
     sink = open_jsonl_sink(path, fsync=True)
     threads: list[str] = []
     delay = {"s": 0.0}
 
     def fsync(fd: int) -> None:
-        # Simulated: a real fsync on this busy 2-core box can itself take longer than
-        # INLINE_COMMIT_MAX_S and flip the mode early; durability is not what this tests.
+        # Simulated on trio's (virtual) clock, which the sink times commits with: a real
+        # fsync, or a real sleep, on a busy box can take any time and flip the mode early.
         threads.append(threading.current_thread().name)
-        time.sleep(delay["s"])
+        if delay["s"]:
+            mock_clock.jump(delay["s"])
 
     monkeypatch.setattr(jsonl.os, "fsync", fsync)
     with trio.fail_after(20):
@@ -539,10 +539,12 @@ async def test_queued_events_join_the_next_durable_commit(tmp_path: Path) -> Non
             await sink.write(ev(arguments={"n": 2}))  # one commit covers both
             assert sink.health()["batches_written"] == before + 1
             assert [e["arguments"]["n"] for e in lines(path)] == [1, 2]
-            # alone, a queued event still goes out, within DEFERRED_FLUSH_S
+            # alone, a queued event still goes out by itself (after DEFERRED_FLUSH_S): poll
+            # for it, bounded by the fail_after above, rather than sleep a guessed time
             await sink.write(ev(arguments={"n": 3}), durable=False)
             assert len(lines(path)) == 2
-            await trio.sleep(jsonl.DEFERRED_FLUSH_S * 4)
+            while len(lines(path)) < 3:
+                await trio.sleep(jsonl.DEFERRED_FLUSH_S / 5)
             assert [e["arguments"]["n"] for e in lines(path)] == [1, 2, 3]
         # and closing flushes what is queued
         sink2 = open_jsonl_sink(path, fsync=True)
