@@ -193,7 +193,8 @@ def test_tool_call_waits_for_an_approver_then_runs(make_daemon: Any) -> None:
             arguments=ARGS, approval_timeout_s=1.0,
         ):
             pass
-        assert 0.9 <= time.monotonic() - started < 10
+        # It did wait (a lower bound only: load can lengthen the wait, never shorten it).
+        assert time.monotonic() - started >= 0.9
         assert info.value.approval_id.startswith("apr_")
 
 
@@ -206,11 +207,9 @@ def test_approvals_expire(make_daemon: Any) -> None:
     approved = held(d)["approval_id"]
     assert cli(d, "approvals", "approve", approved).returncode == 0
 
-    # The long-poll returns when the approval expires, not at its own timeout.
-    started = time.monotonic()
+    # The long-poll returns when the approval expires, not at its own timeout (timed_out).
     status, body = d.request("GET", f"/v1/approvals/{unanswered}/wait?timeout=20", timeout=30)
     assert status == 200 and body["approval"]["state"] == "expired" and not body["timed_out"]
-    assert time.monotonic() - started < 10
     out = cli(d, "approvals", "approve", unanswered)
     assert out.returncode == 1 and "approval_expired" in out.stderr, out.stderr
     out = cli(d, *call_argv(ARGS, "--approval-id", approved), token=token)
