@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from harness import QUICKSTART
 from sidekey.config import LoadedConfig, load_config
-from sidekey.protocol import ConfigError, canonical_json
+from sidekey.protocol import ConfigError
 from sidekey.signing import (
     MAX_SIGNATURE_BYTES,
     SIGNATURE_FORMAT,
@@ -140,8 +140,12 @@ def test_sign_then_verify(qs: Setup) -> None:
     for name, digest in doc["files"].items():
         assert digest == hashlib.sha256((qs.root / name).read_bytes()).hexdigest()
     # The signature is over the canonical JSON of the four other members, so anyone can
-    # check it without sidekey.
-    payload = canonical_json({k: doc[k] for k in ("format", "kid", "signed_at", "files")})
+    # check it without sidekey: the documented form (sorted keys, no whitespace, UTF-8)
+    # is rebuilt here with the standard library alone, not with sidekey's canonical_json.
+    members = {k: doc[k] for k in ("format", "kid", "signed_at", "files")}
+    payload = json.dumps(
+        members, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
     signature = base64.urlsafe_b64decode(doc["signature"] + "==")
     public = Ed25519PublicKey.from_public_bytes(base64.urlsafe_b64decode(qs.public + "="))
     public.verify(signature, payload)
