@@ -129,10 +129,9 @@ def test_backend_down_is_503_and_other_tools_still_served(make_daemon: Any, vaul
     aws_value = _configure(d, vault, moto_url)
     d.start()
     vault.down()
-    t0 = time.monotonic()
+    # No hang: each request has the harness's 10 s socket timeout (TimeoutError otherwise).
     status, body = _redeem(d, "analytics-db", "export_report")
     assert status == 503 and body["error"]["code"] == "backend_unavailable", body
-    assert time.monotonic() - t0 < 10
     status, lease = _redeem(d, "content-api", "list_articles")
     assert status == 200 and lease["secrets"]["CONTENT_API_KEY"] == aws_value
     vault.up()
