@@ -155,10 +155,9 @@ def test_issuer_down_is_503_without_hanging(make_daemon: Any, issuer: OAuthIssue
     d.start()
     token = issuer.mint(issuer.claims(scope="content:write"))
     issuer.set_down(True, refuse=True)
-    t0 = time.monotonic()
+    # No hang: the request has the harness's 10 s socket timeout (TimeoutError otherwise).
     status, body = _call(d, token)
     assert status == 503 and body["error"]["code"] == "jwks_unavailable", body
-    assert time.monotonic() - t0 < 10
     # other servers' calls and health are unaffected
     assert d.request("GET", "/v1/health")[0] == 200
 
