@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pwd
@@ -92,7 +93,13 @@ def test_token_single_use_also_after_restart(daemon: Daemon) -> None:
 def test_expired_token_refused(make_daemon: Any) -> None:
     d = make_daemon({"tokens": {"ttl_seconds": 1, "leeway_seconds": 0}}).start()
     _, auth = d.authorize()
-    time.sleep(2.2)
+    # Wait for the token's own expiry (its exp, on the machine clock the daemon reads),
+    # not for a guessed duration; the deadline only bounds a hang.
+    exp = datetime.datetime.fromisoformat(auth["expires_at"]).timestamp()
+    deadline = time.monotonic() + 30
+    while time.time() <= exp:
+        assert time.monotonic() < deadline, "the clock never passed the token's exp"
+        time.sleep(0.05)
     status, body = d.request("POST", "/v1/redeem", {"resolution_token": auth["resolution_token"]})
     assert status == 401 and body["error"]["code"] == "token_expired"
     assert d.events_of("token.rejected")[-1]["error"]["code"] == "token_expired"
@@ -150,13 +157,18 @@ def test_pid_reuse_does_not_get_a_secret(daemon: Daemon) -> None:
             # make sure the daemon attested us (one request on the connection)
             sock.sendall(b"GET /v1/health HTTP/1.1\r\nhost: sidekey\r\n\r\n")
             sock.recv(65536)
+            attested = os.getpid()
             grandchild = os.fork()
             if grandchild == 0:
                 # holds the fd, drops to another identity, waits for the parent to die
                 os.setgroups([])
                 os.setgid(nobody.pw_gid)
                 os.setuid(nobody.pw_uid)
-                time.sleep(0.5)
+                # Wait (bounded) until the attested process is gone and reaped, i.e. its
+                # /proc entry vanished, rather than for a guessed 0.5 s.
+                until = time.monotonic() + 20
+                while os.path.exists(f"/proc/{attested}") and time.monotonic() < until:
+                    time.sleep(0.01)
                 body = json.dumps({"resolution_token": token}).encode()
                 sock.sendall(b"POST /v1/redeem HTTP/1.1\r\nhost: sidekey\r\ncontent-type: application/json\r\n"
                              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
