@@ -30,7 +30,7 @@ from .approvals import Approval, ApprovalConflict, ApprovalError
 from .audit import AuditLog
 from .audit.events import redact
 from .config import Config
-from .protocol import Denied, NotFound, SidekeyError
+from .protocol import BadRequest, Denied, NotFound, SidekeyError, TooManyRequests
 from .store import CounterOp, StateStore
 
 log = logging.getLogger(__name__)
@@ -194,13 +194,11 @@ class ApprovalDesk:
         pending = await self.store.list_approvals([approvals.PENDING])
         mine = sum(1 for a in pending if a.user == user and not approvals.is_due(a, _dt(now)))
         if mine >= cap:
-            exc = SidekeyError(
+            raise TooManyRequests(
                 f"user {user} already has {mine} calls waiting for approval "
                 f"(approvals.max_pending_per_user = {cap}); wait for a verdict",
                 code="rate_limited", limit="approvals.max_pending_per_user", retry_after_s=60.0,
             )
-            exc.status = 429
-            raise exc
 
     @staticmethod
     def _shown(arguments: dict[str, Any], cfg: Config, tool: str) -> dict[str, Any] | None:
@@ -253,9 +251,7 @@ class ApprovalDesk:
             new = approvals.approve(stored, by=by, now=_dt(now), reason=reason)
         else:
             if not reason:
-                exc = SidekeyError("a denial needs a reason (--reason)", code="reason_required")
-                exc.status = 400
-                raise exc
+                raise BadRequest("a denial needs a reason (--reason)", code="reason_required")
             new = approvals.deny(stored, by=by, now=_dt(now), reason=reason)
         if not await self.store.transition_approval(new, from_state=stored.state):
             again = await self._get(approval_id)
@@ -398,8 +394,6 @@ def _iso(when: datetime.datetime) -> str:
 def parse_timeout(query: str, default: float) -> float:
     """``timeout=S`` from a query string (seconds, finite, >= 0); BadRequest otherwise."""
     from urllib.parse import parse_qs
-
-    from .protocol import BadRequest
 
     values = parse_qs(query, keep_blank_values=True).get("timeout")
     if not values:

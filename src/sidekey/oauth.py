@@ -95,6 +95,16 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class AudienceMismatch(TokenError):
+    """A valid token meant for another audience: 403, not 401 (the user is known; the
+    token is not for this server). Still a :class:`TokenError` (audited token.rejected)."""
+
+    status = 403
+    code = "audience_mismatch"
+
+
 # Plain string claims kept on a verified token for policy (e.g. a department claim).
 MAX_STRING_CLAIMS = 32
 MAX_STRING_CLAIM = 256
@@ -686,13 +696,11 @@ class OAuthVerifier:
             raise TokenError("bearer token client_id/azp is not a string", code="token_claims_invalid")
 
         if oauth.audience not in audience:
-            err = TokenError(
+            raise AudienceMismatch(
                 f"bearer token is for audience {_show(list(audience))}, not this server's "
                 f"{oauth.audience!r}; request a token for {oauth.audience!r}",
                 code="audience_mismatch",
             )
-            err.status = 403
-            raise err
         if now > exp + self.leeway_s:
             raise TokenError(
                 f"bearer token expired at {int(exp)} (now {int(now)}); obtain a new token",

@@ -97,6 +97,79 @@ class Unavailable(SidekeyError):
     code = "unavailable"
 
 
+class MethodNotAllowed(SidekeyError):
+    """The path exists, but not for this method."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class RequestTimeout(SidekeyError):
+    """The request head or body did not arrive in time."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class Unprocessable(SidekeyError):
+    """The request was understood but its content cannot be applied (e.g. a config reload
+    whose new configuration is invalid)."""
+
+    status = 422
+    code = "unprocessable"
+
+
+class TooManyRequests(SidekeyError):
+    """A limit on the caller's volume fired; ``details`` may carry ``retry_after_s``."""
+
+    status = 429
+    code = "rate_limited"
+
+
+class HeadersTooLarge(SidekeyError):
+    status = 431
+    code = "headers_too_large"
+
+
+class Internal(SidekeyError):
+    """A local bug (never a verdict on the caller): the message says no more than that."""
+
+    status = 500
+    code = "internal"
+
+
+class Unsupported(SidekeyError):
+    """The HTTP framing uses a feature the server does not implement (h11's 501 hint)."""
+
+    status = 501
+    code = "not_implemented"
+
+
+# The class to raise when the status is data (a policy decision, an h11 hint), so no
+# caller sets ``status`` on an instance after construction. Every status a SidekeyError
+# subclass anywhere in sidekey fixes is here (tests/test_error_statuses.py checks).
+ERROR_CLASS_BY_STATUS: dict[int, type[SidekeyError]] = {
+    cls.status: cls
+    for cls in (
+        BadRequest, TokenError, Denied, NotFound, MethodNotAllowed, RequestTimeout, Conflict,
+        TooLarge, Unprocessable, TooManyRequests, HeadersTooLarge, Internal, Unsupported,
+        Unavailable,
+    )
+}
+
+
+def error_for_status(status: int, message: str, *, code: str, **details: Any) -> SidekeyError:
+    """A :class:`SidekeyError` of the class that fixes ``status``, with ``code`` and ``details``.
+
+    An HTTP status no class fixes is a local bug (a new status without its class):
+    ValueError, which the daemon answers as 500 ``internal`` (fail closed).
+    """
+    cls = ERROR_CLASS_BY_STATUS.get(status)
+    if cls is None:
+        raise ValueError(f"no SidekeyError class fixes HTTP status {status}")
+    return cls(message, code=code, **details)
+
+
 class ConfigError(Exception):
     """The configuration is invalid. The message names the file and the path."""
 

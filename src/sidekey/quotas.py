@@ -44,7 +44,7 @@ from urllib.parse import quote
 
 from .config import Limits
 from .policy import CallFacts, Denial, Hook
-from .protocol import SidekeyError
+from .protocol import SidekeyError, error_for_status
 from .store import CounterOp, QuotaOp, RateOp, SessionOp
 
 UTC = datetime.UTC
@@ -314,9 +314,7 @@ class QuotaDenial:
 
     def to_error(self) -> SidekeyError:
         """As a wire error: status, code, message and ``details``."""
-        err = SidekeyError(self.message, code=self.code, **dict(self.details))
-        err.status = self.status
-        return err
+        return error_for_status(self.status, self.message, code=self.code, **dict(self.details))
 
 
 def _fmt_s(seconds: float) -> str:

@@ -460,8 +460,8 @@ class HttpServer:
             if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
                 await self._send_error(
                     stream, conn, state,
-                    SidekeyError("request head not received in time", code="request_timeout"),
-                    rid, status=408,
+                    protocol.RequestTimeout("request head not received in time"),
+                    rid,
                 )
             raise _Close
         if isinstance(event, h11.ConnectionClosed):
@@ -473,8 +473,8 @@ class HttpServer:
         if head_size > limits.max_header_bytes:
             await self._send_error(
                 stream, conn, state,
-                SidekeyError("request head too large", code="headers_too_large"),
-                rid, status=431,
+                protocol.HeadersTooLarge("request head too large", code="headers_too_large"),
+                rid,
             )
             raise _Close
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
@@ -516,8 +516,8 @@ class HttpServer:
         if body_scope.cancelled_caught:
             await self._send_error(
                 stream, conn, state,
-                SidekeyError("request body not received in time", code="request_timeout"),
-                rid, status=408,
+                protocol.RequestTimeout("request body not received in time"),
+                rid,
             )
             raise _Close
         request = Request(
@@ -548,12 +548,16 @@ class HttpServer:
         rid: str,
     ) -> None:
         status = exc.error_status_hint
+        err: SidekeyError
         if status == 431 or "exceeds" in str(exc):
-            err: SidekeyError = SidekeyError("request head too large", code="headers_too_large")
-            status = 431
+            err = protocol.HeadersTooLarge("request head too large", code="headers_too_large")
         else:
-            err = protocol.BadRequest("malformed HTTP request", code="bad_http")
-        await self._send_error(stream, conn, state, err, rid, status=status)
+            # h11 hints 400, or 501 for a Transfer-Encoding it does not implement; a hint
+            # no error class fixes (none today) is answered as a plain 400.
+            if status not in protocol.ERROR_CLASS_BY_STATUS:
+                status = 400
+            err = protocol.error_for_status(status, "malformed HTTP request", code="bad_http")
+        await self._send_error(stream, conn, state, err, rid)
 
     async def _send_error(
         self,
@@ -562,11 +566,7 @@ class HttpServer:
         state: ConnectionState,
         err: SidekeyError,
         rid: str,
-        *,
-        status: int | None = None,
     ) -> None:
-        if status is not None:
-            err.status = status
         with contextlib.suppress(Exception):
             await self.app.rejected(state.peer, err, rid)
         try:

@@ -18,7 +18,7 @@ from ..approval_desk import wire as approval_wire
 from ..approvals import APPROVAL_ID
 from ..leases import ACTIVE, REVOKED
 from ..peer import tier_allows
-from ..protocol import BadRequest, NotFound, SidekeyError, TokenRequest
+from ..protocol import BadRequest, NotFound, SidekeyError, TokenRequest, Unprocessable
 from ..server import Request, Response
 from ..store import MAX_APPROVALS_LISTED, StateUnavailable
 from ..tokens import PeerClaim
@@ -135,8 +135,7 @@ class Admin(Context):
             raise BadRequest("reload takes no body", code="invalid_request")
         applied, error = await self.reload(source="api", peer=req.peer.identity.audit())
         if not applied:
-            err = SidekeyError(error or "config rejected", code="config_rejected")
-            err.status = 422
+            err = Unprocessable(error or "config rejected", code="config_rejected")
             err.details["audited"] = True
             raise err
         return _json(200, {"outcome": "applied", "generation": self.generation,

@@ -21,7 +21,7 @@ from ..audit.jsonl import open_jsonl_sink
 from ..backends import Backend, build_backends, unwrap
 from ..config import Config, LoadedConfig, RbacEntry
 from ..peer import PeerHandle, PeerIdentity, tier_allows
-from ..protocol import ConfigError, Denied, NotFound, SidekeyError
+from ..protocol import ConfigError, Denied, Internal, MethodNotAllowed, NotFound, SidekeyError
 from ..server import HttpServer, Request, Response, bind_unix_socket, error_response
 from ..store import StateStore, open_configured_store
 from ..store.sqlite import reinitialize_if_empty
@@ -71,7 +71,7 @@ class Sidekey(Calls, Admin, Lifecycle):
         try:
             if route is None:
                 if any(path == request.path for _, path in self.routes):
-                    raise SidekeyError(
+                    raise MethodNotAllowed(
                         f"{_shown(request.method)} is not allowed on {_shown(request.path)}",
                         code="method_not_allowed",
                     )
@@ -91,8 +91,6 @@ class Sidekey(Calls, Admin, Lifecycle):
                 )
             return await route.handler(request)
         except SidekeyError as exc:
-            if exc.code == "method_not_allowed":
-                exc.status = 405
             try:
                 await self._audit_rejection(request, exc)
                 response = error_response(exc, request.request_id)
@@ -106,8 +104,7 @@ class Sidekey(Calls, Admin, Lifecycle):
             return response
         except Exception as exc:
             log.exception("internal error handling %s %s", request.method, request.path[:256])
-            err = SidekeyError("internal error", code="internal")
-            err.status = 500
+            err = Internal("internal error", code="internal")
             # A bug, not a verdict: recorded all the same (the exception's type only; its
             # message may quote request data), so a fault an attacker can trigger shows.
             try:

@@ -40,7 +40,7 @@ from ..oauth import OAuthVerifier
 from ..peer import ExeHashCache, PeerIdentity, servers_of_peer, tier_of
 from ..pending import CallRecords
 from ..policy import Decision
-from ..protocol import BadRequest, Denied, NotFound, SidekeyError, TokenError
+from ..protocol import BadRequest, SidekeyError, TokenError
 from ..server import HttpServer, Request, Response
 from ..store import LeaseRecord, StateStore
 from ..tokens import TokenCodec, load_ed25519_public, load_keyset, rotate_keyset
@@ -388,10 +388,12 @@ def _digest_capped(arguments: dict[str, Any] | None) -> str:
 
 
 def _denial(decision: Decision) -> SidekeyError:
-    cls: type[SidekeyError] = NotFound if decision.status == 404 else Denied
-    err = cls(decision.message or "denied", code=decision.code, **dict(decision.details))
-    err.status = decision.status
-    return err
+    """The wire error of a denial: the class that fixes the decision's status (a status
+    no class fixes is a local bug: ValueError, answered as 500 internal)."""
+    code = decision.code or ("not_found" if decision.status == 404 else "denied")
+    return protocol.error_for_status(
+        decision.status, decision.message or "denied", code=code, **dict(decision.details)
+    )
 
 
 def build_codec(loaded: LoadedConfig, *, create: bool = True) -> TokenCodec:
