@@ -280,18 +280,32 @@ async def test_approle_bad_secret_id(vault: VaultServer, make: Make, tmp_path: P
     assert exc.value.code == "backend_unavailable" and exc.value.status == 503
 
 
-async def test_run_renews_token_near_expiry(vault: VaultServer, make: Make, tmp_path: Path) -> None:
+async def test_run_renews_token_near_expiry(
+    vault: VaultServer, make: Make, tmp_path: Path, mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Real time while Vault is called (worker threads), then a virtual stretch in which
+    # the auth loop wakes several times: "no second renewal" is shown over three of its
+    # longest sleeps, however loaded the machine is, instead of a fixed real 0.3 s.
+    mock_clock.rate = 1.0
+    caplog.set_level(logging.DEBUG, logger="sidekey.backends.vault")
     token = vault.create_token(ttl=3600)
     vault.set_token_ttl(token, 5)  # 5 s left of a 3600 s grant
     write_private(tmp_path / "tok", token)
     backend = make(token_file="tok", renew_before_s=300)
-    with trio.fail_after(LIMIT_S):
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(LIMIT_S):
             await nursery.start(backend.run)
-            await wait_until(lambda: vault.token(token).remaining(time.monotonic()) > 3000)
-            await trio.sleep(0.3)  # no second renewal follows
+            # Logged once the renewal's answer is applied: no Vault call is in flight.
+            await wait_until(lambda: "renewed the token" in caplog.text)
+        mock_clock.autojump_threshold = 0
+        try:
+            await trio.sleep(3 * vault_module.MAX_SLEEP_S + 1)
+        finally:
+            mock_clock.autojump_threshold = math.inf
+        with trio.fail_after(LIMIT_S):
             health = await backend.health()
-            nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
     assert vault.token(token).remaining(time.monotonic()) > 3000
     assert health["token_ttl_s"] > 3000  # type: ignore[operator]
     assert vault.counts["renew_self"] == 1  # renewed once, not in a loop
@@ -304,16 +318,21 @@ async def test_non_renewable_token_is_not_renewed_in_a_loop(
     vault.set_token_ttl(token, 2)
     write_private(tmp_path / "tok", token)
     vault.put_secret("secret", "a", {"v": "x"})
-    backend = make(token_file="tok", renew_before_s=300)
+    clock = FakeClock()  # the backend's view of the token's 2 s moves only when told
+    backend = make(token_file="tok", renew_before_s=300, clock=clock)
     with trio.fail_after(LIMIT_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(backend.run)
-            await trio.sleep(1.0)
+            # The auth loop's decision on the non-renewable token is the warning.
+            await wait_until(lambda: "cannot be renewed" in caplog.text)
             nursery.cancel_scope.cancel()
         assert vault.counts.get("renew_self", 0) == 0
         assert vault.counts["lookup_self"] <= 2  # at start; no polling until the expiry
         assert caplog.text.count("cannot be renewed") == 1
-        await trio.sleep(1.2)  # expired now: the operator puts a new token in the file
+        # Expired now, for Vault and for the backend: the operator puts a new token in
+        # the file, and the next call uses it.
+        vault.expire_token(token)
+        clock.advance(3)
         write_private(tmp_path / "tok", vault.create_token())
         assert (await backend.fetch(sref(mount="secret", path="a"))).value == "x"
 
@@ -458,7 +477,7 @@ async def test_dynamic_credential_is_journaled_before_it_is_returned(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fetch)
             await entered.wait()
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the fetch is parked on the gate
             assert got == []  # journaled, not yet handed out
             assert gated.ids("issued") == [vault.issued_leases[0].lease_id]
             gate.set()
@@ -569,7 +588,10 @@ async def test_failing_journal_does_not_end_run(
         async with trio.open_nursery() as nursery:
             await nursery.start(backend.run)
             await wait_until(lambda: len(vault.revoked_leases) >= 1)
-            await trio.sleep(0.2)  # run() is still alive (or the nursery would raise)
+            # run() is still alive (or the nursery would raise): woken by a larger pool,
+            # it tries again and fails again.
+            backend.register(sref(**DYNAMIC, pool_size=3))
+            await wait_until(lambda: len(vault.revoked_leases) >= 2)
             nursery.cancel_scope.cancel()
     assert backend.pooled_lease_ids() == frozenset()
     assert vault.live_leases() == set()  # nothing unjournaled stays alive
@@ -595,19 +617,28 @@ async def test_pooled_credential_with_short_ttl_left_is_revoked_not_handed_out(
 
 
 async def test_pool_is_disabled_when_credentials_live_too_short(
-    vault: VaultServer, make: Make
+    vault: VaultServer, make: Make, journal: Journal, mock_clock: trio.testing.MockClock
 ) -> None:
+    mock_clock.rate = 1.0  # real time while Vault is called (worker threads)
     vault.add_dynamic_role("brief", ttl=10)
     ref = sref(mount="database", path="creds/brief", kind="dynamic", pool_size=3)
     backend = make()
     backend.register(ref)
-    with trio.fail_after(LIMIT_S):
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(LIMIT_S):
             await nursery.start(backend.run)
-            await wait_until(lambda: len(vault.revoked_leases) == 1)
-            await trio.sleep(0.2)
+            # Journaled once the revocation's answer is back: no Vault call is in flight.
+            await wait_until(lambda: len(journal.ids("revoked")) == 1)
+        # A virtual stretch over two of the pool loop's longest sleeps: it wakes and
+        # issues nothing (no churn), shown however loaded the machine is.
+        mock_clock.autojump_threshold = 0
+        try:
+            await trio.sleep(2 * vault_module.MAX_SLEEP_S + 1)
+        finally:
+            mock_clock.autojump_threshold = math.inf
+        with trio.fail_after(LIMIT_S):
             cred = await backend.fetch(ref)  # issued directly
-            nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
     assert len(vault.issued_leases) == 2  # one to learn the TTL, one for the call: no churn
     assert cred.lease_id == vault.issued_leases[1].lease_id
 
@@ -673,13 +704,16 @@ async def test_rotate_failure_leaves_the_old_version(vault: VaultServer, make: M
 async def test_rotate_does_not_overwrite_a_concurrent_write(vault: VaultServer, make: Make) -> None:
     """Check-and-set on the version read: a write in between makes the rotation fail."""
     vault.put_secret("secret", "a", {"v": "old"})
-    vault.set_delay(0.3, route="kv_write")  # the other write lands between our read and write
-    backend = make()
+    # The other write lands between our read and our write: ours is held on arrival
+    # (after the read) until theirs is in; no timing decides the order.
+    gate = vault.hold("kv_write")
+    backend = make(timeout_s=LIMIT_S / 2)  # the held write is not a slow Vault
     with trio.fail_after(LIMIT_S):
         async with trio.open_nursery() as nursery:
             async def other_writer() -> None:
-                await trio.sleep(0.1)
+                await wait_until(lambda: vault.counts.get("kv_write", 0) == 1)
                 await trio.to_thread.run_sync(vault.put_secret, "secret", "a", {"v": "theirs"})
+                gate.set()
             nursery.start_soon(other_writer)
             with pytest.raises(BackendError, match="check-and-set"):
                 await backend.rotate(sref(mount="secret", path="a"), "ours")

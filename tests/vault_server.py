@@ -206,6 +206,7 @@ class VaultServer:
         self._counts: dict[str, int] = {}
         self._delays: dict[str | None, float] = {}
         self._answer_delays: dict[str, float] = {}
+        self._holds: dict[str, threading.Event] = {}
         self._faults: dict[str, _Fault] = {}
         self._denied: list[str] = []
         self._sealed = False
@@ -282,6 +283,14 @@ class VaultServer:
         :attr:`counts`). Cut short by :meth:`stop`."""
         with self._lock:
             self._delays[route] = seconds
+
+    def hold(self, route: str) -> threading.Event:
+        """Hold ``route``'s requests (counted, not yet handled) until the returned event
+        is set: a test can act in between, with no timing. Cut short by :meth:`stop`."""
+        gate = threading.Event()
+        with self._lock:
+            self._holds[route] = gate
+        return gate
 
     def set_answer_delay(self, seconds: float, route: str) -> None:
         """Handle ``route``'s requests at once (a creds read creates its lease) but answer
@@ -473,8 +482,12 @@ class VaultServer:
             self.log.append((method, path, route))
             self._counts[route] = self._counts.get(route, 0) + 1
             delay = self._delays.get(route, self._delays.get(None, 0.0))
+            gate = self._holds.get(route)
         if delay > 0:
             self._stopping.wait(delay)
+        if gate is not None:
+            while not gate.wait(0.05) and not self._stopping.is_set():
+                pass
         try:
             doc = json.loads(body) if body else {}
         except ValueError:
