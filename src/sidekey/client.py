@@ -541,17 +541,13 @@ def _interpret(
         data = msgspec.json.decode(body)
     except msgspec.DecodeError:
         data = None
-        valid = False
-    else:
-        valid = isinstance(data, dict)
     if status in ok:
-        if not valid:
+        if not isinstance(data, dict):
             raise ProtocolError(
                 f"{what}: response is not a JSON object",
                 status=status,
                 request_id=headers.get("x-request-id"),
             )
-        assert isinstance(data, dict)
         return data
     raise _error_from_response(status, data, headers, what)
 
@@ -601,6 +597,18 @@ def _authorize_result(status: int, data: dict[str, Any], raise_on_pending: bool)
         f"{what}: undocumented decision for HTTP {status}", status=status,
         request_id=body.request_id,
     )
+
+
+def _granted_token(decision: AuthorizeResult) -> str:
+    """The resolution token of an ``allow`` (``_authorize_result`` only returns one with a
+    token, or a held call when asked to): checked, not assumed, so that a regression
+    there fails closed instead of redeeming ``None`` (an ``assert`` is gone under -O)."""
+    if decision.decision != "allow" or not decision.resolution_token:
+        raise ProtocolError(
+            f"POST /v1/authorize: decision {decision.decision!r} carries no resolution token",
+            request_id=decision.request_id,
+        )
+    return decision.resolution_token
 
 
 def _lease(status: int, data: dict[str, Any]) -> Lease:
@@ -1039,8 +1047,7 @@ class Client:
             approved = _approval_outcome(
                 self.wait_for_approval(pending.approval_id, approval_timeout_s), pending)
             decision = self.authorize(server, tool, approval_id=approved, **kw)  # type: ignore[arg-type]
-        assert decision.resolution_token is not None
-        lease = self.redeem(decision.resolution_token, arguments if arguments is not None else {})
+        lease = self.redeem(_granted_token(decision), arguments if arguments is not None else {})
         started = time.monotonic()
         try:
             yield lease
@@ -1272,8 +1279,7 @@ class AsyncClient:
             approval = await self.wait_for_approval(pending.approval_id, approval_timeout_s)
             decision = await self.authorize(
                 server, tool, approval_id=_approval_outcome(approval, pending), **kw)  # type: ignore[arg-type]
-        assert decision.resolution_token is not None
-        lease = await self.redeem(decision.resolution_token,
+        lease = await self.redeem(_granted_token(decision),
                                   arguments if arguments is not None else {})
         started = time.monotonic()
         try:

@@ -323,9 +323,10 @@ def parse_jwks(doc: Any, *, where: str) -> _KeySet:
     skipped: list[str] = []
     for index, jwk in enumerate(raw_keys):
         reason = _unusable(jwk)
-        if reason is None:
-            alg = _alg_for_jwk(jwk)
-            assert alg is not None
+        alg = _alg_for_jwk(jwk) if reason is None else None
+        if reason is None and alg is None:  # _unusable refuses these already; never use one
+            reason = "has an unsupported key type"
+        if alg is not None:
             try:
                 key = jwt.PyJWK(jwk, algorithm=alg).key
             except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
@@ -789,7 +790,11 @@ class OAuthVerifier:
         if source.keys is None:
             retry = min(self.refresh_min_interval_s, NO_KEYS_RETRY_S)
             return last is None or source.last_error is None or now - last >= retry
-        assert last is not None
+        if last is None:
+            # Keys are only stored after checked_at is (see _load): keys never checked
+            # would be an inconsistency; loading again is the safe answer (rate limits
+            # still apply once checked_at is set by that load).
+            return True
         if source.kind == "jwks_file":
             return now - last >= FILE_CHECK_INTERVAL_S
         since = now - last

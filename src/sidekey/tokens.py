@@ -241,7 +241,8 @@ def load_ed25519_public(text: str | None, file: Path | None) -> Ed25519PublicKey
             if not isinstance(key, Ed25519PublicKey):
                 raise ConfigError(f"{file}: not an Ed25519 public key")
             return key
-        assert text is not None
+        if text is None:  # config validation requires one of key / key_file
+            raise ConfigError("a trusted issuer needs a public key or a key file")
         return Ed25519PublicKey.from_public_bytes(_unb64u(text))
     except (ValueError, binascii.Error, OSError) as exc:
         raise ConfigError(f"invalid Ed25519 public key {'in ' + str(file) if file else ''}: {exc}") from exc

@@ -361,7 +361,8 @@ class LocalStore:
         if reload or self._snap is None:
             self.reload_if_changed()
         snap = self._snap
-        assert snap is not None
+        if snap is None:  # reload_if_changed sets it or raises; never serve without one
+            raise BackendError(f"local store {self.path} is not loaded")
         if snap.error is not None:
             raise BackendError(snap.error)
         return snap

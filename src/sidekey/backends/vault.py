@@ -352,8 +352,7 @@ class VaultBackend:
                 )
         verify: bool | str = True
         if cfg.ca_file is not None:
-            ca = resolve(cfg.ca_file)
-            assert ca is not None
+            ca = resolve_path(base_dir, cfg.ca_file)
             if not ca.is_file():
                 raise ConfigError(f"{ca}: ca_file does not exist or is not a file")
             verify = str(ca)
@@ -361,8 +360,8 @@ class VaultBackend:
         if (cfg.client_cert is None) != (cfg.client_key is None):
             raise ConfigError("set both client_cert and client_key, or neither")
         if cfg.client_cert is not None and cfg.client_key is not None:
-            cert_path, key_path = resolve(cfg.client_cert), resolve(cfg.client_key)
-            assert cert_path is not None and key_path is not None
+            cert_path = resolve_path(base_dir, cfg.client_cert)
+            key_path = resolve_path(base_dir, cfg.client_key)
             if not cert_path.is_file():
                 raise ConfigError(f"{cert_path}: client_cert does not exist or is not a file")
             try:
@@ -704,14 +703,15 @@ class VaultBackend:
         (and announced by an intent before Vault is asked: see the module doc)."""
         label = f"{mount}/{path}"
         intent_id: str | None = None
-        if self._journal is not None:
+        journal = self._journal
+        if journal is not None:
             intent_id = f"int_{uuid.uuid4().hex}"
             at = self._clock()
             # The last moment Vault can create this credential: every request is sent
             # within the budget (fail_after below), and an abandoned worker thread's
             # request reaches Vault within one more call timeout (connect + send).
             deadline = at + self._issue_budget() + self._cfg.timeout_s + CALL_MARGIN_S
-            await self._journal.intent(self.name, intent_id, f"{label}/", at=at, deadline=deadline)
+            await journal.intent(self.name, intent_id, f"{label}/", at=at, deadline=deadline)
         handoff = _Handoff()
         try:
             with trio.fail_after(self._issue_budget()):
@@ -726,10 +726,10 @@ class VaultBackend:
                 # the daemon dies, the intent, left open, lets the sweep find it).
                 self._to_revoke.setdefault(orphan, 0)
                 self._pool_wakeup.set()
-            elif intent_id is not None and isinstance(exc, SecretNotFound):
+            elif journal is not None and intent_id is not None and isinstance(exc, SecretNotFound):
                 # Vault answered (unknown role): it created nothing. Other failures may
                 # have a request still on its way; the sweep resolves those intents.
-                await self._intent_done_quietly(intent_id)
+                await self._intent_done_quietly(journal, intent_id)
             if isinstance(exc, trio.TooSlowError):
                 raise BackendError(f"vault read of {label} did not complete within "
                                    f"{self._issue_budget():g} s") from None
@@ -766,11 +766,10 @@ class VaultBackend:
                   self.name, cred.lease_id, label, cred.lease_duration)
         return cred
 
-    async def _intent_done_quietly(self, intent_id: str) -> None:
-        assert self._journal is not None
+    async def _intent_done_quietly(self, journal: LeaseJournal, intent_id: str) -> None:
         try:
             with trio.CancelScope(shield=True):
-                await self._journal.intent_done(self.name, intent_id)
+                await journal.intent_done(self.name, intent_id)
         except Exception as exc:  # left open: the sweep resolves it later
             log.debug("vault backend %r: intent %s not resolved: %s", self.name, intent_id,
                       getattr(exc, "message", type(exc).__name__))
@@ -1167,14 +1166,12 @@ class VaultBackend:
         the token was the problem) and retries once. Vault errors are translated."""
         await self._ensure_auth()
         gen = self._auth_gen
-        denied = False
         try:
             return await self._call(what, fn)
         except hvac.exceptions.Forbidden:
-            denied = True
+            pass  # the token may be stale: re-authenticate and retry once, below
         except hvac.exceptions.VaultError as exc:
             raise self._translate(exc, what, secrets) from None
-        assert denied
         if not await self._reauthenticate(gen):
             raise self._denied(what, label)
         try:

@@ -187,10 +187,14 @@ def check_quota_ops(ops: Sequence[QuotaOp]) -> None:
 
 def refused(op: QuotaOp, answer: QuotaAnswer) -> bool:
     """Whether ``answer`` to ``op`` stops the batch."""
+    # A store that answers an op with the wrong shape has a bug: refuse (fail closed,
+    # 503 state_unavailable) rather than read a count as a verdict or the reverse.
     if isinstance(op, CounterOp):
-        assert isinstance(answer, int)
+        if not isinstance(answer, int):
+            raise StateUnavailable(f"state store answered a counter op with {type(answer).__name__}")
         return op.stop_above is not None and answer > op.stop_above
-    assert isinstance(answer, tuple)
+    if not isinstance(answer, tuple):
+        raise StateUnavailable(f"state store answered a {type(op).__name__} with {type(answer).__name__}")
     return not answer[0]
 
 
