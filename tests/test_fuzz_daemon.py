@@ -23,11 +23,14 @@ import pytest
 import fuzzgen
 from harness import Daemon
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(280)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 NOBODY = 65534
 REQUESTS = 10_000
-MAX_SECONDS = 200.0  # a bound, not a target: ~35 s on the 2-core reference machine
+# A hang guard, not a speed check: the clients stop sending at this deadline and the
+# test then fails as hung. ~35 s on the 2-core reference machine; set far above what
+# any load makes of that, below pytest's timeout (which would leave no summary).
+HANG_GUARD_S = 240.0
 MAX_RSS_GROWTH = 200 * 1024 * 1024
 
 
@@ -57,7 +60,7 @@ def test_fuzz_never_500_health_stays_up_memory_bounded(daemon: Daemon) -> None:
         started = time.monotonic()
         results = fuzzgen.run_fuzz(
             daemon.socket, ctx, [(0, 0), (0, 0), (NOBODY, NOBODY), (NOBODY, NOBODY)],
-            seed=seed, max_requests=REQUESTS, seconds=MAX_SECONDS)
+            seed=seed, max_requests=REQUESTS, seconds=HANG_GUARD_S)
         elapsed = time.monotonic() - started
     finally:
         stop.set()
@@ -67,7 +70,8 @@ def test_fuzz_never_500_health_stays_up_memory_bounded(daemon: Daemon) -> None:
           f"statuses {summary['statuses']}; silent {summary['silent']}; cases {summary['cases']}")
 
     assert summary["child_errors"] == []
-    assert summary["sent"] >= REQUESTS, summary
+    assert summary["sent"] >= REQUESTS, (
+        f"hang guard: {summary['sent']} of {REQUESTS} requests sent in {HANG_GUARD_S:g} s", summary)
     assert summary["findings"] == [], summary["findings"][:5]
     assert "500" not in summary["statuses"]
     assert set(summary["silent"]) <= fuzzgen.SILENT_OK, summary["silent"]
