@@ -144,34 +144,46 @@ def test_rotation_mid_traffic_never_mixes_or_fails(make_daemon: Any, vault: Vaul
     d: Daemon = make_daemon()
     old = _configure(d, vault, moto_url)
     d.start()
-    seen: list[str] = []
+    new = "aws-rotated-value-0123456789"
+    seen: list[tuple[bool, str]] = []  # (request started after the rotation answered, value)
     errors: list[Any] = []
     stop = threading.Event()
+    rotated = threading.Event()
 
     def traffic() -> None:
         while not stop.is_set():
+            after = rotated.is_set()
             status, lease = _redeem(d, "content-api", "list_articles")
             if status != 200:
                 errors.append(lease)
             else:
-                seen.append(lease["secrets"]["CONTENT_API_KEY"])
+                seen.append((after, lease["secrets"]["CONTENT_API_KEY"]))
+
+    def wait_for(pred: Any) -> None:
+        # Observed progress, not a guessed duration; the deadline only bounds a hang.
+        deadline = time.monotonic() + 30
+        while not pred() and not errors:
+            assert time.monotonic() < deadline, f"traffic stalled: {len(seen)} calls"
+            time.sleep(0.01)
 
     workers = [threading.Thread(target=traffic) for _ in range(3)]
     for w in workers:
         w.start()
     try:
-        time.sleep(0.3)
+        wait_for(lambda: len(seen) >= 3)  # the rotation lands mid-traffic
         status, body = d.request("POST", "/v1/admin/secrets/content%2Fread/rotate",
-                                 {"value": "aws-rotated-value-0123456789"})
+                                 {"value": new})
         assert status == 200, body
-        time.sleep(0.3)
+        rotated.set()
+        wait_for(lambda: sum(after for after, _ in seen) >= 3)
     finally:
         stop.set()
         for w in workers:
             w.join(30)
     assert errors == []
-    assert set(seen) <= {old, "aws-rotated-value-0123456789"}
-    assert seen[-1] == "aws-rotated-value-0123456789"
+    assert {value for _, value in seen} <= {old, new}
+    assert old in {value for after, value in seen if not after}
+    assert {value for after, value in seen if after} == {new}
     stages = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_url)\
         .describe_secret(SecretId="content/read")["VersionIdsToStages"]
     assert sorted(sorted(v) for v in stages.values()) == [["AWSCURRENT"], ["AWSPREVIOUS"]]
