@@ -23,7 +23,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,11 +164,22 @@ class Traffic:
             t.join(30)
 
 
-def _kill_loop(d: Daemon, traffic: Traffic, cycles: int, rng: random.Random) -> None:
-    """Start, let traffic run for a random while, kill -9; ``cycles`` times."""
+def _kill_loop(d: Daemon, traffic: Traffic, cycles: int, rng: random.Random,
+               reached: Callable[[], int], window_s: float) -> None:
+    """Start, wait until the traffic has reached the step to crash in (``reached()``,
+    a count, grew: e.g. a request Vault holds for ``window_s`` arrived), kill -9 at a
+    random point within three windows of it (in that call's window, or in a later
+    call's, or between calls, once some calls have completed); ``cycles`` times.
+    Synchronised on the step, not on a guessed duration: on a loaded machine every
+    cycle still reaches the step before its crash."""
     for _ in range(cycles):
         d.start()
-        time.sleep(rng.uniform(0.3, 0.9))
+        before = reached()
+        deadline = time.monotonic() + 60  # a hang guard
+        while reached() == before:
+            assert time.monotonic() < deadline, "the traffic never reached the window"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 3 * window_s))  # where: any point will do
         d.kill()
 
 
@@ -204,7 +215,8 @@ def test_no_dynamic_credential_outlives_kill9_cycles(make_daemon: Any, vault: Va
     rng = random.Random(9)
     deadline = time.monotonic() + 240
     with Traffic(d, threads=3, release=True) as traffic:
-        _kill_loop(d, traffic, CYCLES, rng)
+        # Vault creates the credential at once and answers 0.3 s later: the crash window.
+        _kill_loop(d, traffic, CYCLES, rng, lambda: vault.counts.get("creds", 0), 0.3)
     assert traffic.redeemed > 0, d.log()[-3000:]
     issued = {le.lease_id for le in vault.issued_leases}
     vault.set_answer_delay(0.0, "creds")
@@ -247,7 +259,9 @@ def test_every_ended_lease_has_its_event_after_kill9_cycles(
     vault.set_delay(0.3, "revoke")
     rng = random.Random(10)
     with Traffic(d, threads=3, release=True) as traffic:
-        _kill_loop(d, traffic, CYCLES, rng)
+        # A release waits 0.3 s for Vault's revocation: after the lease's end, before
+        # its mcp.tool_call.
+        _kill_loop(d, traffic, CYCLES, rng, lambda: vault.counts.get("revoke", 0), 0.3)
     assert traffic.released > 0, d.log()[-3000:]
     vault.set_delay(0.0, "revoke")
     d.start()
