@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -366,16 +367,33 @@ def test_tool_call_denied_runs_no_body_and_releases_nothing() -> None:
 # --------------------------------------------------------------------------- async (trio)
 
 
-async def test_async_tool_call_trio_success() -> None:
+class _ClientClock:
+    """Stands in for the ``time`` module the client reads its durations from:
+    ``monotonic()`` moves only when the test says, so a duration is exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_async_tool_call_trio_success(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _ClientClock()
+    monkeypatch.setattr(sk, "time", clock)
     d = Daemon()
     with trio.fail_after(5):
         async with d.async_client() as c:
             assert await c.health() == {"ok": True}
             async with c.tool_call(**call_kw()) as lease:
                 assert lease.secrets["api_key"] == SECRET
-                await trio.sleep(0.01)
+                await trio.sleep(0)
+                clock.now += 0.25  # the tool's work, on the client's clock
     (rel,) = d.bodies("/v1/release")
-    assert rel["status"] == "success" and rel["duration_ms"] >= 10
+    assert rel["status"] == "success" and rel["duration_ms"] == 250
 
 
 async def test_async_tool_call_trio_error() -> None:
