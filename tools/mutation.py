@@ -1,0 +1,458 @@
+"""Mutation testing of sidekey's security core, with cosmic-ray.
+
+Breaks the security decisions one at a time (``==`` becomes ``!=``, ``<`` becomes
+``<=``, a ``not`` appears or disappears, ``and`` becomes ``or``, an ``except`` stops
+catching, a loop over checks runs zero times ...), runs the tests that guard that
+module against each broken copy, and prints every mutant no test killed.
+
+Slow on purpose (minutes to hours), so it is not part of CI: run it before a
+release or after changing a security decision::
+
+    pip install -e '.[test,mutation]'
+    python tools/mutation.py                 # every target in tools/mutation.toml
+    python tools/mutation.py tokens policy   # some targets
+    python tools/mutation.py --list          # targets and how many mutants each has
+    python tools/mutation.py --jobs 2        # two targets at a time
+
+The working tree is never touched: each target runs in its own copy of the
+checkout (tracked and untracked-but-not-ignored files) under ``--workdir``. The
+scope (which functions of which module), the operators, the tests that guard a
+module and the accepted survivors (each with its reason) live in
+``tools/mutation.toml``. Exit status: 0 when every survivor is accepted, 1 when an
+unaccepted mutant survived or a target's tests fail on the unmutated copy, 2 on a
+usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "tools" / "mutation.toml"
+DECORATOR = "<decorator>"  # mutants on decorator lines are never run
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    module: str
+    tests: tuple[str, ...]
+    functions: tuple[str, ...]  # qualified names or prefixes ending in "*"; empty = whole module
+    exclude: tuple[str, ...]  # qualified names or prefixes ending in "*"
+    timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    module: str
+    function: str
+    operator: str
+    line: str  # the unmutated source line, stripped: stable across edits elsewhere
+    reason: str
+
+
+@dataclasses.dataclass
+class Mutant:
+    target: str
+    module: str
+    line_no: int
+    line: str
+    function: str
+    operator: str
+    outcome: str  # killed | survived | incompetent | timeout | error
+    diff: str
+    accepted: Accepted | None = None
+
+
+@dataclasses.dataclass
+class Result:
+    target: str
+    generated: int  # every mutant cosmic-ray can make in the module
+    in_scope: int  # the ones run: chosen operators in chosen functions
+    mutants: list[Mutant]
+    baseline_failed: str | None
+    seconds: float
+
+
+def load(path: Path) -> tuple[list[str], list[Target], list[Accepted]]:
+    data = tomllib.loads(path.read_text())
+    operators = [str(op) for op in data["operators"]]
+    default_timeout = float(data.get("timeout_s", 300))
+    targets = [
+        Target(
+            name=str(t["name"]),
+            module=str(t["module"]),
+            tests=tuple(str(x) for x in t["tests"]),
+            functions=tuple(str(x) for x in t.get("functions", ())),
+            exclude=tuple(str(x) for x in t.get("exclude", ())),
+            timeout=float(t.get("timeout_s", default_timeout)),
+        )
+        for t in data["target"]
+    ]
+    accepted = [
+        Accepted(
+            module=str(a["module"]),
+            function=str(a["function"]),
+            operator=str(a["operator"]),
+            line=str(a["line"]).strip(),
+            reason=str(a["reason"]),
+        )
+        for a in data.get("accepted", ())
+    ]
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise SystemExit("tools/mutation.toml: duplicate target names")
+    return operators, targets, accepted
+
+
+def function_at(tree: ast.Module) -> dict[int, str]:
+    """Line number -> qualified name of the innermost enclosing def (Class.method, outer.inner)."""
+    owner: dict[int, str] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}.{child.name}" if prefix else child.name
+                for line in range(child.lineno, (child.end_lineno or child.lineno) + 1):
+                    owner[line] = name
+                for deco in child.decorator_list:  # @dataclass(frozen=True) is structure, not a decision
+                    for line in range(deco.lineno, (deco.end_lineno or deco.lineno) + 1):
+                        owner[line] = DECORATOR
+                visit(child, name)
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return owner
+
+
+def in_scope(target: Target, operators: list[str], operator: str, function: str) -> bool:
+    return (
+        operator in operators
+        and function != DECORATOR
+        and (not target.functions or matches(function, target.functions))
+        and not matches(function, target.exclude)
+    )
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    for pattern in patterns:
+        if pattern.endswith("*"):
+            if name.startswith(pattern[:-1]):
+                return True
+        elif name == pattern:
+            return True
+    return False
+
+
+def copy_checkout(dest: Path) -> None:
+    """Copy the checkout as it is now (edits included), without .git, venvs and caches."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for raw in listed:
+        if not raw:
+            continue
+        rel = Path(os.fsdecode(raw))
+        src = ROOT / rel
+        if not src.is_file():
+            continue  # deleted in the working tree
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, out)
+    shared = ROOT.parent / "shared"
+    if shared.is_dir():  # the tests read ../shared/seed-configs, as in CI
+        (dest.parent / "shared").symlink_to(shared)
+
+
+def run_target(target: Target, operators: list[str], accepted: list[Accepted], workdir: Path) -> Result:
+    # Imported here so that --help and --list-operators work without cosmic-ray installed.
+    from cosmic_ray.commands.execute import execute
+    from cosmic_ray.commands.init import init
+    from cosmic_ray.config import ConfigDict
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    started = time.monotonic()
+    home = workdir / target.name
+    if home.exists():
+        shutil.rmtree(home)
+    tree_dir = home / "sidekey"
+    tree_dir.mkdir(parents=True)
+    copy_checkout(tree_dir)
+    module_path = tree_dir / target.module
+    source = module_path.read_text()
+    lines = source.splitlines()
+    owner = function_at(ast.parse(source))
+
+    # The daemon the integration tests start is `sys.executable -m sidekey`: PYTHONPATH makes
+    # it (and pytest) import the mutated copy. No bytecode is written or read, so a mutant that
+    # keeps the file's size and mtime second (== -> !=) can never be served from a stale .pyc.
+    for cache in tree_dir.rglob("__pycache__"):
+        shutil.rmtree(cache)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree_dir / "src"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    pytest_cmd = [
+        sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+        "-o", "addopts=", "--timeout", str(int(target.timeout)), *target.tests,
+    ]  # fmt: skip
+
+    baseline = subprocess.run(
+        pytest_cmd, cwd=tree_dir, env=env, capture_output=True, text=True, timeout=target.timeout * 4
+    )
+    if baseline.returncode != 0:
+        tail = "\n".join((baseline.stdout + baseline.stderr).splitlines()[-15:])
+        return Result(target.name, 0, 0, [], tail, time.monotonic() - started)
+
+    config = ConfigDict()
+    config["module-path"] = target.module
+    config["timeout"] = target.timeout
+    config["excluded-modules"] = []
+    config["test-command"] = shlex.join(pytest_cmd)
+    distributor = ConfigDict()
+    distributor["name"] = "local"
+    config["distributor"] = distributor
+
+    session = home / "session.sqlite"
+    old_cwd = Path.cwd()
+    old_env = dict(os.environ)
+    os.chdir(tree_dir)  # cosmic-ray mutates module-path relative to the working directory
+    os.environ.update(env)
+    try:
+        with use_db(str(session), WorkDB.Mode.create) as db:
+            init([Path(target.module)], db, {})
+            generated = db.num_work_items
+            in_scope = 0
+            for item in list(db.pending_work_items):
+                (mutation,) = item.mutations
+                line_no = mutation.start_pos[0]
+                function = owner.get(line_no, "<module>")
+                if in_scope(target, operators, mutation.operator_name, function):
+                    in_scope += 1
+                else:
+                    db.set_result(
+                        item.job_id,
+                        WorkResult(output="out of scope", worker_outcome=WorkerOutcome.SKIPPED),
+                    )
+            execute(db, config)
+            mutants = collect(db, target, lines, owner, accepted)
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+    return Result(target.name, generated, in_scope, mutants, None, time.monotonic() - started)
+
+
+def collect(db: Any, target: Target, lines: list[str], owner: dict[int, str], accepted: list[Accepted]) -> list[Mutant]:
+    """The run mutants of one session, each with its outcome and, if it survived, its acceptance."""
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    mutants: list[Mutant] = []
+    results = dict(db.results)
+    for item in db.work_items:
+        result = results.get(item.job_id)
+        if result is None or result.worker_outcome == WorkerOutcome.SKIPPED:
+            continue
+        (mutation,) = item.mutations
+        line_no = mutation.start_pos[0]
+        text = lines[line_no - 1].strip() if line_no <= len(lines) else ""
+        function = owner.get(line_no, "<module>")
+        if result.worker_outcome == WorkerOutcome.NO_TEST:
+            continue  # the operator found nothing to change at this occurrence
+        if result.worker_outcome != WorkerOutcome.NORMAL:
+            outcome = "error"
+        elif result.test_outcome == TestOutcome.SURVIVED:
+            outcome = "survived"
+        elif result.output == "timeout":
+            outcome = "timeout"  # cosmic-ray's own timeout: a hang kills the mutant too
+        elif result.test_outcome == TestOutcome.INCOMPETENT:
+            outcome = "incompetent"  # the mutant does not import: killed
+        else:
+            outcome = "killed"
+        mutant = Mutant(
+            target=target.name,
+            module=target.module,
+            line_no=line_no,
+            line=text,
+            function=function,
+            operator=mutation.operator_name.removeprefix("core/"),
+            outcome=outcome,
+            diff=result.diff or "",
+        )
+        for acc in accepted:
+            if (
+                acc.module == mutant.module
+                and acc.function == mutant.function
+                and acc.operator.removeprefix("core/") == mutant.operator
+                and acc.line == mutant.line
+            ):
+                mutant.accepted = acc
+        mutants.append(mutant)
+    return mutants
+
+
+def reread(target: Target, accepted: list[Accepted], workdir: Path) -> Result:
+    """The result of an earlier run from its session file (--report), without running anything."""
+    from cosmic_ray.work_db import WorkDB, use_db
+
+    home = workdir / target.name
+    session = home / "session.sqlite"
+    if not session.exists():
+        return Result(target.name, 0, 0, [], f"no session in {home}", 0.0)
+    source = (home / "sidekey" / target.module).read_text()
+    owner = function_at(ast.parse(source))
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        mutants = collect(db, target, source.splitlines(), owner, accepted)
+        generated = db.num_work_items
+    return Result(target.name, generated, len(mutants), mutants, None, 0.0)
+
+
+def count_target(target: Target, operators: list[str]) -> tuple[int, int]:
+    """(mutants in the module, mutants in scope) without running anything."""
+    from cosmic_ray.ast import ast_nodes, get_ast_from_path
+    from cosmic_ray.commands.init import _operators
+
+    path = ROOT / target.module
+    owner = function_at(ast.parse(path.read_text()))
+    module_ast = get_ast_from_path(path)
+    generated = n_in_scope = 0
+    for name, _args, operator in _operators({}):
+        for node in ast_nodes(module_ast):
+            for start, _end in operator.mutation_positions(node):
+                generated += 1
+                function = owner.get(start[0], "<module>")
+                if in_scope(target, operators, name, function):
+                    n_in_scope += 1
+    return generated, n_in_scope
+
+
+def report(results: list[Result], accepted: list[Accepted], verbose: bool) -> int:
+    status = 0
+    total = {"generated": 0, "run": 0, "killed": 0, "survived": 0, "accepted": 0}
+    used: set[Accepted] = set()
+    print()
+    print(f"{'target':<14}{'generated':>10}{'run':>7}{'killed':>8}{'survived':>10}{'accepted':>10}{'time':>9}")
+    for r in results:
+        if r.baseline_failed is not None:
+            print(f"{r.target:<14} tests fail on the UNMUTATED copy:\n{r.baseline_failed}")
+            status = 1
+            continue
+        survived = [m for m in r.mutants if m.outcome == "survived"]
+        ok = [m for m in survived if m.accepted is not None]
+        used.update(m.accepted for m in ok if m.accepted is not None)
+        killed = len(r.mutants) - len(survived)
+        print(
+            f"{r.target:<14}{r.generated:>10}{len(r.mutants):>7}{killed:>8}{len(survived) - len(ok):>10}"
+            f"{len(ok):>10}{r.seconds:>8.0f}s"
+        )
+        total["generated"] += r.generated
+        total["run"] += len(r.mutants)
+        total["killed"] += killed
+        total["survived"] += len(survived) - len(ok)
+        total["accepted"] += len(ok)
+    print(
+        f"{'TOTAL':<14}{total['generated']:>10}{total['run']:>7}{total['killed']:>8}"
+        f"{total['survived']:>10}{total['accepted']:>10}"
+    )
+    for r in results:
+        for m in r.mutants:
+            if m.outcome == "survived" and m.accepted is None:
+                status = 1
+                print(f"\nSURVIVED {m.module}:{m.line_no} in {m.function} [{m.operator}]\n    {m.line}")
+                if verbose:
+                    print("\n".join("    " + x for x in m.diff.splitlines()))
+            elif m.outcome == "error":
+                print(f"\nERROR (counted as killed) {m.module}:{m.line_no} [{m.operator}]")
+    if verbose:
+        for r in results:
+            for m in r.mutants:
+                if m.accepted is not None and m.outcome == "survived":
+                    print(f"\naccepted {m.module}:{m.line_no} in {m.function} [{m.operator}]: {m.accepted.reason}")
+    ran = {r.target for r in results if r.baseline_failed is None}
+    stale = [a for a in accepted if a not in used and any(a.module == r.module for r in _targets_ran(ran))]
+    for a in stale:
+        print(f"\nnote: accepted survivor no longer survives (remove it): {a.module} {a.function} {a.line!r}")
+    return status
+
+
+_ALL_TARGETS: list[Target] = []
+
+
+def _targets_ran(names: set[str]) -> list[Target]:
+    return [t for t in _ALL_TARGETS if t.name in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("targets", nargs="*", help="target names from tools/mutation.toml (default: all)")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="scope file (default: %(default)s)")
+    parser.add_argument("--list", action="store_true", help="print targets and mutant counts, run nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="targets run at once (default: 1)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the copies go (default: a temp dir)")
+    parser.add_argument(
+        "--report", action="store_true", help="re-print the results of the last run in --workdir, run nothing"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each survivor's diff")
+    args = parser.parse_args(argv)
+
+    operators, targets, accepted = load(args.config)
+    _ALL_TARGETS[:] = targets
+    by_name = {t.name: t for t in targets}
+    unknown = [n for n in args.targets if n not in by_name]
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+    chosen = [by_name[n] for n in args.targets] if args.targets else targets
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+
+    if args.list:
+        for t in chosen:
+            generated, in_scope = count_target(t, operators)
+            print(f"{t.name:<14}{t.module:<40}{generated:>7} generated {in_scope:>6} in scope")
+        return 0
+
+    if args.report:
+        if args.workdir is None:
+            parser.error("--report needs --workdir")
+        return report([reread(t, accepted, args.workdir) for t in chosen], accepted, args.verbose)
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sidekey-mutation-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"copies in {workdir}; {len(chosen)} target(s), {args.jobs} at a time", flush=True)
+    results: list[Result] = []
+    # Processes, not threads: each target chdirs into its own copy.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_target, t, operators, accepted, workdir): t for t in chosen}
+        for fut in concurrent.futures.as_completed(futures):
+            r = fut.result()
+            survived = sum(1 for m in r.mutants if m.outcome == "survived" and m.accepted is None)
+            print(f"  {r.target}: {len(r.mutants)} run, {survived} unaccepted survivors, {r.seconds:.0f}s", flush=True)
+            results.append(r)
+    order = {t.name: i for i, t in enumerate(chosen)}
+    results.sort(key=lambda r: order[r.target])
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report(results, accepted, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
