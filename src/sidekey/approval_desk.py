@@ -30,6 +30,7 @@ from .approvals import Approval, ApprovalConflict, ApprovalError
 from .audit import AuditLog
 from .audit.events import redact
 from .config import Config
+from .encoding import iso_utc
 from .protocol import BadRequest, Denied, NotFound, SidekeyError, TooManyRequests
 from .store import CounterOp, StateStore
 
@@ -388,7 +389,7 @@ class ApprovalDesk:
 
 
 def _iso(when: datetime.datetime) -> str:
-    return when.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+    return iso_utc(when, "auto")
 
 
 def parse_timeout(query: str, default: float) -> float:

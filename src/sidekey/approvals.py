@@ -37,6 +37,7 @@ from typing import Any, Literal
 import msgspec
 
 from .config import Limits
+from .encoding import iso_utc
 from .policy import Denial
 from .protocol import SidekeyError
 from .quotas import as_utc, key_part
@@ -407,7 +408,7 @@ def pending_denial(approval: Approval) -> Denial:
         code="pending_approval",
         message=(
             f"the call is held for human approval{why}: approval_id {approval.id}, "
-            f"expires {approval.expires_at.isoformat().replace('+00:00', 'Z')}"
+            f"expires {iso_utc(approval.expires_at, 'auto')}"
         ),
         status=STATUS_PENDING,
         outcome="pending_approval",

@@ -10,9 +10,7 @@ verifies them exactly like tokens from a real issuer.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,14 +21,12 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .encoding import b64url_encode
+from .fsutil import atomic_write
 from .protocol import ConfigError
 from .tokens import generate_ed25519, load_ed25519_private
 
 MAX_USER_TOKEN_TTL_S = 24 * 3600
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def jwks_for(private: Ed25519PrivateKey, kid: str) -> dict[str, Any]:
@@ -38,7 +34,7 @@ def jwks_for(private: Ed25519PrivateKey, kid: str) -> dict[str, Any]:
     raw = private.public_key().public_bytes(
         encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw
     )
-    return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw), "kid": kid,
+    return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(raw), "kid": kid,
                       "use": "sig", "alg": "EdDSA"}]}
 
 
@@ -52,9 +48,8 @@ def create_issuer(private_key_file: Path, jwks_file: Path) -> str:
 def write_jwks(private_key_file: Path, jwks_file: Path, kid: str) -> None:
     private = load_ed25519_private(private_key_file)
     jwks_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = jwks_file.with_name(jwks_file.name + ".tmp")
-    tmp.write_text(json.dumps(jwks_for(private, kid), indent=1) + "\n")
-    os.replace(tmp, jwks_file)
+    # Public: 0644, readable by the daemon whatever uid it runs as.
+    atomic_write(jwks_file, (json.dumps(jwks_for(private, kid), indent=1) + "\n").encode(), mode=0o644)
 
 
 def kid_of(jwks_file: Path) -> str:

@@ -9,7 +9,6 @@ poller never raises (every failure becomes an ``unhealthy`` state with the reaso
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -20,6 +19,7 @@ import httpx
 import trio
 
 from .config import Registry
+from .encoding import iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ class _Health:
 
 
 def _iso(ts: float) -> str:
-    dt = datetime.datetime.fromtimestamp(ts, datetime.UTC)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(ts, "milliseconds")
 
 
 def _describe(exc: BaseException) -> str:

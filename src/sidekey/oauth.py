@@ -59,14 +59,12 @@ discovery document or JWKS, missing file).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import json
 import logging
 import math
 import os
-import re
 import stat
 import time
 from collections import OrderedDict
@@ -84,6 +82,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from .config import OAuth2Config
+from .encoding import b64url_decode
 from .expiry import PURGE_INTERVAL_S, ExpiryIndex, run_purger
 from .protocol import (
     MAX_JSON_DEPTH,
@@ -134,7 +133,6 @@ _PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _PRIVATE_REASON = "carries private or symmetric key material (never used; fix the JWKS)"
 
 _ALGORITHMS: dict[str, Any] = jwt.algorithms.get_default_algorithms()
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _USER_AGENT = "sidekey-oauth/1"
 
 
@@ -143,13 +141,6 @@ _USER_AGENT = "sidekey-oauth/1"
 
 class _FetchError(Exception):
     """Keys could not be obtained from a source; the message says why (no secrets)."""
-
-
-def _b64url_segment(segment: str) -> bytes:
-    """Strict base64url (no padding, alphabet only), as JWS compact serialization uses."""
-    if len(segment) % 4 == 1 or not _B64URL.fullmatch(segment):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -619,9 +610,9 @@ class OAuthVerifier:
         if not header_b64 or not payload_b64:
             raise malformed
         try:
-            header = _strict_json(_b64url_segment(header_b64))
-            payload = _b64url_segment(payload_b64)
-            signature = _b64url_segment(signature_b64)
+            header = _strict_json(b64url_decode(header_b64))
+            payload = b64url_decode(payload_b64)
+            signature = b64url_decode(signature_b64)
             claims = _strict_json(payload)
         except (ValueError, binascii.Error):
             raise malformed from None

@@ -43,6 +43,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from .config import Limits
+from .encoding import iso_utc
 from .policy import CallFacts, Denial, Hook
 from .protocol import SidekeyError, error_for_status
 from .store import CounterOp, QuotaOp, RateOp, SessionOp
@@ -347,7 +348,7 @@ def check_denial(check: Check, answer: StoreAnswer, *, now: datetime.datetime) -
         if answer <= check.limit:
             return None
         retry = max(0.0, (check.expires_at - as_utc(now)).total_seconds())
-        resets = check.expires_at.isoformat().replace("+00:00", "Z")
+        resets = iso_utc(check.expires_at, "auto")
         return QuotaDenial(
             code="rate_limited",
             status=STATUS_TOO_MANY,

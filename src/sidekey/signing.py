@@ -27,15 +27,11 @@ taken from ``contents`` when the caller already holds the bytes it parsed.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import contextlib
 import datetime
 import hashlib
 import logging
 import os
-import re
-import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +44,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from msgspec import Meta
 
 from .config import MAX_CONFIG_BYTES, LoadedConfig
+from .encoding import b64url_decode, b64url_encode, iso_utc
+from .fsutil import atomic_write
 from .protocol import ConfigError, canonical_json
 from .tokens import load_ed25519_private, load_ed25519_public
 
@@ -60,8 +58,6 @@ SIGNATURE_FILE_MODE = 0o644
 ED25519_SIGNATURE_BYTES = 64
 FINGERPRINT_PREFIX = "ed25519:"
 FINGERPRINT_HEX_CHARS = 16
-
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class SignatureFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -94,23 +90,13 @@ def signature_path(main: Path) -> Path:
     return main.with_name(main.name + SIGNATURE_SUFFIX)
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_strict(text: str) -> bytes:
-    if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
-        raise ValueError("not unpadded base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def _raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def public_key_text(key: Ed25519PublicKey) -> str:
     """The raw 32-byte public key in base64url, as ``trusted_keys[].public_key`` takes it."""
-    return _b64url(_raw_public(key))
+    return b64url_encode(_raw_public(key))
 
 
 def fingerprint(key: Ed25519PublicKey) -> str:
@@ -150,40 +136,13 @@ def _signed_payload(fmt: str, kid: str, signed_at: str, files: Mapping[str, str]
         raise ConfigError(f"cannot sign a file name that is not valid UTF-8: {exc.object!r}") from None
 
 
-def _iso8601(ts: float) -> str:
-    when = datetime.datetime.fromtimestamp(ts, datetime.UTC).replace(microsecond=0)
-    return when.isoformat().replace("+00:00", "Z")
-
-
 def _write_public(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically with mode 0644 (tmp + fsync + rename + dir fsync)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    """Write ``data`` to ``path`` atomically with exactly mode 0644, whatever the umask
+    (:func:`sidekey.fsutil.atomic_write`: tmp + fsync + rename + directory fsync)."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SIGNATURE_FILE_MODE)
+        atomic_write(path, data, mode=SIGNATURE_FILE_MODE)
     except OSError as exc:
-        raise ConfigError(f"{tmp}: cannot create: {exc.strerror or exc}") from exc
-    try:
-        try:
-            os.fchmod(fd, SIGNATURE_FILE_MODE)  # exactly 0644 whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise ConfigError(f"{path}: cannot write: {exc.strerror or exc}") from exc
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return  # the rename happened; a directory we cannot open for fsync is not fatal
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 # --------------------------------------------------------------------------- keys
@@ -292,14 +251,14 @@ def sign_config(
         else:
             data = _read_capped(path, MAX_CONFIG_BYTES)
         files[name] = hashlib.sha256(data).hexdigest()
-    signed_at = _iso8601(datetime.datetime.now(datetime.UTC).timestamp() if now is None else now)
+    signed_at = iso_utc(datetime.datetime.now(datetime.UTC).timestamp() if now is None else now)
     payload = _signed_payload(SIGNATURE_FORMAT, kid, signed_at, files)
     doc: dict[str, Any] = {
         "format": SIGNATURE_FORMAT,
         "kid": kid,
         "signed_at": signed_at,
         "files": files,  # insertion order: main file first
-        "signature": _b64url(private.sign(payload)),
+        "signature": b64url_encode(private.sign(payload)),
     }
     out = signature_path(loaded.path)
     _write_public(out, msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n")
@@ -353,7 +312,7 @@ def _check_signature(
     if not keys:
         raise ConfigError(f"{sig_path}: {unknown(sig.kid)}")
     try:
-        signature = _b64url_strict(sig.signature)
+        signature = b64url_decode(sig.signature)
     except (ValueError, binascii.Error):
         raise ConfigError(f"{sig_path}: garbled: signature is not base64url") from None
     if len(signature) != ED25519_SIGNATURE_BYTES:

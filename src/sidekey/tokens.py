@@ -12,12 +12,10 @@ Single use is enforced by the caller (the ``jti`` is burned in the state store).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import logging
 import os
-import re
 import secrets
 import stat
 import time
@@ -33,6 +31,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from msgspec import Meta
 
+from .encoding import b64url_decode, b64url_encode
+from .fsutil import atomic_write
 from .protocol import (
     MAX_JSON_DEPTH,
     MAX_TIMESTAMP,
@@ -95,18 +95,6 @@ _HS256 = _ALGORITHMS["HS256"]
 _EDDSA = _ALGORITHMS["EdDSA"]
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
-
-
-def _b64url_segment(segment: str) -> bytes:
-    """Strict base64url (no padding, alphabet only), as JWS compact serialization uses."""
-    if len(segment) % 4 == 1 or not _B64URL.fullmatch(segment):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-
-
 @dataclass(frozen=True, slots=True)
 class HmacKey:
     kid: str
@@ -124,14 +112,6 @@ class KeySet:
 
 
 # --------------------------------------------------------------------------- key-set files
-
-
-def _b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64u(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _check_private_file(path: Path) -> None:
@@ -162,7 +142,9 @@ def load_keyset(path: Path) -> KeySet:
         if doc.get("format") != KEYSET_FORMAT:
             raise ValueError("format")
         keys = {
-            k["kid"]: HmacKey(kid=k["kid"], secret=_unb64u(k["k"]), created=float(k["created"]))
+            k["kid"]: HmacKey(
+                kid=k["kid"], secret=b64url_decode(k["k"], strict=False), created=float(k["created"])
+            )
             for k in doc["keys"]
         }
         active = keys[doc["active"]]
@@ -174,21 +156,9 @@ def load_keyset(path: Path) -> KeySet:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically with mode 0600 (tmp + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically with mode 0600 (:func:`sidekey.fsutil.atomic_write`)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, data, mode=0o600)
 
 
 def rotate_keyset(path: Path, *, now: float | None = None) -> str:
@@ -200,12 +170,12 @@ def rotate_keyset(path: Path, *, now: float | None = None) -> str:
     if path.exists():
         current = load_keyset(path)
         keys = [
-            {"kid": k.kid, "k": _b64u(k.secret), "created": k.created}
+            {"kid": k.kid, "k": b64url_encode(k.secret), "created": k.created}
             for k in sorted(current.keys.values(), key=lambda k: k.created)
         ]
     created = time.time() if now is None else now
     kid = f"hs-{time.strftime('%Y%m%d', time.gmtime(created))}-{secrets.token_hex(4)}"
-    keys.append({"kid": kid, "k": _b64u(secrets.token_bytes(HMAC_KEY_BYTES)), "created": created})
+    keys.append({"kid": kid, "k": b64url_encode(secrets.token_bytes(HMAC_KEY_BYTES)), "created": created})
     keys = keys[-MAX_KEYS_KEPT:]
     doc = {"format": KEYSET_FORMAT, "active": kid, "keys": keys}
     _write_private(path, json.dumps(doc, indent=1).encode())
@@ -222,7 +192,7 @@ def generate_ed25519(path: Path) -> tuple[str, str]:
     )
     _write_private(path, pem)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return f"ed-{secrets.token_hex(4)}", _b64u(raw)
+    return f"ed-{secrets.token_hex(4)}", b64url_encode(raw)
 
 
 def load_ed25519_private(path: Path) -> Ed25519PrivateKey:
@@ -243,7 +213,8 @@ def load_ed25519_public(text: str | None, file: Path | None) -> Ed25519PublicKey
             return key
         if text is None:  # config validation requires one of key / key_file
             raise ConfigError("a trusted issuer needs a public key or a key file")
-        return Ed25519PublicKey.from_public_bytes(_unb64u(text))
+        # Lenient, as always: an operator may paste the key with "=" padding.
+        return Ed25519PublicKey.from_public_bytes(b64url_decode(text, strict=False))
     except (ValueError, binascii.Error, OSError) as exc:
         raise ConfigError(f"invalid Ed25519 public key {'in ' + str(file) if file else ''}: {exc}") from exc
 
@@ -307,10 +278,10 @@ class TokenCodec:
             peer=peer,
         )
         key = self.keyset.active
-        header = _b64url(msgspec.json.encode({"alg": "HS256", "kid": key.kid, "typ": TOKEN_TYPE}))
-        signing_input = f"{header}.{_b64url(msgspec.json.encode(claims))}"
+        header = b64url_encode(msgspec.json.encode({"alg": "HS256", "kid": key.kid, "typ": TOKEN_TYPE}))
+        signing_input = f"{header}.{b64url_encode(msgspec.json.encode(claims))}"
         signature = _HS256.sign(signing_input.encode("ascii"), _HS256.prepare_key(key.secret))
-        return f"{signing_input}.{_b64url(signature)}", claims
+        return f"{signing_input}.{b64url_encode(signature)}", claims
 
     def verify(self, token: str, *, now: float) -> Verified:
         """Verify signature, type and every claim. Raises :class:`TokenError` with a code.
@@ -325,9 +296,9 @@ class TokenCodec:
             raise TokenError("resolution token is malformed", code="token_malformed")
         header_b64, payload_b64, signature_b64 = token.split(".")
         try:
-            header_json = _b64url_segment(header_b64)
-            payload = _b64url_segment(payload_b64)
-            signature = _b64url_segment(signature_b64)
+            header_json = b64url_decode(header_b64)
+            payload = b64url_decode(payload_b64)
+            signature = b64url_decode(signature_b64)
             # Checked before decoding: msgspec recurses (RecursionError, not a 401).
             if json_too_deep(header_json, MAX_JSON_DEPTH) or json_too_deep(payload, MAX_JSON_DEPTH):
                 raise ValueError("nested too deeply")

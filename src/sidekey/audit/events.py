@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 
+from ..encoding import iso_utc
+
 SCHEMA_VERSION = 1
 
 EVENT_TYPES: tuple[str, ...] = (
@@ -282,10 +284,7 @@ def format_timestamp(now: datetime.datetime) -> str:
 
     A naive datetime is taken to be UTC.
     """
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=datetime.UTC)
-    utc = now.astimezone(datetime.UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return iso_utc(now, "milliseconds")
 
 
 def new_event_id() -> str:

@@ -39,6 +39,7 @@ from typing import Any
 import msgspec
 import trio
 
+from ..fsutil import fsync_dir, write_all
 from . import AuditUnavailable
 
 log = logging.getLogger(__name__)
@@ -127,33 +128,16 @@ class JsonlSink:
             if created:
                 os.fchmod(fd, FILE_MODE)
                 if self.fsync:
-                    self._fsync_dir(parent)
+                    fsync_dir(parent)
             elif st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n":
                 # A crash or a failed short write left a torn last line: end it, so
                 # the next event starts on its own line (the fragment stays visible).
                 log.warning("audit file %s ended with a partial line; terminating it", self.path)
-                self._write_all(fd, b"\n")
+                write_all(fd, b"\n")
         except BaseException:
             os.close(fd)
             raise
         return fd
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    @staticmethod
-    def _write_all(fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            if n <= 0:
-                raise OSError(errno.EIO, "write made no progress")
-            view = view[n:]
 
     def _commit(self, data: bytes) -> None:
         """Append ``data`` and (if configured) fsync. Raises OSError; drops the fd on error.
@@ -170,7 +154,7 @@ class JsonlSink:
             # batch starts.
             start = os.fstat(fd).st_size
             try:
-                self._write_all(fd, data)
+                write_all(fd, data)
                 if self.fsync:
                     os.fsync(fd)
             except OSError:

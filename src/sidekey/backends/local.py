@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from msgspec import Meta
 
+from ..fsutil import atomic_write, fsync_dir, write_all
 from ..protocol import BadRequest, ConfigError, Conflict, SidekeyError, TooLarge
 from . import BackendError, SecretNotFound, SecretValue
 
@@ -206,11 +207,11 @@ def generate_key_file(path: Path) -> None:
     try:
         try:
             os.fchmod(fd, 0o600)  # independent of the umask
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
@@ -569,23 +570,7 @@ class LocalStore:
         return (st.st_uid, st.st_gid)
 
     def _write_atomic(self, raw: bytes, owner: tuple[int, int] | None) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                if owner is not None:
-                    os.fchown(fd, *owner)
-                _write_all(fd, raw)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.path.parent)
+        atomic_write(self.path, raw, mode=0o600, owner=owner)
 
 
 def _value_bytes(value: str) -> bytes:
@@ -689,18 +674,3 @@ def _read_fd(fd: int, limit: int) -> bytes:
         chunks.append(chunk)
         total += len(chunk)
     return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -34,6 +34,7 @@ from ..audit.events import format_timestamp, make_event
 from ..audit.ratelimit import RejectionLimiter, Suppressed
 from ..backends import Backend
 from ..config import LoadedConfig, OAuth2Config
+from ..encoding import iso_utc
 from ..healthcheck import RegistryHealth
 from ..leases import LeaseManager
 from ..oauth import OAuthVerifier
@@ -81,7 +82,7 @@ class Route:
 
 @functools.lru_cache(maxsize=1024)
 def _iso_second(second: int) -> str:
-    return datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(second, "seconds")
 
 
 def _iso(ts: float) -> str:
