@@ -532,11 +532,18 @@ async def test_unknown_role_is_secret_not_found(vault: VaultServer, make: Make) 
 async def test_cancelled_issue_does_not_leak_the_credential(
     vault: VaultServer, make: Make, journal: Journal
 ) -> None:
-    vault.set_delay(0.6, route="creds")  # answers within the HTTP timeout...
-    backend = make()
+    gate = vault.hold("creds")  # the request reaches Vault and waits there...
+    backend = make(timeout_s=LIMIT_S / 2)  # ...well within the HTTP timeout...
     with trio.fail_after(LIMIT_S):
-        with trio.move_on_after(0.2):  # ...but the caller gives up first
-            await backend.fetch(sref(**DYNAMIC))
+        with trio.CancelScope() as caller:
+            async with trio.open_nursery() as nursery:
+                async def give_up() -> None:  # ...but the caller gives up first
+                    await wait_until(lambda: vault.counts.get("creds", 0) == 1)
+                    caller.cancel()
+                nursery.start_soon(give_up)
+                await backend.fetch(sref(**DYNAMIC))
+        assert caller.cancelled_caught
+        gate.set()  # then Vault issues the credential and answers
         await wait_until(lambda: len(vault.issued_leases) == 1)
         issued = vault.issued_leases[0].lease_id
         # The worker thread finds the call abandoned and revokes what it got.
