@@ -241,6 +241,24 @@ def test_oauth2_none_ignores_a_presented_token_with_a_warning(wide: Config) -> N
     assert len(d.warnings) == 1 and "oauth2: none" in d.warnings[0]
 
 
+def test_oauth2_none_never_checks_scopes_of_a_stray_token(wide: Config) -> None:
+    """A verified token that reaches an oauth2: none server (it requires scope "x") is not
+    scope-checked: the user is the peer's uid, so the token's scopes mean nothing here."""
+    d = decide(wide, facts(server="notes", tool="read_note", agent_id="crm-agent",
+                           user_token=token("unrelated"), token_presented=True))
+    assert d.allowed and d.user_id == "local:alice"
+    assert "scopes.skipped" in d.rules_matched
+
+
+def test_facts_default_to_no_token_presented(cfg: Config) -> None:
+    """A caller that builds CallFacts without saying whether a token came gets
+    token_missing (send one), not token_invalid: nothing was presented."""
+    bare = CallFacts(server="content-api", tool="create_article", peer_uid=1000, peer_user="alice",
+                     peer_servers=frozenset({"content-api"}), agent_id="content-writer",
+                     session_id="s1", args_digest="0" * 64, now=NOW)
+    denied(decide(cfg, bare), "token_missing", 401)
+
+
 # --------------------------------------------------------------------------- step 4
 
 
