@@ -241,13 +241,13 @@ def run_target(target: Target, operators: list[str], accepted: list[Accepted], w
         with use_db(str(session), WorkDB.Mode.create) as db:
             init([Path(target.module)], db, {})
             generated = db.num_work_items
-            in_scope = 0
+            n_in_scope = 0
             for item in list(db.pending_work_items):
                 (mutation,) = item.mutations
                 line_no = mutation.start_pos[0]
                 function = owner.get(line_no, "<module>")
                 if in_scope(target, operators, mutation.operator_name, function):
-                    in_scope += 1
+                    n_in_scope += 1
                 else:
                     db.set_result(
                         item.job_id,
@@ -259,7 +259,7 @@ def run_target(target: Target, operators: list[str], accepted: list[Accepted], w
         os.chdir(old_cwd)
         os.environ.clear()
         os.environ.update(old_env)
-    return Result(target.name, generated, in_scope, mutants, None, time.monotonic() - started)
+    return Result(target.name, generated, n_in_scope, mutants, None, time.monotonic() - started)
 
 
 def collect(db: Any, target: Target, lines: list[str], owner: dict[int, str], accepted: list[Accepted]) -> list[Mutant]:
