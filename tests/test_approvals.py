@@ -113,6 +113,19 @@ def test_approval_above_zero_holds_every_call() -> None:
     assert approvals.needs_approval(limits, "t", calls_in_window=1) is not None
 
 
+def test_has_rule_sends_every_rule_to_the_approval_step() -> None:
+    """The daemon skips the approval step for a call that presents no approval when
+    ``has_rule`` is False: a tool with either rule must answer True (else its calls run
+    unheld), and only a tool with no rule (no per-tool entry, or one without approval
+    keys) may answer False."""
+    assert approvals.has_rule(LIMITS, "delete_record")  # requires_human_approval
+    assert approvals.has_rule(LIMITS, "create_article")  # requires_approval_above: 5
+    zero = Limits(per_tool={"t": PerToolLimits(requires_approval_above=0)})
+    assert approvals.has_rule(zero, "t")
+    assert not approvals.has_rule(LIMITS, "query_metrics")  # per-tool limits, no approval rule
+    assert not approvals.has_rule(LIMITS, "not_configured")
+
+
 def test_window_counter_is_aligned_and_expires_at_window_end() -> None:
     key, end = approvals.window_counter("local:alice", "create_article", now=T0)
     index = int(T0.timestamp() // 3600)
@@ -295,6 +308,18 @@ def test_errors_form_a_tree() -> None:
     assert issubclass(ApprovalConflict, ApprovalError)
     assert issubclass(ApprovalMismatch, ApprovalError)
     assert issubclass(ApprovalError, SidekeyError)
+
+
+def test_self_approval_message_names_the_approver() -> None:
+    """The four-eyes refusal names the approver as a person can find them: their user
+    name when known, else ``uid:<N>``, plus the uid."""
+    a = fresh(user="alice")
+    why = approvals.self_approval(a, approver_uid=1001, approver_user="bob",
+                                  identities={"bob": ["alice"]}, owner=False)
+    assert why is not None and "the approver bob (uid 1001) is known as that user" in why, why
+    why = approvals.self_approval(a, approver_uid=1001, approver_user=None,
+                                  identities={"uid:1001": ["alice"]}, owner=False)
+    assert why is not None and "the approver uid:1001 (uid 1001) is known as that user" in why, why
 
 
 def test_pending_denial() -> None:
