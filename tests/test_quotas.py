@@ -12,9 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidekey import quotas
-from sidekey.config import Limits
+from sidekey.config import DepartmentLimits, Limits
 from sidekey.policy import Denial
 from sidekey.quotas import MonthlyCheck, QuotaPlan, RateCheck, SessionCheck
+from sidekey.store import CounterOp, RateOp, SessionOp
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT.parent / "shared" / "seed-configs" / "rate-limits.yaml"
@@ -150,6 +151,16 @@ def test_keys_of_odd_and_long_ids_are_safe_bounded_and_distinct() -> None:
             assert len(c.key) <= quotas.MAX_KEY_LEN and SAFE_KEY.match(c.key), c.key
 
 
+def test_key_part_keeps_encodings_up_to_the_bound() -> None:
+    """An encoding of exactly MAX_KEY_PART characters is kept readable (store keys stay
+    stable and greppable); one character more is hashed."""
+    n = quotas.MAX_KEY_PART
+    assert quotas.key_part("a" * n) == "a" * n
+    assert quotas.key_part("a" * (n - 3) + ":") == "a" * (n - 3) + "%3A"  # 64 once encoded
+    assert quotas.key_part("a" * (n + 1)).startswith("#")
+    assert quotas.key_part("a" * (n - 2) + ":").startswith("#")  # 65 once encoded
+
+
 @given(st.text(), st.text())
 def test_key_part_is_injective_safe_and_bounded(x: str, y: str) -> None:
     kx, ky = quotas.key_part(x), quotas.key_part(y)
@@ -240,6 +251,26 @@ def test_interpret_monthly_exhausted_retry_until_month_end() -> None:
     assert "department engineering monthly_tool_calls (50000)" in d.message
 
 
+def test_store_ops_are_the_plan_in_order() -> None:
+    """What the daemon sends to the store in its one quota round trip: one op per check,
+    in plan order, each with the check's key, limit and period (a dropped or mistyped op
+    would leave a limit unenforced), the monthly counter stopping the batch above it."""
+    p = _plan()
+    month = p.checks[-1]
+    assert isinstance(month, MonthlyCheck)
+    assert quotas.store_ops(p) == [
+        SessionOp("alice", "s1", quotas.DEFAULT_SESSION_IDLE_S, 5),
+        RateOp("rate:usertool:alice:query_metrics:minute", 30, 60.0),
+        RateOp("rate:user:alice:minute", 60, 60.0),
+        RateOp("rate:user:alice:hour", 500, 3600.0),
+        CounterOp("month:engineering:2026-11", month.expires_at_s, stop_above=50000),
+    ]
+    assert [type(op) for op in quotas.store_ops(_plan(session_id=None, department=None))] == [
+        RateOp, RateOp, RateOp
+    ]
+    assert quotas.store_ops(QuotaPlan(user="u", tool="t", department=None, now=NOW)) == []
+
+
 def test_interpret_rejects_wrong_answers() -> None:
     p = _plan()
     with pytest.raises(ValueError, match="6 store answers for 5 checks"):
@@ -250,6 +281,12 @@ def test_interpret_rejects_wrong_answers() -> None:
         quotas.interpret(p, [*ALL_OK[:4], (True, 1.0)])  # a pair for the monthly counter
     with pytest.raises(TypeError):
         quotas.interpret(p, [*ALL_OK[:4], True])  # bool is not a count
+    # A pair must be a tuple (bool, number): anything else is a local bug, never an
+    # answer to read as "allowed" (a truthy 1 or "false", a list, a longer tuple).
+    for bad in [(1, 0.0), ("false", 0.0), (None, 0.0), [True, 0.0], [False, 0.5],
+                (True, 0.0, 0.0), (False,), ()]:
+        with pytest.raises(TypeError, match="the store answers"):
+            quotas.interpret(p, [(True, 1), bad])  # type: ignore[list-item]
 
 
 def test_denial_mappings() -> None:
@@ -330,6 +367,13 @@ def test_alerts_from_monthly_answer() -> None:
     }
     assert [a.percent for a in quotas.alerts(p, [*ok, 20000])] == [100]
     assert quotas.alerts(p, ok) == []  # stopped before the counter
+    # Only a count (an int, not a bool) from the monthly counter raises alerts; the
+    # daemon asks for alerts before it checks the answer's shape.
+    tiny = Limits(per_department={"d": DepartmentLimits(monthly_tool_calls=1)})
+    one = quotas.plan(tiny, user="u", tool="t", department="d", session_id=None, now=NOW)
+    assert [a.percent for a in quotas.alerts(one, [1])] == [80, 90, 100]
+    assert quotas.alerts(one, [True]) == []
+    assert quotas.alerts(one, [(True, 1.0)]) == []
 
 
 # --------------------------------------------------------------------------- results, load
