@@ -181,7 +181,9 @@ def copy_checkout(dest: Path) -> None:
         (dest.parent / "shared").symlink_to(shared)
 
 
-def run_target(target: Target, operators: list[str], accepted: list[Accepted], workdir: Path) -> Result:
+def run_target(
+    target: Target, operators: list[str], accepted: list[Accepted], workdir: Path, resume: bool = False
+) -> Result:
     # Imported here so that --help and --list-operators work without cosmic-ray installed.
     from cosmic_ray.commands.execute import execute
     from cosmic_ray.commands.init import init
@@ -191,12 +193,21 @@ def run_target(target: Target, operators: list[str], accepted: list[Accepted], w
 
     started = time.monotonic()
     home = workdir / target.name
-    if home.exists():
-        shutil.rmtree(home)
     tree_dir = home / "sidekey"
-    tree_dir.mkdir(parents=True)
-    copy_checkout(tree_dir)
+    session = home / "session.sqlite"
+    resuming = resume and session.exists() and tree_dir.is_dir()
+    if not resuming:
+        if home.exists():
+            shutil.rmtree(home)
+        tree_dir.mkdir(parents=True)
+        copy_checkout(tree_dir)
     module_path = tree_dir / target.module
+    # A killed run leaves its last mutant applied: put the module back from the checkout's
+    # copy before anything runs (cosmic-ray restores on a normal exit only).
+    if resuming:
+        shutil.copy2(home / "original.py", module_path)
+    else:
+        shutil.copy2(module_path, home / "original.py")
     source = module_path.read_text()
     lines = source.splitlines()
     owner = function_at(ast.parse(source))
@@ -232,16 +243,18 @@ def run_target(target: Target, operators: list[str], accepted: list[Accepted], w
     distributor["name"] = "local"
     config["distributor"] = distributor
 
-    session = home / "session.sqlite"
     old_cwd = Path.cwd()
     old_env = dict(os.environ)
     os.chdir(tree_dir)  # cosmic-ray mutates module-path relative to the working directory
     os.environ.update(env)
     try:
         with use_db(str(session), WorkDB.Mode.create) as db:
-            init([Path(target.module)], db, {})
+            if not resuming:
+                init([Path(target.module)], db, {})
             generated = db.num_work_items
-            n_in_scope = 0
+            n_in_scope = sum(
+                1 for _job, r in db.results if r.worker_outcome != WorkerOutcome.SKIPPED
+            )  # resumed: the ones already run
             for item in list(db.pending_work_items):
                 (mutation,) = item.mutations
                 line_no = mutation.start_pos[0]
@@ -409,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="targets run at once (default: 1)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the copies go (default: a temp dir)")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs in --workdir where they stopped (same copies, same scope)",
+    )
+    parser.add_argument(
         "--report", action="store_true", help="re-print the results of the last run in --workdir, run nothing"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print each survivor's diff")
@@ -426,13 +444,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.list:
         for t in chosen:
-            generated, in_scope = count_target(t, operators)
-            print(f"{t.name:<14}{t.module:<40}{generated:>7} generated {in_scope:>6} in scope")
+            generated, n_in_scope = count_target(t, operators)
+            print(f"{t.name:<14}{t.module:<40}{generated:>7} generated {n_in_scope:>6} in scope")
         return 0
 
+    if (args.report or args.resume) and args.workdir is None:
+        parser.error("--report and --resume need --workdir")
     if args.report:
-        if args.workdir is None:
-            parser.error("--report needs --workdir")
         return report([reread(t, accepted, args.workdir) for t in chosen], accepted, args.verbose)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sidekey-mutation-"))
@@ -441,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     # Processes, not threads: each target chdirs into its own copy.
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_target, t, operators, accepted, workdir): t for t in chosen}
+        futures = {
+            pool.submit(run_target, t, operators, accepted, workdir, args.resume): t for t in chosen
+        }
         for fut in concurrent.futures.as_completed(futures):
             r = fut.result()
             survived = sum(1 for m in r.mutants if m.outcome == "survived" and m.accepted is None)
