@@ -231,8 +231,14 @@ def wait_for_long_poll(d: Daemon, timeout_s: float = 60) -> bool:
     return False
 
 
+# Approvals the test must still act on (approve, redeem) before they expire live this
+# long: a CLI run under load takes seconds, and a TTL of 2-3 s made such steps race it.
+# Waiting for the expiry itself costs this much, no more (long-polls, polls).
+ACT_WITHIN_S = 15
+
+
 def test_approvals_expire(make_daemon: Any) -> None:
-    d: Daemon = make_daemon({"approvals": {"ttl_seconds": 2}})
+    d: Daemon = make_daemon({"approvals": {"ttl_seconds": ACT_WITHIN_S}})
     hold_every_call(d)
     d.start()
     token = d.user_token("content-api")
@@ -241,14 +247,14 @@ def test_approvals_expire(make_daemon: Any) -> None:
     assert cli(d, "approvals", "approve", approved).returncode == 0
 
     # The long-poll returns when the approval expires, not at its own timeout (timed_out).
-    status, body = d.request("GET", f"/v1/approvals/{unanswered}/wait?timeout=20", timeout=30)
+    status, body = d.request("GET", f"/v1/approvals/{unanswered}/wait?timeout=120", timeout=150)
     assert status == 200 and body["approval"]["state"] == "expired" and not body["timed_out"]
     out = cli(d, "approvals", "approve", unanswered)
     assert out.returncode == 1 and "approval_expired" in out.stderr, out.stderr
     out = cli(d, *call_argv(ARGS, "--approval-id", approved), token=token)
     assert out.returncode == 1 and "approval_expired" in out.stderr, out.stderr
     # The sweeper records each expiry once, with what it was.
-    expired = d.wait_events("approval.expired", count=2, timeout=15)
+    expired = d.wait_events("approval.expired", count=2, timeout=60)  # sweeps every 5 s
     assert sorted((e["approval_id"], e["was"]) for e in expired) == sorted(
         [(unanswered, "pending"), (approved, "approved")])
     out = cli(d, "approvals", "list", "--state", "expired", "--json")
@@ -405,7 +411,7 @@ def test_two_hosts_sharing_redis_share_approvals(make_daemon: Any, tmp_path: Pat
     try:
         state = {"state": {"backend": "redis", "redis_url": server.url,
                            "redis_key_prefix": "sk-apr:"},
-                 "approvals": {"ttl_seconds": 3}}
+                 "approvals": {"ttl_seconds": ACT_WITHIN_S}}
         a: Daemon = make_daemon(state)
         b: Daemon = make_daemon(state)
         for d in (a, b):
@@ -426,7 +432,7 @@ def test_two_hosts_sharing_redis_share_approvals(make_daemon: Any, tmp_path: Pat
         assert status == 409 and body["error"]["code"] == "approval_redeemed", body
 
         lapsed = held(b, user_token=token)["approval_id"]
-        deadline = time.monotonic() + 60  # a hang guard: the sweep period is 5 s
+        deadline = time.monotonic() + ACT_WITHIN_S + 60  # a hang guard (sweeps every 5 s)
         while time.monotonic() < deadline:
             expired = a.events_of("approval.expired") + b.events_of("approval.expired")
             if expired:
