@@ -152,11 +152,14 @@ def test_department_from_a_token_claim(make_daemon: Any) -> None:
 
 
 def test_sixth_concurrent_session_refused_until_one_goes_idle(make_daemon: Any) -> None:
-    """Seed: concurrent_sessions 5 per user. With a 2 s idle time the sixth MCP session
+    """Seed: concurrent_sessions 5 per user. With an 8 s idle time the sixth MCP session
     is refused while five are active, and accepted once one of them has gone idle."""
     import time
 
-    d: Daemon = make_daemon({"policy": {"session_idle_seconds": 2}})
+    # The idle time is also how long the test may take to use an active session again
+    # (a round of up to five calls): 8 s leaves a loaded machine room; the wait for the
+    # idle ones to go is a poll, so it costs this long and no more.
+    d: Daemon = make_daemon({"policy": {"session_idle_seconds": 8}})
     limits = yaml.safe_load((d.root / "rate-limits.yaml").read_text())
     limits["limits"]["per_user"]["concurrent_sessions"] = 5
     (d.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
