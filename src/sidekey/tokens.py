@@ -139,7 +139,8 @@ def load_keyset(path: Path) -> KeySet:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
         doc = json.loads(raw)
-        if doc.get("format") != KEYSET_FORMAT:
+        # A file that is JSON but not an object must be a ConfigError too, not an AttributeError.
+        if not isinstance(doc, dict) or doc.get("format") != KEYSET_FORMAT:
             raise ValueError("format")
         keys = {
             k["kid"]: HmacKey(
@@ -148,6 +149,9 @@ def load_keyset(path: Path) -> KeySet:
             for k in doc["keys"]
         }
         active = keys[doc["active"]]
+        # A non-string kid would load, and every token issued under it would then be refused.
+        if not all(isinstance(kid, str) for kid in keys):
+            raise ValueError("kid")
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise ConfigError(f"{path}: not a valid sidekey token key set") from exc
     if any(len(k.secret) != HMAC_KEY_BYTES for k in keys.values()):
