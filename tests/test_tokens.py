@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import sidekey.tokens
-
 from sidekey.protocol import MAX_JSON_DEPTH, ConfigError, TokenError
 from sidekey.tokens import (
     HMAC_KEY_BYTES,
