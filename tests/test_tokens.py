@@ -361,9 +361,9 @@ def test_claims_are_immutable_and_keyword_only(codec: TokenCodec) -> None:
     with pytest.raises(AttributeError):
         claims.peer.uid = 0  # type: ignore[misc]
     with pytest.raises(TypeError):
-        PeerClaim(1000, 42)  # type: ignore[misc]
+        PeerClaim(1000, 42)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
-        ResolutionClaims(*msgspec.structs.astuple(claims))  # type: ignore[misc]
+        ResolutionClaims(*msgspec.structs.astuple(claims))  # type: ignore[call-arg]
 
 
 def test_deep_json_refused_in_header_or_payload(codec: TokenCodec) -> None:
