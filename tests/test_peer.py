@@ -32,6 +32,7 @@ import trio
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import sidekey.peer as peer_module
 from sidekey.config import PeerSelector, RbacConfig, RbacEntry
 from sidekey.peer import (
     SO_PEERPIDFD,
@@ -39,6 +40,11 @@ from sidekey.peer import (
     ExeHashCache,
     PeerHandle,
     PeerIdentity,
+    _pidfd_alive,
+    _pidfd_pid,
+    _proc_facts,
+    _same_mnt_ns,
+    _status_field,
     _unit_from_cgroup,
     attest,
     selector_matches,
@@ -1303,3 +1309,307 @@ def test_exe_key_in_another_mount_namespace_needs_the_very_file(tmp_path: Path) 
         f: getattr(bare, f) for f in ("pid", "uid", "gid", "user", "group", "supplementary_gids",
                                       "supplementary_groups", "exe", "unit", "start_time",
                                       "attestation")}))
+
+
+# --------------------------------------------------------------------------- issue 10: mutants that survived
+# Crafted /proc-like inputs (a temp dir opened as the /proc/<pid> dirfd, or peer.PROC
+# pointed at a temp tree) reach the branches a live kernel does not produce on demand.
+
+UNKNOWN_GID = 4242421  # a gid no group database on a test machine names
+
+
+def _status_text(
+    *, uid: str, gid: str, groups: str = "", state: str | None = "S (sleeping)"
+) -> bytes:
+    """A /proc/<pid>/status as the kernel lays it out (fields in its order)."""
+    lines = ["Name:\tfake", "Umask:\t0022"]
+    if state is not None:
+        lines.append(f"State:\t{state}")
+    lines += ["Tgid:\t1", "Pid:\t1", f"Uid:\t{uid}", f"Gid:\t{gid}", "FDSize:\t64", f"Groups:\t{groups}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _crafted_proc_dir(where: Path, files: dict[str, bytes]) -> int:
+    """A directory holding *files*, opened the way attest opens /proc/<pid>."""
+    where.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (where / name).write_bytes(content)
+    return os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _own_proc_files() -> dict[str, bytes]:
+    """This process's real status and stat (uid, gid, groups and start time match
+    ``_own_identity()``), but no ``exe``."""
+    return {name: Path(f"/proc/self/{name}").read_bytes() for name in ("status", "stat")}
+
+
+@contextlib.contextmanager
+def _fd_zero_free() -> Iterator[None]:
+    """Run with fd 0 closed, as in a daemon started with stdin closed: the next fd the
+    process opens is number 0. Restores stdin (closing whatever was left on 0); works
+    when the test run itself has no stdin too."""
+    try:
+        saved: int | None = os.dup(0)
+    except OSError:  # already closed (a runner without stdin)
+        saved = None
+    else:
+        os.close(0)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 0)
+            os.close(saved)
+        else:
+            with contextlib.suppress(OSError):
+                os.close(0)
+
+
+def _as_nobody_in_a_child(fn: Callable[[], bool]) -> int:
+    """Run ``fn`` in a forked child that dropped to nobody (a daemon that is not root).
+    Returns 0 when fn returned True, 1 when False, 2 when it raised."""
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 3
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY.pw_gid)
+            os.setuid(NOBODY.pw_uid)
+            code = 0 if fn() else 1
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the child did not finish in time")
+
+
+def test_status_field_finds_a_key_at_either_end_of_the_text() -> None:
+    """The parser takes a key wherever it stands, first or last, with or without a
+    trailing newline; a missing key is an error (the caller refuses the peer)."""
+    assert _status_field(b"\nUid:\t1\t2\t3\t4", b"\nUid:") == b"\t1\t2\t3\t4"
+    assert _status_field(b"\nUid:\t1\n\nGid:\t5\n", b"\nUid:") == b"\t1"
+    assert _status_field(b"Name:\tx\nGroups:\n", b"\nGroups:") == b""
+    with pytest.raises(ValueError):
+        _status_field(b"Name:\tUid:\t0\n", b"\nUid:")  # only at a line start
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        _status_text(uid="0\t0\t0\t0\t0", gid="0\t0\t0\t0"),  # a 5th uid: unknown format
+        _status_text(uid="0\t0\t0\t0", gid="0\t0\t0\t0\t0"),  # a 5th gid
+        _status_text(uid="0\t0\t0", gid="0\t0\t0\t0"),
+        _status_text(uid="0\t0\t0\t0", gid="0\t0\t0"),
+        _status_text(uid="0\t0\t0\t0", gid="0\t0\t0\t0", state=""),  # empty State
+        _status_text(uid="0\t0\t0\t0", gid="0\t0\t0\t0", state=None),  # no State
+        _status_text(uid="0\tx\t0\t0", gid="0\t0\t0\t0"),
+        b"Name:\tfake\n",
+    ],
+    ids=["uid5", "gid5", "uid3", "gid3", "state-empty", "state-missing", "uid-nan", "bare"],
+)
+def test_a_malformed_status_is_refused_not_parsed(tmp_path: Path, status: bytes) -> None:
+    """A status text not in the kernel's known layout (four uids, four gids, a state)
+    is an error, never partly used; recheck then answers peer_gone."""
+    dir_fd = _crafted_proc_dir(tmp_path / "pid", {"status": status})
+    try:
+        with pytest.raises(ValueError):
+            _proc_facts(dir_fd, with_start_time=False)
+    finally:
+        os.close(dir_fd)
+    me = _own_identity(uid=0, gid=0, supplementary_gids=(), exe=None, exe_id=None)
+    with PeerHandle(me, pidfd=os.pidfd_open(os.getpid()),
+                    dir_fd=_crafted_proc_dir(tmp_path / "pid", {"status": status})) as h:
+        with pytest.raises(Denied) as exc_info:
+            h.recheck()
+        assert _code(exc_info) == "peer_gone"
+
+
+def test_a_well_formed_crafted_status_parses(tmp_path: Path) -> None:
+    status = _status_text(uid="1\t2\t3\t4", gid="5\t6\t7\t8", groups="9 3 7")
+    dir_fd = _crafted_proc_dir(tmp_path / "pid", {"status": status})
+    try:
+        facts = _proc_facts(dir_fd, with_start_time=False)
+    finally:
+        os.close(dir_fd)
+    assert (facts.uids, facts.gids, facts.groups, facts.state, facts.start_time) == (
+        (1, 2, 3, 4), (5, 6, 7, 8), (3, 7, 9), "S", -1
+    )
+
+
+@pytest.mark.parametrize(
+    ("exe", "exe_id", "code"),
+    [
+        (None, None, None),  # attest could not read exe (daemon not root): nothing to compare
+        ("/usr/bin/x", (1, 2), "peer_changed"),  # the file was known, now it cannot be read
+        ("/usr/bin/x", None, "peer_changed"),  # the path was known, now it cannot be read
+    ],
+)
+def test_recheck_when_exe_is_unreadable(
+    tmp_path: Path, exe: str | None, exe_id: tuple[int, int] | None, code: str | None
+) -> None:
+    """recheck of a process whose ``exe`` can no longer be read: refused when attest had
+    read it (the file or path cannot be shown to be the same), accepted when attest had
+    nothing to compare either. The crafted dir has this process's status and stat, no exe."""
+    me = _own_identity(exe=exe, exe_id=exe_id)
+    with PeerHandle(me, pidfd=None, dir_fd=_crafted_proc_dir(tmp_path / "pid", _own_proc_files())) as h:
+        if code is None:
+            h.recheck()
+            h.recheck()
+        else:
+            with pytest.raises(Denied) as exc_info:
+                h.recheck()
+            assert _code(exc_info) == code
+
+
+@needs_root
+def test_attest_after_peer_setgid_only_is_peer_changed(peer: ForkedPeer, use_pidfd: bool) -> None:
+    """SO_PEERCRED keeps the gid of connect(); the process then changed only its gid
+    (uid unchanged): refused at attest, not only at the first recheck."""
+    peer.command(b"g")
+    before = _open_fds()
+    with pytest.raises(Denied) as exc_info:
+        attest(peer.sock, use_pidfd=use_pidfd)
+    assert _code(exc_info) == "peer_changed"
+    assert _open_fds() == before
+    peer.exit_and_reap()
+
+
+@needs_root
+def test_attest_names_exactly_the_known_supplementary_groups() -> None:
+    """supplementary_groups (what ``supplementary_group`` selectors and RBAC ``groups``
+    compare) holds the names of the groups that have one, and nothing for a gid no group
+    database names; supplementary_gids keeps every gid."""
+    with pytest.raises(KeyError):
+        grp.getgrgid(UNKNOWN_GID)
+    with ForkedPeer(lambda: os.setgroups([0, UNKNOWN_GID])) as peer, attest(peer.sock) as handle:
+        assert handle.identity.supplementary_gids == (0, UNKNOWN_GID)
+        assert handle.identity.supplementary_groups == (grp.getgrgid(0).gr_name,)
+
+
+def test_a_handle_whose_fd_is_number_zero_works_and_is_released(use_pidfd: bool) -> None:
+    """In a daemon started with stdin closed the pidfd or /proc dirfd can be fd 0: a
+    valid fd that recheck must use and close() must release."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b, _fd_zero_free():
+        before = _open_fds()
+        handle = attest(a, use_pidfd=use_pidfd)
+        try:
+            assert os.fstat(0)  # the handle holds fd 0
+            handle.recheck()
+        finally:
+            handle.close()
+        assert _open_fds() == before
+        with pytest.raises(OSError):
+            os.fstat(0)
+
+
+def test_a_refused_attest_releases_fd_zero(peer: ForkedPeer, use_pidfd: bool) -> None:
+    peer.exit()
+    peer.wait_exited()  # a zombie: the fds open, then attest refuses
+    with _fd_zero_free():
+        before = _open_fds()
+        with pytest.raises(Denied) as exc_info:
+            attest(peer.sock, use_pidfd=use_pidfd)
+        assert _code(exc_info) == "peer_gone"
+        assert _open_fds() == before
+    assert peer.reap() == 0
+
+
+@needs_root
+def test_pidfd_alive_for_a_process_the_daemon_may_not_signal() -> None:
+    """A daemon that is not root may not signal a peer of another uid (EPERM): that
+    peer is alive, not gone. Here a child running as nobody asks about a root process."""
+    parent = os.getpid()
+    assert _as_nobody_in_a_child(lambda: _pidfd_alive(os.pidfd_open(parent))) == 0
+
+
+def test_pidfd_alive_is_false_once_reaped(peer: ForkedPeer) -> None:
+    pidfd = os.pidfd_open(peer.pid)
+    try:
+        assert _pidfd_alive(pidfd)
+        peer.exit_and_reap()
+        assert not _pidfd_alive(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def test_same_mnt_ns_is_false_when_unknown(tmp_path: Path, peer: ForkedPeer) -> None:
+    """No readable ``ns/mnt`` (not a /proc dir, a reaped process, no ptrace access)
+    counts as another mount namespace: exe selectors then need the very file."""
+    with contextlib.ExitStack() as stack:
+        own = _proc_self_dir_fd()
+        stack.callback(os.close, own)
+        assert _same_mnt_ns(own) is True
+        crafted = _crafted_proc_dir(tmp_path / "pid", _own_proc_files())
+        stack.callback(os.close, crafted)
+        assert _same_mnt_ns(crafted) is False
+        child = os.open(f"/proc/{peer.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack.callback(os.close, child)
+        assert _same_mnt_ns(child) is True
+        peer.exit_and_reap()
+        assert _same_mnt_ns(child) is False
+
+
+@needs_root
+def test_same_mnt_ns_is_false_without_ptrace_access() -> None:
+    """A daemon that is not root cannot read a root peer's ns/mnt: another namespace."""
+    parent = os.getpid()
+
+    def check() -> bool:
+        fd = os.open(f"/proc/{parent}", os.O_RDONLY | os.O_DIRECTORY)
+        return _same_mnt_ns(fd) is False
+
+    assert _as_nobody_in_a_child(check) == 0
+
+
+def test_pidfd_pid_is_none_when_fdinfo_cannot_be_read_or_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_pidfd_pid answers None (attest then refuses: None is no pid) for an fd that is
+    not open or an fdinfo it cannot parse, instead of raising."""
+    pidfd = os.pidfd_open(os.getpid())
+    assert _pidfd_pid(pidfd) == os.getpid()
+    os.close(pidfd)
+    assert _pidfd_pid(pidfd) is None  # no such fd any more
+    fdinfo = tmp_path / "self" / "fdinfo"
+    fdinfo.mkdir(parents=True)
+    (fdinfo / "7").write_bytes(b"pos:\t0\nPid:\tforty-two\n")
+    (fdinfo / "8").write_bytes(b"pos:\t0\nflags:\t02000002\n")
+    monkeypatch.setattr(peer_module, "PROC", str(tmp_path))
+    assert _pidfd_pid(7) is None
+    assert _pidfd_pid(8) is None
+
+
+def test_attest_without_a_cgroup_file_has_no_unit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel without cgroups (no /proc/<pid>/cgroup) still attests peers, with no
+    unit (unit selectors then fail to match); exe and the namespace are unknown here
+    too (the crafted dir has neither), which also fails closed."""
+    _crafted_proc_dir(tmp_path / str(os.getpid()), _own_proc_files())
+    monkeypatch.setattr(peer_module, "PROC", str(tmp_path))
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b, attest(a, use_pidfd=False) as handle:
+        ident = handle.identity
+        assert (ident.pid, ident.uid, ident.gid) == (os.getpid(), os.geteuid(), os.getegid())
+        assert (ident.unit, ident.exe, ident.exe_id, ident.same_mnt_ns) == (None, None, None, False)
+        handle.recheck()
+
+
+def test_exe_hash_read_error_is_no_match(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An executable that opens but fails to read (EIO) yields no hash, so an
+    exe_sha256 selector does not match; it does not raise into the connection."""
+    (tmp_path / "4242").mkdir()
+    (tmp_path / "4242" / "exe").symlink_to("/proc/self/mem")  # regular file; read at 0: EIO
+    monkeypatch.setattr(peer_module, "PROC", str(tmp_path))
+    cache = ExeHashCache()
+    assert cache.sha256(4242) is None
+    assert len(cache._cache) == 0
