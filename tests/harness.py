@@ -241,9 +241,11 @@ class Daemon:
     def events_of(self, event_type: str) -> list[dict[str, Any]]:
         return [e for e in self.audit_events() if e["event_type"] == event_type]
 
-    def wait_events(self, event_type: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+    def wait_events(self, event_type: str, count: int = 1, timeout: float = 20.0) -> list[dict[str, Any]]:
         """Events of a type once at least ``count`` are on disk (an allowed authorize is
-        committed with the next durable event or within 50 ms, not before its response)."""
+        committed with the next durable event or within 50 ms, not before its response).
+        ``timeout`` only guards a hang: callers wait for events that must come, so a loaded
+        machine costs time here, never a false failure."""
         deadline = time.monotonic() + timeout
         while True:
             events = self.events_of(event_type)
