@@ -227,6 +227,7 @@ def run_target(
         "-o", "addopts=", "--timeout", str(int(target.timeout)), *target.tests,
     ]  # fmt: skip
 
+    baseline_started = time.monotonic()
     baseline = subprocess.run(
         pytest_cmd, cwd=tree_dir, env=env, capture_output=True, text=True, timeout=target.timeout * 4
     )
@@ -236,7 +237,10 @@ def run_target(
 
     config = ConfigDict()
     config["module-path"] = target.module
-    config["timeout"] = target.timeout
+    # A mutant whose tests run three times as long as the unmutated copy's (plus slack for a
+    # noisy machine) hangs: cosmic-ray kills it and it counts as killed. target.timeout is
+    # pytest-timeout's bound on any single test.
+    config["timeout"] = 3 * (time.monotonic() - baseline_started) + 60
     config["excluded-modules"] = []
     config["test-command"] = shlex.join(pytest_cmd)
     distributor = ConfigDict()
