@@ -32,6 +32,7 @@ import dataclasses
 import os
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -247,6 +248,11 @@ def run_target(
     distributor["name"] = "local"
     config["distributor"] = distributor
 
+    if resuming:
+        # Mutants killed by a timeout are run again: the bound is set by this run's baseline,
+        # and a killed run may have timed out on a machine busier than now.
+        with sqlite3.connect(session) as conn:
+            conn.execute("DELETE FROM work_results WHERE output = 'timeout'")
     old_cwd = Path.cwd()
     old_env = dict(os.environ)
     os.chdir(tree_dir)  # cosmic-ray mutates module-path relative to the working directory
