@@ -293,3 +293,204 @@ async def test_tool_call_event_after_a_restart_refers_to_the_authorize(d: Daemon
     event = events(d, "mcp.tool_call")[-1]
     assert event["call_record"] == "dropped" and event["jti"] == jti
     assert event["arguments"] is None
+
+
+# ---------------------------------------------------------------------------- authorize
+
+
+def set_limits(d: Daemon, **per: Any) -> None:
+    limits = yaml.safe_load((d.root / "rate-limits.yaml").read_text())
+    for section, values in per.items():
+        target = limits["limits"]
+        for part in section.split("."):
+            target = target[part]
+        target.update(values)
+    (d.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
+
+
+async def test_allowed_authorize_event_records_the_verified_user_token(d: Daemon) -> None:
+    """mcp.authorize of an allowed call names the token it was decided on: issuer, the
+    token's scopes (sorted), its expiry, verified; and the resolution token's jti/exp."""
+    token = d.user_token("content-api", scopes=["content:write", "content:read"], ttl_s=600, now=NOW - 60)
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d, clock=lambda: NOW) as app:
+            status, auth = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 200, auth
+            # the allowed authorize's event is queued; the redeem's is durable after it
+            status, lease = await call(app, conn, "/v1/redeem",
+                                       {"resolution_token": auth["resolution_token"]})
+            assert status == 200, lease
+    event = events(d, "mcp.authorize")[-1]
+    assert event["auth"] == {"token_issuer": "https://auth.example.com",
+                             "scopes": ["content:read", "content:write"],
+                             "token_exp": iso(NOW + 540), "verified": True}
+    assert event["token_exp"] == auth["expires_at"] == iso(NOW + 300)
+    assert event["jti"] and "approval_id" not in event and event.get("error") is None
+
+
+async def test_a_bad_user_token_is_a_policy_denial_audited_as_mcp_authorize(d: Daemon) -> None:
+    """A user token that fails verification (wrong audience) is an input to the policy
+    decision, not an error that escapes it: refused with the policy's code, audited as
+    mcp.authorize with the rules that matched (auth says: not verified)."""
+    bad = d.user_token("content-api", audience="mcp:analytics-db")
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            status, body = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=bad))
+    assert status in (401, 403), body
+    assert "rules_matched" in body["error"]["details"], body
+    denied = [e for e in events(d, "mcp.authorize") if e.get("error")]
+    assert len(denied) == 1 and denied[0]["error"]["code"] == body["error"]["code"], denied
+    assert denied[0]["auth"]["verified"] is False and denied[0]["auth"]["scopes"] == []
+    assert events(d, "token.rejected") == []
+
+
+async def test_a_process_not_attested_as_the_server_gets_no_token_verification(d: Daemon) -> None:
+    """Only a process attested as the server makes the daemon verify a user token for it
+    (others must not make it fetch an issuer's keys): refused peer_mismatch, audited as
+    peer.rejected, with the token not verified."""
+    edit_config(d, peers={"analytics-db": [{"uid": 4242}]})
+    body = {**AUTHORIZE, "server": "analytics-db", "tool": "query_metrics", "agent_id": "content-writer",
+            "user_token": d.user_token("analytics-db")}
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            status, out = await call(app, conn, "/v1/authorize", body)
+    assert status == 403 and out["error"]["code"] == "peer_mismatch", out
+    rejected = events(d, "peer.rejected")
+    assert len(rejected) == 1 and rejected[0]["auth"]["verified"] is False, rejected
+    assert [e for e in events(d, "mcp.authorize")] == []
+
+
+async def test_quota_denial_carries_limit_and_retry_after_and_allowed_calls_name_their_rules(
+    d: Daemon
+) -> None:
+    """A call over a rate limit: 429 rate_limited whose details say the limit and when to
+    retry; an allowed call's rules_matched lists the quota rules it passed."""
+    set_limits(d, **{"per_tool.create_article": {"requests_per_minute": 1}})
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            status, ok = await call(app, conn, "/v1/authorize", authorize_body(d))
+            assert status == 200, ok
+            assert "per_tool.create_article.requests_per_minute" in " ".join(ok["policy"]["rules_matched"])
+            status, body = await call(app, conn, "/v1/authorize", authorize_body(d))
+    assert status == 429 and body["error"]["code"] == "rate_limited", body
+    details = body["error"]["details"]
+    assert details["limit"] and details["retry_after_s"] > 0, details
+    denied = [e for e in events(d, "mcp.authorize") if e.get("error")]
+    assert len(denied) == 1 and denied[0]["error"]["code"] == "rate_limited"
+
+
+async def test_session_limit_denial_says_when_to_retry(d: Daemon) -> None:
+    """Over concurrent_sessions: 429 rate_limited whose details carry retry_after_s (the
+    idle time after which the least recent session no longer counts)."""
+    set_limits(d, per_user={"concurrent_sessions": 1})
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            status, ok = await call(app, conn, "/v1/authorize", authorize_body(d, session_id="s1"))
+            assert status == 200, ok
+            status, body = await call(app, conn, "/v1/authorize", authorize_body(d, session_id="s2"))
+    assert status == 429 and body["error"]["details"]["reason"] == "too_many_sessions", body
+    assert body["error"]["details"]["retry_after_s"] == body["error"]["details"]["idle_s"] > 0
+
+
+async def test_local_rate_counting_stops_at_the_first_refusal(
+    d: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the store down and state.on_store_failure: local, a call refused by one rate
+    limit is not counted against the later ones (a refused call spends no quota)."""
+    from sidekey.store import StateUnavailable
+
+    set_limits(d, per_user={"requests_per_minute": 2},
+               **{"per_tool.create_article": {"requests_per_minute": 1}})
+    edit_config(d, state={"on_store_failure": "local"})
+
+    async def broken(*args: object, **kw: object) -> Any:
+        raise StateUnavailable("state store unavailable")
+
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            monkeypatch.setattr(app.store, "rate_check", broken)
+            monkeypatch.setattr(app.store, "quota_apply", broken)
+            codes = [(await call(app, conn, "/v1/authorize", authorize_body(d, tool=tool)))[0]
+                     for tool in ("create_article", "create_article", "list_articles", "list_articles")]
+    assert codes == [200, 429, 200, 429], codes
+
+
+async def test_approval_long_polls_are_not_load(d: Daemon) -> None:
+    """Load shedding counts calls in flight minus long-polls waiting for a human: with
+    95 of 100 requests in flight, 10 of them waiting for approvals, a standard caller
+    is still served; with none waiting it is shed (503 overloaded)."""
+    import types
+
+    edit_config(d, policy={"max_in_flight": 100})
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            app.server = types.SimpleNamespace(in_flight=95)  # type: ignore[assignment]
+            app.approvals.waiting = 10
+            status, body = await call(app, conn, "/v1/authorize", authorize_body(d))
+            assert status == 200, body
+            app.approvals.waiting = 0
+            status, body = await call(app, conn, "/v1/authorize", authorize_body(d))
+            assert status == 503 and body["error"]["code"] == "overloaded", body
+            assert body["error"]["details"]["retry_after_s"] > 0
+
+
+async def test_approval_step_refusals_are_audited_and_store_failures_are_not_verdicts(
+    d: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An approval id that does not exist is a denial of the call (404
+    approval_not_found, audited as mcp.authorize with the rules matched); the store or
+    audit failing inside the approval step is 503, not a verdict: no denial recorded."""
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            status, body = await call(app, conn, "/v1/authorize",
+                                      authorize_body(d, approval_id="apr_nope"))
+            assert status == 404 and body["error"]["code"] == "approval_not_found", body
+            assert "rules_matched" in body["error"]["details"], body
+
+            async def down(*args: object, **kw: object) -> Any:
+                raise protocol.Unavailable("state store unavailable", code="state_unavailable")
+
+            monkeypatch.setattr(app.approvals, "check", down)
+            status, body = await call(app, conn, "/v1/authorize",
+                                      authorize_body(d, approval_id="apr_nope2"))
+            assert status == 503 and body["error"]["code"] == "state_unavailable", body
+            assert "rules_matched" not in (body["error"].get("details") or {}), body
+    denied = [e for e in events(d, "mcp.authorize") if e.get("error")]
+    assert [e["error"]["code"] for e in denied] == ["approval_not_found"], denied
+
+
+async def test_a_held_call_approved_then_presented_is_allowed_and_the_record_names_the_approval(
+    d: Daemon
+) -> None:
+    """A call under requires_human_approval is held (202 pending_approval with the
+    approval id and its expiry); once approved, the call presenting the id is allowed,
+    its rules_matched include the approval rule and its mcp.authorize names the approval."""
+    set_limits(d, **{"per_tool.create_article": {"requires_human_approval": True}})
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d, clock=lambda: NOW) as app:
+            token = d.user_token("content-api", ttl_s=3600, now=NOW - 60)
+            status, held = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 202 and held["decision"] == "pending_approval", held
+            approval_id = held["approval_id"]
+            assert approval_id.startswith("apr_") and held["expires_at"] > iso(NOW)
+            assert held["user_id"] == "alice" and held.get("resolution_token") is None
+            status, out = await call(app, conn, f"/v1/approvals/{approval_id}/approve", {"reason": "ok"})
+            assert status == 200, out
+            status, auth = await call(app, conn, "/v1/authorize",
+                                      authorize_body(d, user_token=token, approval_id=approval_id))
+            assert status == 200 and auth["decision"] == "allow", auth
+            assert any("approval" in r for r in auth["policy"]["rules_matched"]), auth
+            status, lease = await call(app, conn, "/v1/redeem",
+                                       {"resolution_token": auth["resolution_token"]})
+            assert status == 200, lease
+    allowed = [e for e in events(d, "mcp.authorize") if not e.get("error")]
+    assert [e.get("approval_id") for e in allowed] == [approval_id], allowed
