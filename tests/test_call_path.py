@@ -8,6 +8,7 @@ refusal leaves there (its type, its ``jti``, its code) is part of the contract.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from collections.abc import Iterator
@@ -25,6 +26,35 @@ from sidekey.server import ConnectionState
 from test_daemon_app import AUTHORIZE, app_on, call, self_peer
 
 NOW = datetime.datetime(2026, 11, 30, 12, 0, 0, tzinfo=datetime.UTC).timestamp()
+NOBODY = 65534
+
+
+class Posing:
+    """A connection peer with a chosen identity (pid, uid, start time), for decisions
+    about WHICH process asks: in-process every real peer is this test process (root,
+    owner tier). Its recheck passes; the identity is what the daemon sees."""
+
+    def __init__(self, real: Any, **changes: Any) -> None:
+        self.identity = dataclasses.replace(real.identity, **changes)
+
+    def recheck(self) -> None:
+        pass
+
+
+def posing(peer: Any, **changes: Any) -> ConnectionState:
+    return ConnectionState(peer=Posing(peer, **changes))  # type: ignore[arg-type]
+
+
+def nobody(peer: Any, pid: int, **changes: Any) -> ConnectionState:
+    """Another MCP server process: uid nobody (attested as content-api, service tier)."""
+    return posing(peer, uid=NOBODY, gid=NOBODY, user="nobody", group=None, supplementary_gids=(),
+                  supplementary_groups=(), pid=pid, **changes)
+
+
+def nobody_serves_content_api(d: Daemon) -> None:
+    cfg = yaml.safe_load(d.config_path.read_text())
+    cfg["peers"]["content-api"] = [{"uid": "self"}, {"uid": NOBODY}]
+    d.config_path.write_text(yaml.safe_dump(cfg))
 
 
 @pytest.fixture
@@ -494,3 +524,134 @@ async def test_a_held_call_approved_then_presented_is_allowed_and_the_record_nam
             assert status == 200, lease
     allowed = [e for e in events(d, "mcp.authorize") if not e.get("error")]
     assert [e.get("approval_id") for e in allowed] == [approval_id], allowed
+
+
+
+# ---------------------------------------------------------------------------- who may
+
+
+async def test_token_is_redeemable_only_by_the_process_it_was_issued_to(d: Daemon) -> None:
+    """The resolution token is bound to uid, pid and process start time: a process of
+    the same server differing in ANY one of them is refused (403 peer_mismatch, audited
+    peer.rejected with the jti) and burns nothing; the holder then redeems it."""
+    nobody_serves_content_api(d)
+    with self_peer() as peer:
+        holder = nobody(peer, pid=40001)
+        start = holder.peer.identity.start_time
+        others = {
+            "uid": posing(peer, pid=40001),  # root, same pid and start
+            "pid": nobody(peer, pid=40002),
+            "start": nobody(peer, pid=40001, start_time=start + 1),
+        }
+        async with app_on(d) as app:
+            status, auth = await call(app, holder, "/v1/authorize", authorize_body(d))
+            assert status == 200, auth
+            redeem = {"resolution_token": auth["resolution_token"]}
+            for what, conn in others.items():
+                status, body = await call(app, conn, "/v1/redeem", redeem)
+                assert status == 403 and body["error"]["code"] == "peer_mismatch", (what, body)
+            status, lease = await call(app, holder, "/v1/redeem", redeem)
+            assert status == 200, lease
+    jti = events(d, "mcp.authorize")[-1]["jti"]
+    rejected = events(d, "peer.rejected")
+    assert [e["jti"] for e in rejected] == [jti] * 3, rejected
+
+
+async def test_only_the_lease_holder_or_an_admin_may_release_it(d: Daemon) -> None:
+    """/v1/release: another process of the same uid and server is refused (403
+    peer_mismatch, the lease stays active); the holder may release; an admin-tier
+    process (the daemon's uid) may release anyone's lease."""
+    nobody_serves_content_api(d)
+    with self_peer() as peer:
+        holder = nobody(peer, pid=40001)
+        sibling = nobody(peer, pid=40002)
+        admin = posing(peer, pid=40003)
+        async with app_on(d) as app:
+            leases = []
+            for _ in range(2):
+                status, auth = await call(app, holder, "/v1/authorize", authorize_body(d))
+                assert status == 200, auth
+                status, lease = await call(app, holder, "/v1/redeem",
+                                           {"resolution_token": auth["resolution_token"]})
+                assert status == 200, lease
+                leases.append(lease["lease_id"])
+            status, body = await call(app, sibling, "/v1/release",
+                                      {"lease_id": leases[0], "status": "success"})
+            assert status == 403 and body["error"]["code"] == "peer_mismatch", body
+            assert len(await app.store.leases_in_state("active")) == 2
+            status, body = await call(app, holder, "/v1/release",
+                                      {"lease_id": leases[0], "status": "success"})
+            assert status == 200 and body["state"] == "released", body
+            status, body = await call(app, admin, "/v1/release",
+                                      {"lease_id": leases[1], "status": "success"})
+            assert status == 200 and body["state"] == "released", body
+
+
+async def test_redeem_checks_the_arguments_when_presented_and_says_so(d: Daemon) -> None:
+    """Arguments presented at redeem must be the ones authorized (403
+    arguments_mismatch, audited token.rejected with the jti); mcp.redeem's
+    arguments_checked says whether they were presented (and so checked)."""
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            tokens = []
+            for _ in range(2):
+                status, auth = await call(app, conn, "/v1/authorize", authorize_body(d))
+                assert status == 200, auth
+                tokens.append(auth["resolution_token"])
+            status, body = await call(app, conn, "/v1/redeem",
+                                      {"resolution_token": tokens[0], "arguments": {"title": "other"}})
+            assert status == 403 and body["error"]["code"] == "arguments_mismatch", body
+            status, lease = await call(app, conn, "/v1/redeem",
+                                       {"resolution_token": tokens[0], "arguments": AUTHORIZE["arguments"]})
+            assert status == 200, lease
+            status, lease = await call(app, conn, "/v1/redeem", {"resolution_token": tokens[1]})
+            assert status == 200, lease
+    assert [e["arguments_checked"] for e in events(d, "mcp.redeem")] == [True, False]
+    assert [e["error"]["code"] for e in events(d, "token.rejected")] == ["arguments_mismatch"]
+
+
+async def test_a_burned_token_stays_burned_while_it_is_still_accepted(d: Daemon) -> None:
+    """The record of a redeemed jti outlives the token's acceptance (exp + clock leeway):
+    a purge of expired records run at the token's exp does not make it redeemable twice."""
+    now = [NOW]
+    token = d.user_token("content-api", ttl_s=3600, now=NOW - 60)
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d, clock=lambda: now[0]) as app:
+            status, auth = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 200, auth
+            redeem = {"resolution_token": auth["resolution_token"]}
+            status, lease = await call(app, conn, "/v1/redeem", redeem)
+            assert status == 200, lease
+            now[0] = NOW + 300  # the token's exp: still accepted (leeway)
+            await app.store.purge(now[0])
+            status, body = await call(app, conn, "/v1/redeem", redeem)
+            assert status == 409 and body["error"]["code"] == "token_replayed", body
+
+
+async def test_a_redeem_that_cannot_be_audited_ends_its_lease_even_when_cancelled(
+    d: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mcp.redeem cannot be written: no secret leaves and the lease just created is
+    revoked, also when the request is being cancelled at that moment (the clean-up is
+    shielded: a client hanging up must not leave an active lease behind)."""
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            status, auth = await call(app, conn, "/v1/authorize", authorize_body(d))
+            assert status == 200, auth
+            real_emit = app.audit.emit
+            with trio.CancelScope() as scope:
+
+                async def emit(event: dict[str, Any], *args: Any, **kw: Any) -> None:
+                    if event["event_type"] == "mcp.redeem":
+                        scope.cancel()  # the client went away meanwhile
+                        raise protocol.Unavailable("audit down", code="audit_unavailable")
+                    await real_emit(event, *args, **kw)
+
+                monkeypatch.setattr(app.audit, "emit", emit)
+                await call(app, conn, "/v1/redeem", {"resolution_token": auth["resolution_token"]})
+            assert scope.cancelled_caught
+            assert await app.store.leases_in_state("active") == []
+            assert [r.state for r in await app.store.leases_in_state("revoked")] == ["revoked"]
