@@ -655,3 +655,65 @@ async def test_a_redeem_that_cannot_be_audited_ends_its_lease_even_when_cancelle
             assert scope.cancelled_caught
             assert await app.store.leases_in_state("active") == []
             assert [r.state for r in await app.store.leases_in_state("revoked")] == ["revoked"]
+
+
+async def test_a_peer_that_changed_before_the_secrets_leave_gets_none_and_its_lease_ends(
+    d: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last gate of redeem: the process re-verified after the lease exists and
+    before any secret leaves. One that changed meanwhile (setuid, exec, exit) gets its
+    refusal (403 peer_changed), no secret, the lease is revoked at once and the
+    peer.rejected event names it."""
+    with self_peer() as peer:
+        conn = posing(peer)
+        fake = conn.peer
+        assert isinstance(fake, Posing)
+        changed = [False]
+
+        def recheck() -> None:
+            if changed[0]:
+                raise protocol.Denied("the peer changed", code="peer_changed")
+
+        monkeypatch.setattr(fake, "recheck", recheck, raising=False)
+        async with app_on(d) as app:
+            status, auth = await call(app, conn, "/v1/authorize", authorize_body(d))
+            assert status == 200, auth
+            create = app.leases.create
+
+            async def create_then_change(rec: Any) -> None:
+                await create(rec)
+                changed[0] = True  # e.g. the process exec'd something else meanwhile
+
+            monkeypatch.setattr(app.leases, "create", create_then_change)
+            status, body = await call(app, conn, "/v1/redeem",
+                                      {"resolution_token": auth["resolution_token"]})
+            assert status == 403 and body["error"]["code"] == "peer_changed", body
+            assert d.secrets["content-api/write-key"] not in json.dumps(body)
+            assert await app.store.leases_in_state("active") == []
+            [revoked] = await app.store.leases_in_state("revoked")
+    rejected = [e for e in events(d, "peer.rejected") if e.get("lease_id")]
+    assert [e["lease_id"] for e in rejected] == [revoked.lease_id], rejected
+
+
+async def test_the_call_record_lasts_as_long_as_its_lease(d: Daemon) -> None:
+    """A lease released just before it expires still has its call record: mcp.tool_call
+    carries the arguments (the record is kept until the lease's expiry plus leeway,
+    whatever other calls sweep the records meanwhile)."""
+    now = [NOW]
+    token = d.user_token("content-api", ttl_s=3600, now=NOW - 60)
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d, clock=lambda: now[0]) as app:
+            status, auth = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 200, auth
+            status, lease = await call(app, conn, "/v1/redeem",
+                                       {"resolution_token": auth["resolution_token"]})
+            assert status == 200 and lease["expires_at"] == iso(NOW + 120), lease
+            now[0] = NOW + 118  # 2 s before the lease expires: another call sweeps the records
+            status, other = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 200, other
+            status, body = await call(app, conn, "/v1/release",
+                                      {"lease_id": lease["lease_id"], "status": "success"})
+            assert status == 200, body
+    event = events(d, "mcp.tool_call")[-1]
+    assert event["arguments"] == AUTHORIZE["arguments"] and "call_record" not in event, event
