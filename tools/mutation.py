@@ -474,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         for fut in concurrent.futures.as_completed(futures):
             r = fut.result()
+            if r.baseline_failed is not None:
+                print(f"  {r.target}: tests fail on the UNMUTATED copy:\n{r.baseline_failed}", flush=True)
             survived = sum(1 for m in r.mutants if m.outcome == "survived" and m.accepted is None)
             print(f"  {r.target}: {len(r.mutants)} run, {survived} unaccepted survivors, {r.seconds:.0f}s", flush=True)
             results.append(r)
