@@ -159,8 +159,9 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
-def copy_checkout(dest: Path) -> None:
-    """Copy the checkout as it is now (edits included), without .git, venvs and caches."""
+def copy_checkout(dest: Path, only: str | None = None) -> None:
+    """Copy the checkout as it is now (edits included), without .git, venvs and caches;
+    with ``only``, just the files under that directory."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -171,6 +172,8 @@ def copy_checkout(dest: Path) -> None:
         if not raw:
             continue
         rel = Path(os.fsdecode(raw))
+        if only is not None and rel.parts[0] != only:
+            continue
         src = ROOT / rel
         if not src.is_file():
             continue  # deleted in the working tree
@@ -178,7 +181,7 @@ def copy_checkout(dest: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, out)
     shared = ROOT.parent / "shared"
-    if shared.is_dir():  # the tests read ../shared/seed-configs, as in CI
+    if only is None and shared.is_dir():  # the tests read ../shared/seed-configs, as in CI
         (dest.parent / "shared").symlink_to(shared)
 
 
@@ -202,6 +205,8 @@ def run_target(
             shutil.rmtree(home)
         tree_dir.mkdir(parents=True)
         copy_checkout(tree_dir)
+    else:
+        copy_checkout(tree_dir, only="tests")  # tests written since, e.g. to kill survivors
     module_path = tree_dir / target.module
     # A killed run leaves its last mutant applied: put the module back from the checkout's
     # copy before anything runs (cosmic-ray restores on a normal exit only).
