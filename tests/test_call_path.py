@@ -428,10 +428,11 @@ async def test_session_limit_denial_says_when_to_retry(d: Daemon) -> None:
 
 
 async def test_local_rate_counting_stops_at_the_first_refusal(
-    d: Daemon, monkeypatch: pytest.MonkeyPatch
+    d: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With the store down and state.on_store_failure: local, a call refused by one rate
-    limit is not counted against the later ones (a refused call spends no quota)."""
+    limit is not counted against the later ones (a refused call spends no quota); the
+    operator is warned once that rate limits are now counted on this host only."""
     from sidekey.store import StateUnavailable
 
     set_limits(d, per_user={"requests_per_minute": 2},
@@ -449,6 +450,8 @@ async def test_local_rate_counting_stops_at_the_first_refusal(
             codes = [(await call(app, conn, "/v1/authorize", authorize_body(d, tool=tool)))[0]
                      for tool in ("create_article", "create_article", "list_articles", "list_articles")]
     assert codes == [200, 429, 200, 429], codes
+    warned = [r for r in caplog.records if "counting rate limits on this host only" in r.getMessage()]
+    assert len(warned) == 1, warned
 
 
 async def test_approval_long_polls_are_not_load(d: Daemon) -> None:
@@ -712,6 +715,102 @@ async def test_the_call_record_lasts_as_long_as_its_lease(d: Daemon) -> None:
             now[0] = NOW + 118  # 2 s before the lease expires: another call sweeps the records
             status, other = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
             assert status == 200, other
+            status, body = await call(app, conn, "/v1/release",
+                                      {"lease_id": lease["lease_id"], "status": "success"})
+            assert status == 200, body
+    event = events(d, "mcp.tool_call")[-1]
+    assert event["arguments"] == AUTHORIZE["arguments"] and "call_record" not in event, event
+
+
+async def test_an_approval_id_is_checked_even_for_a_tool_without_approval_rules(d: Daemon) -> None:
+    """A call presenting an approval id always has it checked (one that does not exist:
+    404 approval_not_found), also for a tool that needs no approval."""
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            status, body = await call(app, conn, "/v1/authorize",
+                                      authorize_body(d, tool="list_articles", approval_id="apr_nope"))
+    assert status == 404 and body["error"]["code"] == "approval_not_found", body
+
+
+async def test_an_approved_call_does_not_spend_the_next_windows_allowance(d: Daemon) -> None:
+    """requires_approval_above counts the calls made WITHOUT an approval in each window:
+    an approved call presented in a new window does not count there, so the next
+    ordinary call is still within the allowance."""
+    set_limits(d, **{"per_tool.create_article": {"requires_approval_above": 1}})
+    edit_config(d, approvals={"window_seconds": 60, "ttl_seconds": 3600})
+    # The store expires its counters on the real clock: windows in the future.
+    start = datetime.datetime(2099, 1, 1, tzinfo=datetime.UTC).timestamp()
+    now = [start]
+    token = d.user_token("content-api", ttl_s=3600, now=start - 60)
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d, clock=lambda: now[0]) as app:
+            status, body = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 200, body
+            status, held = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 202, held
+            status, out = await call(app, conn, f"/v1/approvals/{held['approval_id']}/approve",
+                                     {"reason": "ok"})
+            assert status == 200, out
+            now[0] = start + 60  # the next window
+            status, body = await call(app, conn, "/v1/authorize",
+                                      authorize_body(d, user_token=token, approval_id=held["approval_id"]))
+            assert status == 200, body
+            status, body = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 200, body
+            assert "approval.within:1/1" in body["policy"]["rules_matched"], body
+
+
+async def test_local_rate_counters_are_capped_oldest_first(
+    d: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local fallback's rate counters are capped in memory (MAX_PENDING_CALLS keys):
+    at the cap the OLDEST key is dropped, never the one just counted, and the cap is
+    the number of keys kept."""
+    from sidekey.store import StateUnavailable
+
+    limits = yaml.safe_load((d.root / "rate-limits.yaml").read_text())
+    for key in ("requests_per_minute", "requests_per_hour"):
+        limits["limits"]["per_user"].pop(key, None)
+    for tool in ("create_article", "list_articles", "publish_article"):
+        limits["limits"]["per_tool"].setdefault(tool, {})["requests_per_minute"] = 1
+    (d.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
+    edit_config(d, state={"on_store_failure": "local"})
+    monkeypatch.setattr(calls_mod, "MAX_PENDING_CALLS", 2)
+
+    async def broken(*args: object, **kw: object) -> Any:
+        raise StateUnavailable("state store unavailable")
+
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            monkeypatch.setattr(app.store, "rate_check", broken)
+            monkeypatch.setattr(app.store, "quota_apply", broken)
+            codes = [(await call(app, conn, "/v1/authorize", authorize_body(d, tool=tool)))[0]
+                     for tool in ("create_article", "list_articles", "publish_article",
+                                  "publish_article", "list_articles")]
+    # create_article's key was dropped for publish_article's; the other two still count
+    assert codes == [200, 200, 200, 429, 429], codes
+
+
+async def test_the_call_record_lasts_as_long_as_its_token(d: Daemon) -> None:
+    """A token redeemed just before it expires still finds its call record (kept until
+    the token's exp plus leeway, whatever other calls sweep the records meanwhile):
+    the call's mcp.tool_call carries its arguments."""
+    now = [NOW]
+    token = d.user_token("content-api", ttl_s=3600, now=NOW - 60)
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d, clock=lambda: now[0]) as app:
+            status, auth = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 200 and auth["expires_at"] == iso(NOW + 300), auth
+            now[0] = NOW + 297  # 3 s before the token expires: another call sweeps the records
+            status, other = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+            assert status == 200, other
+            status, lease = await call(app, conn, "/v1/redeem",
+                                       {"resolution_token": auth["resolution_token"]})
+            assert status == 200, lease
             status, body = await call(app, conn, "/v1/release",
                                       {"lease_id": lease["lease_id"], "status": "success"})
             assert status == 200, body
