@@ -516,6 +516,11 @@ async def test_a_held_call_approved_then_presented_is_allowed_and_the_record_nam
             approval_id = held["approval_id"]
             assert approval_id.startswith("apr_") and held["expires_at"] > iso(NOW)
             assert held["user_id"] == "alice" and held.get("resolution_token") is None
+            # presented before a verdict: refused, and the refusal says the approval's state
+            status, body = await call(app, conn, "/v1/authorize",
+                                      authorize_body(d, user_token=token, approval_id=approval_id))
+            assert status == 409 and body["error"]["code"] == "approval_pending", body
+            assert body["error"]["details"]["state"] == "pending", body
             status, out = await call(app, conn, f"/v1/approvals/{approval_id}/approve", {"reason": "ok"})
             assert status == 200, out
             status, auth = await call(app, conn, "/v1/authorize",
@@ -816,3 +821,24 @@ async def test_the_call_record_lasts_as_long_as_its_token(d: Daemon) -> None:
             assert status == 200, body
     event = events(d, "mcp.tool_call")[-1]
     assert event["arguments"] == AUTHORIZE["arguments"] and "call_record" not in event, event
+
+
+async def test_monthly_quota_of_the_department_named_by_the_token(d: Daemon) -> None:
+    """policy.department_claim: the user's department comes from the verified token;
+    its monthly_tool_calls are counted (quota.threshold events at 80/90/100 %) and
+    enforced (429 monthly_quota_exhausted)."""
+    set_limits(d, **{"per_department.marketing": {"monthly_tool_calls": 2}})
+    edit_config(d, policy={"department_claim": "department"})
+    token = d.user_token("content-api", extra={"department": "marketing"})
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            codes = []
+            for _ in range(3):
+                status, body = await call(app, conn, "/v1/authorize", authorize_body(d, user_token=token))
+                codes.append(status)
+    assert codes == [200, 200, 429], codes
+    assert body["error"]["details"]["reason"] == "monthly_quota_exhausted", body
+    alerts = events(d, "quota.threshold")
+    assert sorted(e["threshold_percent"] for e in alerts) == [80, 90, 100], alerts
+    assert {e["department"] for e in alerts} == {"marketing"}
