@@ -376,6 +376,18 @@ async def test_a_bad_user_token_is_a_policy_denial_audited_as_mcp_authorize(d: D
     assert events(d, "token.rejected") == []
 
 
+async def test_no_user_token_is_token_missing(d: Daemon) -> None:
+    """A call to a server with oauth2 that carries no user token at all: 401
+    token_missing (not token_invalid: nothing was presented to verify)."""
+    body = authorize_body(d)
+    del body["user_token"]
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d) as app:
+            status, out = await call(app, conn, "/v1/authorize", body)
+    assert status == 401 and out["error"]["code"] == "token_missing", out
+
+
 async def test_a_process_not_attested_as_the_server_gets_no_token_verification(d: Daemon) -> None:
     """Only a process attested as the server makes the daemon verify a user token for it
     (others must not make it fetch an issuer's keys): refused peer_mismatch, audited as
