@@ -271,7 +271,7 @@ async def test_tool_call_event_records_the_result_as_reported(d: Daemon) -> None
     limits = yaml.safe_load((d.root / "rate-limits.yaml").read_text())
     limits["limits"]["per_tool"]["create_article"]["max_result_size_kb"] = 1
     (d.root / "rate-limits.yaml").write_text(yaml.safe_dump(limits))
-    reports = [
+    reports: list[dict[str, Any]] = [
         {"status": "success", "duration_ms": 7, "result_size_bytes": 1024},
         {"status": "error", "error": "upstream 502", "result_size_bytes": 1025},
         {"status": "success"},
