@@ -114,6 +114,16 @@ async def test_burn_once(store: StateStore) -> None:
         assert await store.burn_jti("jti-b", far) is True
 
 
+async def test_a_jti_burned_after_its_expiry_still_refuses_a_replay(store: StateStore) -> None:
+    """A token that expired a moment ago on this host may still look valid on a host whose
+    clock is behind: its jti must stay burned for a while (Redis keeps it at least
+    JTI_MIN_KEEP_S, SQLite until a purge passes it), never vanish at once."""
+    with trio.fail_after(IO_LIMIT_S):
+        just_expired = time.time() - 10
+        assert await store.burn_jti("jti-late", just_expired) is True
+        assert await store.burn_jti("jti-late", just_expired) is False
+
+
 async def test_concurrent_burns_have_one_winner(store: StateStore) -> None:
     wins: list[bool] = []
 
@@ -164,6 +174,19 @@ async def test_transition_is_compare_and_set(store: StateStore) -> None:
         assert await store.transition_lease("nope", "active", "released", at=1.0) is False
         got = await store.get_lease("lse_1")
         assert got is not None and got.state == "released" and got.ended_at == 1100.0
+
+
+async def test_transition_to_or_from_an_unknown_state_is_refused(store: StateStore) -> None:
+    """Either end of a lease transition must be a known state: a typo never writes a state
+    that no sweep, status or recovery knows."""
+    with trio.fail_after(IO_LIMIT_S):
+        await store.put_lease(lease())
+        with pytest.raises(ValueError, match="unknown lease state"):
+            await store.transition_lease("lse_1", "active", "bogus", at=1100.0)
+        with pytest.raises(ValueError, match="unknown lease state"):
+            await store.transition_lease("lse_1", "bogus", "released", at=1100.0)
+        got = await store.get_lease("lse_1")
+        assert got is not None and got.state == "active"
 
 
 async def test_racing_transitions_have_one_winner(store: StateStore) -> None:

@@ -291,3 +291,17 @@ async def test_backend_lease_journal(tmp_path: Path) -> None:
         assert [r[1] for r in await store.open_backend_leases()] == ["database/creds/ro/def"]
     finally:
         await store.aclose()
+
+
+async def test_a_counter_ends_exactly_at_its_expiry(tmp_path: Path) -> None:
+    """A quota counter whose expires_at has come (store clock == expires_at) counts as
+    absent: the next window starts at the amount, never carries the old count over."""
+    now = [999.0]
+    store = SqliteStore.open(tmp_path / "state", clock=lambda: now[0])
+    try:
+        assert await store.counter_incr("k", expires_at=1000.0) == 1
+        assert await store.counter_incr("k", expires_at=1000.0) == 2
+        now[0] = 1000.0
+        assert await store.counter_incr("k", expires_at=2000.0) == 1
+    finally:
+        await store.aclose()
