@@ -8,6 +8,7 @@ failure case asserts that it came back within its bound.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -825,3 +826,229 @@ async def test_token_cache_expiry_index_is_bounded(
             await verifier.verify(issuer.mint(issuer.claims(sub=f"user{i}")), conf)
             assert len(verifier._expiry) <= 2 * verifier.cache_size
     assert len(verifier._cache) == 3
+
+
+# --------------------------------------------------------------------------- boundaries (mutation testing)
+# Each test below pins a limit or a branch that a surviving mutant of oauth.py showed
+# no other test held (issue 10 item 1).
+
+
+def test_constructor_limits() -> None:
+    """Zero is a legal leeway, cache size and refresh interval; a zero TTL or timeout and
+    a negative anything are configuration errors, not "refresh on every call"/"never"."""
+    base = Path("/nonexistent")
+    verifier = OAuthVerifier(base_dir=base, leeway_s=0, cache_size=0, refresh_min_interval_s=0)
+    assert verifier.cache_size == 0 and verifier.leeway_s == 0
+    for bad in (
+        {"jwks_ttl_s": 0}, {"jwks_ttl_s": -1}, {"fetch_timeout_s": 0},
+        {"refresh_min_interval_s": -1}, {"leeway_s": -1}, {"cache_size": -1},
+    ):
+        with pytest.raises(ValueError):
+            OAuthVerifier(base_dir=base, **bad)
+
+
+async def test_not_before_exactly_at_leeway_is_accepted(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    """nbf/iat may lie up to leeway_s in the future, inclusive; one second more is refused."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        edge = int(clock.now) + LEEWAY
+        for name in ("nbf", "iat"):
+            await verifier.verify(issuer.mint(issuer.claims(**{name: edge})), conf)
+            err = await refused(verifier, issuer.mint(issuer.claims(**{name: edge + 1})), conf)
+            assert err.code == "token_not_yet_valid" and f"({name};" in err.message
+
+
+async def test_exp_at_max_timestamp_is_a_time(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    """MAX_TIMESTAMP itself is a valid NumericDate; one more is token_claims_invalid."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        got = await verifier.verify(issuer.mint(issuer.claims(exp=oauth.MAX_TIMESTAMP)), conf)
+        assert got.expires_at == oauth.MAX_TIMESTAMP
+        err = await refused(verifier, issuer.mint(issuer.claims(exp=oauth.MAX_TIMESTAMP + 1)), conf)
+        assert err.code == "token_claims_invalid"
+
+
+async def test_string_claims_up_to_the_length_cap(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    """A string claim of exactly MAX_STRING_CLAIM characters reaches the policy; a longer
+    one is dropped (policies match on it, so the cap must be exact)."""
+    with trio.fail_after(LIMIT_S):
+        edge, over = "e" * oauth.MAX_STRING_CLAIM, "o" * (oauth.MAX_STRING_CLAIM + 1)
+        got = await verifier.verify(
+            issuer.mint(issuer.claims(tenant=edge, team=over)), cfg(**issuer.oauth2())
+        )
+    assert got.claim("tenant") == edge and got.claim("team") is None
+
+
+async def test_keys_not_refetched_between_refresh_interval_and_ttl(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    """Past refresh_min_interval_s but before jwks_ttl_s, known keys are not refetched
+    (staleness is measured from the last fetch)."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        clock.advance(verifier.refresh_min_interval_s + 1)
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        assert issuer.counts["jwks"] == 1
+        clock.advance(verifier.jwks_ttl_s)
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        assert issuer.counts["jwks"] == 2
+
+
+async def test_discovery_is_reread_after_its_ttl(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    """The discovered jwks_uri is trusted for less than DISCOVERY_TTL_S: at exactly that age
+    the next key load re-reads the issuer's metadata (it may have moved its JWKS)."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        clock.advance(oauth.DISCOVERY_TTL_S)  # keys stale, discovery exactly TTL old
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+    assert issuer.counts["discovery"] == 2 and issuer.counts["jwks"] == 2
+
+
+async def test_jwks_file_rechecked_exactly_at_the_interval(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], clock: FakeClock, tmp_path: Path
+) -> None:
+    """A rotated JWKS file is seen once FILE_CHECK_INTERVAL_S has passed, inclusive."""
+    with trio.fail_after(LIMIT_S):
+        path = issuer.write_jwks(tmp_path / "jwks.json")
+        verifier = make_verifier()
+        conf = cfg(issuer=issuer.issuer, audience=issuer.audience, jwks_file=str(path))
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        issuer.rotate()
+        issuer.write_jwks(path)
+        clock.advance(oauth.FILE_CHECK_INTERVAL_S)
+        assert (await verifier.verify(issuer.mint(issuer.claims()), conf)).subject == DEFAULT_SUBJECT
+
+
+async def test_typ_header_optional_but_must_be_a_string(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    """typ may be absent (RFC 7515); present, it must be a string."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(issuer.mint(issuer.claims(), headers={"typ": None}), conf)
+        err = await refused(verifier, issuer.mint(issuer.claims(), headers={"typ": 1}), conf)
+        assert err.code == "token_malformed"
+
+
+async def test_overlong_kid_in_header_is_refused_before_any_fetch(
+    issuer: OAuthIssuer, verifier: OAuthVerifier
+) -> None:
+    """A kid over 256 characters is "no kid": refused without a key lookup or JWKS fetch."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        err = await refused(verifier, issuer.mint(issuer.claims(), kid="k" * 257), conf)
+        assert err.code == "token_unknown_key" and "has no kid" in err.message
+    assert issuer.requests == []
+
+
+def test_unusable_jwk_kid_length_and_curve_pairs() -> None:
+    """A JWK kid over 256 characters is not usable; OKP and EC keys are usable only with
+    the curve of their algorithm (an X25519 key is not an Ed25519 key)."""
+    assert oauth._unusable({"kty": "RSA", "kid": "k" * 257}) == "has no kid"
+    assert oauth._unusable({"kty": "RSA", "kid": "k" * 256}) is None
+    for kty, crv in [("OKP", "X25519"), ("OKP", "Ed448"), ("EC", "Ed25519"), ("EC", "P-384")]:
+        assert oauth._alg_for_jwk({"kty": kty, "crv": crv}) is None, (kty, crv)
+        reason = oauth._unusable({"kty": kty, "crv": crv, "kid": "k"})
+        assert reason is not None and reason.startswith("has unsupported type"), (kty, crv)
+
+
+@pytest.mark.parametrize("scope", ["a\ud800b", "s " * 4097], ids=["lone-surrogate", "over-8192"])
+async def test_scope_string_must_be_text_within_cap(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, scope: str
+) -> None:
+    """A scope string that is not UTF-8 text or exceeds 8192 characters is refused, never
+    split into scopes."""
+    with trio.fail_after(LIMIT_S):
+        err = await refused(verifier, issuer.mint(issuer.claims(scope=scope)), cfg(**issuer.oauth2()))
+    assert err.code == "token_claims_invalid" and "scope" in err.message
+
+
+@pytest.mark.parametrize("token", [None, b"a.b.c", 7, ""], ids=["none", "bytes", "int", "empty"])
+async def test_non_string_token_is_malformed(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, token: Any
+) -> None:
+    """A token that is not a non-empty str is token_malformed (not a TypeError)."""
+    with trio.fail_after(LIMIT_S):
+        with pytest.raises(TokenError) as ei:
+            await verifier.verify(token, cfg(**issuer.oauth2()))
+    assert ei.value.code == "token_malformed" and "empty or longer" in ei.value.message
+
+
+@pytest.mark.parametrize("exc", [ValueError, TypeError, jwt.PyJWTError])
+async def test_signature_check_that_raises_is_a_bad_signature(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, monkeypatch: pytest.MonkeyPatch, exc: type[Exception]
+) -> None:
+    """Fail closed: a signature check that raises counts as a bad signature."""
+
+    class Raising:
+        def verify(self, *_: Any) -> bool:
+            raise exc("boom")
+
+    monkeypatch.setitem(oauth._ALGORITHMS, "RS256", Raising())
+    with trio.fail_after(LIMIT_S):
+        err = await refused(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
+    assert err.code == "token_bad_signature"
+
+
+async def test_proxy_environment_is_ignored(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issuer traffic never goes through a proxy named in the environment (it could see
+    and rewrite the keys sidekey trusts): with a dead proxy configured, fetches still work."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with trio.fail_after(LIMIT_S):
+        got = await verifier.verify(issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
+    assert got.subject == DEFAULT_SUBJECT
+
+
+async def test_fetch_error_names_the_cause(
+    issuer: OAuthIssuer, verifier: OAuthVerifier
+) -> None:
+    """An HTTP failure's message carries the exception's own text, not only its class."""
+    issuer.set_down(True, refuse=True)
+    with trio.fail_after(LIMIT_S):
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
+    assert "ConnectError: ConnectError" not in err.message
+    assert "ConnectError: " in err.message
+
+
+def test_check_url_unparseable_url() -> None:
+    """A URL urlsplit cannot parse is a refusal naming it, not a ValueError."""
+    with pytest.raises(oauth._FetchError, match="is not a valid URL"):
+        oauth.check_url("https://[::1", allow_http_hosts=frozenset(), what="jwks_uri")
+
+
+async def test_hung_jwks_file_read_is_abandoned_at_the_timeout(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A JWKS file read that hangs (a dead NFS mount) ends at fetch_timeout_s: the verifier
+    answers while the read is still blocked, instead of waiting for the thread."""
+    release = threading.Event()
+    outcome: list[bool] = []
+
+    def hung(path: Path, known: Any) -> Any:
+        outcome.append(release.wait(10))  # True: released by the test after verify answered
+        raise oauth._FetchError("hung read ended")
+
+    monkeypatch.setattr(oauth, "_read_file_if_changed", hung)
+    verifier = make_verifier(fetch_timeout_s=0.3)
+    conf = cfg(**issuer.oauth2(jwks_file=str(tmp_path / "jwks.json")))
+    try:
+        with trio.fail_after(LIMIT_S):
+            err = await unavailable(verifier, issuer.mint(issuer.claims()), conf)
+        assert "timed out" in err.message
+    finally:
+        release.set()
+    for _ in range(100):
+        if outcome:
+            break
+        time.sleep(0.05)
+    assert outcome == [True]
