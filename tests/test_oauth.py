@@ -1052,3 +1052,18 @@ async def test_hung_jwks_file_read_is_abandoned_at_the_timeout(
             break
         time.sleep(0.05)
     assert outcome == [True]
+
+
+async def test_unchanged_jwks_file_is_not_reread(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], clock: FakeClock, tmp_path: Path
+) -> None:
+    """The periodic check of a JWKS file is a stat: an unchanged file is not read and
+    parsed again (a large key file must not cost a parse every second)."""
+    with trio.fail_after(LIMIT_S):
+        path = issuer.write_jwks(tmp_path / "jwks.json")
+        verifier = make_verifier()
+        conf = cfg(issuer=issuer.issuer, audience=issuer.audience, jwks_file=str(path))
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        clock.advance(oauth.FILE_CHECK_INTERVAL_S * 2)
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        assert verifier.status()["issuers"][0]["fetches"] == 1
