@@ -1067,3 +1067,46 @@ async def test_unchanged_jwks_file_is_not_reread(
         clock.advance(oauth.FILE_CHECK_INTERVAL_S * 2)
         await verifier.verify(issuer.mint(issuer.claims()), conf)
         assert verifier.status()["issuers"][0]["fetches"] == 1
+
+
+def _token_of_length(iss: OAuthIssuer, length: int) -> str:
+    """A validly signed token exactly ``length`` characters long (padded by a claim)."""
+    # base64url lengths skip every value = 1 (mod 4): vary a header member as well.
+    claims = iss.claims(pad="")
+    base = len(iss.mint(claims))
+    for extra in range((length - base) * 3 // 4 - 8, (length - base) * 3 // 4 + 8):
+        for hdr in range(4):
+            token = iss.mint({**claims, "pad": "p" * max(extra, 0)}, headers={"x": "h" * hdr})
+            if len(token) == length:
+                return token
+    raise AssertionError(f"no token of length {length}")
+
+
+async def test_token_length_cap_is_exact(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    """A signed token of MAX_TOKEN_CHARS characters verifies; one character more is refused
+    before any parsing, however valid its signature."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(_token_of_length(issuer, MAX_TOKEN_CHARS), conf)
+        err = await refused(verifier, _token_of_length(issuer, MAX_TOKEN_CHARS + 1), conf)
+    assert err.code == "token_malformed" and "longer than" in err.message
+
+
+async def test_header_kid_of_256_characters_is_looked_up(
+    issuer: OAuthIssuer, verifier: OAuthVerifier
+) -> None:
+    """256 characters is still a kid (the cap is inclusive): it is looked up in the JWKS."""
+    with trio.fail_after(LIMIT_S):
+        err = await refused(verifier, issuer.mint(issuer.claims(), kid="k" * 256), cfg(**issuer.oauth2()))
+    assert err.code == "token_unknown_key" and "does not publish" in err.message
+
+
+async def test_jwks_document_of_exactly_the_size_cap(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    """A JWKS of exactly MAX_DOCUMENT_BYTES (Content-Length included) is accepted; the
+    oversized case is in test_bad_jwks_documents."""
+    doc = json.dumps(issuer.jwks()).encode()
+    body = doc + b" " * (oauth.MAX_DOCUMENT_BYTES - len(doc))
+    url = issuer.add_route("/edge-jwks", body=body, headers={"Content-Type": "application/json"})
+    with trio.fail_after(LIMIT_S):
+        got = await verifier.verify(issuer.mint(issuer.claims()), cfg(**issuer.oauth2(jwks_uri=url)))
+    assert got.subject == DEFAULT_SUBJECT
