@@ -1110,3 +1110,96 @@ async def test_jwks_document_of_exactly_the_size_cap(issuer: OAuthIssuer, verifi
     with trio.fail_after(LIMIT_S):
         got = await verifier.verify(issuer.mint(issuer.claims()), cfg(**issuer.oauth2(jwks_uri=url)))
     assert got.subject == DEFAULT_SUBJECT
+
+
+async def test_exp_boundary_with_leeway(issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock) -> None:
+    """A token is accepted until exactly exp + leeway_s and refused one second later."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        exp = int(clock.now) - LEEWAY
+        await verifier.verify(issuer.mint(issuer.claims(exp=exp, iat=exp - 60)), conf)
+        err = await refused(verifier, issuer.mint(issuer.claims(exp=exp - 1, iat=exp - 60)), conf)
+    assert err.code == "token_expired"
+
+
+async def test_refresh_limits_are_inclusive(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    """An unknown kid may trigger a refresh once exactly refresh_min_interval_s has passed,
+    and keys are stale at exactly jwks_ttl_s."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        clock.advance(verifier.refresh_min_interval_s)
+        await refused(verifier, issuer.mint(issuer.claims(), kid="new-kid"), conf)
+        assert issuer.counts["jwks"] == 2
+        clock.advance(verifier.jwks_ttl_s)
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        assert issuer.counts["jwks"] == 3
+
+
+async def test_no_keys_retry_after_exactly_the_retry_interval(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    """Without keys, a failed load is retried once NO_KEYS_RETRY_S has passed, inclusive."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        issuer.set_down(True)
+        await unavailable(verifier, issuer.mint(issuer.claims()), conf)
+        issuer.set_down(False)
+        clock.advance(oauth.NO_KEYS_RETRY_S)
+        assert (await verifier.verify(issuer.mint(issuer.claims()), conf)).subject == DEFAULT_SUBJECT
+
+
+def test_jwks_key_count_cap_is_exact(issuer: OAuthIssuer) -> None:
+    """MAX_JWKS_KEYS entries are parsed; one more refuses the whole document."""
+    good = issuer.jwks()["keys"][:1]
+    filler = ["not an object"] * (oauth.MAX_JWKS_KEYS - 1)
+    assert oauth.parse_jwks({"keys": good + filler}, where="t").kids() == [good[0]["kid"]]
+    with pytest.raises(oauth._FetchError, match="at most"):
+        oauth.parse_jwks({"keys": good + filler + ["x"]}, where="t")
+
+
+async def test_jwks_file_of_exactly_the_size_cap(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], tmp_path: Path
+) -> None:
+    """A JWKS file of exactly MAX_DOCUMENT_BYTES loads; one byte more is refused."""
+    doc = json.dumps(issuer.jwks()).encode()
+    (tmp_path / "edge.json").write_bytes(doc + b" " * (oauth.MAX_DOCUMENT_BYTES - len(doc)))
+    (tmp_path / "over.json").write_bytes(doc + b" " * (oauth.MAX_DOCUMENT_BYTES + 1 - len(doc)))
+    with trio.fail_after(LIMIT_S):
+        token = issuer.mint(issuer.claims())
+        await make_verifier().verify(token, cfg(**issuer.oauth2(jwks_file="edge.json")))
+        err = await unavailable(make_verifier(), token, cfg(**issuer.oauth2(jwks_file="over.json")))
+    assert "larger than" in err.message
+
+
+def test_oversized_jwks_file_read_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that grows between stat and read is still capped at MAX_DOCUMENT_BYTES."""
+    path = tmp_path / "grow.json"
+    path.write_bytes(b" " * oauth.MAX_DOCUMENT_BYTES)
+    real_open = open
+
+    def growing_open(p: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
+        if Path(p) == path:
+            with real_open(p, "ab") as fh:
+                fh.write(b" ")
+        return real_open(p, mode, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", growing_open)
+    with pytest.raises(oauth._FetchError, match="larger than"):
+        oauth._read_file_if_changed(path, None)
+    path.write_bytes(b" " * (oauth.MAX_DOCUMENT_BYTES - 1))
+    assert len(oauth._read_file_if_changed(path, None)[1] or b"") == oauth.MAX_DOCUMENT_BYTES
+
+
+async def test_text_claim_length_caps_are_exact(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    """sub up to 1024 characters and a scope string up to 8192 are accepted; one more each
+    is token_claims_invalid."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        got = await verifier.verify(issuer.mint(issuer.claims(sub="s" * 1024, scope="a" * 8192)), conf)
+        assert got.subject == "s" * 1024 and got.scopes == {"a" * 8192}
+        for over in ({"sub": "s" * 1025}, {"scope": "a" * 8193}):
+            err = await refused(verifier, issuer.mint(issuer.claims(**over)), conf)
+            assert err.code == "token_claims_invalid", over
