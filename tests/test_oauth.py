@@ -1203,3 +1203,30 @@ async def test_text_claim_length_caps_are_exact(issuer: OAuthIssuer, verifier: O
         for over in ({"sub": "s" * 1025}, {"scope": "a" * 8193}):
             err = await refused(verifier, issuer.mint(issuer.claims(**over)), conf)
             assert err.code == "token_claims_invalid", over
+
+
+def test_documented_limits() -> None:
+    """The limits are part of the contract (operators size tokens and JWKS by them): a
+    change must be deliberate, here and in the docs, not a slip of a constant."""
+    assert (oauth.MAX_TOKEN_CHARS, oauth.MAX_DOCUMENT_BYTES, oauth.MAX_JWKS_KEYS) == (16384, 1048576, 100)
+    assert (oauth.MIN_RSA_BITS, oauth.MAX_STRING_CLAIMS, oauth.MAX_STRING_CLAIM) == (2048, 32, 256)
+    assert (oauth.FILE_CHECK_INTERVAL_S, oauth.NO_KEYS_RETRY_S, oauth.DISCOVERY_TTL_S) == (1.0, 2.0, 3600.0)
+    assert oauth.MAX_TIMESTAMP == 253402300799  # 9999-12-31T23:59:59Z
+
+
+async def test_scp_list_items_and_times_at_their_limits(
+    issuer: OAuthIssuer, verifier: OAuthVerifier
+) -> None:
+    """scp list items may be 256 characters (257 is refused); a time of 0 (1970) is a
+    valid NumericDate, -1 is not; at most MAX_STRING_CLAIMS string claims are kept."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        extra = {f"c{i:02}": "v" for i in range(oauth.MAX_STRING_CLAIMS + 5)}
+        got = await verifier.verify(
+            issuer.mint(issuer.claims(scope=None, scp=["x" * 256], iat=0, nbf=0, **extra)), conf
+        )
+        assert got.scopes == {"x" * 256}
+        assert len(got.string_claims) == oauth.MAX_STRING_CLAIMS
+        for over in ({"scp": ["x" * 257]}, {"iat": -1}, {"nbf": -1}):
+            err = await refused(verifier, issuer.mint(issuer.claims(**over)), conf)
+            assert err.code == "token_claims_invalid", over
