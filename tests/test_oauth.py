@@ -1230,3 +1230,34 @@ async def test_scp_list_items_and_times_at_their_limits(
         for over in ({"scp": ["x" * 257]}, {"iat": -1}, {"nbf": -1}):
             err = await refused(verifier, issuer.mint(issuer.claims(**over)), conf)
             assert err.code == "token_claims_invalid", over
+
+
+async def test_moved_jwks_is_found_by_rereading_discovery(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock
+) -> None:
+    """If the cached jwks_uri stops answering, the discovery document is read again at
+    once (the issuer may have moved its keys) rather than failing the refresh."""
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        issuer.rotate()
+        issuer.add_route("/jwks.json", status=404, body=b"{}")
+        moved = issuer.add_route("/keys-v2", body=json.dumps(issuer.jwks()).encode())
+        issuer.discovery_overrides["jwks_uri"] = moved
+        clock.advance(verifier.refresh_min_interval_s)
+        got = await verifier.verify(issuer.mint(issuer.claims()), conf)
+    assert got.subject == DEFAULT_SUBJECT and issuer.counts["discovery"] == 2
+
+
+async def test_unreadable_jwks_file_paths_are_unavailable(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, tmp_path: Path
+) -> None:
+    """A JWKS file path that is a directory or that the OS refuses (name too long) gives
+    jwks_unavailable with the reason, not an OSError."""
+    with trio.fail_after(LIMIT_S):
+        token = issuer.mint(issuer.claims())
+        (tmp_path / "dir.json").mkdir()
+        err = await unavailable(verifier, token, cfg(**issuer.oauth2(jwks_file="dir.json")))
+        assert "not a regular file" in err.message
+        err = await unavailable(verifier, token, cfg(**issuer.oauth2(jwks_file="n" * 300)))
+        assert "cannot be read" in err.message
