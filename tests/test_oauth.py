@@ -1261,3 +1261,27 @@ async def test_unreadable_jwks_file_paths_are_unavailable(
         assert "not a regular file" in err.message
         err = await unavailable(verifier, token, cfg(**issuer.oauth2(jwks_file="n" * 300)))
         assert "cannot be read" in err.message
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://user@idp.example.test/jwks", "credentials"),
+        ("https://:pw@idp.example.test/jwks", "credentials"),
+        ("https://idp.example.test/jwks#frag", "fragment"),
+        ("https:///jwks", "has no host"),
+        ("http://idp.example.test/jwks", "must use https"),
+        ("HTTPS://idp.example.test/jwks", None),
+        ("https://idp.example.test/jwks", None),
+        ("http://127.0.0.1:8080/jwks", None),
+    ],
+)
+def test_check_url_each_rule(url: str, expected: str | None) -> None:
+    """Each rule of check_url on its own: a username alone or a password alone is a
+    credential, a fragment or a missing host is refused, http only for allowed hosts."""
+    allow = frozenset({"127.0.0.1"})
+    if expected is None:
+        oauth.check_url(url, allow_http_hosts=allow, what="jwks_uri")
+    else:
+        with pytest.raises(oauth._FetchError, match=expected):
+            oauth.check_url(url, allow_http_hosts=allow, what="jwks_uri")
