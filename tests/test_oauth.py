@@ -1285,3 +1285,18 @@ def test_check_url_each_rule(url: str, expected: str | None) -> None:
     else:
         with pytest.raises(oauth._FetchError, match=expected):
             oauth.check_url(url, allow_http_hosts=allow, what="jwks_uri")
+
+
+@pytest.mark.parametrize("exc", [jwt.PyJWTError, ValueError, TypeError, KeyError])
+def test_jwk_that_fails_to_load_is_skipped(
+    issuer: OAuthIssuer, monkeypatch: pytest.MonkeyPatch, exc: type[Exception]
+) -> None:
+    """Whatever a key loader raises for a malformed JWK, that key is skipped with its
+    reason (pyjwt wraps most errors today; the guard must not depend on it)."""
+
+    def raising(*_: Any, **__: Any) -> Any:
+        raise exc("bad key")
+
+    monkeypatch.setattr(oauth.jwt, "PyJWK", raising)
+    with pytest.raises(oauth._FetchError, match=rf"cannot be loaded \({exc.__name__}\)"):
+        oauth.parse_jwks(issuer.jwks(), where="t")
