@@ -1300,3 +1300,17 @@ def test_jwk_that_fails_to_load_is_skipped(
     monkeypatch.setattr(oauth.jwt, "PyJWK", raising)
     with pytest.raises(oauth._FetchError, match=rf"cannot be loaded \({exc.__name__}\)"):
         oauth.parse_jwks(issuer.jwks(), where="t")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"aud": []}, {"client_id": 5}, {"client_id": None, "azp": ["x"]}, {"auth_time": "yesterday"},
+     {"aud": [""]}],
+    ids=["aud-empty-list", "client-id-int", "azp-list", "auth-time-text", "aud-empty-string"],
+)
+async def test_more_invalid_claims(issuer: OAuthIssuer, verifier: OAuthVerifier, claims: dict[str, Any]) -> None:
+    """Claims that are present but of the wrong shape are token_claims_invalid (401), never
+    read as "no audience"/"no client" (an empty aud list is not an audience mismatch)."""
+    with trio.fail_after(LIMIT_S):
+        err = await refused(verifier, issuer.mint(issuer.claims(**claims)), cfg(**issuer.oauth2()))
+    assert err.code == "token_claims_invalid" and err.status == 401
