@@ -937,11 +937,13 @@ async def test_typ_header_optional_but_must_be_a_string(issuer: OAuthIssuer, ver
 async def test_overlong_kid_in_header_is_refused_before_any_fetch(
     issuer: OAuthIssuer, verifier: OAuthVerifier
 ) -> None:
-    """A kid over 256 characters is "no kid": refused without a key lookup or JWKS fetch."""
+    """A kid over 256 characters, empty or not a string is "no kid": refused without a
+    key lookup or JWKS fetch."""
     with trio.fail_after(LIMIT_S):
         conf = cfg(**issuer.oauth2())
-        err = await refused(verifier, issuer.mint(issuer.claims(), kid="k" * 257), conf)
-        assert err.code == "token_unknown_key" and "has no kid" in err.message
+        for kid in ("k" * 257, "", 5, ["k"]):
+            err = await refused(verifier, issuer.mint(issuer.claims(), headers={"kid": kid}), conf)
+            assert err.code == "token_unknown_key" and "has no kid" in err.message, kid
     assert issuer.requests == []
 
 
@@ -949,6 +951,8 @@ def test_unusable_jwk_kid_length_and_curve_pairs() -> None:
     """A JWK kid over 256 characters is not usable; OKP and EC keys are usable only with
     the curve of their algorithm (an X25519 key is not an Ed25519 key)."""
     assert oauth._unusable({"kty": "RSA", "kid": "k" * 257}) == "has no kid"
+    for kid in ("", 5, None, ["k"]):
+        assert oauth._unusable({"kty": "RSA", "kid": kid}) == "has no kid", kid
     assert oauth._unusable({"kty": "RSA", "kid": "k" * 256}) is None
     for kty, crv in [("OKP", "X25519"), ("OKP", "Ed448"), ("EC", "Ed25519"), ("EC", "P-384")]:
         assert oauth._alg_for_jwk({"kty": kty, "crv": crv}) is None, (kty, crv)
