@@ -1318,3 +1318,45 @@ async def test_more_invalid_claims(issuer: OAuthIssuer, verifier: OAuthVerifier,
     with trio.fail_after(LIMIT_S):
         err = await refused(verifier, issuer.mint(issuer.claims(**claims)), cfg(**issuer.oauth2()))
     assert err.code == "token_claims_invalid" and err.status == 401
+
+
+async def test_hung_jwks_files_tie_up_at_most_two_threads(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Reads of JWKS files on a hung file system occupy at most two worker threads, however
+    many sources wait (abandoned reads keep their thread until the OS returns)."""
+    release = threading.Event()
+    lock = threading.Lock()
+    active, peak = [0], [0]
+
+    def hung(path: Path, known: Any) -> Any:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            release.wait(10)
+            raise oauth._FetchError("hung read ended")
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(oauth, "_read_file_if_changed", hung)
+    verifier = make_verifier(fetch_timeout_s=0.3)
+    token = issuer.mint(issuer.claims())
+
+    async def one(i: int) -> None:
+        await unavailable(verifier, token, cfg(**issuer.oauth2(jwks_file=str(tmp_path / f"{i}.json"))))
+
+    try:
+        with trio.fail_after(LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(one, i)
+        for _ in range(50):  # a loaded machine may start the second thread late
+            if peak[0] >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        release.set()
+    assert peak[0] == 2
