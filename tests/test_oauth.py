@@ -8,6 +8,7 @@ failure case asserts that it came back within its bound.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -1360,3 +1361,28 @@ async def test_hung_jwks_files_tie_up_at_most_two_threads(
     finally:
         release.set()
     assert peak[0] == 2
+
+
+async def test_key_set_fingerprint_ignores_member_order(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], clock: FakeClock, tmp_path: Path
+) -> None:
+    """Re-serialising the same keys (members, even nested ones, in another order) is not a
+    rotation: the generation stays and cached tokens stay valid."""
+    path = tmp_path / "jwks.json"
+
+    def write(meta: dict[str, int]) -> None:
+        keys = [{**dict(reversed(list(k.items()))), "meta": meta} for k in issuer.jwks()["keys"]]
+        path.write_text(json.dumps({"keys": keys}))
+
+    with trio.fail_after(LIMIT_S):
+        write({"a": 1, "b": 2})
+        verifier = make_verifier()
+        conf = cfg(issuer=issuer.issuer, audience=issuer.audience, jwks_file=str(path))
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        write({"b": 2, "a": 1})
+        later = path.stat().st_mtime + 5  # same size: make sure the stat signature changes
+        os.utime(path, (later, later))
+        clock.advance(2)
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+    status = verifier.status()["issuers"][0]
+    assert status["fetches"] == 2 and status["generation"] == 1
