@@ -1386,3 +1386,17 @@ async def test_key_set_fingerprint_ignores_member_order(
         await verifier.verify(issuer.mint(issuer.claims()), conf)
     status = verifier.status()["issuers"][0]
     assert status["fetches"] == 2 and status["generation"] == 1
+
+
+async def test_cached_token_is_not_served_to_a_server_with_another_key_source(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, tmp_path: Path
+) -> None:
+    """Two servers with the same issuer and audience but different key sources (discovery
+    vs a pinned JWKS file): a token verified for one is not a cache hit for the other."""
+    with trio.fail_after(LIMIT_S):
+        token = issuer.mint(issuer.claims())
+        await verifier.verify(token, cfg(**issuer.oauth2()))
+        issuer.rotate()  # the file pins only the new keys
+        issuer.write_jwks(tmp_path / "pinned.json")
+        err = await refused(verifier, token, cfg(**issuer.oauth2(jwks_file="pinned.json")))
+    assert err.code == "token_unknown_key"
