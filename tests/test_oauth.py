@@ -1400,3 +1400,13 @@ async def test_cached_token_is_not_served_to_a_server_with_another_key_source(
         issuer.write_jwks(tmp_path / "pinned.json")
         err = await refused(verifier, token, cfg(**issuer.oauth2(jwks_file="pinned.json")))
     assert err.code == "token_unknown_key"
+
+
+def test_no_usable_keys_message_lists_the_skipped_keys() -> None:
+    """The operator sees why each key was skipped, and no dangling detail when none was."""
+    with pytest.raises(oauth._FetchError) as ei:
+        oauth.parse_jwks({"keys": []}, where="JWKS t")
+    assert str(ei.value) == "JWKS t has no usable signing keys (RS256/ES256/EdDSA)"
+    with pytest.raises(oauth._FetchError) as ei:
+        oauth.parse_jwks({"keys": ["x"]}, where="JWKS t")
+    assert str(ei.value).endswith("(RS256/ES256/EdDSA): key 0 (kid None) is not a JSON object")
