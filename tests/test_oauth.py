@@ -1410,3 +1410,13 @@ def test_no_usable_keys_message_lists_the_skipped_keys() -> None:
     with pytest.raises(oauth._FetchError) as ei:
         oauth.parse_jwks({"keys": ["x"]}, where="JWKS t")
     assert str(ei.value).endswith("(RS256/ES256/EdDSA): key 0 (kid None) is not a JSON object")
+
+
+async def test_http_error_message_mentions_redirects_only_for_redirects(
+    issuer: OAuthIssuer, verifier: OAuthVerifier
+) -> None:
+    """An HTTP 500 is reported as such, without the redirect hint (it would mislead)."""
+    issuer.set_down(True)
+    with trio.fail_after(LIMIT_S):
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
+    assert "answered HTTP 500" in err.message and "redirect" not in err.message
