@@ -1420,3 +1420,10 @@ async def test_http_error_message_mentions_redirects_only_for_redirects(
     with trio.fail_after(LIMIT_S):
         err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
     assert "answered HTTP 500" in err.message and "redirect" not in err.message
+
+
+async def test_url_httpx_cannot_use_is_a_fetch_error(verifier: OAuthVerifier) -> None:
+    """A URL that passes check_url but that httpx refuses (a NUL in the host) is a fetch
+    error naming the cause, not an exception escaping the verifier."""
+    with trio.fail_after(LIMIT_S), pytest.raises(oauth._FetchError, match="InvalidURL"):
+        await verifier._get_json("https://a\x00b.example/jwks", what="jwks_uri")
