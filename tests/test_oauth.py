@@ -1427,3 +1427,14 @@ async def test_url_httpx_cannot_use_is_a_fetch_error(verifier: OAuthVerifier) ->
     error naming the cause, not an exception escaping the verifier."""
     with trio.fail_after(LIMIT_S), pytest.raises(oauth._FetchError, match="InvalidURL"):
         await verifier._get_json("https://a\x00b.example/jwks", what="jwks_uri")
+
+
+def test_strict_json_depth_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deep nesting is a ValueError (malformed), never a RecursionError: by the depth check,
+    and by the guard behind it should the check ever miss."""
+    deep = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(ValueError, match="nested deeper"):
+        oauth._strict_json(deep)
+    monkeypatch.setattr(oauth, "json_too_deep", lambda *_: False)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        oauth._strict_json(deep)
