@@ -20,6 +20,7 @@ import jwt
 import msgspec
 import pytest
 import trio
+import trio.testing
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from oauth_issuer import DEFAULT_SUBJECT, OAuthIssuer, b64url, public_jwk
@@ -1438,3 +1439,31 @@ def test_strict_json_depth_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(oauth, "json_too_deep", lambda *_: False)
     with pytest.raises(ValueError, match="nested too deeply"):
         oauth._strict_json(deep)
+
+
+async def test_waiter_loads_itself_when_the_shared_load_is_cancelled(
+    issuer: OAuthIssuer, verifier: OAuthVerifier
+) -> None:
+    """A caller waiting on another caller's key load does not inherit that caller's
+    cancellation: when the shared load is cancelled, the waiter loads the keys itself."""
+    conf = cfg(**issuer.oauth2())
+    token = issuer.mint(issuer.claims())
+    got: list[AccessToken] = []
+    with trio.fail_after(LIMIT_S):
+        issuer.set_delay(0.3)
+        async with trio.open_nursery() as nursery:
+            first = trio.CancelScope()
+
+            async def cancelled_caller() -> None:
+                with first:
+                    await verifier.verify(token, conf)
+
+            async def waiter() -> None:
+                got.append(await verifier.verify(token, conf))
+
+            nursery.start_soon(cancelled_caller)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()
+    assert [t.subject for t in got] == [DEFAULT_SUBJECT]
