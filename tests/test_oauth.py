@@ -1467,3 +1467,20 @@ async def test_waiter_loads_itself_when_the_shared_load_is_cancelled(
             await trio.testing.wait_all_tasks_blocked()
             first.cancel()
     assert [t.subject for t in got] == [DEFAULT_SUBJECT]
+
+
+async def test_purge_at_exact_exp_and_after_lru_eviction(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier], clock: FakeClock
+) -> None:
+    """purge_expired drops an entry at exactly its exp, and skips index items whose entry
+    was already evicted (no crash, nothing counted)."""
+    conf = cfg(**issuer.oauth2())
+    with trio.fail_after(LIMIT_S):
+        small = make_verifier(cache_size=1)
+        await small.verify(issuer.mint(issuer.claims(ttl=60, sub="a")), conf)
+        await small.verify(issuer.mint(issuer.claims(ttl=600, sub="b")), conf)  # evicts a
+        plain = make_verifier()
+        await plain.verify(issuer.mint(issuer.claims(ttl=60)), conf)
+    clock.now = float(int(clock.now) + 60)  # exactly exp (claims() floors iat)
+    assert small.purge_expired() == 0 and len(small._cache) == 1
+    assert plain.purge_expired() == 1 and plain._cache == {}
