@@ -1277,6 +1277,7 @@ async def test_unreadable_jwks_file_paths_are_unavailable(
         ("https://idp.example.test/jwks#frag", "fragment"),
         ("https:///jwks", "has no host"),
         ("http://idp.example.test/jwks", "must use https"),
+        ("ftp://127.0.0.1/jwks", "must use https"),
         ("HTTPS://idp.example.test/jwks", None),
         ("https://idp.example.test/jwks", None),
         ("http://127.0.0.1:8080/jwks", None),
@@ -1484,3 +1485,10 @@ async def test_purge_at_exact_exp_and_after_lru_eviction(
     clock.now = float(int(clock.now) + 60)  # exactly exp (claims() floors iat)
     assert small.purge_expired() == 0 and len(small._cache) == 1
     assert plain.purge_expired() == 1 and plain._cache == {}
+
+
+@pytest.mark.parametrize("issuer_url", ["https://idp.example.test/?tenant=1", "https://idp.example.test/#x"])
+def test_discovery_refuses_issuer_with_query_or_fragment(issuer_url: str) -> None:
+    """RFC 8414: an issuer identifier has no query and no fragment; either alone is refused."""
+    with pytest.raises(oauth._FetchError, match="must not have a query or fragment"):
+        oauth.discovery_urls(issuer_url)
