@@ -1492,3 +1492,16 @@ def test_discovery_refuses_issuer_with_query_or_fragment(issuer_url: str) -> Non
     """RFC 8414: an issuer identifier has no query and no fragment; either alone is refused."""
     with pytest.raises(oauth._FetchError, match="must not have a query or fragment"):
         oauth.discovery_urls(issuer_url)
+
+
+def test_unusable_jwk_use_key_ops_and_alg_members() -> None:
+    """use/key_ops/alg are optional; present, they must say "sig", list "verify" (a list,
+    not a string that happens to contain it) and name the key type's algorithm."""
+    base = {"kty": "RSA", "kid": "k"}
+    assert oauth._unusable(base) is None
+    assert oauth._unusable({**base, "use": "sig", "key_ops": ["sign", "verify"], "alg": "RS256"}) is None
+    assert oauth._unusable({**base, "use": "enc"}) == "has use 'enc', not 'sig'"
+    for ops in ("verify", ["sign"], {"verify": 1}):
+        assert oauth._unusable({**base, "key_ops": ops}) == "has key_ops without 'verify'", ops
+    reason = oauth._unusable({**base, "alg": "RS512"})
+    assert reason is not None and reason.startswith("declares alg 'RS512'")
