@@ -1505,3 +1505,11 @@ def test_unusable_jwk_use_key_ops_and_alg_members() -> None:
         assert oauth._unusable({**base, "key_ops": ops}) == "has key_ops without 'verify'", ops
     reason = oauth._unusable({**base, "alg": "RS512"})
     assert reason is not None and reason.startswith("declares alg 'RS512'")
+
+
+async def test_empty_scope_string_means_no_scopes(issuer: OAuthIssuer, verifier: OAuthVerifier) -> None:
+    """scope "" (some issuers send it for client-credentials tokens) is no scopes, not an
+    invalid token."""
+    with trio.fail_after(LIMIT_S):
+        got = await verifier.verify(issuer.mint(issuer.claims(scope="")), cfg(**issuer.oauth2()))
+    assert got.scopes == frozenset()
