@@ -1513,3 +1513,15 @@ async def test_empty_scope_string_means_no_scopes(issuer: OAuthIssuer, verifier:
     with trio.fail_after(LIMIT_S):
         got = await verifier.verify(issuer.mint(issuer.claims(scope="")), cfg(**issuer.oauth2()))
     assert got.scopes == frozenset()
+
+
+@pytest.mark.parametrize("uri", [5, "", ["https://idp.example.test/jwks"]], ids=["int", "empty", "list"])
+async def test_discovery_jwks_uri_must_be_a_non_empty_string(
+    issuer: OAuthIssuer, verifier: OAuthVerifier, uri: Any
+) -> None:
+    """A discovery document whose jwks_uri is not a non-empty string has no jwks_uri
+    (jwks_unavailable naming that), not a crash or a request to an empty URL."""
+    issuer.discovery_overrides["jwks_uri"] = uri
+    with trio.fail_after(LIMIT_S):
+        err = await unavailable(verifier, issuer.mint(issuer.claims()), cfg(**issuer.oauth2()))
+    assert "has no jwks_uri" in err.message
