@@ -21,6 +21,18 @@ def daemon() -> Iterator[Daemon]:
 
 
 @pytest.fixture
+def staged() -> Iterator[Daemon]:
+    """A daemon's files (config, keys, secrets, state dir), not started: for tests that
+    run the app in process (``test_daemon_app.app_on``)."""
+    d = Daemon()
+    (d.root / "state").mkdir(exist_ok=True)
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture
 def make_daemon() -> Iterator[object]:
     made: list[Daemon] = []
 

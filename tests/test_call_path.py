@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -58,13 +57,8 @@ def nobody_serves_content_api(d: Daemon) -> None:
 
 
 @pytest.fixture
-def d() -> Iterator[Daemon]:
-    daemon = Daemon()
-    (daemon.root / "state").mkdir(exist_ok=True)
-    try:
-        yield daemon
-    finally:
-        daemon.cleanup()
+def d(staged: Daemon) -> Daemon:
+    return staged
 
 
 def edit_config(d: Daemon, **sections: Any) -> None:
@@ -87,6 +81,16 @@ def iso(ts: float) -> str:
 
 def authorize_body(d: Daemon, **kw: Any) -> dict[str, Any]:
     return {**AUTHORIZE, "session_id": "s1", "user_token": d.user_token("content-api"), **kw}
+
+
+async def leased(app: Any, conn: ConnectionState, d: Daemon, **kw: Any) -> Any:
+    """Authorize (with ``kw`` over the defaults), then redeem; both must be allowed.
+    Returns the lease."""
+    status, auth = await call(app, conn, "/v1/authorize", authorize_body(d, **kw))
+    assert status == 200, auth
+    status, lease = await call(app, conn, "/v1/redeem", {"resolution_token": auth["resolution_token"]})
+    assert status == 200, lease
+    return lease
 
 
 # ---------------------------------------------------------------------------- redeem
@@ -219,11 +223,7 @@ async def test_dynamic_credentials_of_a_lease_are_revoked_at_release_static_ones
 
             monkeypatch.setattr(backend, "fetch", fetch)
             monkeypatch.setattr(backend, "release", release)
-            status, auth = await call(app, conn, "/v1/authorize", authorize_body(d))
-            assert status == 200, auth
-            status, lease = await call(app, conn, "/v1/redeem",
-                                       {"resolution_token": auth["resolution_token"]})
-            assert status == 200, lease
+            lease = await leased(app, conn, d)
             assert sorted(lease["secrets"]) == ["CONTENT_API_KEY", "SECOND_KEY"]
             assert released == []
             status, body = await call(app, conn, "/v1/release",
@@ -281,11 +281,7 @@ async def test_tool_call_event_records_the_result_as_reported(d: Daemon) -> None
         conn = ConnectionState(peer=peer)
         async with app_on(d) as app:
             for report in reports:
-                status, auth = await call(app, conn, "/v1/authorize", authorize_body(d))
-                assert status == 200, auth
-                status, lease = await call(app, conn, "/v1/redeem",
-                                           {"resolution_token": auth["resolution_token"]})
-                assert status == 200, lease
+                lease = await leased(app, conn, d)
                 status, body = await call(app, conn, "/v1/release",
                                           {"lease_id": lease["lease_id"], **report})
                 assert status == 200 and body["state"] == "released", body
@@ -310,11 +306,7 @@ async def test_tool_call_event_after_a_restart_refers_to_the_authorize(d: Daemon
     with self_peer() as peer:
         conn = ConnectionState(peer=peer)
         async with app_on(d) as app:
-            status, auth = await call(app, conn, "/v1/authorize", authorize_body(d))
-            assert status == 200, auth
-            status, lease = await call(app, conn, "/v1/redeem",
-                                       {"resolution_token": auth["resolution_token"]})
-            assert status == 200, lease
+            lease = await leased(app, conn, d)
         async with app_on(d) as app:
             status, body = await call(app, conn, "/v1/release",
                                       {"lease_id": lease["lease_id"], "status": "success"})

@@ -72,16 +72,6 @@ async def call(app: daemon_mod.Sidekey, conn: ConnectionState, path: str, body: 
     return resp.status, json.loads(resp.body)
 
 
-@pytest.fixture
-def staged() -> Iterator[Daemon]:
-    d = Daemon()
-    (d.root / "state").mkdir(exist_ok=True)
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
-
 async def test_no_secret_leaves_when_audit_cannot_record(
     staged: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
