@@ -64,9 +64,29 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
+# RSA-2048 generation costs ~0.1 s; every issuer makes one per rotation. Keys come
+# round-robin from a pool made once per process: any 16 keys in a row are distinct,
+# more than one test makes.
+_RSA_POOL_SIZE = 16
+_rsa_pool: list[Any] = []
+_rsa_next = 0
+_rsa_lock = threading.Lock()
+
+
+def _pooled_rsa_key() -> Any:
+    global _rsa_next
+    with _rsa_lock:
+        if len(_rsa_pool) < _RSA_POOL_SIZE:
+            _rsa_pool.append(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+            return _rsa_pool[-1]
+        key = _rsa_pool[_rsa_next % _RSA_POOL_SIZE]
+        _rsa_next += 1
+        return key
+
+
 def _new_private_key(alg: str) -> Any:
     if alg == "RS256":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return _pooled_rsa_key()
     if alg == "ES256":
         return ec.generate_private_key(ec.SECP256R1())
     if alg == "EdDSA":
