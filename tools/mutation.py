@@ -200,6 +200,12 @@ def run_target(
     tree_dir = home / "sidekey"
     session = home / "session.sqlite"
     resuming = resume and session.exists() and tree_dir.is_dir()
+    if resuming and (home / "original.py").read_bytes() != (ROOT / target.module).read_bytes():
+        # The session's mutants are positions in the module as it was: they mean nothing
+        # in a changed module.
+        print(f"  {target.name}: {target.module} changed since the session began: running afresh",
+              flush=True)
+        resuming = False
     if not resuming:
         if home.exists():
             shutil.rmtree(home)
@@ -254,10 +260,13 @@ def run_target(
     config["distributor"] = distributor
 
     if resuming:
-        # Mutants killed by a timeout are run again: the bound is set by this run's baseline,
-        # and a killed run may have timed out on a machine busier than now.
+        # Run again: the survivors (tests written since may kill them: that is what a
+        # resume is for), and the mutants killed by a timeout (the bound is set by this
+        # run's baseline, and a killed run may have timed out on a machine busier than now).
         with sqlite3.connect(session) as conn:
-            conn.execute("DELETE FROM work_results WHERE output = 'timeout'")
+            conn.execute(
+                "DELETE FROM work_results WHERE output = 'timeout' OR test_outcome = 'SURVIVED'"
+            )
     old_cwd = Path.cwd()
     old_env = dict(os.environ)
     os.chdir(tree_dir)  # cosmic-ray mutates module-path relative to the working directory
@@ -439,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the runs in --workdir where they stopped (same copies, same scope)",
+        help="continue the runs in --workdir where they stopped (same copies, same scope, the "
+        "tests as they are now): runs what was not run, and the survivors and timeouts again; "
+        "a target whose module changed since runs afresh",
     )
     parser.add_argument(
         "--report", action="store_true", help="re-print the results of the last run in --workdir, run nothing"
