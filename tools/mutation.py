@@ -185,6 +185,38 @@ def copy_checkout(dest: Path, only: str | None = None) -> None:
         (dest.parent / "shared").symlink_to(shared)
 
 
+def _patch_exception_replacer() -> None:
+    """Make cosmic-ray 8.7's ExceptionReplacer handle dotted names in a tuple.
+
+    Its ``mutate`` sets ``.value`` on the chosen name node, which a dotted name
+    (``except (ValueError, binascii.Error)``: a ``power`` node) does not have: the worker
+    raises AttributeError and that handler is never tested. Replaced: the chosen class
+    expression, plain or dotted, becomes the Name ``CosmicRayTestingException`` (which
+    nothing raises, so the clause stops catching). The positions (and so every
+    occurrence number in a session) are the same as before: one per element of the
+    tuple, one for a lone class. (A lone dotted class was already handled, by accident:
+    its ``.`` became the name, which fails the same way.)
+    """
+    from cosmic_ray.exceptions import CosmicRayTestingException
+    from cosmic_ray.operators.exception_replacer import ExceptionReplacer
+    from parso.python.tree import Name
+
+    original_name_nodes = ExceptionReplacer._name_nodes
+
+    def mutate(self: Any, node: Any, index: int) -> Any:
+        chosen = original_name_nodes(node)[index]
+        if isinstance(chosen, Name) or chosen.type == "operator":
+            chosen.value = CosmicRayTestingException.__name__  # what cosmic-ray does
+            return node
+        replacement = Name(CosmicRayTestingException.__name__, chosen.start_pos, chosen.get_first_leaf().prefix)
+        parent = chosen.parent
+        parent.children[parent.children.index(chosen)] = replacement
+        replacement.parent = parent
+        return node
+
+    ExceptionReplacer.mutate = mutate
+
+
 def run_target(
     target: Target, operators: list[str], accepted: list[Accepted], workdir: Path, resume: bool = False
 ) -> Result:
@@ -195,6 +227,7 @@ def run_target(
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
+    _patch_exception_replacer()
     started = time.monotonic()
     home = workdir / target.name
     tree_dir = home / "sidekey"
@@ -261,11 +294,12 @@ def run_target(
 
     if resuming:
         # Run again: the survivors (tests written since may kill them: that is what a
-        # resume is for), and the mutants killed by a timeout (the bound is set by this
+        # resume is for), the mutants the tool failed to apply, and those killed by a timeout (the bound is set by this
         # run's baseline, and a killed run may have timed out on a machine busier than now).
         with sqlite3.connect(session) as conn:
             conn.execute(
                 "DELETE FROM work_results WHERE output = 'timeout' OR test_outcome = 'SURVIVED'"
+                " OR worker_outcome = 'EXCEPTION'"
             )
     old_cwd = Path.cwd()
     old_env = dict(os.environ)
@@ -396,7 +430,8 @@ def report(results: list[Result], accepted: list[Accepted], verbose: bool) -> in
         survived = [m for m in r.mutants if m.outcome == "survived"]
         ok = [m for m in survived if m.accepted is not None]
         used.update(m.accepted for m in ok if m.accepted is not None)
-        killed = len(r.mutants) - len(survived)
+        errors = sum(1 for m in r.mutants if m.outcome == "error")
+        killed = len(r.mutants) - len(survived) - errors
         print(
             f"{r.target:<14}{r.generated:>10}{len(r.mutants):>7}{killed:>8}{len(survived) - len(ok):>10}"
             f"{len(ok):>10}{r.seconds:>8.0f}s"
@@ -418,7 +453,9 @@ def report(results: list[Result], accepted: list[Accepted], verbose: bool) -> in
                 if verbose:
                     print("\n".join("    " + x for x in m.diff.splitlines()))
             elif m.outcome == "error":
-                print(f"\nERROR (counted as killed) {m.module}:{m.line_no} [{m.operator}]")
+                status = 1  # never tested: no claim about it either way
+                print(f"\nNOT TESTED (the tool failed to apply it) {m.module}:{m.line_no} in {m.function} "
+                      f"[{m.operator}]\n    {m.line}")
     if verbose:
         for r in results:
             for m in r.mutants:
