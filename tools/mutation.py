@@ -28,10 +28,13 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
+import ctypes
 import dataclasses
+import fcntl
 import os
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -84,7 +87,7 @@ class Result:
     generated: int  # every mutant cosmic-ray can make in the module
     in_scope: int  # the ones run: chosen operators in chosen functions
     mutants: list[Mutant]
-    baseline_failed: str | None
+    not_run: str | None  # why the target was not run, if it was not
     seconds: float
 
 
@@ -217,8 +220,39 @@ def _patch_exception_replacer() -> None:
     ExceptionReplacer.mutate = mutate
 
 
+def _die_with_parent() -> None:
+    """Pool worker initializer: the kernel sends SIGTERM to this worker when the run's
+    main process dies. Without it, killing a run left its worker mutating the target's
+    copy alongside the next run (each restoring the other's mutants: false kills and
+    false survivors alike)."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def run_target(
     target: Target, operators: list[str], accepted: list[Accepted], workdir: Path, resume: bool = False
+) -> Result:
+    # One run per target copy at a time: a second run (or a leftover worker) mutating the
+    # same files would make every result meaningless. The lock lives beside the copy (a
+    # fresh run deletes the copy) and goes with this process, however it ends.
+    lock = open(workdir / f".{target.name}.lock", "w")  # noqa: SIM115 (held until exit)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return Result(target.name, 0, 0, [], f"another run is using {workdir / target.name}", 0.0)
+    try:
+        return _run_target_locked(target, operators, accepted, workdir, resume)
+    finally:
+        lock.close()
+
+
+def _run_target_locked(
+    target: Target, operators: list[str], accepted: list[Accepted], workdir: Path, resume: bool
 ) -> Result:
     # Imported here so that --help and --list-operators work without cosmic-ray installed.
     from cosmic_ray.commands.execute import execute
@@ -278,7 +312,8 @@ def run_target(
     )
     if baseline.returncode != 0:
         tail = "\n".join((baseline.stdout + baseline.stderr).splitlines()[-15:])
-        return Result(target.name, 0, 0, [], tail, time.monotonic() - started)
+        return Result(target.name, 0, 0, [], f"tests fail on the UNMUTATED copy:\n{tail}",
+                      time.monotonic() - started)
 
     config = ConfigDict()
     config["module-path"] = target.module
@@ -423,8 +458,8 @@ def report(results: list[Result], accepted: list[Accepted], verbose: bool) -> in
     print()
     print(f"{'target':<14}{'generated':>10}{'run':>7}{'killed':>8}{'survived':>10}{'accepted':>10}{'time':>9}")
     for r in results:
-        if r.baseline_failed is not None:
-            print(f"{r.target:<14} tests fail on the UNMUTATED copy:\n{r.baseline_failed}")
+        if r.not_run is not None:
+            print(f"{r.target:<14} not run: {r.not_run}")
             status = 1
             continue
         survived = [m for m in r.mutants if m.outcome == "survived"]
@@ -461,7 +496,7 @@ def report(results: list[Result], accepted: list[Accepted], verbose: bool) -> in
             for m in r.mutants:
                 if m.accepted is not None and m.outcome == "survived":
                     print(f"\naccepted {m.module}:{m.line_no} in {m.function} [{m.operator}]: {m.accepted.reason}")
-    ran = {r.target for r in results if r.baseline_failed is None}
+    ran = {r.target for r in results if r.not_run is None}
     stale = [a for a in accepted if a not in used and any(a.module == r.module for r in _targets_ran(ran))]
     for a in stale:
         print(f"\nnote: accepted survivor no longer survives (remove it): {a.module} {a.function} {a.line!r}")
@@ -521,14 +556,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copies in {workdir}; {len(chosen)} target(s), {args.jobs} at a time", flush=True)
     results: list[Result] = []
     # Processes, not threads: each target chdirs into its own copy.
-    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, initializer=_die_with_parent) as pool:
         futures = {
             pool.submit(run_target, t, operators, accepted, workdir, args.resume): t for t in chosen
         }
         for fut in concurrent.futures.as_completed(futures):
             r = fut.result()
-            if r.baseline_failed is not None:
-                print(f"  {r.target}: tests fail on the UNMUTATED copy:\n{r.baseline_failed}", flush=True)
+            if r.not_run is not None:
+                print(f"  {r.target}: not run: {r.not_run}", flush=True)
             survived = sum(1 for m in r.mutants if m.outcome == "survived" and m.accepted is None)
             print(f"  {r.target}: {len(r.mutants)} run, {survived} unaccepted survivors, {r.seconds:.0f}s", flush=True)
             results.append(r)
