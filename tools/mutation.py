@@ -30,7 +30,9 @@ import ast
 import concurrent.futures
 import ctypes
 import dataclasses
+import difflib
 import fcntl
+import json
 import os
 import shlex
 import shutil
@@ -57,6 +59,7 @@ class Target:
     functions: tuple[str, ...]  # qualified names or prefixes ending in "*"; empty = whole module
     exclude: tuple[str, ...]  # qualified names or prefixes ending in "*"
     timeout: float
+    covering: bool = False  # run only the tests that execute the mutated line (see run_covering)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +106,7 @@ def load(path: Path) -> tuple[list[str], list[Target], list[Accepted]]:
             functions=tuple(str(x) for x in t.get("functions", ())),
             exclude=tuple(str(x) for x in t.get("exclude", ())),
             timeout=float(t.get("timeout_s", default_timeout)),
+            covering=bool(t.get("covering", False)),
         )
         for t in data["target"]
     ]
@@ -306,10 +310,17 @@ def _run_target_locked(
         "-o", "addopts=", "--timeout", str(int(target.timeout)), *target.tests,
     ]  # fmt: skip
 
+    baseline_cmd = pytest_cmd
+    if target.covering:
+        # The baseline also records which test executes which line of the module.
+        baseline_cmd = [*pytest_cmd[: -len(target.tests)], f"--cov={module_path.parent}",
+                        "--cov-context=test", "--cov-report=", *target.tests]
+        env["COVERAGE_FILE"] = str(home / "coverage.db")
     baseline_started = time.monotonic()
     baseline = subprocess.run(
-        pytest_cmd, cwd=tree_dir, env=env, capture_output=True, text=True, timeout=target.timeout * 4
+        baseline_cmd, cwd=tree_dir, env=env, capture_output=True, text=True, timeout=target.timeout * 4
     )
+    env.pop("COVERAGE_FILE", None)
     if baseline.returncode != 0:
         tail = "\n".join((baseline.stdout + baseline.stderr).splitlines()[-15:])
         return Result(target.name, 0, 0, [], f"tests fail on the UNMUTATED copy:\n{tail}",
@@ -322,7 +333,11 @@ def _run_target_locked(
     # pytest-timeout's bound on any single test.
     config["timeout"] = 3 * (time.monotonic() - baseline_started) + 60
     config["excluded-modules"] = []
-    config["test-command"] = shlex.join(pytest_cmd)
+    test_cmd = pytest_cmd
+    if target.covering:
+        _write_covering_map(home, module_path, target, pytest_cmd)
+        test_cmd = [sys.executable, str(Path(__file__).resolve()), "--run-covering", str(home)]
+    config["test-command"] = shlex.join(test_cmd)
     distributor = ConfigDict()
     distributor["name"] = "local"
     config["distributor"] = distributor
@@ -366,6 +381,58 @@ def _run_target_locked(
         os.environ.clear()
         os.environ.update(old_env)
     return Result(target.name, generated, n_in_scope, mutants, None, time.monotonic() - started)
+
+
+def _write_covering_map(home: Path, module_path: Path, target: Target, pytest_cmd: list[str]) -> None:
+    """From the baseline's coverage (one context per test), write ``covering.json``: for
+    each line of the module, the tests that executed it, in the target's test order."""
+    import coverage
+
+    data = coverage.CoverageData(basename=str(home / "coverage.db"))
+    data.read()
+    order = {name: i for i, name in enumerate(target.tests)}
+    lines: dict[str, list[str]] = {}
+    for lineno, contexts in (data.contexts_by_lineno(str(module_path)) or {}).items():
+        # pytest-cov names a context "<nodeid>|setup", "|run" or "|teardown"; import-time
+        # execution has the empty context (no test).
+        nodeids = {c.rsplit("|", 1)[0] for c in contexts if c}
+        lines[str(lineno)] = sorted(nodeids, key=lambda n: (order.get(n.split("::")[0], len(order)), n))
+    covering = {
+        "module": str(module_path),
+        "original": str(home / "original.py"),
+        "pytest": pytest_cmd[: -len(target.tests)],
+        "tests": list(target.tests),
+        "lines": lines,
+    }
+    (home / "covering.json").write_text(json.dumps(covering))
+
+
+def run_covering(home: Path) -> int:
+    """The test command of a ``covering`` target, run by cosmic-ray for each mutant.
+
+    Finds the lines the mutant changed (the module against ``original.py``) and runs
+    only the tests that executed them in the baseline. A changed line no test executed
+    in process (run only by a daemon subprocess, or at import time) runs every test of
+    the target instead: selection may only save time, never decide an outcome that a
+    full run would decide otherwise for lack of a measurement.
+    """
+    covering = json.loads((home / "covering.json").read_text())
+    before = Path(covering["original"]).read_text().splitlines()
+    after = Path(covering["module"]).read_text().splitlines()
+    changed: set[int] = set()
+    for tag, i1, i2, _j1, _j2 in difflib.SequenceMatcher(None, before, after, autojunk=False).get_opcodes():
+        if tag != "equal":
+            changed.update(range(i1 + 1, max(i2, i1 + 1) + 1))
+    selected: list[str] = []
+    for line in sorted(changed):
+        nodeids = covering["lines"].get(str(line))
+        if not nodeids:
+            selected = list(covering["tests"])  # not measured: run everything
+            break
+        selected += [n for n in nodeids if n not in selected]
+    if not selected:
+        selected = list(covering["tests"])
+    return subprocess.run([*covering["pytest"], *selected]).returncode
 
 
 def collect(db: Any, target: Target, lines: list[str], owner: dict[int, str], accepted: list[Accepted]) -> list[Mutant]:
@@ -575,4 +642,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--run-covering"]:  # internal: the test command of a covering target
+        sys.exit(run_covering(Path(sys.argv[2])))
     sys.exit(main())
