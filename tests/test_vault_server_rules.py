@@ -506,3 +506,23 @@ def test_invalid_token_text_can_be_vault_1_14s() -> None:
         resp = requests.get(f"{old.addr}/v1/auth/token/lookup-self",
                             headers={"X-Vault-Token": "hvs.bogus"}, timeout=5)
     assert resp.status_code == 403 and resp.json() == {"errors": ["permission denied"]}
+
+
+@pytest.mark.parametrize(("path", "patterns", "winner"), [
+    # The priority examples of V vault/acl.go CheckAllowedFromNonExactPaths.
+    ("foo/ab", ["foo/+", "foo/a*"], "foo/a*"),
+    ("foo/bar/x/baz", ["foo/+/bar/baz", "foo/bar/+/baz"], "foo/bar/+/baz"),
+    ("foo/x/bar", ["foo/+/ba*", "foo/+/bar"], "foo/+/bar"),
+    ("foo/x", ["foo/*", "foo/+"], "foo/+"),
+    ("foo/bar/x/baz", ["foo/+/+/baz", "foo/bar/+/baz"], "foo/bar/+/baz"),
+    ("foo/x/bar/baz", ["foo/+/bar/b*", "foo/+/bar/ba*"], "foo/+/bar/ba*"),
+    ("foo/bar/baz", ["foo/*", "foo/bar/*"], "foo/bar/*"),  # longest glob
+    ("foo/bar", ["foo/bar", "foo/*", "foo/+"], "foo/bar"),  # exact first
+    ("foo/", ["foo", "foo/*"], "foo"),  # a LIST path also matches its exact rule without "/"
+])
+def test_acl_rule_priority(path: str, patterns: list[str], winner: str) -> None:
+    from vault_server import _acl_lookup
+
+    rules = {p: frozenset({p}) for p in patterns}  # each rule's "capabilities" name it
+    assert _acl_lookup(rules, path, is_list=True) == frozenset({winner})
+    assert _acl_lookup(rules, "elsewhere/x", is_list=False) is None

@@ -227,11 +227,8 @@ def _acl_lookup(rules: Mapping[str, frozenset[str]], path: str, is_list: bool) -
         for i, part in enumerate(acl_parts):
             if part == "+":
                 plus += 1
-            elif part == path_parts[i]:
-                pass
-            elif is_prefix and i == len(acl_parts) - 1 and path_parts[i].startswith(part):
-                pass
-            else:
+            elif part != path_parts[i] and not (
+                    is_prefix and i == len(acl_parts) - 1 and path_parts[i].startswith(part)):
                 break
         else:
             key = (pattern.index("+"), not is_prefix, -plus, len(wc_path), wc_path)
