@@ -8,6 +8,9 @@ none asserts on the wall clock.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -526,3 +529,179 @@ def test_acl_rule_priority(path: str, patterns: list[str], winner: str) -> None:
     rules = {p: frozenset({p}) for p in patterns}  # each rule's "capabilities" name it
     assert _acl_lookup(rules, path, is_list=True) == frozenset({winner})
     assert _acl_lookup(rules, "elsewhere/x", is_list=False) is None
+
+
+# --------------------------------------------------------------------------- the same, on a real Vault
+# The rules above that need no stand-in knob run against the stand-in AND, when
+# SIDEKEY_TEST_VAULT_ADDR / SIDEKEY_TEST_VAULT_TOKEN are set, against a real Vault (or
+# OpenBao): a difference between the two is a bug in the stand-in. The real token must be
+# allowed to write policies (sys/policy/*), create tokens (auth/token/create) and use the
+# KV v2 mount SIDEKEY_TEST_VAULT_KV_MOUNT (default "secret"); a root token on a dev server
+# (``vault server -dev``) will do. SIDEKEY_TEST_VAULT_DYNAMIC=<mount>/<path> adds the
+# revocation cases. Everything written is under sidekey-test-<random> and removed after.
+
+REAL_ADDR = os.environ.get("SIDEKEY_TEST_VAULT_ADDR")
+REAL_TOKEN = os.environ.get("SIDEKEY_TEST_VAULT_TOKEN")
+REAL_KV_MOUNT = os.environ.get("SIDEKEY_TEST_VAULT_KV_MOUNT", "secret")
+REAL_DYNAMIC = os.environ.get("SIDEKEY_TEST_VAULT_DYNAMIC")
+
+
+class Target:
+    """A Vault to check the rules on: the stand-in or a real one, through hvac only."""
+
+    def __init__(self, addr: str, root: str, kv_mount: str, dynamic: str | None,
+                 namespace: str | None = None) -> None:
+        self.addr, self.root, self.kv_mount, self.dynamic = addr, root, kv_mount, dynamic
+        self.namespace = namespace
+        self.prefix = f"sidekey-test-{secrets.token_hex(4)}"
+        self._clients: list[hvac.Client] = []
+        self._policies: list[str] = []
+        self._tokens: list[str] = []
+
+    def client(self, token: str | None = None) -> hvac.Client:
+        c = hvac.Client(url=self.addr, token=token, timeout=10, namespace=self.namespace)
+        self._clients.append(c)
+        return c
+
+    def add_policy(self, name: str, hcl: str) -> str:
+        name = f"{self.prefix}-{name}"
+        self.client(self.root).sys.create_or_update_policy(name=name, policy=hcl)
+        self._policies.append(name)
+        return name
+
+    def create_token(self, policies: list[str], num_uses: int = 0) -> str:
+        auth = self.client(self.root).auth.token.create(policies=policies, ttl="10m",
+                                                        num_uses=num_uses)["auth"]
+        self._tokens.append(auth["client_token"])
+        return str(auth["client_token"])
+
+    def close(self) -> None:
+        root = self.client(self.root)
+        for token in self._tokens:
+            with contextlib.suppress(hvac.exceptions.VaultError):
+                root.auth.token.revoke(token)
+        for name in self._policies:
+            root.sys.delete_policy(name)
+        with contextlib.suppress(hvac.exceptions.VaultError):
+            keys = root.secrets.kv.v2.list_secrets(path=self.prefix, mount_point=self.kv_mount)
+            for key in keys["data"]["keys"]:
+                root.secrets.kv.v2.delete_metadata_and_all_versions(
+                    path=f"{self.prefix}/{key}", mount_point=self.kv_mount)
+        for c in self._clients:
+            c.adapter.close()
+
+
+@pytest.fixture(params=["stand-in", pytest.param("real", marks=pytest.mark.real_vault)])
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+    if request.param == "stand-in":
+        with VaultServer(clock=lambda: 1000.0) as server:
+            server.add_dynamic_role("readonly", ttl=600)
+            t = Target(server.addr, server.root_token, "secret", "database/creds/readonly")
+            try:
+                yield t
+            finally:
+                t.close()
+        return
+    if not (REAL_ADDR and REAL_TOKEN):
+        pytest.skip("set SIDEKEY_TEST_VAULT_ADDR and SIDEKEY_TEST_VAULT_TOKEN to check against a real Vault")
+    t = Target(REAL_ADDR, REAL_TOKEN, REAL_KV_MOUNT, REAL_DYNAMIC, os.environ.get("VAULT_NAMESPACE"))
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def test_same_kv_deleted_version_body_and_cas(target: Target) -> None:
+    kv = target.client(target.root).secrets.kv.v2
+    path, mount = f"{target.prefix}/s", target.kv_mount
+    kv.create_or_update_secret(path=path, secret={"v": "1"}, cas=0, mount_point=mount)
+    kv.create_or_update_secret(path=path, secret={"v": "2"}, cas=1, mount_point=mount)
+    kv.delete_latest_version_of_secret(path=path, mount_point=mount)
+    with pytest.raises(hvac.exceptions.InvalidPath) as exc:
+        kv.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True)
+    body = exc.value.json
+    assert "errors" not in body and body["data"]["data"] is None
+    assert body["data"]["metadata"]["version"] == 2 and body["data"]["metadata"]["deletion_time"]
+    with pytest.raises(hvac.exceptions.InvalidRequest) as cas_exc:
+        kv.create_or_update_secret(path=path, secret={"v": "x"}, cas=0, mount_point=mount)
+    assert cas_exc.value.errors == ["check-and-set parameter did not match the current version"]
+    kv.destroy_secret_versions(path=path, versions=[2], mount_point=mount)
+    with pytest.raises(hvac.exceptions.InvalidPath) as exc:
+        kv.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True)
+    meta = exc.value.json["data"]["metadata"]
+    assert (meta["version"], meta["deletion_time"] != "", meta["destroyed"]) == (2, True, True)
+    assert kv.create_or_update_secret(path=path, secret={"v": "3"}, cas=2,
+                                      mount_point=mount)["data"]["version"] == 3
+    with pytest.raises(hvac.exceptions.InvalidPath) as exc:
+        kv.read_secret_version(path=f"{target.prefix}/never", mount_point=mount,
+                               raise_on_deleted_version=True)
+    assert exc.value.json == {"errors": []}
+
+
+def test_same_policy_num_uses_and_capabilities(target: Target) -> None:
+    mount, prefix = target.kv_mount, target.prefix
+    target.client(target.root).secrets.kv.v2.create_or_update_secret(
+        path=f"{prefix}/ok", secret={"v": "x"}, mount_point=mount)
+    policy = target.add_policy("kv", f'''
+path "{mount}/data/{prefix}/*"      {{ capabilities = ["read", "create", "update"] }}
+path "{mount}/data/{prefix}/locked" {{ capabilities = ["deny"] }}
+path "{mount}/data/+/{prefix}-seg"  {{ capabilities = ["list"] }}
+''')
+    token = target.create_token([policy], num_uses=6)
+    c = target.client(token)
+    c.secrets.kv.v2.read_secret_version(path=f"{prefix}/ok", mount_point=mount,
+                                        raise_on_deleted_version=True)  # 5 left
+    with pytest.raises(hvac.exceptions.Forbidden) as exc:  # denied: spends one all the same
+        c.secrets.kv.v2.read_secret_version(path=f"{prefix}/locked", mount_point=mount,
+                                            raise_on_deleted_version=True)  # 4 left
+    assert "permission denied" in exc.value.errors
+    with pytest.raises(hvac.exceptions.Forbidden):  # a wrong mount under a policy: 403
+        c.adapter.get(f"/v1/{prefix}-no-such-mount/data/x")  # 3 left
+    answer = c.sys.get_capabilities([f"{mount}/data/{prefix}/a", f"{mount}/data/{prefix}/locked",
+                                     f"{mount}/data/any/{prefix}-seg", "sys/leases/revoke"])  # 2 left
+    assert answer["data"] == {
+        f"{mount}/data/{prefix}/a": ["create", "read", "update"],
+        f"{mount}/data/{prefix}/locked": ["deny"],
+        f"{mount}/data/any/{prefix}-seg": ["list"],
+        "sys/leases/revoke": ["deny"],
+    }
+    assert c.auth.token.lookup_self()["data"]["num_uses"] == 1
+    c.auth.token.lookup_self()  # the last use
+    with pytest.raises(hvac.exceptions.Forbidden) as exc:
+        c.auth.token.lookup_self()
+    assert "permission denied" in exc.value.errors
+
+
+def test_same_revoke_status_codes(target: Target) -> None:
+    root = target.client(target.root)
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="lease_id must be specified"):
+        root.adapter.put("/v1/sys/leases/revoke", json={})
+    unknown = f"{target.dynamic or 'database/creds/readonly'}/{target.prefix}"
+    assert status_of(root.sys.revoke_lease(unknown)) == 204  # unknown: no error
+    assert status_of(root.adapter.put(f"/v1/sys/leases/revoke/{unknown}", json={"sync": False})) == 202
+    if target.dynamic is None:
+        return
+    a = root.adapter.get(f"/v1/{target.dynamic}")["lease_id"]
+    b = root.adapter.get(f"/v1/{target.dynamic}")["lease_id"]
+    assert status_of(root.sys.revoke_lease(a)) == 204  # sync by default
+    assert status_of(root.adapter.put(f"/v1/sys/leases/revoke/{b}", json={"sync": False})) == 202
+    for lease_id in (a, b):
+        with pytest.raises(hvac.exceptions.InvalidRequest, match="invalid lease"):
+            root.sys.read_lease(lease_id)
+
+
+def test_child_tokens_and_their_leases_die_with_the_parent(vault: VaultServer, client: Client) -> None:
+    vault.add_policy("creds", {"database/creds/readonly": ["read"], "auth/token/create": ["update"]})
+    parent = vault.create_token(policies=["creds"])
+    pc = client(parent)
+    child = pc.auth.token.create(ttl="10m")["auth"]
+    assert child["policies"] == ["creds", "default"] and child["orphan"] is False
+    orphan = client(vault.root_token).auth.token.create(policies=["creds"], no_parent=True)["auth"]
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="subset of parent"):
+        pc.auth.token.create(policies=["root"])
+    lease = creds(client(child["client_token"]))["lease_id"]
+    kept = creds(client(orphan["client_token"]))["lease_id"]
+    vault.revoke_token(parent)
+    assert vault.token(child["client_token"]).revoked_why == "parent token revoked"
+    assert vault.live_leases() == {kept}
+    assert lease not in vault.live_leases()

@@ -14,7 +14,8 @@ Endpoints (shapes):
 
 * Token auth method -- api-docs/auth/token: ``GET auth/token/lookup-self``,
   ``POST auth/token/renew-self`` (``increment``), ``POST auth/token/revoke-self``,
-  ``POST auth/token/revoke`` (``token``).
+  ``POST auth/token/revoke`` (``token``), ``POST auth/token/create[-orphan]``.
+* ``sys/policy/{name}`` -- api-docs/system/policy (PUT ``policy`` as HCL, GET, DELETE).
 * AppRole -- api-docs/auth/approle: ``POST auth/{mount}/login`` (``role_id``,
   ``secret_id``; unauthenticated).
 * KV v2 -- api-docs/secret/kv/kv-v2: ``GET/POST/DELETE {mount}/data/{path}``,
@@ -253,6 +254,7 @@ class Token:
     restricted: bool = False  # policies are enforced (else: every path allowed, like root)
     revoked_at: float | None = None
     revoked_why: str = ""
+    parent_id: str = ""  # "" : an orphan (AppRole logins, the knob's tokens)
 
     def remaining(self, now: float) -> int:
         return 0 if self.expires_at is None else max(0, int(self.expires_at - now))
@@ -403,6 +405,7 @@ class VaultServer:
         self._standby = False
         self._tokens: dict[str, Token] = {}
         self._policies: dict[str, dict[str, frozenset[str]]] = {"default": parse_policy(DEFAULT_POLICY)}
+        self._policy_texts: dict[str, str] = {"default": DEFAULT_POLICY}
         self._approles: dict[str, dict[str, dict[str, Any]]] = {"approle": {}}
         self._kv: dict[str, dict[str, _KvSecret]] = {m: {} for m in kv_mounts}
         self._kv_config: dict[str, _KvConfig] = {m: _KvConfig() for m in kv_mounts}
@@ -563,6 +566,8 @@ class VaultServer:
         parsed = parse_policy(rules)
         with self._lock:
             self._policies[name] = parsed
+            if isinstance(rules, str):
+                self._policy_texts[name] = rules
 
     def create_token(
         self,
@@ -786,6 +791,10 @@ class VaultServer:
             if lease.token_id == token.id and lease.revoked_at is None:
                 lease.revoked_at = now
                 lease.revoked_why = why
+        # V token_store.go revokeTree: a token's children (auth/token/create without
+        # no_parent) go with it, and their leases.
+        for child in [t for t in self._tokens.values() if t.parent_id == token.id]:
+            self._revoke_token(child, now, "parent token revoked")
 
     def _sweep(self, now: float) -> None:
         """Expire what the clock has passed: a token at its TTL / max TTL is revoked with
@@ -818,6 +827,10 @@ class VaultServer:
             return "revoke_self", {}
         if rel == "auth/token/revoke":
             return "revoke_token", {}
+        if rel in ("auth/token/create", "auth/token/create-orphan"):
+            return "create_token", {"orphan": "1" if rel.endswith("orphan") else ""}
+        if len(parts) == 3 and parts[:2] == ["sys", "policy"]:
+            return "policy", {"name": parts[2]}
         if rel == "sys/capabilities-self":
             return "capabilities_self", {}
         if len(parts) == 3 and parts[0] == "auth" and parts[2] == "login":
@@ -1016,6 +1029,10 @@ class VaultServer:
             if target is not None:
                 self._revoke_token(target, now, "token revoked")
             return 204, None
+        if route == "create_token" and method in writes:
+            return self._create_token_api(token, doc, bool(params["orphan"]), now)
+        if route == "policy":
+            return self._policy_api(method, params["name"], doc)
         if route == "capabilities_self" and method in writes:
             return self._capabilities_self(token, doc)
         if route == "list_leases" and method == "LIST":
@@ -1145,6 +1162,61 @@ class VaultServer:
             num_uses=role["num_uses"],
         )
         return 200, self._envelope(auth=self._auth_doc(token, now))
+
+    def _create_token_api(self, parent: Token, doc: dict[str, Any], orphan: bool, now: float) -> Answer:
+        """``POST auth/token/create`` (api-docs/auth/token "Create token"): ``policies``
+        (default: the parent's), ``ttl``, ``explicit_max_ttl``, ``num_uses``,
+        ``renewable``, ``no_default_policy``, ``no_parent``. V token_store.go
+        handleCreateCommon: a non-root parent may only hand out a subset of its own
+        policies; the new token is the caller's child (revoked with it) unless orphan."""
+        raw = doc.get("policies")
+        policies = [str(p) for p in raw] if isinstance(raw, list) and raw else None
+        if policies is None:  # the parent's (an unrestricted parent's child is unrestricted)
+            policies = [p for p in parent.policies if p != "default"] if parent.restricted else None
+        elif parent.restricted:
+            extra = set(policies) - set(parent.policies) - {"default"}
+            if extra:
+                return 400, {"errors": ["child policies must be subset of parent"]}
+        unknown = [p for p in policies or [] if p not in self._policies and p != "root"]
+        if unknown:
+            return 400, {"errors": [f"policy {unknown[0]!r} does not exist"]}
+        ttl = _seconds(doc.get("ttl")) or (parent.ttl if parent.expires_at is not None else 0) \
+            or SYSTEM_MAX_TTL
+        token = self._new_token(
+            ttl=ttl, renewable=bool(doc.get("renewable", True)),
+            max_ttl=_seconds(doc.get("explicit_max_ttl")) or 0, namespace=parent.namespace,
+            policies=policies, path="auth/token/create",
+            no_default_policy=bool(doc.get("no_default_policy")),
+            num_uses=_weak_int(doc.get("num_uses", 0)) or 0,
+        )
+        if not (orphan or doc.get("no_parent")):
+            token.parent_id = parent.id
+        return 200, self._envelope(auth={**self._auth_doc(token, now), "orphan": not token.parent_id})
+
+    def _policy_api(self, method: str, name: str, doc: dict[str, Any]) -> Answer:
+        """``sys/policy/<name>`` (api-docs/system/policy): PUT/POST ``{"policy": hcl}`` ->
+        204, GET -> ``{"name", "rules"}``, DELETE -> 204. "root" cannot be changed."""
+        if method in ("POST", "PUT"):
+            if name == "root":
+                return 400, {"errors": ['cannot update "root" policy']}
+            text = doc.get("policy") or doc.get("rules")
+            if not isinstance(text, str):
+                return 400, {"errors": ["'policy' parameter not supplied or empty"]}
+            try:
+                self._policies[name] = parse_policy(text)
+            except ValueError as exc:
+                return 400, {"errors": [f"failed to parse policy: {exc}"]}
+            self._policy_texts[name] = text
+            return 204, None
+        if method == "DELETE":
+            if name in ("root", "default"):
+                return 400, {"errors": [f'cannot delete "{name}" policy']}
+            self._policies.pop(name, None)
+            return 204, None
+        if name not in self._policies:
+            return 404, {"errors": []}
+        rules = self._policy_texts.get(name, "")
+        return 200, {**self._envelope(data={"name": name, "rules": rules}), "name": name, "rules": rules}
 
     def _capabilities_self(self, token: Token, doc: dict[str, Any]) -> Answer:
         """V vault/logical_system.go handleCapabilities + vault/capabilities.go
