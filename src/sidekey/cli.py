@@ -152,6 +152,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "backends": {n: "local" for n in cfg.backends},
         "secrets_mapped": mapped,
     }
+    failed = False
+    if args.probe:
+        summary["probe"] = _probe_backends(loaded)
+        failed = any(not p["ok"] for p in summary["probe"].values())
     if args.json:
         _print_json(summary)
     else:
@@ -171,7 +175,57 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"  agent {name}: {grants or 'no grants'}{denied}")
         for warning in summary["warnings"]:
             print(f"  warning: {warning}")
-    return EXIT_OK
+        for name, probe in summary.get("probe", {}).items():
+            if "error" in probe:
+                print(f"  probe {name}: FAILED: {probe['error']}")
+                continue
+            if not probe["missing"]:
+                print(f"  probe {name}: {probe['checked']}")
+            for m in probe["missing"]:
+                kind = "MISSING" if m["required"] else "missing (optional)"
+                print(f"  probe {name}: {kind} {m['capability']} on {m['path']}, for {m['needed_for']}")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _probe_backends(loaded: Any) -> dict[str, dict[str, Any]]:
+    """Ask each backend that can check its own permissions (Vault: one
+    sys/capabilities-self request) whether it may do what the config's secrets need.
+    ``ok`` is false on an error or a missing required capability."""
+    import trio
+
+    from .backends import build_backends, unwrap
+
+    refs: dict[str, list[Any]] = {}
+    for tools_ in loaded.config.secrets.values():
+        for by_alias in tools_.values():
+            for ref in by_alias.values():
+                refs.setdefault(ref.backend, []).append(ref)
+    backends = build_backends(loaded)
+
+    async def probe_all() -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            for name, backend in backends.items():
+                probe = getattr(unwrap(backend), "probe", None)
+                if probe is None:
+                    continue
+                try:
+                    missing = await probe(refs.get(name, []))
+                except SidekeyError as exc:
+                    out[name] = {"ok": False, "error": exc.message}
+                    continue
+                out[name] = {
+                    "ok": not any(m["required"] for m in missing),
+                    "missing": missing,
+                    "checked": "every capability the config needs is granted",
+                }
+        finally:
+            with trio.CancelScope(shield=True):
+                for backend in backends.values():
+                    await backend.aclose()
+        return out
+
+    return trio.run(probe_all)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -516,6 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("check-config", cmd_check_config, "validate the config and its includes; print a summary")
     config_arg(sp)
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sp.add_argument("--probe", action="store_true",
+                    help="also ask each remote backend whether its credentials may do what the "
+                    "config needs (Vault: one sys/capabilities-self request, naming each missing "
+                    "capability); exit 1 if a required one is missing or the backend cannot be "
+                    "reached")
 
     sp = add("keygen", cmd_keygen, "create keys: the token HMAC key set (create or rotate), "
              "a local-store key, or an Ed25519 key pair for an external issuer")

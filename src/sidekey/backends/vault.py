@@ -131,6 +131,46 @@ _STATUS: dict[type[hvac.exceptions.VaultError], int] = {
 }
 
 
+class _StatusAdapter(hvac.adapters.JSONAdapter):
+    """hvac's JSON adapter, keeping the HTTP status (and ``Retry-After``) on the error it
+    raises: hvac maps only nine statuses to exception classes and raises every other one
+    (405, 412, 504, Vault's 472/473 ...) as ``UnexpectedError`` without its number."""
+
+    def _raise_for_error(self, method: str, url: str, response: requests.Response) -> None:
+        try:
+            super()._raise_for_error(method, url, response)  # type: ignore[misc]
+        except hvac.exceptions.VaultError as exc:
+            exc.status_code = response.status_code  # type: ignore[attr-defined]
+            exc.retry_after = response.headers.get("Retry-After")  # type: ignore[attr-defined]
+            raise
+
+
+def _status_of(exc: hvac.exceptions.VaultError) -> int | None:
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else _STATUS.get(type(exc))
+
+
+def _kv_version_gone(exc: hvac.exceptions.VaultError) -> tuple[int, str] | None:
+    """For a KV v2 read answered 404: ``(version, "deleted at <time>" | "destroyed")`` when
+    the secret exists but its version is deleted or destroyed (Vault sends the version's
+    metadata with ``data: null``; vault-plugin-secrets-kv path_data.go pathDataRead), None
+    when there is no such secret (404 ``{"errors": []}``)."""
+    body = exc.json if isinstance(exc.json, dict) else None
+    data = body.get("data") if body is not None else None
+    meta = data.get("metadata") if isinstance(data, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    version = meta.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version <= 0:
+        return None
+    if meta.get("destroyed") is True:
+        return version, "destroyed"
+    deleted = meta.get("deletion_time")
+    if isinstance(deleted, str) and deleted:
+        return version, f"deleted at {deleted[:40]}"
+    return None
+
+
 # --------------------------------------------------------------------------- Vault's answers
 # Only the fields sidekey reads; Vault sends more (and adds fields over time), so unknown
 # fields are allowed here, unlike sidekey's own wire messages.
@@ -210,10 +250,22 @@ class _Credential:
     lease_id: str
     data: dict[str, Any]
     lease_duration: int
-    expires_at: float  # on the backend's clock
+    # On the backend's clock: the lease's end, or the issuing token's expiry if sooner
+    # (Vault revokes a token's leases with the token; lease_duration ignores the token).
+    expires_at: float
+    token_serial: int  # which token issued it (see VaultBackend._token_serial)
 
     def __repr__(self) -> str:
         return f"_Credential(lease_id={self.lease_id!r}, data=<redacted>)"
+
+
+@dataclass(frozen=True, slots=True)
+class _KvGone:
+    """A KV v2 secret whose current version is deleted or destroyed (it still counts for
+    check-and-set: Vault compares cas with current_version, which deletion keeps)."""
+
+    version: int
+    how: str  # "deleted at <time>" or "destroyed"
 
 
 @dataclass(slots=True)
@@ -396,6 +448,7 @@ class VaultBackend:
             "cert": cert,
             "timeout": cfg.timeout_s,
             "session": session,
+            "adapter": _StatusAdapter,
         }
         self._client = hvac.Client(**options)
         # Logins go through a client that never carries a token: a stale token in the
@@ -408,6 +461,9 @@ class VaultBackend:
         # Authentication state (the token itself lives only in the hvac client).
         self._auth_lock = trio.Lock()
         self._auth_gen = 0
+        # Bumped when the client's token is replaced (not when the same one is looked up
+        # again): credentials issued under an older token die when that token does.
+        self._token_serial = 0
         self._authenticated = False
         self._token_expires_at: float | None = None  # None: the token never expires
         self._token_granted_s = 0
@@ -504,10 +560,20 @@ class VaultBackend:
         if current is None:
             data: dict[str, Any] = {}
             cas = 0
+            before = "absent"
+        elif isinstance(current, _KvGone):
+            # The next version is written from scratch (the keys of a deleted version
+            # cannot be read), with cas on the deleted one: Vault's current_version.
+            data, cas = {}, current.version
+            before = f"{cas} ({current.how})"
+            log.warning("vault backend %r: the current version %d of %s was %s; rotation "
+                        "writes version %d with only the rotated key", self.name, cas, label,
+                        current.how, cas + 1)
         else:
             parsed = self._parse(current, _KvReadResponse, f"KV read of {label}")
             data = dict(parsed.data.data or {})
             cas = parsed.data.metadata.version
+            before = str(cas)
         if ref.key is not None:
             key = ref.key
         elif len(data) == 1:
@@ -532,7 +598,7 @@ class VaultBackend:
         except BackendError as exc:
             raise BackendError(
                 f"{exc.message} (the rotation of {label} may not have been applied; "
-                f"its current version stays {cas or 'absent'} unless Vault confirmed the write)"
+                f"its current version stays {before} unless Vault confirmed the write)"
             ) from None
         version = str(self._parse(written, _KvWriteResponse, f"KV write of {label}").data.version)
         log.info("vault backend %r: rotated %s#%s to version %s", self.name, label, key, version)
@@ -578,6 +644,62 @@ class VaultBackend:
                 "backend closed" if self._closing else self._last_error or "not connected yet"
             )
         return info
+
+    async def probe(self, refs: Sequence[SecretRef]) -> list[dict[str, object]]:
+        """What sidekey will ask of Vault for ``refs`` that the token's policy does not
+        allow: one ``{"path", "capability", "needed_for", "required"}`` per missing
+        capability (empty: everything is granted). ``required`` is false for what only
+        an operator's action needs (``sidekey rotate``). One request (``POST
+        sys/capabilities-self``, in Vault's default policy), which counts one use of a
+        token with ``num_uses``. Raises :class:`BackendError` (Vault down, login failed).
+
+        The policy this checks against is ``examples/vault/sidekey-policy.hcl``.
+        """
+        wanted: list[tuple[str, str, str, bool]] = [
+            ("auth/token/lookup-self", "read", "checking the token", True),
+            ("auth/token/renew-self", "update", "renewing the token", True),
+        ]
+        for ref in refs:
+            mount = _segments(ref.mount, "mount", ref.label)
+            path = _segments(ref.path, "path", ref.label)
+            if ref.kind == "dynamic":
+                role = f"{mount}/{path}"
+                wanted += [
+                    (role, "read", f"issuing credentials from {role}", True),
+                    # URL form: the probe path stands for any lease id under the role.
+                    (f"sys/leases/revoke/{role}/lease-id", "update",
+                     f"revoking {role} credentials at release", True),
+                    (f"sys/leases/lookup/{role}/", "list",
+                     f"finding {role} credentials orphaned by a crash", True),
+                    (f"sys/leases/lookup/{role}/", "sudo",
+                     f"finding {role} credentials orphaned by a crash", True),
+                    ("sys/leases/lookup", "update", "reading an orphaned lease's issue time", True),
+                ]
+            else:
+                data = f"{mount}/data/{path}"
+                wanted += [
+                    (data, "read", f"reading {ref.label}", True),
+                    (data, "update", f"rotating {ref.label} (sidekey rotate)", False),
+                ]
+        paths = sorted({p for p, _, _, _ in wanted})
+        raw = await self._authed(
+            "capability check", lambda: self._w_capabilities(paths), "sys/capabilities-self")
+        body = raw.get("data") if isinstance(raw, dict) else None
+        if not isinstance(body, dict):
+            raise BackendError("vault capability check: unexpected response (no data)")
+        missing: list[dict[str, object]] = []
+        seen: set[tuple[str, str]] = set()
+        for path, capability, why, required in wanted:
+            caps = body.get(path)
+            granted = set(caps) if isinstance(caps, list) else set()
+            if "root" in granted or (capability in granted and "deny" not in granted):
+                continue
+            if (path, capability) in seen:
+                continue
+            seen.add((path, capability))
+            missing.append({"path": path, "capability": capability, "needed_for": why,
+                            "required": required})
+        return missing
 
     async def aclose(self) -> None:
         """Revoke pooled credentials never handed out (bounded in time: what cannot be
@@ -688,7 +810,7 @@ class VaultBackend:
         now = self._clock()
         while pool.items:
             cred = pool.items.popleft()
-            if cred.expires_at - now >= self._pool_threshold():
+            if cred.token_serial == self._token_serial and cred.expires_at - now >= self._pool_threshold():
                 return cred
             log.info("vault backend %r: pooled credential %s for %s has too little TTL left; "
                      "revoking it instead of handing it out", self.name, cred.lease_id, pool.label)
@@ -715,9 +837,16 @@ class VaultBackend:
         handoff = _Handoff()
         try:
             with trio.fail_after(self._issue_budget()):
+                await self._ensure_token_life(self._pool_threshold())
+                serial, token_expires = self._token_serial, self._token_expires_at
                 raw = await self._authed(
                     f"read of {label}", lambda: self._w_issue(mount, path, handoff), label
                 )
+                if self._token_serial != serial:
+                    # Re-authenticated during the call (a 403 retry, or another task):
+                    # the credential may be the old token's; count it as the older one.
+                    token_expires = min(token_expires or math.inf,
+                                        self._token_expires_at or math.inf)
         except BaseException as exc:
             orphan = handoff.abandon()
             if orphan is not None:
@@ -751,7 +880,9 @@ class VaultBackend:
             lease_id=parsed.lease_id,
             data=dict(parsed.data),
             lease_duration=parsed.lease_duration,
-            expires_at=self._clock() + parsed.lease_duration,
+            expires_at=min(self._clock() + parsed.lease_duration,
+                           math.inf if token_expires is None else token_expires),
+            token_serial=serial,
         )
         if self._journal is not None:
             try:
@@ -877,7 +1008,7 @@ class VaultBackend:
         """Top ``pool`` up to its target; False if Vault failed (retry later)."""
         now = self._clock()
         for cred in list(pool.items):
-            if cred.expires_at - now < self._pool_threshold():
+            if cred.token_serial != self._token_serial or cred.expires_at - now < self._pool_threshold():
                 pool.items.remove(cred)
                 self._to_revoke.setdefault(cred.lease_id, 0)
         while not self._closing and pool.disabled is None and len(pool.items) < pool.target:
@@ -897,6 +1028,12 @@ class VaultBackend:
             if cred.lease_duration < self._pool_threshold():
                 pool.disabled = (f"credentials from {pool.label} live {cred.lease_duration} s, "
                                  f"less than the {self._pool_threshold():g} s a pooled one needs")
+            elif 0 < self._token_granted_s < self._pool_threshold():
+                # Every credential dies with its token: a pooled one would never last.
+                pool.disabled = (f"vault tokens live {self._token_granted_s} s, less than the "
+                                 f"{self._pool_threshold():g} s a pooled credential needs (its "
+                                 "token's death revokes it); raise the token TTL")
+            if pool.disabled is not None:
                 log.warning("vault backend %r: warm pool disabled: %s", self.name, pool.disabled)
                 await self._revoke_quietly(cred.lease_id)
                 return True
@@ -969,6 +1106,7 @@ class VaultBackend:
                     raise BackendError(f"vault AppRole login at {self._addr} returned no token")
                 self._client.token = auth.client_token
                 self._set_token(auth.lease_duration, auth.renewable)
+                changed = True
                 how = f"logged in with AppRole (mount {self._cfg.approle_mount})"
             else:
                 changed = await self._call("token load", self._w_load_token)
@@ -982,6 +1120,9 @@ class VaultBackend:
             self._last_error = str(exc)
             raise BackendError(f"vault backend {self.name!r}: {exc}") from None
         self._auth_gen += 1
+        if changed:
+            self._token_serial += 1
+            self._retire_old_credentials()
         self._authenticated = True
         self._renewal_exhausted = False
         self._last_error = None
@@ -989,6 +1130,45 @@ class VaultBackend:
         log.info("vault backend %r: %s (token ttl %s, renewable %s)", self.name, how,
                  f"{self._token_granted_s} s" if self._token_expires_at else "none",
                  self._token_renewable)
+
+    def _retire_old_credentials(self) -> None:
+        """A new token is in use: pooled credentials issued under an older one die with
+        that token (Vault's expiration manager revokes a token's leases when it expires,
+        is revoked or runs out of uses: vault/expiration.go RevokeByToken), whatever
+        their lease_duration said. They are never handed out: revoked now (while the old
+        token may still be alive) and replaced from the new token."""
+        for pool in self._pools.values():
+            old = [c for c in pool.items if c.token_serial != self._token_serial]
+            for cred in old:
+                pool.items.remove(cred)
+                self._to_revoke.setdefault(cred.lease_id, 0)
+            if old:
+                log.info("vault backend %r: new vault token: revoking %d pooled credential(s) "
+                         "of %s issued under the old one", self.name, len(old), pool.label)
+        self._pool_wakeup.set()
+
+    def _token_left(self) -> float:
+        """Seconds the current token has left (inf: it never expires)."""
+        if self._token_expires_at is None:
+            return math.inf
+        return self._token_expires_at - self._clock()
+
+    async def _ensure_token_life(self, need_s: float) -> None:
+        """Before issuing a credential: the credential dies with the token that issues
+        it, so a token with less than ``need_s`` left is replaced first when a new one
+        would live longer (AppRole logs in again; auth: token re-reads its file). A
+        token whose whole TTL is shorter than ``need_s`` cannot be helped: its
+        credentials carry its expiry (and pools refuse them, saying why)."""
+        await self._ensure_auth()
+        if self._token_left() >= min(need_s, self._token_granted_s / 2):
+            return
+        async with self._auth_lock:
+            if self._token_left() >= min(need_s, self._token_granted_s / 2):
+                return
+            if self._cfg.auth == "approle" or await self._load_token():
+                log.info("vault backend %r: the token has %.0f s left, less than a credential "
+                         "needs; authenticating again before issuing", self.name, self._token_left())
+                await self._authenticate()
 
     def _token_source(self) -> str:
         return str(self._token_path or f"credential {self._cfg.token_credential}")
@@ -1005,7 +1185,7 @@ class VaultBackend:
         errors = self._scrub(_errors_of(exc))
         if self._cfg.auth == "approle":
             message = (f"vault AppRole login at {self._addr} (mount {self._cfg.approle_mount}) "
-                       f"failed ({_STATUS.get(type(exc), '?')}): {errors or 'no reason given'}")
+                       f"failed (HTTP {_status_of(exc) or '?'}): {errors or 'no reason given'}")
         elif isinstance(exc, hvac.exceptions.Forbidden):
             message = (f"the vault token from {self._token_source()} is invalid or expired (permission "
                        f"denied at {self._addr}); put a valid token there")
@@ -1061,7 +1241,7 @@ class VaultBackend:
                 raw = await self._call("token renewal", self._w_renew_self)
             except (hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest) as exc:
                 log.warning("vault backend %r: token renewal refused (%s); authenticating again",
-                            self.name, self._scrub(_errors_of(exc)) or _STATUS.get(type(exc)))
+                            self.name, self._scrub(_errors_of(exc)) or _status_of(exc))
                 await self._authenticate()
                 return
             except hvac.exceptions.VaultError as exc:
@@ -1191,17 +1371,27 @@ class VaultBackend:
     def _translate(
         self, exc: hvac.exceptions.VaultError, what: str, secrets: tuple[str, ...] = ()
     ) -> SidekeyError:
-        status = _STATUS.get(type(exc))
+        status = _status_of(exc)
         errors = self._scrub(_errors_of(exc), *secrets)
         detail = f": {errors}" if errors else ""
         if isinstance(exc, hvac.exceptions.InvalidPath):
+            gone = _kv_version_gone(exc)
+            if gone is not None:
+                version, how = gone
+                return SecretNotFound(
+                    f"{what}: version {version} of this secret was {how} in vault; undelete it "
+                    "or write a new version (sidekey rotate writes the next one)",
+                    code="secret_deleted",
+                )
             return SecretNotFound(f"{what}: vault has no such secret (404{detail})")
         if isinstance(exc, hvac.exceptions.VaultDown):
             message = f"vault at {self._addr} is sealed or unavailable (503{detail})"
         elif isinstance(exc, hvac.exceptions.RateLimitExceeded):
-            message = f"vault at {self._addr} rate-limited the {what} (429{detail})"
+            retry = getattr(exc, "retry_after", None)
+            after = f"; retry after {retry[:20]} s" if isinstance(retry, str) and retry else ""
+            message = f"vault at {self._addr} rate-limited the {what} (429{detail}{after})"
         else:
-            message = f"vault {what} failed ({status or 'unexpected status'}{detail})"
+            message = f"vault {what} failed (HTTP {status or 'status unknown'}{detail})"
         self._last_error = message
         return BackendError(message)
 
@@ -1254,10 +1444,11 @@ class VaultBackend:
             return self._client.secrets.kv.v2.read_secret_version(
                 path=path, version=version, mount_point=mount, raise_on_deleted_version=True
             )
-        except hvac.exceptions.InvalidPath:
-            if missing_ok:
-                return None
-            raise
+        except hvac.exceptions.InvalidPath as exc:
+            if not missing_ok:
+                raise
+            gone = _kv_version_gone(exc)
+            return None if gone is None else _KvGone(*gone)
 
     def _w_kv_write(self, mount: str, path: str, data: dict[str, Any], cas: int) -> Any:
         return self._client.secrets.kv.v2.create_or_update_secret(
@@ -1285,6 +1476,9 @@ class VaultBackend:
                             "it at its TTL)", self.name, lease_id)
         return raw
 
+    def _w_capabilities(self, paths: list[str]) -> Any:
+        return self._client.adapter.post("/v1/sys/capabilities-self", json={"paths": paths})
+
     def _w_list_leases(self, prefix: str) -> Any:
         try:
             # hvac's sys.list_leases(prefix), through the adapter like every call here.
@@ -1304,10 +1498,20 @@ class VaultBackend:
             raise
 
     def _w_revoke(self, lease_id: str) -> None:
-        # Queued revocation (Vault's default; 202 or 204): Vault retries a failing
-        # revocation by itself, a synchronous one would hand that job to us.
+        # Synchronous revocation, Vault's default for this endpoint (sync: true; 204 once
+        # the secrets engine has dropped the credential, 400 if the engine failed and the
+        # lease stays): when release returns, the credential is gone, and the audit record
+        # can say so. The wait is this call's timeout (timeout_s); a revocation that does
+        # not answer in time is retried from the queue (revoking a revoked lease is a 204:
+        # Vault answers an unknown lease id the same way), and the journal keeps the
+        # lease until one answers. (Vault: vault/logical_system.go handleLeaseRevoke;
+        # API docs "Revoke lease".)
+        # The URL form sys/leases/revoke/<lease_id> lets a policy scope revocation to the
+        # roles' lease prefixes (path "sys/leases/revoke/database/creds/readonly/*"); no
+        # lease_id in the body, which would override the URL's.
+        url = "/v1/sys/leases/revoke/" + urllib.parse.quote(lease_id, safe="/")
         try:
-            self._client.adapter.put("/v1/sys/leases/revoke", json={"lease_id": lease_id})
+            self._client.adapter.put(url, json={"sync": True})
         except hvac.exceptions.InvalidPath:
             return  # not known: expired or revoked already
         except hvac.exceptions.InvalidRequest as exc:
