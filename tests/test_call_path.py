@@ -232,6 +232,44 @@ async def test_dynamic_credentials_of_a_lease_are_revoked_at_release_static_ones
             assert released == ["bl-w"]
 
 
+async def test_lease_lives_no_longer_than_its_shortest_lived_credential(
+    d: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of two dynamic credentials, one dies in 45 s (its Vault token expires then), one
+    in 90 s: the lease ends at 45 s, not at leases.max_ttl_seconds (120 s); the lease,
+    the answer and the mcp.redeem event all say so."""
+    two_secrets(d)
+    now = [NOW]
+    with self_peer() as peer:
+        conn = ConnectionState(peer=peer)
+        async with app_on(d, clock=lambda: now[0]) as app:
+            backend = app.backends["local"]
+            real_fetch = backend.fetch
+
+            async def fetch(ref: Any) -> SecretValue:
+                value: SecretValue = await real_fetch(ref)
+                if ref.name == "content-api/write-key":
+                    await app.store.journal_backend_lease("local", "bl-short", expires_at=NOW + 45,
+                                                          at=NOW)
+                    return SecretValue(value=value.value, version="dynamic", lease_id="bl-short",
+                                       lease_ttl_s=45)
+                await app.store.journal_backend_lease("local", "bl-long", expires_at=NOW + 90, at=NOW)
+                return SecretValue(value=value.value, version="dynamic", lease_id="bl-long",
+                                   lease_ttl_s=90)
+
+            async def release(lease_id: str) -> None:
+                pass
+
+            monkeypatch.setattr(backend, "fetch", fetch)
+            monkeypatch.setattr(backend, "release", release)
+            token = d.user_token("content-api", ttl_s=3600, now=NOW - 60)
+            lease = await leased(app, conn, d, user_token=token)
+            assert lease["expires_at"] == iso(NOW + 45), lease
+            [active] = await app.store.leases_in_state("active")
+            assert active.expires_at == NOW + 45
+    assert events(d, "mcp.redeem")[-1]["expires_at"] == iso(NOW + 45)
+
+
 async def test_lease_lives_no_longer_than_max_ttl_nor_the_token(d: Daemon) -> None:
     """A lease expires at min(token exp, now + leases.max_ttl_seconds): 120 s under a
     300 s token; under a 60 s token, at the token's exp. mcp.redeem

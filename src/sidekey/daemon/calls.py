@@ -398,6 +398,12 @@ class Calls(Context):
             raise await self._reject("request.rejected", base, exc, jti=claims.jti) from None
         dynamic = [(refs[a].backend, v.lease_id) for a, v in values.items() if v.lease_id]
         expires_at = min(float(claims.exp), now + self.cfg.leases.max_ttl_seconds)
+        # A lease never outlives its credentials: a dynamic one that dies sooner (its own
+        # TTL, or the Vault token that issued it: Vault revokes a token's leases with it)
+        # ends the lease at that instant.
+        credential_ttls = [v.lease_ttl_s for v in values.values() if v.lease_ttl_s is not None]
+        if credential_ttls:
+            expires_at = min(expires_at, now + min(credential_ttls))
         rec = LeaseRecord(
             lease_id=new_lease_id(),
             jti=claims.jti,
