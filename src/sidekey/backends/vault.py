@@ -184,6 +184,7 @@ class _TokenAuth(_R, frozen=True, kw_only=True):
     client_token: str = ""
     lease_duration: int = 0
     renewable: bool = False
+    num_uses: int = 0  # 0: unlimited
 
 
 class _AuthResponse(_R, frozen=True, kw_only=True):
@@ -194,6 +195,7 @@ class _LookupData(_R, frozen=True, kw_only=True):
     ttl: int = 0  # what is left
     creation_ttl: int = 0  # what a grant gives (what renewals restore)
     renewable: bool = False
+    num_uses: int = 0  # uses left; 0: unlimited
 
 
 class _LookupResponse(_R, frozen=True, kw_only=True):
@@ -468,12 +470,14 @@ class VaultBackend:
         self._token_expires_at: float | None = None  # None: the token never expires
         self._token_granted_s = 0
         self._token_renewable = False
+        self._token_num_uses = 0  # uses left when last seen; 0: unlimited
         self._renewal_exhausted = False  # renew-self no longer extends the token
         self._auth_wakeup = trio.Event()
         # What the last call saw, for health().
         self._reachable: bool | None = None
         self._last_error: str | None = None
         self._last_probe = -math.inf
+        self._probe_error: str | None = None  # what the last health probe found wrong
         self._health_lock = trio.Lock()
         # Warm pools and credentials waiting for revocation (lease id -> attempts).
         self._pools: dict[tuple[str, str], _Pool] = {}
@@ -616,20 +620,34 @@ class VaultBackend:
             async with self._health_lock:
                 self._last_probe = trio.current_time()
                 try:
+                    # sys/health is unauthenticated: it spends no use of the token.
+                    sealed = await self._call("health check", self._w_sys_health)
+                    if sealed is not None:
+                        raise BackendError(f"vault at {self._addr} is {sealed}")
                     await self._ensure_auth()
-                    raw = await self._call("token lookup", self._w_lookup_self)
-                    data = self._parse(raw, _LookupResponse, "token lookup").data
-                    self._set_token(data.ttl, data.renewable, data.creation_ttl)
+                    if self._token_num_uses == 0:
+                        # lookup-self spends a use: only for tokens with no use limit (it
+                        # finds a token revoked behind sidekey's back; a limited token's
+                        # health rests on its TTL as last seen).
+                        raw = await self._call("token lookup", self._w_lookup_self)
+                        data = self._parse(raw, _LookupResponse, "token lookup").data
+                        self._set_token(data.ttl, data.renewable, data.creation_ttl)
+                        self._note_uses(data.num_uses)
                     self._last_error = None
+                    self._probe_error = None
                 except hvac.exceptions.VaultError as exc:
-                    self._last_error = self._translate(exc, "token lookup").message
-                except SidekeyError:
-                    pass  # recorded by the failing call
+                    if isinstance(exc, hvac.exceptions.Forbidden):
+                        # The token was revoked (or expired) behind sidekey's back: the
+                        # next call authenticates again.
+                        self._authenticated = False
+                    self._last_error = self._probe_error = self._translate(exc, "token lookup").message
+                except SidekeyError as exc:
+                    self._probe_error = exc.message  # recorded by the failing call too
         ttl: int | None = None
         if self._authenticated and self._token_expires_at is not None:
             ttl = max(0, int(self._token_expires_at - self._clock()))
         authenticated = self._authenticated and not self._token_expired()
-        ok = bool(self._reachable) and authenticated and not self._closing
+        ok = bool(self._reachable) and authenticated and not self._closing and self._probe_error is None
         info: dict[str, object] = {
             "type": "vault",
             "ok": ok,
@@ -641,7 +659,8 @@ class VaultBackend:
         }
         if not ok:
             info["error"] = (
-                "backend closed" if self._closing else self._last_error or "not connected yet"
+                "backend closed" if self._closing
+                else self._probe_error or self._last_error or "not connected yet"
             )
         return info
 
@@ -1081,6 +1100,18 @@ class VaultBackend:
         self._token_expires_at = self._clock() + ttl if ttl > 0 else None
         self._token_renewable = renewable
 
+    def _note_uses(self, num_uses: int) -> None:
+        """Record a token's use limit. Every authenticated Vault request spends one use,
+        a refused one too (V vault/request_handling.go handleRequest: UseToken runs before
+        the ACL outcome is acted on), and the last use revokes the token with every
+        credential it issued: sidekey wants unlimited tokens (token_num_uses=0)."""
+        if num_uses > 0 and self._token_num_uses == 0:
+            log.warning("vault backend %r: the vault token has num_uses %d: every Vault call "
+                        "spends one and the last one revokes the token with its credentials; "
+                        "give sidekey's role token_num_uses=0 (health checks then spend none)",
+                        self.name, num_uses)
+        self._token_num_uses = max(0, num_uses)
+
     def _renew_threshold(self) -> float:
         # renew_before_s, but never more than half the TTL Vault grants: a token whose
         # TTL is shorter than renew_before_s would otherwise be renewed in a loop.
@@ -1106,6 +1137,7 @@ class VaultBackend:
                     raise BackendError(f"vault AppRole login at {self._addr} returned no token")
                 self._client.token = auth.client_token
                 self._set_token(auth.lease_duration, auth.renewable)
+                self._note_uses(auth.num_uses)
                 changed = True
                 how = f"logged in with AppRole (mount {self._cfg.approle_mount})"
             else:
@@ -1113,6 +1145,7 @@ class VaultBackend:
                 raw = await self._call("token lookup", self._w_lookup_self)
                 data = self._parse(raw, _LookupResponse, "token lookup").data
                 self._set_token(data.ttl, data.renewable, data.creation_ttl)
+                self._note_uses(data.num_uses)
                 how = "loaded a new token" if changed else "checked its token"
         except hvac.exceptions.VaultError as exc:
             raise self._auth_failed(exc) from None
@@ -1200,7 +1233,9 @@ class VaultBackend:
         async with self._auth_lock:
             if self._auth_gen != gen and self._authenticated:
                 return True  # another task has re-authenticated meanwhile
-            if self._authenticated:
+            if self._authenticated and not (self._cfg.auth == "approle" and self._token_num_uses > 0):
+                # (A limited-use AppRole token logs in again instead: a login spends no
+                # use, a lookup would spend one more.)
                 try:
                     raw = await self._call("token lookup", self._w_lookup_self)
                 except hvac.exceptions.Forbidden:
@@ -1210,6 +1245,7 @@ class VaultBackend:
                 else:
                     data = self._parse(raw, _LookupResponse, "token lookup").data
                     self._set_token(data.ttl, data.renewable, data.creation_ttl)
+                    self._note_uses(data.num_uses)
                     return False
             log.info("vault backend %r: token rejected; authenticating again", self.name)
             await self._authenticate()
@@ -1416,6 +1452,18 @@ class VaultBackend:
 
     # ------------------------------------------------------------------ worker threads
     # Everything below runs in a worker thread: blocking, no trio calls.
+
+    def _w_sys_health(self) -> str | None:
+        """None if Vault can serve requests (active, or a standby that forwards), else
+        what it is ("sealed", "not initialized", "answering HTTP <n>")."""
+        resp = self._client.adapter.get(
+            "/v1/sys/health", params={"standbyok": "true", "perfstandbyok": "true"},
+            raise_exception=False,
+        )
+        status = resp.status_code if isinstance(resp, requests.Response) else 200
+        if status == 200:
+            return None
+        return {503: "sealed", 501: "not initialized"}.get(status, f"answering HTTP {status}")
 
     def _w_lookup_self(self) -> Any:
         return self._client.adapter.get("/v1/auth/token/lookup-self")
