@@ -16,8 +16,12 @@ What it does with Vault (API paths relative to ``/v1``):
 * **Dynamic secrets** (``kind: dynamic``) are reads of ``<mount>/<path>`` (for example
   ``database/creds/readonly``) that return a fresh credential with a Vault lease. The
   lease is written to the :class:`~sidekey.backends.LeaseJournal` *before* the value is
-  handed out and revoked (``sys/leases/revoke``) when the tool call's lease ends. With
-  ``pool_size`` a few credentials are issued ahead of time, each handed out once.
+  handed out and revoked (``sys/leases/revoke/<lease_id>``, synchronous) when the tool
+  call's lease ends. With ``pool_size`` a few credentials are issued ahead of time, each
+  handed out once. A credential dies with the token that issued it (Vault revokes a
+  token's leases when the token expires, is revoked or runs out of uses): its expiry is
+  capped at the token's, a new token retires the pooled credentials of the old one, and
+  a token about to die is replaced before it issues anything.
 * **Crash between Vault's answer and the journal.** Before the read, an *intent* is
   journaled: "a credential may appear under ``database/creds/readonly/`` between now and
   ``deadline``" (the whole issuing call is bounded, so the deadline holds). Journaling
