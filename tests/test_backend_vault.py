@@ -901,6 +901,70 @@ class TestRealVault:
                     lambda: client.secrets.kv.v2.delete_metadata_and_all_versions(
                         path=path, mount_point=REAL_KV_MOUNT))
 
+    @pytest.mark.parametrize("how", ["deleted", "destroyed"])
+    async def test_rotation_after_the_current_version_was_deleted(
+        self, real: VaultBackend, how: str
+    ) -> None:
+        """Issue 11 item 2 against Vault itself: the read says which version is gone, and
+        rotation writes the next one with cas on it (cas=0 would be refused forever)."""
+        path = f"sidekey-test/{secrets.token_hex(6)}"
+        ref = sref(mount=REAL_KV_MOUNT, path=path, key="password")
+        kv = real._client.secrets.kv.v2
+        with trio.fail_after(LIMIT_S):
+            await trio.to_thread.run_sync(lambda: kv.create_or_update_secret(
+                path=path, secret={"password": "p1"}, mount_point=REAL_KV_MOUNT))
+            try:
+                if how == "deleted":
+                    await trio.to_thread.run_sync(lambda: kv.delete_latest_version_of_secret(
+                        path=path, mount_point=REAL_KV_MOUNT))
+                else:
+                    await trio.to_thread.run_sync(lambda: kv.destroy_secret_versions(
+                        path=path, versions=[1], mount_point=REAL_KV_MOUNT))
+                with pytest.raises(SecretNotFound) as gone:
+                    await real.fetch(ref)
+                assert gone.value.code == "secret_deleted" and f"version 1 of this secret was {how}" in (
+                    gone.value.message)
+                assert await real.rotate(ref, "p2") == "2"
+                assert (await real.fetch(ref)).value == "p2"
+            finally:
+                await trio.to_thread.run_sync(lambda: kv.delete_metadata_and_all_versions(
+                    path=path, mount_point=REAL_KV_MOUNT))
+
+    async def test_probe_names_what_a_policy_lacks(self, real: VaultBackend, tmp_path: Path) -> None:
+        """A token whose policy only reads one KV path: the probe (sys/capabilities-self)
+        names the rotation write as optional and, for a dynamic secret, the revocation."""
+        name = f"sidekey-test-{secrets.token_hex(4)}"
+        path = f"sidekey-test/{secrets.token_hex(6)}"
+        client = real._client
+        rules = f'path "{REAL_KV_MOUNT}/data/{path}" {{ capabilities = ["read"] }}\n'
+        if REAL_DYNAMIC:
+            rules += f'path "{REAL_DYNAMIC}" {{ capabilities = ["read"] }}\n'
+        refs = [sref(mount=REAL_KV_MOUNT, path=path, key="password")]
+        if REAL_DYNAMIC:
+            mount, _, dyn = REAL_DYNAMIC.partition("/")
+            refs.append(sref(mount=mount, path=dyn, kind="dynamic"))
+        with trio.fail_after(LIMIT_S):
+            await trio.to_thread.run_sync(lambda: client.sys.create_or_update_policy(name, rules))
+            try:
+                created = await trio.to_thread.run_sync(
+                    lambda: client.auth.token.create(policies=[name], ttl="10m"))
+                write_private(tmp_path / "limited", created["auth"]["client_token"])
+                limited = VaultBackend(
+                    "vault", vcfg(addr=REAL_ADDR, token_file="limited", timeout_s=5,
+                                  namespace=os.environ.get("VAULT_NAMESPACE")),
+                    base_dir=tmp_path)
+                try:
+                    missing = await limited.probe(refs)
+                finally:
+                    await limited.aclose()
+            finally:
+                await trio.to_thread.run_sync(lambda: client.sys.delete_policy(name))
+        got = {(m["path"], m["capability"], m["required"]) for m in missing}
+        assert (f"{REAL_KV_MOUNT}/data/{path}", "update", False) in got
+        assert not any(p == f"{REAL_KV_MOUNT}/data/{path}" and c == "read" for p, c, _ in got)
+        if REAL_DYNAMIC:
+            assert (f"sys/leases/revoke/{REAL_DYNAMIC}/lease-id", "update", True) in got
+
     @pytest.mark.skipif(not REAL_DYNAMIC, reason="set SIDEKEY_TEST_VAULT_DYNAMIC=<mount>/<path>")
     async def test_dynamic_issue_and_release(self, real: VaultBackend) -> None:
         assert REAL_DYNAMIC

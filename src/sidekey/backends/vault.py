@@ -1404,7 +1404,9 @@ class VaultBackend:
     def _denied(self, what: str, label: str) -> BackendError:
         who = "the AppRole's token" if self._cfg.auth == "approle" else "the configured token"
         message = (f"vault denied the {what} (permission denied): the policy of {who} "
-                   f"does not allow it{f' (namespace {self._cfg.namespace})' if self._cfg.namespace else ''}")
+                   f"does not allow it{f' (namespace {self._cfg.namespace})' if self._cfg.namespace else ''}"
+                   " -- or the mount does not exist, which Vault refuses the same way; "
+                   "`sidekey check-config --probe` names the missing capability")
         self._last_error = message
         return BackendError(message)
 
