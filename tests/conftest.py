@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +47,37 @@ def make_daemon() -> Iterator[object]:
     finally:
         for d in made:
             d.cleanup()
+
+
+@pytest.fixture
+async def vault_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Makes VaultBackends on the module's ``vault`` fixture (a tests/vault_server.py
+    stand-in): ``vault_backend(journal=None, **config fields)``; token auth with a fresh
+    unrestricted token unless a token or another auth is given. Closed at the end."""
+    import msgspec
+    import trio
+
+    from sidekey.backends.vault import VaultBackend
+    from sidekey.config import VaultBackendConfig
+
+    vault = request.getfixturevalue("vault")
+    made: list[VaultBackend] = []
+
+    def make(*, journal: Any = None, **fields: Any) -> VaultBackend:
+        fields.setdefault("addr", vault.addr)
+        fields.setdefault("timeout_s", 1.0)
+        if (fields.get("auth", "token") == "token" and "token_file" not in fields
+                and "token_credential" not in fields):
+            token_file = tmp_path / f"vault-token-{len(made)}"
+            token_file.write_text(vault.create_token(ttl=3600) + "\n")
+            token_file.chmod(0o600)
+            fields["token_file"] = token_file.name
+        backend = VaultBackend("vault", msgspec.convert(fields, VaultBackendConfig),
+                               base_dir=tmp_path, journal=journal)
+        made.append(backend)
+        return backend
+
+    yield make
+    with trio.fail_after(20):
+        for backend in made:
+            await backend.aclose()

@@ -16,30 +16,12 @@ import pytest
 import trio
 import trio.testing
 
-from sidekey.leases import ACTIVE, EXPIRED, RELEASED, REVOKED, LeaseManager
+from sidekey.leases import EXPIRED, RELEASED, REVOKED, LeaseManager
 from sidekey.protocol import Conflict
 from sidekey.store import LeaseRecord, StateStore, StateUnavailable, open_store
+from test_store_contract import lease
 
 MAX_CLOCK_READS = 500
-
-
-def lease(lease_id: str, *, expires_at: float, state: str = ACTIVE) -> LeaseRecord:
-    return LeaseRecord(
-        lease_id=lease_id,
-        jti=f"jti-{lease_id}",
-        server="content-api",
-        tool="create_article",
-        user_id="usr_1",
-        agent_id=None,
-        session_id=None,
-        secrets=("CONTENT_API_KEY",),
-        created_at=0.0,
-        expires_at=expires_at,
-        state=state,
-        ended_at=None,
-        peer_pid=4242,
-        peer_uid=1001,
-    )
 
 
 def bounded_clock() -> Callable[[], float]:

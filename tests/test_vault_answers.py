@@ -4,8 +4,7 @@ a rate-limit quota's Retry-After, a deleted secret named as such."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ import trio
 
 from sidekey.backends import BackendError, SecretNotFound
 from sidekey.backends.vault import CALL_MARGIN_S, VaultBackend
-from test_backend_vault import LIMIT_S, Journal, sref, vcfg, write_private
+from test_backend_vault import LIMIT_S, Journal, sref
 from vault_server import VaultServer
 
 TIMEOUT_S = 0.5
@@ -30,15 +29,8 @@ def vault() -> Iterator[VaultServer]:
 
 
 @pytest.fixture
-async def backend(vault: VaultServer, tmp_path: Path) -> AsyncIterator[VaultBackend]:
-    write_private(tmp_path / "token", vault.create_token(ttl=3600))
-    b = VaultBackend("vault", vcfg(addr=vault.addr, timeout_s=TIMEOUT_S, token_file="token"),
-                     base_dir=tmp_path, journal=Journal())
-    try:
-        yield b
-    finally:
-        with trio.fail_after(LIMIT_S):
-            await b.aclose()
+def backend(vault_backend: Callable[..., VaultBackend]) -> VaultBackend:
+    return vault_backend(timeout_s=TIMEOUT_S, journal=Journal())
 
 
 async def test_a_slow_synchronous_revocation_is_bounded_and_retried(

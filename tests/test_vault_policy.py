@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import yaml
 from harness import Daemon
 from sidekey.backends import BackendError
 from sidekey.backends.vault import VaultBackend
-from test_backend_vault import LIMIT_S, TIMEOUT_S, Journal, sref, vcfg, write_private
+from test_backend_vault import LIMIT_S, TIMEOUT_S, Journal, sref, write_private
 from vault_server import VaultServer
 
 POLICY = Path(__file__).resolve().parents[1] / "examples" / "vault" / "sidekey-policy.hcl"
@@ -49,26 +49,22 @@ def vault() -> Iterator[VaultServer]:
 
 
 @pytest.fixture
-async def backend_for(vault: VaultServer, tmp_path: Path) -> AsyncIterator[Any]:
-    made: list[VaultBackend] = []
+def backend_for(vault: VaultServer, vault_backend: Any, tmp_path: Path) -> Any:
+    made = [0]
 
     def make(policy_text: str | None, journal: Journal | None = None) -> VaultBackend:
+        made[0] += 1
         if policy_text is None:
             token = vault.create_token(ttl=3600, policies=[])  # Vault's default policy only
         else:
-            vault.add_policy(f"p{len(made)}", policy_text)
-            token = vault.create_token(ttl=3600, policies=[f"p{len(made)}"])
-        write_private(tmp_path / f"token-{len(made)}", token)
-        backend = VaultBackend("vault", vcfg(addr=vault.addr, timeout_s=TIMEOUT_S,
-                                             token_file=f"token-{len(made)}"),
-                               base_dir=tmp_path, journal=journal)
-        made.append(backend)
+            vault.add_policy(f"p{made[0]}", policy_text)
+            token = vault.create_token(ttl=3600, policies=[f"p{made[0]}"])
+        write_private(tmp_path / f"token-{made[0]}", token)
+        backend: VaultBackend = vault_backend(token_file=f"token-{made[0]}", timeout_s=TIMEOUT_S,
+                                              journal=journal)
         return backend
 
-    yield make
-    with trio.fail_after(LIMIT_S):
-        for backend in made:
-            await backend.aclose()
+    return make
 
 
 async def test_the_shipped_policy_allows_every_call_sidekey_makes(

@@ -7,9 +7,8 @@ them: ``sys/health`` is unauthenticated; ``lookup-self`` runs only for unlimited
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -17,7 +16,7 @@ import trio
 from sidekey.backends import BackendError
 from sidekey.backends import vault as vault_module
 from sidekey.backends.vault import VaultBackend
-from test_backend_vault import LIMIT_S, TIMEOUT_S, sref, vcfg, write_private
+from test_backend_vault import LIMIT_S, sref, write_private
 from vault_server import VaultServer
 
 STATIC = sref(mount="secret", path="app/db", key="password")
@@ -34,23 +33,8 @@ Make = Callable[..., VaultBackend]
 
 
 @pytest.fixture
-async def make(vault: VaultServer, tmp_path: Path) -> AsyncIterator[Make]:
-    made: list[VaultBackend] = []
-
-    def make(**fields: Any) -> VaultBackend:
-        fields.setdefault("addr", vault.addr)
-        fields.setdefault("timeout_s", TIMEOUT_S)
-        if fields.get("auth", "token") == "token" and "token_file" not in fields:
-            write_private(tmp_path / "vault-token", vault.create_token(ttl=3600))
-            fields["token_file"] = "vault-token"
-        backend = VaultBackend("vault", vcfg(**fields), base_dir=tmp_path)
-        made.append(backend)
-        return backend
-
-    yield make
-    with trio.fail_after(LIMIT_S):
-        for backend in made:
-            await backend.aclose()
+def make(vault_backend: Make) -> Make:
+    return vault_backend
 
 
 @pytest.fixture(autouse=True)
