@@ -835,8 +835,9 @@ class VaultBackend:
             cred = pool.items.popleft()
             if cred.token_serial == self._token_serial and cred.expires_at - now >= self._pool_threshold():
                 return cred
-            log.info("vault backend %r: pooled credential %s for %s has too little TTL left; "
-                     "revoking it instead of handing it out", self.name, cred.lease_id, pool.label)
+            log.info("vault backend %r: pooled credential %s for %s has too little TTL left or "
+                     "an old token issued it; revoking it instead of handing it out", self.name,
+                     cred.lease_id, pool.label)
             self._to_revoke.setdefault(cred.lease_id, 0)
         return None
 
