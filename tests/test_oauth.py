@@ -428,6 +428,27 @@ async def test_unknown_kid_refreshes_once_then_rate_limited(
     assert issuer.counts["discovery"] == 1
 
 
+async def test_one_verification_loads_the_keys_at_most_once_without_a_rate_limit(
+    issuer: OAuthIssuer, make_verifier: Callable[..., OAuthVerifier]
+) -> None:
+    """With refresh_min_interval_s 0 every load is due at once again: a token with an
+    unknown kid costs one JWKS fetch and is refused (not a fetch loop), and so does a
+    verification while the JWKS endpoint fails."""
+    verifier = make_verifier(refresh_min_interval_s=0)
+    with trio.fail_after(LIMIT_S):
+        conf = cfg(**issuer.oauth2())
+        await verifier.verify(issuer.mint(issuer.claims()), conf)
+        assert issuer.counts["jwks"] == 1
+        err = await refused(verifier, issuer.mint(issuer.claims(), kid="unknown"), conf)
+        assert err.code == "token_unknown_key"
+        assert issuer.counts["jwks"] == 2
+    fresh = make_verifier(refresh_min_interval_s=0)
+    issuer.add_route("/jwks.json", status=500, body=b"down")
+    with trio.fail_after(LIMIT_S), pytest.raises(Unavailable):
+        await fresh.verify(issuer.mint(issuer.claims()), conf)
+    assert issuer.counts["jwks"] == 3
+
+
 async def test_concurrent_loads_coalesce(issuer: OAuthIssuer, verifier: OAuthVerifier, clock: FakeClock) -> None:
     conf = cfg(**issuer.oauth2())
     results: list[AccessToken] = []
