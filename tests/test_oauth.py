@@ -1046,6 +1046,15 @@ async def test_fetch_error_names_the_cause(
     assert "ConnectError: " in err.message
 
 
+def test_check_url_http_refusal_names_the_hosts_allowed_plain_http() -> None:
+    """The operator is told which hosts may use plain http (or that none may)."""
+    with pytest.raises(oauth._FetchError, match=r"allowed only for: none\)"):
+        oauth.check_url("http://idp.example.com/jwks", allow_http_hosts=frozenset(), what="jwks_uri")
+    with pytest.raises(oauth._FetchError, match=r"allowed only for: 127\.0\.0\.1, localhost\)"):
+        oauth.check_url("http://idp.example.com/jwks",
+                        allow_http_hosts=frozenset({"localhost", "127.0.0.1"}), what="jwks_uri")
+
+
 def test_check_url_unparseable_url() -> None:
     """A URL urlsplit cannot parse is a refusal naming it, not a ValueError."""
     with pytest.raises(oauth._FetchError, match="is not a valid URL"):
