@@ -50,6 +50,11 @@ class Child:
     given, one at a time, from its one pid: what the daemon sees as one MCP server
     process. No key is readable after the drop: user tokens are minted by the parent."""
 
+    # The parent's ends of every live child's pipes. A child forked later inherits them
+    # and must close them: holding an older sibling's write end would keep that sibling
+    # from ever seeing EOF (so from exiting) until this one exits.
+    _parent_fds: set[int] = set()
+
     def __init__(self, d: Daemon, uid: int, gid: int) -> None:
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
@@ -58,6 +63,9 @@ class Child:
             try:
                 os.close(to_w)
                 os.close(from_r)
+                for fd in Child._parent_fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
                 os.setgroups([])
                 os.setgid(gid)
                 os.setuid(uid)
@@ -77,6 +85,7 @@ class Child:
         self.pid = pid
         self._to = to_w
         self._from = from_r
+        Child._parent_fds.update((to_w, from_r))
         self._buf = b""
         self._closed = False
 
@@ -122,6 +131,7 @@ class Child:
         if self._closed:
             return
         self._closed = True
+        Child._parent_fds.difference_update((self._to, self._from))
         with contextlib.suppress(OSError):
             os.close(self._to)  # EOF: the child's loop ends and it exits
         os.close(self._from)
