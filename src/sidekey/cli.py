@@ -242,6 +242,22 @@ def cmd_keygen(args: argparse.Namespace) -> int:
             _fail("keygen local needs --out FILE")
         generate_key_file(Path(args.out))
         print(f"created local store key {args.out} (mode 0600)")
+    elif args.kind == "audit":
+        from .audit.chain import generate_audit_key
+
+        if not args.out:
+            _fail("keygen audit needs --out FILE")
+        pub, kid, public = generate_audit_key(Path(args.out))
+        if args.json:
+            _print_json({"private_key_file": args.out, "public_key_file": str(pub), "key_id": kid,
+                         "public_key": public})
+        else:
+            print(f"created the audit checkpoint key {args.out} (mode 0600) and its public key "
+                  f"{pub} (give it to auditors: sidekey audit verify --key {pub})")
+            print(f"key_id: {kid}")
+            print(f"public_key: {public}")
+            print(f"config: audit: {{checkpoint_key_file: {args.out}}} (or "
+                  "checkpoint_key_credential: NAME with systemd LoadCredential=NAME:FILE)")
     elif args.kind == "issuer":
         from .devissuer import create_issuer
 
@@ -578,13 +594,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("keygen", cmd_keygen, "create keys: the token HMAC key set (create or rotate), "
              "a local-store key, or an Ed25519 key pair for an external issuer")
-    sp.add_argument("kind", choices=["tokens", "local", "ed25519", "issuer"],
-                    help="which key to create (issuer: a local OAuth2 issuer for demos and tests)")
+    sp.add_argument("kind", choices=["tokens", "local", "ed25519", "issuer", "audit"],
+                    help="which key to create (issuer: a local OAuth2 issuer for demos and tests; "
+                    "audit: the Ed25519 key that signs audit checkpoints, plus FILE.pub for auditors)")
     sp.add_argument("--out", "-o", metavar="FILE", help="where to write (tokens: default tokens.keyset "
                     "of --config); never overwrites a local, ed25519 or issuer key")
     sp.add_argument("--jwks", metavar="FILE", help="issuer: where to write the public JWKS")
     config_arg(sp)
-    sp.add_argument("--json", action="store_true", help="print the result as JSON (ed25519)")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON (ed25519, audit)")
 
     config = add("config", lambda a: EXIT_USAGE, "sign the config and its includes, or verify "
                  "their signature (config_signing in the main file)")

@@ -17,6 +17,7 @@ import trio
 
 from .. import hardening, systemd
 from ..audit import AuditLog, AuditSink
+from ..audit.chain import load_signer
 from ..audit.jsonl import open_jsonl_sink
 from ..backends import Backend, build_backends, unwrap
 from ..config import Config, LoadedConfig, RbacEntry
@@ -247,7 +248,15 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
         loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = await open_configured_store(loaded)
         journal.store = store
-        sink: AuditSink = open_jsonl_sink(loaded.audit_path, fsync=cfg.audit.fsync)
+        signer = None
+        if cfg.audit.checkpoint_key_file or cfg.audit.checkpoint_key_credential:
+            signer = load_signer(
+                loaded.resolve(cfg.audit.checkpoint_key_file) if cfg.audit.checkpoint_key_file
+                else None, cfg.audit.checkpoint_key_credential)
+        sink: AuditSink = open_jsonl_sink(
+            loaded.audit_path, fsync=cfg.audit.fsync, host=socket.gethostname(), signer=signer,
+            checkpoint_every_events=cfg.audit.checkpoint_every_events,
+            checkpoint_every_s=cfg.audit.checkpoint_every_s)
         audit = AuditLog([sink])
     except BaseException:
         await _close_all(backends, store, audit)
