@@ -227,7 +227,8 @@ class JsonlSink:
         """The bytes to append for ``bodies`` (chained), plus a signed checkpoint when
         one is due or ``final``; and the chain state after them. Called under _lock."""
         chain = self._chain
-        assert chain is not None  # set by _open
+        if chain is None:  # set by _open, which runs before any commit
+            raise OSError(errno.EBADF, "audit chain state missing")
         seq, head = chain.seq, chain.head
         parts: list[bytes] = []
         for body in bodies:
