@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon
 
+from harness import Daemon
 from sidekey.audit.chain import GENESIS, load_public_key, verify_checkpoint
 
 SIDEKEY = [sys.executable, "-m", "sidekey"]

@@ -160,6 +160,8 @@ def verify_files(paths: Sequence[Path], *, key: Ed25519PublicKey | None = None,
         if rec.seq is not None:
             chained.append(rec)
             continue
+        # A line without a readable seq is named by the seq it would have had.
+        rec.seq = chained[-1].seq + 1 if chained and chained[-1].seq is not None else None
         if not rec.parsed:
             nxt = next((r for r in recs[i + 1:] if r.seq is not None and r.file == rec.file), None)
             if nxt is not None and nxt.repaired and (rec.size, rec.hash) in nxt.repaired:
