@@ -236,3 +236,39 @@ def test_file_and_credential_together_are_a_config_error(make: Callable[..., Dae
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "$.audit.checkpoint_key_file: set at most one of" in out.stderr
+
+
+def _chained_file(path: Path, n: int, pad: int) -> list[bytes]:
+    from sidekey.audit.chain import chained_line, line_hash
+
+    lines, head = [], GENESIS
+    for i in range(n):
+        body = json.dumps({"event_id": f"e{i}", "event_type": "mcp.redeem", "pad": "x" * pad},
+                          separators=(",", ":")).encode()
+        line = chained_line(body, i + 1, head, "00ff00ff00ff00ff")
+        head = line_hash(line)
+        lines.append(line)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return lines
+
+
+@pytest.mark.parametrize("pad", [10, 5000, 70_000])  # lines shorter and longer than a scan chunk
+def test_recover_tail_finds_the_last_chained_line_past_fragments(tmp_path: Path, pad: int) -> None:
+    from sidekey.audit.chain import recover_tail
+
+    path = tmp_path / "audit.jsonl"
+    lines = _chained_file(path, 40, pad)
+    garbage = [b"not json " * (pad // 9 + 1), b'{"event_id":"no chain fields"}']
+    with path.open("ab") as f:
+        f.write(b"\n".join(garbage) + b"\n" + lines[-1][: len(lines[-1]) // 2])  # + a torn line
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found = recover_tail(fd, path.stat().st_size)
+    finally:
+        os.close(fd)
+    assert found.state is not None and found.torn
+    assert (found.state.seq, found.state.log_id) == (40, "00ff00ff00ff00ff")
+    assert found.state.head == hashlib.sha256(lines[-1]).hexdigest()
+    fragment = lines[-1][: len(lines[-1]) // 2]
+    assert found.skipped == [(len(x), hashlib.sha256(x).hexdigest()) for x in [*garbage, fragment]]
+    assert found.last_line_hash == hashlib.sha256(garbage[-1]).hexdigest()

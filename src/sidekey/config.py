@@ -810,9 +810,6 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
     if cfg.audit.checkpoint_key_file is not None and cfg.audit.checkpoint_key_credential is not None:
         errors.append(f"{where('audit')}: $.audit.checkpoint_key_file: set at most one of "
                       "checkpoint_key_file or checkpoint_key_credential")
-    elif cfg.audit.checkpoint_key_file is None and cfg.audit.checkpoint_key_credential is None:
-        warnings.append(f"{where('audit')}: $.audit: no checkpoint_key_file or checkpoint_key_credential: "
-                        "the audit hash chain is not signed (`sidekey keygen audit`)")
     for tool in cfg.audit.redact_tool_fields:
         if tool not in declared_tools:
             warnings.append(f"{where('audit')}: $.audit.redact_tool_fields.{tool}: no server declares this tool")

@@ -253,6 +253,9 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
             signer = load_signer(
                 loaded.resolve(cfg.audit.checkpoint_key_file) if cfg.audit.checkpoint_key_file
                 else None, cfg.audit.checkpoint_key_credential)
+        else:
+            log.warning("audit: no checkpoint_key_file or checkpoint_key_credential: the audit "
+                        "hash chain is written but no checkpoint is signed (sidekey keygen audit)")
         sink: AuditSink = open_jsonl_sink(
             loaded.audit_path, fsync=cfg.audit.fsync, host=socket.gethostname(), signer=signer,
             checkpoint_every_events=cfg.audit.checkpoint_every_events,
