@@ -21,6 +21,7 @@ signed daemon, a stop, and ``sidekey audit verify --key`` of its file, printed.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import subprocess
@@ -59,9 +60,9 @@ def start(root: Path, config: Path, *, chain: bool) -> subprocess.Popen[bytes]:
     return spawn_daemon(root, cmd)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> int:
     proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+    return proc.wait(60)
 
 
 def burst(sock: str, tokens: list[str], concurrency: int, calls: int) -> tuple[float, float]:
@@ -127,6 +128,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians kept)")
     ap.add_argument("--verify-calls", type=int, default=10_000,
                     help="calls before the final verify (0: skip)")
+    ap.add_argument("--keep", action="store_true", help="keep the daemons' directories")
     args = ap.parse_args()
     micro()
     base = Path(tempfile.mkdtemp(prefix="skc-"))
@@ -181,8 +183,12 @@ def main() -> int:
             t0 = time.perf_counter()
             burst(str(root / "run" / "sock"), tokens["signed"], args.concurrency, args.verify_calls)
             took = time.perf_counter() - t0
-            stop(procs.pop("signed"))
+            rc = stop(procs.pop("signed"))
             lines = audit.read_bytes().count(b"\n")
+            last = [json.loads(x)["event_type"] for x in audit.read_bytes().splitlines()[-2:]]
+            print(f"daemon exit code {rc}; its last events: {last}")
+            if rc != 0:
+                print((root / "daemon.log").read_text()[-3000:])
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, "-m", "sidekey", "audit", "verify", "--key",
                                   str(root / "keys" / "audit.pem.pub"), str(audit)],
@@ -194,7 +200,10 @@ def main() -> int:
     finally:
         for proc in procs.values():
             stop(proc)
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
     return 0
 
 
