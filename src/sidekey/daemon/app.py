@@ -359,12 +359,16 @@ async def _close_all(
     backends: dict[str, Backend], store: StateStore | None, audit: AuditLog | None
 ) -> None:
     with trio.CancelScope(shield=True):
-        for b in backends.values():
-            await b.aclose()
-        if store is not None:
-            await store.aclose()
-        if audit is not None:
-            await audit.aclose()
+        try:
+            for b in backends.values():
+                await b.aclose()
+            if store is not None:
+                await store.aclose()
+        finally:
+            # Whatever failed above, the audit writer still drains its queue and writes
+            # its closing checkpoint.
+            if audit is not None:
+                await audit.aclose()
 
 
 async def _signals(server: HttpServer, app: Sidekey) -> None:
