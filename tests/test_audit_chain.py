@@ -121,6 +121,9 @@ def test_every_line_is_chained_and_checkpoints_are_signed(make: Callable[..., Da
     code, report = verify_cli("--key", pub, d.audit_path)
     assert code == 0 and report["problems"] == [], report
     assert report["closed"] and report["last_seq"] == len(lines)
+    # Without FILES: the audit file of the config.
+    code, report = verify_cli("--config", d.config_path, "--key", pub)
+    assert code == 0 and report["files"] == [str(d.audit_path)], report
     st_key = os.stat(d.root / "keys" / "audit.pem")
     assert stat.S_IMODE(st_key.st_mode) == 0o600
 
