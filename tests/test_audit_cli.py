@@ -311,3 +311,14 @@ def test_export_json_cef_and_ecs(log: Log, tmp_path: Path) -> None:
     assert redeem["sidekey"]["mcp" if "mcp" in redeem["sidekey"] else "server"] == "content-api"
     assert json.loads(redeem["event"]["original"]) == first  # the line as written
     assert redeem["ecs"]["version"]
+
+
+def test_events_from_before_the_chain_are_named_once_per_stretch(log: Log, tmp_path: Path) -> None:
+    # A log upgraded from schema 1: unchained lines, then the chain (whose first
+    # prev_hash names the last of them).
+    legacy = [json.dumps({"event_id": f"evt_{i}", "event_type": "mcp.redeem",
+                          "schema_version": 1}).encode() for i in range(3)]
+    path = write(tmp_path, [*legacy, *log.lines])
+    code, report = verify("--key", log.pub, path)
+    assert code == 1 and found(report) == [(1, None, "unchained")], report
+    assert report["problems"][0]["detail"].startswith("lines 1..3: ")

@@ -155,30 +155,53 @@ def verify_files(paths: Sequence[Path], *, key: Ed25519PublicKey | None = None,
         problems.append(Problem(rec.file, rec.line, rec.seq if seq is None else seq, kind, detail))
 
     # 1. Lines that are not chained events.
+    # The first chained record after each line, in the same file (a backward pass, so
+    # a file of garbage lines costs linear time).
+    following: list[_Rec | None] = [None] * len(recs)
+    upcoming: _Rec | None = None
+    for i in range(len(recs) - 1, -1, -1):
+        following[i] = upcoming if upcoming is not None and upcoming.file == recs[i].file else None
+        if recs[i].seq is not None:
+            upcoming = recs[i]
     chained: list[_Rec] = []
+    unchained: list[_Rec] = []
+
+    def flush_unchained() -> None:
+        if unchained:
+            problem(unchained[0], "unchained", f"{_span(unchained)}: events without "
+                    "seq/prev_hash/log_id (written before schema_version 2, or inserted): not "
+                    "covered by the chain")
+            unchained.clear()
+
     for i, rec in enumerate(recs):
         if rec.seq is not None:
+            flush_unchained()
             chained.append(rec)
             continue
         # A line without a readable seq is named by the seq it would have had.
         rec.seq = chained[-1].seq + 1 if chained and chained[-1].seq is not None else None
-        if not rec.parsed:
-            nxt = next((r for r in recs[i + 1:] if r.seq is not None and r.file == rec.file), None)
-            if nxt is not None and nxt.repaired and (rec.size, rec.hash) in nxt.repaired:
-                report.notes.append(Problem(
-                    rec.file, rec.line, None, "repaired",
-                    f"a torn or garbled line ({rec.size} bytes) named by the audit.repaired "
-                    f"event at line {nxt.line}: the daemon found it at start and resumed the chain"))
-            elif not rec.terminated:
-                problem(rec, "truncated_tail", f"the last line is cut short ({rec.size} bytes, "
-                        "no newline, not a JSON event)")
-            elif rec.size == 0:
-                problem(rec, "altered", "an empty line (the daemon never writes one)")
-            else:
-                problem(rec, "altered", f"not a JSON event ({rec.size} bytes)")
+        nxt = following[i]
+        if nxt is not None and nxt.repaired and (rec.size, rec.hash) in nxt.repaired:
+            flush_unchained()
+            report.notes.append(Problem(
+                rec.file, rec.line, None, "repaired",
+                f"a torn or garbled line ({rec.size} bytes) named by the audit.repaired "
+                f"event at line {nxt.line}: the daemon found it at start and resumed the chain"))
+            continue
+        if rec.parsed:
+            if unchained and unchained[-1].file != rec.file:
+                flush_unchained()
+            unchained.append(rec)
+            continue
+        flush_unchained()
+        if not rec.terminated:
+            problem(rec, "truncated_tail", f"the last line is cut short ({rec.size} bytes, "
+                    "no newline, not a JSON event)")
+        elif rec.size == 0:
+            problem(rec, "altered", "an empty line (the daemon never writes one)")
         else:
-            problem(rec, "unchained", "an event without seq/prev_hash/log_id (written before "
-                    "schema_version 2, or inserted): not covered by the chain")
+            problem(rec, "altered", f"not a JSON event ({rec.size} bytes)")
+    flush_unchained()
     if not chained:
         if recs:
             problems.append(Problem(recs[0].file, 1, None, "unsigned_tail",
