@@ -242,6 +242,22 @@ def cmd_keygen(args: argparse.Namespace) -> int:
             _fail("keygen local needs --out FILE")
         generate_key_file(Path(args.out))
         print(f"created local store key {args.out} (mode 0600)")
+    elif args.kind == "audit":
+        from .audit.chain import generate_audit_key
+
+        if not args.out:
+            _fail("keygen audit needs --out FILE")
+        pub, kid, public = generate_audit_key(Path(args.out))
+        if args.json:
+            _print_json({"private_key_file": args.out, "public_key_file": str(pub), "key_id": kid,
+                         "public_key": public})
+        else:
+            print(f"created the audit checkpoint key {args.out} (mode 0600) and its public key "
+                  f"{pub} (give it to auditors: sidekey audit verify --key {pub})")
+            print(f"key_id: {kid}")
+            print(f"public_key: {public}")
+            print(f"config: audit: {{checkpoint_key_file: {args.out}}} (or "
+                  "checkpoint_key_credential: NAME with systemd LoadCredential=NAME:FILE)")
     elif args.kind == "issuer":
         from .devissuer import create_issuer
 
@@ -261,6 +277,123 @@ def cmd_keygen(args: argparse.Namespace) -> int:
             print(f"private key: {args.out} (mode 0600)")
             print(f"kid: {kid}")
             print(f"public_key: {public}")
+    return EXIT_OK
+
+
+def _audit_files(args: argparse.Namespace) -> list[Path]:
+    """FILES, else the audit file of --config / $SIDEKEY_CONFIG (or the default config)."""
+    if args.files:
+        return [Path(f) for f in args.files]
+    return [Path(_load(args).audit_path)]
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit.chain import load_public_key
+    from .audit.verify import verify_files
+
+    key = load_public_key(Path(args.key)) if args.key else None
+    report = verify_files(_audit_files(args), key=key, live=args.live)
+    if args.json:
+        _print_json(report.as_json())
+        return EXIT_OK if report.ok else EXIT_FAIL
+    for problem in report.problems:
+        print(problem.text())
+    for note in report.notes:
+        print(f"note: {note.text()}", file=sys.stderr)
+    span = (f"seq {report.first_seq}..{report.last_seq}" if report.last_seq is not None
+            else "no chained events")
+    summary = (f"{report.lines} lines, {report.events} events ({span}), {report.checkpoints} "
+               f"checkpoints, key {report.key_id or 'none'}, log {report.log_id or '-'}"
+               f"{', closed' if report.closed else ''}")
+    if report.ok:
+        print(f"audit log ok: {summary}")
+        return EXIT_OK
+    print(f"audit log FAILED: {len(report.problems)} problem(s); {summary}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _audit_filter(args: argparse.Namespace) -> Any:
+    from .audit.export import Filter, parse_time
+
+    since = None
+    if args.since:
+        try:
+            since = parse_time(args.since)
+        except ValueError:
+            _fail(f"--since {args.since!r}: not an ISO-8601 time or a duration like 15m, 2h, 7d")
+    return Filter(types=tuple(args.type or ()), server=args.server, user=args.user, since=since)
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    import collections
+    import time
+
+    from .audit.export import parse_lines, read_events, readable
+
+    files = _audit_files(args)
+    keep = _audit_filter(args)
+
+    def show(event: dict[str, Any]) -> None:
+        print(json.dumps(event, separators=(",", ":")) if args.json else readable(event), flush=True)
+
+    last: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(0, args.lines))
+    for _, event in read_events(files):
+        if keep(event):
+            last.append(event)
+    for event in last:
+        show(event)
+    if not args.follow:
+        return EXIT_OK
+    # Follow the last file: poll its size (a bounded sleep, so Ctrl-C ends it at once);
+    # a file that shrank or was replaced (rotation) is read again from its start.
+    path = files[-1]
+    st = path.stat()
+    offset, ino, pending = st.st_size, st.st_ino, b""
+    try:
+        while True:
+            time.sleep(args.interval)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if st.st_ino != ino or st.st_size < offset:
+                offset, ino, pending = 0, st.st_ino, b""
+            if st.st_size == offset:
+                continue
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read(st.st_size - offset)
+            offset += len(chunk)
+            pending += chunk
+            cut = pending.rfind(b"\n")
+            if cut < 0:
+                continue
+            for _, event in parse_lines(pending[:cut]):
+                if keep(event):
+                    show(event)
+            pending = pending[cut + 1:]
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from .audit.export import read_events, to_cef, to_ecs
+
+    keep = _audit_filter(args)
+    out = sys.stdout
+    count = 0
+    for raw, event in read_events(_audit_files(args)):
+        if not keep(event):
+            continue
+        if args.format == "json":
+            out.write(raw.decode("utf-8", "replace") + "\n")  # the line as written
+        elif args.format == "cef":
+            out.write(to_cef(event) + "\n")
+        else:
+            out.write(json.dumps(to_ecs(event, raw), separators=(",", ":")) + "\n")
+        count += 1
+    out.flush()
+    print(f"exported {count} events as {args.format}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -578,13 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("keygen", cmd_keygen, "create keys: the token HMAC key set (create or rotate), "
              "a local-store key, or an Ed25519 key pair for an external issuer")
-    sp.add_argument("kind", choices=["tokens", "local", "ed25519", "issuer"],
-                    help="which key to create (issuer: a local OAuth2 issuer for demos and tests)")
+    sp.add_argument("kind", choices=["tokens", "local", "ed25519", "issuer", "audit"],
+                    help="which key to create (issuer: a local OAuth2 issuer for demos and tests; "
+                    "audit: the Ed25519 key that signs audit checkpoints, plus FILE.pub for auditors)")
     sp.add_argument("--out", "-o", metavar="FILE", help="where to write (tokens: default tokens.keyset "
                     "of --config); never overwrites a local, ed25519 or issuer key")
     sp.add_argument("--jwks", metavar="FILE", help="issuer: where to write the public JWKS")
     config_arg(sp)
-    sp.add_argument("--json", action="store_true", help="print the result as JSON (ed25519)")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON (ed25519, audit)")
 
     config = add("config", lambda a: EXIT_USAGE, "sign the config and its includes, or verify "
                  "their signature (config_signing in the main file)")
@@ -743,6 +877,57 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_approvals)
     socket_args(sp)
+
+    audit = add("audit", lambda a: EXIT_USAGE, "check, read and export audit files offline "
+                "(works on a copied file, without the daemon)")
+    ausub = audit.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def audit_files(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("files", nargs="*", metavar="FILE",
+                        help="audit files of one log, oldest first (default: audit.path of --config)")
+        config_arg(sp)
+
+    def audit_filters(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--type", action="append", metavar="TYPE",
+                        help="only this event type, or a prefix ending in '.' (mcp.); repeatable")
+        sp.add_argument("--server", metavar="S", help="only events of this server")
+        sp.add_argument("--user", metavar="U", help="only events of this user_id")
+        sp.add_argument("--since", metavar="TIME",
+                        help="only events at or after TIME (ISO-8601, or 15m / 2h / 7d ago)")
+
+    help_ = ("check the hash chain, the sequence numbers and every checkpoint signature; print "
+             "one line per problem (FILE:LINE: seq N: KIND: what) and exit 1 unless all holds. "
+             "Kinds: deleted, altered, reordered, duplicated, spliced, unchained, bad_signature, "
+             "untrusted_key, truncated_tail, unsigned_tail.")
+    sp = ausub.add_parser("verify", help="verify the audit log's chain and signed checkpoints",
+                          description=help_)
+    sp.set_defaults(func=cmd_audit_verify)
+    audit_files(sp)
+    sp.add_argument("--key", "-k", metavar="PUBLIC_KEY",
+                    help="the audit public key you trust (FILE.pub from `sidekey keygen audit`, "
+                    "PEM or raw base64url); default: the key the checkpoints name (consistency only)")
+    sp.add_argument("--live", action="store_true",
+                    help="the file of a running daemon: an unsigned tail (up to "
+                    "audit.checkpoint_every_s) and a missing closing checkpoint are notes, not problems")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp = ausub.add_parser("tail", help="print audit events readably, filtered; -f to follow",
+                          description="print the last events (one readable line each) and with "
+                          "-f keep polling for new ones until Ctrl-C")
+    sp.set_defaults(func=cmd_audit_tail)
+    audit_files(sp)
+    audit_filters(sp)
+    sp.add_argument("-n", "--lines", type=int, default=20, help="how many past events (default 20)")
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    sp.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    sp.add_argument("--json", action="store_true", help="print each event as its JSON")
+    sp = ausub.add_parser("export", help="write events as JSON lines, CEF or ECS (SIEM back-fill)",
+                          description="write the (filtered) events to stdout: json (the lines as "
+                          "written), cef (ArcSight CEF:0) or ecs (Elastic Common Schema); "
+                          "mappings in the README")
+    sp.set_defaults(func=cmd_audit_export)
+    audit_files(sp)
+    audit_filters(sp)
+    sp.add_argument("--format", choices=["json", "cef", "ecs"], default="json")
 
     sp = add("status", cmd_status, "show the daemon's leases, backends, store and audit health")
     sp.add_argument("--json", action="store_true", help="print JSON")

@@ -270,6 +270,14 @@ class AuditConfig(_C, frozen=True, kw_only=True):
         dict[str, Annotated[list[RedactNeedle], Meta(min_length=1, max_length=MAX_REDACT_NEEDLES)]],
         Meta(max_length=1000),
     ] = {}
+    # Tamper evidence (sidekey.audit.chain): every line carries seq / prev_hash / log_id;
+    # with an audit key (`sidekey keygen audit`, from a file 0600 or a systemd
+    # credential; at most one of the two) an Ed25519-signed audit.checkpoint event follows
+    # every checkpoint_every_events events or checkpoint_every_s seconds, whichever first.
+    checkpoint_key_file: str | None = None
+    checkpoint_key_credential: str | None = None
+    checkpoint_every_events: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
+    checkpoint_every_s: Annotated[float, Meta(ge=0.01, le=3600)] = 1.0
 
 
 class ConfigSigning(_C, frozen=True, kw_only=True):
@@ -799,6 +807,9 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
             if not any(c.isalnum() for c in needle):
                 errors.append(f"{where('audit')}: $.audit.{at}.{i}: needs a letter or digit (case and "
                               "separators are ignored when matching)")
+    if cfg.audit.checkpoint_key_file is not None and cfg.audit.checkpoint_key_credential is not None:
+        errors.append(f"{where('audit')}: $.audit.checkpoint_key_file: set at most one of "
+                      "checkpoint_key_file or checkpoint_key_credential")
     for tool in cfg.audit.redact_tool_fields:
         if tool not in declared_tools:
             warnings.append(f"{where('audit')}: $.audit.redact_tool_fields.{tool}: no server declares this tool")

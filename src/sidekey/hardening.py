@@ -204,6 +204,8 @@ def key_files(loaded: LoadedConfig) -> list[tuple[Path, str]]:
                 value = getattr(backend, attr)
                 if value:
                     files.append((loaded.resolve(value), f"{what} file of backend {name!r}"))
+    if loaded.config.audit.checkpoint_key_file:
+        files.append((loaded.resolve(loaded.config.audit.checkpoint_key_file), "audit checkpoint key"))
     state = loaded.config.state
     if state.redis_password_file:
         files.append((loaded.resolve(state.redis_password_file), "Redis password file"))

@@ -44,7 +44,41 @@ def read_secret(path: Path | None, credential: str | None, *, what: str) -> str:
     return read_secret_file(path, what=what, check_permissions=True)
 
 
+def read_secret_bytes(path: Path | None, credential: str | None, *, what: str) -> bytes:
+    """Like :func:`read_secret` but the file's raw bytes (a PEM key spans several lines)."""
+    if credential is not None:
+        return _read_bytes(_credential_path(credential, what), what=what, check_permissions=False)
+    if path is None:
+        raise ConfigError(f"no file or credential configured for the {what}")
+    return _read_bytes(path, what=what, check_permissions=True)
+
+
+def _credential_path(credential: str, what: str) -> Path:
+    if not _CREDENTIAL_RE.fullmatch(credential) or credential in (".", ".."):
+        raise ConfigError(f"{what} credential {credential!r} is not a valid credential name")
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ConfigError(
+            f"{what} credential {credential!r}: $CREDENTIALS_DIRECTORY is not set "
+            f"(run the daemon under systemd with LoadCredential={credential}:<file>)"
+        )
+    return Path(directory) / credential
+
+
 def read_secret_file(path: Path, *, what: str, check_permissions: bool) -> str:
+    raw = _read_bytes(path, what=what, check_permissions=check_permissions)
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the {what} file is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{path}: the {what} file is empty")
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise ConfigError(f"{path}: the {what} file must hold one {what} on one line")
+    return text
+
+
+def _read_bytes(path: Path, *, what: str, check_permissions: bool) -> bytes:
     try:
         # O_NONBLOCK: a FIFO planted at the path must not hang the daemon.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -63,15 +97,7 @@ def read_secret_file(path: Path, *, what: str, check_permissions: bool) -> str:
         os.close(fd)
     if len(raw) > MAX_SECRET_FILE_BYTES:
         raise ConfigError(f"{path}: the {what} file is larger than {MAX_SECRET_FILE_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: the {what} file is not UTF-8 text") from None
-    if not text:
-        raise ConfigError(f"{path}: the {what} file is empty")
-    if any(c.isspace() or not c.isprintable() for c in text):
-        raise ConfigError(f"{path}: the {what} file must hold one {what} on one line")
-    return text
+    return raw
 
 
 def check_private(path: Path, st: os.stat_result, what: str) -> None:

@@ -21,7 +21,9 @@ import msgspec
 
 from ..encoding import iso_utc
 
-SCHEMA_VERSION = 1
+# 2: every line written by the file sink carries seq, prev_hash and log_id (the hash
+# chain); audit.checkpoint and audit.repaired events (README, "Audit event schema").
+SCHEMA_VERSION = 2
 
 EVENT_TYPES: tuple[str, ...] = (
     "mcp.authorize",
@@ -41,6 +43,8 @@ EVENT_TYPES: tuple[str, ...] = (
     "daemon.started",
     "daemon.stopped",
     "request.rejected.suppressed",
+    "audit.checkpoint",
+    "audit.repaired",
 )
 
 # Later features add types (approval.*, quota.threshold); any dotted lowercase name is
@@ -64,7 +68,9 @@ SEED_KEYS: tuple[str, ...] = (
 )
 # Keys sidekey adds; omitted when their value is None.
 OPTIONAL_KEYS: tuple[str, ...] = ("lease_id", "peer", "request_id", "error")
-RESERVED_KEYS = frozenset((*SEED_KEYS, "schema_version", "host", *OPTIONAL_KEYS))
+# seq / prev_hash / log_id: the hash chain, appended by the file sink (sidekey.audit.chain).
+RESERVED_KEYS = frozenset((*SEED_KEYS, "schema_version", "host", *OPTIONAL_KEYS,
+                           "seq", "prev_hash", "log_id"))
 
 REDACTED = "[REDACTED]"
 # Serialized size above which redacted arguments are replaced by a digest.

@@ -28,11 +28,14 @@ immediately rather than letting memory grow.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import logging
 import os
 import stat
 import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,18 @@ import trio
 
 from ..fsutil import fsync_dir, write_all
 from . import AuditUnavailable
+from .chain import (
+    CHAIN_KEYS,
+    CHECKPOINT_TYPE,
+    GENESIS,
+    REPAIRED_TYPE,
+    ChainState,
+    Signer,
+    chained_line,
+    checkpoint_fields,
+    line_hash,
+    recover_tail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +74,12 @@ THREADED_BACKOFF_S = 30
 # Events written with durable=False are committed with the next durable event, or
 # after this long if none comes.
 DEFERRED_FLUSH_S = 0.05
+# Defaults of audit.checkpoint_every_events / checkpoint_every_s: a crash leaves at most
+# one second of events after the last signed checkpoint.
+CHECKPOINT_EVERY_EVENTS = 1000
+CHECKPOINT_EVERY_S = 1.0
+# At most this many skipped lines are listed (each with its hash) in an audit.repaired event.
+MAX_REPAIR_LINES = 100
 # O_RDWR rather than O_WRONLY: reopening reads the last byte to repair a torn line.
 # O_NOFOLLOW: a root daemon must not be redirected through a planted symlink.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -72,7 +93,9 @@ def _describe_oserror(exc: OSError) -> str:
 
 
 class _Batch:
-    """Events committed together by one write + one fsync."""
+    """Events committed together by one write + one fsync. ``lines`` holds each event's
+    JSON without the chain fields and newline: the commit appends them (see
+    :mod:`sidekey.audit.chain`), so a failed commit leaves the chain where it was."""
 
     __slots__ = ("done", "failed", "lines", "nbytes", "urgent")
 
@@ -91,9 +114,21 @@ class JsonlSink:
     Outside trio (CLI, startup, shutdown): :meth:`write_sync`.
     """
 
-    def __init__(self, path: Path, *, fsync: bool, inline: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool, inline: bool = True, host: str = "",
+                 signer: Signer | None = None,
+                 checkpoint_every_events: int = CHECKPOINT_EVERY_EVENTS,
+                 checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> None:
         self.path = path
         self.fsync = fsync
+        self.host = host
+        # None: the chain is written but no checkpoint is signed (no audit key configured).
+        self.signer = signer
+        self.checkpoint_every_events = checkpoint_every_events
+        self.checkpoint_every_s = checkpoint_every_s
+        # Recovered from the file's tail at every open (see _open); guarded by _lock.
+        self._chain: ChainState | None = None
+        self._checkpoint_at = 0.0  # time.monotonic() by which the unsigned tail is signed
+        self.checkpoints_written = 0
         # inline=False: always fsync from a worker thread (never block the event loop).
         self.inline = inline
         # Serialises every use of the fd: the writer's worker thread, write_sync and close.
@@ -129,18 +164,103 @@ class JsonlSink:
                 os.fchmod(fd, FILE_MODE)
                 if self.fsync:
                     fsync_dir(parent)
-            elif st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n":
-                # A crash or a failed short write left a torn last line: end it, so
-                # the next event starts on its own line (the fragment stays visible).
-                log.warning("audit file %s ended with a partial line; terminating it", self.path)
-                write_all(fd, b"\n")
+            self._resume_chain(fd, st.st_size)
         except BaseException:
             os.close(fd)
             raise
         return fd
 
-    def _commit(self, data: bytes) -> None:
-        """Append ``data`` and (if configured) fsync. Raises OSError; drops the fd on error.
+    def _resume_chain(self, fd: int, size: int) -> None:
+        """Continue the chain from the file's last chained line (every open: at start,
+        and after a failed commit, whose rollback may itself have failed).
+
+        A torn last line (a crash or a failed short write) is terminated so the next
+        event starts on its own line; it and any other line after the last chained
+        event stay visible and are named (length and SHA-256) by an ``audit.repaired``
+        event chained to that last event, so ``sidekey audit verify`` can tell an
+        acknowledged torn write from a deletion. An empty file continues the chain
+        this process already has (a new file after rotation names the previous file's
+        last hash); a file without any chained line starts a new log whose first
+        ``prev_hash`` is the hash of its last line (or :data:`GENESIS`).
+        """
+        recovered = recover_tail(fd, size) if size > 0 else None
+        if recovered is not None and recovered.state is not None:
+            state = recovered.state
+        elif size == 0 and self._chain is not None:
+            state = self._chain
+        else:
+            state = ChainState(head=(recovered.last_line_hash if recovered else None) or GENESIS)
+        repair = b""
+        if recovered is not None and recovered.torn:
+            log.warning("audit file %s ended with a partial line; terminating it", self.path)
+            repair = b"\n"
+        if recovered is not None and recovered.state is not None and recovered.skipped:
+            skipped = recovered.skipped
+            body = self._encode(self._own_event(REPAIRED_TYPE, {
+                "repaired": {
+                    "skipped_lines": len(skipped),
+                    "lines": [{"bytes": n, "sha256": h} for n, h in skipped[:MAX_REPAIR_LINES]],
+                    "torn": recovered.torn,
+                },
+            }))
+            state.seq += 1
+            line = chained_line(body, state.seq, state.head, state.log_id)
+            state.head = line_hash(line)
+            state.unsigned += 1
+            repair += line + b"\n"
+            log.warning("audit file %s: %d line(s) after seq %d are not chained events; "
+                        "recorded in an %s event", self.path, len(skipped), state.seq - 1,
+                        REPAIRED_TYPE)
+        if repair:
+            write_all(fd, repair)
+        if state.unsigned:
+            self._checkpoint_at = time.monotonic() + self.checkpoint_every_s
+        self._chain = state
+
+    def _own_event(self, event_type: str, extra: dict[str, Any]) -> dict[str, Any]:
+        from .events import make_event
+
+        return make_event(event_type, host=self.host, now=datetime.datetime.now(datetime.UTC),
+                          redact_keys=(), extra=extra)
+
+    def _chain_lines(self, bodies: Sequence[bytes], *, final: bool) -> tuple[bytes, ChainState, bool]:
+        """The bytes to append for ``bodies`` (chained), plus a signed checkpoint when
+        one is due or ``final``; and the chain state after them. Called under _lock."""
+        chain = self._chain
+        if chain is None:  # set by _open, which runs before any commit
+            raise OSError(errno.EBADF, "audit chain state missing")
+        seq, head = chain.seq, chain.head
+        parts: list[bytes] = []
+        for body in bodies:
+            seq += 1
+            line = chained_line(body, seq, head, chain.log_id)
+            head = line_hash(line)
+            parts += (line, b"\n")
+        unsigned = chain.unsigned + len(bodies)
+        signed = False
+        # Due: checkpoint_every_s after the oldest unsigned event (none before: these are
+        # the first, so not yet), or after checkpoint_every_events of them.
+        if self.signer is not None and (final or (unsigned and (
+                unsigned >= self.checkpoint_every_events
+                or (chain.unsigned and time.monotonic() >= self._checkpoint_at)))):
+            now = datetime.datetime.now(datetime.UTC)
+            from .events import format_timestamp
+
+            fields = checkpoint_fields(self.signer, log_id=chain.log_id, host=self.host, seq=seq,
+                                       hash_=head, signed_at=format_timestamp(now), final=final)
+            body = self._encode(self._own_event(CHECKPOINT_TYPE, {"checkpoint": fields}))
+            seq += 1
+            line = chained_line(body, seq, head, chain.log_id)
+            head = line_hash(line)
+            parts += (line, b"\n")
+            signed = True
+        after = ChainState(seq=seq, head=head, log_id=chain.log_id,
+                           unsigned=0 if signed else unsigned)
+        return b"".join(parts), after, signed
+
+    def _commit(self, bodies: Sequence[bytes], *, final: bool = False) -> None:
+        """Append ``bodies`` (chained; with a checkpoint if one is due) and (if
+        configured) fsync. Raises OSError; drops the fd on error.
 
         All or nothing: if the write (ENOSPC, EFBIG, EIO, a short write) or the fsync
         fails, the file is truncated back to its size before this batch, so it never
@@ -150,6 +270,9 @@ class JsonlSink:
             if self._fd is None:
                 self._fd = self._open()
             fd = self._fd
+            data, after, signed = self._chain_lines(bodies, final=final)
+            if not data:
+                return
             # The daemon is the file's only writer (O_APPEND), so its size is where this
             # batch starts.
             start = os.fstat(fd).st_size
@@ -161,6 +284,21 @@ class JsonlSink:
                 self._roll_back_locked(fd, start)
                 self._close_fd_locked()
                 raise
+            if after.unsigned and not self._chain_unsigned():
+                # The first unsigned event: it is signed within checkpoint_every_s.
+                self._checkpoint_at = time.monotonic() + self.checkpoint_every_s
+            self._chain = after
+            if signed:
+                self.checkpoints_written += 1
+
+    def _chain_unsigned(self) -> int:
+        return self._chain.unsigned if self._chain is not None else 0
+
+    def checkpoint_due_in(self) -> float | None:
+        """Seconds until the unsigned tail must be signed (None: nothing to sign)."""
+        if self.signer is None or not self._chain_unsigned():
+            return None
+        return max(0.0, self._checkpoint_at - time.monotonic())
 
     def _roll_back_locked(self, fd: int, start: int) -> None:
         """Cut a failed batch off the file (best effort: truncating needs no free space)."""
@@ -198,6 +336,10 @@ class JsonlSink:
 
     @staticmethod
     def _encode(event: dict[str, Any]) -> bytes:
+        """The event's JSON, without the chain fields (the commit appends them)."""
+        if "seq" in event or "prev_hash" in event or "log_id" in event:
+            log.error("audit event %s carries a chain field %s", event.get("event_id"), CHAIN_KEYS)
+            raise AuditUnavailable("audit event carries a chain field")
         try:
             line = _encoder.encode(event)
         except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
@@ -214,7 +356,9 @@ class JsonlSink:
                 MAX_EVENT_BYTES,
             )
             raise AuditUnavailable("audit event too large")
-        return line + b"\n"
+        if len(line) < 3 or line[-1:] != b"}":  # chained_line appends inside the object
+            raise AuditUnavailable("audit event is not a JSON object")
+        return line
 
     def open(self) -> None:
         """Open (create) the file now, so a bad path fails at startup. Raises AuditUnavailable."""
@@ -261,10 +405,19 @@ class JsonlSink:
                         if deferred.cancelled_caught:
                             break
                     else:
-                        await self._nonempty.wait()
+                        # Idle: wake when the unsigned tail is due for its checkpoint
+                        # (an empty batch commits only the checkpoint).
+                        due = self.checkpoint_due_in()
+                        if due is None:
+                            await self._nonempty.wait()
+                        else:
+                            with trio.move_on_after(due) as checkpoint:
+                                await self._nonempty.wait()
+                            if checkpoint.cancelled_caught:
+                                break
                 batch, self._pending = self._pending, _Batch()
                 inflight = batch
-                data = b"".join(batch.lines)
+                data = batch.lines
                 try:
                     if self.fsync and self.inline and trio.current_time() >= self._inline_after:
                         # Fast disk: commit on the event loop. A thread hop costs about
@@ -298,6 +451,9 @@ class JsonlSink:
                 except OSError as exc:
                     batch.failed = True
                     self._failed(exc)
+                    if not batch.lines:
+                        # A checkpoint alone failed: do not retry it in a tight loop.
+                        await trio.sleep(self.checkpoint_every_s)
                 else:
                     self._succeeded(len(batch.lines))
                 batch.done.set()
@@ -358,7 +514,7 @@ class JsonlSink:
         if self._closed:
             raise AuditUnavailable("audit log is closed")
         try:
-            self._commit(line)
+            self._commit([line])
         except OSError as exc:
             self._failed(exc)
             raise AuditUnavailable("audit log cannot be written") from exc
@@ -374,6 +530,14 @@ class JsonlSink:
             leftover, self._pending = self._pending, _Batch()
             leftover.failed = True
             leftover.done.set()
+        if self.signer is not None and self._fd is not None and self._healthy:
+            # The closing checkpoint (final: true): a log that ends without one was cut,
+            # or its daemon is running or died (`sidekey audit verify` says so).
+            try:
+                self._commit([], final=True)
+            except OSError as exc:
+                log.error("audit file %s: closing checkpoint not written: %s",
+                          self.path, _describe_oserror(exc))
         with self._lock:
             self._close_fd_locked()
 
@@ -394,16 +558,29 @@ class JsonlSink:
             "batches_written": self.batches_written,
             "rejected": self.rejected,
             "last_error": self._last_error,
+            "chain": {
+                "log_id": self._chain.log_id if self._chain else None,
+                "seq": self._chain.seq if self._chain else 0,
+                "unsigned": self._chain_unsigned(),
+                "checkpoints": self.signer is not None,
+                "key_id": self.signer.key_id if self.signer else None,
+                "checkpoints_written": self.checkpoints_written,
+            },
         }
 
 
-def open_jsonl_sink(path: Path, *, fsync: bool, inline: bool = True) -> JsonlSink:
+def open_jsonl_sink(path: Path, *, fsync: bool, inline: bool = True, host: str = "",
+                    signer: Signer | None = None,
+                    checkpoint_every_events: int = CHECKPOINT_EVERY_EVENTS,
+                    checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> JsonlSink:
     """Create a :class:`JsonlSink` and open its file now (creating it ``0600``).
 
     Raises :class:`AuditUnavailable` if the file cannot be opened, so a bad audit
     path stops the daemon at startup instead of failing every call later.
     """
-    sink = JsonlSink(path, fsync=fsync, inline=inline)
+    sink = JsonlSink(path, fsync=fsync, inline=inline, host=host, signer=signer,
+                     checkpoint_every_events=checkpoint_every_events,
+                     checkpoint_every_s=checkpoint_every_s)
     sink.open()
     return sink
 

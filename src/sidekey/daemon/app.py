@@ -17,6 +17,7 @@ import trio
 
 from .. import hardening, systemd
 from ..audit import AuditLog, AuditSink
+from ..audit.chain import load_signer
 from ..audit.jsonl import open_jsonl_sink
 from ..backends import Backend, build_backends, unwrap
 from ..config import Config, LoadedConfig, RbacEntry
@@ -247,7 +248,18 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
         loaded.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = await open_configured_store(loaded)
         journal.store = store
-        sink: AuditSink = open_jsonl_sink(loaded.audit_path, fsync=cfg.audit.fsync)
+        signer = None
+        if cfg.audit.checkpoint_key_file or cfg.audit.checkpoint_key_credential:
+            signer = load_signer(
+                loaded.resolve(cfg.audit.checkpoint_key_file) if cfg.audit.checkpoint_key_file
+                else None, cfg.audit.checkpoint_key_credential)
+        else:
+            log.warning("audit: no checkpoint_key_file or checkpoint_key_credential: the audit "
+                        "hash chain is written but no checkpoint is signed (sidekey keygen audit)")
+        sink: AuditSink = open_jsonl_sink(
+            loaded.audit_path, fsync=cfg.audit.fsync, host=socket.gethostname(), signer=signer,
+            checkpoint_every_events=cfg.audit.checkpoint_every_events,
+            checkpoint_every_s=cfg.audit.checkpoint_every_s)
         audit = AuditLog([sink])
     except BaseException:
         await _close_all(backends, store, audit)
@@ -347,12 +359,16 @@ async def _close_all(
     backends: dict[str, Backend], store: StateStore | None, audit: AuditLog | None
 ) -> None:
     with trio.CancelScope(shield=True):
-        for b in backends.values():
-            await b.aclose()
-        if store is not None:
-            await store.aclose()
-        if audit is not None:
-            await audit.aclose()
+        try:
+            for b in backends.values():
+                await b.aclose()
+            if store is not None:
+                await store.aclose()
+        finally:
+            # Whatever failed above, the audit writer still drains its queue and writes
+            # its closing checkpoint.
+            if audit is not None:
+                await audit.aclose()
 
 
 async def _signals(server: HttpServer, app: Sidekey) -> None:
