@@ -200,3 +200,27 @@ def test_a_configured_key_file_is_used_and_never_created(make_daemon: Any, tmp_p
     out = subprocess.run([*SIDEKEY, "audit", "hmac", "--key-file", str(key_file), "--json-value"],
                          input='{"b": 1, "a": 2}', capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == ValueHasher(KEY).digest({"a": 2, "b": 1}), out.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_the_key_from_a_systemd_credential(make_daemon: Any, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "sidekey-audit-hmac").write_text(KEY.hex() + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))  # inherited by the daemon
+    d: Daemon = make_daemon({"audit": {"hmac_key_credential": "sidekey-audit-hmac"}})
+    d.start()
+    _authorize(d, PASSWORD_B)
+    d.wait_events("mcp.authorize", 1)
+    assert _pass_of(d, 0) == ValueHasher(KEY).digest(PASSWORD_B)
+    assert not (d.root / "state" / "audit-hmac.key").exists()
+
+
+def test_file_and_credential_together_are_a_config_error(make_daemon: Any) -> None:
+    d: Daemon = make_daemon({"audit": {"hmac_key_file": "keys/h.key", "hmac_key_credential": "h"}})
+    out = subprocess.run([*SIDEKEY, "check-config", "--config", str(d.config_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "$.audit.hmac_key_file: set at most one of" in out.stderr
