@@ -4,7 +4,9 @@
 re-implemented here; ``new``: :func:`sidekey.audit.events.redact` (built-in substrings
 and words on the normalised key, memoised per key name; header pairs, name/value
 objects, inline ``Name: value``, URL passwords). Both include the JSON size check.
-Prints microseconds per call for three argument shapes and the new/old ratio.
+Prints microseconds per call for three argument shapes and the new/old ratio; ``hmac``:
+``new`` with the daemon's HMAC of each hidden value (issue 12 item 5, schema 3) in place
+of the ``[REDACTED]`` marker, and its ratio to ``new``.
 
     python benchmarks/bench_redact.py [--rounds 20000]
 """
@@ -19,6 +21,7 @@ from typing import Any
 import msgspec
 
 from sidekey.audit.events import REDACTED, redact
+from sidekey.audit.hmackey import ValueHasher
 
 OLD_KEYS = ("password", "secret", "token", "key", "credential", "authorization")
 _encoder = msgspec.json.Encoder()
@@ -68,11 +71,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20_000)
     rounds = parser.parse_args().rounds
-    print(f"{'arguments':32} {'old us':>8} {'new us':>8} {'new/old':>8}")
+    hasher = ValueHasher(bytes(32))
+    print(f"{'arguments':32} {'old us':>8} {'new us':>8} {'new/old':>8} {'hmac us':>8} "
+          f"{'hmac/new':>8}")
     for name, args in SHAPES.items():
         old = per_call_us(old_redact, args, rounds)
         new = per_call_us(lambda a: redact(a, []), args, rounds)
-        print(f"{name:32} {old:8.2f} {new:8.2f} {new / old:8.2f}")
+        mac = per_call_us(lambda a: redact(a, [], hasher=hasher), args, rounds)
+        print(f"{name:32} {old:8.2f} {new:8.2f} {new / old:8.2f} {mac:8.2f} {mac / new:8.2f}")
 
 
 if __name__ == "__main__":

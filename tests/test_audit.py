@@ -84,7 +84,7 @@ def test_event_reproduces_the_seed_example() -> None:
     for key in SEED_KEYS:
         if key != "event_id":
             assert event[key] == SEED_EXAMPLE[key], key
-    assert event["schema_version"] == 2
+    assert event["schema_version"] == 3
     assert event["host"] == "host-1"
     assert (
         event["lease_id"] == "lse_1"

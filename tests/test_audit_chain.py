@@ -75,7 +75,7 @@ def check_chain(lines: list[bytes]) -> list[dict[str, Any]]:
         assert event["seq"] == i + 1, (i, event)
         assert event["prev_hash"] == prev, (i, event)
         assert event["log_id"] == events[0]["log_id"]
-        assert event["schema_version"] == 2
+        assert event["schema_version"] == 3
         prev = hashlib.sha256(line).hexdigest()
     return events
 

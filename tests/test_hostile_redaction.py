@@ -15,6 +15,7 @@ import pytest
 
 from harness import Daemon
 from sidekey.audit.events import REDACTED, make_event, redact, sensitive_key
+from sidekey.audit.hmackey import ValueHasher, load_key
 from test_approvals_daemon import hold_every_call
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -98,9 +99,9 @@ def test_make_event_applies_the_tool_fields_of_its_tool_only() -> None:
     assert ev["arguments"] == args
 
 
-def test_old_behaviour_kept() -> None:
-    """Values are replaced by the plain marker (as before; see the report on HMACs),
-    the input is not modified, odd values are not repr'ed."""
+def test_without_a_hasher_the_plain_marker() -> None:
+    """Without an HMAC key (the approvals list, library callers) values are replaced by
+    the plain marker; the input is not modified, odd values are not repr'ed."""
     args = {"tokens": ["a", "b"], "obj": object(), "n": {"API_Key": "k"}}
     out = redact(args, [])
     assert out == {"tokens": REDACTED, "obj": "[object]", "n": {"API_Key": REDACTED}}
@@ -168,8 +169,12 @@ def test_no_secret_spelling_reaches_the_audit_file(make_daemon: Any) -> None:
                     if e["event_type"] == "mcp.authorize" and e["tool"] == "create_article"]
     # Not a tool field of create_article: in clear there; publish_article hides it.
     assert authorized["arguments"]["body_markdown"] == BODY
-    assert authorized["arguments"]["db"] == {"user": "svc", "pass": REDACTED}
+    # In audit: the value's HMAC under the host's audit key (schema 3, issue 12 item 5).
+    hasher = ValueHasher(load_key(d.root / "state" / "audit-hmac.key", None))
+    assert authorized["arguments"]["db"] == {"user": "svc", "pass": hasher.digest(
+        args["db"]["pass"])}
     held = [e for e in events if e["tool"] == "publish_article" and e.get("arguments")]
-    assert held and all(e["arguments"]["body_markdown"] == REDACTED for e in held)
+    assert held and all(e["arguments"]["body_markdown"] == hasher.digest(BODY) for e in held)
+    # Approvers see the plain marker (an HMAC there would only help them guess).
     [shown] = listed["approvals"]
     assert shown["arguments"]["body_markdown"] == REDACTED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import logging
 import os
@@ -395,6 +396,47 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     out.flush()
     print(f"exported {count} events as {args.format}", file=sys.stderr)
     return EXIT_OK
+
+
+# `audit hmac` reads one value from stdin; an argument value is far smaller.
+MAX_HMAC_INPUT_BYTES = 1024 * 1024
+
+
+def cmd_audit_hmac(args: argparse.Namespace) -> int:
+    """Print the ``hmac-sha256:<hex>`` an event would carry for a value read from stdin
+    (never argv: /proc/PID/cmdline and shell history are readable)."""
+    from .audit.hmackey import ValueHasher, load_key
+    from .audit.hmackey import key_path as hmac_key_path
+
+    if args.key_file:
+        key = load_key(Path(args.key_file), None)
+    else:
+        loaded = _load(args)
+        key = load_key(hmac_key_path(loaded), loaded.config.audit.hmac_key_credential)
+    raw = sys.stdin.buffer.read(MAX_HMAC_INPUT_BYTES + 1)
+    if len(raw) > MAX_HMAC_INPUT_BYTES:
+        _fail(f"the value on stdin is larger than {MAX_HMAC_INPUT_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        _fail("the value on stdin is not UTF-8")
+    if text.endswith("\n"):  # the newline of `echo` or of a typed line, not the value's
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    value: Any = text
+    if args.json_value:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            _fail("--json-value: stdin is not one JSON value")
+    digest = ValueHasher(key).digest(value)
+    if args.expect is None:
+        print(digest)
+        return EXIT_OK
+    if hmac.compare_digest(digest, args.expect.strip()):
+        print("match")
+        return EXIT_OK
+    print("no match", file=sys.stderr)
+    return EXIT_FAIL
 
 
 def cmd_config_sign(args: argparse.Namespace) -> int:
@@ -928,6 +970,22 @@ def build_parser() -> argparse.ArgumentParser:
     audit_files(sp)
     audit_filters(sp)
     sp.add_argument("--format", choices=["json", "cef", "ecs"], default="json")
+    sp = ausub.add_parser(
+        "hmac", help="the hmac-sha256 an event carries for a value (read from stdin)",
+        description="read one value from stdin (never from the command line; one trailing "
+        "newline is dropped) and print the hmac-sha256:<hex> that audit events show in place "
+        "of that value under a sensitive key, so an auditor holding the host's audit HMAC key "
+        "can tell whether a known value was used (grep the audit file for the output). "
+        "Default key: audit.hmac_key_file / hmac_key_credential of --config, else "
+        "<state.dir>/audit-hmac.key.")
+    sp.set_defaults(func=cmd_audit_hmac)
+    config_arg(sp)
+    sp.add_argument("--key-file", metavar="FILE",
+                    help="the audit HMAC key file (64 hex digits; mode 0600) instead of the config's")
+    sp.add_argument("--json-value", action="store_true",
+                    help="stdin is a JSON value (a number, object, list, or a quoted string), not text")
+    sp.add_argument("--expect", metavar="HMAC",
+                    help="compare with this hmac-sha256:<hex>: print 'match' and exit 0, else exit 1")
 
     sp = add("status", cmd_status, "show the daemon's leases, backends, store and audit health")
     sp.add_argument("--json", action="store_true", help="print JSON")

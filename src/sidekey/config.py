@@ -278,6 +278,12 @@ class AuditConfig(_C, frozen=True, kw_only=True):
     checkpoint_key_credential: str | None = None
     checkpoint_every_events: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
     checkpoint_every_s: Annotated[float, Meta(ge=0.01, le=3600)] = 1.0
+    # Values under sensitive argument keys become "hmac-sha256:<hex>" under this per-host
+    # key (sidekey.audit.hmackey): 64 hex digits on one line, from a file 0600 or a
+    # systemd credential (at most one of the two); with neither, <state.dir>/audit-hmac.key,
+    # created on the first start. Read at start (a reload keeps the running key).
+    hmac_key_file: str | None = None
+    hmac_key_credential: str | None = None
 
 
 class ConfigSigning(_C, frozen=True, kw_only=True):
@@ -810,6 +816,9 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
     if cfg.audit.checkpoint_key_file is not None and cfg.audit.checkpoint_key_credential is not None:
         errors.append(f"{where('audit')}: $.audit.checkpoint_key_file: set at most one of "
                       "checkpoint_key_file or checkpoint_key_credential")
+    if cfg.audit.hmac_key_file is not None and cfg.audit.hmac_key_credential is not None:
+        errors.append(f"{where('audit')}: $.audit.hmac_key_file: set at most one of "
+                      "hmac_key_file or hmac_key_credential")
     for tool in cfg.audit.redact_tool_fields:
         if tool not in declared_tools:
             warnings.append(f"{where('audit')}: $.audit.redact_tool_fields.{tool}: no server declares this tool")

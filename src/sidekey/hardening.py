@@ -206,6 +206,11 @@ def key_files(loaded: LoadedConfig) -> list[tuple[Path, str]]:
                     files.append((loaded.resolve(value), f"{what} file of backend {name!r}"))
     if loaded.config.audit.checkpoint_key_file:
         files.append((loaded.resolve(loaded.config.audit.checkpoint_key_file), "audit checkpoint key"))
+    from .audit.hmackey import key_path as audit_hmac_key_path
+
+    hmac_key = audit_hmac_key_path(loaded)
+    if hmac_key is not None:  # the configured file, or the one the daemon created
+        files.append((hmac_key, "audit HMAC key"))
     state = loaded.config.state
     if state.redis_password_file:
         files.append((loaded.resolve(state.redis_password_file), "Redis password file"))

@@ -20,10 +20,13 @@ from typing import Any
 import msgspec
 
 from ..encoding import iso_utc
+from .hmackey import ValueHasher
 
 # 2: every line written by the file sink carries seq, prev_hash and log_id (the hash
 # chain); audit.checkpoint and audit.repaired events (README, "Audit event schema").
-SCHEMA_VERSION = 2
+# 3: redacted argument values are "hmac-sha256:<hex>" under the per-host audit HMAC key
+# (sidekey.audit.hmackey), no longer "[REDACTED]".
+SCHEMA_VERSION = 3
 
 EVENT_TYPES: tuple[str, ...] = (
     "mcp.authorize",
@@ -72,6 +75,9 @@ OPTIONAL_KEYS: tuple[str, ...] = ("lease_id", "peer", "request_id", "error")
 RESERVED_KEYS = frozenset((*SEED_KEYS, "schema_version", "host", *OPTIONAL_KEYS,
                            "seq", "prev_hash", "log_id"))
 
+# What replaces a sensitive value when no HMAC key is given (the approvals list shown
+# to approvers, library callers); the daemon's audit events carry
+# "hmac-sha256:<hex>" instead (ValueHasher).
 REDACTED = "[REDACTED]"
 # Serialized size above which redacted arguments are replaced by a digest.
 MAX_ARGUMENTS_BYTES = 8 * 1024
@@ -107,7 +113,7 @@ _MAX_PAIR_FIELDS = 4  # a header object has few fields; bigger dicts are not one
 _MAX_PAIR_FIELD_LEN = 16
 _WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 # "scheme://user:password@host": the password part of a URL (a DSN under any key).
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)[^\s@]+@")
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)([^\s@]+)@")
 # "Name: value" / "--name=value" strings in a list (curl -H style, argv): the name part
 # is at most this long.
 _MAX_INLINE_NAME = 64
@@ -128,11 +134,14 @@ def _normalised(name: str) -> tuple[str, frozenset[str]]:
 
 class Redactor:
     """The redaction rule for one set of needles, precomputed (one per config and tool:
-    see :func:`redactor`). :meth:`sensitive` is a memoised set/substring test."""
+    see :func:`redactor`). :meth:`sensitive` is a memoised set/substring test. With a
+    ``hasher`` a sensitive value becomes its HMAC (:meth:`ValueHasher.digest`), else
+    :data:`REDACTED`."""
 
-    __slots__ = ("_memo", "substrings", "words")
+    __slots__ = ("_hasher", "_memo", "substrings", "words")
 
-    def __init__(self, extra: Sequence[str] = ()) -> None:
+    def __init__(self, extra: Sequence[str] = (), hasher: ValueHasher | None = None) -> None:
+        self._hasher = hasher
         # A configured needle matches as a substring of the normalised key, like the
         # built-in substrings; one that normalises to nothing (config forbids it) is
         # ignored rather than matching every key.
@@ -140,6 +149,10 @@ class Redactor:
         self.substrings = tuple(sorted(set(BUILTIN_REDACT_SUBSTRINGS) | added))
         self.words = BUILTIN_REDACT_WORDS
         self._memo: dict[str, bool] = {}
+
+    def mask(self, value: Any) -> str:
+        """What a sensitive ``value`` is replaced by."""
+        return REDACTED if self._hasher is None else self._hasher.digest(value)
 
     def sensitive(self, name: str) -> bool:
         """Whether values under key ``name`` are redacted."""
@@ -161,13 +174,14 @@ class Redactor:
         cut = min(colon, equals) if colon >= 0 and equals >= 0 else max(colon, equals)
         if cut > 0 and self.sensitive(text[:cut]):
             sep = text[cut]
-            return f"{text[:cut]}{sep}{' ' if sep == ':' else ''}{REDACTED}"
+            # The value MACed: what follows "=", or ":" and its blanks (a header value).
+            secret = text[cut + 1:].lstrip(" \t") if sep == ":" else text[cut + 1:]
+            return f"{text[:cut]}{sep}{' ' if sep == ':' else ''}{self.mask(secret)}"
         return self._string(text)
 
-    @staticmethod
-    def _string(text: str) -> str:
+    def _string(self, text: str) -> str:
         if "://" in text and "@" in text:
-            return _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+            return _URL_PASSWORD.sub(lambda m: f"{m[1]}{self.mask(m[2])}@", text)
         return text
 
     def _pair_fields(self, value: Mapping[Any, Any]) -> tuple[set[Any], set[Any]] | None:
@@ -196,11 +210,11 @@ class Redactor:
             for key, item in value.items():
                 name = str(key)
                 if pair is not None and key in pair[1]:
-                    out[name] = REDACTED
+                    out[name] = self.mask(item)
                 elif pair is not None and key in pair[0]:
                     out[name] = item  # the header's name, e.g. "Authorization"
                 elif self.sensitive(name):
-                    out[name] = REDACTED
+                    out[name] = self.mask(item)
                 else:
                     out[name] = self.value(item, depth + 1)
             return out
@@ -221,7 +235,7 @@ class Redactor:
         hide_next = False
         for i, item in enumerate(items):
             if hide_next:
-                out.append(REDACTED)
+                out.append(self.mask(item))
                 hide_next = False
                 continue
             if isinstance(item, str):
@@ -241,14 +255,16 @@ def _bare_name(text: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _redactor(extra: tuple[str, ...]) -> Redactor:
-    return Redactor(extra)
+def _redactor(extra: tuple[str, ...], hasher: ValueHasher | None) -> Redactor:
+    return Redactor(extra, hasher)
 
 
-def redactor(redact_keys: Sequence[str], extra_keys: Sequence[str] = ()) -> Redactor:
+def redactor(redact_keys: Sequence[str], extra_keys: Sequence[str] = (),
+             hasher: ValueHasher | None = None) -> Redactor:
     """The (cached) :class:`Redactor` for the configured ``audit.redact_keys`` plus a
-    tool's ``audit.redact_tool_fields``; built once per distinct list, not per event."""
-    return _redactor((*redact_keys, *extra_keys))
+    tool's ``audit.redact_tool_fields`` (and the daemon's ``hasher``, by identity);
+    built once per distinct list, not per event."""
+    return _redactor((*redact_keys, *extra_keys), hasher)
 
 
 def sensitive_key(name: str, redact_keys: Sequence[str]) -> bool:
@@ -258,23 +274,27 @@ def sensitive_key(name: str, redact_keys: Sequence[str]) -> bool:
 
 
 def redact(
-    arguments: Mapping[str, Any], redact_keys: Sequence[str], extra_keys: Sequence[str] = ()
+    arguments: Mapping[str, Any], redact_keys: Sequence[str], extra_keys: Sequence[str] = (),
+    hasher: ValueHasher | None = None,
 ) -> dict[str, Any]:
     """Return a copy of ``arguments`` safe to write to the audit log.
 
-    Values under a sensitive key become ``"[REDACTED]"``, at any depth (in nested
-    objects and lists). Sensitive: the built-in needles (:data:`BUILTIN_REDACT_SUBSTRINGS`
+    Values under a sensitive key become ``"hmac-sha256:<hex>"`` (the HMAC of the value's
+    canonical JSON under ``hasher``'s key: the same value gives the same string, so
+    events can be correlated without revealing it), or ``"[REDACTED]"`` without a
+    ``hasher``; at any depth (in nested objects and lists). Sensitive: the built-in needles (:data:`BUILTIN_REDACT_SUBSTRINGS`
     as substrings, :data:`BUILTIN_REDACT_WORDS` as whole words of the key) and
     ``redact_keys`` / ``extra_keys`` (substrings), all compared case-insensitively
     with separators ignored. Header shapes are covered too: ``["Authorization",
     "Bearer x"]``, ``{"name": "Authorization", "value": "x"}``, ``"Cookie: x"`` and
     ``--password x`` / ``--password=x`` in a list; and the password of any
-    ``scheme://user:password@host`` URL.
+    ``scheme://user:password@host`` URL (a substring is MACed alone: the header value
+    after ``Name:`` and its blanks, the flag value after ``=``, the URL's password).
     If the redacted arguments serialize to more than :data:`MAX_ARGUMENTS_BYTES`, they
     are replaced by ``{"_truncated": true, "size": n, "sha256": hex}`` (the digest is
     of the *redacted* JSON, so it cannot be used to guess a redacted value).
     """
-    redacted: dict[str, Any] = redactor(redact_keys, extra_keys).value(arguments)
+    redacted: dict[str, Any] = redactor(redact_keys, extra_keys, hasher).value(arguments)
     encoded = _encoder.encode(redacted)
     if len(encoded) > MAX_ARGUMENTS_BYTES:
         return {
@@ -320,6 +340,7 @@ def make_event(
     redact_tool_fields: Mapping[str, Sequence[str]] | None = None,
     max_string_bytes: int | None = None,
     max_event_bytes: int | None = None,
+    hasher: ValueHasher | None = None,
 ) -> dict[str, Any]:
     """Build one audit event (a plain dict, ready to encode as one JSON line).
 
@@ -328,7 +349,7 @@ def make_event(
     :data:`MAX_EVENT_BYTES`).
 
     ``arguments`` are redacted with :func:`redact` (``redact_keys`` plus the
-    ``redact_tool_fields`` of ``tool``). Raises :class:`ValueError` (a
+    ``redact_tool_fields`` of ``tool``; sensitive values MACed with ``hasher``). Raises :class:`ValueError` (a
     local bug) for a malformed ``event_type`` (not ``noun.verb``) or an ``extra`` key
     that shadows a standard key.
     """
@@ -345,7 +366,7 @@ def make_event(
         "session_id": session_id,
         "arguments": None if arguments is None else redact(
             arguments, redact_keys,
-            redact_tool_fields.get(tool, ()) if redact_tool_fields and tool else (),
+            redact_tool_fields.get(tool, ()) if redact_tool_fields and tool else (), hasher,
         ),
         "result": result,
         "auth": auth,

@@ -18,6 +18,7 @@ import trio
 from .. import hardening, systemd
 from ..audit import AuditLog, AuditSink
 from ..audit.chain import load_signer
+from ..audit.hmackey import load_hasher as load_audit_hasher
 from ..audit.jsonl import open_jsonl_sink
 from ..backends import Backend, build_backends, unwrap
 from ..config import Config, LoadedConfig, RbacEntry
@@ -256,6 +257,8 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
         else:
             log.warning("audit: no checkpoint_key_file or checkpoint_key_credential: the audit "
                         "hash chain is written but no checkpoint is signed (sidekey keygen audit)")
+        # Before the audit file is opened: a loose or malformed key stops the start.
+        hasher = load_audit_hasher(loaded)
         sink: AuditSink = open_jsonl_sink(
             loaded.audit_path, fsync=cfg.audit.fsync, host=socket.gethostname(), signer=signer,
             checkpoint_every_events=cfg.audit.checkpoint_every_events,
@@ -272,6 +275,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
         log.warning("config: %s", warning)
     app = Sidekey(loaded, store=store, audit=audit, backends=backends, codec=codec)
     app.trust = trust
+    app.audit_hasher = hasher
     server = HttpServer(app, cfg.listen)
     app.server = server
     try:

@@ -31,6 +31,7 @@ from .. import protocol
 from ..approval_desk import ApprovalDesk
 from ..audit import AuditLog
 from ..audit.events import format_timestamp, make_event
+from ..audit.hmackey import ValueHasher
 from ..audit.ratelimit import RejectionLimiter, Suppressed
 from ..backends import Backend
 from ..config import LoadedConfig, OAuth2Config
@@ -150,6 +151,9 @@ class Context:
         # once per config, not on every authorize.
         self._oauth_specs = _oauth_specs(loaded)
         self.trust: ConfigTrust | None = None  # what a reload's config must satisfy
+        # MACs sensitive argument values in audit events (set by run(); None: the plain
+        # "[REDACTED]" marker). Kept across reloads: a new key would break correlation.
+        self.audit_hasher: ValueHasher | None = None
         self._reload_lock = trio.Lock()
         self._dynamic_leases: set[str] = set()  # active leases carrying dynamic credentials
         # on_store_failure: local — this host's GCRA state while the store is down
@@ -221,6 +225,7 @@ class Context:
             now=datetime.datetime.fromtimestamp(self.clock(), datetime.UTC),
             redact_keys=self.cfg.audit.redact_keys,
             redact_tool_fields=self.cfg.audit.redact_tool_fields,
+            hasher=self.audit_hasher,
             **fields,
         )
 
