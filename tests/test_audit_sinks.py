@@ -447,3 +447,87 @@ async def test_required_forwarder_wait(tmp_path: Path) -> None:
         assert not log.health()["ok"]
         await log.aclose()
         nursery.cancel_scope.cancel()
+
+
+def _tls_files(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for ``localhost`` signed by it: (ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test CA {name}")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(hours=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = (tmp_path / f"{name}-ca.pem", tmp_path / f"{name}-cert.pem", tmp_path / f"{name}-key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+async def test_syslog_tls_verifies_the_collector(tmp_path: Path) -> None:
+    """TLS with ca_file: a collector whose certificate that CA signed receives the
+    octet-counted messages; one signed by another CA gets nothing (verification is on)."""
+    import ssl
+
+    ca, cert, key = _tls_files(tmp_path, "good")
+    other_ca, _, _ = _tls_files(tmp_path, "other")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    received = bytearray()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(2):  # the rejected handshake, then the good client
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                return
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.settimeout(10)
+                    while chunk := tls.recv(65536):
+                        received.extend(chunk)
+            except (ssl.SSLError, OSError):
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    line = b'{"event_type":"mcp.redeem","host":"h","seq":1}'
+    try:
+        bad = SyslogSink("bad", transport="tcp", host="localhost", port=port, tls=True,
+                         ca_file=str(other_ca))
+        with pytest.raises(OSError, match="TLS"):
+            await bad.send([(1, line)])
+        await bad.disconnect()
+        good = SyslogSink("good", transport="tcp", host="localhost", port=port, tls=True,
+                          ca_file=str(ca))
+        await good.send([(1, line), (2, line)])
+        await good.disconnect()
+        await trio.to_thread.run_sync(thread.join, 10)
+    finally:
+        listener.close()
+    length, _, rest = bytes(received).partition(b" ")
+    first = rest[:int(length)]
+    assert parse_5424(first)["msg"] == line
+    assert rest[int(length):].split(b" ", 1)[0] == length  # the second frame

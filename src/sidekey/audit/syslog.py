@@ -145,6 +145,11 @@ class SyslogSink(Forwarder):
                 tls_stream = trio.SSLStream(stream, context, server_hostname=self.host)
                 try:
                     await tls_stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    await trio.aclose_forcefully(stream)
+                    cause = exc.__cause__
+                    reason = getattr(cause, "reason", None) or type(cause).__name__
+                    raise OSError(errno.EPROTO, f"TLS handshake failed: {reason}") from exc
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
