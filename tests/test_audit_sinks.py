@@ -531,3 +531,22 @@ async def test_syslog_tls_verifies_the_collector(tmp_path: Path) -> None:
     first = rest[:int(length)]
     assert parse_5424(first)["msg"] == line
     assert rest[int(length):].split(b" ", 1)[0] == length  # the second frame
+
+
+async def test_oversized_datagram_is_cut_not_stuck_and_queue_bytes_are_capped(tmp_path: Path) -> None:
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(tmp_path / "rx.sock"))
+    rx.settimeout(10)
+    try:
+        sink = SyslogSink("big", socket_path=str(tmp_path / "rx.sock"),
+                          max_message_bytes=1 << 20, queue_max_bytes=1 << 20)
+        line = json.dumps({"event_type": "t", "host": "h", "x": "a" * 600_000}).encode()
+        await sink.send([(1, line)])  # over the socket's send buffer: EMSGSIZE, then cut
+        msg = parse_5424(rx.recv(1 << 20))["msg"]
+        assert len(msg) <= 2048 and b"[truncated 600" in msg
+        await sink.disconnect()
+        # The queue holds at most queue_max_bytes: the second 600 kB line is dropped.
+        sink.offer([(1, line), (2, line)])
+        assert sink.health()["queued"] == 1 and sink.dropped == 1
+    finally:
+        rx.close()

@@ -286,6 +286,7 @@ class SyslogSinkConfig(_C, frozen=True, kw_only=True, tag_field="type", tag="sys
     app_name: Annotated[str, Meta(min_length=1, max_length=48, pattern=r"^[\x21-\x7e]+$")] = "sidekey"
     max_message_bytes: Annotated[int, Meta(ge=256, le=1_048_576)] = 8192
     queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    queue_max_bytes: Annotated[int, Meta(ge=65536, le=1 << 32)] = 64 * 1024 * 1024
     deliver_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
 
 

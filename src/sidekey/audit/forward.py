@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 OVERFLOW_TYPE = "audit.sink_overflow"
 DEFAULT_QUEUE_MAX = 10_000
+# Events are up to 1 MiB each (sidekey.audit.jsonl.MAX_EVENT_BYTES): the queue is capped
+# in bytes too.
+DEFAULT_QUEUE_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_DELIVER_TIMEOUT_S = 5.0
 # Retry backoff after a failed send: doubles from the first to the last.
 BACKOFF_FIRST_S = 0.2
@@ -55,10 +58,13 @@ class Forwarder:
     kind = "forwarder"
 
     def __init__(self, name: str, *, required: bool = False, queue_max: int = DEFAULT_QUEUE_MAX,
+                 queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES,
                  deliver_timeout_s: float = DEFAULT_DELIVER_TIMEOUT_S) -> None:
         self.name = name
         self.required = required
         self.queue_max = queue_max
+        self.queue_max_bytes = queue_max_bytes
+        self._queued_bytes = 0
         self.deliver_timeout_s = deliver_timeout_s
         self.alert: Alert | None = None
         self._queue: collections.deque[Line] = collections.deque()
@@ -95,11 +101,16 @@ class Forwarder:
         if self._closed:
             self.dropped += len(lines)
             return
-        room = self.queue_max - len(self._queue)
-        if room < len(lines):
-            lost = len(lines) - max(room, 0)
-            self.dropped += lost
-            lines = lines[:max(room, 0)]
+        kept = 0
+        for item in lines:
+            if (len(self._queue) >= self.queue_max
+                    or self._queued_bytes + len(item[1]) > self.queue_max_bytes):
+                break
+            self._queue.append(item)
+            self._queued_bytes += len(item[1])
+            kept += 1
+        if kept < len(lines):
+            self.dropped += len(lines) - kept
             if not self._overflowing:
                 self._overflowing = True
                 self.overflows += 1
@@ -111,7 +122,6 @@ class Forwarder:
                         "dropped_total": self.dropped, "last_error": self.last_error}})
             self._progress.set()  # a required waiter may be waiting for a dropped line
             self._progress = trio.Event()
-        self._queue.extend(lines)
         if self._queue:
             self._nonempty.set()
 
@@ -170,7 +180,7 @@ class Forwarder:
                 await self.disconnect()
             return False
         for _ in batch:
-            self._queue.popleft()
+            self._queued_bytes -= len(self._queue.popleft()[1])
         if not self._ok:
             log.warning("audit sink %s: delivering again", self.name)
         self._ok = True
@@ -193,6 +203,7 @@ class Forwarder:
                       len(self._queue))
             self.dropped += len(self._queue)
             self._queue.clear()
+            self._queued_bytes = 0
         self._progress.set()
         with trio.CancelScope(shield=True):
             await self.disconnect()
@@ -206,7 +217,8 @@ class Forwarder:
         return {
             "ok": ok, "sink": self.kind, "name": self.name, "required": self.required,
             **self.describe(),
-            "running": self._running, "queued": len(self._queue), "queue_max": self.queue_max,
+            "running": self._running, "queued": len(self._queue), "queued_bytes": self._queued_bytes,
+            "queue_max": self.queue_max, "queue_max_bytes": self.queue_max_bytes,
             "delivered": self.delivered, "delivered_seq": self.delivered_seq,
             "dropped": self.dropped, "overflows": self.overflows, "failures": self.failures,
             "last_error": self.last_error,

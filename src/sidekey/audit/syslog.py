@@ -31,7 +31,13 @@ import trio
 
 from .chain import line_hash
 from .export import cef_severity, to_cef
-from .forward import DEFAULT_DELIVER_TIMEOUT_S, DEFAULT_QUEUE_MAX, Forwarder, Line
+from .forward import (
+    DEFAULT_DELIVER_TIMEOUT_S,
+    DEFAULT_QUEUE_MAX,
+    DEFAULT_QUEUE_MAX_BYTES,
+    Forwarder,
+    Line,
+)
 
 FACILITIES = {
     "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
@@ -41,6 +47,9 @@ FACILITIES = {
 # CEF severity (sidekey.audit.export.cef_severity) -> syslog severity.
 _SEVERITY = {3: 6, 5: 4, 7: 3}
 DEFAULT_MAX_MESSAGE_BYTES = 8192
+# A datagram the local socket refuses as too long (EMSGSIZE: its buffer is smaller than
+# max_message_bytes) is sent again cut to this, rather than blocking the queue for good.
+DGRAM_FALLBACK_BYTES = 2048
 MIN_MESSAGE_BYTES = 256
 CONNECT_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
@@ -91,9 +100,10 @@ class SyslogSink(Forwarder):
                  ca_file: str | None = None, fmt: str = "json", facility: str = "authpriv",
                  app_name: str = "sidekey", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  required: bool = False, queue_max: int = DEFAULT_QUEUE_MAX,
+                 queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES,
                  deliver_timeout_s: float = DEFAULT_DELIVER_TIMEOUT_S) -> None:
         super().__init__(name, required=required, queue_max=queue_max,
-                         deliver_timeout_s=deliver_timeout_s)
+                         queue_max_bytes=queue_max_bytes, deliver_timeout_s=deliver_timeout_s)
         if transport not in ("unix", "tcp"):
             raise ValueError(f"syslog transport {transport!r}")
         if fmt not in ("json", "cef"):
@@ -119,10 +129,10 @@ class SyslogSink(Forwarder):
         return {"transport": self.transport, "address": where, "tls": self.tls,
                 "format": self.fmt, "truncated": self.truncated}
 
-    def _message(self, line: bytes) -> bytes:
+    def _message(self, line: bytes, limit: int | None = None) -> bytes:
         msg = format_message(line, facility=self.facility, app_name=self.app_name,
                              procid=self.procid, fmt=self.fmt,
-                             max_message_bytes=self.max_message_bytes)
+                             max_message_bytes=limit or self.max_message_bytes)
         if msg.endswith(b"]") and b"\xe2\x80\xa6[truncated " in msg:
             self.truncated += 1
         return msg
@@ -163,7 +173,12 @@ class SyslogSink(Forwarder):
             with trio.fail_after(SEND_TIMEOUT_S):
                 if self._dgram is not None:
                     for _, line in lines:
-                        await self._dgram.send(self._message(line))
+                        try:
+                            await self._dgram.send(self._message(line))
+                        except OSError as exc:
+                            if exc.errno != errno.EMSGSIZE:
+                                raise
+                            await self._dgram.send(self._message(line, DGRAM_FALLBACK_BYTES))
                 elif self._stream is not None:
                     # RFC 6587 octet counting: "LEN SP MSG" per message.
                     out = bytearray()

@@ -220,7 +220,8 @@ def build_forwarders(loaded: LoadedConfig) -> list[SyslogSink]:
                 tls=entry.tls, ca_file=str(loaded.resolve(entry.ca_file)) if entry.ca_file else None,
                 fmt=entry.format, facility=entry.facility, app_name=entry.app_name,
                 max_message_bytes=entry.max_message_bytes, required=entry.required,
-                queue_max=entry.queue_max, deliver_timeout_s=entry.deliver_timeout_s))
+                queue_max=entry.queue_max, queue_max_bytes=entry.queue_max_bytes,
+                deliver_timeout_s=entry.deliver_timeout_s))
     return out
 
 
