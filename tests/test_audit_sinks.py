@@ -115,6 +115,9 @@ def test_rotation_by_size_keeps_one_chain_across_files_and_a_restart(make_daemon
     # One file alone is not the whole log: verify says where the rest is.
     rc, report = verify_cli("--key", pub, files[-1])
     assert rc == 1 and report["problems"][0]["kind"] == "deleted"
+    # Without FILES, verify reads the config's audit file and its rotated files, in order.
+    rc, report = verify_cli("--key", pub, "--config", d.config_path)
+    assert rc == 0 and report["files"] == [str(p) for p in files], report
 
 
 def test_sighup_after_external_mv_reopens_and_the_chain_continues(make_daemon: Any) -> None:

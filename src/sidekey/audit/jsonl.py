@@ -426,11 +426,8 @@ class JsonlSink:
         """Delete rotated files beyond ``keep`` (oldest first; only names this sink made)."""
         if self.keep is None:
             return
-        import re
-
-        pattern = re.compile(re.escape(self.path.name) + _ROTATED_RE)
         try:
-            rotated = sorted(n for n in os.listdir(self.path.parent) if pattern.fullmatch(n))
+            rotated = [p.name for p in rotated_files(self.path)]
         except OSError as exc:
             log.error("audit retention: cannot list %s: %s", self.path.parent,
                       _describe_oserror(exc))
@@ -783,6 +780,15 @@ class JsonlSink:
         }
 
 
+def rotated_files(path: Path) -> list[Path]:
+    """The rotated files of the audit file ``path`` (names this sink gives them), oldest
+    first. Raises OSError if the directory cannot be listed."""
+    import re
+
+    pattern = re.compile(re.escape(path.name) + _ROTATED_RE)
+    return [path.parent / n for n in sorted(os.listdir(path.parent)) if pattern.fullmatch(n)]
+
+
 def open_jsonl_sink(path: Path, *, fsync: bool, inline: bool = True, host: str = "",
                     signer: Signer | None = None,
                     checkpoint_every_events: int = CHECKPOINT_EVERY_EVENTS,
@@ -802,4 +808,4 @@ def open_jsonl_sink(path: Path, *, fsync: bool, inline: bool = True, host: str =
     return sink
 
 
-__all__ = ["JsonlSink", "open_jsonl_sink"]
+__all__ = ["JsonlSink", "open_jsonl_sink", "rotated_files"]
