@@ -242,7 +242,7 @@ class JsonlSink:
                         REPAIRED_TYPE)
         if repair:
             write_all(fd, repair)
-            self._outbox.extend(repaired)
+            self._note(repaired)
         if state.unsigned:
             self._checkpoint_at = time.monotonic() + self.checkpoint_every_s
         self._chain = state
@@ -326,7 +326,7 @@ class JsonlSink:
                 # The first unsigned event: it is signed within checkpoint_every_s.
                 self._checkpoint_at = time.monotonic() + self.checkpoint_every_s
             self._chain = after
-            self._outbox.extend(lines)
+            self._note(lines)
             if signed:
                 self.checkpoints_written += 1
 
@@ -370,7 +370,7 @@ class JsonlSink:
                       self.path, _describe_oserror(exc))
             return
         self._chain = after
-        self._outbox.extend(lines)
+        self._note(lines)
         self.checkpoints_written += 1
 
     def _rotate_locked(self, fd: int, reason: str) -> int:
@@ -416,7 +416,7 @@ class JsonlSink:
         if self.fsync:
             os.fsync(fd)
         self._chain = after
-        self._outbox.extend(lines)
+        self._note(lines)
         if signed:
             self.checkpoints_written += 1
         log.info("audit file %s: new file (%s), chain continues at seq %d", self.path, reason,
@@ -462,6 +462,12 @@ class JsonlSink:
             if os.fstat(fd).st_size == 0:
                 self._after_switch_locked(fd, "reopen", previous=None)
             return True
+
+    def _note(self, lines: list[tuple[int, bytes]]) -> None:
+        """Keep committed lines for :meth:`publish`, which runs after every commit (kept
+        even before a listener is set: an ``audit.repaired`` line written when the file is
+        opened at start is forwarded with the first commit)."""
+        self._outbox.extend(lines)
 
     def publish(self) -> None:
         """Hand committed lines to the listener (trio side, after a commit)."""
