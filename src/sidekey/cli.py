@@ -282,10 +282,17 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _audit_files(args: argparse.Namespace) -> list[Path]:
-    """FILES, else the audit file of --config / $SIDEKEY_CONFIG (or the default config)."""
+    """FILES, else the audit file of --config / $SIDEKEY_CONFIG (or the default config),
+    preceded by its rotated files (oldest first: one log)."""
     if args.files:
         return [Path(f) for f in args.files]
-    return [Path(_load(args).audit_path)]
+    from .audit.jsonl import rotated_files
+
+    path = Path(_load(args).audit_path)
+    try:
+        return [*rotated_files(path), path]
+    except OSError:
+        return [path]
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:

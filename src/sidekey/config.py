@@ -253,6 +253,46 @@ RedactNeedle = Annotated[str, Meta(min_length=1, max_length=64)]
 MAX_REDACT_NEEDLES = 256
 
 
+class FileSinkConfig(_C, frozen=True, kw_only=True, tag_field="type", tag="file"):
+    """The local audit file (path: audit.path; fsync: audit.fsync): always required, the
+    source of truth every other sink forwards from (sidekey.audit.forward)."""
+
+    required: bool = True
+    # Rotation: the file is renamed to <name>.<UTC time>.<last seq> and a new one started,
+    # once it holds rotate_bytes, or rotate_every_s after it was started (at the next
+    # event); keep: rotated files kept (the oldest beyond are deleted; None: all).
+    rotate_bytes: Annotated[int, Meta(ge=4096)] | None = None
+    rotate_every_s: Annotated[float, Meta(ge=1)] | None = None
+    keep: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+
+
+class SyslogSinkConfig(_C, frozen=True, kw_only=True, tag_field="type", tag="syslog"):
+    """RFC 5424 messages (sidekey.audit.syslog) of the lines the file committed."""
+
+    # A name for health and alerts; default "syslog" (two syslog sinks need distinct names).
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    required: bool = False
+    transport: Literal["unix", "tcp"] = "unix"
+    socket: str = "/dev/log"  # transport unix: a datagram socket
+    host: str | None = None  # transport tcp
+    port: Annotated[int, Meta(ge=1, le=65535)] = 6514
+    tls: bool = False  # verification always on: system CAs, or ca_file
+    ca_file: str | None = None
+    format: Literal["json", "cef"] = "json"
+    facility: Literal[
+        "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+        "authpriv", "ftp", "ntp", "security", "console", "solaris-cron", "local0", "local1",
+        "local2", "local3", "local4", "local5", "local6", "local7"] = "authpriv"
+    app_name: Annotated[str, Meta(min_length=1, max_length=48, pattern=r"^[\x21-\x7e]+$")] = "sidekey"
+    max_message_bytes: Annotated[int, Meta(ge=256, le=1_048_576)] = 8192
+    queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    queue_max_bytes: Annotated[int, Meta(ge=65536, le=1 << 32)] = 64 * 1024 * 1024
+    deliver_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
+
+
+AuditSinkConfig = FileSinkConfig | SyslogSinkConfig
+
+
 class AuditConfig(_C, frozen=True, kw_only=True):
     # JSON-lines file; default <state.dir>/audit.jsonl
     path: str | None = None
@@ -284,6 +324,9 @@ class AuditConfig(_C, frozen=True, kw_only=True):
     # created on the first start. Read at start (a reload keeps the running key).
     hmac_key_file: str | None = None
     hmac_key_credential: str | None = None
+    # Where events go (sidekey.audit.forward has the delivery rule). The file is always
+    # there (its entry is optional: it sets its rotation); at most one file entry.
+    sinks: Annotated[list[AuditSinkConfig], Meta(max_length=16)] = []
 
 
 class ConfigSigning(_C, frozen=True, kw_only=True):
@@ -813,6 +856,25 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
             if not any(c.isalnum() for c in needle):
                 errors.append(f"{where('audit')}: $.audit.{at}.{i}: needs a letter or digit (case and "
                               "separators are ignored when matching)")
+    file_sinks = [i for i, s in enumerate(cfg.audit.sinks) if isinstance(s, FileSinkConfig)]
+    for i in file_sinks[1:]:
+        errors.append(f"{where('audit')}: $.audit.sinks.{i}: at most one sink of type file "
+                      "(the audit file is audit.path)")
+    for i, sink in enumerate(cfg.audit.sinks):
+        if isinstance(sink, FileSinkConfig) and not sink.required:
+            errors.append(f"{where('audit')}: $.audit.sinks.{i}.required: the file sink is "
+                          "always required (it is the source of truth)")
+        if isinstance(sink, SyslogSinkConfig):
+            if sink.transport == "tcp" and not sink.host:
+                errors.append(f"{where('audit')}: $.audit.sinks.{i}.host: transport tcp needs a host")
+            if (sink.tls or sink.ca_file) and sink.transport != "tcp":
+                errors.append(f"{where('audit')}: $.audit.sinks.{i}.tls: TLS needs transport tcp")
+            if sink.ca_file and not sink.tls:
+                errors.append(f"{where('audit')}: $.audit.sinks.{i}.ca_file: set tls: true too")
+    names = [s.name or "syslog" for s in cfg.audit.sinks if isinstance(s, SyslogSinkConfig)]
+    if len(set(names)) != len(names):
+        errors.append(f"{where('audit')}: $.audit.sinks: two syslog sinks with the same name "
+                      "(set name:)")
     if cfg.audit.checkpoint_key_file is not None and cfg.audit.checkpoint_key_credential is not None:
         errors.append(f"{where('audit')}: $.audit.checkpoint_key_file: set at most one of "
                       "checkpoint_key_file or checkpoint_key_credential")

@@ -53,10 +53,37 @@ class AuditLog:
     succeeds is logged and shows up in :meth:`health`.
     """
 
-    def __init__(self, sinks: Sequence[AuditSink]) -> None:
+    def __init__(self, sinks: Sequence[AuditSink], forwarders: Sequence[Any] = ()) -> None:
         if not sinks:
             raise ValueError("AuditLog needs at least one sink")
         self.sinks: tuple[AuditSink, ...] = tuple(sinks)
+        # Forwarding sinks (sidekey.audit.forward.Forwarder: syslog, ...): fed the lines
+        # the first sink (the file, the source of truth) committed; the required ones are
+        # waited for by every durable event (see sidekey.audit.forward for the rule).
+        self.forwarders: tuple[Any, ...] = tuple(forwarders)
+        self._required = tuple(f for f in self.forwarders if f.required)
+        if self.forwarders:
+            primary: Any = self.sinks[0]
+            primary.on_commit = self._fan_out
+            for f in self.forwarders:
+                f.alert = primary.enqueue_own
+
+    def _fan_out(self, lines: list[tuple[int, bytes]]) -> None:
+        for f in self.forwarders:
+            f.offer(lines)
+
+    async def reopen(self) -> None:
+        """Reopen sinks whose file was moved away (SIGHUP, logrotate). Errors are logged:
+        the next commit opens the path again (or fails closed)."""
+        for sink in self.sinks:
+            reopen = getattr(sink, "reopen", None)
+            if reopen is None:
+                continue
+            try:
+                await trio.to_thread.run_sync(reopen)
+            except OSError as exc:
+                log.error("audit: reopening the audit file failed: %s", exc)
+            sink.publish()  # type: ignore[attr-defined]
 
     async def emit(self, event: dict[str, Any], *, durable: bool = True) -> None:
         """Write ``event`` durably. Raises :class:`AuditUnavailable` if no sink recorded it.
@@ -67,6 +94,10 @@ class AuditLog:
         """
         if len(self.sinks) == 1:
             await self.sinks[0].write(event, durable=durable)
+            if durable and self._required:
+                seq: int = self.sinks[0].committed_seq  # type: ignore[attr-defined]
+                for f in self._required:
+                    await f.wait_delivered(seq)
             return
         failures: list[AuditUnavailable] = []
 
@@ -92,11 +123,17 @@ class AuditLog:
     def health(self) -> dict[str, Any]:
         """``{"ok": ..., "sinks": [...]}``: ok while at least one sink is healthy."""
         sinks = [sink.health() for sink in self.sinks]
-        return {"ok": any(bool(h.get("ok")) for h in sinks), "sinks": sinks}
+        ok = any(bool(h.get("ok")) for h in sinks)
+        forwarded = [f.health() for f in self.forwarders]
+        # A non-required forwarder's trouble (ok false, dropped > 0) shows in its own
+        # entry; it degrades the daemon only when calls depend on it.
+        ok = ok and all(bool(h.get("ok")) for h in forwarded if h.get("required"))
+        return {"ok": ok, "sinks": sinks + forwarded}
 
     async def aclose(self) -> None:
         """Close every sink (errors are logged, not raised: this runs at shutdown)."""
-        for sink in self.sinks:
+        # The file first (its closing checkpoint is forwarded too), then the forwarders.
+        for sink in (*self.sinks, *self.forwarders):
             try:
                 await sink.aclose()
             except Exception:

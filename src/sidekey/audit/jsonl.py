@@ -35,7 +35,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,19 @@ MAX_REPAIR_LINES = 100
 # O_NOFOLLOW: a root daemon must not be redirected through a planted symlink.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 
+ROTATED_TYPE = "audit.rotated"
+# Rotated files are named <name>.<UTC time>.<last seq, 12 digits>, so a glob lists them
+# oldest first (the order `sidekey audit verify` wants) and retention only ever deletes
+# files of exactly this shape.
+_ROTATED_RE = r"\.\d{8}T\d{6}Z\.\d{12}"
+# A rotation that failed (rename refused, ...) is retried after this long, not at every commit.
+ROTATE_RETRY_S = 60.0
+
 _encoder = msgspec.json.Encoder()
+
+# Called with the lines a commit made durable, (seq, bytes as written without newline),
+# in file order: what other sinks forward (sidekey.audit.forward).
+CommitListener = Callable[[list[tuple[int, bytes]]], None]
 
 
 def _describe_oserror(exc: OSError) -> str:
@@ -117,8 +129,23 @@ class JsonlSink:
     def __init__(self, path: Path, *, fsync: bool, inline: bool = True, host: str = "",
                  signer: Signer | None = None,
                  checkpoint_every_events: int = CHECKPOINT_EVERY_EVENTS,
-                 checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> None:
+                 checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+                 rotate_bytes: int | None = None, rotate_every_s: float | None = None,
+                 keep: int | None = None) -> None:
         self.path = path
+        # Rotation (see _rotate_locked): by size, by age of the current file, or when the
+        # path was moved away (reopen, on SIGHUP). keep: rotated files kept (None: all).
+        self.rotate_bytes = rotate_bytes
+        self.rotate_every_s = rotate_every_s
+        self.keep = keep
+        self._opened_at = time.monotonic()
+        self._rotate_retry_at = 0.0
+        self.rotations = 0
+        self.rotation_error: str | None = None
+        self.on_commit: CommitListener | None = None
+        # Lines committed but not yet handed to on_commit (filled under _lock, possibly
+        # in a worker thread; drained on the trio side by _publish).
+        self._outbox: list[tuple[int, bytes]] = []
         self.fsync = fsync
         self.host = host
         # None: the chain is written but no checkpoint is signed (no audit key configured).
@@ -191,6 +218,7 @@ class JsonlSink:
         else:
             state = ChainState(head=(recovered.last_line_hash if recovered else None) or GENESIS)
         repair = b""
+        repaired: list[tuple[int, bytes]] = []
         if recovered is not None and recovered.torn:
             log.warning("audit file %s ended with a partial line; terminating it", self.path)
             repair = b"\n"
@@ -208,11 +236,13 @@ class JsonlSink:
             state.head = line_hash(line)
             state.unsigned += 1
             repair += line + b"\n"
+            repaired.append((state.seq, line))
             log.warning("audit file %s: %d line(s) after seq %d are not chained events; "
                         "recorded in an %s event", self.path, len(skipped), state.seq - 1,
                         REPAIRED_TYPE)
         if repair:
             write_all(fd, repair)
+            self._note(repaired)
         if state.unsigned:
             self._checkpoint_at = time.monotonic() + self.checkpoint_every_s
         self._chain = state
@@ -223,25 +253,29 @@ class JsonlSink:
         return make_event(event_type, host=self.host, now=datetime.datetime.now(datetime.UTC),
                           redact_keys=(), extra=extra)
 
-    def _chain_lines(self, bodies: Sequence[bytes], *, final: bool) -> tuple[bytes, ChainState, bool]:
+    def _chain_lines(self, bodies: Sequence[bytes], *, final: bool, sign_now: bool = False,
+                     ) -> tuple[bytes, ChainState, bool, list[tuple[int, bytes]]]:
         """The bytes to append for ``bodies`` (chained), plus a signed checkpoint when
-        one is due or ``final``; and the chain state after them. Called under _lock."""
+        one is due, ``final`` or ``sign_now`` (and anything is unsigned); the chain state
+        after them; and the lines, (seq, bytes). Called under _lock."""
         chain = self._chain
         if chain is None:  # set by _open, which runs before any commit
             raise OSError(errno.EBADF, "audit chain state missing")
         seq, head = chain.seq, chain.head
         parts: list[bytes] = []
+        lines: list[tuple[int, bytes]] = []
         for body in bodies:
             seq += 1
             line = chained_line(body, seq, head, chain.log_id)
             head = line_hash(line)
             parts += (line, b"\n")
+            lines.append((seq, line))
         unsigned = chain.unsigned + len(bodies)
         signed = False
         # Due: checkpoint_every_s after the oldest unsigned event (none before: these are
         # the first, so not yet), or after checkpoint_every_events of them.
         if self.signer is not None and (final or (unsigned and (
-                unsigned >= self.checkpoint_every_events
+                sign_now or unsigned >= self.checkpoint_every_events
                 or (chain.unsigned and time.monotonic() >= self._checkpoint_at)))):
             now = datetime.datetime.now(datetime.UTC)
             from .events import format_timestamp
@@ -253,10 +287,11 @@ class JsonlSink:
             line = chained_line(body, seq, head, chain.log_id)
             head = line_hash(line)
             parts += (line, b"\n")
+            lines.append((seq, line))
             signed = True
         after = ChainState(seq=seq, head=head, log_id=chain.log_id,
                            unsigned=0 if signed else unsigned)
-        return b"".join(parts), after, signed
+        return b"".join(parts), after, signed, lines
 
     def _commit(self, bodies: Sequence[bytes], *, final: bool = False) -> None:
         """Append ``bodies`` (chained; with a checkpoint if one is due) and (if
@@ -270,7 +305,10 @@ class JsonlSink:
             if self._fd is None:
                 self._fd = self._open()
             fd = self._fd
-            data, after, signed = self._chain_lines(bodies, final=final)
+            reason = self._rotation_due_locked(fd) if bodies else None
+            if reason is not None:
+                fd = self._rotate_locked(fd, reason)
+            data, after, signed, lines = self._chain_lines(bodies, final=final)
             if not data:
                 return
             # The daemon is the file's only writer (O_APPEND), so its size is where this
@@ -288,8 +326,158 @@ class JsonlSink:
                 # The first unsigned event: it is signed within checkpoint_every_s.
                 self._checkpoint_at = time.monotonic() + self.checkpoint_every_s
             self._chain = after
+            self._note(lines)
             if signed:
                 self.checkpoints_written += 1
+
+    # ------------------------------------------------------------------ rotation
+
+    def _rotation_due_locked(self, fd: int) -> str | None:
+        """``"size"`` / ``"age"`` when the current file is due for rotation, else None."""
+        if self.rotate_bytes is None and self.rotate_every_s is None:
+            return None
+        now = time.monotonic()
+        if now < self._rotate_retry_at:
+            return None
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None
+        if self.rotate_bytes is not None and size >= self.rotate_bytes:
+            return "size"
+        if self.rotate_every_s is not None and now - self._opened_at >= self.rotate_every_s:
+            return "age"
+        return None
+
+    def _rotated_name(self) -> Path:
+        chain = self._chain
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        seq = chain.seq if chain is not None else 0
+        return self.path.with_name(f"{self.path.name}.{stamp}.{seq:012d}")
+
+    def _seal_locked(self, fd: int) -> None:
+        """Sign the current file's unsigned tail before it is left (rotation, reopen), so
+        a rotated file ends at a checkpoint. Best effort: a failure leaves an unsigned
+        tail, which the next checkpoint in the new file still covers."""
+        if self.signer is None or not self._chain_unsigned():
+            return
+        data, after, _signed, lines = self._chain_lines([], final=False, sign_now=True)
+        try:
+            write_all(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            log.error("audit file %s: checkpoint before rotation not written: %s",
+                      self.path, _describe_oserror(exc))
+            return
+        self._chain = after
+        self._note(lines)
+        self.checkpoints_written += 1
+
+    def _rotate_locked(self, fd: int, reason: str) -> int:
+        """Rename the current file to ``<name>.<time>.<seq>``, start a new one at the path
+        and return its fd. The old file ends with a checkpoint (when there is a key); the
+        new one starts with an ``audit.rotated`` event chained to the old file's last line
+        (so the chain runs on across files, and a restart before any other event still
+        finds the chain in the new file). A failed rename keeps the current file (retried
+        after ROTATE_RETRY_S): rotation is housekeeping, it never fails a call."""
+        self._seal_locked(fd)
+        target = self._rotated_name()
+        try:
+            if os.path.lexists(target):
+                raise OSError(errno.EEXIST, "rotated file name already taken")
+            os.rename(self.path, target)
+        except OSError as exc:
+            self.rotation_error = _describe_oserror(exc)
+            self._rotate_retry_at = time.monotonic() + ROTATE_RETRY_S
+            log.error("audit file %s: rotation failed, writing on: %s", self.path,
+                      self.rotation_error)
+            return fd
+        self.rotation_error = None
+        self._close_fd_locked()
+        self._fd = fd = self._open()
+        if self.fsync:
+            fsync_dir(self.path.parent)
+        self._after_switch_locked(fd, reason, previous=target.name)
+        self._prune_locked()
+        return fd
+
+    def _after_switch_locked(self, fd: int, reason: str, previous: str | None) -> None:
+        """The first line of a new file: ``audit.rotated`` (reason, previous file name)."""
+        self.rotations += 1
+        self._opened_at = time.monotonic()
+        chain = self._chain
+        if chain is None:
+            return
+        body = self._encode(self._own_event(ROTATED_TYPE, {"rotated": {
+            "reason": reason, "previous_file": previous, "previous_seq": chain.seq,
+            "previous_hash": chain.head}}))
+        data, after, signed, lines = self._chain_lines([body], final=False)
+        write_all(fd, data)
+        if self.fsync:
+            os.fsync(fd)
+        self._chain = after
+        self._note(lines)
+        if signed:
+            self.checkpoints_written += 1
+        log.info("audit file %s: new file (%s), chain continues at seq %d", self.path, reason,
+                 after.seq)
+
+    def _prune_locked(self) -> None:
+        """Delete rotated files beyond ``keep`` (oldest first; only names this sink made)."""
+        if self.keep is None:
+            return
+        try:
+            rotated = [p.name for p in rotated_files(self.path)]
+        except OSError as exc:
+            log.error("audit retention: cannot list %s: %s", self.path.parent,
+                      _describe_oserror(exc))
+            return
+        for name in rotated[:max(0, len(rotated) - self.keep)]:
+            try:
+                os.unlink(self.path.parent / name)
+                log.info("audit retention: deleted %s (keep %d)", name, self.keep)
+            except OSError as exc:
+                log.error("audit retention: cannot delete %s: %s", name, _describe_oserror(exc))
+
+    def reopen(self) -> bool:
+        """Reopen the path if the file was moved or replaced (logrotate without
+        copytruncate; called on SIGHUP). The old file gets a checkpoint; the new one starts
+        with ``audit.rotated`` (reason ``reopen``) chained to the old file's last line.
+        Returns whether a new file was opened. Raises OSError if it cannot be opened (the
+        next commit retries)."""
+        with self._lock:
+            fd = self._fd
+            if fd is None or self._closed:
+                return False
+            try:
+                st = os.stat(self.path, follow_symlinks=False)
+                same = (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                return False
+            self._seal_locked(fd)
+            self._close_fd_locked()
+            self._fd = fd = self._open()
+            if os.fstat(fd).st_size == 0:
+                self._after_switch_locked(fd, "reopen", previous=None)
+            return True
+
+    def _note(self, lines: list[tuple[int, bytes]]) -> None:
+        """Keep committed lines for :meth:`publish`, which runs after every commit (kept
+        even before a listener is set: an ``audit.repaired`` line written when the file is
+        opened at start is forwarded with the first commit)."""
+        self._outbox.extend(lines)
+
+    def publish(self) -> None:
+        """Hand committed lines to the listener (trio side, after a commit)."""
+        with self._lock:
+            lines, self._outbox = self._outbox, []
+        if lines and self.on_commit is not None:
+            try:
+                self.on_commit(lines)
+            except Exception:  # a forwarding bug must not fail the file sink
+                log.exception("audit: forwarding committed lines failed")
 
     def _chain_unsigned(self) -> int:
         return self._chain.unsigned if self._chain is not None else 0
@@ -456,6 +644,7 @@ class JsonlSink:
                         await trio.sleep(self.checkpoint_every_s)
                 else:
                     self._succeeded(len(batch.lines))
+                    self.publish()
                 batch.done.set()
                 inflight = None
         finally:
@@ -508,6 +697,28 @@ class JsonlSink:
         if batch.failed:
             raise AuditUnavailable("audit log cannot be written")
 
+    def enqueue_own(self, event_type: str, extra: dict[str, Any]) -> None:
+        """Queue one of the sink's own events (``durable=False``; from the trio thread):
+        the alert a forwarding sink raises when it overflows. Never raises: an alert
+        that cannot be queued is logged (the sink's health still counts the loss)."""
+        try:
+            line = self._encode(self._own_event(event_type, extra))
+        except AuditUnavailable:
+            return
+        batch = self._pending
+        if (self._closed or not self._running or len(batch.lines) >= MAX_PENDING_EVENTS
+                or batch.nbytes + len(line) > MAX_PENDING_BYTES):
+            log.error("audit: %s event not queued (writer stopped or queue full)", event_type)
+            return
+        batch.lines.append(line)
+        batch.nbytes += len(line)
+        self._nonempty.set()
+
+    @property
+    def committed_seq(self) -> int:
+        """The seq of the last line committed to the file."""
+        return self._chain.seq if self._chain is not None else 0
+
     def write_sync(self, event: dict[str, Any]) -> None:
         """Blocking write + fsync of one event, for use outside trio. Raises AuditUnavailable."""
         line = self._encode(event)
@@ -519,6 +730,7 @@ class JsonlSink:
             self._failed(exc)
             raise AuditUnavailable("audit log cannot be written") from exc
         self._succeeded(1)
+        self.publish()
 
     async def aclose(self) -> None:
         """Stop accepting events, let a running writer drain the queue, close the file."""
@@ -538,6 +750,7 @@ class JsonlSink:
             except OSError as exc:
                 log.error("audit file %s: closing checkpoint not written: %s",
                           self.path, _describe_oserror(exc))
+            self.publish()
         with self._lock:
             self._close_fd_locked()
 
@@ -558,6 +771,10 @@ class JsonlSink:
             "batches_written": self.batches_written,
             "rejected": self.rejected,
             "last_error": self._last_error,
+            "rotation": {
+                "rotate_bytes": self.rotate_bytes, "rotate_every_s": self.rotate_every_s,
+                "keep": self.keep, "rotations": self.rotations, "last_error": self.rotation_error,
+            },
             "chain": {
                 "log_id": self._chain.log_id if self._chain else None,
                 "seq": self._chain.seq if self._chain else 0,
@@ -569,10 +786,21 @@ class JsonlSink:
         }
 
 
+def rotated_files(path: Path) -> list[Path]:
+    """The rotated files of the audit file ``path`` (names this sink gives them), oldest
+    first. Raises OSError if the directory cannot be listed."""
+    import re
+
+    pattern = re.compile(re.escape(path.name) + _ROTATED_RE)
+    return [path.parent / n for n in sorted(os.listdir(path.parent)) if pattern.fullmatch(n)]
+
+
 def open_jsonl_sink(path: Path, *, fsync: bool, inline: bool = True, host: str = "",
                     signer: Signer | None = None,
                     checkpoint_every_events: int = CHECKPOINT_EVERY_EVENTS,
-                    checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> JsonlSink:
+                    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+                    rotate_bytes: int | None = None, rotate_every_s: float | None = None,
+                    keep: int | None = None) -> JsonlSink:
     """Create a :class:`JsonlSink` and open its file now (creating it ``0600``).
 
     Raises :class:`AuditUnavailable` if the file cannot be opened, so a bad audit
@@ -580,9 +808,10 @@ def open_jsonl_sink(path: Path, *, fsync: bool, inline: bool = True, host: str =
     """
     sink = JsonlSink(path, fsync=fsync, inline=inline, host=host, signer=signer,
                      checkpoint_every_events=checkpoint_every_events,
-                     checkpoint_every_s=checkpoint_every_s)
+                     checkpoint_every_s=checkpoint_every_s, rotate_bytes=rotate_bytes,
+                     rotate_every_s=rotate_every_s, keep=keep)
     sink.open()
     return sink
 
 
-__all__ = ["JsonlSink", "open_jsonl_sink"]
+__all__ = ["JsonlSink", "open_jsonl_sink", "rotated_files"]

@@ -50,7 +50,12 @@ class Admin(Context):
             "status": "ok" if ok else "degraded",
             "store": {"ok": store.get("ok"),
                       **({"reason": store["reason"]} if store.get("reason") else {})},
-            "audit": {"ok": audit.get("ok")},
+            # Per sink: type, ok, whether calls wait for it, and events lost (no paths or
+            # addresses: this endpoint is anonymous).
+            "audit": {"ok": audit.get("ok"), "sinks": [
+                {"sink": h.get("sink"), "name": h.get("name", h.get("sink")), "ok": h.get("ok"),
+                 "required": h.get("required", True), "dropped": h.get("dropped", 0)}
+                for h in audit.get("sinks", ())]},
             "backends": {
                 n: {k: b[k] for k in ("ok", "type", "reachable", "authenticated", "token_ttl_s")
                     if k in b}

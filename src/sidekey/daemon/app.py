@@ -20,8 +20,9 @@ from ..audit import AuditLog, AuditSink
 from ..audit.chain import load_signer
 from ..audit.hmackey import load_hasher as load_audit_hasher
 from ..audit.jsonl import open_jsonl_sink
+from ..audit.syslog import SyslogSink
 from ..backends import Backend, build_backends, unwrap
-from ..config import Config, LoadedConfig, RbacEntry
+from ..config import Config, FileSinkConfig, LoadedConfig, RbacEntry, SyslogSinkConfig
 from ..peer import PeerHandle, PeerIdentity, tier_allows
 from ..protocol import ConfigError, Denied, Internal, MethodNotAllowed, NotFound, SidekeyError
 from ..server import HttpServer, Request, Response, bind_unix_socket, error_response
@@ -209,6 +210,23 @@ def _selector_uids(cfg: Config, daemon_uid: int) -> tuple[bool, frozenset[int], 
 # --------------------------------------------------------------------------- running
 
 
+def build_forwarders(loaded: LoadedConfig) -> list[SyslogSink]:
+    """The forwarding audit sinks of ``audit.sinks`` (everything but the file)."""
+    out: list[SyslogSink] = []
+    for entry in loaded.config.audit.sinks:
+        if isinstance(entry, SyslogSinkConfig):
+            out.append(SyslogSink(
+                entry.name or "syslog", transport=entry.transport,
+                socket_path=str(loaded.resolve(entry.socket)), host=entry.host, port=entry.port,
+                tls=entry.tls, ca_file=str(loaded.resolve(entry.ca_file)) if entry.ca_file else None,
+                fmt=entry.format, facility=entry.facility, app_name=entry.app_name,
+                max_message_bytes=entry.max_message_bytes, required=entry.required,
+                queue_max=entry.queue_max, queue_max_bytes=entry.queue_max_bytes,
+                deliver_timeout_s=entry.deliver_timeout_s))
+    return out
+
+
+
 async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bool = False) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the process exit code.
 
@@ -259,11 +277,14 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
                         "hash chain is written but no checkpoint is signed (sidekey keygen audit)")
         # Before the audit file is opened: a loose or malformed key stops the start.
         hasher = load_audit_hasher(loaded)
+        file_cfg = next((s for s in cfg.audit.sinks if isinstance(s, FileSinkConfig)),
+                        FileSinkConfig())
         sink: AuditSink = open_jsonl_sink(
             loaded.audit_path, fsync=cfg.audit.fsync, host=socket.gethostname(), signer=signer,
             checkpoint_every_events=cfg.audit.checkpoint_every_events,
-            checkpoint_every_s=cfg.audit.checkpoint_every_s)
-        audit = AuditLog([sink])
+            checkpoint_every_s=cfg.audit.checkpoint_every_s, rotate_bytes=file_cfg.rotate_bytes,
+            rotate_every_s=file_cfg.rotate_every_s, keep=file_cfg.keep)
+        audit = AuditLog([sink], forwarders=build_forwarders(loaded))
     except BaseException:
         await _close_all(backends, store, audit)
         if sock is not None:
@@ -281,6 +302,8 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.run)  # type: ignore[attr-defined]
+            for forwarder in audit.forwarders:
+                await nursery.start(forwarder.run)
             await nursery.start(store.run_maintenance)  # type: ignore[attr-defined]
             recovered = 0
             if store.health().get("reason") == "state_corrupt":
@@ -379,6 +402,8 @@ async def _signals(server: HttpServer, app: Sidekey) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
+                # logrotate: the audit file was moved away; continue the chain in a new one.
+                await app.audit.reopen()
                 try:
                     await app.reload(source="SIGHUP")
                 except SidekeyError as exc:  # audit down: logged, the old config stays

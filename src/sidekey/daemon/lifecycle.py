@@ -297,6 +297,7 @@ def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
             ("tokens.keyset", a.tokens.keyset, b.tokens.keyset),
             ("audit.path", a.audit.path, b.audit.path),
             ("audit.fsync", a.audit.fsync, b.audit.fsync),
+            ("audit.sinks", a.audit.sinks, b.audit.sinks),
             ("policy.registry_health_checks", a.policy.registry_health_checks,
              b.policy.registry_health_checks),
         )
