@@ -28,17 +28,9 @@ def read_secret(path: Path | None, credential: str | None, *, what: str) -> str:
     :class:`ConfigError`; the message never contains the material.
     """
     if credential is not None:
-        if not _CREDENTIAL_RE.fullmatch(credential) or credential in (".", ".."):
-            raise ConfigError(f"{what} credential {credential!r} is not a valid credential name")
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise ConfigError(
-                f"{what} credential {credential!r}: $CREDENTIALS_DIRECTORY is not set "
-                f"(run the daemon under systemd with LoadCredential={credential}:<file>)"
-            )
         # systemd owns access control here (a private directory, maybe an ACL for the
         # service user): check the file type and size, not owner and mode bits.
-        return read_secret_file(Path(directory) / credential, what=what, check_permissions=False)
+        return read_secret_file(_credential_path(credential, what), what=what, check_permissions=False)
     if path is None:
         raise ConfigError(f"no file or credential configured for the {what}")
     return read_secret_file(path, what=what, check_permissions=True)
