@@ -290,7 +290,42 @@ class SyslogSinkConfig(_C, frozen=True, kw_only=True, tag_field="type", tag="sys
     deliver_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
 
 
-AuditSinkConfig = FileSinkConfig | SyslogSinkConfig
+class WebhookAuthConfig(_C, frozen=True, kw_only=True):
+    """The webhook's auth header: ``<header>: <prefix><secret>``, the secret read through
+    a backend (like a tool's secrets), never written in the config."""
+
+    header: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = "Authorization"
+    # Text before the secret, e.g. "Splunk " (HEC) or "Bearer "; "" for DD-API-KEY.
+    prefix: Annotated[str, Meta(max_length=64, pattern=r"^[\x20-\x7e]*$")] = ""
+    secret: SecretRef
+
+
+class WebhookSinkConfig(_C, frozen=True, kw_only=True, tag_field="type", tag="webhook"):
+    """HTTPS POST of batches of the lines the file committed (sidekey.audit.webhook):
+    the audit file is the spool, a cursor per sink in <state.dir>/audit-sinks/."""
+
+    # A name for health, alerts and the cursor file; default "webhook".
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    required: bool = False
+    url: Annotated[str, Meta(min_length=1, max_length=2048)]
+    # ndjson: the file's lines; json_array: one JSON array (Datadog); splunk_hec: HEC
+    # event envelopes; elastic_bulk: _bulk create actions of ECS documents.
+    format: Literal["ndjson", "json_array", "splunk_hec", "elastic_bulk"] = "ndjson"
+    # Extra headers that are not secrets (a name that looks like one is refused: use auth).
+    headers: Annotated[dict[
+        Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")],
+        Annotated[str, Meta(max_length=1024, pattern=r"^[\x20-\x7e]*$")]], Meta(max_length=16)] = {}
+    auth: WebhookAuthConfig | None = None
+    ca_file: str | None = None  # verification always on: system CAs, or this bundle
+    timeout_s: Annotated[float, Meta(gt=0, le=120)] = 10.0
+    batch_lines: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    batch_bytes: Annotated[int, Meta(ge=4096, le=100 * 1024 * 1024)] = 1024 * 1024
+    # How far (bytes of the audit file) the sink may fall behind before it skips ahead.
+    spool_max_bytes: Annotated[int, Meta(ge=65536, le=1 << 40)] = 1024 * 1024 * 1024
+    deliver_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
+
+
+AuditSinkConfig = FileSinkConfig | SyslogSinkConfig | WebhookSinkConfig
 
 
 class AuditConfig(_C, frozen=True, kw_only=True):
@@ -747,6 +782,42 @@ def _webhook_problem(url: str) -> str | None:
     return "must use https (plain http only to 127.0.0.1, ::1 or localhost)"
 
 
+# Headers a webhook sink sets itself, or that HTTP framing owns.
+_RESERVED_HEADERS = frozenset(("host", "content-length", "content-type", "transfer-encoding",
+                               "connection", "te", "upgrade", "user-agent"))
+
+
+def _webhook_sink_problems(sink: WebhookSinkConfig, cfg: Config) -> list[str]:
+    """What is wrong with one webhook sink (``<field>: problem`` each)."""
+    from .audit.events import Redactor
+
+    problems: list[str] = []
+    url_problem = _webhook_problem(sink.url)
+    if url_problem:
+        problems.append(f"url: {url_problem}")
+    elif sink.ca_file and not sink.url.startswith("https:"):
+        problems.append("ca_file: only for an https url")
+    sensitive = Redactor()
+    for name in sink.headers:
+        if name.lower() in _RESERVED_HEADERS:
+            problems.append(f"headers.{name}: set by sidekey")
+        elif sensitive.sensitive(name):
+            problems.append(f"headers.{name}: looks like a credential: put it under auth "
+                            "(with a secret reference), never in the config text")
+    if sink.auth is not None:
+        ref = sink.auth.secret
+        backend_cfg = cfg.backends.get(ref.backend)
+        if backend_cfg is None:
+            problems.append(f"auth.secret.backend: no backend {ref.backend!r}")
+        else:
+            problems.extend(f"auth.secret.{p}" for p in _ref_problems(ref, backend_cfg))
+            if ref.kind != "static":
+                problems.append("auth.secret.kind: must be static")
+        if sink.auth.header.lower() in _RESERVED_HEADERS:
+            problems.append(f"auth.header: {sink.auth.header} is set by sidekey")
+    return problems
+
+
 _APPROVER_NAME = re.compile(r"uid:[0-9]{1,10}|[A-Za-z0-9_][A-Za-z0-9_.@-]*\$?")
 
 
@@ -871,9 +942,13 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
                 errors.append(f"{where('audit')}: $.audit.sinks.{i}.tls: TLS needs transport tcp")
             if sink.ca_file and not sink.tls:
                 errors.append(f"{where('audit')}: $.audit.sinks.{i}.ca_file: set tls: true too")
-    names = [s.name or "syslog" for s in cfg.audit.sinks if isinstance(s, SyslogSinkConfig)]
+        if isinstance(sink, WebhookSinkConfig):
+            errors.extend(f"{where('audit')}: $.audit.sinks.{i}.{problem}"
+                          for problem in _webhook_sink_problems(sink, cfg))
+    names = [s.name or s.__struct_config__.tag for s in cfg.audit.sinks
+             if isinstance(s, SyslogSinkConfig | WebhookSinkConfig)]
     if len(set(names)) != len(names):
-        errors.append(f"{where('audit')}: $.audit.sinks: two syslog sinks with the same name "
+        errors.append(f"{where('audit')}: $.audit.sinks: two sinks with the same name "
                       "(set name:)")
     if cfg.audit.checkpoint_key_file is not None and cfg.audit.checkpoint_key_credential is not None:
         errors.append(f"{where('audit')}: $.audit.checkpoint_key_file: set at most one of "

@@ -67,6 +67,9 @@ class AuditLog:
             primary.on_commit = self._fan_out
             for f in self.forwarders:
                 f.alert = primary.enqueue_own
+                attach = getattr(f, "attach", None)
+                if attach is not None:  # a sink that reads the file itself (webhook)
+                    attach(primary)
 
     def _fan_out(self, lines: list[tuple[int, bytes]]) -> None:
         for f in self.forwarders:

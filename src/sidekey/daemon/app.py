@@ -10,6 +10,7 @@ import os
 import pwd
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,21 @@ import trio
 from .. import hardening, systemd
 from ..audit import AuditLog, AuditSink
 from ..audit.chain import load_signer
+from ..audit.forward import Forwarder
 from ..audit.hmackey import load_hasher as load_audit_hasher
 from ..audit.jsonl import open_jsonl_sink
 from ..audit.syslog import SyslogSink
+from ..audit.webhook import WebhookAuth, WebhookSink
 from ..backends import Backend, build_backends, unwrap
-from ..config import Config, FileSinkConfig, LoadedConfig, RbacEntry, SyslogSinkConfig
+from ..config import (
+    Config,
+    FileSinkConfig,
+    LoadedConfig,
+    RbacEntry,
+    SecretRef,
+    SyslogSinkConfig,
+    WebhookSinkConfig,
+)
 from ..peer import PeerHandle, PeerIdentity, tier_allows
 from ..protocol import ConfigError, Denied, Internal, MethodNotAllowed, NotFound, SidekeyError
 from ..server import HttpServer, Request, Response, bind_unix_socket, error_response
@@ -210,9 +221,11 @@ def _selector_uids(cfg: Config, daemon_uid: int) -> tuple[bool, frozenset[int], 
 # --------------------------------------------------------------------------- running
 
 
-def build_forwarders(loaded: LoadedConfig) -> list[SyslogSink]:
-    """The forwarding audit sinks of ``audit.sinks`` (everything but the file)."""
-    out: list[SyslogSink] = []
+def build_forwarders(loaded: LoadedConfig,
+                     backends: dict[str, Backend] | None = None) -> list[Forwarder]:
+    """The forwarding audit sinks of ``audit.sinks`` (everything but the file).
+    ``backends``: where a webhook's auth secret is read from."""
+    out: list[Forwarder] = []
     for entry in loaded.config.audit.sinks:
         if isinstance(entry, SyslogSinkConfig):
             out.append(SyslogSink(
@@ -223,8 +236,35 @@ def build_forwarders(loaded: LoadedConfig) -> list[SyslogSink]:
                 max_message_bytes=entry.max_message_bytes, required=entry.required,
                 queue_max=entry.queue_max, queue_max_bytes=entry.queue_max_bytes,
                 deliver_timeout_s=entry.deliver_timeout_s))
+        elif isinstance(entry, WebhookSinkConfig):
+            name = entry.name or "webhook"
+            auth = None
+            if entry.auth is not None:
+                ref = entry.auth.secret
+                if backends is None or ref.backend not in backends:
+                    raise ConfigError(f"audit sink {name}: no backend {ref.backend!r} for its "
+                                      "auth secret")
+                auth = WebhookAuth(header=entry.auth.header, prefix=entry.auth.prefix,
+                                   # Past the value cache: it is read at the first
+                                   # send and after a 401/403 (rotated), not per batch.
+                                   fetch=_secret_reader(unwrap(backends[ref.backend]), ref),
+                                   label=f"{ref.backend}:{ref.label}")
+            out.append(WebhookSink(
+                name, url=entry.url, audit_path=loaded.audit_path,
+                cursor_path=loaded.state_dir / "audit-sinks" / f"{name}.cursor",
+                fmt=entry.format, headers=dict(entry.headers), auth=auth,
+                ca_file=str(loaded.resolve(entry.ca_file)) if entry.ca_file else None,
+                timeout_s=entry.timeout_s, batch_lines=entry.batch_lines,
+                batch_bytes=entry.batch_bytes, spool_max_bytes=entry.spool_max_bytes,
+                required=entry.required, deliver_timeout_s=entry.deliver_timeout_s))
     return out
 
+
+def _secret_reader(backend: Backend, ref: SecretRef) -> Callable[[], Awaitable[str]]:
+    async def read() -> str:
+        return (await backend.fetch(ref)).value
+
+    return read
 
 
 async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bool = False) -> int:
@@ -284,7 +324,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
             checkpoint_every_events=cfg.audit.checkpoint_every_events,
             checkpoint_every_s=cfg.audit.checkpoint_every_s, rotate_bytes=file_cfg.rotate_bytes,
             rotate_every_s=file_cfg.rotate_every_s, keep=file_cfg.keep)
-        audit = AuditLog([sink], forwarders=build_forwarders(loaded))
+        audit = AuditLog([sink], forwarders=build_forwarders(loaded, backends))
     except BaseException:
         await _close_all(backends, store, audit)
         if sock is not None:
