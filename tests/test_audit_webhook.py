@@ -237,6 +237,8 @@ def test_webhook_config_rules(tmp_path: Path) -> None:
         assert "auth.secret.name: required" in load(
             {"url": "https://siem.example.com/", "auth": {"secret": {"backend": "local"}}})
         assert "$.audit.sinks.0.format" in load({"url": "https://siem.example.com/", "format": "xml"})
+        assert "$.audit.sinks.0.url: query parameter dd-api-key looks like a credential" in load(
+            {"url": "https://siem.example.com/v1/input?dd-api-key=abc&ddsource=sidekey"})
         cfg = dict(base.config)
         cfg["audit"] = {"sinks": [{"type": "syslog"}, {"type": "webhook", "name": "syslog",
                                                        "url": "https://siem.example.com/"}]}
@@ -472,3 +474,57 @@ def test_new_sink_starts_at_the_end_and_saves_its_cursor_at_once(tmp_path: Path)
     cursor = Cursor.from_json((tmp_path / "sinks" / "t.cursor").read_bytes())
     assert cursor.seq == 4 and cursor.offset == path.stat().st_size
     assert oct((tmp_path / "sinks" / "t.cursor").stat().st_mode & 0o777) == "0o600"
+
+
+def test_otlp_json_body_is_an_export_logs_request_the_otlp_schema_accepts() -> None:
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    lines = [(1, b'{"event_type":"mcp.redeem","timestamp":"2026-11-30T10:00:00.500Z","host":"h1",'
+                 b'"event_id":"e1","user_id":"alice","server":"content-api","tool":"t",'
+                 b'"seq":1,"prev_hash":"00","log_id":"ab"}'),
+             (2, b'{"event_type":"mcp.authorize","timestamp":"2026-11-30T10:00:01Z","host":"h1",'
+                 b'"event_id":"e2","error":{"code":"scope_missing"},"seq":2,"prev_hash":"11",'
+                 b'"log_id":"ab"}')]
+    # Strict parse (unknown fields refused): a Collector's otlp receiver would take it.
+    request = json_format.Parse(format_body(lines, "otlp_json"), ExportLogsServiceRequest())
+    (resource_logs,) = request.resource_logs
+    attrs = {a.key: a.value.string_value for a in resource_logs.resource.attributes}
+    assert attrs["service.name"] == "sidekey" and attrs["host.name"] == "h1"
+    (scope,) = resource_logs.scope_logs
+    assert scope.scope.name == "sidekey.audit"
+    first, second = scope.log_records
+    assert first.time_unix_nano == 1796032800_500_000_000
+    assert first.body.string_value.encode() == lines[0][1]  # the line as written
+    by_key = {a.key: a.value for a in first.attributes}
+    assert by_key["event.name"].string_value == "mcp.redeem"
+    assert by_key["sidekey.seq"].int_value == 1 and by_key["user.id"].string_value == "alice"
+    assert first.severity_number == 9 and second.severity_number == 13  # a refusal: WARN
+
+
+async def test_a_400_batch_is_halved_until_the_bad_line_is_alone(tmp_path: Path) -> None:
+    collector = Collector(tmp_path / "c").start()
+
+    def answer(path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        seqs = [json.loads(line)["seq"] for line in body.splitlines()]
+        return (400, b"{}", {}) if 4 in seqs else (200, b"{}", {})
+
+    collector.answer = answer
+    try:
+        hook, file_sink = await _sink_against(tmp_path, collector, "ndjson", 0)
+        alerts: list[tuple[str, dict[str, Any]]] = []
+        hook.alert = lambda kind, extra: alerts.append((kind, extra))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hook.run)
+            _write(file_sink, 9)
+            hook.offer([])
+            with trio.fail_after(30):
+                while hook.delivered_seq < 9:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        got = sorted(json.loads(line)["seq"] for line in collector.lines())
+        assert got == [1, 2, 3, 5, 6, 7, 8, 9] and hook.rejected == 1
+        assert [a[1]["sink_rejected"]["seq"] for a in alerts] == [4]
+        await hook.aclose()
+    finally:
+        collector.stop()

@@ -310,7 +310,8 @@ class WebhookSinkConfig(_C, frozen=True, kw_only=True, tag_field="type", tag="we
     url: Annotated[str, Meta(min_length=1, max_length=2048)]
     # ndjson: the file's lines; json_array: one JSON array (Datadog); splunk_hec: HEC
     # event envelopes; elastic_bulk: _bulk create actions of ECS documents.
-    format: Literal["ndjson", "json_array", "splunk_hec", "elastic_bulk"] = "ndjson"
+    # otlp_json: an OTLP/HTTP JSON logs export request (OpenTelemetry Collector /v1/logs).
+    format: Literal["ndjson", "json_array", "splunk_hec", "elastic_bulk", "otlp_json"] = "ndjson"
     # Extra headers that are not secrets (a name that looks like one is refused: use auth).
     headers: Annotated[dict[
         Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")],
@@ -793,11 +794,18 @@ def _webhook_sink_problems(sink: WebhookSinkConfig, cfg: Config) -> list[str]:
 
     problems: list[str] = []
     url_problem = _webhook_problem(sink.url)
+    sensitive = Redactor()
     if url_problem:
         problems.append(f"url: {url_problem}")
-    elif sink.ca_file and not sink.url.startswith("https:"):
-        problems.append("ca_file: only for an https url")
-    sensitive = Redactor()
+    else:
+        from urllib.parse import parse_qsl, urlsplit
+
+        for name, _ in parse_qsl(urlsplit(sink.url).query, keep_blank_values=True):
+            if sensitive.sensitive(name):
+                problems.append(f"url: query parameter {name} looks like a credential: use "
+                                "auth (with a secret reference), never the config text")
+        if sink.ca_file and not sink.url.startswith("https:"):
+            problems.append("ca_file: only for an https url")
     for name in sink.headers:
         if name.lower() in _RESERVED_HEADERS:
             problems.append(f"headers.{name}: set by sidekey")

@@ -25,12 +25,20 @@ never delays a call; ``required: true`` makes a durable event's call wait (at mo
 ``deliver_timeout_s``) until the collector accepted every line up to it, else the call
 fails with 503 ``audit_unavailable``.
 
-Answers: 2xx accepts the batch (``elastic_bulk``: per item, see :func:`_bulk_outcome`);
-401/403 drop the cached auth secret (fetched again: it may have been rotated) and retry;
-408, 429 and 5xx retry (``Retry-After`` honoured up to the backoff cap); 413 halves the
-batch; 400/413/422 for a single line reject that line (counted, and one
-``audit.sink_rejected`` event per episode): retrying it would block the sink for good.
-Any other answer retries with backoff. Redirects are not followed.
+Answers: 2xx accepts the batch (``elastic_bulk``: per item, see :func:`_bulk_outcome`;
+``otlp_json``: less ``partialSuccess.rejectedLogRecords``); 401/403 drop the cached auth
+secret (fetched again: it may have been rotated) and retry; 400, 413 and 422 halve the
+batch (too big, or one bad event in it), and for a single line reject that line
+(counted, and one ``audit.sink_rejected`` event per episode): retrying it would block
+the sink for good; anything else (408, 429, 5xx, 404 while a URL is fixed...) retries
+with backoff (``Retry-After`` in seconds honoured up to the backoff cap). Redirects are
+not followed.
+
+Formats: ``ndjson`` (the file's lines), ``json_array`` (one array: Datadog's intake),
+``splunk_hec`` (HEC event envelopes, ``/services/collector/event``), ``elastic_bulk``
+(``_bulk`` create actions of ECS documents with ``_id`` = ``<log_id>-<seq>``, so a resend
+is a 409 and indexed once), ``otlp_json`` (an OTLP/HTTP JSON ``ExportLogsServiceRequest``
+for an OpenTelemetry Collector's ``/v1/logs``).
 
 The auth header's value comes from a secret reference (a backend, like a tool's
 secrets), fetched when first needed, never from the config text.
@@ -55,7 +63,7 @@ import httpx
 import trio
 
 from .. import __version__
-from .export import event_time, to_ecs
+from .export import cef_severity, event_time, to_ecs
 from .forward import (
     BACKOFF_FIRST_S,
     BACKOFF_MAX_S,
@@ -70,9 +78,12 @@ from .jsonl import MAX_EVENT_BYTES, rotated_files
 log = logging.getLogger(__name__)
 
 REJECTED_TYPE = "audit.sink_rejected"
-FORMATS = ("ndjson", "json_array", "splunk_hec", "elastic_bulk")
+FORMATS = ("ndjson", "json_array", "splunk_hec", "elastic_bulk", "otlp_json")
 _CONTENT_TYPES = {"ndjson": "application/x-ndjson", "json_array": "application/json",
-                  "splunk_hec": "application/json", "elastic_bulk": "application/x-ndjson"}
+                  "splunk_hec": "application/json", "elastic_bulk": "application/x-ndjson",
+                  "otlp_json": "application/json"}
+# CEF severity (sidekey.audit.export.cef_severity) -> OpenTelemetry SeverityNumber / text.
+_OTEL_SEVERITY = {3: (9, "INFO"), 5: (13, "WARN"), 7: (17, "ERROR")}
 DEFAULT_BATCH_LINES = 500
 DEFAULT_BATCH_BYTES = 1024 * 1024  # Splunk HEC's default max_content_length is 1 MB
 DEFAULT_SPOOL_MAX_BYTES = 1024 * 1024 * 1024
@@ -86,6 +97,8 @@ CURSOR_SAVE_EVERY_S = 0.5
 # With nothing to send the sender wakes on every commit, and at least this often (a
 # rotation between two commits, an alert it raised itself).
 IDLE_POLL_S = 1.0
+# How often the backlog (health's queued_bytes) is measured while batches flow.
+BACKLOG_EVERY_S = 1.0
 _ROTATED_SEQ = re.compile(r"\.(\d{12})$")
 
 
@@ -463,8 +476,54 @@ def _splunk_envelope(line: bytes, event: dict[str, Any]) -> bytes:
     return json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"event":' + line + b"}"
 
 
+def _otlp_attr(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"key": key, "value": {"boolValue": value}}
+    if isinstance(value, int):
+        return {"key": key, "value": {"intValue": str(value)}}  # int64: a string in JSON
+    return {"key": key, "value": {"stringValue": str(value)}}
+
+
+def _otlp_body(lines: list[Line]) -> bytes:
+    """An OTLP/HTTP JSON ``ExportLogsServiceRequest`` (opentelemetry-proto logs v1): one
+    log record per line, its body the line as written (the chain can be checked
+    downstream), the main fields as attributes."""
+    records: list[dict[str, Any]] = []
+    host = None
+    for _, line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = {}
+        if not isinstance(event, dict):
+            event = {}
+        host = host or event.get("host")
+        number, text = _OTEL_SEVERITY.get(cef_severity(event), (9, "INFO"))
+        record: dict[str, Any] = {"severityNumber": number, "severityText": text,
+                                  "body": {"stringValue": line.decode("utf-8", "replace")}}
+        when = event_time(event)
+        if when is not None:
+            record["timeUnixNano"] = str(int(when.timestamp() * 1_000_000) * 1000)
+        attrs = [("event.name", event.get("event_type")), ("event.id", event.get("event_id")),
+                 ("user.id", event.get("user_id")), ("sidekey.server", event.get("server")),
+                 ("sidekey.tool", event.get("tool")), ("sidekey.seq", event.get("seq")),
+                 ("sidekey.log_id", event.get("log_id")),
+                 ("sidekey.schema_version", event.get("schema_version"))]
+        record["attributes"] = [_otlp_attr(k, v) for k, v in attrs
+                                if isinstance(v, str | int) and v != ""]
+        records.append(record)
+    resource = [_otlp_attr("service.name", "sidekey"), _otlp_attr("service.version", __version__)]
+    if isinstance(host, str):
+        resource.append(_otlp_attr("host.name", host))
+    request = {"resourceLogs": [{"resource": {"attributes": resource}, "scopeLogs": [
+        {"scope": {"name": "sidekey.audit", "version": __version__}, "logRecords": records}]}]}
+    return json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def format_body(lines: list[Line], fmt: str) -> bytes:
     """The POST body for ``lines`` in ``fmt`` (see :data:`FORMATS` and the README)."""
+    if fmt == "otlp_json":
+        return _otlp_body(lines)
     if fmt == "ndjson":
         return b"".join(line + b"\n" for _, line in lines)
     if fmt == "json_array":
@@ -579,6 +638,7 @@ class WebhookSink(Forwarder):
         self.rejected = 0
         self.last_status: int | None = None
         self.backlog_bytes = 0
+        self._backlog_at = 0.0
         self.skips = 0
 
     # ------------------------------------------------------------------ wiring
@@ -674,7 +734,10 @@ class WebhookSink(Forwarder):
     def _load(self, committed: int) -> tuple[Chunk, bytes]:
         """Worker thread: the next batch and its body, and the backlog."""
         chunk = self._tail.read(committed, self.batch_lines, self.batch_bytes)
-        self.backlog_bytes = self._tail.backlog()
+        now = time.monotonic()
+        if now >= self._backlog_at:  # a listing and a stat per file: not per batch
+            self._backlog_at = now + BACKLOG_EVERY_S
+            self.backlog_bytes = self._tail.backlog()
         body = format_body(chunk.lines, self.fmt) if chunk.lines else b""
         return chunk, body
 
@@ -749,6 +812,8 @@ class WebhookSink(Forwarder):
         self.last_status = status
         self._retry_after = _retry_after(retry_after)
         if 200 <= status < 300:
+            if self.fmt == "otlp_json":
+                return _otlp_rejected(bytes(answer[:cap]), len(lines))
             if self.fmt != "elastic_bulk":
                 return 0
             if len(answer) > cap:
@@ -759,12 +824,14 @@ class WebhookSink(Forwarder):
             return rejected
         if status in (401, 403):
             self._secret = None  # rotated? fetched again before the next try
-        elif status == 413 and len(lines) > 1:
+        elif status in (400, 413, 422) and len(lines) > 1:
+            # Too big, or one bad event in it: halve until the batch passes or the bad
+            # line is alone (then refused for good, below).
             self.batch_lines = max(1, len(lines) // 2)
             self._pending = None  # read again, in smaller batches
             self._retry_after = 0.0
-            raise SendError(errno.EMSGSIZE, f"HTTP 413 for {len(lines)} lines: halving")
-        elif status in (400, 413, 422) and len(lines) == 1:
+            raise SendError(errno.EMSGSIZE, f"HTTP {status} for {len(lines)} lines: halving")
+        elif status in (400, 413, 422):
             return 1
         raise SendError(errno.EIO, f"HTTP {status}")
 
@@ -913,6 +980,16 @@ class WebhookSink(Forwarder):
             self._tail.close()
         self._progress.set()
         await self._disconnect_client()
+
+
+def _otlp_rejected(answer: bytes, count: int) -> int:
+    """Log records an OTLP ``ExportLogsServiceResponse`` says it refused
+    (``partialSuccess.rejectedLogRecords``; an empty or other answer: none)."""
+    try:
+        rejected = json.loads(answer)["partialSuccess"]["rejectedLogRecords"]
+        return max(0, min(count, int(rejected)))
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def _retry_after(value: str | None) -> float | None:
