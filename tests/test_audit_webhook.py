@@ -7,6 +7,7 @@ and the collector formats (NDJSON, JSON array, Splunk HEC, Elastic bulk)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from sidekey.audit.webhook import Cursor, FileTail, WebhookAuth, WebhookSink, fo
 from sidekey.backends.local import LocalStore, load_key
 from sidekey.config import load_config
 from sidekey.protocol import ConfigError
-from test_audit_chain import call, chained_daemon, raw_lines, verify_cli
+from test_audit_chain import SIDEKEY, call, chained_daemon, raw_lines, verify_cli
 from test_audit_sinks import audit_files, wait_for
 from webhook_collector import Collector
 
@@ -122,6 +123,9 @@ def test_outage_clean_restart_and_kill9_lose_nothing(make_daemon: Any, collector
     assert h and h["failures"] >= 1 and h["last_error"] and h["dropped"] == 0, h
     st, health = d.request("GET", "/v1/health")
     assert st == 200 and health["status"] == "ok", health  # optional sink: not degraded
+    out = subprocess.run([*SIDEKEY, "status", "--config", str(d.config_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert "audit sink siem (webhook): FAILING (" in out.stdout, out.stdout + out.stderr
     # A clean restart while the collector is still down: nothing is sent, nothing is lost.
     assert d.stop() == 0
     d.start()

@@ -703,6 +703,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  approvals pending: {pending} (sidekey approvals list)")
         print(f"  store: {'ok' if status['store'].get('ok') else 'FAILING'}; "
               f"audit: {'ok' if status['audit'].get('ok') else 'FAILING'}")
+        for sink in status["audit"].get("sinks", ())[1:]:  # the forwarding sinks
+            state = "ok" if sink.get("ok") else f"FAILING ({sink.get('last_error') or 'lost events'})"
+            print(f"  audit sink {sink.get('name')} ({sink.get('sink')}"
+                  f"{', required' if sink.get('required') else ''}): {state}; "
+                  f"{sink.get('queued', 0)} behind, {sink.get('dropped', 0)} lost")
         for name, b in status["backends"].items():
             print(f"  backend {name}: {'ok' if b.get('ok') else 'FAILING'}")
     return EXIT_OK
