@@ -532,3 +532,33 @@ async def test_a_400_batch_is_halved_until_the_bad_line_is_alone(tmp_path: Path)
         await hook.aclose()
     finally:
         collector.stop()
+
+
+def test_a_cursor_in_a_logrotate_moved_file_resumes_there_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    sink = JsonlSink(path, fsync=False)
+    sink.open()
+    _write(sink, 5)
+    tail = FileTail(path)
+    tail.start(Cursor(), sink.committed_seq)
+    chunk = tail.read(3, 100, 1 << 20)  # seqs 1..3 sent, 4 and 5 not yet
+    tail.advance()
+    saved = Cursor.from_json(tail.cursor.to_json())
+    tail.close()
+    # logrotate: mv audit.jsonl audit.jsonl.1, then SIGHUP (reopen): a new file whose
+    # first line (audit.rotated) continues the chain.
+    path.rename(tmp_path / "audit.jsonl.1")
+    assert sink.reopen()
+    _write(sink, 2)
+    resumed = FileTail(path)
+    assert resumed.start(saved, sink.committed_seq) == []
+    got: list[int] = []
+    while True:
+        chunk = resumed.read(sink.committed_seq, 100, 1 << 20)
+        assert chunk.gaps == []
+        if not chunk.lines:
+            break
+        resumed.advance()
+        got += [seq for seq, _ in chunk.lines]
+    assert got == list(range(4, sink.committed_seq + 1))
+    resumed.close()

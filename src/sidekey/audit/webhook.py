@@ -46,6 +46,7 @@ secrets), fetched when first needed, never from the config text.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -179,7 +180,6 @@ class FileTail:
         self.cursor = Cursor()
         self._read_to: tuple[int, int, str | None] = (0, 0, None)
         self._fd: int | None = None
-        self._buf = b""  # bytes read past cursor.offset that do not yet end a line
         self._gap_reason = "missing"  # why the next seq jump happened (set by skip)
 
     # ------------------------------------------------------------------ positioning
@@ -201,7 +201,6 @@ class FileTail:
         st = os.fstat(fd)
         self._fd = fd
         self.cursor.dev, self.cursor.ino, self.cursor.offset = st.st_dev, st.st_ino, offset
-        self._buf = b""
         return True
 
     def _close_fd(self) -> None:
@@ -236,7 +235,14 @@ class FileTail:
                 self.cursor.log_id = last[1] if last else None
             return []
         self.cursor = Cursor(log_id=cursor.log_id, seq=cursor.seq)
-        for path in self._files():
+        # By inode, under any name that starts with the audit file's: ours
+        # (audit.jsonl.<time>.<seq>) or logrotate's (audit.jsonl.1).
+        try:
+            named = [self.path.parent / n for n in sorted(os.listdir(self.path.parent))
+                     if n.startswith(self.path.name)]
+        except OSError:
+            named = []
+        for path in named:
             try:
                 st = os.stat(path)
             except OSError:
@@ -305,7 +311,7 @@ class FileTail:
                 pos = pos_after  # not an event (a repaired fragment): skipped with it
                 continue
             seq, line_log = found
-            if seq > committed_seq and line_log == log_id:
+            if seq > committed_seq and (log_id is None or line_log == log_id):
                 break  # written, not yet committed (or about to be rolled back)
             if log_id is not None and line_log != log_id:
                 # A new chain (the file was replaced): whatever the old log held past
@@ -324,8 +330,10 @@ class FileTail:
             taken += len(line) + 1
             expect, log_id, pos = seq, line_log, pos_after
         self._read_to = (pos, expect, log_id)
-        if not chunk.lines and expect < committed_seq and pos >= self._size():
-            # This file is done (every committed line past it is in the next file).
+        if not chunk.lines and expect < committed_seq and self._read_line_at(pos) is None:
+            # This file is done: the committed lines past it were written before
+            # committed_seq was read, so they are in the next file (a torn fragment left
+            # at this file's end by a crash is no line).
             previous = (self.cursor.dev, self.cursor.ino)
             self.cursor.offset, self.cursor.seq, self.cursor.log_id = pos, expect, log_id
             chunk.gaps.extend(self._find_next())
@@ -733,7 +741,10 @@ class WebhookSink(Forwarder):
 
     def _load(self, committed: int) -> tuple[Chunk, bytes]:
         """Worker thread: the next batch and its body, and the backlog."""
+        before = dataclasses.astuple(self._tail.cursor)
         chunk = self._tail.read(committed, self.batch_lines, self.batch_bytes)
+        if dataclasses.astuple(self._tail.cursor) != before:
+            self._cursor_dirty = True  # moved past lines it need not send
         now = time.monotonic()
         if now >= self._backlog_at:  # a listing and a stat per file: not per batch
             self._backlog_at = now + BACKLOG_EVERY_S
@@ -846,7 +857,6 @@ class WebhookSink(Forwarder):
             if not chunk.lines:
                 if chunk.at_end:
                     self._caught_up(self._tail.cursor.seq)
-                self._cursor_dirty = True
                 await self._maybe_save_cursor()
                 raise _Idle
             self._pending = (chunk.lines, body)
@@ -956,11 +966,16 @@ class WebhookSink(Forwarder):
         """Send what is committed (at most DRAIN_ON_CLOSE_S), save the cursor, close. What
         is not sent stays in the file: the next start sends it."""
         self._closed = True
-        if self._run_scope is not None:
+        if self._running and self._run_scope is not None:
+            # Its batch in flight is shielded (at most timeout_s): wait for it, so two
+            # batches never read the file or move the cursor at once.
             self._run_scope.cancel()
-            with trio.move_on_after(DRAIN_ON_CLOSE_S):
+            with trio.move_on_after(self.timeout_s + DRAIN_ON_CLOSE_S):
                 await self._stopped.wait()
-        if self._started:
+        if self._running:
+            log.error("audit sink %s: its sender did not stop; unsent lines go at the next "
+                      "start", self.name)
+        elif self._started:
             with trio.move_on_after(DRAIN_ON_CLOSE_S):
                 try:
                     while await self._step():
