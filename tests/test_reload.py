@@ -76,11 +76,20 @@ def test_sighup_reload_and_restart_only_changes(daemon: Daemon) -> None:
     events = _reloaded(daemon, 2)
     assert events[-1]["outcome"] == "rejected" and "listen" in events[-1]["reason"]
 
+    # The audit HMAC key is read when the audit file is opened: a reload naming another
+    # one is refused (not silently kept).
+    daemon.config_path.write_text(yaml.safe_dump(daemon.config))
+    _edit_main(daemon, lambda c: c.setdefault("audit", {}).update({"hmac_key_file": "keys/other.key"}))
+    daemon.proc.send_signal(signal.SIGHUP)
+    events = _reloaded(daemon, 3)
+    assert events[-1]["outcome"] == "rejected" and "audit.hmac_key_file" in events[-1]["reason"]
+    assert "only a restart applies" in events[-1]["reason"]
+
     # A good one applies; the daemon is still the same process.
     daemon.config_path.write_text(yaml.safe_dump(daemon.config))
     _edit_main(daemon, lambda c: c["peers"].update({"analytics-db": [{"uid": NOBODY}]}))
     daemon.proc.send_signal(signal.SIGHUP)
-    events = _reloaded(daemon, 3)
+    events = _reloaded(daemon, 4)
     assert events[-1]["outcome"] == "applied"
     status, body = daemon.authorize("analytics-db", "query_metrics")
     assert status == 403 and body["error"]["code"] == "peer_mismatch"

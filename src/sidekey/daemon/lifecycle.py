@@ -298,6 +298,15 @@ def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
             ("audit.path", a.audit.path, b.audit.path),
             ("audit.fsync", a.audit.fsync, b.audit.fsync),
             ("audit.sinks", a.audit.sinks, b.audit.sinks),
+            # Keys and checkpoint cadence are read when the audit file is opened.
+            ("audit.checkpoint_key_file", a.audit.checkpoint_key_file, b.audit.checkpoint_key_file),
+            ("audit.checkpoint_key_credential", a.audit.checkpoint_key_credential,
+             b.audit.checkpoint_key_credential),
+            ("audit.checkpoint_every_events", a.audit.checkpoint_every_events,
+             b.audit.checkpoint_every_events),
+            ("audit.checkpoint_every_s", a.audit.checkpoint_every_s, b.audit.checkpoint_every_s),
+            ("audit.hmac_key_file", a.audit.hmac_key_file, b.audit.hmac_key_file),
+            ("audit.hmac_key_credential", a.audit.hmac_key_credential, b.audit.hmac_key_credential),
             ("policy.registry_health_checks", a.policy.registry_health_checks,
              b.policy.registry_health_checks),
         )
