@@ -41,7 +41,11 @@ The raw client then drives them in alternating bursts, ``--rounds`` times (defau
 c=1 and at c=``--concurrency`` (the order flips every round, so a drifting machine load and
 any first-or-second effect weigh on both alike), and prints each burst, then per
 concurrency the medians and the after/before ratios (median of the per-round ratios) of
-calls/s and p50, against the 10 % budget (calls/s >= 0.90x, p50 <= 1.10x). The setup
+calls/s and p50, against the 10 % budget (calls/s >= 0.90x, p50 <= 1.10x), and of the
+daemon's CPU time per call (user + system, from /proc: what the code costs, apart from
+the fsync waits that dominate the latency on most disks). A burst during which a daemon
+switched its audit commits to a worker thread (slow fsyncs: a disk shared with other
+work; both old and new code do this for 30 s) is marked, as it pays thread hops. The setup
 (store, keys, tokens, config) is written by this tree's code, so REV must read the same
 formats (true back to before the chain); a daemon that cannot start stops the run with
 its log. The load average is printed at the start and the end.
@@ -380,6 +384,27 @@ def median(values: list[float]) -> float:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+# Logged (WARNING) by the audit file sink when slow fsyncs send its commits to a worker
+# thread for 30 s (sidekey.audit.jsonl, THREADED_BACKOFF_S), in both old and new code: a
+# burst that ran (partly) in that mode pays thread hops, so it is marked.
+_THREAD_SWITCH = b"committing from a worker thread"
+
+
+def slow_disk_switches(root: Path) -> int:
+    """How often the daemon in ``root`` switched to thread commits so far (its log)."""
+    try:
+        return (root / "daemon.log").read_bytes().count(_THREAD_SWITCH)
+    except OSError:
+        return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far, from /proc
+    (clock-tick resolution: 10 ms at the usual 100 Hz, fine over a burst)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def loadavg() -> str:
     return "load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -524,21 +549,27 @@ def compare(args: argparse.Namespace, warmup: int) -> int:
             profile = root / "daemon.prof" if args.profile else None
             procs[name] = start_daemon(root, config, profile, envs[name])
             warm_up(str(root / "run" / "sock"), tokens[name], conc, warmup, args.users)
-        # (calls/s, p50 ms, p99 ms) per burst, by (name, concurrency)
-        results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+        # (calls/s, p50 ms, p99 ms, daemon CPU ms per call) per burst, by (name, concurrency)
+        results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
         for rnd in range(args.rounds):
             for c in (1, conc):
                 per = calls if c == 1 else max(1, calls // c) * 2
                 order = ["before", "after"] if rnd % 2 == 0 else ["after", "before"]
                 cols = {}
                 for name in order:
+                    cpu0 = cpu_seconds(procs[name].pid)
+                    switched0 = slow_disk_switches(roots[name])
                     wall, lat = run_in_process(_raw_process, str(roots[name] / "run" / "sock"),
                                                tokens[name], c, per)
+                    cpu = (cpu_seconds(procs[name].pid) - cpu0) / len(lat) * 1000
                     lat.sort()
                     got = (len(lat) / wall, lat[len(lat) // 2] * 1000,
-                           lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000)
+                           lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, cpu)
                     results.setdefault((name, c), []).append(got)
-                    cols[name] = f"{name} {got[0]:6.0f} calls/s p50 {got[1]:.3f} ms"
+                    cols[name] = (f"{name} {got[0]:6.0f} calls/s p50 {got[1]:.3f} ms "
+                                  f"cpu {cpu:.3f} ms/call")
+                    if (switched := slow_disk_switches(roots[name]) - switched0) > 0:
+                        cols[name] += f" [slow fsync: thread commits x{switched}]"
                 print(f"round {rnd + 1} c={c:<3} {cols['before']}   {cols['after']}   "
                       f"(first: {order[0]})", flush=True)
         for name, proc in procs.items():
@@ -553,22 +584,29 @@ def compare(args: argparse.Namespace, warmup: int) -> int:
             b, a = results[("before", c)], results[("after", c)]
             tput = median([x[0] / y[0] for x, y in zip(a, b, strict=True)])
             p50 = median([x[1] / y[1] for x, y in zip(a, b, strict=True)])
+            cpu = median([x[3] / y[3] if y[3] else 1.0 for x, y in zip(a, b, strict=True)])
             ok = tput >= 0.90 and p50 <= 1.10
             row: dict[str, Any] = {"concurrency": c}
             for name, runs in (("before", b), ("after", a)):
                 row[name] = {"calls_per_s": round(median([r[0] for r in runs])),
                              "p50_ms": round(median([r[1] for r in runs]), 3),
-                             "p99_ms": round(median([r[2] for r in runs]), 3)}
-            row["ratio"] = {"calls_per_s": round(tput, 3), "p50": round(p50, 3)}
+                             "p99_ms": round(median([r[2] for r in runs]), 3),
+                             "daemon_cpu_ms_per_call": round(median([r[3] for r in runs]), 3)}
+            row["ratio"] = {"calls_per_s": round(tput, 3), "p50": round(p50, 3),
+                            "daemon_cpu": round(cpu, 3)}
             summary.append(row)
             print(f"c={c:<3} before {row['before']['calls_per_s']:6} calls/s "
                   f"p50 {row['before']['p50_ms']:.3f} ms | after {row['after']['calls_per_s']:6} "
                   f"calls/s p50 {row['after']['p50_ms']:.3f} ms | after/before: calls/s "
                   f"x{tput:.3f}, p50 x{p50:.3f} -> {'within' if ok else 'OVER'} 10 %")
+            print(f"      daemon CPU per call: before "
+                  f"{row['before']['daemon_cpu_ms_per_call']:.3f} ms, after "
+                  f"{row['after']['daemon_cpu_ms_per_call']:.3f} ms (x{cpu:.3f})")
         for name in roots:
             audit = (roots[name] / "state" / "audit.jsonl").read_bytes()
             lines, checkpoints = audit.count(b"\n"), audit.count(b'"audit.checkpoint"')
-            print(f"{name}: {lines} audit lines, {checkpoints} of them audit.checkpoint")
+            print(f"{name}: {lines} audit lines, {checkpoints} of them audit.checkpoint; "
+                  f"{slow_disk_switches(roots[name])} switch(es) to thread commits (slow fsync)")
         print(f"took {time.monotonic() - started:.0f} s")
         if args.json:
             print(json.dumps({"before": sha, "after": head, "state": args.state,
