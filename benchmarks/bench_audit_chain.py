@@ -44,8 +44,8 @@ from bench_call import (
 _NO_CHAIN = """
 import sys
 from sidekey.audit import jsonl
-def _plain(self, bodies, *, final):
-    return b"".join(b + b"\\n" for b in bodies), self._chain, False
+def _plain(self, bodies, *, final, sign_now=False):
+    return b"".join(b + b"\\n" for b in bodies), self._chain, False, []
 jsonl.JsonlSink._chain_lines = _plain
 from sidekey.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -322,3 +323,115 @@ def test_events_from_before_the_chain_are_named_once_per_stretch(log: Log, tmp_p
     code, report = verify("--key", log.pub, path)
     assert code == 1 and found(report) == [(1, None, "unchained")], report
     assert report["problems"][0]["detail"].startswith("lines 1..3: ")
+
+
+# --------------------------------------------------------------------------- SIEM formats lose nothing
+
+
+# Top-level fields that each format maps in full to a field of its own (README "Audit
+# export formats"); every other field must come out in sidekeyFields (CEF) / sidekey.* (ECS).
+_CEF_OWN = {"timestamp": "rt", "event_id": "externalId", "event_type": "cat", "host": "dvchost",
+            "user_id": "suser", "server": "cs1", "tool": "cs2", "agent_id": "cs3",
+            "session_id": "cs4", "lease_id": "cs5", "request_id": "request", "seq": "cn1",
+            "prev_hash": "flexString1", "log_id": "flexString2", "arguments": "sidekeyArguments",
+            "auth": "sidekeyAuth", "result": "sidekeyResult"}
+_ECS_OWN = {"timestamp": ("@timestamp",), "event_id": ("event", "id"),
+            "event_type": ("event", "action"), "host": ("host", "name"), "user_id": ("user", "id"),
+            "seq": ("sidekey", "chain", "seq"), "prev_hash": ("sidekey", "chain", "prev_hash"),
+            "log_id": ("sidekey", "chain", "log_id")}
+
+
+def parse_cef(line: str) -> tuple[list[str], dict[str, str]]:
+    """(the 7 header fields, the extensions) of a CEF:0 line, unescaped."""
+    header: list[str] = []
+    field, i = "", 0
+    while len(header) < 7:
+        ch = line[i]
+        if ch == "\\":
+            field += line[i + 1]
+            i += 2
+            continue
+        if ch == "|":
+            header.append(field)
+            field = ""
+        else:
+            field += ch
+        i += 1
+    ext = line[i:]
+    # A key is a word followed by an unescaped "=" (values escape theirs as "\=").
+    keys = list(re.finditer(r"(?:^| )([A-Za-z0-9_]+)=", ext))
+    out: dict[str, str] = {}
+    for m, nxt in zip(keys, [*keys[1:], None], strict=True):
+        value = ext[m.end(): nxt.start() if nxt is not None else len(ext)]
+        out[m[1]] = re.sub(r"\\(.)", lambda e: {"n": "\n", "r": "\r"}.get(e[1], e[1]), value)
+    return header, out
+
+
+def _own_kinds_of_events() -> list[bytes]:
+    """Events of types a short daemon run does not write (rotation, sink overflow, an
+    approval decision, a refusal with an error and a full peer), as the daemon builds them."""
+    import datetime
+
+    from sidekey.audit.events import make_event
+
+    now = datetime.datetime.now(datetime.UTC)
+    peer = {"pid": 4242, "uid": 1001, "gid": 1002, "unit": "mcp-content-api.service",
+            "exe": "/usr/bin/python3.11", "attestation": "proc"}
+    events = [
+        make_event("audit.rotated", host="h1", now=now, redact_keys=(), extra={"rotated": {
+            "reason": "size", "previous_file": "audit.jsonl.20261130T181700Z.000000000042",
+            "previous_seq": 42, "previous_hash": "ab" * 32}}),
+        make_event("audit.sink_overflow", host="h1", now=now, redact_keys=(), extra={
+            "sink_overflow": {"sink": "siem", "type": "syslog", "queue_max": 10,
+                              "dropped_total": 3, "last_error": "ECONNREFUSED"}}),
+        make_event("approval.granted", host="h1", now=now, server="content-api",
+                   tool="publish_article", user_id="alice", redact_keys=(), peer=peer,
+                   extra={"approval_id": "apr_1", "decided_by": "bob", "reason": "ok"}),
+        make_event("request.rejected", host="h1", now=now, redact_keys=(), peer=peer,
+                   request_id="req_1", policy={"evaluated": True, "rules_matched": ["r1"],
+                                               "decision": "deny"},
+                   error={"code": "peer_not_allowed", "message": "no", "status": 403},
+                   extra={"path": "/v1/redeem", "method": "POST"}),
+    ]
+    return [json.dumps(e, separators=(",", ":")).encode() for e in events]
+
+
+def test_every_field_of_every_event_reaches_cef_and_ecs(log: Log, tmp_path: Path) -> None:
+    # A real daemon's log (calls, checkpoints, start and stop events) plus the event types
+    # it did not write: each top-level field comes out in a CEF field of its own or in
+    # sidekeyFields, and in its ECS field or under sidekey.<name>, with its value.
+    lines = [*log.lines, *_own_kinds_of_events()]
+    events = [json.loads(x) for x in lines]
+    assert {"audit.checkpoint", "audit.rotated", "audit.sink_overflow", "approval.granted",
+            "request.rejected", "daemon.started", "daemon.stopped", "mcp.redeem"} <= {
+        e["event_type"] for e in events}
+    path = write(tmp_path, lines)
+    cef = subprocess.run([*SIDEKEY, "audit", "export", "--format", "cef", str(path)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    ecs = subprocess.run([*SIDEKEY, "audit", "export", "--format", "ecs", str(path)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    assert len(cef) == len(ecs) == len(events)
+    for event, cef_line, ecs_line in zip(events, cef, ecs, strict=True):
+        header, ext = parse_cef(cef_line)
+        assert header[4] == event["event_type"], cef_line
+        doc = json.loads(ecs_line)
+        rest = json.loads(ext["sidekeyFields"]) if "sidekeyFields" in ext else {}
+        for key, value in event.items():
+            if value is None:
+                continue
+            if key in _CEF_OWN:
+                got: Any = ext[_CEF_OWN[key]]
+                if key in ("arguments", "auth", "result"):
+                    assert json.loads(got) == value, (key, cef_line)
+                elif key != "timestamp":
+                    assert got == str(value), (key, cef_line)
+            else:
+                assert rest.get(key) == value, (key, cef_line)
+            where = _ECS_OWN.get(key, ("sidekey", key))
+            node: Any = doc
+            for part in where:
+                node = node[part]
+            assert node == value, (key, ecs_line)
+    refused = json.loads(ecs[-1])
+    assert refused["http"]["response"]["status_code"] == 403
+    assert refused["process"]["group"]["id"] == "1002"

@@ -164,6 +164,18 @@ def cef_severity(event: dict[str, Any]) -> int:
     return 3
 
 
+# Top-level event fields that to_cef maps in full to their own CEF fields; every other
+# field (schema_version; policy, peer and error whole, though parts of them also have
+# CEF fields; an event type's own fields: checkpoint, repaired, rotated, sink_overflow,
+# approval_id, decided_by, jti, ...) goes into the sidekeyFields extension, so a CEF
+# consumer (a syslog sink with format: cef) loses nothing, including event types added
+# later.
+_CEF_MAPPED = frozenset((
+    "timestamp", "event_id", "event_type", "host", "user_id", "server", "tool", "agent_id",
+    "session_id", "lease_id", "request_id", "seq", "prev_hash", "log_id", "arguments",
+    "auth", "result"))
+
+
 def to_cef(event: dict[str, Any]) -> str:
     """ArcSight CEF:0 (one line). Mapping (README "Audit export formats"):
     header: vendor ``sidekey``, product ``sidekey``, version, signature id = event_type,
@@ -174,7 +186,8 @@ def to_cef(event: dict[str, Any]) -> str:
     msg = error.message, spid / suid = peer.pid / peer.uid, sproc = peer.exe,
     cn1 = seq, flexString1 = prev_hash, flexString2 = log_id, reason = policy.rules_matched,
     request = request_id; arguments, auth, result go to cs-less ``sidekeyArguments``,
-    ``sidekeyAuth``, ``sidekeyResult`` (compact JSON)."""
+    ``sidekeyAuth``, ``sidekeyResult`` (compact JSON); every other field of the event
+    (see ``_CEF_MAPPED``) to ``sidekeyFields``, a compact JSON object."""
     kind = event.get("event_type", "unknown")
     policy, error, peer = _obj(event, "policy"), _obj(event, "error"), _obj(event, "peer")
     name = f"{kind} {policy['decision']}" if policy.get("decision") else kind
@@ -201,6 +214,9 @@ def to_cef(event: dict[str, Any]) -> str:
                        ("result", "sidekeyResult")):
         if event.get(key) is not None:
             ext.append((label, event[key]))
+    rest = {k: v for k, v in event.items() if k not in _CEF_MAPPED and v is not None}
+    if rest:
+        ext.append(("sidekeyFields", rest))
     header = "|".join(_cef_header(v) for v in (
         "CEF:0", "sidekey", "sidekey", __version__, kind, name, cef_severity(event)))
     return header + "|" + " ".join(f"{k}={_cef_ext(v)}" for k, v in ext if v is not None)
@@ -209,17 +225,25 @@ def to_cef(event: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- ECS
 
 
+# Top-level event fields that to_ecs maps in full to ECS fields (the chain fields go to
+# sidekey.chain); every other field goes under sidekey.<name> unchanged.
+_ECS_MAPPED = frozenset(("timestamp", "event_id", "event_type", "host", "user_id", "seq",
+                         "prev_hash", "log_id"))
+
+
 def to_ecs(event: dict[str, Any], raw: bytes | None = None) -> dict[str, Any]:
     """An Elastic Common Schema document. Mapping (README "Audit export formats"):
     @timestamp = timestamp, event.id = event_id, event.action = event_type,
     event.kind = "event", event.category = ["iam"], event.outcome, event.sequence = seq,
     event.dataset = "sidekey.audit", event.original = the line as written (so the chain
     can be re-checked downstream), host.name = host, user.id = user_id,
-    service.name = "sidekey", process.pid / process.executable / process.user.id = peer
-    pid / exe / uid, error.code / error.message, rule.name = policy.rules_matched,
-    and the rest under ``sidekey.*`` (server, tool, agent_id, session_id, lease_id,
-    request_id, arguments, result, auth, policy, checkpoint, chain {seq, prev_hash,
-    log_id}, schema_version)."""
+    service.name = "sidekey", process.pid / process.executable / process.user.id /
+    process.group.id = peer pid / exe / uid / gid, error.code / error.message,
+    http.response.status_code = error.status, rule.name = policy.rules_matched, and every
+    other field under ``sidekey.<name>`` unchanged (server, tool, agent_id, session_id,
+    lease_id, request_id, arguments, result, auth, policy, peer, error, schema_version, an
+    event type's own fields: checkpoint, repaired, rotated, sink_overflow, approval_id,
+    ...), plus sidekey.chain {seq, prev_hash, log_id}."""
     policy, error, peer = _obj(event, "policy"), _obj(event, "error"), _obj(event, "peer")
     doc: dict[str, Any] = {
         "@timestamp": event.get("timestamp"),
@@ -242,17 +266,17 @@ def to_ecs(event: dict[str, Any], raw: bytes | None = None) -> dict[str, Any]:
         doc["user"] = {"id": event["user_id"]}
     if peer:
         process = {"pid": peer.get("pid"), "executable": peer.get("exe"),
-                   "user": {"id": None if peer.get("uid") is None else str(peer["uid"])}}
+                   "user": {"id": None if peer.get("uid") is None else str(peer["uid"])},
+                   "group": {"id": None if peer.get("gid") is None else str(peer["gid"])}}
         doc["process"] = process
     if error:
         doc["error"] = {"code": error.get("code"), "message": error.get("message")}
+        if isinstance(error.get("status"), int):
+            doc["http"] = {"response": {"status_code": error["status"]}}
     if policy.get("rules_matched"):
         doc["rule"] = {"name": list(policy["rules_matched"])}
     sk: dict[str, Any] = {
-        k: event[k] for k in ("server", "tool", "agent_id", "session_id", "lease_id",
-                              "request_id", "arguments", "result", "auth", "policy",
-                              "checkpoint", "repaired", "schema_version")
-        if event.get(k) is not None
+        k: v for k, v in event.items() if k not in _ECS_MAPPED and v is not None
     }
     if event.get("seq") is not None:
         sk["chain"] = {"seq": event["seq"], "prev_hash": event.get("prev_hash"),
