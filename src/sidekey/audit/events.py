@@ -48,10 +48,17 @@ EVENT_TYPES: tuple[str, ...] = (
     "request.rejected.suppressed",
     "audit.checkpoint",
     "audit.repaired",
+    "audit.rotated",
+    "audit.sink_overflow",
+    "audit.sink_rejected",
+    "approval.requested",
+    "approval.approved",
+    "approval.denied",
+    "approval.expired",
+    "quota.threshold",
 )
 
-# Later features add types (approval.*, quota.threshold); any dotted lowercase name is
-# accepted, EVENT_TYPES lists the ones this version emits.
+# Any dotted lowercase name is accepted; EVENT_TYPES lists the ones this version emits.
 _EVENT_TYPE_RE = re.compile(r"^[a-z][a-z_]*(\.[a-z][a-z_]*)+$")
 
 # Keys of the seed example, in its order; always present in an event.

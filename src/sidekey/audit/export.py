@@ -155,9 +155,11 @@ def _cef_ext(value: Any) -> str:
 
 
 def cef_severity(event: dict[str, Any]) -> int:
-    """3 for routine events, 5 for a refusal or denial, 7 for a failure or an audit repair."""
+    """3 for routine events, 5 for a refusal or denial, 7 for a failure, an audit repair
+    or audit events a sink lost or its collector refused."""
     kind = str(event.get("event_type", ""))
-    if kind in ("request.failed", "audit.repaired") or kind.endswith(".replayed"):
+    if kind in ("request.failed", "audit.repaired", "audit.sink_overflow",
+                "audit.sink_rejected") or kind.endswith(".replayed"):
         return 7
     if _outcome(event) == "failure" or kind.endswith(".rejected"):
         return 5
