@@ -369,6 +369,18 @@ async def _sink_against(tmp_path: Path, collector: Collector, fmt: str, n: int,
     return hook, file_sink
 
 
+async def deliver(hook: WebhookSink, file_sink: JsonlSink, n: int) -> None:
+    """Run ``hook`` while ``n`` events are written, until it has delivered them all."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hook.run)
+        _write(file_sink, n)
+        hook.offer([])
+        with trio.fail_after(30):
+            while hook.delivered_seq < n:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
 async def test_elastic_bulk_items_429_retry_409_counts_400_rejects(tmp_path: Path) -> None:
     collector = Collector(tmp_path / "c").start()
     calls = {"n": 0}
@@ -394,15 +406,7 @@ async def test_elastic_bulk_items_429_retry_409_counts_400_rejects(tmp_path: Pat
         hook, file_sink = await _sink_against(tmp_path, collector, "elastic_bulk", 0)
         alerts: list[tuple[str, dict[str, Any]]] = []
         hook.alert = lambda kind, extra: alerts.append((kind, extra))
-        hook.offer([])
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hook.run)
-            _write(file_sink, 3)
-            hook.offer([])
-            with trio.fail_after(20):
-                while hook.delivered_seq < 3:
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+        await deliver(hook, file_sink, 3)
         assert calls["n"] == 2 and hook.rejected == 1
         assert alerts and alerts[0][0] == "audit.sink_rejected"
         assert alerts[0][1]["sink_rejected"]["count"] == 1
@@ -440,14 +444,7 @@ async def test_retry_after_413_halving_and_secret_refetch(tmp_path: Path) -> Non
         hook, file_sink = await _sink_against(
             tmp_path, collector, "ndjson", 0,
             auth=WebhookAuth(header="DD-API-KEY", prefix="", fetch=fetch, label="t"))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hook.run)
-            _write(file_sink, 5)
-            hook.offer([])
-            with trio.fail_after(30):
-                while hook.delivered_seq < 5:
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+        await deliver(hook, file_sink, 5)
         assert fetched == ["old", "new"]  # fetched again after the 403, then cached
         assert 413 in collector.refused and 503 in collector.refused
         big = next(i for i, n in enumerate(seen) if n > 2 and i > 0)  # the first 413
@@ -518,14 +515,7 @@ async def test_a_400_batch_is_halved_until_the_bad_line_is_alone(tmp_path: Path)
         hook, file_sink = await _sink_against(tmp_path, collector, "ndjson", 0)
         alerts: list[tuple[str, dict[str, Any]]] = []
         hook.alert = lambda kind, extra: alerts.append((kind, extra))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hook.run)
-            _write(file_sink, 9)
-            hook.offer([])
-            with trio.fail_after(30):
-                while hook.delivered_seq < 9:
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+        await deliver(hook, file_sink, 9)
         got = sorted(json.loads(line)["seq"] for line in collector.lines())
         assert got == [1, 2, 3, 5, 6, 7, 8, 9] and hook.rejected == 1
         assert [a[1]["sink_rejected"]["seq"] for a in alerts] == [4]

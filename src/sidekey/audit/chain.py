@@ -214,7 +214,9 @@ class Recovered:
     torn: bool  # the file did not end with a newline
 
 
-def _chain_of(line: bytes) -> dict[str, Any] | None:
+def chain_event(line: bytes) -> dict[str, Any] | None:
+    """The event of a chained line (with int ``seq``, str ``prev_hash`` and ``log_id``),
+    None for anything else."""
     try:
         event = json.loads(line)
     except (ValueError, UnicodeDecodeError):
@@ -251,7 +253,7 @@ def recover_tail(fd: int, size: int) -> Recovered:
             seen += 1
             if last_line_hash is None and not fragment:
                 last_line_hash = line_hash(line)
-            event = _chain_of(line)
+            event = chain_event(line)
             if event is not None:
                 state = ChainState(seq=event["seq"], head=line_hash(line), log_id=event["log_id"])
                 skipped.reverse()

@@ -67,6 +67,15 @@ class Filter:
         return True
 
 
+def event_of(line: bytes) -> dict[str, Any]:
+    """The event of one audit line; ``{}`` for a line that is not a JSON object."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
 def parse_lines(data: bytes) -> Iterator[tuple[bytes, dict[str, Any]]]:
     """(line, event) per complete JSON-object line of ``data``."""
     for raw in data.split(b"\n"):

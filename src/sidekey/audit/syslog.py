@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import json
 import os
 import re
 import socket
@@ -30,7 +29,7 @@ from typing import Any
 import trio
 
 from .chain import line_hash
-from .export import cef_severity, to_cef
+from .export import cef_severity, event_of, to_cef
 from .forward import (
     DEFAULT_DELIVER_TIMEOUT_S,
     DEFAULT_QUEUE_MAX,
@@ -67,12 +66,7 @@ def _field(value: Any, limit: int) -> str:
 def format_message(line: bytes, *, facility: int, app_name: str, procid: str, fmt: str,
                    max_message_bytes: int) -> bytes:
     """One RFC 5424 message (without transport framing) for a committed file line."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        event = {}
-    if not isinstance(event, dict):
-        event = {}
+    event = event_of(line)
     severity = _SEVERITY.get(cef_severity(event), 6)
     ts = event.get("timestamp")
     if not (isinstance(ts, str) and _TIMESTAMP.fullmatch(ts)):

@@ -64,7 +64,8 @@ import httpx
 import trio
 
 from .. import __version__
-from .export import cef_severity, event_time, to_ecs
+from .chain import chain_event
+from .export import cef_severity, event_of, event_time, to_ecs
 from .forward import (
     BACKOFF_FIRST_S,
     BACKOFF_MAX_S,
@@ -158,16 +159,8 @@ class Cursor:
 def _chain_fields(line: bytes) -> tuple[int, str] | None:
     """``(seq, log_id)`` of a chained line, None for anything else (a repaired torn
     fragment, garbage)."""
-    try:
-        event = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(event, dict):
-        return None
-    seq, log_id = event.get("seq"), event.get("log_id")
-    if type(seq) is not int or not isinstance(log_id, str):
-        return None
-    return seq, log_id
+    event = chain_event(line)
+    return (event["seq"], event["log_id"]) if event is not None else None
 
 
 class FileTail:
@@ -499,12 +492,7 @@ def _otlp_body(lines: list[Line]) -> bytes:
     records: list[dict[str, Any]] = []
     host = None
     for _, line in lines:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            event = {}
-        if not isinstance(event, dict):
-            event = {}
+        event = event_of(line)
         host = host or event.get("host")
         number, text = _OTEL_SEVERITY.get(cef_severity(event), (9, "INFO"))
         record: dict[str, Any] = {"severityNumber": number, "severityText": text,
@@ -538,12 +526,7 @@ def format_body(lines: list[Line], fmt: str) -> bytes:
         return b"[" + b",".join(line for _, line in lines) + b"]"
     out = bytearray()
     for _, line in lines:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            event = {}
-        if not isinstance(event, dict):
-            event = {}
+        event = event_of(line)
         if fmt == "splunk_hec":
             out += _splunk_envelope(line, event) + b"\n"
         else:  # elastic_bulk: ECS documents; the _id makes a resend a no-op (409)
