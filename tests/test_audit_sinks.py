@@ -2,9 +2,9 @@
 external mv) with the chain running on across files, and the syslog sink (RFC 5424 to a
 Unix datagram socket and to TCP with octet counting), against real daemons.
 
-The RFC 5424 check is a strict regex of the RFC's ABNF (section 6) written below: no
-maintained parser library is installed in the test environment (``syslog-rfc5424-parser``
-was last released in 2019).
+The RFC 5424 check is a strict regex of the RFC's ABNF (section 6) written below, and
+every message must also parse with ``syslog-rfc5424-parser`` (a published parser, last
+released in 2019, so not the only check) to the same fields.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import trio
+from syslog_rfc5424_parser import SyslogMessage
 
 from harness import Daemon
 from sidekey.audit import AuditLog, AuditUnavailable
@@ -62,6 +63,11 @@ def parse_5424(data: bytes) -> dict[str, Any]:
     if msg.startswith(b"\xef\xbb\xbf"):
         msg = msg[3:]
     msg.decode("utf-8")  # MSG-UTF8 (or ASCII MSG-ANY): valid UTF-8 either way
+    # And a published RFC 5424 parser reads the same fields.
+    parsed = SyslogMessage.parse(data.decode("utf-8")).as_dict()
+    assert parsed["hostname"] == m["hostname"].decode() and parsed["appname"] == m["app"].decode()
+    assert parsed["msgid"] == m["msgid"].decode() and str(parsed["procid"]) == m["procid"].decode()
+    assert parsed["msg"].encode() == msg, (parsed["msg"][:200], msg[:200])
     return {"facility": int(m["pri"]) // 8, "severity": int(m["pri"]) % 8,
             "hostname": m["hostname"].decode(), "app": m["app"].decode(),
             "procid": m["procid"].decode(), "msgid": m["msgid"].decode(), "msg": msg}
