@@ -242,3 +242,17 @@ def test_signature_file_write_failure_is_a_config_error(tmp_path: Path) -> None:
         signing._write_public(tmp_path / "missing-dir" / "x.sig", b"{}")
     signing._write_public(tmp_path / "x.sig", b"{}")
     assert stat.S_IMODE((tmp_path / "x.sig").stat().st_mode) == 0o644
+
+
+def test_random_uuid4_is_a_version_4_uuid_text_and_random_hex_its_length() -> None:
+    import uuid
+
+    from sidekey.encoding import random_hex, random_uuid4
+
+    ids = {random_uuid4() for _ in range(2000)}
+    assert len(ids) == 2000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    assert {len(random_hex(n)) for n in (1, 10, 16)} == {2, 20, 32}

@@ -22,11 +22,11 @@ import dataclasses
 import heapq
 import logging
 import math
-import uuid
 from collections.abc import Awaitable, Callable
 
 import trio
 
+from .encoding import random_hex
 from .protocol import Conflict, NotFound
 from .store import MAX_UNAUDITED_LISTED, LeaseRecord, StateStore, StateUnavailable
 
@@ -52,7 +52,7 @@ def check_transition(from_state: str, to_state: str) -> None:
 
 
 def new_lease_id() -> str:
-    return f"lse_{uuid.uuid4().hex}"
+    return f"lse_{random_hex()}"
 
 
 class LeaseManager:

@@ -24,7 +24,6 @@ import resource
 import socket
 import stat
 import struct
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import trio
 
 from . import protocol
 from .config import ListenConfig
+from .encoding import random_hex
 from .hardening import open_socket_dir
 from .peer import PeerHandle, PeerIdentity, attest
 from .protocol import SidekeyError
@@ -138,7 +138,7 @@ class Application(Protocol):
 
 
 def new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex[:20]}"
+    return f"req_{random_hex(10)}"
 
 
 def error_response(exc: SidekeyError, request_id: str) -> Response:

@@ -13,13 +13,12 @@ import functools
 import hashlib
 import re
 import unicodedata
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-from ..encoding import iso_utc
+from ..encoding import iso_utc, random_uuid4
 from .hmackey import ValueHasher
 
 # 2: every line written by the file sink carries seq, prev_hash and log_id (the hash
@@ -321,7 +320,7 @@ def format_timestamp(now: datetime.datetime) -> str:
 
 
 def new_event_id() -> str:
-    return f"evt_{uuid.uuid4()}"
+    return f"evt_{random_uuid4()}"
 
 
 def make_event(
