@@ -493,6 +493,60 @@ class HttpServer:
         chunks: list[bytes] = []
         size = 0
         try:
+            # A small body usually came in the same read as the head: then the whole
+            # message is in h11's buffer and no timed wait (no cancel scope) is needed.
+            buffered = conn.next_event()
+            complete = False
+            while buffered is not h11.NEED_DATA:
+                if isinstance(buffered, h11.Data):
+                    size += len(buffered.data)
+                    if size > limits.max_body_bytes:
+                        break  # refused below, with the same answer as a slow body
+                    chunks.append(buffered.data)
+                elif isinstance(buffered, h11.EndOfMessage):
+                    complete = True
+                    break
+                else:
+                    raise _Close  # ConnectionClosed
+                buffered = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            await self._protocol_error(stream, conn, state, exc, rid)
+            raise _Close from None
+        if size > limits.max_body_bytes:
+            await self._send_error(
+                stream, conn, state,
+                protocol.TooLarge(f"body larger than {limits.max_body_bytes} bytes"),
+                rid,
+            )
+            raise _Close
+        if not complete:
+            await self._read_body(stream, conn, state, rid, chunks, size)
+        request = Request(
+            method=method,
+            path=path,
+            query=query,
+            headers=headers,
+            body=b"".join(chunks),
+            peer=state.peer,
+            request_id=rid,
+            conn=state,
+        )
+        self.in_flight += 1
+        try:
+            # In-flight calls are shielded from the idle-close at shutdown; the
+            # grace deadline on the connection nursery still bounds them.
+            response = await self.app.handle(request)
+        finally:
+            self.in_flight -= 1
+        await self._send(stream, conn, response, rid, keep_alive=not self._draining)
+
+    async def _read_body(self, stream: trio.SocketStream, conn: h11.Connection,
+                         state: ConnectionState, rid: str, chunks: list[bytes],
+                         size: int) -> None:
+        """The rest of a body that was not all buffered with the head: at most
+        body_timeout_s and max_body_bytes (appended to ``chunks``)."""
+        limits = self.limits
+        try:
             with trio.move_on_after(limits.body_timeout_s) as body_scope:
                 while True:
                     ev = await self._next_event(stream, conn)
@@ -520,24 +574,6 @@ class HttpServer:
                 rid,
             )
             raise _Close
-        request = Request(
-            method=method,
-            path=path,
-            query=query,
-            headers=headers,
-            body=b"".join(chunks),
-            peer=state.peer,
-            request_id=rid,
-            conn=state,
-        )
-        self.in_flight += 1
-        try:
-            # In-flight calls are shielded from the idle-close at shutdown; the
-            # grace deadline on the connection nursery still bounds them.
-            response = await self.app.handle(request)
-        finally:
-            self.in_flight -= 1
-        await self._send(stream, conn, response, rid, keep_alive=not self._draining)
 
     async def _protocol_error(
         self,
