@@ -81,7 +81,8 @@ class Daemon:
         self.routes: dict[str, Callable[[dict[str, Any]], httpx.Response]] = {
             "/v1/health": lambda b: _json(200, {"ok": True}),
             "/v1/status": lambda b: _json(200, {"leases": {"active": 0}}),
-            "/v1/authorize": lambda b: _json(200, ALLOW),
+            "/v1/authorize": lambda b: _json(
+                200, {**ALLOW, "resolution_token": None, "lease": LEASE} if b.get("redeem") else ALLOW),
             "/v1/redeem": lambda b: _json(200, LEASE),
             "/v1/release": lambda b: _json(
                 200, {"lease_id": b["lease_id"], "state": "released", "request_id": "req_x"}
@@ -328,8 +329,10 @@ def test_tool_call_success_releases_with_duration_and_withhold() -> None:
             assert isinstance(lease, Lease) and lease.secrets["api_key"] == SECRET
             lease.result_size_bytes = 42
         assert lease.withhold_result is True
-    assert [p for p, _ in d.calls] == ["/v1/authorize", "/v1/redeem", "/v1/release"]
-    assert d.bodies("/v1/redeem")[0]["arguments"] == ARGS
+    # One request authorizes and redeems (this process runs the tool).
+    assert [p for p, _ in d.calls] == ["/v1/authorize", "/v1/release"]
+    (auth,) = d.bodies("/v1/authorize")
+    assert auth["redeem"] is True and auth["arguments"] == ARGS
     (rel,) = d.bodies("/v1/release")
     assert rel["status"] == "success" and rel["lease_id"] == "lease_1"
     assert rel["result_size_bytes"] == 42

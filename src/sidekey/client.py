@@ -319,6 +319,15 @@ class _ErrorEnvelope(_Body, kw_only=True):
     error: _ErrorBody
 
 
+class _LeaseBody(_Body, kw_only=True):
+    lease_id: str
+    expires_at: str
+    server: str
+    tool: str
+    secrets: dict[str, str]
+    request_id: str | None = None
+
+
 class _AuthorizeBody(_Body, kw_only=True):
     decision: str
     request_id: str | None = None
@@ -328,15 +337,7 @@ class _AuthorizeBody(_Body, kw_only=True):
     policy: dict[str, Any] = msgspec.field(default_factory=dict)
     user_id: str | None = None
     approval_id: str | None = None
-
-
-class _LeaseBody(_Body, kw_only=True):
-    lease_id: str
-    expires_at: str
-    server: str
-    tool: str
-    secrets: dict[str, str]
-    request_id: str | None = None
+    lease: _LeaseBody | None = None  # an allow asked with "redeem": true
 
 
 class _ReleaseBody(_Body, kw_only=True):
@@ -444,6 +445,16 @@ def _authorize_body(
         server_version=server_version,
         approval_id=approval_id,
     )
+
+
+def _authorize_redeem_body(server: str, tool: str, kw: Mapping[str, Any],
+                           approval_id: str | None) -> dict[str, Any]:
+    """An authorize that also redeems (``redeem: true``): one round trip for both."""
+    body = _authorize_body(server, tool, kw.get("user_token"), kw.get("agent_id"),
+                           kw.get("session_id"), kw.get("arguments"), kw.get("server_version"),
+                           approval_id)
+    body["redeem"] = True
+    return body
 
 
 def _approval_path(approval_id: str, verb: str) -> str:
@@ -590,7 +601,7 @@ def _authorize_result(status: int, data: dict[str, Any], raise_on_pending: bool)
                 request_id=body.request_id,
             )
         return result
-    if status == 200 and body.decision == "allow" and body.resolution_token:
+    if status == 200 and body.decision == "allow" and (body.resolution_token or body.lease):
         return result
     # Fail closed: anything but a documented allow or hold is not a permission.
     raise ProtocolError(
@@ -599,16 +610,16 @@ def _authorize_result(status: int, data: dict[str, Any], raise_on_pending: bool)
     )
 
 
-def _granted_token(decision: AuthorizeResult) -> str:
-    """The resolution token of an ``allow`` (``_authorize_result`` only returns one with a
-    token, or a held call when asked to): checked, not assumed, so that a regression
-    there fails closed instead of redeeming ``None`` (an ``assert`` is gone under -O)."""
-    if decision.decision != "allow" or not decision.resolution_token:
-        raise ProtocolError(
-            f"POST /v1/authorize: decision {decision.decision!r} carries no resolution token",
-            request_id=decision.request_id,
-        )
-    return decision.resolution_token
+def _redeemed_lease(status: int, data: dict[str, Any]) -> Lease:
+    """The lease of an authorize asked with ``redeem: true`` (raises as
+    :func:`_authorize_result` for a hold or a refusal; an allow without a lease fails
+    closed)."""
+    _authorize_result(status, data, raise_on_pending=True)
+    lease = data.get("lease")
+    if not isinstance(lease, dict):
+        raise ProtocolError("POST /v1/authorize: allow without the lease asked for",
+                            status=status, request_id=data.get("request_id"))
+    return _lease(status, lease)
 
 
 def _lease(status: int, data: dict[str, Any]) -> Lease:
@@ -1039,15 +1050,20 @@ class Client:
         """
         kw = dict(user_token=user_token, agent_id=agent_id, session_id=session_id,
                   arguments=arguments, server_version=server_version)
+        # Authorize and redeem in one request (this process runs the tool).
         try:
-            decision = self.authorize(server, tool, **kw)  # type: ignore[arg-type]
+            status, data = self._call("POST", "/v1/authorize",
+                                      _authorize_redeem_body(server, tool, kw, None), _OK_OR_HELD)
+            lease = _redeemed_lease(status, data)
         except ApprovalPending as pending:
             if approval_timeout_s is None:
                 raise
             approved = _approval_outcome(
                 self.wait_for_approval(pending.approval_id, approval_timeout_s), pending)
-            decision = self.authorize(server, tool, approval_id=approved, **kw)  # type: ignore[arg-type]
-        lease = self.redeem(_granted_token(decision), arguments if arguments is not None else {})
+            status, data = self._call("POST", "/v1/authorize",
+                                      _authorize_redeem_body(server, tool, kw, approved),
+                                      _OK_OR_HELD)
+            lease = _redeemed_lease(status, data)
         started = time.monotonic()
         try:
             yield lease
@@ -1271,16 +1287,21 @@ class AsyncClient:
         """
         kw = dict(user_token=user_token, agent_id=agent_id, session_id=session_id,
                   arguments=arguments, server_version=server_version)
+        # Authorize and redeem in one request (this process runs the tool).
         try:
-            decision = await self.authorize(server, tool, **kw)  # type: ignore[arg-type]
+            status, data = await self._call("POST", "/v1/authorize",
+                                            _authorize_redeem_body(server, tool, kw, None),
+                                            _OK_OR_HELD)
+            lease = _redeemed_lease(status, data)
         except ApprovalPending as pending:
             if approval_timeout_s is None:
                 raise
             approval = await self.wait_for_approval(pending.approval_id, approval_timeout_s)
-            decision = await self.authorize(
-                server, tool, approval_id=_approval_outcome(approval, pending), **kw)  # type: ignore[arg-type]
-        lease = await self.redeem(_granted_token(decision),
-                                  arguments if arguments is not None else {})
+            status, data = await self._call(
+                "POST", "/v1/authorize",
+                _authorize_redeem_body(server, tool, kw, _approval_outcome(approval, pending)),
+                _OK_OR_HELD)
+            lease = _redeemed_lease(status, data)
         started = time.monotonic()
         try:
             yield lease

@@ -213,6 +213,10 @@ class AuthorizeRequest(_Req, frozen=True, kw_only=True):
     server_version: Annotated[str, Meta(max_length=64)] | None = None
     # The id of an approved approval for exactly this call (after a 202 pending_approval).
     approval_id: ApprovalId | None = None
+    # Redeem the token in this same request (the caller is the process that runs the
+    # tool): an allow then answers with the lease instead of the token. Every check and
+    # both audit records (mcp.authorize, mcp.redeem) are as for the two requests.
+    redeem: bool = False
 
 
 class ApprovalDecisionRequest(_Req, frozen=True, kw_only=True):
@@ -292,6 +296,8 @@ class AuthorizeResponse(msgspec.Struct, kw_only=True):
     # pending_approval (HTTP 202): the held call's approval id and why it is held.
     approval_id: str | None = None
     message: str | None = None
+    # An allow asked with "redeem": true: the lease (resolution_token is then null).
+    lease: LeaseResponse | None = None
 
 
 class LeaseResponse(msgspec.Struct, kw_only=True):

@@ -310,13 +310,20 @@ class Calls(Context):
             expires_at=float(claims.exp + self.codec.leeway_s),
             now=now,
         )
+        lease = None
+        if body.redeem:
+            # One request for both steps: the same checks and records as a redeem by
+            # this connection's peer (the token is bound to it), and the token itself
+            # never leaves the daemon.
+            lease = await self._redeem(req, token, body.arguments)
         return _json(
             200,
             protocol.AuthorizeResponse(
                 decision="allow",
                 request_id=req.request_id,
-                resolution_token=token,
-                expires_at=_iso(claims.exp),
+                resolution_token=None if lease is not None else token,
+                lease=lease,
+                expires_at=lease.expires_at if lease is not None else _iso(claims.exp),
                 secrets=sorted(decision.secrets),
                 policy=protocol.DecisionBody(
                     decision="allow",
@@ -329,8 +336,14 @@ class Calls(Context):
 
     async def redeem(self, req: Request) -> Response:
         body: RedeemRequest = protocol.decode_body(req.body, RedeemRequest)
+        return _json(200, await self._redeem(req, body.resolution_token, body.arguments))
+
+    async def _redeem(self, req: Request, resolution_token: str,
+                      arguments: dict[str, Any] | None) -> protocol.LeaseResponse:
+        """Exchange a resolution token for a lease (POST /v1/redeem, or the second half of
+        an authorize with ``redeem: true``)."""
         now = self.clock()
-        verified = self.codec.verify(body.resolution_token, now=now)
+        verified = self.codec.verify(resolution_token, now=now)
         claims = verified.claims
         ident = req.peer.identity
         servers, _ = self._peer_facts(req)
@@ -361,7 +374,7 @@ class Calls(Context):
                     "the token is bound to another process", code="peer_mismatch"
                 ), jti=claims.jti,
             )
-        if body.arguments is not None and _digest_capped(body.arguments) != claims.args:
+        if arguments is not None and _digest_capped(arguments) != claims.args:
             raise await self._reject(
                 "token.rejected", base, Denied(
                     "arguments differ from the ones the token was issued for",
@@ -440,7 +453,7 @@ class Calls(Context):
                 # clients, curl): true means they were presented and matched the digest
                 # bound into the token, false that the check did not run (the
                 # mcp.authorize event with this jti names the arguments authorized).
-                "arguments_checked": body.arguments is not None,
+                "arguments_checked": arguments is not None,
                 "secrets": [
                     {"name": a, "backend": refs[a].backend, "version": v.version}
                     for a, v in sorted(values.items())
@@ -466,16 +479,13 @@ class Calls(Context):
             rejected = await self._reject("peer.rejected", {**base, "lease_id": rec.lease_id}, exc)
             await self.leases.audited(rec.lease_id)  # peer.rejected names the lease: its end event
             raise rejected from None
-        return _json(
-            200,
-            protocol.LeaseResponse(
-                lease_id=rec.lease_id,
-                expires_at=_iso(expires_at),
-                server=claims.server,
-                tool=claims.tool,
-                secrets={alias: v.value for alias, v in values.items()},
-                request_id=req.request_id,
-            ),
+        return protocol.LeaseResponse(
+            lease_id=rec.lease_id,
+            expires_at=_iso(expires_at),
+            server=claims.server,
+            tool=claims.tool,
+            secrets={alias: v.value for alias, v in values.items()},
+            request_id=req.request_id,
         )
 
     async def release(self, req: Request) -> Response:
