@@ -50,21 +50,55 @@ work; both old and new code do this for 30 s) is marked, as it pays thread hops.
 formats (true back to before the chain); a daemon that cannot start stops the run with
 its log. The load average is printed at the start and the end.
 
+Against the floor in one run: ``--floor`` starts ``../shared/bench/floor_server.py`` (the
+irreducible work of a governed call as a server answering the v1 wire shape, with group
+commit; ``--floor-dir`` if elsewhere) next to one sidekey daemon per state store
+(``--state both``, the default with ``--floor``: SQLite and Redis, a redis-server started
+here on loopback; or only ``sqlite`` / ``redis``), all with this tree's code, and for
+``--rounds`` rounds (the order rotates every round) drives each with the same raw client:
+
+- ``raw c=1``: ``--calls`` (default 500) sequential calls;
+- ``raw c=N`` (N = ``--concurrency``, default 32): about twice as many, N connections;
+- ``client c=1``: the shipped ``sidekey.client.Client`` against each daemon, and
+  ``../shared/bench/floor.py`` (the floor at c=1 with its own minimal client: the
+  shipped client's yardstick) for as many calls.
+
+Every burst line gives calls/s, p50 and the server's CPU time per call (user + system of
+the process and its children, from the process CPU clock: nanoseconds; for the Redis
+daemon also redis-server's). Then per server the medians, the sidekey/floor ratios (median
+of the per-round ratios: both measured in the same round) of p50, calls/s and CPU per
+call, the shipped client against floor.py, Redis against SQLite, and the issue 13 targets
+next to them (raw c=1 p50 <= 1.5x floor, >= 3,000 calls/s at c=N, shipped client <= 2x
+floor.py at c=1, Redis <= 2x SQLite), marked met / NOT MET (printed, never asserted).
+Last, untimed, ``strace -f -c`` is attached to each server (all threads) for a burst of
+``--count-calls`` calls (default 300; 0 skips it) at c=1 and at c=N (at least 4 calls per
+connection), and fsync +
+fdatasync, futex and all syscalls per call are printed (ptrace slows the server several
+times, so at c=N its group-commit batches differ from the timed runs'). Without strace (or
+without the right to attach) the run says why and goes on without those figures. Every
+burst is bounded (``--burst-timeout``, default 300 s); servers, bursts and the temporary
+directory are cleaned up on every way out (also SIGTERM).
+
     python benchmarks/bench_call.py [--calls 2000] [--users 1] [--state sqlite|redis]
                                     [--audit-key] [--profile] [--json]
     python benchmarks/bench_call.py --before 7910066^ [--rounds 4] [--calls 500]
                                     [--concurrency 32] [--users 1] [--json]
+    python benchmarks/bench_call.py --floor [--state both|sqlite|redis] [--rounds 4]
+                                    [--calls 500] [--concurrency 32] [--count-calls 300]
+                                    [--audit-key] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing as mp
 import os
 import pstats
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -82,6 +116,7 @@ from sidekey.devissuer import create_issuer, kid_of, mint_user_token
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart"
+FLOOR_DIR = ROOT.parent / "shared" / "bench"  # ../shared/bench: floor.py, floor_server.py
 
 SERVER, TOOL = "content-api", "create_article"
 ARGS = {"title": "Q2 update", "draft": True}
@@ -282,22 +317,29 @@ def _client_process(sock_path: str, tokens: list[str], n: int, q: Any) -> None:
     q.put((wall, lat))
 
 
-def run_in_process(target: Any, *args: Any) -> tuple[float, list[float]]:
+def run_in_process(target: Any, *args: Any, timeout: float = 600) -> tuple[float, list[float]]:
+    """Run ``target(*args, queue)`` in a fresh (spawned) process and return what it puts on
+    the queue; SystemExit if it dies first or takes over ``timeout`` seconds. The process
+    is killed on every way out (also an exception or a signal in this one)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
-    deadline = time.monotonic() + 600
-    while True:  # fail fast if the run's process dies (a failed assertion) before answering
-        try:
-            result: tuple[float, list[float]] = q.get(timeout=1)
-            break
-        except queue.Empty:
-            if not p.is_alive() or time.monotonic() > deadline:
-                p.kill()
-                raise SystemExit(f"{getattr(target, '__name__', target)}: no result "
-                                 f"(exit code {p.exitcode})") from None
-    p.join(30)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:  # fail fast if the run's process dies (a failed assertion) before answering
+            try:
+                result: tuple[float, list[float]] = q.get(timeout=1)
+                break
+            except queue.Empty:
+                if not p.is_alive() or time.monotonic() > deadline:
+                    raise SystemExit(f"{getattr(target, '__name__', target)}: no result "
+                                     f"(exit code {p.exitcode})") from None
+        p.join(30)
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(30)
     return result
 
 
@@ -399,10 +441,15 @@ def slow_disk_switches(root: Path) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads) so far, from /proc
-    (clock-tick resolution: 10 ms at the usual 100 Hz, fine over a burst)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of process ``pid`` (all its threads, exited ones included)
+    so far: its process CPU clock (nanoseconds; Linux lets any process read another's,
+    clockid = ``MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)``), else /proc/<pid>/stat
+    (clock ticks: 10 ms at the usual 100 Hz, too coarse for a short burst of the floor)."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)
+    except OSError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def loadavg() -> str:
@@ -422,7 +469,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Before/after in one run: --before REV runs REV's code and this tree's (with an "
-               "audit key) side by side in alternating bursts; see the module docstring.")
+               "audit key) side by side in alternating bursts. Against the floor in one run: "
+               "--floor (SQLite and Redis daemons, floor_server.py, floor.py, strace syscall "
+               "counts). See the module docstring.")
     ap.add_argument("--calls", type=int, default=None,
                     help="calls per run (default 2000); with --before, calls per burst at c=1 "
                          "(default 500; about twice as many at --concurrency)")
@@ -442,9 +491,35 @@ def main() -> int:
                     help="with --before: alternating rounds at each concurrency (default 4)")
     ap.add_argument("--profile", action="store_true", help="profile the daemon(s) with cProfile")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    ap.add_argument("--state", choices=["sqlite", "redis"], default="sqlite",
-                    help="state store (redis: a redis-server started here on loopback)")
+    ap.add_argument("--state", choices=["sqlite", "redis", "both"], default=None,
+                    help="state store (redis: a redis-server started here on loopback; "
+                         "both: with --floor only, one daemon of each, and their ratios). "
+                         "Default: sqlite, or both with --floor")
+    ap.add_argument("--floor", action="store_true",
+                    help="run ../shared/bench/floor_server.py next to the daemon(s) in "
+                         "alternating bursts (raw client, c=1 and c=--concurrency), floor.py "
+                         "next to the shipped client (c=1), then count syscalls per call "
+                         "with strace; print the sidekey/floor ratios against the issue 13 "
+                         "targets (see the module docstring)")
+    ap.add_argument("--floor-dir", default=str(FLOOR_DIR),
+                    help=f"where floor.py and floor_server.py are (default {FLOOR_DIR})")
+    ap.add_argument("--count-calls", type=int, default=300,
+                    help="with --floor: calls of each untimed strace burst (default 300; "
+                         "0: no syscall counts)")
+    ap.add_argument("--burst-timeout", type=float, default=300,
+                    help="with --floor: seconds any one burst or floor.py run may take "
+                         "(default 300)")
     args = ap.parse_args()
+    if args.floor and args.before is not None:
+        ap.error("--floor and --before are separate comparisons: give one")
+    if args.state is None:
+        args.state = "both" if args.floor else "sqlite"
+    if args.state == "both" and not args.floor:
+        ap.error("--state both needs --floor")
+    if args.floor and args.profile:
+        ap.error("--profile is not supported with --floor")
+    if args.count_calls < 0 or args.burst_timeout <= 0:
+        ap.error("--count-calls must be >= 0 and --burst-timeout > 0")
     if args.users < 1:
         ap.error("--users must be at least 1")
     if args.rounds < 1:
@@ -452,10 +527,22 @@ def main() -> int:
     if args.calls is not None and args.calls < 1:
         ap.error("--calls must be at least 1")
     warmup = max(100, args.users) if args.warmup is None else args.warmup
+    # A SIGTERM (a CI timeout, kill PID) unwinds like Ctrl-C: every finally stops the
+    # servers and bursts this run started and removes its temporary directory.
+    signal.signal(signal.SIGTERM, _terminated)
     print(loadavg(), flush=True)
-    rc = compare(args, warmup) if args.before is not None else single(args, warmup)
+    if args.floor:
+        rc = floor_compare(args, warmup)
+    elif args.before is not None:
+        rc = compare(args, warmup)
+    else:
+        rc = single(args, warmup)
     print(loadavg(), flush=True)
     return rc
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def warm_up(sock_path: str, tokens: list[str], concurrency: int, warmup: int, users: int) -> None:
@@ -622,6 +709,472 @@ def compare(args: argparse.Namespace, warmup: int) -> int:
             redis.stop()
         shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+# --------------------------------------------------------------------------- against the floor
+
+
+# The issue 13 targets, printed next to the measured ratios (never asserted).
+TARGET_RAW_P50 = 1.5  # raw client, c=1: sidekey p50 <= 1.5x floor_server p50
+TARGET_CALLS_S = 3000  # raw client, c=--concurrency: sidekey calls/s
+TARGET_CLIENT_P50 = 2.0  # shipped client, c=1: p50 <= 2x floor.py p50
+TARGET_REDIS = 2.0  # Redis state: p50 <= 2x, calls/s >= 1/2x the SQLite daemon's
+
+# (calls/s, p50 ms, p99 ms, daemon CPU ms per call, redis-server CPU ms per call)
+Burst = tuple[float, float, float, float, float]
+
+
+class Target:
+    """One server driven by the raw client: the floor server or a sidekey daemon."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], sock: str, tokens: list[str],
+                 root: Path, redis: Any = None) -> None:
+        self.name, self.proc, self.sock, self.tokens = name, proc, sock, tokens
+        self.root, self.redis = root, redis
+
+    @property
+    def sidekey(self) -> bool:
+        return self.name != "floor"
+
+    def redis_pid(self) -> int | None:
+        proc = getattr(self.redis, "proc", None)
+        return None if proc is None else int(proc.pid)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a daemon that forks workers is measured whole)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):  # exited between listing and reading
+            total += cpu_seconds(p)
+    return total
+
+
+def wait_for_socket(proc: subprocess.Popen[bytes], sock_path: str, what: str, log: Path) -> None:
+    """Return once ``sock_path`` accepts a connection (SystemExit after 20 s or if ``proc``
+    exits, with the tail of ``log``)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited ({proc.returncode}): "
+                             f"{log.read_text(errors='replace')[-2000:]}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(sock_path)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{what} did not start")
+
+
+def start_floor_server(root: Path, floor_dir: Path) -> subprocess.Popen[bytes]:
+    """``floor_server.py root/sock root`` (its audit file in ``root``), once it accepts."""
+    log = open(root / "floor.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, str(floor_dir / "floor_server.py"),
+                             str(root / "sock"), str(root)], cwd=root,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    try:
+        wait_for_socket(proc, str(root / "sock"), "floor_server.py", root / "floor.log")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """SIGTERM, SIGKILL after ``timeout`` s; the exit code (negative: the signal)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
+def run_floor_py(floor_dir: Path, n: int, tmp: Path,
+                 timeout: float = 300) -> tuple[float, float, float]:
+    """(calls/s, p50 ms, p99 ms) printed by ``floor.py n`` (c=1, its own client and server in one
+    process pair; its temp dir under ``tmp``: TMPDIR). The process group is killed if it
+    takes over ``timeout`` s."""
+    tmp.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(floor_dir / "floor.py"), str(n)],
+                            env={**os.environ, "TMPDIR": str(tmp)}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)  # floor.py forks its server: the whole group
+        proc.communicate()
+        raise
+    # "floor: p50 612 us  p99 1400 us  1580 calls/s (concurrency 1, ...)"
+    m = re.search(rb"p50 (\d+) us\s+p99 (\d+) us\s+(\d+) calls/s", out)
+    if proc.returncode != 0 or m is None:
+        raise SystemExit(f"floor.py failed ({proc.returncode}): {out!r} {err[-1000:]!r}")
+    return float(m.group(3)), int(m.group(1)) / 1000, int(m.group(2)) / 1000
+
+
+# Untimed syscall counting. strace stops the daemon at every syscall (ptrace): it runs several
+# times slower, so the counts are of a burst apart from the timed ones, and at c>1 the group
+# commit batches differ (more requests are ready per loop turn) from an untraced run.
+
+SyscallCounts = dict[str, int]
+
+
+def strace_problem() -> str | None:
+    """Why strace cannot be used here, or None."""
+    if shutil.which("strace") is None:
+        return "strace is not installed (apt-get install strace)"
+    if os.geteuid() != 0:
+        scope = Path("/proc/sys/kernel/yama/ptrace_scope")
+        if scope.exists() and scope.read_text().strip() != "0":
+            return f"not root and {scope} = {scope.read_text().strip()}: cannot attach"
+    return None
+
+
+def parse_strace_summary(text: str) -> SyscallCounts:
+    """{syscall: calls} from ``strace -c``'s table (the 'total' row left out)."""
+    counts: SyscallCounts = {}
+    for line in text.splitlines():
+        parts = line.split()
+        # % time, seconds, usecs/call, calls, [errors], syscall
+        if len(parts) in (5, 6) and parts[0][0].isdigit() and parts[-1] != "total":
+            try:
+                counts[parts[-1]] = counts.get(parts[-1], 0) + int(parts[3])
+            except ValueError:
+                continue
+    return counts
+
+
+def _all_traced(pids: list[int]) -> bool:
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            tracer = next((ln.split()[1] for ln in status.splitlines()
+                           if ln.startswith("TracerPid:")), "0")
+            if tracer == "0":
+                return False
+    return True
+
+
+def count_syscalls(pid: int, tmp: Path, burst: Any) -> tuple[SyscallCounts, int] | str:
+    """Attach ``strace -f -c`` to ``pid`` (and its live children, all threads), run
+    ``burst()`` (-> calls made), detach; ({syscall: count}, calls), or why not."""
+    if (problem := strace_problem()) is not None:
+        return problem
+    out, err = tmp / "strace.out", tmp / "strace.err"
+    out.unlink(missing_ok=True)
+    pids = process_tree(pid)
+    with open(err, "wb") as err_f:
+        tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(out),
+                                   *itertools.chain.from_iterable(("-p", str(p)) for p in pids)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=err_f, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not _all_traced(pids):
+            if tracer.poll() is not None or time.monotonic() > deadline:
+                return ("strace could not attach: "
+                        + err.read_text(errors="replace").strip()[-300:])
+            time.sleep(0.05)
+        calls = int(burst())
+    finally:
+        if tracer.poll() is None:
+            tracer.send_signal(signal.SIGINT)  # detach and write the summary
+            try:
+                tracer.wait(60)
+            except subprocess.TimeoutExpired:
+                tracer.kill()
+                tracer.wait(30)
+    if not out.exists():
+        return "strace wrote no summary: " + err.read_text(errors="replace").strip()[-300:]
+    return parse_strace_summary(out.read_text()), calls
+
+
+def floor_compare(args: argparse.Namespace, warmup: int) -> int:
+    """``--floor``: the floor server and sidekey daemon(s) in one run, alternating bursts."""
+    calls = 500 if args.calls is None else args.calls
+    conc = args.concurrency
+    floor_dir = Path(args.floor_dir)
+    for script in ("floor.py", "floor_server.py"):
+        if not (floor_dir / script).is_file():
+            raise SystemExit(f"--floor-dir {floor_dir}: no {script}")
+    states = ["sqlite", "redis"] if args.state == "both" else [args.state]
+    per_c = max(1, calls // conc) * 2  # per worker at c=conc: about twice the c=1 burst
+    base = Path(tempfile.mkdtemp(prefix="skb-"))
+    targets: list[Target] = []
+    redises: list[Any] = []
+    started = time.monotonic()
+    try:
+        env = code_env(ROOT / "src")
+        head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+        print(f"sidekey: this tree {head or '?'} (PYTHONPATH {ROOT / 'src'}), state: "
+              f"{', '.join(states)}, audit key: {'yes' if args.audit_key else 'no'}, "
+              f"users: {args.users}, warm-up calls: {warmup}\n"
+              f"floor: {floor_dir / 'floor_server.py'} (raw client) and "
+              f"{floor_dir / 'floor.py'} (c=1, its own client)\n"
+              f"rounds: {args.rounds}, calls per burst: c=1 {calls}, c={conc} {per_c * conc}, "
+              f"shipped client c=1 {calls}; python {sys.version.split()[0]}", flush=True)
+        (base / "floor").mkdir()
+        fproc = start_floor_server(base / "floor", floor_dir)
+        targets.append(Target("floor", fproc, str(base / "floor" / "sock"),
+                              [f"floor-user-{i}" for i in range(args.users)], base / "floor"))
+        for state in states:
+            root = base / state
+            root.mkdir()
+            config = setup(root)
+            redis = None
+            if state == "redis":
+                redis = use_redis(root, config)
+                redises.append(redis)  # stopped by the finally below whatever happens next
+            if args.audit_key:
+                add_audit_key(root, config, env)
+            tokens = user_tokens(root, args.users)
+            proc = spawn_daemon(root, [sys.executable, "-m", "sidekey", *serve_args(config)],
+                                env)
+            targets.append(Target(state, proc, str(root / "run" / "sock"), tokens, root, redis))
+        for t in targets:
+            warm_up(t.sock, t.tokens, conc, warmup, args.users)
+        sidekeys = [t for t in targets if t.sidekey]
+        # per (target name, "raw"|"client", concurrency); target "floor.py" for floor.py
+        results: dict[tuple[str, str, int], list[Burst]] = {}
+
+        def raw_burst(t: Target, c: int, n: int) -> Burst:
+            cpu0 = tree_cpu_seconds(t.proc.pid)
+            rpid = t.redis_pid()
+            rcpu0 = cpu_seconds(rpid) if rpid else 0.0
+            wall, lat = run_in_process(_raw_process, t.sock, t.tokens, c, n,
+                                       timeout=args.burst_timeout)
+            return summarize(wall, lat, tree_cpu_seconds(t.proc.pid) - cpu0,
+                             (cpu_seconds(rpid) - rcpu0) if rpid else 0.0)
+
+        for rnd in range(args.rounds):
+            # rotate the order every round: load drift and first/last effects weigh on all
+            order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+            for c in (1, conc):
+                cols = []
+                for t in order:
+                    switched0 = slow_disk_switches(t.root)
+                    got = raw_burst(t, c, calls if c == 1 else per_c)
+                    results.setdefault((t.name, "raw", c), []).append(got)
+                    cols.append(burst_text(t.name, got, slow_disk_switches(t.root) - switched0))
+                print(f"round {rnd + 1} raw    c={c:<3} " + " | ".join(cols), flush=True)
+            cols = []
+            for t in order:
+                if not t.sidekey:
+                    tput, p50, p99 = run_floor_py(floor_dir, calls, base / "floor-py",
+                                                  timeout=args.burst_timeout)
+                    got = (tput, p50, p99, 0.0, 0.0)
+                    results.setdefault(("floor.py", "client", 1), []).append(got)
+                    cols.append(f"floor.py {tput:6.0f} calls/s p50 {p50:.3f} ms")
+                    continue
+                cpu0 = tree_cpu_seconds(t.proc.pid)
+                wall, lat = run_in_process(_client_process, t.sock, t.tokens, calls,
+                                           timeout=args.burst_timeout)
+                got = summarize(wall, lat, tree_cpu_seconds(t.proc.pid) - cpu0, 0.0)
+                results.setdefault((t.name, "client", 1), []).append(got)
+                cols.append(burst_text(t.name, got, 0))
+            print(f"round {rnd + 1} client c=1   " + " | ".join(cols), flush=True)
+
+        summary = print_floor_summary(args, results, sidekeys, conc)
+
+        syscalls: dict[str, Any] = {}
+        if args.count_calls > 0:
+            # at c=N at least 4 calls per connection: the N connects are not the whole burst
+            count_per = max(4, -(-args.count_calls // conc))
+            print(f"\nsyscalls per call: strace -f -c attached to each server (all threads) "
+                  f"for an untimed burst of {args.count_calls} calls (c=1) and "
+                  f"{count_per * conc} calls (c={conc}, {count_per} per connection, the "
+                  f"{conc} connects included); ptrace slows the server several times, so at "
+                  f"c={conc} its group-commit batches differ from the timed runs'", flush=True)
+            for t in targets:
+                for c in (1, conc):
+                    n = args.count_calls if c == 1 else count_per
+
+                    def burst(t: Target = t, c: int = c, n: int = n) -> int:
+                        return len(run_in_process(_raw_process, t.sock, t.tokens, c, n,
+                                                  timeout=args.burst_timeout)[1])
+
+                    switched0 = slow_disk_switches(t.root)
+                    got_sc = count_syscalls(t.proc.pid, base, burst)
+                    if isinstance(got_sc, str):
+                        print(f"  {t.name:<7} c={c:<3} no figure: {got_sc}", flush=True)
+                        syscalls[f"{t.name} c={c}"] = {"error": got_sc}
+                        continue
+                    counts, n_calls = got_sc
+                    fsyncs = counts.get("fsync", 0) + counts.get("fdatasync", 0)
+                    total = sum(counts.values())
+                    top = sorted(counts.items(), key=lambda kv: -kv[1])[:4]
+                    mark = ("  [slow fsync: thread commits]"
+                            if slow_disk_switches(t.root) > switched0 else "")
+                    print(f"  {t.name:<7} c={c:<3} fsync+fdatasync {fsyncs / n_calls:6.3f}  "
+                          f"futex {counts.get('futex', 0) / n_calls:7.2f}  "
+                          f"all {total / n_calls:7.1f} per call  (top: "
+                          + ", ".join(f"{k} {v / n_calls:.1f}" for k, v in top) + f"){mark}",
+                          flush=True)
+                    syscalls[f"{t.name} c={c}"] = {
+                        "calls": n_calls, "fsyncs_per_call": round(fsyncs / n_calls, 3),
+                        "futex_per_call": round(counts.get("futex", 0) / n_calls, 3),
+                        "syscalls_per_call": round(total / n_calls, 2),
+                        "counts": counts}
+
+        for t in targets:
+            code = stop(t.proc, 60)
+            if t.sidekey and code != 0:
+                print(f"{t.name} daemon exit code {code}: "
+                      f"{(t.root / 'daemon.log').read_text(errors='replace')[-1000:]}")
+            if t.sidekey:
+                print(f"{t.name}: {slow_disk_switches(t.root)} switch(es) to thread commits "
+                      "(slow fsync) in the whole run")
+        print(f"took {time.monotonic() - started:.0f} s")
+        if args.json:
+            print(json.dumps({"sidekey": head, "states": states, "users": args.users,
+                              "rounds": args.rounds, "summary": summary,
+                              "syscalls": syscalls}))
+    finally:
+        for t in targets:
+            stop(t.proc, 30)
+        for redis in redises:
+            redis.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+def summarize(wall: float, lat: list[float], cpu_s: float, redis_cpu_s: float) -> Burst:
+    lat = sorted(lat)
+    n = len(lat)
+    return (n / wall, lat[n // 2] * 1000, lat[min(n - 1, int(n * 0.99))] * 1000,
+            cpu_s / n * 1000, redis_cpu_s / n * 1000)
+
+
+def burst_text(name: str, b: Burst, switched: int) -> str:
+    text = f"{name} {b[0]:6.0f} calls/s p50 {b[1]:.3f} ms cpu {b[3]:.3f}"
+    if b[4]:
+        text += f" (+redis-server {b[4]:.3f})"
+    text += " ms/call"
+    if switched > 0:
+        text += f" [slow fsync: thread commits x{switched}]"
+    return text
+
+
+def print_floor_summary(args: argparse.Namespace,
+                        results: dict[tuple[str, str, int], list[Burst]],
+                        sidekeys: list[Target], conc: int) -> dict[str, Any]:
+    """Medians per server and concurrency, sidekey/floor ratios (median of the per-round
+    ratios: both measured in the same round), and the issue 13 targets; returns them."""
+
+    def med(key: tuple[str, str, int], i: int) -> float:
+        return median([b[i] for b in results[key]])
+
+    def ratio(a: tuple[str, str, int], b: tuple[str, str, int], i: int) -> float:
+        return median([x[i] / y[i] if y[i] else float("inf")
+                       for x, y in zip(results[a], results[b], strict=True)])
+
+    print(f"\nmedians of {args.rounds} rounds; ratio = median of the per-round sidekey/floor "
+          "ratios (p50: lower is better, calls/s: higher is better)")
+    print(f"{'':<26}{'p50 c=1':>10}{'calls/s c=1':>13}{f'p50 c={conc}':>11}"
+          f"{f'calls/s c={conc}':>14}{'CPU/call c=1':>14}{f'CPU/call c={conc}':>15}")
+
+    def row(label: str, name: str) -> None:
+        one, many = (name, "raw", 1), (name, "raw", conc)
+        extra = ""
+        if med(one, 4):
+            extra = (f"   (+redis-server CPU/call {med(one, 4):.3f} / "
+                     f"{med(many, 4):.3f} ms)")
+        print(f"{label:<26}{med(one, 1):>7.3f} ms{med(one, 0):>13.0f}{med(many, 1):>8.3f} ms"
+              f"{med(many, 0):>14.0f}{med(one, 3):>11.3f} ms{med(many, 3):>12.3f} ms{extra}")
+
+    summary: dict[str, Any] = {"concurrency": conc}
+    floor1, floorn = ("floor", "raw", 1), ("floor", "raw", conc)
+    row("floor (floor_server.py)", "floor")
+    summary["floor"] = {"raw_c1": medians(results[floor1]), f"raw_c{conc}": medians(
+        results[floorn]), "floor_py_c1": medians(results[("floor.py", "client", 1)])}
+    for t in sidekeys:
+        one, many = (t.name, "raw", 1), (t.name, "raw", conc)
+        row(f"sidekey {t.name}, raw", t.name)
+        r = {"p50_c1": ratio(one, floor1, 1), "calls_s_c1": ratio(one, floor1, 0),
+             f"p50_c{conc}": ratio(many, floorn, 1), f"calls_s_c{conc}": ratio(many, floorn, 0),
+             "cpu_c1": ratio(one, floor1, 3), f"cpu_c{conc}": ratio(many, floorn, 3)}
+        print(f"{'  ratio sidekey/floor':<26}{'x' + format(r['p50_c1'], '.2f'):>10}"
+              f"{'x' + format(r['calls_s_c1'], '.3f'):>13}"
+              f"{'x' + format(r[f'p50_c{conc}'], '.2f'):>11}"
+              f"{'x' + format(r[f'calls_s_c{conc}'], '.3f'):>14}"
+              f"{'x' + format(r['cpu_c1'], '.1f'):>14}{'x' + format(r[f'cpu_c{conc}'], '.1f'):>15}")
+        summary[t.name] = {"raw_c1": medians(results[one]), f"raw_c{conc}": medians(
+            results[many]), "client_c1": medians(results[(t.name, "client", 1)]),
+            "ratio_vs_floor": {k: round(v, 3) for k, v in r.items()}}
+    fpy = ("floor.py", "client", 1)
+    print(f"\nshipped client (sidekey.client.Client), c=1, against floor.py (c=1, its own "
+          f"minimal client): floor.py p50 {med(fpy, 1):.3f} ms, {med(fpy, 0):.0f} calls/s")
+    for t in sidekeys:
+        key = (t.name, "client", 1)
+        p50r, tputr = ratio(key, fpy, 1), ratio(key, fpy, 0)
+        summary[t.name]["client_vs_floor_py"] = {"p50": round(p50r, 3),
+                                                 "calls_s": round(tputr, 3)}
+        print(f"  sidekey {t.name:<7} p50 {med(key, 1):.3f} ms (x{p50r:.2f} floor.py), "
+              f"{med(key, 0):.0f} calls/s (x{tputr:.3f}), daemon CPU {med(key, 3):.3f} ms/call")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT MET"
+
+    print("\ntargets (issue 13):")
+    for t in sidekeys:
+        s = summary[t.name]
+        p50r = s["ratio_vs_floor"]["p50_c1"]
+        tput = s[f"raw_c{conc}"]["calls_per_s"]
+        cl = s["client_vs_floor_py"]["p50"]
+        print(f"  {t.name:<7} raw c=1 p50 <= {TARGET_RAW_P50}x floor: x{p50r:.2f} -> "
+              f"{verdict(p50r <= TARGET_RAW_P50)}; c={conc} >= {TARGET_CALLS_S:,} calls/s: "
+              f"{tput:,} -> {verdict(tput >= TARGET_CALLS_S)}; shipped client c=1 <= "
+              f"{TARGET_CLIENT_P50}x floor.py: x{cl:.2f} -> {verdict(cl <= TARGET_CLIENT_P50)}")
+    names = [t.name for t in sidekeys]
+    if "sqlite" in names and "redis" in names:
+        sq1, rd1 = ("sqlite", "raw", 1), ("redis", "raw", 1)
+        sqn, rdn = ("sqlite", "raw", conc), ("redis", "raw", conc)
+        rr = {"p50_c1": ratio(rd1, sq1, 1), "calls_s_c1": ratio(sq1, rd1, 0),
+              f"p50_c{conc}": ratio(rdn, sqn, 1), f"calls_s_c{conc}": ratio(sqn, rdn, 0),
+              "client_p50_c1": ratio(("redis", "client", 1), ("sqlite", "client", 1), 1)}
+        summary["redis_vs_sqlite"] = {k: round(v, 3) for k, v in rr.items()}
+        ok = all(v <= TARGET_REDIS for v in rr.values())
+        print(f"  Redis <= {TARGET_REDIS}x SQLite (redis/sqlite for p50, sqlite/redis for "
+              f"calls/s): raw c=1 p50 x{rr['p50_c1']:.2f}, calls/s x{rr['calls_s_c1']:.2f}; "
+              f"c={conc} p50 x{rr[f'p50_c{conc}']:.2f}, calls/s x{rr[f'calls_s_c{conc}']:.2f}; "
+              f"shipped client p50 x{rr['client_p50_c1']:.2f} -> {verdict(ok)}")
+    else:
+        print(f"  Redis <= {TARGET_REDIS}x SQLite: not measured (needs --state both)")
+    return summary
+
+
+def medians(bursts: list[Burst]) -> dict[str, float]:
+    return {"calls_per_s": round(median([b[0] for b in bursts])),
+            "p50_ms": round(median([b[1] for b in bursts]), 3),
+            "p99_ms": round(median([b[2] for b in bursts]), 3),
+            "daemon_cpu_ms_per_call": round(median([b[3] for b in bursts]), 3),
+            "redis_cpu_ms_per_call": round(median([b[4] for b in bursts]), 3)}
 
 
 if __name__ == "__main__":
