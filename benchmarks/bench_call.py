@@ -72,9 +72,9 @@ next to them (raw c=1 p50 <= 1.5x floor, >= 3,000 calls/s at c=N, shipped client
 floor.py at c=1, Redis <= 2x SQLite), marked met / NOT MET (printed, never asserted).
 Last, untimed, ``strace -f -c`` is attached to each server (all threads) for a burst of
 ``--count-calls`` calls (default 300; 0 skips it) at c=1 and at c=N (at least 4 calls per
-connection), and fsync +
-fdatasync, futex and all syscalls per call are printed (ptrace slows the server several
-times, so at c=N its group-commit batches differ from the timed runs'). Without strace (or
+connection), and fsync + fdatasync, futex and all syscalls per call are printed (ptrace
+slows the server several times, so at c=N its group-commit batches differ from the timed
+runs'). Without strace (or
 without the right to attach) the run says why and goes on without those figures. Every
 burst is bounded (``--burst-timeout``, default 300 s); servers, bursts and the temporary
 directory are cleaned up on every way out (also SIGTERM).
