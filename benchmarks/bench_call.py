@@ -473,8 +473,8 @@ def main() -> int:
                "--floor (SQLite and Redis daemons, floor_server.py, floor.py, strace syscall "
                "counts). See the module docstring.")
     ap.add_argument("--calls", type=int, default=None,
-                    help="calls per run (default 2000); with --before, calls per burst at c=1 "
-                         "(default 500; about twice as many at --concurrency)")
+                    help="calls per run (default 2000); with --before or --floor, calls per "
+                         "burst at c=1 (default 500; about twice as many at --concurrency)")
     ap.add_argument("--concurrency", type=int, default=32, help="workers for the concurrent run")
     ap.add_argument("--users", type=int, default=1,
                     help="distinct users (tokens), calls round-robin over them (default 1)")
@@ -488,7 +488,8 @@ def main() -> int:
                     help="also run git revision REV's code (e.g. 7910066^) and compare, in "
                          "alternating bursts, with this tree's (audit key configured)")
     ap.add_argument("--rounds", type=int, default=4,
-                    help="with --before: alternating rounds at each concurrency (default 4)")
+                    help="with --before or --floor: alternating rounds at each concurrency "
+                         "(default 4)")
     ap.add_argument("--profile", action="store_true", help="profile the daemon(s) with cProfile")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     ap.add_argument("--state", choices=["sqlite", "redis", "both"], default=None,
