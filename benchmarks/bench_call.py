@@ -59,9 +59,11 @@ here on loopback; or only ``sqlite`` / ``redis``), all with this tree's code, an
 
 - ``raw c=1``: ``--calls`` (default 500) sequential calls;
 - ``raw c=N`` (N = ``--concurrency``, default 32): about twice as many, N connections;
-- ``client c=1``: the shipped ``sidekey.client.Client`` against each daemon, and
-  ``../shared/bench/floor.py`` (the floor at c=1 with its own minimal client: the
-  shipped client's yardstick) for as many calls.
+- ``client c=1``: the shipped ``sidekey.client.Client`` against each daemon, both as
+  ``authorize()`` + ``redeem()`` + ``release()`` (three requests: a gateway's flow) and as
+  the ``tool_call`` with-block an MCP server uses (which may authorize and redeem in one
+  request), and ``../shared/bench/floor.py`` (the floor at c=1 with its own minimal
+  client: the shipped client's yardstick) for as many calls.
 
 Every burst line gives calls/s, p50 and the server's CPU time per call (user + system of
 the process and its children, from the process CPU clock: nanoseconds; for the Redis
@@ -312,6 +314,25 @@ def _client_process(sock_path: str, tokens: list[str], n: int, q: Any) -> None:
             assert auth.resolution_token is not None, auth
             lease = c.redeem(auth.resolution_token, arguments=ARGS)
             c.release(lease.lease_id, status="success", duration_ms=1)
+            lat.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t_start
+    q.put((wall, lat))
+
+
+def _tool_call_process(sock_path: str, tokens: list[str], n: int, q: Any) -> None:
+    """``n`` sequential calls with the shipped client's ``tool_call`` context manager, the
+    way an MCP server author is told to write one (authorize [+ redeem in the same request
+    where the client does so] -> body -> release)."""
+    from sidekey.client import Client
+
+    lat: list[float] = []
+    with Client(socket_path=sock_path) as c:
+        t_start = time.perf_counter()
+        for i in range(n):
+            t0 = time.perf_counter()
+            with c.tool_call(SERVER, TOOL, agent_id="content-writer", session_id="bench",
+                             arguments=ARGS, user_token=tokens[i % len(tokens)]) as lease:
+                assert lease.lease_id, lease
             lat.append(time.perf_counter() - t0)
         wall = time.perf_counter() - t_start
     q.put((wall, lat))
@@ -993,12 +1014,14 @@ def floor_compare(args: argparse.Namespace, warmup: int) -> int:
                     results.setdefault(("floor.py", "client", 1), []).append(got)
                     cols.append(f"floor.py {tput:6.0f} calls/s p50 {p50:.3f} ms")
                     continue
-                cpu0 = tree_cpu_seconds(t.proc.pid)
-                wall, lat = run_in_process(_client_process, t.sock, t.tokens, calls,
-                                           timeout=args.burst_timeout)
-                got = summarize(wall, lat, tree_cpu_seconds(t.proc.pid) - cpu0, 0.0)
-                results.setdefault((t.name, "client", 1), []).append(got)
-                cols.append(burst_text(t.name, got, 0))
+                for kind, target in (("client", _client_process),
+                                     ("tool_call", _tool_call_process)):
+                    cpu0 = tree_cpu_seconds(t.proc.pid)
+                    wall, lat = run_in_process(target, t.sock, t.tokens, calls,
+                                               timeout=args.burst_timeout)
+                    got = summarize(wall, lat, tree_cpu_seconds(t.proc.pid) - cpu0, 0.0)
+                    results.setdefault((t.name, kind, 1), []).append(got)
+                    cols.append(burst_text(f"{t.name} {kind}", got, 0))
             print(f"round {rnd + 1} client c=1   " + " | ".join(cols), flush=True)
 
         summary = print_floor_summary(args, results, sidekeys, conc)
@@ -1130,14 +1153,19 @@ def print_floor_summary(args: argparse.Namespace,
             "ratio_vs_floor": {k: round(v, 3) for k, v in r.items()}}
     fpy = ("floor.py", "client", 1)
     print(f"\nshipped client (sidekey.client.Client), c=1, against floor.py (c=1, its own "
-          f"minimal client): floor.py p50 {med(fpy, 1):.3f} ms, {med(fpy, 0):.0f} calls/s")
+          f"minimal client): floor.py p50 {med(fpy, 1):.3f} ms, {med(fpy, 0):.0f} calls/s\n"
+          "  client = authorize() + redeem() + release(), 3 requests (a gateway's flow); "
+          "tool_call = the with-block an MCP server uses")
     for t in sidekeys:
-        key = (t.name, "client", 1)
-        p50r, tputr = ratio(key, fpy, 1), ratio(key, fpy, 0)
-        summary[t.name]["client_vs_floor_py"] = {"p50": round(p50r, 3),
-                                                 "calls_s": round(tputr, 3)}
-        print(f"  sidekey {t.name:<7} p50 {med(key, 1):.3f} ms (x{p50r:.2f} floor.py), "
-              f"{med(key, 0):.0f} calls/s (x{tputr:.3f}), daemon CPU {med(key, 3):.3f} ms/call")
+        summary[t.name]["tool_call_c1"] = medians(results[(t.name, "tool_call", 1)])
+        for kind in ("client", "tool_call"):
+            key = (t.name, kind, 1)
+            p50r, tputr = ratio(key, fpy, 1), ratio(key, fpy, 0)
+            summary[t.name][f"{kind}_vs_floor_py"] = {"p50": round(p50r, 3),
+                                                      "calls_s": round(tputr, 3)}
+            print(f"  sidekey {t.name:<7} {kind:<10} p50 {med(key, 1):.3f} ms (x{p50r:.2f} "
+                  f"floor.py), {med(key, 0):.0f} calls/s (x{tputr:.3f}), daemon CPU "
+                  f"{med(key, 3):.3f} ms/call")
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT MET"
@@ -1147,24 +1175,29 @@ def print_floor_summary(args: argparse.Namespace,
         s = summary[t.name]
         p50r = s["ratio_vs_floor"]["p50_c1"]
         tput = s[f"raw_c{conc}"]["calls_per_s"]
-        cl = s["client_vs_floor_py"]["p50"]
+        cl, tc = s["client_vs_floor_py"]["p50"], s["tool_call_vs_floor_py"]["p50"]
         print(f"  {t.name:<7} raw c=1 p50 <= {TARGET_RAW_P50}x floor: x{p50r:.2f} -> "
               f"{verdict(p50r <= TARGET_RAW_P50)}; c={conc} >= {TARGET_CALLS_S:,} calls/s: "
               f"{tput:,} -> {verdict(tput >= TARGET_CALLS_S)}; shipped client c=1 <= "
-              f"{TARGET_CLIENT_P50}x floor.py: x{cl:.2f} -> {verdict(cl <= TARGET_CLIENT_P50)}")
+              f"{TARGET_CLIENT_P50}x floor.py: client x{cl:.2f} -> "
+              f"{verdict(cl <= TARGET_CLIENT_P50)}, tool_call x{tc:.2f} -> "
+              f"{verdict(tc <= TARGET_CLIENT_P50)}")
     names = [t.name for t in sidekeys]
     if "sqlite" in names and "redis" in names:
         sq1, rd1 = ("sqlite", "raw", 1), ("redis", "raw", 1)
         sqn, rdn = ("sqlite", "raw", conc), ("redis", "raw", conc)
         rr = {"p50_c1": ratio(rd1, sq1, 1), "calls_s_c1": ratio(sq1, rd1, 0),
               f"p50_c{conc}": ratio(rdn, sqn, 1), f"calls_s_c{conc}": ratio(sqn, rdn, 0),
-              "client_p50_c1": ratio(("redis", "client", 1), ("sqlite", "client", 1), 1)}
+              "client_p50_c1": ratio(("redis", "client", 1), ("sqlite", "client", 1), 1),
+              "tool_call_p50_c1": ratio(("redis", "tool_call", 1), ("sqlite", "tool_call", 1),
+                                        1)}
         summary["redis_vs_sqlite"] = {k: round(v, 3) for k, v in rr.items()}
         ok = all(v <= TARGET_REDIS for v in rr.values())
         print(f"  Redis <= {TARGET_REDIS}x SQLite (redis/sqlite for p50, sqlite/redis for "
               f"calls/s): raw c=1 p50 x{rr['p50_c1']:.2f}, calls/s x{rr['calls_s_c1']:.2f}; "
               f"c={conc} p50 x{rr[f'p50_c{conc}']:.2f}, calls/s x{rr[f'calls_s_c{conc}']:.2f}; "
-              f"shipped client p50 x{rr['client_p50_c1']:.2f} -> {verdict(ok)}")
+              f"shipped client p50 x{rr['client_p50_c1']:.2f}, tool_call p50 "
+              f"x{rr['tool_call_p50_c1']:.2f} -> {verdict(ok)}")
     else:
         print(f"  Redis <= {TARGET_REDIS}x SQLite: not measured (needs --state both)")
     return summary
