@@ -90,16 +90,21 @@ def test_client_refuses_a_success_that_is_not_a_json_object() -> None:
             client._interpret(200, body, headers, "GET /x", ok)
 
 
-def test_client_redeems_only_an_allow_with_a_token() -> None:
-    allow = client.AuthorizeResult(decision="allow", request_id="r", resolution_token="tok")
-    assert client._granted_token(allow) == "tok"
-    for bad in (
-        client.AuthorizeResult(decision="allow", request_id="r", resolution_token=None),
-        client.AuthorizeResult(decision="allow", request_id="r", resolution_token=""),
-        client.AuthorizeResult(decision="pending_approval", request_id="r", resolution_token="tok"),
-    ):
-        with pytest.raises(client.ProtocolError, match="no resolution token"):
-            client._granted_token(bad)
+def test_client_tool_call_takes_a_lease_only_from_an_allow_that_carries_one() -> None:
+    """tool_call asks for authorize + redeem in one request: an allow without the lease
+    (an older daemon, a bug) fails closed instead of running the tool without one."""
+    lease = {"lease_id": "lse_1", "expires_at": "2030-01-01T00:00:00Z", "server": "s",
+             "tool": "t", "secrets": {"K": "v"}, "request_id": "r"}
+    allow = {"decision": "allow", "request_id": "r", "resolution_token": None, "lease": lease,
+             "policy": {}, "user_id": "u"}
+    assert client._redeemed_lease(200, allow).lease_id == "lse_1"
+    for bad in ({**allow, "lease": None}, {**allow, "lease": None, "resolution_token": "tok"},
+                {**allow, "lease": "lse_1"}):
+        with pytest.raises(client.ProtocolError):
+            client._redeemed_lease(200, bad)
+    with pytest.raises(client.ApprovalPending):
+        client._redeemed_lease(202, {"decision": "pending_approval", "request_id": "r",
+                                     "approval_id": "apr_1", "policy": {}, "user_id": "u"})
 
 
 def test_local_backend_never_serves_without_a_snapshot(tmp_path: Path) -> None:
