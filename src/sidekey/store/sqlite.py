@@ -100,11 +100,6 @@ WAL_POLL_S = 0.25
 # this store's own statements are held at the gate: the most the gate stays shut on a
 # lock, beyond the checkpoint's own copy and fsync.
 TRUNCATE_BUSY_TIMEOUT_MS = 500
-# SQLite page cache of the trio-thread connection (KiB, as PRAGMA cache_size takes a
-# negative number). Random keys (uuid4 lease ids, jtis) touch pages all over their
-# indexes; with SQLite's 2 MB default the hot pages stop fitting once the lease table
-# holds a few ten thousand rows, and each miss is a read syscall plus a WAL index lookup.
-CACHE_KIB = 32 * 1024
 # PRAGMA quick_check (b-tree structure, record format, NOT NULL; O(database size)) at
 # open and then this often from the maintenance task: a damaged page that no point
 # query happens to touch still turns the health check red.
@@ -275,7 +270,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     return version
 
 
-def _connect(path: Path, *, busy_timeout_ms: int, cache_kib: int | None = None) -> sqlite3.Connection:
+def _connect(path: Path, *, busy_timeout_ms: int) -> sqlite3.Connection:
     # isolation_level=None: autocommit, each statement is its own transaction unless
     # we say BEGIN. check_same_thread=False: close() may run from a worker thread and
     # the maintenance connection moves between worker threads (used by one at a time).
@@ -288,8 +283,6 @@ def _connect(path: Path, *, busy_timeout_ms: int, cache_kib: int | None = None) 
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-        if cache_kib is not None:
-            conn.execute(f"PRAGMA cache_size = {-int(cache_kib)}")
     except BaseException:
         conn.close()
         raise
@@ -494,7 +487,7 @@ class SqliteStore:
                 f"cannot create state database {path}: {exc.strerror or exc}"
             ) from exc
         try:
-            conn = _connect(path, busy_timeout_ms=BUSY_TIMEOUT_MS, cache_kib=CACHE_KIB)
+            conn = _connect(path, busy_timeout_ms=BUSY_TIMEOUT_MS)
         except sqlite3.Error as exc:
             raise StateUnavailable(f"cannot open state database {path}: {exc}") from exc
         try:
