@@ -440,6 +440,9 @@ class SqliteStore:
         # No gated truncation before this trio time (after one that met a foreign lock).
         self._truncate_after = 0.0
         self._retry_s = 5.0
+        # How long store operations waited at the gate: the last time and the longest.
+        self._gate_last_ms = 0.0
+        self._gate_max_ms = 0.0
         self._healthy = True
         self._last_error: str | None = None
         # Set once the file is found damaged; never cleared while open (fail closed).
@@ -951,6 +954,8 @@ class SqliteStore:
             "wal_truncations": self._wal_truncations,
             "wal_truncate_busy": self._wal_truncate_busy,
             "last_wal_truncate": self._last_wal_truncate,
+            "wal_gate_last_ms": round(self._gate_last_ms, 3),
+            "wal_gate_max_ms": round(self._gate_max_ms, 3),
             "last_quick_check": self._last_quick_check,
             "purged": self._purged,
             "last_error": self._last_error,
@@ -1036,6 +1041,7 @@ class SqliteStore:
         if not truncate or self._conn is None:
             return
         gate = self._gate = trio.Event()
+        shut_at = trio.current_time()
         try:
             # No statement of this store is in flight: each runs synchronously on this
             # thread, and every new one now waits at _ready().
@@ -1043,6 +1049,8 @@ class SqliteStore:
         finally:
             self._gate = None
             gate.set()
+            held_ms = (trio.current_time() - shut_at) * 1000
+            self._gate_last_ms, self._gate_max_ms = held_ms, max(self._gate_max_ms, held_ms)
         if busy:
             # Another process holds a read snapshot or the write lock: try again an
             # interval later rather than shut the gate every poll.
