@@ -229,9 +229,15 @@ def main() -> int:
             proc.wait(60)
         print("load average (1, 5, 15 min) at end: "
               + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
-        series = rows[1:] if len(rows) >= 4 else rows
-        print(f"summary (last third vs first third of {len(series)} samples, first sample "
-              f"left out as warm-up; flat = ratio within 1 +/- {args.tolerance:g}):")
+        # Left out as warm-up: the first sample, and with --lease-retention the samples
+        # before the first ended leases are purged (the database fills up to then).
+        ramp = 0.0 if args.lease_retention is None else args.lease_retention + 10.0
+        series = [r for r in rows[1:] if r["t"] > ramp]
+        if len(series) < 3:
+            series = rows
+        print(f"summary (last third vs first third of {len(series)} samples from t = "
+              f"{series[0]['t']:.0f} s (before: warm-up{' and the retention ramp' if ramp else ''}); "
+              f"flat = ratio within 1 +/- {args.tolerance:g}):")
         results = [
             flat_summary("calls/s", [r["rate"] for r in series], args.tolerance, "/s"),
             flat_summary("daemon CPU per call", [r["cpu_us"] for r in series], args.tolerance, "us"),
@@ -242,6 +248,9 @@ def main() -> int:
             flat_summary("audit bytes per call", [r["audit_per_call"] for r in series],
                          args.tolerance, "B"),
         ]
+        if args.lease_retention is None:
+            print("  (state.db grows until the daemon's lease retention, 24 h by default, "
+                  "starts purging: bounded by it, not flat; see --lease-retention)")
         print(f"largest WAL seen: {mb(max(r['wal_max'] for r in rows))} MB; "
               f"calls: {rows[-1]['calls']:.0f}, errors: {errors.value}; "
               f"{sum(results)} of {len(results)} series flat")
