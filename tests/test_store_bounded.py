@@ -14,7 +14,6 @@ many commits".
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from pathlib import Path
