@@ -362,7 +362,7 @@ async def open_configured_store(loaded: LoadedConfig) -> StateStore:
     one round trip. Raises StateUnavailable / ConfigError."""
     state = loaded.config.state
     if state.backend == "sqlite":
-        return open_store(loaded.state_dir)
+        return open_store(loaded.state_dir, lease_retention_s=state.lease_retention_s)
     from ..protocol import ConfigError
     from ..secretfiles import read_secret
     from .redis import RedisStore
@@ -388,11 +388,15 @@ async def open_configured_store(loaded: LoadedConfig) -> StateStore:
     return store
 
 
-def open_store(state_dir: Path) -> StateStore:
-    """Open the state store under ``state_dir`` (created 0700). Raises StateUnavailable."""
-    from .sqlite import SqliteStore
+def open_store(state_dir: Path, *, lease_retention_s: float | None = None) -> StateStore:
+    """Open the state store under ``state_dir`` (created 0700). Raises StateUnavailable.
+    ``lease_retention_s``: how long ended leases are kept (default: 24 h)."""
+    from .sqlite import LEASE_RETENTION_S, SqliteStore
 
-    return SqliteStore.open(state_dir)
+    return SqliteStore.open(
+        state_dir,
+        lease_retention_s=LEASE_RETENTION_S if lease_retention_s is None else lease_retention_s,
+    )
 
 
 __all__ = [

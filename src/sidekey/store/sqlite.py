@@ -13,8 +13,26 @@ microseconds of work with no fsync, less than a hop to a worker thread and back,
 and doing them inline makes each method atomic with respect to other trio tasks.
 What *does* touch the disk synchronously is the checkpoint (copying the WAL into the
 database and fsyncing it), so automatic checkpoints are disabled and
-:meth:`SqliteStore.run_maintenance` runs ``wal_checkpoint(PASSIVE)`` on a second
-connection in a worker thread, and purges expired rows in small chunks.
+:meth:`SqliteStore.run_maintenance` checkpoints on a second connection in a worker
+thread, and purges expired rows in small chunks.
+
+Why the WAL needs more than a PASSIVE checkpoint: SQLite starts writing the WAL from its
+beginning again only when a write transaction begins while *every* frame in it has been
+copied back (``nBackfill == mxFrame``). A PASSIVE checkpoint copies the frames that were
+there when it started; under sustained load the trio thread has committed more by the
+time it ends, so that condition never holds and the file grows for as long as the load
+lasts (4.2 GB after 62,500 calls at c=32, issue 13), and every page read that misses the
+WAL walks all of its index blocks. So once the WAL is over :data:`WAL_LIMIT_BYTES`, the
+maintenance task first copies most of it with a PASSIVE checkpoint (writers go on), then
+*holds this store's own statements at an async gate* (:meth:`SqliteStore._ready`: trio
+tasks wait there, the event loop does not) and runs ``wal_checkpoint(TRUNCATE)`` in the
+worker thread: it copies the few frames committed meanwhile, syncs the database and
+truncates the WAL to zero bytes. With no statement of ours in flight it needs no lock
+from this process; another process's reader or writer (an operator's tool) is waited
+for at most :data:`TRUNCATE_BUSY_TIMEOUT_MS`, after which the gate opens anyway and the
+next try comes an ``interval`` later. Durability is unchanged: the checkpoint copies
+committed frames only, and a kill -9 at any point leaves either the frames in the WAL or
+the pages synced in the database file.
 
 sqlite3 errors are translated once, here, into :class:`StateUnavailable`.
 """
@@ -61,7 +79,8 @@ log = logging.getLogger(__name__)
 DB_NAME = "state.db"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
-# Ended leases are kept this long (for `sidekey status` and investigations).
+# Ended leases are kept this long by default (for `sidekey status` and investigations);
+# `state.lease_retention_s` sets it. At full load this is what bounds the database size.
 LEASE_RETENTION_S = 86_400.0
 # Rows deleted per statement when purging, so no purge stalls the event loop.
 PURGE_CHUNK = 500
@@ -71,6 +90,16 @@ BUSY_TIMEOUT_MS = 2_000
 MAINTENANCE_BUSY_TIMEOUT_MS = 10_000
 # After a checkpoint lets the WAL restart, truncate the file back to this size.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+# Once the WAL file is this large, the maintenance task checkpoints it and truncates it
+# (see the module docstring); it looks at the file's size every WAL_POLL_S seconds. The
+# WAL then stays under about this plus what the load writes in WAL_POLL_S and one
+# PASSIVE pass (tens of MB at ~100 KB per call and ~600 calls/s).
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
+WAL_POLL_S = 0.25
+# How long the truncating checkpoint waits for another process's reader or writer while
+# this store's own statements are held at the gate: the most the gate stays shut on a
+# lock, beyond the checkpoint's own copy and fsync.
+TRUNCATE_BUSY_TIMEOUT_MS = 500
 # PRAGMA quick_check (b-tree structure, record format, NOT NULL; O(database size)) at
 # open and then this often from the maintenance task: a damaged page that no point
 # query happens to touch still turns the health check red.
@@ -387,11 +416,33 @@ def _session(
 class SqliteStore:
     """:class:`~sidekey.store.StateStore` on one SQLite file. Create with :meth:`open`."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, *, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, path: Path, conn: sqlite3.Connection, *, clock: Callable[[], float],
+        lease_retention_s: float = LEASE_RETENTION_S, wal_limit_bytes: int = WAL_LIMIT_BYTES,
+    ) -> None:
+        if not (lease_retention_s >= 0 and math.isfinite(lease_retention_s)):
+            raise ValueError("lease_retention_s must be a finite number of seconds >= 0")
+        if wal_limit_bytes < 0:
+            raise ValueError("wal_limit_bytes must be >= 0")
         self.path = path
+        self.wal_path = path.with_name(path.name + "-wal")
         self._conn: sqlite3.Connection | None = conn
         self._maint: sqlite3.Connection | None = None
         self._clock = clock
+        self.lease_retention_s = float(lease_retention_s)
+        self.wal_limit_bytes = int(wal_limit_bytes)
+        # Set while a truncating checkpoint runs: this store's operations wait on it
+        # (asynchronously) instead of spinning in SQLite's busy handler on the trio thread.
+        self._gate: trio.Event | None = None
+        self._wal_truncations = 0
+        self._wal_truncate_busy = 0
+        self._last_wal_truncate: float | None = None
+        # No gated truncation before this trio time (after one that met a foreign lock).
+        self._truncate_after = 0.0
+        self._retry_s = 5.0
+        # How long store operations waited at the gate: the last time and the longest.
+        self._gate_last_ms = 0.0
+        self._gate_max_ms = 0.0
         self._healthy = True
         self._last_error: str | None = None
         # Set once the file is found damaged; never cleared while open (fail closed).
@@ -401,8 +452,14 @@ class SqliteStore:
         self._purged = 0
 
     @classmethod
-    def open(cls, state_dir: Path, *, clock: Callable[[], float] = time.time) -> SqliteStore:
-        """Open (creating dir 0700 and file 0600) and migrate. Raises StateUnavailable."""
+    def open(
+        cls, state_dir: Path, *, clock: Callable[[], float] = time.time,
+        lease_retention_s: float = LEASE_RETENTION_S, wal_limit_bytes: int = WAL_LIMIT_BYTES,
+    ) -> SqliteStore:
+        """Open (creating dir 0700 and file 0600) and migrate. Raises StateUnavailable.
+
+        ``lease_retention_s``: how long ended leases are kept (then purged);
+        ``wal_limit_bytes``: the WAL size above which maintenance truncates it."""
         path = state_dir / DB_NAME
         try:
             st = os.lstat(path)
@@ -444,7 +501,12 @@ class SqliteStore:
         except BaseException:
             conn.close()
             raise
-        store = cls(path, conn, clock=clock)
+        try:
+            store = cls(path, conn, clock=clock, lease_retention_s=lease_retention_s,
+                        wal_limit_bytes=wal_limit_bytes)
+        except BaseException:
+            conn.close()
+            raise
         # Start degraded rather than refuse: /v1/health and /v1/status then say why
         # (state_corrupt) while every store operation fails closed.
         try:
@@ -467,6 +529,14 @@ class SqliteStore:
         self._last_error = self._corrupt
 
     # ------------------------------------------------------------------ the edge
+
+    async def _ready(self) -> None:
+        """Every operation's first await: wait (asynchronously) while a truncating
+        checkpoint holds the gate, else only honour a pending cancellation (no
+        schedule point, as before the gate)."""
+        while (gate := self._gate) is not None:
+            await gate.wait()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     @contextlib.contextmanager
     def _edge(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -510,7 +580,7 @@ class SqliteStore:
 
     async def burn_jti(self, jti: str, expires_at: float) -> bool:
         """Atomically burn ``jti``: True if newly burned, False if already burned (a replay)."""
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("burn_jti") as conn:
             # One statement: the PRIMARY KEY decides; no read-then-write race.
             cur = conn.execute(
@@ -523,7 +593,7 @@ class SqliteStore:
         """Insert a new lease. A duplicate ``lease_id`` raises StateUnavailable (a local bug)."""
         if rec.state not in LEASE_STATES:
             raise ValueError(f"unknown lease state {rec.state!r}")
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("put_lease") as conn:
             conn.execute(
                 _INSERT_LEASE,
@@ -551,7 +621,7 @@ class SqliteStore:
         """Compare-and-set: move the lease to ``to_state`` (``ended_at = at``) if it is in ``from_state``."""
         if from_state not in LEASE_STATES or to_state not in LEASE_STATES:
             raise ValueError(f"unknown lease state {from_state!r} -> {to_state!r}")
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("transition_lease") as conn:
             # The end and "its event is not written yet" in one statement: a crash
             # after it leaves the lease in leases_unaudited (see mark_lease_audited).
@@ -563,19 +633,19 @@ class SqliteStore:
             return cur.rowcount == 1
 
     async def mark_lease_audited(self, lease_id: str) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("mark_lease_audited") as conn:
             conn.execute("UPDATE leases SET end_audited = 1 WHERE lease_id = ? AND end_audited = 0",
                          (lease_id,))
 
     async def leases_unaudited(self, *, limit: int = MAX_UNAUDITED_LISTED) -> list[LeaseRecord]:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("leases_unaudited") as conn:
             rows = conn.execute(_SELECT_LEASES_UNAUDITED, (max(0, int(limit)),)).fetchall()
         return [_row_to_lease(row) for row in rows]
 
     async def get_lease(self, lease_id: str) -> LeaseRecord | None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("get_lease") as conn:
             row = conn.execute(_SELECT_LEASE_BY_ID, (lease_id,)).fetchone()
         return None if row is None else _row_to_lease(row)
@@ -584,7 +654,7 @@ class SqliteStore:
         self, backend: str, backend_lease_id: str, *, expires_at: float, at: float,
         intent_id: str | None = None,
     ) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("journal_backend_lease") as conn, self._transaction(conn):
             conn.execute(
                 "INSERT OR IGNORE INTO backend_leases (backend, backend_lease_id, issued_at, "
@@ -598,7 +668,7 @@ class SqliteStore:
     async def journal_backend_intent(
         self, backend: str, intent_id: str, prefix: str, *, at: float, deadline: float
     ) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("journal_backend_intent") as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO backend_intents (backend, intent_id, prefix, at, deadline) "
@@ -607,13 +677,13 @@ class SqliteStore:
             )
 
     async def backend_intent_done(self, backend: str, intent_id: str) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("backend_intent_done") as conn:
             conn.execute("DELETE FROM backend_intents WHERE backend = ? AND intent_id = ?",
                          (backend, intent_id))
 
     async def open_backend_intents(self) -> list[BackendIntent]:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("open_backend_intents") as conn:
             rows = conn.execute(
                 "SELECT backend, intent_id, prefix, at, deadline FROM backend_intents ORDER BY at"
@@ -622,7 +692,7 @@ class SqliteStore:
                 for r in rows]
 
     async def backend_leases_known(self, backend: str, backend_lease_ids: Sequence[str]) -> set[str]:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         known: set[str] = set()
         ids = list(backend_lease_ids)
         with self._edge("backend_leases_known") as conn:
@@ -638,7 +708,7 @@ class SqliteStore:
         return known
 
     async def attach_backend_leases(self, lease_id: str, items: Sequence[tuple[str, str]]) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("attach_backend_leases") as conn:
             conn.executemany(
                 "UPDATE backend_leases SET lease_id = ? WHERE backend = ? AND backend_lease_id = ?",
@@ -646,7 +716,7 @@ class SqliteStore:
             )
 
     async def backend_lease_revoked(self, backend: str, backend_lease_id: str, *, at: float) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("backend_lease_revoked") as conn:
             conn.execute(
                 "UPDATE backend_leases SET revoked_at = ? WHERE backend = ? AND backend_lease_id = ?",
@@ -654,7 +724,7 @@ class SqliteStore:
             )
 
     async def open_backend_leases(self, lease_id: str | None = None) -> list[tuple[str, str, str | None]]:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("open_backend_leases") as conn:
             if lease_id is None:
                 rows = conn.execute(
@@ -670,7 +740,7 @@ class SqliteStore:
         return [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
 
     async def leases_in_state(self, state: str) -> list[LeaseRecord]:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("leases_in_state") as conn:
             rows = conn.execute(_SELECT_LEASES_BY_STATE, (state,)).fetchall()
         return [_row_to_lease(row) for row in rows]
@@ -680,14 +750,14 @@ class SqliteStore:
     ) -> tuple[bool, float]:
         """GCRA under ``key`` (see :func:`sidekey.store.gcra`): ``(allowed, retry_after_s)``."""
         check_rate_args(limit, period_s, cost)
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("rate_check") as conn, self._transaction(conn):
             return _rate(conn, key, limit=limit, period_s=period_s, now=now, cost=cost)
 
     async def counter_incr(self, key: str, *, amount: int = 1, expires_at: float) -> int:
         """Add ``amount`` to counter ``key``; return the new value. A row whose
         ``expires_at`` has passed (by the store's clock) counts as absent."""
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         now = self._clock()
         with self._edge("counter_incr") as conn, self._transaction(conn):
             return _counter(conn, key, amount=amount, expires_at=expires_at, now=now)
@@ -697,7 +767,7 @@ class SqliteStore:
     ) -> tuple[bool, int]:
         """Touch ``user``'s session: ``(allowed, active_count)``; see the protocol."""
         check_session_args(idle_s, max_sessions)
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("session_touch") as conn, self._transaction(conn):
             return _session(conn, user, session_id, now=now, idle_s=idle_s,
                             max_sessions=max_sessions)
@@ -705,7 +775,7 @@ class SqliteStore:
     async def quota_apply(self, ops: Sequence[QuotaOp], *, now: float) -> list[QuotaAnswer]:
         """All of a call's quota ops in one transaction (see the protocol)."""
         check_quota_ops(ops)
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         clock_now = self._clock()
         answers: list[QuotaAnswer] = []
         with self._edge("quota_apply") as conn, self._transaction(conn):
@@ -724,12 +794,12 @@ class SqliteStore:
         return answers
 
     async def note_rotation(self, payload: str, *, at: float) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("note_rotation") as conn:
             conn.execute("INSERT INTO rotation_notices (at, payload) VALUES (?, ?)", (float(at), payload))
 
     async def rotation_cursor(self) -> str:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("rotation_cursor") as conn:
             (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM rotation_notices").fetchone()
         return str(int(seq))
@@ -739,7 +809,7 @@ class SqliteStore:
             after = int(cursor)
         except ValueError:
             raise ValueError(f"not a rotation cursor: {cursor[:40]!r}") from None
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("rotations_after") as conn:
             rows = conn.execute(
                 "SELECT seq, payload FROM rotation_notices WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -751,7 +821,7 @@ class SqliteStore:
 
     async def put_approval(self, approval: Approval) -> None:
         """Insert a new approval. A duplicate id raises StateUnavailable (a local bug)."""
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("put_approval") as conn:
             conn.execute(
                 "INSERT INTO approvals (id, state, created_at, expires_at, data) "
@@ -766,14 +836,14 @@ class SqliteStore:
             )
 
     async def get_approval(self, approval_id: str) -> Approval | None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("get_approval") as conn:
             row = conn.execute("SELECT data FROM approvals WHERE id = ?", (approval_id,)).fetchone()
         return None if row is None else decode_approval(row[0])
 
     async def transition_approval(self, approval: Approval, *, from_state: str) -> bool:
         """Compare-and-set on ``state``: store ``approval`` if the stored one is in ``from_state``."""
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         with self._edge("transition_approval") as conn:
             cur = conn.execute(
                 "UPDATE approvals SET state = ?, data = ? WHERE id = ? AND state = ?",
@@ -785,7 +855,7 @@ class SqliteStore:
         self, states: Collection[str] | None = None, *, limit: int = MAX_APPROVALS_LISTED
     ) -> list[Approval]:
         """Approvals in ``states`` (all if None), oldest request first, at most ``limit``."""
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._ready()
         limit = max(0, min(int(limit), MAX_APPROVALS_LISTED))
         with self._edge("list_approvals") as conn:
             if states is None:
@@ -804,7 +874,7 @@ class SqliteStore:
 
     async def purge(self, now: float) -> int:
         """Delete burned jtis with ``expires_at < now``, leases that ended more than
-        :data:`LEASE_RETENTION_S` before ``now``, and rate, counter and session rows that
+        ``lease_retention_s`` before ``now``, and rate, counter and session rows that
         expired before ``now``. Returns the number of rows deleted.
 
         Works in chunks of :data:`PURGE_CHUNK` rows, yielding to other tasks between them.
@@ -818,7 +888,7 @@ class SqliteStore:
             (
                 "DELETE FROM leases WHERE lease_id IN (SELECT lease_id FROM leases "
                 "WHERE state != 'active' AND ended_at < ? LIMIT ?)",
-                float(now) - LEASE_RETENTION_S,
+                float(now) - self.lease_retention_s,
             ),
             (
                 "DELETE FROM backend_leases WHERE (backend, backend_lease_id) IN "
@@ -860,6 +930,7 @@ class SqliteStore:
         for sql, cutoff in statements:
             while True:
                 await trio.lowlevel.checkpoint()
+                await self._ready()
                 with self._edge("purge") as conn:
                     deleted = conn.execute(sql, (cutoff, PURGE_CHUNK)).rowcount
                 total += max(deleted, 0)
@@ -879,6 +950,12 @@ class SqliteStore:
             "backend": "sqlite",
             "path": str(self.path),
             "last_checkpoint": self._last_checkpoint,
+            # Truncating checkpoints done, and those that met another process's lock.
+            "wal_truncations": self._wal_truncations,
+            "wal_truncate_busy": self._wal_truncate_busy,
+            "last_wal_truncate": self._last_wal_truncate,
+            "wal_gate_last_ms": round(self._gate_last_ms, 3),
+            "wal_gate_max_ms": round(self._gate_max_ms, 3),
             "last_quick_check": self._last_quick_check,
             "purged": self._purged,
             "last_error": self._last_error,
@@ -901,20 +978,40 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ maintenance
 
-    def _checkpoint(self) -> tuple[int, int, int]:
-        """Runs in a worker thread, on the maintenance connection."""
+    def _maint_conn(self) -> sqlite3.Connection:
         if self._maint is None:
             self._maint = _connect(self.path, busy_timeout_ms=MAINTENANCE_BUSY_TIMEOUT_MS)
-        row = self._maint.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return self._maint
+
+    def _checkpoint(self, mode: str) -> tuple[int, int, int]:
+        """Runs in a worker thread, on the maintenance connection: ``wal_checkpoint(mode)``
+        -> (busy, WAL frames, frames checkpointed)."""
+        conn = self._maint_conn()
+        if mode == "TRUNCATE":
+            # Waits (busy handler) for other processes' locks; bounded, as the gate is shut.
+            conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_BUSY_TIMEOUT_MS}")
+            try:
+                row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {MAINTENANCE_BUSY_TIMEOUT_MS}")
+        else:
+            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         busy, log_frames, done = (int(x) for x in row) if row is not None else (1, -1, -1)
         return busy, log_frames, done
 
-    async def checkpoint(self) -> None:
-        """One PASSIVE WAL checkpoint in a worker thread. Raises StateUnavailable."""
-        if self._conn is None:
-            raise StateUnavailable("state store is closed")
+    def wal_bytes(self) -> int:
+        """The WAL file's size now (0 if there is none). A stat: microseconds."""
         try:
-            busy, log_frames, done = await trio.to_thread.run_sync(self._checkpoint)
+            return os.stat(self.wal_path).st_size
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.warning("cannot stat %s: %s", self.wal_path, exc.strerror)
+            return 0
+
+    async def _run_checkpoint(self, mode: str) -> tuple[int, int, int]:
+        try:
+            return await trio.to_thread.run_sync(self._checkpoint, mode)
         except sqlite3.Error as exc:
             self._healthy = False
             self._last_error = f"checkpoint: {type(exc).__name__}: {exc}"
@@ -926,15 +1023,49 @@ class SqliteStore:
                     self._maint.close()
                 self._maint = None
             raise StateUnavailable("state store unavailable") from exc
+
+    async def checkpoint(self, *, truncate: bool | None = None) -> None:
+        """A PASSIVE WAL checkpoint in a worker thread (writers go on); then, if the WAL
+        file is over ``wal_limit_bytes`` (``truncate=None``) or if ``truncate`` is True, a
+        TRUNCATE checkpoint with this store's operations held at the gate (see the module
+        docstring). Raises StateUnavailable."""
+        if self._conn is None:
+            raise StateUnavailable("state store is closed")
+        busy, log_frames, done = await self._run_checkpoint("PASSIVE")
         self._last_checkpoint = self._clock()
         if busy or (log_frames > 0 and done < log_frames):
             log.debug("WAL checkpoint incomplete: %d of %d frames", done, log_frames)
+        if truncate is None:
+            truncate = (self.wal_bytes() > self.wal_limit_bytes
+                        and trio.current_time() >= self._truncate_after)
+        if not truncate or self._conn is None:
+            return
+        gate = self._gate = trio.Event()
+        shut_at = trio.current_time()
+        try:
+            # No statement of this store is in flight: each runs synchronously on this
+            # thread, and every new one now waits at _ready().
+            busy, log_frames, done = await self._run_checkpoint("TRUNCATE")
+        finally:
+            self._gate = None
+            gate.set()
+            held_ms = (trio.current_time() - shut_at) * 1000
+            self._gate_last_ms, self._gate_max_ms = held_ms, max(self._gate_max_ms, held_ms)
+        if busy:
+            # Another process holds a read snapshot or the write lock: try again an
+            # interval later rather than shut the gate every poll.
+            self._wal_truncate_busy += 1
+            self._truncate_after = trio.current_time() + self._retry_s
+            log.info("WAL truncation waited %d ms for another process's lock and gave up "
+                     "(%d of %d frames copied); retrying later", TRUNCATE_BUSY_TIMEOUT_MS,
+                     done, log_frames)
+        else:
+            self._wal_truncations += 1
+            self._last_wal_truncate = self._clock()
 
     def _run_quick_check(self) -> str | None:
         """Runs in a worker thread, on the maintenance connection."""
-        if self._maint is None:
-            self._maint = _connect(self.path, busy_timeout_ms=MAINTENANCE_BUSY_TIMEOUT_MS)
-        return _quick_check(self._maint)
+        return _quick_check(self._maint_conn())
 
     async def quick_check(self) -> None:
         """``PRAGMA quick_check`` in a worker thread; a finding marks the store corrupt
@@ -957,21 +1088,34 @@ class SqliteStore:
         *,
         interval: float = 5.0,
         quick_check_interval: float = QUICK_CHECK_INTERVAL_S,
+        wal_poll: float = WAL_POLL_S,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Forever: every ``interval`` seconds checkpoint the WAL and purge expired rows;
-        every ``quick_check_interval`` seconds run ``PRAGMA quick_check``.
+        every ``quick_check_interval`` seconds run ``PRAGMA quick_check``; and every
+        ``wal_poll`` seconds look at the WAL's size, checkpointing and truncating it as
+        soon as it is over ``wal_limit_bytes`` (so that it stays bounded under full load).
 
         Errors are logged and reflected in :meth:`health`; the loop keeps going.
         """
         if not (interval > 0 and math.isfinite(interval)):
             raise ValueError("interval must be a positive number of seconds")
+        if not (wal_poll > 0 and math.isfinite(wal_poll)):
+            raise ValueError("wal_poll must be a positive number of seconds")
+        self._retry_s = interval
         task_status.started()
+        next_pass = trio.current_time() + interval
         while True:
-            await trio.sleep(interval)
+            await trio.sleep(max(0.0, min(wal_poll, next_pass - trio.current_time())))
             if self._conn is None:
                 return
             try:
+                if trio.current_time() < next_pass:
+                    if (self.wal_bytes() > self.wal_limit_bytes
+                            and trio.current_time() >= self._truncate_after):
+                        await self.checkpoint(truncate=True)
+                    continue
+                next_pass = trio.current_time() + interval
                 last = self._last_quick_check
                 if self._corrupt is None and (last is None
                                               or self._clock() - last >= quick_check_interval):
