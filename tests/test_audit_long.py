@@ -13,7 +13,7 @@ from typing import Any
 from harness import Daemon
 from test_audit_chain import call, chained_daemon, raw_lines, verify_cli
 from test_audit_sinks import audit_files, wait_for
-from test_audit_webhook import put_secret
+from test_audit_webhook import put_secret, sink_health
 from webhook_collector import Collector
 
 CALLS = 10_000
@@ -45,6 +45,9 @@ def test_10000_calls_restart_rotation_kill9_verify_clean_and_reach_the_collector
         d.kill()  # a kill -9 under the chain's unsigned tail
         d.start()
         calls(d, CALLS // 2)
+        # The sink caught up before the stop (its last lines go in the stop's drain).
+        assert wait_for(lambda: (lambda h: h["ok"] and h["queued"] == 0)(sink_health(d)),
+                        timeout=300)
         assert d.stop() == 0
         files = audit_files(d)
         assert len(files) >= 3, files  # rotated

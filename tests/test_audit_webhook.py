@@ -70,6 +70,10 @@ def delivered_all(collector: Collector, d: Daemon, first_seq: int = 1) -> bool:
     return want <= set(collector.lines())
 
 
+# Waits after a collector comes back only guard a hang: the sink may be in its longest
+# backoff (forward.BACKOFF_MAX_S, 30 s) when it does, on a machine that may be loaded.
+
+
 @pytest.fixture
 def collector(tmp_path: Path) -> Any:
     c = Collector(tmp_path / "collector").start()
@@ -135,7 +139,7 @@ def test_outage_clean_restart_and_kill9_lose_nothing(make_daemon: Any, collector
     collector.start()
     d.start()
     call(d)
-    assert wait_for(lambda: delivered_all(collector, d), timeout=40)
+    assert wait_for(lambda: delivered_all(collector, d), timeout=120)
     got = seqs_of(collector.lines())
     # At least once: every seq of the file arrived; each more than once only if resent.
     assert set(got) == set(seqs_of(file_lines(d)))
@@ -155,7 +159,7 @@ def test_the_spool_is_bounded_and_its_loss_is_an_audit_event(make_daemon: Any,
     # Well over 64 KiB of audit lines while the collector is down.
     while d.audit_path.stat().st_size < 400 * 1024:
         call(d)
-    alerts = d.wait_events("audit.sink_overflow", timeout=30)
+    alerts = d.wait_events("audit.sink_overflow", timeout=120)
     alert = alerts[0]["sink_overflow"]
     assert alert["sink"] == "siem" and alert["type"] == "webhook" and alert["reason"] == "spool_full"
     first, last = alert["lost_from_seq"], alert["lost_to_seq"]
@@ -164,13 +168,13 @@ def test_the_spool_is_bounded_and_its_loss_is_an_audit_event(make_daemon: Any,
     assert h["dropped"] >= last - first + 1 and h["skips"] >= 1 and h["ok"] is False
     collector.start()
     call(d)
-    assert wait_for(lambda: sink_health(d)["ok"], timeout=60)
+    assert wait_for(lambda: sink_health(d)["ok"], timeout=120)
     # Every gap has its alert (one per skip): their ranges are exactly what is missing.
     lost = {seq for a in d.events_of("audit.sink_overflow")
             for seq in range(a["sink_overflow"]["lost_from_seq"], a["sink_overflow"]["lost_to_seq"] + 1)}
     assert set(range(first, last + 1)) <= lost
     everything = set(seqs_of(file_lines(d)))
-    assert wait_for(lambda: everything - lost <= set(seqs_of(collector.lines())), timeout=40)
+    assert wait_for(lambda: everything - lost <= set(seqs_of(collector.lines())), timeout=120)
     assert not set(seqs_of(collector.lines())) & lost
     # ...and the alert itself reached the collector.
     assert any(e["event_type"] == "audit.sink_overflow" for e in collector.ndjson_events())
@@ -179,7 +183,7 @@ def test_the_spool_is_bounded_and_its_loss_is_an_audit_event(make_daemon: Any,
 
 def test_required_webhook_fails_calls_closed_while_the_collector_is_down(
         make_daemon: Any, collector: Collector) -> None:
-    d, _, _ = webhook_daemon(make_daemon, collector, required=True, deliver_timeout_s=3.0)
+    d, _, _ = webhook_daemon(make_daemon, collector, required=True, deliver_timeout_s=5.0)
     d.start()
     call(d)
     collector.stop()
@@ -191,7 +195,7 @@ def test_required_webhook_fails_calls_closed_while_the_collector_is_down(
     st, health = d.request("GET", "/v1/health")
     assert st == 503 and not health["audit"]["ok"]
     collector.start()
-    assert wait_for(lambda: sink_health(d)["ok"], timeout=40)
+    assert wait_for(lambda: sink_health(d)["ok"], timeout=120)
     call(d)
     assert d.stop() == 0
     assert delivered_all(collector, d)
@@ -209,7 +213,7 @@ def test_a_wrong_or_rotated_token_is_fetched_again_after_401(make_daemon: Any,
     put_secret(d, TOKEN_NAME, new)
     collector.auth = ("Authorization", f"Splunk {new}")
     call(d)
-    assert wait_for(lambda: delivered_all(collector, d), timeout=40)
+    assert wait_for(lambda: delivered_all(collector, d), timeout=120)
     assert 401 in collector.refused
     assert new not in d.log() and new.encode() not in d.audit_path.read_bytes()
     assert d.stop() == 0
