@@ -453,6 +453,37 @@ async def test_approval_survives_reopen(opener: Opener) -> None:
         await second.aclose()
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_purge_keeps_ended_leases_for_the_configured_retention(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """state.lease_retention_s, in both stores: an ended lease past it is purged, one
+    within it and an active one are kept. (A real clock: Redis expires keys by its own.)"""
+    now = time.time()
+    s: StateStore
+    if kind == "sqlite":
+        s = SqliteStore.open(tmp_path / "state", clock=lambda: now, lease_retention_s=60)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        s = open_redis(server.url, f"test:{uuid.uuid4().hex}:", clock=lambda: now,
+                       lease_retention_s=60)
+    try:
+        with trio.fail_after(IO_LIMIT_S):
+            for lease_id, ended_at in (("old", now - 61), ("recent", now - 59), ("active", None)):
+                await s.put_lease(LeaseRecord(
+                    lease_id=lease_id, jti="j-" + lease_id, server="s", tool="t",
+                    user_id="u", agent_id=None, session_id=None, secrets=("K",),
+                    created_at=now - 200, expires_at=now + 300, state="active",
+                    ended_at=None, peer_pid=1, peer_uid=1))
+                if ended_at is not None:
+                    assert await s.transition_lease(lease_id, "active", "released", at=ended_at)
+            assert await s.purge(now) >= 1
+            assert await s.get_lease("old") is None
+            assert await s.get_lease("recent") is not None
+            assert await s.get_lease("active") is not None
+    finally:
+        await s.aclose()
+
+
 async def test_purge_drops_approvals_long_expired(store: StateStore) -> None:
     now = time.time()
     with trio.fail_after(IO_LIMIT_S):

@@ -79,9 +79,9 @@ class StateConfig(_C, frozen=True, kw_only=True):
     # On a store failure decisions fail closed (503 state_unavailable); "local" lets
     # rate counters (only) fall back to this host's memory. Token burning always fails closed.
     on_store_failure: Literal["closed", "local"] = "closed"
-    # SQLite state: ended leases are kept this long (for `sidekey status` and
-    # investigations; the audit trail keeps their history), then purged. At full load
-    # this bounds the database: about 0.4 KB per call kept. Redis keeps them 24 h.
+    # Ended leases are kept this long (for `sidekey status` and investigations; the
+    # audit trail keeps their history), then purged (SQLite and Redis). At full load
+    # this bounds the database: about 0.4 KB per call kept.
     lease_retention_s: Annotated[float, Meta(ge=60, le=30 * 86400)] = 86400.0
 
 

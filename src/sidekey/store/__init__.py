@@ -379,6 +379,7 @@ async def open_configured_store(loaded: LoadedConfig) -> StateStore:
         state.redis_url, password=password,
         ssl_ca_file=str(loaded.resolve(state.redis_tls_ca_file)) if state.redis_tls_ca_file else None,
         prefix=state.redis_key_prefix, timeout_s=state.redis_timeout_s,
+        lease_retention_s=state.lease_retention_s,
     )
     try:
         await store.ping()

@@ -93,8 +93,9 @@ DEFAULT_MAX_CONNECTIONS = 16
 # A burned jti is kept at least this long, even if its expiry is already past (Redis
 # would drop a key whose PXAT is in the past at once, and the burn would not hold).
 JTI_MIN_KEEP_S = 60.0
-# Lease hashes carry a TTL this long after their expiry or end: a safety net so that
-# nothing grows forever if purge never runs. purge() removes ended leases earlier.
+# Lease hashes carry a TTL this long after their expiry or end (twice the retention, at
+# least this): a safety net so that nothing grows forever if purge never runs. purge()
+# removes ended leases earlier.
 LEASE_SAFETY_TTL_S = 2 * LEASE_RETENTION_S
 # purge() works through at most this many chunks per sorted set per call.
 MAX_PURGE_CHUNKS = 100
@@ -403,7 +404,13 @@ class RedisStore:
         timeout_s: float,
         max_connections: int,
         clock: Callable[[], float],
+        lease_retention_s: float = LEASE_RETENTION_S,
     ) -> None:
+        if not (lease_retention_s >= 0 and math.isfinite(lease_retention_s)):
+            raise ValueError("lease_retention_s must be a finite number of seconds >= 0")
+        # Ended leases are purged this long after they ended (state.lease_retention_s).
+        self.lease_retention_s = float(lease_retention_s)
+        self._safety_ttl_s = max(LEASE_SAFETY_TTL_S, 2 * self.lease_retention_s)
         self._client: redis.Redis | None = client
         self._pool = pool
         self._url = redact_url(url)
@@ -441,6 +448,7 @@ class RedisStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         clock: Callable[[], float] = time.time,
+        lease_retention_s: float = LEASE_RETENTION_S,
     ) -> RedisStore:
         """A store on ``url`` (``redis://``, ``rediss://`` for TLS, ``unix://``).
 
@@ -452,6 +460,8 @@ class RedisStore:
             raise ValueError("timeout_s must be a positive number of seconds")
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if not (lease_retention_s >= 0 and math.isfinite(lease_retention_s)):
+            raise ValueError("lease_retention_s must be a finite number of seconds >= 0")
         kwargs: dict[str, Any] = {
             "max_connections": max_connections,
             "timeout": timeout_s,  # waiting for a free pooled connection
@@ -483,6 +493,7 @@ class RedisStore:
             timeout_s=timeout_s,
             max_connections=max_connections,
             clock=clock,
+            lease_retention_s=lease_retention_s,
         )
 
     # ------------------------------------------------------------------ the edge
@@ -583,7 +594,7 @@ class RedisStore:
             rec.state,
             "" if rec.ended_at is None else _num(rec.ended_at),
             _num(rec.expires_at),
-            _ms(last + LEASE_SAFETY_TTL_S),
+            _ms(last + self._safety_ttl_s),
         ]
         created = await self._run("put_lease", lambda c: self._put_lease(keys, args, client=c))
         if not created:
@@ -607,7 +618,7 @@ class RedisStore:
             from_state,
             to_state,
             _num(at),
-            _num(LEASE_SAFETY_TTL_S),
+            _num(self._safety_ttl_s),
             _num(self._clock()),
         ]
         done = await self._run(
@@ -777,7 +788,7 @@ class RedisStore:
     async def backend_lease_revoked(self, backend: str, backend_lease_id: str, *, at: float) -> None:
         member = self._bl_member(backend, backend_lease_id)
         keys = [self._bl_key(member), self._key("bl", "open"), self._key("bl", "revoked")]
-        args: list[_Arg] = [member, _num(at), _ms(max(float(at), self._clock()) + LEASE_SAFETY_TTL_S)]
+        args: list[_Arg] = [member, _num(at), _ms(max(float(at), self._clock()) + self._safety_ttl_s)]
         await self._run("backend_lease_revoked", lambda c: self._revoke(keys, args, client=c))
 
     async def open_backend_leases(self, lease_id: str | None = None) -> list[tuple[str, str, str | None]]:
@@ -956,10 +967,10 @@ class RedisStore:
         return await self._run(what, run)
 
     async def purge(self, now: float) -> int:
-        """Delete leases that ended more than :data:`LEASE_RETENTION_S` before ``now`` and
+        """Delete leases that ended more than ``lease_retention_s`` before ``now`` and
         backend leases revoked that long ago. jtis, rate, counter and session keys expire
         by their TTL. Returns the number of items deleted. Works in chunks."""
-        cutoff = float(now) - LEASE_RETENTION_S
+        cutoff = float(now) - self.lease_retention_s
         state_keys = [self._state_key(s) for s in sorted(LEASE_STATES)]
         ended_key = self._key("leases", "ended")
         revoked_key = self._key("bl", "revoked")
@@ -972,7 +983,7 @@ class RedisStore:
         # leases:ended and bl:revoked below the cutoff leaves its set, so those loops
         # progress; leases whose hash expired by its safety TTL (purge did not run for
         # days) leave their id in leases:<state>, dropped one chunk per call.
-        stale_cutoff = float(now) - LEASE_SAFETY_TTL_S - LEASE_RETENTION_S
+        stale_cutoff = float(now) - self._safety_ttl_s - self.lease_retention_s
         jobs: list[tuple[str, float, Script, Callable[[str], list[str]], int]] = [
             (ended_key, cutoff, self._purge_lease, lease_keys, MAX_PURGE_CHUNKS),
             (
