@@ -817,6 +817,13 @@ def rotated_files(path: Path) -> list[Path]:
     return [path.parent / n for n in sorted(os.listdir(path.parent)) if pattern.fullmatch(n)]
 
 
+def rotated_last_seq(path: Path) -> int | None:
+    """The seq of the last line of a rotated file, from its name
+    (``<name>.<UTC time>.<seq, 12 digits>``, see ``_rotated_name``); None for another name."""
+    stem, _, seq = path.name.rpartition(".")
+    return int(seq) if stem and len(seq) == 12 and seq.isdigit() else None
+
+
 def open_jsonl_sink(path: Path, *, fsync: bool, inline: bool = True, host: str = "",
                     signer: Signer | None = None,
                     checkpoint_every_events: int = CHECKPOINT_EVERY_EVENTS,
@@ -836,4 +843,4 @@ def open_jsonl_sink(path: Path, *, fsync: bool, inline: bool = True, host: str =
     return sink
 
 
-__all__ = ["JsonlSink", "open_jsonl_sink", "rotated_files"]
+__all__ = ["JsonlSink", "open_jsonl_sink", "rotated_files", "rotated_last_seq"]

@@ -51,11 +51,10 @@ import errno
 import json
 import logging
 import os
-import re
 import ssl
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,7 @@ import trio
 
 from .. import __version__
 from .chain import chain_event
-from .export import cef_severity, event_of, event_time, to_ecs
+from .export import cef_severity, event_of, event_time, read_events, to_ecs
 from .forward import (
     BACKOFF_FIRST_S,
     BACKOFF_MAX_S,
@@ -75,7 +74,7 @@ from .forward import (
     Forwarder,
     Line,
 )
-from .jsonl import MAX_EVENT_BYTES, rotated_files
+from .jsonl import MAX_EVENT_BYTES, rotated_files, rotated_last_seq
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,6 @@ CURSOR_SAVE_EVERY_S = 0.5
 IDLE_POLL_S = 1.0
 # How often the backlog (health's queued_bytes) is measured while batches flow.
 BACKLOG_EVERY_S = 1.0
-_ROTATED_SEQ = re.compile(r"\.(\d{12})$")
 
 
 class SendError(OSError):
@@ -207,11 +205,9 @@ class FileTail:
     def _first_chained(self, path: Path) -> tuple[int, str] | None:
         """``(seq, log_id)`` of the first chained line of ``path`` (None: none yet)."""
         try:
-            with open(path, "rb") as f:
-                for raw in _lines_of(f):
-                    found = _chain_fields(raw)
-                    if found is not None:
-                        return found
+            for _, event in read_events([path]):
+                if type(event.get("seq")) is int and isinstance(event.get("log_id"), str):
+                    return event["seq"], event["log_id"]
         except OSError:
             return None
         return None
@@ -253,8 +249,8 @@ class FileTail:
         files = self._files()
         current = (self.cursor.dev, self.cursor.ino)
         for path in files:
-            m = _ROTATED_SEQ.search(path.name)
-            if m is not None and int(m.group(1)) < want:
+            last = rotated_last_seq(path)
+            if last is not None and last < want:
                 continue
             try:
                 st = os.stat(path)
@@ -433,20 +429,6 @@ class FileTail:
         self.cursor.offset = target if target is not None else self._size()
         self._gap_reason = "spool_full"
         return True
-
-
-def _lines_of(f: Any) -> Iterator[bytes]:
-    """Complete lines of a binary file object (a last line without newline is not one)."""
-    buf = b""
-    while True:
-        piece = f.read(64 * 1024)
-        if not piece:
-            return
-        buf += piece
-        *done, buf = buf.split(b"\n")
-        yield from done
-        if len(buf) > 2 * MAX_EVENT_BYTES:
-            buf = b""
 
 
 def _last_chained(path: Path) -> tuple[int, str] | None:
