@@ -189,8 +189,9 @@ def test_required_webhook_fails_calls_closed_while_the_collector_is_down(
     collector.stop()
     st, a = d.authorize()
     assert st == 200, a
+    # The redeem's event and then its refusal's event each wait deliver_timeout_s.
     st, r = d.request("POST", "/v1/redeem", {"resolution_token": a["resolution_token"],
-                                             "arguments": {"title": "hello"}})
+                                             "arguments": {"title": "hello"}}, timeout=60)
     assert st == 503 and r["error"]["code"] == "audit_unavailable", r
     st, health = d.request("GET", "/v1/health")
     assert st == 503 and not health["audit"]["ok"]
