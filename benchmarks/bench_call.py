@@ -72,6 +72,10 @@ of the per-round ratios: both measured in the same round) of p50, calls/s and CP
 call, the shipped client against floor.py, Redis against SQLite, and the issue 13 targets
 next to them (raw c=1 p50 <= 1.5x floor, >= 3,000 calls/s at c=N, shipped client <= 2x
 floor.py at c=1, Redis <= 2x SQLite), marked met / NOT MET (printed, never asserted).
+With ``--before REV``, a daemon of REV's code per state store (``sqlite-before``,
+``redis-before``; its shipped-client bursts import REV's client) joins the rotation, and
+the summary adds this tree's after/before ratios, all measured in the same rounds as the
+floor: the before/after table and both ratios to the floor from one run.
 Last, untimed, ``strace -f -c`` is attached to each server (all threads) for a burst of
 ``--count-calls`` calls (default 300; 0 skips it) at c=1 and at c=N (at least 4 calls per
 connection), and fsync + fdatasync, futex and all syscalls per call are printed (ptrace
@@ -87,7 +91,7 @@ directory are cleaned up on every way out (also SIGTERM).
                                     [--concurrency 32] [--users 1] [--json]
     python benchmarks/bench_call.py --floor [--state both|sqlite|redis] [--rounds 4]
                                     [--calls 500] [--concurrency 32] [--count-calls 300]
-                                    [--audit-key] [--json]
+                                    [--before REV] [--audit-key] [--json]
 """
 
 from __future__ import annotations
@@ -300,7 +304,19 @@ def _raw_process(sock_path: str, tokens: list[str], concurrency: int, per_worker
     q.put((wall, lat))
 
 
-def _client_process(sock_path: str, tokens: list[str], n: int, q: Any) -> None:
+def _use_src(src: str | None) -> None:
+    """Import ``sidekey`` from ``src`` from now on (a ``--before`` revision's client): the
+    spawned process already imported this tree's package with this module."""
+    if src is None:
+        return
+    for name in [m for m in sys.modules if m == "sidekey" or m.startswith("sidekey.")]:
+        del sys.modules[name]
+    sys.path.insert(0, src)
+
+
+def _client_process(sock_path: str, tokens: list[str], n: int, q: Any,
+                    src: str | None = None) -> None:
+    _use_src(src)
     from sidekey.client import Client
 
     lat: list[float] = []
@@ -319,10 +335,12 @@ def _client_process(sock_path: str, tokens: list[str], n: int, q: Any) -> None:
     q.put((wall, lat))
 
 
-def _tool_call_process(sock_path: str, tokens: list[str], n: int, q: Any) -> None:
+def _tool_call_process(sock_path: str, tokens: list[str], n: int, q: Any,
+                       src: str | None = None) -> None:
     """``n`` sequential calls with the shipped client's ``tool_call`` context manager, the
     way an MCP server author is told to write one (authorize [+ redeem in the same request
     where the client does so] -> body -> release)."""
+    _use_src(src)
     from sidekey.client import Client
 
     lat: list[float] = []
@@ -338,13 +356,15 @@ def _tool_call_process(sock_path: str, tokens: list[str], n: int, q: Any) -> Non
     q.put((wall, lat))
 
 
-def run_in_process(target: Any, *args: Any, timeout: float = 600) -> tuple[float, list[float]]:
-    """Run ``target(*args, queue)`` in a fresh (spawned) process and return what it puts on
-    the queue; SystemExit if it dies first or takes over ``timeout`` seconds. The process
-    is killed on every way out (also an exception or a signal in this one)."""
+def run_in_process(target: Any, *args: Any, timeout: float = 600,
+                   src: str | None = None) -> tuple[float, list[float]]:
+    """Run ``target(*args, queue)`` (``target(*args, queue, src)`` when ``src`` is given: the
+    ``src/`` to import the client from) in a fresh (spawned) process and return what it
+    puts on the queue; SystemExit if it dies first or takes over ``timeout`` seconds. The
+    process is killed on every way out (also an exception or a signal in this one)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=target, args=(*args, q))
+    p = ctx.Process(target=target, args=(*args, q) if src is None else (*args, q, src))
     p.start()
     deadline = time.monotonic() + timeout
     try:
@@ -492,7 +512,7 @@ def main() -> int:
         epilog="Before/after in one run: --before REV runs REV's code and this tree's (with an "
                "audit key) side by side in alternating bursts. Against the floor in one run: "
                "--floor (SQLite and Redis daemons, floor_server.py, floor.py, strace syscall "
-               "counts). See the module docstring.")
+               "counts; with --before REV, REV's daemons too). See the module docstring.")
     ap.add_argument("--calls", type=int, default=None,
                     help="calls per run (default 2000); with --before or --floor, calls per "
                          "burst at c=1 (default 500; about twice as many at --concurrency)")
@@ -507,7 +527,9 @@ def main() -> int:
                          "(with --before: always, for the after daemon only)")
     ap.add_argument("--before", metavar="REV", default=None,
                     help="also run git revision REV's code (e.g. 7910066^) and compare, in "
-                         "alternating bursts, with this tree's (audit key configured)")
+                         "alternating bursts, with this tree's (audit key configured); with "
+                         "--floor: REV's daemon per state store (and REV's shipped client) "
+                         "join the floor run, which then prints after/before ratios too")
     ap.add_argument("--rounds", type=int, default=4,
                     help="with --before or --floor: alternating rounds at each concurrency "
                          "(default 4)")
@@ -532,8 +554,6 @@ def main() -> int:
                     help="with --floor: seconds any one burst or floor.py run may take "
                          "(default 300)")
     args = ap.parse_args()
-    if args.floor and args.before is not None:
-        ap.error("--floor and --before are separate comparisons: give one")
     if args.state is None:
         args.state = "both" if args.floor else "sqlite"
     if args.state == "both" and not args.floor:
@@ -554,7 +574,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminated)
     print(loadavg(), flush=True)
     if args.floor:
-        rc = floor_compare(args, warmup)
+        rc = floor_compare(args, warmup)  # with --before: REV's daemons join the run
     elif args.before is not None:
         rc = compare(args, warmup)
     else:
@@ -750,9 +770,10 @@ class Target:
     """One server driven by the raw client: the floor server or a sidekey daemon."""
 
     def __init__(self, name: str, proc: subprocess.Popen[bytes], sock: str, tokens: list[str],
-                 root: Path, redis: Any = None) -> None:
+                 root: Path, redis: Any = None, src: str | None = None) -> None:
         self.name, self.proc, self.sock, self.tokens = name, proc, sock, tokens
         self.root, self.redis = root, redis
+        self.src = src  # a --before revision's src/ (its daemon and its shipped client)
 
     @property
     def sidekey(self) -> bool:
@@ -979,6 +1000,28 @@ def floor_compare(args: argparse.Namespace, warmup: int) -> int:
             proc = spawn_daemon(root, [sys.executable, "-m", "sidekey", *serve_args(config)],
                                 env)
             targets.append(Target(state, proc, str(root / "run" / "sock"), tokens, root, redis))
+        if args.before is not None:
+            # REV's daemon (and REV's shipped client) next to this tree's, per state store:
+            # the before/after table comes from the same run as the floor's.
+            sha, before_src = extract_rev(args.before, base / "before-tree")
+            benv = code_env(before_src)
+            print(f"before: {args.before} = {sha[:12]} (PYTHONPATH {before_src}), as "
+                  f"{', '.join(s + '-before' for s in states)}", flush=True)
+            for state in states:
+                root = base / f"{state}-before"
+                root.mkdir()
+                config = setup(root)
+                redis = None
+                if state == "redis":
+                    redis = use_redis(root, config)
+                    redises.append(redis)
+                if args.audit_key:
+                    add_audit_key(root, config, benv)
+                tokens = user_tokens(root, args.users)
+                proc = spawn_daemon(root, [sys.executable, "-m", "sidekey",
+                                           *serve_args(config)], benv)
+                targets.append(Target(f"{state}-before", proc, str(root / "run" / "sock"),
+                                      tokens, root, redis, str(before_src)))
         for t in targets:
             warm_up(t.sock, t.tokens, conc, warmup, args.users)
         sidekeys = [t for t in targets if t.sidekey]
@@ -1018,7 +1061,7 @@ def floor_compare(args: argparse.Namespace, warmup: int) -> int:
                                      ("tool_call", _tool_call_process)):
                     cpu0 = tree_cpu_seconds(t.proc.pid)
                     wall, lat = run_in_process(target, t.sock, t.tokens, calls,
-                                               timeout=args.burst_timeout)
+                                               timeout=args.burst_timeout, src=t.src)
                     got = summarize(wall, lat, tree_cpu_seconds(t.proc.pid) - cpu0, 0.0)
                     results.setdefault((t.name, kind, 1), []).append(got)
                     cols.append(burst_text(f"{t.name} {kind}", got, 0))
@@ -1183,6 +1226,23 @@ def print_floor_summary(args: argparse.Namespace,
               f"{verdict(cl <= TARGET_CLIENT_P50)}, tool_call x{tc:.2f} -> "
               f"{verdict(tc <= TARGET_CLIENT_P50)}")
     names = [t.name for t in sidekeys]
+    for name in [n for n in names if f"{n}-before" in names]:
+        before = f"{name}-before"
+        ab = {"p50_c1": ratio((name, "raw", 1), (before, "raw", 1), 1),
+              "calls_s_c1": ratio((name, "raw", 1), (before, "raw", 1), 0),
+              f"p50_c{conc}": ratio((name, "raw", conc), (before, "raw", conc), 1),
+              f"calls_s_c{conc}": ratio((name, "raw", conc), (before, "raw", conc), 0),
+              "cpu_c1": ratio((name, "raw", 1), (before, "raw", 1), 3),
+              f"cpu_c{conc}": ratio((name, "raw", conc), (before, "raw", conc), 3),
+              "client_p50_c1": ratio((name, "client", 1), (before, "client", 1), 1),
+              "tool_call_p50_c1": ratio((name, "tool_call", 1), (before, "tool_call", 1), 1)}
+        summary[f"{name}_vs_before"] = {k: round(v, 3) for k, v in ab.items()}
+        print(f"  {name} after/before (median of per-round ratios): raw c=1 p50 "
+              f"x{ab['p50_c1']:.2f}, calls/s x{ab['calls_s_c1']:.2f}, CPU/call "
+              f"x{ab['cpu_c1']:.2f}; c={conc} p50 x{ab[f'p50_c{conc}']:.2f}, calls/s "
+              f"x{ab[f'calls_s_c{conc}']:.2f}, CPU/call x{ab[f'cpu_c{conc}']:.2f}; shipped "
+              f"client p50 x{ab['client_p50_c1']:.2f}, tool_call p50 "
+              f"x{ab['tool_call_p50_c1']:.2f}")
     if "sqlite" in names and "redis" in names:
         sq1, rd1 = ("sqlite", "raw", 1), ("redis", "raw", 1)
         sqn, rdn = ("sqlite", "raw", conc), ("redis", "raw", conc)
