@@ -159,14 +159,24 @@ def _status_field(raw: bytes, key: bytes) -> bytes:
     return raw[i:] if j < 0 else raw[i:j]
 
 
-def _proc_facts(dir_fd: int, *, with_start_time: bool = True) -> _ProcFacts:
+STATUS_READ_MAX = 64 * 1024  # room for a long Groups line
+
+
+def _proc_facts(dir_fd: int, *, with_start_time: bool = True,
+                status_fd: int | None = None) -> _ProcFacts:
     """Parse status (and stat) through a /proc/<pid> directory fd (ESRCH once it is gone).
 
     ``with_start_time=False`` skips the stat read (start time -1): a live pidfd already
     proves the process is the same one. This runs on every request above the anonymous
-    tier, so status is read once and searched, not split into lines.
+    tier, so status is read once and searched, not split into lines. ``status_fd``: an
+    open ``status`` of the same directory, re-read from offset 0 (a /proc seq_file
+    regenerates its text for a read at offset 0, and fails with ESRCH once the process
+    is reaped, like an open through the directory): one syscall instead of three.
     """
-    raw = _read_at(dir_fd, "status")  # 64 KiB: room for a long Groups line
+    if status_fd is None:
+        raw = _read_at(dir_fd, "status", STATUS_READ_MAX)
+    else:
+        raw = os.pread(status_fd, STATUS_READ_MAX, 0)
     uids = tuple(map(int, _status_field(raw, b"\nUid:").split()))
     gids = tuple(map(int, _status_field(raw, b"\nGid:").split()))
     groups = tuple(sorted(map(int, _status_field(raw, b"\nGroups:").split())))
@@ -265,12 +275,16 @@ def _gone(pid: int) -> Denied:
 class PeerHandle:
     """An attested connection peer: identity plus the means to re-verify it."""
 
-    __slots__ = ("_dir_fd", "_pidfd", "identity")
+    __slots__ = ("_dir_fd", "_pidfd", "_status_fd", "identity")
 
-    def __init__(self, identity: PeerIdentity, *, pidfd: int | None, dir_fd: int) -> None:
+    def __init__(self, identity: PeerIdentity, *, pidfd: int | None, dir_fd: int,
+                 status_fd: int | None = None) -> None:
         self.identity = identity
         self._pidfd = pidfd
         self._dir_fd = dir_fd
+        # /proc/<pid>/status of the same directory, kept open for the re-checks (see
+        # _proc_facts); None: opened through dir_fd at each re-check.
+        self._status_fd = status_fd
 
     def recheck(self) -> None:
         """Raise :class:`Denied` unless the attested process is still alive, unchanged.
@@ -293,7 +307,8 @@ class PeerHandle:
         if self._pidfd is not None and not _pidfd_alive(self._pidfd):
             raise _gone(ident.pid)
         try:
-            facts = _proc_facts(self._dir_fd, with_start_time=not pinned)
+            facts = _proc_facts(self._dir_fd, with_start_time=not pinned,
+                                status_fd=self._status_fd)
         except (OSError, KeyError, ValueError, IndexError):
             raise _gone(ident.pid) from None
         if facts.state in ("Z", "X") or (not pinned and facts.start_time != ident.start_time):
@@ -328,12 +343,13 @@ class PeerHandle:
             )
 
     def close(self) -> None:
-        for attr in ("_pidfd", "_dir_fd"):
+        for attr in ("_pidfd", "_dir_fd", "_status_fd"):
             fd = getattr(self, attr)
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._pidfd = None
+        self._status_fd = None
         self._dir_fd = -1
 
     def __enter__(self) -> PeerHandle:
@@ -371,10 +387,12 @@ def attest(sock: socket.socket, *, use_pidfd: bool = True) -> PeerHandle:
         raise Denied("the kernel reports no pid for this peer", code="peer_unattested")
     pidfd = _peer_pidfd(sock) if use_pidfd else None
     dir_fd = -1
+    status_fd: int | None = None
     try:
         try:
             dir_fd = os.open(f"{PROC}/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            facts = _proc_facts(dir_fd)
+            status_fd = os.open("status", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            facts = _proc_facts(dir_fd, status_fd=status_fd)
             try:
                 exe: str | None = os.readlink("exe", dir_fd=dir_fd)
                 exe_st = os.stat("exe", dir_fd=dir_fd)
@@ -414,12 +432,12 @@ def attest(sock: socket.socket, *, use_pidfd: bool = True) -> PeerHandle:
             exe_id=exe_id,
         )
     except BaseException:
-        for fd in (pidfd, dir_fd):
+        for fd in (pidfd, dir_fd, status_fd):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         raise
-    return PeerHandle(identity, pidfd=pidfd, dir_fd=dir_fd)
+    return PeerHandle(identity, pidfd=pidfd, dir_fd=dir_fd, status_fd=status_fd)
 
 
 # --------------------------------------------------------------------------- exe hashes

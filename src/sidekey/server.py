@@ -48,8 +48,9 @@ SERVER_HEADER = b"sidekey"
 OVERLOAD_REPLY_TIMEOUT_S = 1.0
 MAX_REFUSING = 64  # beyond this many 503 replies in flight, excess connections are just closed
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-# File descriptors one connection holds: the socket, the peer's pidfd and /proc/<pid> dir.
-FDS_PER_CONNECTION = 3
+# File descriptors one connection holds: the socket, the peer's pidfd, its /proc/<pid>
+# directory and that directory's status file (kept open for the re-checks, peer.py).
+FDS_PER_CONNECTION = 4
 FD_RESERVE = 256  # state store, audit, backends, refusals in progress
 
 
@@ -65,7 +66,7 @@ def _peer_uid(stream: trio.SocketStream) -> int:
 
 def _reserve_fds(max_connections: int) -> None:
     """Raise the soft RLIMIT_NOFILE so that max_connections connections fit (systemd's
-    default soft limit, 1024, is less than 512 connections x 3 fds): a full table must
+    default soft limit, 1024, is less than 512 connections x 4 fds): a full table must
     refuse with 503, not fail accept() or attestation with EMFILE."""
     needed = max_connections * FDS_PER_CONNECTION + MAX_REFUSING + FD_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
