@@ -505,6 +505,7 @@ class RedisStore:
         # None in the queue tells the thread to finish what is queued and stop.
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._io_thread: threading.Thread | None = None
+        self._io_conn: Any = None  # the I/O thread's own connection
         self.batches = 0  # pipelines sent by the I/O thread (for tests and benchmarks)
         self._gcra = client.register_script(_GCRA_LUA)
         self._counter = client.register_script(_COUNTER_LUA)
@@ -641,6 +642,9 @@ class RedisStore:
         if not op.done.is_set():
             raise self._failed(what, f"no answer within {self._timeout_s:g} s")
         if op.error is not None:
+            if isinstance(op.error, redis.TimeoutError):
+                # The I/O thread's socket timeout (also timeout_s) beat the deadline above.
+                raise self._failed(what, f"no answer within {self._timeout_s:g} s") from None
             if isinstance(op.error, (redis.RedisError, OSError)):
                 raise self._failed(what, f"{type(op.error).__name__}: {op.error}") from None
             raise op.error
@@ -660,45 +664,86 @@ class RedisStore:
     def _io_loop(self, client: redis.Redis) -> None:
         """The I/O thread: take what is queued, send it as one pipeline, wake the waiters;
         until the None that :meth:`aclose` queues (what was queued before it is sent)."""
+        # Its own connection (redis-py's pooled, per-command path costs about three times
+        # the CPU of a packed write and a read per reply), opened on first use and again
+        # after an error; a Pipeline only records each operation's command and options.
+        pool = client.connection_pool
+        conn = self._io_conn = pool.connection_class(**pool.connection_kwargs)
+        recorder = client.pipeline(transaction=False)
         q = self._queue
         stop = False
-        while not stop:
-            first = q.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = q.get_nowait()
-                except queue.Empty:
+        try:
+            while not stop:
+                first = q.get()
+                if first is None:
                     break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            live = [op for op in batch if not op.abandoned]
-            if live:
-                try:
-                    self._send(client, live)
-                except BaseException as exc:  # every waiter must hear of it, whatever it is
-                    for op in live:
-                        op.error = exc
-            by_token: dict[trio.lowlevel.TrioToken, list[_Op]] = {}
-            for op in batch:
-                by_token.setdefault(op.token, []).append(op)
-            for token, ops in by_token.items():
-                # A trio run that is over has nobody waiting.
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(_wake, ops)
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        nxt = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                live = [op for op in batch if not op.abandoned]
+                if live:
+                    try:
+                        self._send(client, conn, recorder, live)
+                    except BaseException as exc:  # every waiter must hear of it, whatever it is
+                        for op in live:
+                            op.error = exc
+                by_token: dict[trio.lowlevel.TrioToken, list[_Op]] = {}
+                for op in batch:
+                    by_token.setdefault(op.token, []).append(op)
+                for token, ops in by_token.items():
+                    # A trio run that is over has nobody waiting.
+                    with contextlib.suppress(trio.RunFinishedError):
+                        token.run_sync_soon(_wake, ops)
+        finally:
+            conn.disconnect()
 
-    def _send(self, client: redis.Redis, ops: list[_Op]) -> None:
+    @staticmethod
+    def _exchange(client: redis.Redis, conn: Any, commands: list[tuple[Any, Any]]) -> list[Any]:
+        """Write ``commands`` at once, read one reply each (redis-py's parsing and
+        response callbacks). An error reply is that command's answer; a connection error
+        drops the connection (the next exchange reconnects) and raises."""
+        # A connection the server closed (a Redis restart) or with stray data is replaced
+        # before it is used, as the pool does at checkout: one poll, no round trip.
+        try:
+            stale = conn.can_read(timeout=0)
+        except redis.ConnectionError:
+            stale = True
+        if stale:
+            conn.disconnect()
+        parse: Callable[..., Any] = client.parse_response
+        try:
+            conn.send_packed_command(conn.pack_commands([args for args, _ in commands]),
+                                     check_health=False)
+            answers: list[Any] = []
+            for args, options in commands:
+                try:
+                    answers.append(parse(conn, args[0], **options))
+                except redis.ResponseError as exc:
+                    answers.append(exc)
+            return answers
+        except BaseException:
+            conn.disconnect()  # replies may be pending: never reuse the stream
+            raise
+
+    def _send(self, client: redis.Redis, conn: Any, recorder: Pipeline, ops: list[_Op]) -> None:
         """One pipeline for ``ops`` (queue order); each gets its own answer or error. A
-        connection error raises (the caller fails every op; redis-py dropped the
-        connection, the next batch reconnects)."""
-        pipe = client.pipeline(transaction=False)
+        connection error raises (the caller fails every op)."""
+        commands: list[tuple[Any, Any]] = []
         for op in ops:
-            op.add(pipe)
-        answers = pipe.execute(raise_on_error=False)
+            recorder.command_stack = []
+            op.add(recorder)
+            if len(recorder.command_stack) != 1:
+                raise RuntimeError("a pipelined store operation must be exactly one command")
+            commands.append(recorder.command_stack[0])
+        recorder.command_stack = []
+        answers = self._exchange(client, conn, commands)
         self.batches += 1
         again: list[_Op] = []
         for op, answer in zip(ops, answers, strict=True):
@@ -710,13 +755,14 @@ class RedisStore:
                 op.result = answer
         if not again:
             return
-        pipe = client.pipeline(transaction=False)
         scripts = {op.script.sha: op.script for op in again if op.script is not None}
-        for script in scripts.values():
-            pipe.script_load(script.script)
+        commands = [(("SCRIPT LOAD", script.script), {}) for script in scripts.values()]
         for op in again:
-            op.add(pipe)
-        answers = pipe.execute(raise_on_error=False)[len(scripts):]
+            recorder.command_stack = []
+            op.add(recorder)
+            commands.append(recorder.command_stack[0])
+        recorder.command_stack = []
+        answers = self._exchange(client, conn, commands)[len(scripts):]
         self.batches += 1
         for op, answer in zip(again, answers, strict=True):
             if isinstance(answer, Exception):
@@ -1260,6 +1306,8 @@ class RedisStore:
         def close() -> None:
             if io_thread is not None:
                 io_thread.join(self._timeout_s)
+                if self._io_conn is not None:
+                    self._io_conn.disconnect()  # a thread still stuck on it gets an error
             client.close()
             pool.disconnect()
 
