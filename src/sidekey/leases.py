@@ -23,11 +23,12 @@ import heapq
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from typing import Protocol, runtime_checkable
 
 import trio
 
 from .encoding import random_hex
-from .protocol import Conflict, NotFound
+from .protocol import Conflict, Denied, NotFound
 from .store import MAX_UNAUDITED_LISTED, LeaseRecord, StateStore, StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,21 @@ def new_lease_id() -> str:
     return f"lse_{random_hex()}"
 
 
+@runtime_checkable
+class HeldLeaseEnder(Protocol):
+    """A store that reads a lease, checks its holder and ends it in one atomic step (one
+    round trip): :meth:`sidekey.store.redis.RedisStore.end_lease_held`. Other stores get
+    the same checks as a read followed by a compare-and-set."""
+
+    async def end_lease_held(
+        self, lease_id: str, to_state: str, *, at: float, holder: tuple[int, int] | None
+    ) -> tuple[str, LeaseRecord | None]: ...
+
+
+def _not_holder() -> Denied:
+    return Denied("only the process holding the lease may release it", code="peer_mismatch")
+
+
 class LeaseManager:
     """Creates, ends and expires leases. Expiry events go to ``on_expired``."""
 
@@ -72,6 +88,7 @@ class LeaseManager:
         self._wakeup = trio.Event()
         self._unreported: set[str] = set()
         self.active_count = 0
+        self._end_held = store.end_lease_held if isinstance(store, HeldLeaseEnder) else None
 
     async def create(self, rec: LeaseRecord) -> None:
         await self._store.put_lease(rec)
@@ -96,6 +113,31 @@ class LeaseManager:
             raise Conflict("lease changed state concurrently", code="lease_conflict")
         self.active_count = max(0, self.active_count - 1)
         return dataclasses.replace(rec, state=to_state, ended_at=now)
+
+    async def end_held(
+        self, lease_id: str, to_state: str, *, holder: tuple[int, int] | None
+    ) -> tuple[LeaseRecord, LeaseRecord]:
+        """End the active lease ``lease_id`` as ``to_state`` if ``holder`` (peer uid, pid;
+        None: anyone, e.g. an admin) holds it. Returns (the lease as it was, as it is
+        now). 404 ``lease_not_found``, 403 ``peer_mismatch`` (checked before the state,
+        nothing changes), 409 as :meth:`end`."""
+        if self._end_held is None:
+            rec = await self.get(lease_id)
+            if holder is not None and (rec.peer_uid, rec.peer_pid) != holder:
+                raise _not_holder()
+            return rec, await self.end(rec, to_state)
+        check_transition(ACTIVE, to_state)
+        now = self._clock()
+        outcome, found = await self._end_held(lease_id, to_state, at=now, holder=holder)
+        if found is None:
+            raise NotFound("no such lease", code="lease_not_found")
+        if outcome == "not_holder":
+            raise _not_holder()
+        if outcome != "ended":
+            check_transition(found.state, to_state)  # raises: it is no longer active
+            raise Conflict("lease changed state concurrently", code="lease_conflict")
+        self.active_count = max(0, self.active_count - 1)
+        return found, dataclasses.replace(found, state=to_state, ended_at=now)
 
     async def audited(self, lease_id: str) -> None:
         """Record that the lease's end event is durable. Never raises for a store outage:

@@ -490,12 +490,12 @@ class Calls(Context):
 
     async def release(self, req: Request) -> Response:
         body: ReleaseRequest = protocol.decode_body(req.body, ReleaseRequest)
-        rec = await self.leases.get(body.lease_id)
         ident = req.peer.identity
         _, tier = self._peer_facts(req)
-        if (rec.peer_uid, rec.peer_pid) != (ident.uid, ident.pid) and not tier_allows(tier, "admin"):
-            raise Denied("only the process holding the lease may release it", code="peer_mismatch")
-        ended = await self.leases.end(rec, RELEASED)
+        # Read, holder check (an admin may release any lease) and compare-and-set in one
+        # store step where the store can (Redis: one script, one round trip).
+        holder = None if tier_allows(tier, "admin") else (ident.uid, ident.pid)
+        rec, ended = await self.leases.end_held(body.lease_id, RELEASED, holder=holder)
         await self._end_lease_backends(rec.lease_id)
         call = self._calls.pop(rec.lease_id, None)
         arguments, call_auth, call_policy = call.decoded() if call is not None else (None, None, None)

@@ -5,14 +5,29 @@ Every check-and-update is one Lua script (``EVALSHA`` through redis-py's
 atomic across hosts: a jti burned on host A is refused on host B, and the per-user
 limits are one aggregate for all hosts.
 
-Why the sync client in worker threads: the daemon runs on trio and ``redis.asyncio``
-needs asyncio. Each call runs ``trio.to_thread.run_sync`` behind a
-:class:`trio.CapacityLimiter` (as many threads as pooled connections) inside
-``trio.fail_after(timeout_s)``, with ``abandon_on_cancel=True``: a Redis that stops
-answering costs the caller ``timeout_s`` and a :class:`StateUnavailable`, never a hang.
-The abandoned thread ends when its socket timeout (also ``timeout_s``) fires. redis-py
-does not retry: a retried script that did run once (an INCRBY, a GCRA step) would
-count twice.
+Why the sync client: the daemon runs on trio and ``redis.asyncio`` needs asyncio; the
+trio clients found (redtrio, trio_redis) are small, alpha and unmaintained. So:
+
+* The request path's operations (one command or one Lua script each: burn, lease
+  insert/transition/read, quota batch, approvals, journal writes, rotation notices) go
+  to **one I/O thread per store** through a queue. The thread takes everything queued
+  (at most :data:`MAX_BATCH`), sends it as ONE pipeline (``transaction=False``, in
+  queue order), and wakes each waiter with its own result or error through one
+  ``run_sync_soon`` per batch. Concurrent requests share round trips (group
+  pipelining) and pay one thread hand-off per batch, not one per operation. A Lua error
+  fails only its own operation; a connection error fails the whole batch (each waiter
+  gets :class:`StateUnavailable`, the connection is dropped and the next batch
+  reconnects). After a Redis restart, scripts answering ``NOSCRIPT`` (they did not
+  run) are loaded and sent again in one more round trip.
+* Multi-step reads and maintenance (listing leases, purge, backend-lease bookkeeping)
+  run as before: ``trio.to_thread.run_sync`` on a pooled connection behind a
+  :class:`trio.CapacityLimiter`, so a long purge never holds up the request path.
+
+Either way a caller waits at most ``timeout_s``: a Redis that stops answering costs it
+``timeout_s`` and a :class:`StateUnavailable`, never a hang (the I/O thread's socket
+timeout is also ``timeout_s``; an operation given up before it was sent is not sent).
+redis-py does not retry: a retried script that did run once (an INCRBY, a GCRA step)
+would count twice.
 
 Keys (all under the configured prefix, e.g. ``sidekey:``)::
 
@@ -45,9 +60,12 @@ and it is scrubbed from any error message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -57,7 +75,9 @@ import msgspec
 import redis
 import trio
 from redis.backoff import NoBackoff
+from redis.client import Pipeline
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from . import (
@@ -90,6 +110,9 @@ DEFAULT_PREFIX = "sidekey:"
 DEFAULT_TIMEOUT_S = 2.0
 # Worker threads = pooled connections: enough for a busy host, bounded.
 DEFAULT_MAX_CONNECTIONS = 16
+# The I/O thread sends at most this many queued operations in one pipeline (bounds the
+# request it writes and the replies it holds; the rest go in the next round trip).
+MAX_BATCH = 256
 # A burned jti is kept at least this long, even if its expiry is already past (Redis
 # would drop a key whose PXAT is in the past at once, and the burn would not hold).
 JTI_MIN_KEEP_S = 60.0
@@ -260,6 +283,34 @@ redis.call('PEXPIREAT', KEYS[1], math.floor((last + tonumber(ARGV[5])) * 1000))
 return 1
 """
 
+_END_HELD_LUA = """
+-- release in one round trip: read the lease, check its holder, end it if active.
+-- KEYS lease hash, leases:active, leases:<to>, leases:ended, leases:unaudited
+-- ARGV lease_id, to, at, safety ttl in seconds, the caller's clock, holder uid and pid
+-- ('' = anyone may end it). Returns {outcome} or {outcome, data, state, ended_at}:
+-- 0 no such lease, 1 ended now (state, ended_at as before), 2 not the holder (nothing
+-- changed), 3 not active (nothing changed). data is the _LeaseData JSON array: peer_pid
+-- is its 10th element, peer_uid its 11th.
+local f = redis.call('HMGET', KEYS[1], 'data', 'state', 'ended_at', 'expires_at')
+if not f[1] then return {0} end
+if ARGV[6] ~= '' then
+  local d = cjson.decode(f[1])
+  if d[11] ~= tonumber(ARGV[6]) or d[10] ~= tonumber(ARGV[7]) then
+    return {2, f[1], f[2], f[3] or ''}
+  end
+end
+if f[2] ~= 'active' then return {3, f[1], f[2], f[3] or ''} end
+local at = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'ended_at', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], f[4], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+local last = math.max(tonumber(f[4]), at, tonumber(ARGV[5]))
+redis.call('PEXPIREAT', KEYS[1], math.floor((last + tonumber(ARGV[4])) * 1000))
+return {1, f[1], f[2], f[3] or ''}
+"""
+
 _PURGE_LEASE_LUA = """
 -- KEYS lease hash, leases:ended, then every leases:<state>; ARGV lease_id, cutoff.
 -- Deletes the lease if it is still ended before cutoff (or already gone).
@@ -341,6 +392,31 @@ return redis.call('DEL', KEYS[1])
 """
 
 
+class _Op:
+    """One request-path operation queued for the I/O thread: ``add`` appends its one
+    command to a pipeline (again after a ``NOSCRIPT``); the thread sets ``result`` or
+    ``error`` and the waiter's ``done`` is set on the trio thread."""
+
+    __slots__ = ("abandoned", "add", "done", "error", "result", "script", "token")
+
+    def __init__(self, add: Callable[[Pipeline], object], script: Script | None,
+                 token: trio.lowlevel.TrioToken) -> None:
+        self.add = add
+        self.script = script  # loaded and the op sent again if Redis answers NOSCRIPT
+        self.token = token
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        # Set by a waiter that gave up (deadline, cancellation): not sent if not yet sent.
+        self.abandoned = False
+
+
+def _wake(ops: list[_Op]) -> None:
+    """On the trio thread: wake every waiter of a finished batch."""
+    for op in ops:
+        op.done.set()
+
+
 class _LeaseData(msgspec.Struct, frozen=True, array_like=True):
     """The immutable part of a lease, as one JSON array in the hash's ``data`` field."""
 
@@ -356,6 +432,9 @@ class _LeaseData(msgspec.Struct, frozen=True, array_like=True):
     peer_pid: int
     peer_uid: int
 
+
+# _END_HELD_LUA's first answer.
+_END_OUTCOMES = {0: "not_found", 1: "ended", 2: "not_holder", 3: "not_active"}
 
 _lease_data_encoder = msgspec.json.Encoder()
 _lease_data_decoder = msgspec.json.Decoder(_LeaseData)
@@ -422,12 +501,19 @@ class RedisStore:
         self._healthy = True
         self._last_error: str | None = None
         self._purged = 0
+        # The request path's I/O thread (started by the first operation) and its queue;
+        # None in the queue tells the thread to finish what is queued and stop.
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._io_thread: threading.Thread | None = None
+        self._io_conn: Any = None  # the I/O thread's own connection
+        self.batches = 0  # pipelines sent by the I/O thread (for tests and benchmarks)
         self._gcra = client.register_script(_GCRA_LUA)
         self._counter = client.register_script(_COUNTER_LUA)
         self._session = client.register_script(_SESSION_LUA)
         self._quota = client.register_script(_QUOTA_LUA)
         self._put_lease = client.register_script(_PUT_LEASE_LUA)
         self._transition = client.register_script(_TRANSITION_LUA)
+        self._end_held = client.register_script(_END_HELD_LUA)
         self._purge_lease = client.register_script(_PURGE_LEASE_LUA)
         self._journal = client.register_script(_JOURNAL_LUA)
         self._intent = client.register_script(_INTENT_LUA)
@@ -532,6 +618,158 @@ class RedisStore:
             self._last_error = None
         return result
 
+    async def _pipelined(
+        self, what: str, add: Callable[[Pipeline], object], script: Script | None = None
+    ) -> Any:
+        """Queue one command for the I/O thread and wait (at most the timeout) for its
+        answer; translate errors like :meth:`_run`."""
+        client = self._client
+        if client is None:
+            raise StateUnavailable("state store is closed")
+        op = _Op(add, script, trio.lowlevel.current_trio_token())
+        if self._io_thread is None:
+            self._io_thread = threading.Thread(
+                target=self._io_loop, args=(client,), name="sidekey-redis-io", daemon=True
+            )
+            self._io_thread.start()
+        self._queue.put(op)
+        try:
+            with trio.move_on_after(self._timeout_s):
+                await op.done.wait()
+        finally:
+            if not op.done.is_set():
+                op.abandoned = True  # not sent if the thread has not taken it yet
+        if not op.done.is_set():
+            raise self._failed(what, f"no answer within {self._timeout_s:g} s")
+        if op.error is not None:
+            if isinstance(op.error, redis.TimeoutError):
+                # The I/O thread's socket timeout (also timeout_s) beat the deadline above.
+                raise self._failed(what, f"no answer within {self._timeout_s:g} s") from None
+            if isinstance(op.error, (redis.RedisError, OSError)):
+                raise self._failed(what, f"{type(op.error).__name__}: {op.error}") from None
+            raise op.error
+        if not self._healthy:
+            log.warning("state store works again")
+            self._healthy = True
+            self._last_error = None
+        return op.result
+
+    async def _script_op(self, what: str, script: Script, keys: list[str], args: list[_Arg]) -> Any:
+        """``script(keys, args)`` through the I/O thread (``EVALSHA``; ``NOSCRIPT``: loaded
+        and sent again)."""
+        return await self._pipelined(
+            what, lambda p: p.evalsha(script.sha, len(keys), *keys, *args), script
+        )
+
+    def _io_loop(self, client: redis.Redis) -> None:
+        """The I/O thread: take what is queued, send it as one pipeline, wake the waiters;
+        until the None that :meth:`aclose` queues (what was queued before it is sent)."""
+        # Its own connection (redis-py's pooled, per-command path costs about three times
+        # the CPU of a packed write and a read per reply), opened on first use and again
+        # after an error; a Pipeline only records each operation's command and options.
+        pool = client.connection_pool
+        conn = self._io_conn = pool.connection_class(**pool.connection_kwargs)
+        recorder = client.pipeline(transaction=False)
+        q = self._queue
+        stop = False
+        try:
+            while not stop:
+                first = q.get()
+                if first is None:
+                    break
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        nxt = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                live = [op for op in batch if not op.abandoned]
+                if live:
+                    try:
+                        self._send(client, conn, recorder, live)
+                    except BaseException as exc:  # every waiter must hear of it, whatever it is
+                        for op in live:
+                            op.error = exc
+                by_token: dict[trio.lowlevel.TrioToken, list[_Op]] = {}
+                for op in batch:
+                    by_token.setdefault(op.token, []).append(op)
+                for token, ops in by_token.items():
+                    # A trio run that is over has nobody waiting.
+                    with contextlib.suppress(trio.RunFinishedError):
+                        token.run_sync_soon(_wake, ops)
+        finally:
+            conn.disconnect()
+
+    @staticmethod
+    def _exchange(client: redis.Redis, conn: Any, commands: list[tuple[Any, Any]]) -> list[Any]:
+        """Write ``commands`` at once, read one reply each (redis-py's parsing and
+        response callbacks). An error reply is that command's answer; a connection error
+        drops the connection (the next exchange reconnects) and raises."""
+        # A connection the server closed (a Redis restart) or with stray data is replaced
+        # before it is used, as the pool does at checkout: one poll, no round trip.
+        try:
+            stale = conn.can_read(timeout=0)
+        except redis.ConnectionError:
+            stale = True
+        if stale:
+            conn.disconnect()
+        parse: Callable[..., Any] = client.parse_response
+        try:
+            conn.send_packed_command(conn.pack_commands([args for args, _ in commands]),
+                                     check_health=False)
+            answers: list[Any] = []
+            for args, options in commands:
+                try:
+                    answers.append(parse(conn, args[0], **options))
+                except redis.ResponseError as exc:
+                    answers.append(exc)
+            return answers
+        except BaseException:
+            conn.disconnect()  # replies may be pending: never reuse the stream
+            raise
+
+    def _send(self, client: redis.Redis, conn: Any, recorder: Pipeline, ops: list[_Op]) -> None:
+        """One pipeline for ``ops`` (queue order); each gets its own answer or error. A
+        connection error raises (the caller fails every op)."""
+        commands: list[tuple[Any, Any]] = []
+        for op in ops:
+            recorder.command_stack = []
+            op.add(recorder)
+            if len(recorder.command_stack) != 1:
+                raise RuntimeError("a pipelined store operation must be exactly one command")
+            commands.append(recorder.command_stack[0])
+        recorder.command_stack = []
+        answers = self._exchange(client, conn, commands)
+        self.batches += 1
+        again: list[_Op] = []
+        for op, answer in zip(ops, answers, strict=True):
+            if isinstance(answer, NoScriptError) and op.script is not None:
+                again.append(op)  # the script did not run (Redis restarted): load, resend
+            elif isinstance(answer, Exception):
+                op.error = answer
+            else:
+                op.result = answer
+        if not again:
+            return
+        scripts = {op.script.sha: op.script for op in again if op.script is not None}
+        commands = [(("SCRIPT LOAD", script.script), {}) for script in scripts.values()]
+        for op in again:
+            recorder.command_stack = []
+            op.add(recorder)
+            commands.append(recorder.command_stack[0])
+        recorder.command_stack = []
+        answers = self._exchange(client, conn, commands)[len(scripts):]
+        self.batches += 1
+        for op, answer in zip(again, answers, strict=True):
+            if isinstance(answer, Exception):
+                op.error = answer
+            else:
+                op.result = answer
+
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}:{name}"
 
@@ -552,15 +790,14 @@ class RedisStore:
 
     async def ping(self) -> None:
         """One round trip to Redis (readiness at start). Raises StateUnavailable."""
-        await self._run("ping", lambda c: c.ping())
+        await self._pipelined("ping", lambda p: p.ping())
 
     async def burn_jti(self, jti: str, expires_at: float) -> bool:
         """Atomically burn ``jti`` (``SET NX PXAT``): True if newly burned, False on a replay."""
         keep_until = max(float(expires_at), self._clock() + JTI_MIN_KEEP_S)
         key = self._key("jti", jti)
-        result = await self._run(
-            "burn_jti", lambda c: c.set(key, b"1", nx=True, pxat=_ms(keep_until))
-        )
+        pxat = _ms(keep_until)
+        result = await self._pipelined("burn_jti", lambda p: p.set(key, b"1", nx=True, pxat=pxat))
         return bool(result)
 
     async def put_lease(self, rec: LeaseRecord) -> None:
@@ -596,7 +833,7 @@ class RedisStore:
             _num(rec.expires_at),
             _ms(last + self._safety_ttl_s),
         ]
-        created = await self._run("put_lease", lambda c: self._put_lease(keys, args, client=c))
+        created = await self._script_op("put_lease", self._put_lease, keys, args)
         if not created:
             raise StateUnavailable(f"lease {rec.lease_id} already exists")
 
@@ -621,10 +858,44 @@ class RedisStore:
             _num(self._safety_ttl_s),
             _num(self._clock()),
         ]
-        done = await self._run(
-            "transition_lease", lambda c: self._transition(keys, args, client=c)
-        )
+        done = await self._script_op("transition_lease", self._transition, keys, args)
         return bool(done)
+
+    async def end_lease_held(
+        self, lease_id: str, to_state: str, *, at: float, holder: tuple[int, int] | None
+    ) -> tuple[str, LeaseRecord | None]:
+        """Release in one round trip (one Lua script): read the lease, check that
+        ``holder`` (peer uid, pid; None: anyone) holds it, and move it from active to
+        ``to_state`` (``ended_at = at``, marked unaudited, as :meth:`transition_lease`).
+
+        Returns ``(outcome, lease as it was before)``: ``"ended"``, ``"not_holder"`` or
+        ``"not_active"`` (nothing changed), or ``("not_found", None)``."""
+        if to_state not in LEASE_STATES or to_state == "active":
+            raise ValueError(f"cannot end a lease as {to_state!r}")
+        keys = [
+            self._lease_key(lease_id),
+            self._state_key("active"),
+            self._state_key(to_state),
+            self._key("leases", "ended"),
+            self._key("leases", "unaudited"),
+        ]
+        args: list[_Arg] = [
+            lease_id,
+            to_state,
+            _num(at),
+            _num(self._safety_ttl_s),
+            _num(self._clock()),
+            "" if holder is None else int(holder[0]),
+            "" if holder is None else int(holder[1]),
+        ]
+        raw = await self._script_op("end_lease_held", self._end_held, keys, args)
+        outcome = _END_OUTCOMES.get(int(raw[0]))
+        if outcome is None:
+            raise StateUnavailable(f"state store answered end_lease_held with {raw[0]!r}")
+        if outcome == "not_found":
+            return outcome, None
+        rec = self._decode_lease(lease_id, {b"data": raw[1], b"state": raw[2], b"ended_at": raw[3]})
+        return outcome, rec
 
     @staticmethod
     def _decode_lease(lease_id: str, fields: dict[Any, Any]) -> LeaseRecord | None:
@@ -651,7 +922,7 @@ class RedisStore:
 
     async def get_lease(self, lease_id: str) -> LeaseRecord | None:
         key = self._lease_key(lease_id)
-        fields = await self._run("get_lease", lambda c: c.hgetall(key))
+        fields = await self._pipelined("get_lease", lambda p: p.hgetall(key))
         return self._decode_lease(lease_id, fields)
 
     async def leases_in_state(self, state: str) -> list[LeaseRecord]:
@@ -676,7 +947,7 @@ class RedisStore:
 
     async def mark_lease_audited(self, lease_id: str) -> None:
         key = self._key("leases", "unaudited")
-        await self._run("mark_lease_audited", lambda c: c.zrem(key, lease_id))
+        await self._pipelined("mark_lease_audited", lambda p: p.zrem(key, lease_id))
 
     async def leases_unaudited(self, *, limit: int = MAX_UNAUDITED_LISTED) -> list[LeaseRecord]:
         index = self._key("leases", "unaudited")
@@ -713,7 +984,7 @@ class RedisStore:
             intent = self._bl_member(backend, intent_id)
             keys += [self._key("bi", intent), self._key("bi", "open")]
             args.append(intent)
-        await self._run("journal_backend_lease", lambda c: self._journal(keys, args, client=c))
+        await self._script_op("journal_backend_lease", self._journal, keys, args)
 
     async def journal_backend_intent(
         self, backend: str, intent_id: str, prefix: str, *, at: float, deadline: float
@@ -722,7 +993,7 @@ class RedisStore:
         keys = [self._key("bi", member), self._key("bi", "open")]
         args: list[_Arg] = [member, backend, intent_id, prefix, _num(at), _num(deadline),
                             _ms(max(float(at), self._clock()) + LEASE_RETENTION_S)]
-        await self._run("journal_backend_intent", lambda c: self._intent(keys, args, client=c))
+        await self._script_op("journal_backend_intent", self._intent, keys, args)
 
     async def backend_intent_done(self, backend: str, intent_id: str) -> None:
         member = self._bl_member(backend, intent_id)
@@ -789,7 +1060,7 @@ class RedisStore:
         member = self._bl_member(backend, backend_lease_id)
         keys = [self._bl_key(member), self._key("bl", "open"), self._key("bl", "revoked")]
         args: list[_Arg] = [member, _num(at), _ms(max(float(at), self._clock()) + self._safety_ttl_s)]
-        await self._run("backend_lease_revoked", lambda c: self._revoke(keys, args, client=c))
+        await self._script_op("backend_lease_revoked", self._revoke, keys, args)
 
     async def open_backend_leases(self, lease_id: str | None = None) -> list[tuple[str, str, str | None]]:
         open_key = self._key("bl", "open")
@@ -817,14 +1088,14 @@ class RedisStore:
         check_rate_args(limit, period_s, cost)
         keys = [self._key("rl", key)]
         args: list[_Arg] = [limit, _num(period_s), _num(now), cost, _num(GCRA_EPSILON_S)]
-        allowed, retry = await self._run("rate_check", lambda c: self._gcra(keys, args, client=c))
+        allowed, retry = await self._script_op("rate_check", self._gcra, keys, args)
         return bool(allowed), float(_text(retry))
 
     async def counter_incr(self, key: str, *, amount: int = 1, expires_at: float) -> int:
         """Add ``amount`` to counter ``key``; return the new value (``INCRBY``, ``PEXPIREAT``)."""
         keys = [self._key("ctr", key)]
         args: list[_Arg] = [int(amount), _ms(expires_at)]
-        value = await self._run("counter_incr", lambda c: self._counter(keys, args, client=c))
+        value = await self._script_op("counter_incr", self._counter, keys, args)
         return int(value)
 
     async def session_touch(
@@ -834,9 +1105,7 @@ class RedisStore:
         check_session_args(idle_s, max_sessions)
         keys = [self._key("sess", user)]
         args: list[_Arg] = [session_id, _num(now), _num(float(now) + float(idle_s)), max_sessions]
-        allowed, count = await self._run(
-            "session_touch", lambda c: self._session(keys, args, client=c)
-        )
+        allowed, count = await self._script_op("session_touch", self._session, keys, args)
         return bool(allowed), int(count)
 
     async def quota_apply(self, ops: Sequence[QuotaOp], *, now: float) -> list[QuotaAnswer]:
@@ -856,7 +1125,7 @@ class RedisStore:
             else:
                 keys.append(self._key("sess", op.user))
                 args += ["s", op.session_id, _num(op.idle_s), op.max_sessions]
-        raw = await self._run("quota_apply", lambda c: self._quota(keys, args, client=c))
+        raw = await self._script_op("quota_apply", self._quota, keys, args)
         answers: list[QuotaAnswer] = []
         for op, item in zip(ops, raw, strict=False):
             if isinstance(op, RateOp):
@@ -869,20 +1138,22 @@ class RedisStore:
 
     async def note_rotation(self, payload: str, *, at: float) -> None:
         key = self._key("rotations", "all")
-        await self._run("note_rotation", lambda c: c.xadd(
-            key, {"payload": payload, "at": _num(at)}, maxlen=MAX_NOTICES_KEPT, approximate=True))
+        at_s = _num(at)
+        await self._pipelined("note_rotation", lambda p: p.xadd(
+            key, {"payload": payload, "at": at_s}, maxlen=MAX_NOTICES_KEPT, approximate=True))
 
     async def rotation_cursor(self) -> str:
         key = self._key("rotations", "all")
-        newest = await self._run("rotation_cursor", lambda c: c.xrevrange(key, "+", "-", count=1))
+        newest = await self._pipelined(
+            "rotation_cursor", lambda p: p.xrevrange(key, "+", "-", count=1))
         return _text(newest[0][0]) if newest else "0-0"
 
     async def rotations_after(self, cursor: str) -> tuple[list[str], str]:
         if not _STREAM_ID.fullmatch(cursor):
             raise ValueError(f"not a rotation cursor: {cursor[:40]!r}")
         key = self._key("rotations", "all")
-        entries = await self._run(
-            "rotations_after", lambda c: c.xrange(key, f"({cursor}", "+", count=MAX_NOTICES_READ))
+        entries = await self._pipelined(
+            "rotations_after", lambda p: p.xrange(key, f"({cursor}", "+", count=MAX_NOTICES_READ))
         if not entries:
             return [], cursor
         payloads = [_text(fields[b"payload"]) for _, fields in entries if fields]
@@ -898,22 +1169,21 @@ class RedisStore:
             _num(approval.created_at.timestamp()),
             _ms(approval.expires_at.timestamp() + APPROVAL_RETENTION_S),
         ]
-        created = await self._run("put_approval", lambda c: self._put_approval(keys, args, client=c))
+        created = await self._script_op("put_approval", self._put_approval, keys, args)
         if not created:
             raise StateUnavailable(f"approval {approval.id} already exists")
 
     async def get_approval(self, approval_id: str) -> Approval | None:
         key = self._key("apr", approval_id)
-        data = await self._run("get_approval", lambda c: c.hget(key, "data"))
+        data = await self._pipelined("get_approval", lambda p: p.hget(key, "data"))
         return None if data is None else decode_approval(data)
 
     async def transition_approval(self, approval: Approval, *, from_state: str) -> bool:
         """Compare-and-set on ``state``: store ``approval`` if the stored one is in ``from_state``."""
         keys = [self._key("apr", approval.id)]
         args: list[_Arg] = [from_state, approval.state, encode_approval(approval)]
-        done = await self._run(
-            "transition_approval", lambda c: self._transition_approval(keys, args, client=c)
-        )
+        done = await self._script_op(
+            "transition_approval", self._transition_approval, keys, args)
         return bool(done)
 
     async def list_approvals(
@@ -1022,13 +1292,22 @@ class RedisStore:
         }
 
     async def aclose(self) -> None:
-        """Close every pooled connection (in a worker thread: it may block on a socket)."""
+        """Stop taking operations, let the I/O thread send what is queued (bounded by the
+        timeout), then close every pooled connection (in a worker thread: it may block on
+        a socket)."""
         client, self._client = self._client, None
         if client is None:
             return
         pool = self._pool
+        io_thread, self._io_thread = self._io_thread, None
+        if io_thread is not None:
+            self._queue.put(None)
 
         def close() -> None:
+            if io_thread is not None:
+                io_thread.join(self._timeout_s)
+                if self._io_conn is not None:
+                    self._io_conn.disconnect()  # a thread still stuck on it gets an error
             client.close()
             pool.disconnect()
 
