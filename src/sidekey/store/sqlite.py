@@ -39,6 +39,7 @@ sqlite3 errors are translated once, here, into :class:`StateUnavailable`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -47,7 +48,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import trio
@@ -100,6 +101,15 @@ WAL_POLL_S = 0.25
 # this store's own statements are held at the gate: the most the gate stays shut on a
 # lock, beyond the checkpoint's own copy and fsync.
 TRUNCATE_BUSY_TIMEOUT_MS = 500
+# Group commit (see the module docstring): at most this many operations share one
+# transaction, and at most MAX_QUEUED_OPS wait for the writer (each is a caller awaiting
+# it, so the daemon's connection cap bounds this first; beyond it, fail closed).
+MAX_BATCH_OPS = 256
+MAX_QUEUED_OPS = 10_000
+# "auto": an operation that finds the writer idle and no other trio task runnable runs
+# inline on the trio thread (a thread hop would cost more than the statement); "never":
+# every operation goes through the writer thread.
+CommitMode = Literal["auto", "never"]
 # PRAGMA quick_check (b-tree structure, record format, NOT NULL; O(database size)) at
 # open and then this often from the maintenance task: a damaged page that no point
 # query happens to touch still turns the health check red.
@@ -234,6 +244,26 @@ _SELECT_LEASES_UNAUDITED = (
     "WHERE end_audited = 0 ORDER BY ended_at LIMIT ?"
 )
 _secrets_decoder = msgspec.json.Decoder(list[str])
+_T = TypeVar("_T")
+
+
+class _Op:
+    """One store operation waiting for (or run by) the writer: ``fn`` runs on the write
+    connection inside the batch's transaction, under its own SAVEPOINT if it writes."""
+
+    __slots__ = ("done", "error", "fn", "result", "skip", "taken", "txn", "what", "write")
+
+    def __init__(self, what: str, fn: Callable[[sqlite3.Connection], Any], *, write: bool,
+                 txn: bool) -> None:
+        self.what = what
+        self.fn = fn
+        self.write = write
+        self.txn = txn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+        self.taken = False  # in a batch: it runs (or ran) whatever its caller does now
+        self.skip = False  # its caller was cancelled before a batch took it: never run
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -419,6 +449,7 @@ class SqliteStore:
     def __init__(
         self, path: Path, conn: sqlite3.Connection, *, clock: Callable[[], float],
         lease_retention_s: float = LEASE_RETENTION_S, wal_limit_bytes: int = WAL_LIMIT_BYTES,
+        commit_mode: CommitMode = "auto",
     ) -> None:
         if not (lease_retention_s >= 0 and math.isfinite(lease_retention_s)):
             raise ValueError("lease_retention_s must be a finite number of seconds >= 0")
@@ -450,16 +481,35 @@ class SqliteStore:
         self._last_checkpoint: float | None = None
         self._last_quick_check: float | None = None
         self._purged = 0
+        # Group commit: operations queued for the writer task (a trio system task, one
+        # per trio run, started by the first queued operation), which runs them in
+        # batches in a worker thread. _busy: a batch is in that thread now.
+        if commit_mode not in ("auto", "never"):
+            raise ValueError("commit_mode must be 'auto' or 'never'")
+        self.commit_mode: CommitMode = commit_mode
+        self._queue: collections.deque[_Op] = collections.deque()
+        self._wake = trio.Event()
+        self._busy = False
+        self._batch_done = trio.Event()
+        self._writer_token: trio.lowlevel.TrioToken | None = None
+        self._writer_stopped = trio.Event()
+        self._closing = False
+        self._ops_inline = 0
+        self._ops_batched = 0
+        self._batches = 0
+        self._largest_batch = 0
 
     @classmethod
     def open(
         cls, state_dir: Path, *, clock: Callable[[], float] = time.time,
         lease_retention_s: float = LEASE_RETENTION_S, wal_limit_bytes: int = WAL_LIMIT_BYTES,
+        commit_mode: CommitMode = "auto",
     ) -> SqliteStore:
         """Open (creating dir 0700 and file 0600) and migrate. Raises StateUnavailable.
 
         ``lease_retention_s``: how long ended leases are kept (then purged);
-        ``wal_limit_bytes``: the WAL size above which maintenance truncates it."""
+        ``wal_limit_bytes``: the WAL size above which maintenance truncates it;
+        ``commit_mode``: see :data:`CommitMode`."""
         path = state_dir / DB_NAME
         try:
             st = os.lstat(path)
@@ -503,7 +553,7 @@ class SqliteStore:
             raise
         try:
             store = cls(path, conn, clock=clock, lease_retention_s=lease_retention_s,
-                        wal_limit_bytes=wal_limit_bytes)
+                        wal_limit_bytes=wal_limit_bytes, commit_mode=commit_mode)
         except BaseException:
             conn.close()
             raise
@@ -538,28 +588,232 @@ class SqliteStore:
             await gate.wait()
         await trio.lowlevel.checkpoint_if_cancelled()
 
-    @contextlib.contextmanager
-    def _edge(self, what: str) -> Iterator[sqlite3.Connection]:
-        """Yield the connection; translate sqlite3 errors into StateUnavailable."""
-        if self._conn is None:
-            raise StateUnavailable("state store is closed")
+    def _refusal(self) -> StateUnavailable | None:
+        """Why no operation may run now, or None."""
+        if self._conn is None or self._closing:
+            return StateUnavailable("state store is closed")
         if self._corrupt is not None:
             # A damaged table may hide a burned jti: no answer from it is trusted.
-            raise StateUnavailable("state database is corrupt", code="state_corrupt")
-        try:
-            yield self._conn
-        except sqlite3.Error as exc:
-            if _is_corruption(exc):
-                self._mark_corrupt(what, str(exc))
-                raise StateUnavailable("state database is corrupt", code="state_corrupt") from exc
+            return StateUnavailable("state database is corrupt", code="state_corrupt")
+        return None
+
+    def _translate(self, what: str, exc: sqlite3.Error) -> StateUnavailable:
+        """The StateUnavailable for a failed operation; records it in :meth:`health`."""
+        if _is_corruption(exc):
+            self._mark_corrupt(what, str(exc))
+            out = StateUnavailable("state database is corrupt", code="state_corrupt")
+        else:
             self._healthy = False
             self._last_error = f"{what}: {type(exc).__name__}: {exc}"
             log.error("state store %s failed: %s: %s", what, type(exc).__name__, exc)
-            raise StateUnavailable("state store unavailable") from exc
-        if not self._healthy:
+            out = StateUnavailable("state store unavailable")
+        out.__cause__ = exc
+        return out
+
+    def _worked(self) -> None:
+        if not self._healthy and self._corrupt is None:
             log.warning("state store works again")
             self._healthy = True
             self._last_error = None
+
+    @contextlib.contextmanager
+    def _edge(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Yield the connection; translate sqlite3 errors into StateUnavailable. Only
+        while no batch runs (the writer's thread has the connection then)."""
+        conn = self._conn
+        if (refusal := self._refusal()) is not None or conn is None:
+            raise refusal or StateUnavailable("state store is closed")
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            raise self._translate(what, exc) from exc
+        self._worked()
+
+    async def _run(self, what: str, fn: Callable[[sqlite3.Connection], _T], *,
+                   write: bool = True, txn: bool = False) -> _T:
+        """Run ``fn(conn)`` as one store operation and return its result: inline on this
+        thread if that is cheapest now, else queued for the writer (group commit). ``write``:
+        it changes rows (a SAVEPOINT of its own in a batch); ``txn``: it runs several
+        statements that must be atomic (inline: in its own BEGIN IMMEDIATE ... COMMIT).
+
+        Returns only once the transaction that ran it has committed. A caller cancelled
+        while its operation waits in the queue leaves it unrun (as before group commit,
+        when cancellation could only land before a statement); once a batch has taken
+        it, it runs and commits (or not) whatever its caller does.
+        """
+        await self._ready()
+        if (refusal := self._refusal()) is not None:
+            raise refusal
+        if not self._busy and not self._queue and self._inline_now():
+            # Nothing queued, nothing in flight, nobody else wants the loop: a hop to the
+            # writer's thread would cost more than the statement (see the module docstring).
+            self._ops_inline += 1
+            with self._edge(what) as conn:
+                if txn:
+                    with self._transaction(conn):
+                        return fn(conn)
+                return fn(conn)
+        if len(self._queue) >= MAX_QUEUED_OPS:
+            self._last_error = f"{what}: write queue full ({MAX_QUEUED_OPS} operations)"
+            log.error("state store queue full (%d operations); failing the call", MAX_QUEUED_OPS)
+            raise StateUnavailable("state store queue is full")
+        self._ensure_writer()
+        op = _Op(what, fn, write=write, txn=txn)
+        self._queue.append(op)
+        self._wake.set()
+        try:
+            await op.done.wait()
+        except trio.Cancelled:
+            if not op.taken:
+                op.skip = True
+            raise
+        if op.error is not None:
+            raise op.error
+        result: _T = op.result
+        return result
+
+    def _inline_now(self) -> bool:
+        if self.commit_mode == "never":
+            return False
+        # At concurrency 1 no other task is runnable when an operation starts; under
+        # load many are, and the loop's thread is the bottleneck: queue for the writer.
+        return trio.lowlevel.current_statistics().tasks_runnable == 0
+
+    def _ensure_writer(self) -> None:
+        token = trio.lowlevel.current_trio_token()
+        if self._writer_token is token:
+            return
+        self._writer_token = token
+        self._writer_stopped = trio.Event()
+        # A system task: the store has no nursery of its own, and a store outlives any
+        # one request. Cancelled only when the trio run ends (aclose stops it before).
+        trio.lowlevel.spawn_system_task(self._writer, token, name="sidekey.store.sqlite.writer")
+
+    async def _writer(self, token: trio.lowlevel.TrioToken) -> None:
+        """Run queued operations in batches, one transaction and one thread hop each, until
+        the store closes (queue drained) or the trio run ends. Never raises (a system task's
+        exception would crash the run): an operation's failure goes to its caller."""
+        limiter = trio.CapacityLimiter(1)  # its own: never behind backends' threads
+        batch: list[_Op] = []
+        try:
+            while True:
+                while not self._queue:
+                    if self._closing:
+                        return
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                # A truncating checkpoint holds the connection-free gate: wait for it.
+                while (gate := self._gate) is not None:
+                    await gate.wait()
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                self._busy = True
+                self._batch_done = trio.Event()
+                try:
+                    await trio.to_thread.run_sync(self._run_batch, batch, limiter=limiter)
+                finally:
+                    self._busy = False
+                    self._batch_done.set()
+                    self._deliver(batch)
+                    batch = []
+        except trio.Cancelled:
+            pass  # the run ends
+        except BaseException as exc:  # a bug: fail the waiters rather than the whole run
+            log.critical("state store writer failed: %s: %s", type(exc).__name__, exc)
+            for op in batch:
+                op.error = StateUnavailable("state store writer failed")
+                op.done.set()
+        finally:
+            if self._writer_token is token:
+                self._writer_token = None
+            # Nobody will run what is still queued (the run ends): no waiter may hang.
+            while self._queue:
+                op = self._queue.popleft()
+                op.error = StateUnavailable("state store writer stopped")
+                op.done.set()
+            self._writer_stopped.set()
+
+    def _take_batch(self) -> list[_Op]:
+        batch: list[_Op] = []
+        while self._queue and len(batch) < MAX_BATCH_OPS:
+            op = self._queue.popleft()
+            if op.skip:
+                continue
+            op.taken = True
+            # Overwritten by the batch; stays if the batch never ran (writer stopped).
+            op.error = StateUnavailable("state store writer stopped before this operation ran")
+            batch.append(op)
+        return batch
+
+    def _deliver(self, batch: list[_Op]) -> None:
+        """On the trio thread after a batch: record outcomes, wake every waiter."""
+        self._batches += 1
+        self._ops_batched += len(batch)
+        self._largest_batch = max(self._largest_batch, len(batch))
+        for op in batch:
+            if isinstance(op.error, sqlite3.Error):
+                op.error = self._translate(op.what, op.error)
+            elif op.error is None:
+                self._worked()
+            op.done.set()
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        """In the writer's thread: ``batch`` in one transaction. Never raises: every
+        operation's outcome (result or exception) is left on it."""
+        conn = self._conn
+        if conn is None or self._corrupt is not None:
+            return  # each op keeps its "did not run" error
+        try:
+            self._run_batch_on(conn, batch)
+        except BaseException as exc:  # BEGIN, SAVEPOINT, COMMIT...: the batch is lost
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            for op in batch:
+                op.result = None
+                op.error = exc
+            if not isinstance(exc, Exception):
+                raise
+
+    @staticmethod
+    def _run_batch_on(conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        # IMMEDIATE: the write lock up front, so every read-then-write inside is atomic
+        # even against another process (an operator's tool) on the same file.
+        conn.execute("BEGIN IMMEDIATE")
+        # One operation alone needs no savepoint: its failure rolls the transaction back.
+        alone = len(batch) == 1
+        ran: list[_Op] = []
+        for op in batch:
+            own = op.write and not alone
+            if own:
+                conn.execute("SAVEPOINT op")
+            try:
+                result = op.fn(conn)
+            except Exception as exc:
+                if isinstance(exc, sqlite3.Error) and _is_corruption(exc):
+                    raise  # no answer from this batch is trusted: all of it fails
+                op.error = exc
+                if not conn.in_transaction:
+                    # SQLite rolled back the whole transaction (I/O error, disk full...):
+                    # the operations before this one are undone too.
+                    for earlier in ran:
+                        earlier.result, earlier.error = None, exc
+                    ran.clear()
+                    conn.execute("BEGIN IMMEDIATE")
+                elif own:
+                    # Only this operation's changes go (a constraint, a refusal).
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                elif alone:
+                    conn.execute("ROLLBACK")
+                    return
+                continue
+            if own:
+                conn.execute("RELEASE op")
+            op.result, op.error = result, None
+            ran.append(op)
+        conn.execute("COMMIT")
 
     @staticmethod
     @contextlib.contextmanager
@@ -580,40 +834,42 @@ class SqliteStore:
 
     async def burn_jti(self, jti: str, expires_at: float) -> bool:
         """Atomically burn ``jti``: True if newly burned, False if already burned (a replay)."""
-        await self._ready()
-        with self._edge("burn_jti") as conn:
-            # One statement: the PRIMARY KEY decides; no read-then-write race.
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO burned_jti (jti, expires_at) VALUES (?, ?)",
-                (jti, float(expires_at)),
-            )
+        args = (jti, float(expires_at))
+
+        def burn(conn: sqlite3.Connection) -> bool:
+            # One statement: the PRIMARY KEY decides; no read-then-write race (also
+            # between two burns of one jti in the same batch: the second sees the first).
+            cur = conn.execute("INSERT OR IGNORE INTO burned_jti (jti, expires_at) VALUES (?, ?)",
+                               args)
             return cur.rowcount == 1
+
+        return await self._run("burn_jti", burn)
 
     async def put_lease(self, rec: LeaseRecord) -> None:
         """Insert a new lease. A duplicate ``lease_id`` raises StateUnavailable (a local bug)."""
         if rec.state not in LEASE_STATES:
             raise ValueError(f"unknown lease state {rec.state!r}")
-        await self._ready()
-        with self._edge("put_lease") as conn:
-            conn.execute(
-                _INSERT_LEASE,
-                (
-                    rec.lease_id,
-                    rec.jti,
-                    rec.server,
-                    rec.tool,
-                    rec.user_id,
-                    rec.agent_id,
-                    rec.session_id,
-                    msgspec.json.encode(list(rec.secrets)).decode(),
-                    rec.created_at,
-                    rec.expires_at,
-                    rec.state,
-                    rec.ended_at,
-                    rec.peer_pid,
-                    rec.peer_uid,
-                ),
-            )
+        row = (
+            rec.lease_id,
+            rec.jti,
+            rec.server,
+            rec.tool,
+            rec.user_id,
+            rec.agent_id,
+            rec.session_id,
+            msgspec.json.encode(list(rec.secrets)).decode(),
+            rec.created_at,
+            rec.expires_at,
+            rec.state,
+            rec.ended_at,
+            rec.peer_pid,
+            rec.peer_uid,
+        )
+
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute(_INSERT_LEASE, row)
+
+        await self._run("put_lease", put)
 
     async def transition_lease(
         self, lease_id: str, from_state: str, to_state: str, *, at: float
@@ -621,41 +877,42 @@ class SqliteStore:
         """Compare-and-set: move the lease to ``to_state`` (``ended_at = at``) if it is in ``from_state``."""
         if from_state not in LEASE_STATES or to_state not in LEASE_STATES:
             raise ValueError(f"unknown lease state {from_state!r} -> {to_state!r}")
-        await self._ready()
-        with self._edge("transition_lease") as conn:
+        args = (to_state, float(at), 1 if to_state == "active" else 0, lease_id, from_state)
+
+        def transition(conn: sqlite3.Connection) -> bool:
             # The end and "its event is not written yet" in one statement: a crash
             # after it leaves the lease in leases_unaudited (see mark_lease_audited).
-            cur = conn.execute(
-                "UPDATE leases SET state = ?, ended_at = ?, end_audited = ? "
-                "WHERE lease_id = ? AND state = ?",
-                (to_state, float(at), 1 if to_state == "active" else 0, lease_id, from_state),
-            )
+            cur = conn.execute("UPDATE leases SET state = ?, ended_at = ?, end_audited = ? "
+                               "WHERE lease_id = ? AND state = ?", args)
             return cur.rowcount == 1
 
+        return await self._run("transition_lease", transition)
+
     async def mark_lease_audited(self, lease_id: str) -> None:
-        await self._ready()
-        with self._edge("mark_lease_audited") as conn:
+        def mark(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE leases SET end_audited = 1 WHERE lease_id = ? AND end_audited = 0",
                          (lease_id,))
 
+        await self._run("mark_lease_audited", mark)
+
     async def leases_unaudited(self, *, limit: int = MAX_UNAUDITED_LISTED) -> list[LeaseRecord]:
-        await self._ready()
-        with self._edge("leases_unaudited") as conn:
-            rows = conn.execute(_SELECT_LEASES_UNAUDITED, (max(0, int(limit)),)).fetchall()
+        args = (max(0, int(limit)),)
+        rows = await self._run("leases_unaudited",
+                               lambda conn: conn.execute(_SELECT_LEASES_UNAUDITED, args).fetchall(),
+                               write=False)
         return [_row_to_lease(row) for row in rows]
 
     async def get_lease(self, lease_id: str) -> LeaseRecord | None:
-        await self._ready()
-        with self._edge("get_lease") as conn:
-            row = conn.execute(_SELECT_LEASE_BY_ID, (lease_id,)).fetchone()
+        row = await self._run("get_lease",
+                              lambda conn: conn.execute(_SELECT_LEASE_BY_ID, (lease_id,)).fetchone(),
+                              write=False)
         return None if row is None else _row_to_lease(row)
 
     async def journal_backend_lease(
         self, backend: str, backend_lease_id: str, *, expires_at: float, at: float,
         intent_id: str | None = None,
     ) -> None:
-        await self._ready()
-        with self._edge("journal_backend_lease") as conn, self._transaction(conn):
+        def journal(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT OR IGNORE INTO backend_leases (backend, backend_lease_id, issued_at, "
                 "expires_at) VALUES (?, ?, ?, ?)",
@@ -665,37 +922,38 @@ class SqliteStore:
                 conn.execute("DELETE FROM backend_intents WHERE backend = ? AND intent_id = ?",
                              (backend, intent_id))
 
+        await self._run("journal_backend_lease", journal, txn=True)
+
     async def journal_backend_intent(
         self, backend: str, intent_id: str, prefix: str, *, at: float, deadline: float
     ) -> None:
-        await self._ready()
-        with self._edge("journal_backend_intent") as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO backend_intents (backend, intent_id, prefix, at, deadline) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (backend, intent_id, prefix, float(at), float(deadline)),
-            )
+        args = (backend, intent_id, prefix, float(at), float(deadline))
+
+        def journal(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO backend_intents (backend, intent_id, prefix, at, "
+                         "deadline) VALUES (?, ?, ?, ?, ?)", args)
+
+        await self._run("journal_backend_intent", journal)
 
     async def backend_intent_done(self, backend: str, intent_id: str) -> None:
-        await self._ready()
-        with self._edge("backend_intent_done") as conn:
+        def done(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM backend_intents WHERE backend = ? AND intent_id = ?",
                          (backend, intent_id))
 
+        await self._run("backend_intent_done", done)
+
     async def open_backend_intents(self) -> list[BackendIntent]:
-        await self._ready()
-        with self._edge("open_backend_intents") as conn:
-            rows = conn.execute(
-                "SELECT backend, intent_id, prefix, at, deadline FROM backend_intents ORDER BY at"
-            ).fetchall()
+        rows = await self._run("open_backend_intents", lambda conn: conn.execute(
+            "SELECT backend, intent_id, prefix, at, deadline FROM backend_intents ORDER BY at"
+        ).fetchall(), write=False)
         return [BackendIntent(str(r[0]), str(r[1]), str(r[2]), float(r[3]), float(r[4]))
                 for r in rows]
 
     async def backend_leases_known(self, backend: str, backend_lease_ids: Sequence[str]) -> set[str]:
-        await self._ready()
-        known: set[str] = set()
         ids = list(backend_lease_ids)
-        with self._edge("backend_leases_known") as conn:
+
+        def lookup(conn: sqlite3.Connection) -> set[str]:
+            known: set[str] = set()
             for start in range(0, len(ids), PURGE_CHUNK):
                 chunk = ids[start:start + PURGE_CHUNK]
                 marks = ", ".join("?" * len(chunk))  # placeholders only, never values
@@ -705,44 +963,50 @@ class SqliteStore:
                     (backend, *chunk),
                 ).fetchall()
                 known.update(str(r[0]) for r in rows)
-        return known
+            return known
+
+        return await self._run("backend_leases_known", lookup, write=False)
 
     async def attach_backend_leases(self, lease_id: str, items: Sequence[tuple[str, str]]) -> None:
-        await self._ready()
-        with self._edge("attach_backend_leases") as conn:
+        rows = [(lease_id, b, bl) for b, bl in items]
+
+        def attach(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "UPDATE backend_leases SET lease_id = ? WHERE backend = ? AND backend_lease_id = ?",
-                [(lease_id, b, bl) for b, bl in items],
+                rows,
             )
+
+        await self._run("attach_backend_leases", attach, txn=True)
 
     async def backend_lease_revoked(self, backend: str, backend_lease_id: str, *, at: float) -> None:
-        await self._ready()
-        with self._edge("backend_lease_revoked") as conn:
-            conn.execute(
-                "UPDATE backend_leases SET revoked_at = ? WHERE backend = ? AND backend_lease_id = ?",
-                (float(at), backend, backend_lease_id),
-            )
+        args = (float(at), backend, backend_lease_id)
+
+        def revoked(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE backend_leases SET revoked_at = ? WHERE backend = ? "
+                         "AND backend_lease_id = ?", args)
+
+        await self._run("backend_lease_revoked", revoked)
 
     async def open_backend_leases(self, lease_id: str | None = None) -> list[tuple[str, str, str | None]]:
-        await self._ready()
-        with self._edge("open_backend_leases") as conn:
+        def lookup(conn: sqlite3.Connection) -> list[Any]:
             if lease_id is None:
-                rows = conn.execute(
+                return conn.execute(
                     "SELECT backend, backend_lease_id, lease_id FROM backend_leases "
                     "WHERE revoked_at IS NULL ORDER BY issued_at"
                 ).fetchall()
-            else:
-                rows = conn.execute(
-                    "SELECT backend, backend_lease_id, lease_id FROM backend_leases "
-                    "WHERE revoked_at IS NULL AND lease_id = ?",
-                    (lease_id,),
-                ).fetchall()
+            return conn.execute(
+                "SELECT backend, backend_lease_id, lease_id FROM backend_leases "
+                "WHERE revoked_at IS NULL AND lease_id = ?",
+                (lease_id,),
+            ).fetchall()
+
+        rows = await self._run("open_backend_leases", lookup, write=False)
         return [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
 
     async def leases_in_state(self, state: str) -> list[LeaseRecord]:
-        await self._ready()
-        with self._edge("leases_in_state") as conn:
-            rows = conn.execute(_SELECT_LEASES_BY_STATE, (state,)).fetchall()
+        rows = await self._run("leases_in_state",
+                               lambda conn: conn.execute(_SELECT_LEASES_BY_STATE, (state,)).fetchall(),
+                               write=False)
         return [_row_to_lease(row) for row in rows]
 
     async def rate_check(
@@ -750,35 +1014,42 @@ class SqliteStore:
     ) -> tuple[bool, float]:
         """GCRA under ``key`` (see :func:`sidekey.store.gcra`): ``(allowed, retry_after_s)``."""
         check_rate_args(limit, period_s, cost)
-        await self._ready()
-        with self._edge("rate_check") as conn, self._transaction(conn):
-            return _rate(conn, key, limit=limit, period_s=period_s, now=now, cost=cost)
+        return await self._run(
+            "rate_check",
+            lambda conn: _rate(conn, key, limit=limit, period_s=period_s, now=now, cost=cost),
+            txn=True,
+        )
 
     async def counter_incr(self, key: str, *, amount: int = 1, expires_at: float) -> int:
         """Add ``amount`` to counter ``key``; return the new value. A row whose
         ``expires_at`` has passed (by the store's clock) counts as absent."""
-        await self._ready()
         now = self._clock()
-        with self._edge("counter_incr") as conn, self._transaction(conn):
-            return _counter(conn, key, amount=amount, expires_at=expires_at, now=now)
+        return await self._run(
+            "counter_incr",
+            lambda conn: _counter(conn, key, amount=amount, expires_at=expires_at, now=now),
+            txn=True,
+        )
 
     async def session_touch(
         self, user: str, session_id: str, *, now: float, idle_s: float, max_sessions: int
     ) -> tuple[bool, int]:
         """Touch ``user``'s session: ``(allowed, active_count)``; see the protocol."""
         check_session_args(idle_s, max_sessions)
-        await self._ready()
-        with self._edge("session_touch") as conn, self._transaction(conn):
-            return _session(conn, user, session_id, now=now, idle_s=idle_s,
-                            max_sessions=max_sessions)
+        return await self._run(
+            "session_touch",
+            lambda conn: _session(conn, user, session_id, now=now, idle_s=idle_s,
+                                  max_sessions=max_sessions),
+            txn=True,
+        )
 
     async def quota_apply(self, ops: Sequence[QuotaOp], *, now: float) -> list[QuotaAnswer]:
         """All of a call's quota ops in one transaction (see the protocol)."""
         check_quota_ops(ops)
-        await self._ready()
         clock_now = self._clock()
-        answers: list[QuotaAnswer] = []
-        with self._edge("quota_apply") as conn, self._transaction(conn):
+        ops = list(ops)
+
+        def apply(conn: sqlite3.Connection) -> list[QuotaAnswer]:
+            answers: list[QuotaAnswer] = []
             for op in ops:
                 answer: QuotaAnswer
                 if isinstance(op, RateOp):
@@ -791,17 +1062,21 @@ class SqliteStore:
                 answers.append(answer)
                 if refused(op, answer):
                     break
-        return answers
+            return answers
+
+        return await self._run("quota_apply", apply, txn=True)
 
     async def note_rotation(self, payload: str, *, at: float) -> None:
-        await self._ready()
-        with self._edge("note_rotation") as conn:
-            conn.execute("INSERT INTO rotation_notices (at, payload) VALUES (?, ?)", (float(at), payload))
+        args = (float(at), payload)
+
+        def note(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO rotation_notices (at, payload) VALUES (?, ?)", args)
+
+        await self._run("note_rotation", note)
 
     async def rotation_cursor(self) -> str:
-        await self._ready()
-        with self._edge("rotation_cursor") as conn:
-            (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM rotation_notices").fetchone()
+        (seq,) = await self._run("rotation_cursor", lambda conn: conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM rotation_notices").fetchone(), write=False)
         return str(int(seq))
 
     async def rotations_after(self, cursor: str) -> tuple[list[str], str]:
@@ -809,67 +1084,61 @@ class SqliteStore:
             after = int(cursor)
         except ValueError:
             raise ValueError(f"not a rotation cursor: {cursor[:40]!r}") from None
-        await self._ready()
-        with self._edge("rotations_after") as conn:
-            rows = conn.execute(
-                "SELECT seq, payload FROM rotation_notices WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, MAX_NOTICES_READ),
-            ).fetchall()
+        rows = await self._run("rotations_after", lambda conn: conn.execute(
+            "SELECT seq, payload FROM rotation_notices WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, MAX_NOTICES_READ),
+        ).fetchall(), write=False)
         if not rows:
             return [], cursor
         return [str(r[1]) for r in rows], str(int(rows[-1][0]))
 
     async def put_approval(self, approval: Approval) -> None:
         """Insert a new approval. A duplicate id raises StateUnavailable (a local bug)."""
-        await self._ready()
-        with self._edge("put_approval") as conn:
-            conn.execute(
-                "INSERT INTO approvals (id, state, created_at, expires_at, data) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (
-                    approval.id,
-                    approval.state,
-                    approval.created_at.timestamp(),
-                    approval.expires_at.timestamp(),
-                    encode_approval(approval),
-                ),
-            )
+        args = (approval.id, approval.state, approval.created_at.timestamp(),
+                approval.expires_at.timestamp(), encode_approval(approval))
+
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO approvals (id, state, created_at, expires_at, data) "
+                         "VALUES (?, ?, ?, ?, ?)", args)
+
+        await self._run("put_approval", put)
 
     async def get_approval(self, approval_id: str) -> Approval | None:
-        await self._ready()
-        with self._edge("get_approval") as conn:
-            row = conn.execute("SELECT data FROM approvals WHERE id = ?", (approval_id,)).fetchone()
+        row = await self._run("get_approval", lambda conn: conn.execute(
+            "SELECT data FROM approvals WHERE id = ?", (approval_id,)).fetchone(), write=False)
         return None if row is None else decode_approval(row[0])
 
     async def transition_approval(self, approval: Approval, *, from_state: str) -> bool:
         """Compare-and-set on ``state``: store ``approval`` if the stored one is in ``from_state``."""
-        await self._ready()
-        with self._edge("transition_approval") as conn:
-            cur = conn.execute(
-                "UPDATE approvals SET state = ?, data = ? WHERE id = ? AND state = ?",
-                (approval.state, encode_approval(approval), approval.id, from_state),
-            )
+        args = (approval.state, encode_approval(approval), approval.id, from_state)
+
+        def transition(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("UPDATE approvals SET state = ?, data = ? WHERE id = ? AND state = ?",
+                               args)
             return cur.rowcount == 1
+
+        return await self._run("transition_approval", transition)
 
     async def list_approvals(
         self, states: Collection[str] | None = None, *, limit: int = MAX_APPROVALS_LISTED
     ) -> list[Approval]:
         """Approvals in ``states`` (all if None), oldest request first, at most ``limit``."""
-        await self._ready()
         limit = max(0, min(int(limit), MAX_APPROVALS_LISTED))
-        with self._edge("list_approvals") as conn:
-            if states is None:
-                rows = conn.execute(
+        wanted = None if states is None else sorted(set(states))
+
+        def listing(conn: sqlite3.Connection) -> list[Any]:
+            if wanted is None:
+                return conn.execute(
                     "SELECT data FROM approvals ORDER BY created_at LIMIT ?", (limit,)
                 ).fetchall()
-            else:
-                wanted = sorted(set(states))
-                marks = ", ".join("?" * len(wanted))  # placeholders only, never values
-                rows = conn.execute(
-                    f"SELECT data FROM approvals WHERE state IN ({marks}) "  # noqa: S608
-                    "ORDER BY created_at LIMIT ?",
-                    (*wanted, limit),
-                ).fetchall()
+            marks = ", ".join("?" * len(wanted))  # placeholders only, never values
+            return conn.execute(
+                f"SELECT data FROM approvals WHERE state IN ({marks}) "  # noqa: S608
+                "ORDER BY created_at LIMIT ?",
+                (*wanted, limit),
+            ).fetchall()
+
+        rows = await self._run("list_approvals", listing, write=False)
         return [decode_approval(row[0]) for row in rows]
 
     async def purge(self, now: float) -> int:
@@ -930,9 +1199,10 @@ class SqliteStore:
         for sql, cutoff in statements:
             while True:
                 await trio.lowlevel.checkpoint()
-                await self._ready()
-                with self._edge("purge") as conn:
-                    deleted = conn.execute(sql, (cutoff, PURGE_CHUNK)).rowcount
+                def chunk(conn: sqlite3.Connection, sql: str = sql, cutoff: float = cutoff) -> int:
+                    return int(conn.execute(sql, (cutoff, PURGE_CHUNK)).rowcount)
+
+                deleted = await self._run("purge", chunk)
                 total += max(deleted, 0)
                 if deleted < PURGE_CHUNK:
                     break
@@ -958,12 +1228,33 @@ class SqliteStore:
             "wal_gate_max_ms": round(self._gate_max_ms, 3),
             "last_quick_check": self._last_quick_check,
             "purged": self._purged,
+            # Group commit: operations run inline on the event loop (nothing queued, loop
+            # otherwise idle) and through the writer; its batches, the largest one, and
+            # how many operations wait for it now.
+            "commit_mode": self.commit_mode,
+            "ops_inline": self._ops_inline,
+            "ops_batched": self._ops_batched,
+            "batches": self._batches,
+            "largest_batch": self._largest_batch,
+            "queued": len(self._queue),
             "last_error": self._last_error,
         }
 
     async def aclose(self) -> None:
-        """Close both connections. The last close checkpoints the WAL (disk I/O), so it
-        runs in a worker thread."""
+        """Refuse new operations, let the writer run every queued one (each waiter learns
+        its outcome), then close both connections. The last close checkpoints the WAL
+        (disk I/O), so it runs in a worker thread."""
+        self._closing = True
+        if self._writer_token is not None:
+            if self._writer_token is trio.lowlevel.current_trio_token():
+                self._wake.set()
+                await self._writer_stopped.wait()
+            else:  # a writer of an earlier trio run (it ended): nothing runs in it now
+                self._writer_token = None
+        while self._queue:
+            op = self._queue.popleft()
+            op.error = StateUnavailable("state store is closed")
+            op.done.set()
         conns = [c for c in (self._maint, self._conn) if c is not None]
         self._maint = self._conn = None
 
@@ -1043,8 +1334,13 @@ class SqliteStore:
         gate = self._gate = trio.Event()
         shut_at = trio.current_time()
         try:
-            # No statement of this store is in flight: each runs synchronously on this
-            # thread, and every new one now waits at _ready().
+            # Every new operation now waits at _ready() and the writer starts no batch;
+            # once the one in flight (if any) has committed, no statement of this store
+            # runs (inline ones run synchronously on this thread).
+            while self._busy:
+                await self._batch_done.wait()
+            if self._conn is None:
+                return
             busy, log_frames, done = await self._run_checkpoint("TRUNCATE")
         finally:
             self._gate = None
