@@ -8,24 +8,49 @@ is the trade: a burned jti or a lease transition costs microseconds instead of a
 fsync each. (The audit log, which must survive power loss, fsyncs; a jti lost that
 way belonged to a token whose redemption was already audited.)
 
-Why the sqlite3 calls run on the trio thread: each statement here is a few
-microseconds of work with no fsync, less than a hop to a worker thread and back,
-and doing them inline makes each method atomic with respect to other trio tasks.
+Group commit, and what runs on the trio thread: every operation is a function of the
+write connection (:meth:`SqliteStore._run`). When nothing is queued, no batch is in flight
+and no other trio task is runnable (concurrency 1: the loop has nothing else to do), it
+runs inline, in its own transaction, as before: a few microseconds of statements, less
+than a hop to a worker thread and back. Otherwise it is queued for the *writer* (a trio
+system task, started by the first queued operation of a trio run), which takes every
+queued operation (at most :data:`MAX_BATCH_OPS`) as one batch and runs it in a worker
+thread in ONE transaction: ``BEGIN IMMEDIATE``, per writing operation a ``SAVEPOINT``
+(released if it succeeds, rolled back to if it raises, so a constraint or a bug in one
+operation undoes only its own changes and is reported to its caller only), ``COMMIT``;
+then it wakes each caller with its own result or exception. So under load the event
+loop runs no SQLite at all, the thread hops are per batch, and a batch's pages are
+written and locked once instead of once per operation. Reads go the same way (a read
+queued after a write a caller has seen committed sees it; a read in a batch is answered
+only after the batch's COMMIT, so it never reports what was then rolled back). An error
+that makes SQLite roll the whole transaction back (I/O error, disk full) fails the
+operations before it too; a corruption error or a failed COMMIT fails the whole batch.
+
+Durability and crashes: a caller's await returns only after the COMMIT of the transaction
+that ran its operation, so a kill -9 at any instant either keeps the operation (and
+maybe its caller never heard) or drops it with its whole batch (and its caller never
+heard): a burned jti, a lease or a quota count that a caller acted on is never lost. A
+caller cancelled while its operation waits in the queue leaves it unrun (as before, when
+cancellation could land only before the statement); once a batch has taken it, it runs
+and commits (or not) whatever its caller does meanwhile. :meth:`SqliteStore.aclose`
+refuses new operations and lets the writer run every queued one first.
+
 What *does* touch the disk synchronously is the checkpoint (copying the WAL into the
 database and fsyncing it), so automatic checkpoints are disabled and
 :meth:`SqliteStore.run_maintenance` checkpoints on a second connection in a worker
-thread, and purges expired rows in small chunks.
+thread, and purges expired rows in small chunks (each chunk one operation).
 
 Why the WAL needs more than a PASSIVE checkpoint: SQLite starts writing the WAL from its
 beginning again only when a write transaction begins while *every* frame in it has been
 copied back (``nBackfill == mxFrame``). A PASSIVE checkpoint copies the frames that were
-there when it started; under sustained load the trio thread has committed more by the
+there when it started; under sustained load the store has committed more by the
 time it ends, so that condition never holds and the file grows for as long as the load
 lasts (4.2 GB after 62,500 calls at c=32, issue 13), and every page read that misses the
 WAL walks all of its index blocks. So once the WAL is over :data:`WAL_LIMIT_BYTES`, the
 maintenance task first copies most of it with a PASSIVE checkpoint (writers go on), then
 *holds this store's own statements at an async gate* (:meth:`SqliteStore._ready`: trio
-tasks wait there, the event loop does not) and runs ``wal_checkpoint(TRUNCATE)`` in the
+tasks wait there, the event loop does not; the writer finishes its batch in flight and
+starts no other) and runs ``wal_checkpoint(TRUNCATE)`` in the
 worker thread: it copies the few frames committed meanwhile, syncs the database and
 truncates the WAL to zero bytes. With no statement of ours in flight it needs no lock
 from this process; another process's reader or writer (an operator's tool) is waited
@@ -85,8 +110,9 @@ FILE_MODE = 0o600
 LEASE_RETENTION_S = 86_400.0
 # Rows deleted per statement when purging, so no purge stalls the event loop.
 PURGE_CHUNK = 500
-# How long the trio-thread connection waits for a lock held by another connection
-# (only an operator's tool or the maintenance connection can hold one, briefly).
+# How long the write connection waits for a lock held by another connection (only an
+# operator's tool or the maintenance connection can hold one, briefly): in the writer's
+# thread under load, on the trio thread for an inline operation.
 BUSY_TIMEOUT_MS = 2_000
 MAINTENANCE_BUSY_TIMEOUT_MS = 10_000
 # After a checkpoint lets the WAL restart, truncate the file back to this size.
@@ -762,8 +788,12 @@ class SqliteStore:
         """In the writer's thread: ``batch`` in one transaction. Never raises: every
         operation's outcome (result or exception) is left on it."""
         conn = self._conn
-        if conn is None or self._corrupt is not None:
+        if conn is None:
             return  # each op keeps its "did not run" error
+        if self._corrupt is not None:
+            for op in batch:
+                op.error = StateUnavailable("state database is corrupt", code="state_corrupt")
+            return
         try:
             self._run_batch_on(conn, batch)
         except BaseException as exc:  # BEGIN, SAVEPOINT, COMMIT...: the batch is lost
