@@ -117,6 +117,9 @@ async def test_a_failing_operation_does_not_fail_its_neighbours(tmp_path: Path) 
         conn.execute("INSERT INTO burned_jti (jti, expires_at) VALUES ('partial', 9e9)")
         raise ValueError("refused after a write")
 
+    async def partial() -> None:
+        await store._run("partial", half_then_fail, txn=True)
+
     try:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
@@ -124,7 +127,7 @@ async def test_a_failing_operation_does_not_fail_its_neighbours(tmp_path: Path) 
                 for i in range(10):
                     nursery.start_soon(record, f"burn-{i}", store.burn_jti, f"j{i}", 9e9)
                 nursery.start_soon(record, "dup", store.put_lease, _lease("dup"))
-                nursery.start_soon(record, "partial", store._run, "partial", half_then_fail)
+                nursery.start_soon(record, "partial", partial)
                 for i in range(10, 20):
                     nursery.start_soon(record, f"burn-{i}", store.burn_jti, f"j{i}", 9e9)
                 nursery.start_soon(record, "lease", store.put_lease, _lease("new"))

@@ -16,8 +16,9 @@ than a hop to a worker thread and back. Otherwise it is queued for the *writer* 
 system task, started by the first queued operation of a trio run), which takes every
 queued operation (at most :data:`MAX_BATCH_OPS`) as one batch and runs it in a worker
 thread in ONE transaction: ``BEGIN IMMEDIATE``, per writing operation a ``SAVEPOINT``
-(released if it succeeds, rolled back to if it raises, so a constraint or a bug in one
-operation undoes only its own changes and is reported to its caller only), ``COMMIT``;
+(released if it succeeds, rolled back to if it raises, so a constraint, a refusal or a
+bug in one operation undoes only its own changes and is reported to its caller only; an
+operation of one statement needs none, as SQLite undoes a failed statement), ``COMMIT``;
 then it wakes each caller with its own result or exception. So under load the event
 loop runs no SQLite at all, the thread hops are per batch, and a batch's pages are
 written and locked once instead of once per operation. Reads go the same way (a read
@@ -275,7 +276,8 @@ _T = TypeVar("_T")
 
 class _Op:
     """One store operation waiting for (or run by) the writer: ``fn`` runs on the write
-    connection inside the batch's transaction, under its own SAVEPOINT if it writes."""
+    connection inside the batch's transaction, under its own SAVEPOINT if it runs several
+    writing statements (``txn``)."""
 
     __slots__ = ("done", "error", "fn", "result", "skip", "taken", "txn", "what", "write")
 
@@ -659,8 +661,11 @@ class SqliteStore:
                    write: bool = True, txn: bool = False) -> _T:
         """Run ``fn(conn)`` as one store operation and return its result: inline on this
         thread if that is cheapest now, else queued for the writer (group commit). ``write``:
-        it changes rows (a SAVEPOINT of its own in a batch); ``txn``: it runs several
-        statements that must be atomic (inline: in its own BEGIN IMMEDIATE ... COMMIT).
+        it changes rows. ``txn``: it runs several statements that must be atomic (inline: in
+        its own BEGIN IMMEDIATE ... COMMIT; in a batch: under a SAVEPOINT of its own, rolled
+        back to if it raises). Without ``txn``, ``fn`` must run at most one writing
+        statement and raise only from it: SQLite undoes a failed statement by itself
+        (statement atomicity), so it needs no savepoint.
 
         Returns only once the transaction that ran it has committed. A caller cancelled
         while its operation waits in the queue leaves it unrun (as before group commit,
@@ -812,10 +817,11 @@ class SqliteStore:
         # even against another process (an operator's tool) on the same file.
         conn.execute("BEGIN IMMEDIATE")
         # One operation alone needs no savepoint: its failure rolls the transaction back.
+        # Nor does one of a single statement: a failed statement undoes its own changes.
         alone = len(batch) == 1
         ran: list[_Op] = []
         for op in batch:
-            own = op.write and not alone
+            own = op.txn and op.write and not alone
             if own:
                 conn.execute("SAVEPOINT op")
             try:
