@@ -210,17 +210,17 @@ async def test_aclose_runs_every_queued_operation(tmp_path: Path) -> None:
 
 
 async def test_wal_stays_bounded_under_concurrent_load(tmp_path: Path) -> None:
-    """32 tasks x 120 lease lifecycles (burn, put, get, transition, mark) through the
-    writer while maintenance polls the WAL every 10 ms: the WAL stays within a few
-    limits, although the load writes many times more than that."""
+    """32 tasks x 240 lease lifecycles (burn, put, get, transition, mark) through the
+    writer while maintenance polls the WAL every 10 ms: without truncation the WAL
+    reaches ~70 MB; with it, it stays within the limit plus what the load writes between
+    a poll and the gate (bounded here generously, for a loaded machine, at 16 MB)."""
     limit = 512 * KB
     store = SqliteStore.open(tmp_path / "state", commit_mode="never", wal_limit_bytes=limit)
     largest = 0
-    written = 0
 
     async def worker(w: int) -> None:
         nonlocal largest
-        for i in range(120):
+        for i in range(240):
             lid = f"l{w}-{i}"
             assert await store.burn_jti(f"j{w}-{i}", 9e9)
             await store.put_lease(_lease(lid))
@@ -239,9 +239,8 @@ async def test_wal_stays_bounded_under_concurrent_load(tmp_path: Path) -> None:
                         workers.start_soon(worker, w)
                 nursery.cancel_scope.cancel()
         health = store.health()
-        written = health["wal_truncations"]
-        assert written >= 3, health
-        assert largest < 8 * limit, f"WAL reached {largest / KB:.0f} KB"
+        assert health["wal_truncations"] >= 3, health
+        assert largest < 16 * MB, f"WAL reached {largest / MB:.1f} MB"
         assert health["largest_batch"] > 1
     finally:
         await store.aclose()
