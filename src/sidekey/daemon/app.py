@@ -38,7 +38,7 @@ from ..peer import PeerHandle, PeerIdentity, tier_allows
 from ..protocol import ConfigError, Denied, Internal, MethodNotAllowed, NotFound, SidekeyError
 from ..server import HttpServer, Request, Response, bind_unix_socket, error_response
 from ..store import StateStore, open_configured_store
-from ..store.sqlite import reinitialize_if_empty
+from ..store.sqlite import SqliteStore, reinitialize_if_empty
 from .admin import Admin
 from .calls import Calls
 from .context import (
@@ -339,6 +339,10 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
     app.audit_hasher = hasher
     server = HttpServer(app, cfg.listen)
     app.server = server
+    if isinstance(store, SqliteStore):
+        # Group commit: store operations run inline on the event loop only while one
+        # request is served (see sidekey.store.sqlite); under load they go to its writer.
+        store.load = lambda: server.in_flight
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.run)  # type: ignore[attr-defined]

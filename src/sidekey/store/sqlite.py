@@ -10,8 +10,8 @@ way belonged to a token whose redemption was already audited.)
 
 Group commit, and what runs on the trio thread: every operation is a function of the
 write connection (:meth:`SqliteStore._run`). When nothing is queued, no batch is in flight
-and no other trio task is runnable (concurrency 1: the loop has nothing else to do), it
-runs inline, in its own transaction, as before: a few microseconds of statements, less
+and the daemon serves no other request (concurrency 1: the loop has nothing else to do),
+it runs inline, in its own transaction, as before: a few microseconds of statements, less
 than a hop to a worker thread and back. Otherwise it is queued for the *writer* (a trio
 system task, started by the first queued operation of a trio run), which takes every
 queued operation (at most :data:`MAX_BATCH_OPS`) as one batch and runs it in a worker
@@ -133,9 +133,9 @@ TRUNCATE_BUSY_TIMEOUT_MS = 500
 # it, so the daemon's connection cap bounds this first; beyond it, fail closed).
 MAX_BATCH_OPS = 256
 MAX_QUEUED_OPS = 10_000
-# "auto": an operation that finds the writer idle and no other trio task runnable runs
-# inline on the trio thread (a thread hop would cost more than the statement); "never":
-# every operation goes through the writer thread.
+# "auto": an operation that finds the writer idle while the daemon serves only its own
+# request (SqliteStore.load) runs inline on the trio thread (a thread hop would cost more
+# than the statement); "never": every operation goes through the writer thread.
 CommitMode = Literal["auto", "never"]
 # PRAGMA quick_check (b-tree structure, record format, NOT NULL; O(database size)) at
 # open and then this often from the maintenance task: a damaged page that no point
@@ -515,6 +515,10 @@ class SqliteStore:
         if commit_mode not in ("auto", "never"):
             raise ValueError("commit_mode must be 'auto' or 'never'")
         self.commit_mode: CommitMode = commit_mode
+        # How many requests the daemon is serving now (set by the daemon): in "auto"
+        # mode an operation runs inline only while that is at most 1, its own. None
+        # (no daemon: tools, tests): inline whenever the writer is idle.
+        self.load: Callable[[], int] | None = None
         self._queue: collections.deque[_Op] = collections.deque()
         self._wake = trio.Event()
         self._busy = False
@@ -706,9 +710,11 @@ class SqliteStore:
     def _inline_now(self) -> bool:
         if self.commit_mode == "never":
             return False
-        # At concurrency 1 no other task is runnable when an operation starts; under
-        # load many are, and the loop's thread is the bottleneck: queue for the writer.
-        return trio.lowlevel.current_statistics().tasks_runnable == 0
+        # At concurrency 1 the operation's own request is the only one in flight; under
+        # load the loop's thread is the bottleneck: queue for the writer. (O(1): trio's
+        # current_statistics() walks every registered fd.)
+        load = self.load
+        return load is None or load() <= 1
 
     def _ensure_writer(self) -> None:
         token = trio.lowlevel.current_trio_token()
