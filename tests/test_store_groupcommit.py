@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +36,19 @@ def _lease(lease_id: str, *, now: float = 1000.0) -> LeaseRecord:
     )
 
 
-def _slow(conn: sqlite3.Connection) -> None:
-    """Holds the writer's thread (runs in it): what is queued meanwhile forms one batch."""
-    time.sleep(0.3)
+async def _hold_writer(store: SqliteStore, nursery: trio.Nursery) -> threading.Event:
+    """Start an operation that holds the writer's thread until the returned event is set
+    (or 30 s pass); return once the thread runs it. What is queued meanwhile forms one
+    batch, in the order queued."""
+    release = threading.Event()
 
+    def hold(conn: sqlite3.Connection) -> None:
+        release.wait(30)
 
-async def _hold_writer(store: SqliteStore, nursery: trio.Nursery) -> None:
-    """Start a slow operation and return once the writer's thread runs it."""
-    nursery.start_soon(store._run, "slow", _slow)
+    nursery.start_soon(store._run, "hold", hold)
     while not store._busy:
         await trio.sleep(0.001)
+    return release
 
 
 # ---------------------------------------------------------------------- exactness
@@ -123,7 +125,7 @@ async def test_a_failing_operation_does_not_fail_its_neighbours(tmp_path: Path) 
     try:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await _hold_writer(store, nursery)
+                release = await _hold_writer(store, nursery)
                 for i in range(10):
                     nursery.start_soon(record, f"burn-{i}", store.burn_jti, f"j{i}", 9e9)
                 nursery.start_soon(record, "dup", store.put_lease, _lease("dup"))
@@ -132,7 +134,8 @@ async def test_a_failing_operation_does_not_fail_its_neighbours(tmp_path: Path) 
                     nursery.start_soon(record, f"burn-{i}", store.burn_jti, f"j{i}", 9e9)
                 nursery.start_soon(record, "lease", store.put_lease, _lease("new"))
                 await trio.testing.wait_all_tasks_blocked()
-                assert len(store._queue) == 23  # all queued behind the slow one: one batch
+                assert len(store._queue) == 23  # all queued behind the held one: one batch
+                release.set()
         assert store.health()["largest_batch"] == 23
         assert isinstance(results.pop("dup"), StateUnavailable)
         assert isinstance(results.pop("partial"), ValueError)
@@ -144,6 +147,49 @@ async def test_a_failing_operation_does_not_fail_its_neighbours(tmp_path: Path) 
         # Reported (logged) as that operation's failure; the batch's later successes
         # show the store itself works.
         assert store.health()["ok"] is True
+    finally:
+        await store.aclose()
+
+
+async def test_an_error_that_rolls_back_the_whole_transaction_fails_the_ops_before_it(
+    tmp_path: Path,
+) -> None:
+    """Some SQLite errors (I/O error, disk full) roll back the whole transaction, not just
+    the statement: the burns before it in the batch are then gone, and their callers must
+    hear so (a burn reported but not committed is a replay after restart); the burns after
+    it run in a new transaction and commit."""
+    store = SqliteStore.open(tmp_path / "state", commit_mode="never")
+    results: dict[str, Any] = {}
+
+    async def record(name: str, fn: Any, *args: Any) -> None:
+        try:
+            results[name] = await fn(*args)
+        except Exception as exc:  # the outcome under test
+            results[name] = exc
+
+    def io_error(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")  # what SQLite does on SQLITE_IOERR / SQLITE_FULL
+        raise sqlite3.OperationalError("disk I/O error (simulated)")
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                release = await _hold_writer(store, nursery)
+                # Queued one at a time, in this order (trio starts tasks in any order).
+                for i in range(5):
+                    nursery.start_soon(record, f"j{i}", store.burn_jti, f"j{i}", 9e9)
+                    await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(record, "io", store._run, "io", io_error)
+                await trio.testing.wait_all_tasks_blocked()
+                for i in range(5, 10):
+                    nursery.start_soon(record, f"j{i}", store.burn_jti, f"j{i}", 9e9)
+                    await trio.testing.wait_all_tasks_blocked()
+                assert [op.what for op in store._queue] == ["burn_jti"] * 5 + ["io"] + ["burn_jti"] * 5
+                release.set()
+        assert all(isinstance(results[f"j{i}"], StateUnavailable) for i in range(5)), results
+        assert isinstance(results["io"], StateUnavailable)
+        assert [results[f"j{i}"] for i in range(5, 10)] == [True] * 5
+        assert [await store.burn_jti(f"j{i}", 9e9) for i in range(10)] == [True] * 5 + [False] * 5
     finally:
         await store.aclose()
 
@@ -173,10 +219,11 @@ async def test_a_caller_cancelled_in_the_queue_leaves_its_operation_unrun(tmp_pa
     try:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                await _hold_writer(store, nursery)
+                release = await _hold_writer(store, nursery)
                 with trio.move_on_after(0.05) as scope:
                     await store.burn_jti("cancelled", 9e9)
                 assert scope.cancelled_caught
+                release.set()
         assert await store.burn_jti("cancelled", 9e9) is True  # it never ran
     finally:
         await store.aclose()
@@ -194,11 +241,14 @@ async def test_aclose_runs_every_queued_operation(tmp_path: Path) -> None:
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            await _hold_writer(store, nursery)
+            release = await _hold_writer(store, nursery)
             for i in range(20):
                 nursery.start_soon(burn, i)
             await trio.testing.wait_all_tasks_blocked()
-            await store.aclose()
+            nursery.start_soon(store.aclose)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(store._queue) == 20  # aclose waits for them
+            release.set()
     assert answers == [True] * 20
     with pytest.raises(StateUnavailable, match="closed"):
         await store.burn_jti("late", 9e9)

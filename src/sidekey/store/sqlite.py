@@ -629,15 +629,17 @@ class SqliteStore:
             return StateUnavailable("state database is corrupt", code="state_corrupt")
         return None
 
-    def _translate(self, what: str, exc: sqlite3.Error) -> StateUnavailable:
-        """The StateUnavailable for a failed operation; records it in :meth:`health`."""
+    def _translate(self, what: str, exc: sqlite3.Error, *, quiet: bool = False) -> StateUnavailable:
+        """The StateUnavailable for a failed operation; records it in :meth:`health` (and
+        the log, unless ``quiet``: the same error of a whole batch is logged once)."""
         if _is_corruption(exc):
             self._mark_corrupt(what, str(exc))
             out = StateUnavailable("state database is corrupt", code="state_corrupt")
         else:
             self._healthy = False
             self._last_error = f"{what}: {type(exc).__name__}: {exc}"
-            log.error("state store %s failed: %s: %s", what, type(exc).__name__, exc)
+            if not quiet:
+                log.error("state store %s failed: %s: %s", what, type(exc).__name__, exc)
             out = StateUnavailable("state store unavailable")
         out.__cause__ = exc
         return out
@@ -788,9 +790,13 @@ class SqliteStore:
         self._batches += 1
         self._ops_batched += len(batch)
         self._largest_batch = max(self._largest_batch, len(batch))
+        seen: set[int] = set()
         for op in batch:
             if isinstance(op.error, sqlite3.Error):
-                op.error = self._translate(op.what, op.error)
+                # Each caller gets its own exception object (raised in its own task).
+                first = id(op.error) not in seen
+                seen.add(id(op.error))
+                op.error = self._translate(op.what, op.error, quiet=not first)
             elif op.error is None:
                 self._worked()
             op.done.set()
