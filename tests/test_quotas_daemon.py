@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import yaml
@@ -64,10 +65,21 @@ def test_limits_survive_a_restart(make_daemon: Any) -> None:
     d: Daemon = make_daemon(seed_limits=True).start()
     for i in range(10):  # beyond the 5th: held for approval, but counted
         assert d.authorize("content-api", "create_article")[0] == (200 if i < 5 else 202)
+    full_at = time.monotonic()
     d.kill()
     d.start()
-    status, body = d.authorize("content-api", "create_article")
+    # 10 a minute: one call comes back every 6 s. A restart that forgot the count would
+    # let 10 more through; one that kept it lets through only what refilled meanwhile
+    # (a loaded machine can take more than 6 s to restart).
+    passed = 0
+    for _ in range(10):
+        status, body = d.authorize("content-api", "create_article")
+        if status == 429:
+            break
+        passed += 1
+    refilled = int((time.monotonic() - full_at) / 6) + 1
     assert status == 429 and body["error"]["code"] == "rate_limited", body
+    assert passed <= refilled, (passed, refilled)
 
 
 def test_two_daemons_sharing_redis_enforce_one_aggregate_limit(make_daemon: Any, tmp_path: Any) -> None:
