@@ -689,10 +689,20 @@ class HttpServer:
         Waits: ``idle_s`` for the first byte of a request (first_request_timeout_s on a
         new connection, idle_timeout_s between keep-alive requests; cut short at
         shutdown), then header_timeout_s from that byte for the whole head, then
-        body_timeout_s from the end of the head for the whole body. One cancel scope
-        for the lot, its deadline moved as the request advances."""
-        limits = self.limits
-        if wire.refusal is None and not wire.eof and not wire.upgraded:
+        body_timeout_s from the end of the head for the whole body. A request that is
+        already readable costs no cancel scope; a wait costs one, its deadline moved
+        as the request advances.
+
+        The socket is read directly (non-blocking ``os.read`` on its fd, trio's
+        wait_readable only when nothing is there): trio's receive_some would also
+        yield to the scheduler twice per read. Between two reads of the same request
+        the task always waits (yields), so a client streaming bytes cannot hold the
+        loop."""
+        fd = stream.socket.fileno()
+        if wire.refusal is None and not wire.eof and not wire.upgraded and not (
+                _read(fd, wire)
+                and (wire.ready or wire.refusal is not None or wire.eof or wire.upgraded)):
+            limits = self.limits
             now = trio.current_time()
             idle = not wire.in_message
             if idle:
@@ -702,18 +712,15 @@ class HttpServer:
             else:
                 deadline = now + limits.body_timeout_s
             in_body = not idle and not wire.in_head
-            ready = wire.ready
             with trio.CancelScope(deadline=deadline) as scope:
                 if idle:
                     self._idle_scopes.add(scope)
                 try:
-                    while not ready:
-                        data = await stream.receive_some(RECEIVE_CHUNK)
-                        if not data:
-                            wire.eof = True
-                            break
-                        wire.feed(data)
-                        if wire.refusal is not None or wire.upgraded:
+                    while True:
+                        await trio.lowlevel.wait_readable(fd)
+                        if not _read(fd, wire):
+                            continue
+                        if wire.ready or wire.refusal is not None or wire.eof or wire.upgraded:
                             break
                         if idle and wire.in_message:
                             # First bytes of this request arrived: no longer idle.
@@ -727,9 +734,7 @@ class HttpServer:
                 finally:
                     if idle:
                         self._idle_scopes.discard(scope)
-            if ready:
-                return
-            if scope.cancelled_caught:
+            if scope.cancelled_caught and not wire.ready:
                 if wire.in_message:
                     what = "body" if in_body else "head"
                     await self._send_error(
@@ -804,10 +809,36 @@ class HttpServer:
             parts.append(_CLOSE)
         parts += (b"\r\n", body)
         data = b"".join(parts)
-        with trio.move_on_after(self.limits.body_timeout_s) as cs:
-            await stream.send_all(data)
-        if cs.cancelled_caught or not keep_alive:
+        # Usually the whole response fits in the socket buffer: one write, no wait, no
+        # cancel scope. Otherwise the rest goes out within body_timeout_s.
+        try:
+            sent = os.write(stream.socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            raise _Close from None  # the peer went away
+        if sent < len(data):
+            with trio.move_on_after(self.limits.body_timeout_s) as cs:
+                await stream.send_all(memoryview(data)[sent:])
+            if cs.cancelled_caught:
+                raise _Close
+        if not keep_alive:
             raise _Close
+
+
+def _read(fd: int, wire: _Wire) -> bool:
+    """One non-blocking read into ``wire``; False if nothing was there to read."""
+    try:
+        data = os.read(fd, RECEIVE_CHUNK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        data = b""  # ECONNRESET and the like: the peer is gone, as at EOF
+    if data:
+        wire.feed(data)
+    else:
+        wire.eof = True
+    return True
 
 
 def _check_field(name: bytes, value: bytes) -> None:
