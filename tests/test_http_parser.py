@@ -332,3 +332,49 @@ def test_body_in_pieces_and_chunked_body_reach_the_handler(d: Daemon) -> None:
         assert all(b'"invalid_request"' in g[2] for g in got), got
     finally:
         s.close()
+
+
+def test_a_long_pipeline_is_answered_in_order(d: Daemon) -> None:
+    """64 KiB of tiny pipelined requests in one write (more than the daemon parses
+    ahead, MAX_PARSED_AHEAD): every one answered, in order, on the same connection."""
+    paths = [b"/v1/health" if i % 3 else b"/v1/n%d" % i for i in range(2200)]
+    data = b"".join(b"GET " + p + b" HTTP/1.1\r\n" + H + b"\r\n" for p in paths)
+    assert len(data) > 64 * 1024
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(60)
+        s.connect(d.socket)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    finally:
+        s.close()
+    got = responses(raw)
+    assert [g[0] for g in got] == [200 if i % 3 else 404 for i in range(len(paths))]
+    for i in range(0, len(paths), 3):
+        assert b"/v1/n%d" % i in got[i][2]
+
+
+def test_parsed_ahead_is_bounded() -> None:
+    """What a pipelining client makes the daemon hold: at most MAX_PARSED_AHEAD parsed
+    requests plus one slice's, the rest of its receive as bytes."""
+    from sidekey.server import FEED_SLICE, MAX_PARSED_AHEAD, RECEIVE_CHUNK, _Wire
+
+    tiny = b"GET / HTTP/1.1\r\nhost:s\r\n\r\n"
+    data = (tiny * (RECEIVE_CHUNK // len(tiny)))[:RECEIVE_CHUNK]
+    wire = _Wire(16 * 1024, 256 * 1024, -1)
+    wire.feed(data)
+    bound = MAX_PARSED_AHEAD + FEED_SLICE // len(tiny) + 1
+    assert MAX_PARSED_AHEAD <= len(wire.ready) <= bound
+    assert len(wire.pending) <= RECEIVE_CHUNK
+    answered = 0
+    while wire.ready or wire.pending:
+        while wire.ready:
+            assert wire.ready.popleft().target == "/"
+            answered += 1
+        if wire.pending:
+            wire.resume()
+            assert len(wire.ready) <= bound
+    assert answered == RECEIVE_CHUNK // len(tiny) and wire.refusal is None

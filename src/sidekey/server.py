@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 LINGER_S = 2.0  # after an error response, drain the client's input this long at most
 LINGER_MAX_BYTES = 32 * 1024 * 1024
 RECEIVE_CHUNK = 64 * 1024
+# Pipelined requests parsed ahead of the one being answered, at most (plus one slice's).
+MAX_PARSED_AHEAD = 32
+FEED_SLICE = 4096
 SERVER_HEADER = b"sidekey"
 OVERLOAD_REPLY_TIMEOUT_S = 1.0
 MAX_REFUSING = 64  # beyond this many 503 replies in flight, excess connections are just closed
@@ -317,6 +320,7 @@ class _Wire:
         "body_size",
         "body_wire",
         "eof",
+        "fd",
         "head_partial",
         "head_size",
         "in_head",
@@ -328,6 +332,7 @@ class _Wire:
         "msg_keep_alive",
         "msg_method",
         "parser",
+        "pending",
         "progress",
         "raw_headers",
         "ready",
@@ -336,7 +341,8 @@ class _Wire:
         "url",
     )
 
-    def __init__(self, max_head: int, max_body: int) -> None:
+    def __init__(self, max_head: int, max_body: int, fd: int) -> None:
+        self.fd = fd
         self.max_head = max_head
         self.max_body = max_body
         self.max_body_wire = _CHUNKED_OVERHEAD * max_body + RECEIVE_CHUNK
@@ -344,6 +350,7 @@ class _Wire:
         self.refusal: SidekeyError | None = None
         self.eof = False
         self.upgraded = False
+        self.pending = b""  # received, not parsed yet (see feed)
         self.in_message = False  # a request has begun and is not complete
         self.in_head = False  # ... and its head is not complete
         self.head_size = 0
@@ -360,7 +367,31 @@ class _Wire:
         self.parser = httptools.HttpRequestParser(self)
 
     def feed(self, data: bytes) -> None:
-        """Parse one receive's bytes (never called again after a refusal)."""
+        """Parse one receive's bytes (never called after a refusal or an upgrade).
+
+        A pipelining client may send many requests in one receive; parsed requests
+        cost far more memory than their bytes, so a receive bigger than FEED_SLICE is
+        parsed a slice at a time, and parsing stops once MAX_PARSED_AHEAD requests wait
+        for their answers: the rest stays as bytes in ``pending`` (at most one
+        receive) until the queue drains (:meth:`resume`)."""
+        if len(data) <= FEED_SLICE:
+            self._feed(data)
+            return
+        view = memoryview(data)
+        for pos in range(0, len(data), FEED_SLICE):
+            if len(self.ready) >= MAX_PARSED_AHEAD:
+                self.pending = bytes(view[pos:])
+                return
+            self._feed(view[pos:pos + FEED_SLICE])
+            if self.refusal is not None or self.upgraded:
+                return
+
+    def resume(self) -> None:
+        """Parse what :meth:`feed` left in ``pending``."""
+        data, self.pending = self.pending, b""
+        self.feed(data)
+
+    def _feed(self, data: bytes | memoryview) -> None:
         self.progress = False
         try:
             self.parser.feed_data(data)
@@ -632,7 +663,10 @@ class HttpServer:
                     return
                 anonymous = True
                 self._add_anonymous(uid)
-            wire = _Wire(self.limits.max_header_bytes, self.limits.max_body_bytes)
+            # The fd is read and written directly (see _fill); it stays this socket's
+            # until stream.aclose() below, after the last use.
+            wire = _Wire(self.limits.max_header_bytes, self.limits.max_body_bytes,
+                         stream.socket.fileno())
             state = ConnectionState(peer=peer)
             with contextlib.suppress(_Close, trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._serve(stream, wire, state)
@@ -680,7 +714,7 @@ class HttpServer:
             finally:
                 self.in_flight -= 1
             keep_alive = message.keep_alive and not wire.upgraded and not self._draining
-            await self._send(stream, response, rid, keep_alive=keep_alive)
+            await self._send(stream, wire.fd, response, rid, keep_alive=keep_alive)
 
     async def _fill(self, stream: trio.SocketStream, wire: _Wire, state: ConnectionState,
                     idle_s: float) -> None:
@@ -698,8 +732,10 @@ class HttpServer:
         yield to the scheduler twice per read. Between two reads of the same request
         the task always waits (yields), so a client streaming bytes cannot hold the
         loop."""
-        fd = stream.socket.fileno()
-        if wire.refusal is None and not wire.eof and not wire.upgraded and not (
+        fd = wire.fd
+        if wire.pending:
+            wire.resume()  # the rest of a pipelining client's receive, before reading more
+        if wire.refusal is None and not wire.eof and not wire.upgraded and not wire.ready and not (
                 _read(fd, wire)
                 and (wire.ready or wire.refusal is not None or wire.eof or wire.upgraded)):
             limits = self.limits
@@ -761,7 +797,8 @@ class HttpServer:
             await self.app.rejected(state.peer, err, rid)
         try:
             with contextlib.suppress(_Close):
-                await self._send(stream, error_response(err, rid), rid, keep_alive=False)
+                await self._send(stream, stream.socket.fileno(), error_response(err, rid), rid,
+                                 keep_alive=False)
         finally:
             await self._linger(stream)
 
@@ -784,6 +821,7 @@ class HttpServer:
     async def _send(
         self,
         stream: trio.SocketStream,
+        fd: int,
         response: Response,
         rid: str,
         *,
@@ -812,7 +850,7 @@ class HttpServer:
         # Usually the whole response fits in the socket buffer: one write, no wait, no
         # cancel scope. Otherwise the rest goes out within body_timeout_s.
         try:
-            sent = os.write(stream.socket.fileno(), data)
+            sent = os.write(fd, data)
         except BlockingIOError:
             sent = 0
         except OSError:
