@@ -378,3 +378,24 @@ def test_parsed_ahead_is_bounded() -> None:
             wire.resume()
             assert len(wire.ready) <= bound
     assert answered == RECEIVE_CHUNK // len(tiny) and wire.refusal is None
+
+
+def test_head_request_gets_no_body(d: Daemon) -> None:
+    """A response to HEAD has a head only (content-length as for GET): a body would be
+    read by the client as the next response."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(15)
+        s.connect(d.socket)
+        s.sendall(b"HEAD /v1/health HTTP/1.1\r\n" + H + b"\r\n" + HEALTH)
+        raw = b""
+        while raw.count(b"HTTP/1.1 ") < 2 or not responses_prefix(raw[raw.index(b"HTTP/1.1 ", 1):]):
+            chunk = s.recv(65536)
+            assert chunk, raw
+            raw += chunk
+    finally:
+        s.close()
+    first, second = raw[:raw.index(b"HTTP/1.1 ", 1)], raw[raw.index(b"HTTP/1.1 ", 1):]
+    assert first.endswith(b"\r\n\r\n") and b"content-length: " in first, first
+    assert first.split(b" ", 2)[1] in (b"404", b"405"), first
+    assert responses(second)[0][0] == 200

@@ -1,10 +1,14 @@
-"""The Unix-socket listener: HTTP/1.1 via llhttp (httptools), connection limits, graceful stop.
+"""The Unix-socket listener: HTTP/1.1 parsed by llhttp (httptools), connection limits,
+graceful stop.
 
 The server knows nothing about tokens or policy. It attests each connection's peer
 once at accept, parses requests within the configured caps (header size, body size,
 header/body read time, connection count), hands complete requests to an
 :class:`Application`, and writes its response. Protocol violations are answered here
-(400/408/413/431/503) and reported to the application so it can audit them.
+(400/408/413/431/501/503), with ``connection: close``, and reported to the application so
+it can audit them; nothing after a malformed request on a connection is read as a request.
+Pipelined requests are answered in order; a response head is written from precomputed
+bytes (our own values only).
 
 Connection slots are counted per peer uid (SO_PEERCRED, read at accept before any
 /proc work). Which cap applies is the application's call (:meth:`Application.connection_class`:
@@ -714,7 +718,8 @@ class HttpServer:
             finally:
                 self.in_flight -= 1
             keep_alive = message.keep_alive and not wire.upgraded and not self._draining
-            await self._send(stream, wire.fd, response, rid, keep_alive=keep_alive)
+            await self._send(stream, wire.fd, response, rid, keep_alive=keep_alive,
+                             head_only=message.method == "HEAD")
 
     async def _fill(self, stream: trio.SocketStream, wire: _Wire, state: ConnectionState,
                     idle_s: float) -> None:
@@ -826,8 +831,10 @@ class HttpServer:
         rid: str,
         *,
         keep_alive: bool,
+        head_only: bool = False,
     ) -> None:
-        """Write the response; raise _Close when the connection ends after it."""
+        """Write the response (its head only for a HEAD request, RFC 9110 9.3.2: a body
+        would be read as the next response); raise _Close when the connection ends."""
         body = response.body
         parts = [_STATUS_LINES.get(response.status) or b"HTTP/1.1 %d \r\n" % response.status]
         if response.content_type == b"application/json":
@@ -845,7 +852,9 @@ class HttpServer:
             parts += (name, b": ", value, b"\r\n")
         if not keep_alive:
             parts.append(_CLOSE)
-        parts += (b"\r\n", body)
+        parts.append(b"\r\n")
+        if not head_only:
+            parts.append(body)
         data = b"".join(parts)
         # Usually the whole response fits in the socket buffer: one write, no wait, no
         # cancel scope. Otherwise the rest goes out within body_timeout_s.
