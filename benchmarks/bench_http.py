@@ -13,7 +13,11 @@ costs the same against both) then drives them in alternating bursts, ``--rounds`
 
 Printed per burst: requests/s, p50 (seq only) and the daemon's CPU time per request (user
 + system, process CPU clock); then the medians and the after/before ratios (median of the
-per-round ratios). Figures only, nothing asserted.
+per-round ratios). Last, in this process and without I/O, the parser alone: h11 (the
+server before issue 13: Connection, next_event to the end of the message, Response + Data
++ EndOfMessage, start_next_cycle) against this tree's llhttp path (sidekey.server._Wire
+and its response head), per request, for a bare GET and for an authorize-sized POST.
+Figures only, nothing asserted.
 """
 
 from __future__ import annotations
@@ -74,6 +78,54 @@ def _client(sock_path: str, mode: str, n: int, q: Any) -> None:
     q.put((wall, lat))
 
 
+def _parse_only(rounds: int = 5, n: int = 20_000) -> None:
+    import h11
+
+    from sidekey.server import _AFTER_RID, _JSON_HEAD, _STATUS_LINES, _Wire
+
+    body = b'{"server": "content-api", "tool": "create_article", "user_token": "' + b"x" * 900 + b'"}'
+    reqs = {"GET /v1/health": REQUEST,
+            "POST authorize (1 KB)": bench_call._post("/v1/authorize", body)}
+    answer = b'{"status": "ok"}'
+
+    def with_h11(req: bytes) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        for _ in range(n):
+            conn.receive_data(req)
+            while type(conn.next_event()) is not h11.EndOfMessage:
+                pass
+            headers = [(b"content-type", b"application/json"),
+                       (b"content-length", str(len(answer)).encode()),
+                       (b"x-request-id", b"req_0123456789abcdef0123"), (b"server", b"sidekey"),
+                       (b"cache-control", b"no-store")]
+            out = conn.send(h11.Response(status_code=200, headers=headers))
+            out += conn.send(h11.Data(data=answer))
+            out += conn.send(h11.EndOfMessage())
+            conn.start_next_cycle()
+
+    def with_llhttp(req: bytes) -> None:
+        wire = _Wire(16 * 1024, 256 * 1024, -1)
+        for _ in range(n):
+            wire.feed(req)
+            wire.ready.popleft()
+            b"".join((_STATUS_LINES[200], _JSON_HEAD, str(len(answer)).encode(),
+                      b"\r\nx-request-id: ", b"req_0123456789abcdef0123", _AFTER_RID, b"\r\n",
+                      answer))
+
+    print(f"\nparse + serialize only, in process (median of {rounds} x {n} requests):")
+    for label, req in reqs.items():
+        times = {}
+        for name, fn in (("h11", with_h11), ("llhttp", with_llhttp)):
+            runs = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                fn(req)
+                runs.append((time.perf_counter() - t) / n * 1e6)
+            times[name] = bench_call.median(runs)
+        print(f"  {label:22} h11 {times['h11']:6.1f} us   llhttp {times['llhttp']:6.1f} us   "
+              f"(x{times['llhttp'] / times['h11']:.3f})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", default="main", help="git revision to compare with (default main)")
@@ -127,6 +179,7 @@ def main() -> int:
                   f"p50 {med['after'][1]:6.1f} us cpu {med['after'][2]:6.1f} us/req | "
                   f"after/before: req/s x{ratio[0]:.3f}, p50 x{ratio[1]:.3f}, cpu x{ratio[2]:.3f}")
         print(bench_call.loadavg())
+        _parse_only()
     finally:
         for proc in procs.values():
             proc.kill()
