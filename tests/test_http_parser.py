@@ -399,3 +399,20 @@ def test_head_request_gets_no_body(d: Daemon) -> None:
     assert first.endswith(b"\r\n\r\n") and b"content-length: " in first, first
     assert first.split(b" ", 2)[1] in (b"404", b"405"), first
     assert responses(second)[0][0] == 200
+
+
+def test_whitespace_padded_head_is_431(d: Daemon) -> None:
+    """Whitespace before a header value is not part of the value (llhttp skips it) but
+    is part of the head: 64 KiB of it, before short values, is refused like any head
+    over the cap."""
+    pad = b" " * 1000
+    data = b"GET /v1/health HTTP/1.1\r\n" + H + b"".join(
+        b"x-%d:" % i + pad + pad + b"v\r\n" for i in range(32)) + b"\r\n"
+    assert len(data) > 3 * HEAD_CAP
+    refused(d, data, 431, "headers_too_large")
+
+
+def test_endless_empty_lines_are_refused(d: Daemon) -> None:
+    """Empty lines before a request are skipped (RFC 9112 2.2), a head's worth at most:
+    a client sending only CRLFs is refused, not kept until idle_timeout_s."""
+    refused(d, b"\r\n" * (HEAD_CAP + 10), 400, "bad_http")

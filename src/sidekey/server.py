@@ -313,20 +313,24 @@ class _Wire:
     (pipelined requests in order); the first violation becomes ``refusal``, answered
     after the requests before it, and nothing after it is parsed.
 
-    What one connection can make the daemon hold is bounded: input is fed one receive
-    (RECEIVE_CHUNK) at a time and only when ``ready`` is empty, a head is at most
-    max_header_bytes (counted exactly over the target and complete header lines, and
-    over the bytes of a line still arriving in pieces), a body max_body_bytes.
+    What one connection can make the daemon hold is bounded: input is read one receive
+    (RECEIVE_CHUNK) at a time, and parsed in slices until MAX_PARSED_AHEAD requests
+    wait (see :meth:`feed`); a head is at most max_header_bytes (its target and header
+    lines counted exactly, its wire bytes with one FEED_SLICE of slack), a body at most
+    max_body_bytes (its wire bytes at most _CHUNKED_OVERHEAD times that), empty lines
+    between requests at most max_header_bytes.
     """
 
     __slots__ = (
         "body",
         "body_size",
         "body_wire",
+        "completed",
         "eof",
         "fd",
-        "head_partial",
+        "gap",
         "head_size",
+        "head_wire",
         "in_head",
         "in_message",
         "max_body",
@@ -337,7 +341,6 @@ class _Wire:
         "msg_method",
         "parser",
         "pending",
-        "progress",
         "raw_headers",
         "ready",
         "refusal",
@@ -358,8 +361,9 @@ class _Wire:
         self.in_message = False  # a request has begun and is not complete
         self.in_head = False  # ... and its head is not complete
         self.head_size = 0
-        self.head_partial = 0
-        self.progress = False
+        self.head_wire = 0
+        self.gap = 0  # bytes of empty lines since the last request
+        self.completed = 0  # requests parsed on this connection
         self.url: list[bytes] = []
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
@@ -396,7 +400,8 @@ class _Wire:
         self.feed(data)
 
     def _feed(self, data: bytes | memoryview) -> None:
-        self.progress = False
+        """Parse at most FEED_SLICE bytes, then count them against the wire caps."""
+        completed = self.completed
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -410,17 +415,23 @@ class _Wire:
                 self.refusal = _parser_refusal(exc)
             return
         if not self.in_message:
-            return
-        if self.in_head:
-            # A line still arriving in pieces is held by the parser until it ends: its
-            # bytes so far count toward the cap (all of this receive's bytes, when no
-            # part of the head was completed in it).
-            self.head_partial = 0 if self.progress else self.head_partial + len(data)
-            if self.head_size + self.head_partial > self.max_head:
+            if self.completed == completed:
+                # Nothing but empty lines between requests (llhttp skips them, RFC 9112
+                # 2.2): as many as a head may hold, then the client is refused.
+                self.gap += len(data)
+                if self.gap > self.max_head:
+                    self.refusal = _bad_http()
+        elif self.in_head:
+            # Wire bytes of a head, whitespace and a line still arriving in pieces (held
+            # by the parser until it ends) included; the slice the request began in
+            # counts whole, hence one slice of slack. The target and header lines are
+            # also counted exactly (_count_head).
+            self.head_wire += len(data)
+            if self.head_wire > self.max_head + FEED_SLICE:
                 self.refusal = _head_too_large()
         else:
             # Chunk sizes, extensions and trailers are not body bytes but are wire
-            # bytes: capped too (with the rest of this receive, an over-estimate).
+            # bytes: capped too (with the head's last slice, an over-estimate).
             self.body_wire += len(data)
             if self.body_wire > self.max_body_wire:
                 self.refusal = _body_too_large(self.max_body)
@@ -431,7 +442,6 @@ class _Wire:
 
     def _count_head(self, n: int) -> None:
         self.head_size += n
-        self.progress = True
         if self.head_size > self.max_head:
             self._refuse(_head_too_large())
 
@@ -440,7 +450,7 @@ class _Wire:
     def on_message_begin(self) -> None:
         self.in_message = True
         self.in_head = True
-        self.head_size = self.head_partial = self.body_size = self.body_wire = 0
+        self.head_size = self.head_wire = self.gap = self.body_size = self.body_wire = 0
         self.url = []
         self.raw_headers = []
         self.body = []
@@ -457,7 +467,6 @@ class _Wire:
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.progress = True
         parser = self.parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -499,6 +508,7 @@ class _Wire:
 
     def on_message_complete(self) -> None:
         self.in_message = False
+        self.completed += 1
         body = self.body
         self.ready.append(_Message(
             method=self.msg_method,
