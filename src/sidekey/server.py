@@ -1,10 +1,14 @@
-"""The Unix-socket listener: HTTP/1.1 via h11, connection limits, graceful stop.
+"""The Unix-socket listener: HTTP/1.1 parsed by llhttp (httptools), connection limits,
+graceful stop.
 
 The server knows nothing about tokens or policy. It attests each connection's peer
 once at accept, parses requests within the configured caps (header size, body size,
 header/body read time, connection count), hands complete requests to an
 :class:`Application`, and writes its response. Protocol violations are answered here
-(400/408/413/431/503) and reported to the application so it can audit them.
+(400/408/413/431/501/503), with ``connection: close``, and reported to the application so
+it can audit them; nothing after a malformed request on a connection is read as a request.
+Pipelined requests are answered in order; a response head is written from precomputed
+bytes (our own values only).
 
 Connection slots are counted per peer uid (SO_PEERCRED, read at accept before any
 /proc work). Which cap applies is the application's call (:meth:`Application.connection_class`:
@@ -20,16 +24,19 @@ import errno
 import logging
 import math
 import os
+import re
 import resource
 import socket
 import stat
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
 
-import h11
+import httptools
 import trio
 
 from . import protocol
@@ -44,6 +51,9 @@ log = logging.getLogger(__name__)
 LINGER_S = 2.0  # after an error response, drain the client's input this long at most
 LINGER_MAX_BYTES = 32 * 1024 * 1024
 RECEIVE_CHUNK = 64 * 1024
+# Pipelined requests parsed ahead of the one being answered, at most (plus one slice's).
+MAX_PARSED_AHEAD = 32
+FEED_SLICE = 4096
 SERVER_HEADER = b"sidekey"
 OVERLOAD_REPLY_TIMEOUT_S = 1.0
 MAX_REFUSING = 64  # beyond this many 503 replies in flight, excess connections are just closed
@@ -238,6 +248,277 @@ class _Close(Exception):
     """End this connection (after an error response was sent, or peer went away)."""
 
 
+# The request parser is llhttp (httptools), in its strict default: no lenient flag is
+# ever set, so bare LF or CR line endings, obs-fold, a header line without a colon, NUL
+# or other control bytes in a header, Content-Length together with Transfer-Encoding,
+# a repeated Content-Length, a repeated Transfer-Encoding, a sign or hex digits in a
+# length and an overflowing chunk size are all refused. The caps (head and body size,
+# wire bytes of a chunked body) and the few rules llhttp leaves to the server (HTTP
+# version, Host, "chunked" as the only transfer coding, no protocol upgrade with a
+# body) are checked in _Wire's callbacks below.
+
+# Response heads are written here: the status lines and every constant header are
+# bytes computed once (only our own fixed values go into a head; a header the
+# application adds is checked against CR/LF/NUL injection before it is written).
+_STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode("ascii")) for s in HTTPStatus}
+_JSON_HEAD = b"content-type: application/json\r\ncontent-length: "
+_AFTER_RID = b"\r\nserver: " + SERVER_HEADER + b"\r\ncache-control: no-store\r\n"
+_CLOSE = b"connection: close\r\n"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+# A chunked body may carry this many wire bytes (chunk sizes, extensions, trailers)
+# per byte of the body cap: 1-byte chunks ("1\r\nX\r\n") need 6.
+_CHUNKED_OVERHEAD = 8
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing; the refusal is _Wire.refusal."""
+
+
+def _bad_http() -> SidekeyError:
+    return protocol.BadRequest("malformed HTTP request", code="bad_http")
+
+
+def _head_too_large() -> SidekeyError:
+    return protocol.HeadersTooLarge("request head too large", code="headers_too_large")
+
+
+def _body_too_large(cap: int) -> SidekeyError:
+    return protocol.TooLarge(f"body larger than {cap} bytes")
+
+
+def _parser_refusal(exc: httptools.HttpParserError) -> SidekeyError:
+    """The answer to input llhttp refused: 501 for a transfer coding it does not
+    implement (an unknown coding, or Transfer-Encoding repeated), as h11 hinted; 400
+    for everything else (Transfer-Encoding with Content-Length included: smuggling)."""
+    reason = str(exc)
+    if "Transfer-Encoding" in reason and "Content-Length" not in reason:
+        return protocol.Unsupported("malformed HTTP request", code="bad_http")
+    return _bad_http()
+
+
+@dataclass(slots=True)
+class _Message:
+    """One complete request as parsed (the body is whole, within its cap)."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+    keep_alive: bool
+
+
+class _Wire:
+    """One connection's input: llhttp's callbacks build complete requests in ``ready``
+    (pipelined requests in order); the first violation becomes ``refusal``, answered
+    after the requests before it, and nothing after it is parsed.
+
+    What one connection can make the daemon hold is bounded: input is read one receive
+    (RECEIVE_CHUNK) at a time, and parsed in slices until MAX_PARSED_AHEAD requests
+    wait (see :meth:`feed`); a head is at most max_header_bytes (its target and header
+    lines counted exactly, its wire bytes with one FEED_SLICE of slack), a body at most
+    max_body_bytes (its wire bytes at most _CHUNKED_OVERHEAD times that), empty lines
+    between requests at most max_header_bytes.
+    """
+
+    __slots__ = (
+        "body",
+        "body_size",
+        "body_wire",
+        "completed",
+        "eof",
+        "fd",
+        "gap",
+        "head_size",
+        "head_wire",
+        "in_head",
+        "in_message",
+        "max_body",
+        "max_body_wire",
+        "max_head",
+        "msg_headers",
+        "msg_keep_alive",
+        "msg_method",
+        "parser",
+        "pending",
+        "raw_headers",
+        "ready",
+        "refusal",
+        "upgraded",
+        "url",
+    )
+
+    def __init__(self, max_head: int, max_body: int, fd: int) -> None:
+        self.fd = fd
+        self.max_head = max_head
+        self.max_body = max_body
+        self.max_body_wire = _CHUNKED_OVERHEAD * max_body + RECEIVE_CHUNK
+        self.ready: deque[_Message] = deque()
+        self.refusal: SidekeyError | None = None
+        self.eof = False
+        self.upgraded = False
+        self.pending = b""  # received, not parsed yet (see feed)
+        self.in_message = False  # a request has begun and is not complete
+        self.in_head = False  # ... and its head is not complete
+        self.head_size = 0
+        self.head_wire = 0
+        self.gap = 0  # bytes of empty lines since the last request
+        self.completed = 0  # requests parsed on this connection
+        self.url: list[bytes] = []
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.body_wire = 0
+        self.msg_method = ""
+        self.msg_headers: dict[str, str] = {}
+        self.msg_keep_alive = False
+        self.parser = httptools.HttpRequestParser(self)
+
+    def feed(self, data: bytes) -> None:
+        """Parse one receive's bytes (never called after a refusal or an upgrade).
+
+        A pipelining client may send many requests in one receive; parsed requests
+        cost far more memory than their bytes, so a receive bigger than FEED_SLICE is
+        parsed a slice at a time, and parsing stops once MAX_PARSED_AHEAD requests wait
+        for their answers: the rest stays as bytes in ``pending`` (at most one
+        receive) until the queue drains (:meth:`resume`)."""
+        if len(data) <= FEED_SLICE:
+            self._feed(data)
+            return
+        view = memoryview(data)
+        for pos in range(0, len(data), FEED_SLICE):
+            if len(self.ready) >= MAX_PARSED_AHEAD:
+                self.pending = bytes(view[pos:])
+                return
+            self._feed(view[pos:pos + FEED_SLICE])
+            if self.refusal is not None or self.upgraded:
+                return
+
+    def resume(self) -> None:
+        """Parse what :meth:`feed` left in ``pending``."""
+        data, self.pending = self.pending, b""
+        self.feed(data)
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        """Parse at most FEED_SLICE bytes, then count them against the wire caps."""
+        completed = self.completed
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # CONNECT, or Connection: upgrade with Upgrade: the request (bodiless, see
+            # on_headers_complete) is answered, then the connection closes; the bytes
+            # after it are never parsed.
+            self.upgraded = True
+            return
+        except httptools.HttpParserError as exc:
+            if self.refusal is None:
+                self.refusal = _parser_refusal(exc)
+            return
+        if not self.in_message:
+            if self.completed == completed:
+                # Nothing but empty lines between requests (llhttp skips them, RFC 9112
+                # 2.2): as many as a head may hold, then the client is refused.
+                self.gap += len(data)
+                if self.gap > self.max_head:
+                    self.refusal = _bad_http()
+        elif self.in_head:
+            # Wire bytes of a head, whitespace and a line still arriving in pieces (held
+            # by the parser until it ends) included; the slice the request began in
+            # counts whole, hence one slice of slack. The target and header lines are
+            # also counted exactly (_count_head).
+            self.head_wire += len(data)
+            if self.head_wire > self.max_head + FEED_SLICE:
+                self.refusal = _head_too_large()
+        else:
+            # Chunk sizes, extensions and trailers are not body bytes but are wire
+            # bytes: capped too (with the head's last slice, an over-estimate).
+            self.body_wire += len(data)
+            if self.body_wire > self.max_body_wire:
+                self.refusal = _body_too_large(self.max_body)
+
+    def _refuse(self, err: SidekeyError) -> None:
+        self.refusal = err
+        raise _Refused
+
+    def _count_head(self, n: int) -> None:
+        self.head_size += n
+        if self.head_size > self.max_head:
+            self._refuse(_head_too_large())
+
+    # llhttp callbacks (httptools calls them during feed_data)
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self.in_head = True
+        self.head_size = self.head_wire = self.gap = self.body_size = self.body_wire = 0
+        self.url = []
+        self.raw_headers = []
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url.append(url)  # in fragments when it arrives in pieces
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a trailer after a chunked body: discarded, counted in body_wire
+        self.raw_headers.append((name, value))
+        self._count_head(len(name) + len(value) + 4)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._refuse(_bad_http())  # HTTP/0.9 (no version), 2.0: not HTTP/1.x
+        headers: dict[str, str] = {}
+        hosts = 0
+        for name, value in self.raw_headers:
+            key = name.decode("latin-1").lower()
+            if key == "host":
+                hosts += 1
+            # llhttp drops leading whitespace of a value, not trailing (h11 dropped both).
+            headers[key] = value.decode("latin-1").rstrip(" \t")
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._refuse(_bad_http())  # RFC 9112 3.2: exactly one Host in HTTP/1.1
+        te = headers.get("transfer-encoding")
+        if te is not None and te.lower() != "chunked":
+            # llhttp accepts codings before a final "chunked" ("gzip, chunked"); none is
+            # implemented here.
+            self._refuse(protocol.Unsupported("malformed HTTP request", code="bad_http"))
+        clen = headers.get("content-length")  # digits only: llhttp checked it
+        if clen is not None and int(clen) > self.max_body:
+            self._refuse(_body_too_large(self.max_body))
+        upgrade = parser.should_upgrade()
+        if upgrade and (te is not None or (clen is not None and int(clen) > 0)):
+            # httptools has llhttp skip the body of an upgrade request: refused rather
+            # than answered without its body.
+            self._refuse(_bad_http())
+        self.url = [b"".join(self.url)]
+        self.raw_headers = []
+        self.msg_headers = headers
+        self.msg_keep_alive = version == "1.1" and not upgrade and parser.should_keep_alive()
+        self.msg_method = parser.get_method().decode("ascii")
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.max_body:
+            self._refuse(_body_too_large(self.max_body))
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self.completed += 1
+        body = self.body
+        self.ready.append(_Message(
+            method=self.msg_method,
+            target=self.url[0].decode("latin-1"),
+            headers=self.msg_headers,
+            body=body[0] if len(body) == 1 else b"".join(body),
+            keep_alive=self.msg_keep_alive,
+        ))
+
+
 class HttpServer:
     """Serves one :class:`Application` on a listening Unix socket."""
 
@@ -396,16 +677,13 @@ class HttpServer:
                     return
                 anonymous = True
                 self._add_anonymous(uid)
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+            # The fd is read and written directly (see _fill); it stays this socket's
+            # until stream.aclose() below, after the last use.
+            wire = _Wire(self.limits.max_header_bytes, self.limits.max_body_bytes,
+                         stream.socket.fileno())
             state = ConnectionState(peer=peer)
             with contextlib.suppress(_Close, trio.BrokenResourceError, trio.ClosedResourceError):
-                first = True
-                while not self._draining:
-                    await self._one_request(stream, conn, state, first=first)
-                    first = False
-                    if conn.our_state is h11.MUST_CLOSE or self._draining:
-                        break
-                    conn.start_next_cycle()
+                await self._serve(stream, wire, state)
         except Exception:
             log.exception("connection handler failed")
         finally:
@@ -415,191 +693,117 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
-    async def _receive(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
-        data = await stream.receive_some(RECEIVE_CHUNK)
-        conn.receive_data(data)  # b"" tells h11 the peer closed
-
-    async def _next_event(self, stream: trio.SocketStream, conn: h11.Connection) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            await self._receive(stream, conn)
-
-    async def _one_request(
-        self, stream: trio.SocketStream, conn: h11.Connection, state: ConnectionState,
-        *, first: bool = False,
-    ) -> None:
-        rid = new_request_id()
+    async def _serve(self, stream: trio.SocketStream, wire: _Wire, state: ConnectionState) -> None:
+        """Answer the connection's requests in order until it closes, errs or times out."""
         limits = self.limits
-        # Phase 1: the request head. Wait up to idle_timeout for the first byte of a
-        # new request (keep-alive; first_request_timeout on a connection that has sent
-        # nothing yet, so silent connections cannot sit on slots), then header_timeout
-        # for the whole head.
-        idle_s = limits.first_request_timeout_s if first else limits.idle_timeout_s
-        try:
-            with trio.CancelScope(deadline=trio.current_time() + idle_s) as scope:
-                self._idle_scopes.add(scope)
+        idle_s = limits.first_request_timeout_s  # nothing sent yet: silent slots close soon
+        ready = wire.ready
+        while not self._draining:
+            if ready:
+                # Pipelined: already parsed, so no wait; one checkpoint keeps a client
+                # that sent many requests at once from holding the loop.
+                await trio.lowlevel.checkpoint()
+            else:
+                await self._fill(stream, wire, state, idle_s)
+                idle_s = limits.idle_timeout_s
+            message = ready.popleft()
+            rid = new_request_id()
+            request = Request(
+                method=message.method,
+                path=message.target,
+                query="",
+                headers=message.headers,
+                body=message.body,
+                peer=state.peer,
+                request_id=rid,
+                conn=state,
+            )
+            if "?" in message.target:
+                request.path, _, request.query = message.target.partition("?")
+            self.in_flight += 1
+            try:
+                # In-flight calls are shielded from the idle-close at shutdown; the
+                # grace deadline on the connection nursery still bounds them.
+                response = await self.app.handle(request)
+            finally:
+                self.in_flight -= 1
+            keep_alive = message.keep_alive and not wire.upgraded and not self._draining
+            await self._send(stream, wire.fd, response, rid, keep_alive=keep_alive,
+                             head_only=message.method == "HEAD")
+
+    async def _fill(self, stream: trio.SocketStream, wire: _Wire, state: ConnectionState,
+                    idle_s: float) -> None:
+        """Read until a whole request is parsed, or answer why not and raise _Close.
+
+        Waits: ``idle_s`` for the first byte of a request (first_request_timeout_s on a
+        new connection, idle_timeout_s between keep-alive requests; cut short at
+        shutdown), then header_timeout_s from that byte for the whole head, then
+        body_timeout_s from the end of the head for the whole body. A request that is
+        already readable costs no cancel scope; a wait costs one, its deadline moved
+        as the request advances.
+
+        The socket is read directly (non-blocking ``os.read`` on its fd, trio's
+        wait_readable only when nothing is there): trio's receive_some would also
+        yield to the scheduler twice per read. Between two reads of the same request
+        the task always waits (yields), so a client streaming bytes cannot hold the
+        loop."""
+        fd = wire.fd
+        if wire.pending:
+            wire.resume()  # the rest of a pipelining client's receive, before reading more
+        if wire.refusal is None and not wire.eof and not wire.upgraded and not wire.ready and not (
+                _read(fd, wire)
+                and (wire.ready or wire.refusal is not None or wire.eof or wire.upgraded)):
+            limits = self.limits
+            now = trio.current_time()
+            idle = not wire.in_message
+            if idle:
+                deadline = now + idle_s
+            elif wire.in_head:
+                deadline = now + limits.header_timeout_s
+            else:
+                deadline = now + limits.body_timeout_s
+            in_body = not idle and not wire.in_head
+            with trio.CancelScope(deadline=deadline) as scope:
+                if idle:
+                    self._idle_scopes.add(scope)
                 try:
                     while True:
-                        event = conn.next_event()
-                        if event is not h11.NEED_DATA:
+                        await trio.lowlevel.wait_readable(fd)
+                        if not _read(fd, wire):
+                            continue
+                        if wire.ready or wire.refusal is not None or wire.eof or wire.upgraded:
                             break
-                        await self._receive(stream, conn)
-                        if scope in self._idle_scopes:
+                        if idle and wire.in_message:
                             # First bytes of this request arrived: no longer idle.
+                            idle = False
                             self._idle_scopes.discard(scope)
                             scope.deadline = min(
-                                scope.deadline, trio.current_time() + limits.header_timeout_s
-                            )
+                                scope.deadline, trio.current_time() + limits.header_timeout_s)
+                        if not in_body and wire.in_message and not wire.in_head:
+                            in_body = True
+                            scope.deadline = trio.current_time() + limits.body_timeout_s
                 finally:
-                    self._idle_scopes.discard(scope)
-        except h11.RemoteProtocolError as exc:
-            await self._protocol_error(stream, conn, state, exc, rid)
-            raise _Close from None
-        if scope.cancelled_caught:
-            if conn.their_state is h11.SEND_BODY or conn.trailing_data[0]:
-                await self._send_error(
-                    stream, conn, state,
-                    protocol.RequestTimeout("request head not received in time"),
-                    rid,
-                )
-            raise _Close
-        if isinstance(event, h11.ConnectionClosed):
-            raise _Close
-        if not isinstance(event, h11.Request):
-            raise _Close
-        # h11 caps only a head that arrives in pieces; one that arrives whole is checked here.
-        head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-        if head_size > limits.max_header_bytes:
-            await self._send_error(
-                stream, conn, state,
-                protocol.HeadersTooLarge("request head too large", code="headers_too_large"),
-                rid,
-            )
-            raise _Close
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
-        target = event.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        method = event.method.decode("ascii")
-        # Phase 2: the body, capped in size and time.
-        clen = headers.get("content-length")
-        if clen is not None and clen.isdigit() and int(clen) > limits.max_body_bytes:
-            await self._send_error(
-                stream, conn, state,
-                protocol.TooLarge(f"body larger than {limits.max_body_bytes} bytes"),
-                rid,
-            )
-            raise _Close
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            # A small body usually came in the same read as the head: then the whole
-            # message is in h11's buffer and no timed wait (no cancel scope) is needed.
-            buffered = conn.next_event()
-            complete = False
-            while buffered is not h11.NEED_DATA:
-                if isinstance(buffered, h11.Data):
-                    size += len(buffered.data)
-                    if size > limits.max_body_bytes:
-                        break  # refused below, with the same answer as a slow body
-                    chunks.append(buffered.data)
-                elif isinstance(buffered, h11.EndOfMessage):
-                    complete = True
-                    break
-                else:
-                    raise _Close  # ConnectionClosed
-                buffered = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            await self._protocol_error(stream, conn, state, exc, rid)
-            raise _Close from None
-        if size > limits.max_body_bytes:
-            await self._send_error(
-                stream, conn, state,
-                protocol.TooLarge(f"body larger than {limits.max_body_bytes} bytes"),
-                rid,
-            )
-            raise _Close
-        if not complete:
-            await self._read_body(stream, conn, state, rid, chunks, size)
-        request = Request(
-            method=method,
-            path=path,
-            query=query,
-            headers=headers,
-            body=b"".join(chunks),
-            peer=state.peer,
-            request_id=rid,
-            conn=state,
-        )
-        self.in_flight += 1
-        try:
-            # In-flight calls are shielded from the idle-close at shutdown; the
-            # grace deadline on the connection nursery still bounds them.
-            response = await self.app.handle(request)
-        finally:
-            self.in_flight -= 1
-        await self._send(stream, conn, response, rid, keep_alive=not self._draining)
-
-    async def _read_body(self, stream: trio.SocketStream, conn: h11.Connection,
-                         state: ConnectionState, rid: str, chunks: list[bytes],
-                         size: int) -> None:
-        """The rest of a body that was not all buffered with the head: at most
-        body_timeout_s and max_body_bytes (appended to ``chunks``)."""
-        limits = self.limits
-        try:
-            with trio.move_on_after(limits.body_timeout_s) as body_scope:
-                while True:
-                    ev = await self._next_event(stream, conn)
-                    if isinstance(ev, h11.Data):
-                        size += len(ev.data)
-                        if size > limits.max_body_bytes:
-                            await self._send_error(
-                                stream, conn, state,
-                                protocol.TooLarge(f"body larger than {limits.max_body_bytes} bytes"),
-                                rid,
-                            )
-                            raise _Close
-                        chunks.append(ev.data)
-                    elif isinstance(ev, h11.EndOfMessage):
-                        break
-                    elif isinstance(ev, h11.ConnectionClosed):
-                        raise _Close
-        except h11.RemoteProtocolError as exc:
-            await self._protocol_error(stream, conn, state, exc, rid)
-            raise _Close from None
-        if body_scope.cancelled_caught:
-            await self._send_error(
-                stream, conn, state,
-                protocol.RequestTimeout("request body not received in time"),
-                rid,
-            )
-            raise _Close
-
-    async def _protocol_error(
-        self,
-        stream: trio.SocketStream,
-        conn: h11.Connection,
-        state: ConnectionState,
-        exc: h11.RemoteProtocolError,
-        rid: str,
-    ) -> None:
-        status = exc.error_status_hint
-        err: SidekeyError
-        if status == 431 or "exceeds" in str(exc):
-            err = protocol.HeadersTooLarge("request head too large", code="headers_too_large")
-        else:
-            # h11 hints 400, or 501 for a Transfer-Encoding it does not implement; a hint
-            # no error class fixes (none today) is answered as a plain 400.
-            if status not in protocol.ERROR_CLASS_BY_STATUS:
-                status = 400
-            err = protocol.error_for_status(status, "malformed HTTP request", code="bad_http")
-        await self._send_error(stream, conn, state, err, rid)
+                    if idle:
+                        self._idle_scopes.discard(scope)
+            if scope.cancelled_caught and not wire.ready:
+                if wire.in_message:
+                    what = "body" if in_body else "head"
+                    await self._send_error(
+                        stream, state, protocol.RequestTimeout(f"request {what} not received in time"),
+                        new_request_id())
+                raise _Close
+        if wire.ready:
+            return
+        if wire.refusal is not None:
+            await self._send_error(stream, state, wire.refusal, new_request_id())
+        elif wire.eof and wire.in_message:
+            # The client ended its side in the middle of a request.
+            await self._send_error(stream, state, _bad_http(), new_request_id())
+        raise _Close
 
     async def _send_error(
         self,
         stream: trio.SocketStream,
-        conn: h11.Connection,
         state: ConnectionState,
         err: SidekeyError,
         rid: str,
@@ -607,7 +811,9 @@ class HttpServer:
         with contextlib.suppress(Exception):
             await self.app.rejected(state.peer, err, rid)
         try:
-            await self._send(stream, conn, error_response(err, rid), rid, keep_alive=False)
+            with contextlib.suppress(_Close):
+                await self._send(stream, stream.socket.fileno(), error_response(err, rid), rid,
+                                 keep_alive=False)
         finally:
             await self._linger(stream)
 
@@ -630,28 +836,69 @@ class HttpServer:
     async def _send(
         self,
         stream: trio.SocketStream,
-        conn: h11.Connection,
+        fd: int,
         response: Response,
         rid: str,
         *,
         keep_alive: bool,
+        head_only: bool = False,
     ) -> None:
-        if conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):
-            raise _Close  # mid-response or errored: nothing more can be said
-        headers = [
-            (b"content-type", response.content_type),
-            (b"content-length", str(len(response.body)).encode()),
-            (b"x-request-id", rid.encode()),
-            (b"server", SERVER_HEADER),
-            (b"cache-control", b"no-store"),
-            *response.headers,
-        ]
+        """Write the response (its head only for a HEAD request, RFC 9110 9.3.2: a body
+        would be read as the next response); raise _Close when the connection ends."""
+        body = response.body
+        parts = [_STATUS_LINES.get(response.status) or b"HTTP/1.1 %d \r\n" % response.status]
+        if response.content_type == b"application/json":
+            parts.append(_JSON_HEAD)
+        else:
+            _check_field(b"content-type", response.content_type)
+            parts.append(b"content-type: " + response.content_type + b"\r\ncontent-length: ")
+        parts += (str(len(body)).encode(), b"\r\nx-request-id: ", rid.encode(), _AFTER_RID)
+        for name, value in response.headers:
+            _check_field(name, value)
+            if name.lower() == b"connection":
+                if value.lower() == b"close":
+                    keep_alive = False
+                continue
+            parts += (name, b": ", value, b"\r\n")
         if not keep_alive:
-            headers.append((b"connection", b"close"))
-        data = conn.send(h11.Response(status_code=response.status, headers=headers))
-        data += conn.send(h11.Data(data=response.body))
-        data += conn.send(h11.EndOfMessage())
-        with trio.move_on_after(self.limits.body_timeout_s) as cs:
-            await stream.send_all(data)
-        if cs.cancelled_caught or not keep_alive:
+            parts.append(_CLOSE)
+        parts.append(b"\r\n")
+        if not head_only:
+            parts.append(body)
+        data = b"".join(parts)
+        # Usually the whole response fits in the socket buffer: one write, no wait, no
+        # cancel scope. Otherwise the rest goes out within body_timeout_s.
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            raise _Close from None  # the peer went away
+        if sent < len(data):
+            with trio.move_on_after(self.limits.body_timeout_s) as cs:
+                await stream.send_all(memoryview(data)[sent:])
+            if cs.cancelled_caught:
+                raise _Close
+        if not keep_alive:
             raise _Close
+
+
+def _read(fd: int, wire: _Wire) -> bool:
+    """One non-blocking read into ``wire``; False if nothing was there to read."""
+    try:
+        data = os.read(fd, RECEIVE_CHUNK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        data = b""  # ECONNRESET and the like: the peer is gone, as at EOF
+    if data:
+        wire.feed(data)
+    else:
+        wire.eof = True
+    return True
+
+
+def _check_field(name: bytes, value: bytes) -> None:
+    """A header the application set must not break the response's framing."""
+    if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+        raise ValueError(f"invalid response header {name[:64]!r}")
