@@ -3,7 +3,7 @@
 No code sets ``status`` on an error instance after construction (it used to, in nine
 places: a 405 picked by comparing code strings, ``err.status = 500``, a plain
 SidekeyError given 400 where BadRequest exists, ...). Where the status is data (a
-policy decision, an h11 hint) the class is picked from
+policy decision, a framing error) the class is picked from
 :data:`sidekey.protocol.ERROR_CLASS_BY_STATUS`. The wire is unchanged: the daemon test
 at the end checks status, code and audited status of the refusals whose errors moved to
 the new classes and that no other test pins (405, 431, 501).
@@ -168,7 +168,7 @@ def test_wire_statuses_of_moved_errors(daemon: Daemon) -> None:
     assert _status_line(resp).startswith(b"HTTP/1.1 431"), resp[:200]
     assert b'"code":"headers_too_large"' in resp
 
-    # Two Transfer-Encoding headers: h11 refuses them with its 501 hint.
+    # Two Transfer-Encoding headers: refused with 501 (an unsupported transfer coding).
     te = (b"POST /v1/authorize HTTP/1.1\r\nhost: s\r\ntransfer-encoding: chunked\r\n"
           b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n")
     resp = daemon.raw(te, timeout=10)

@@ -139,13 +139,13 @@ class Internal(SidekeyError):
 
 
 class Unsupported(SidekeyError):
-    """The HTTP framing uses a feature the server does not implement (h11's 501 hint)."""
+    """The HTTP framing uses a feature the server does not implement (an unknown transfer coding: 501)."""
 
     status = 501
     code = "not_implemented"
 
 
-# The class to raise when the status is data (a policy decision, an h11 hint), so no
+# The class to raise when the status is data (a policy decision, a framing error), so no
 # caller sets ``status`` on an instance after construction. Every status a SidekeyError
 # subclass anywhere in sidekey fixes is here (tests/test_error_statuses.py checks).
 ERROR_CLASS_BY_STATUS: dict[int, type[SidekeyError]] = {
