@@ -1,4 +1,7 @@
-"""sidekey.client against httpx.MockTransport: error mapping, leases, tool_call outcomes.
+"""sidekey.client against a scripted transport: error mapping, leases, tool_call outcomes.
+
+The scripted daemon answers with ``httpx.Response`` objects (a convenient builder);
+``_to_client`` hands them to the client's test ``transport`` hook.
 
 Async tests run under trio (pytest-trio's trio_mode); the asyncio tests drive the same
 client with ``asyncio.run`` from a sync test.
@@ -108,10 +111,23 @@ class Daemon:
         return [b for p, b in self.calls if p == path]
 
     def sync_client(self) -> Client:
-        return Client("/nonexistent.sock", transport=httpx.MockTransport(self.handle))
+        return Client("/nonexistent.sock",
+                      transport=lambda req: _to_client(self.handle(_from_client(req))))
 
     def async_client(self) -> AsyncClient:
-        return AsyncClient("/nonexistent.sock", transport=httpx.MockTransport(self.handle_async))
+        async def transport(req: sk.TransportRequest) -> sk.TransportResponse:
+            return _to_client(await self.handle_async(_from_client(req)))
+
+        return AsyncClient("/nonexistent.sock", transport=transport)
+
+
+def _from_client(req: sk.TransportRequest) -> httpx.Request:
+    return httpx.Request(req.method, "http://sidekey" + req.target, headers=req.headers,
+                         content=req.body)
+
+
+def _to_client(resp: httpx.Response) -> sk.TransportResponse:
+    return sk.TransportResponse(resp.status_code, resp.read(), dict(resp.headers))
 
 
 def call_kw() -> dict[str, Any]:

@@ -32,23 +32,24 @@ and the user's token never appear in exception messages, reprs or logs.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import logging
 import os
 import pwd
 import socket
-import ssl
 import struct
+import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
-import httpcore
-import httpx
+import h11
 import msgspec
 
 from . import __version__
@@ -67,9 +68,6 @@ RELEASE_AFTER_FAILURE_TIMEOUT_S = 5.0
 MAX_RESPONSE_BYTES = 1024 * 1024
 MAX_ERROR_NAME_LEN = 512  # ReleaseRequest.error max_length
 MAX_DURATION_MS = 86_400_000  # ReleaseRequest.duration_ms upper bound
-_BASE_URL = "http://sidekey"
-_HEADERS = {"user-agent": f"sidekey-client/{__version__}", "accept": "application/json"}
-_JSON = {"content-type": "application/json"}
 
 ReleaseStatus = Literal["success", "error", "cancelled"]
 _RELEASE_STATUSES = frozenset({"success", "error", "cancelled"})
@@ -502,7 +500,7 @@ def _release_body(
 
 
 def _error_from_response(
-    status: int, data: Any, headers: httpx.Headers, what: str
+    status: int, data: Any, headers: Mapping[str, str], what: str
 ) -> SidekeyClientError:
     """Map an error response to its typed exception (never echoing the raw body)."""
     header_rid = headers.get("x-request-id")
@@ -527,7 +525,7 @@ def _error_from_response(
     return cls(err.message, **kw)
 
 
-def _retry_after(details: Mapping[str, Any] | None, headers: httpx.Headers) -> float | None:
+def _retry_after(details: Mapping[str, Any] | None, headers: Mapping[str, str]) -> float | None:
     candidates: list[Any] = []
     if details:
         candidates += [details.get("retry_after_s"), details.get("retry_after")]
@@ -545,7 +543,7 @@ def _retry_after(details: Mapping[str, Any] | None, headers: httpx.Headers) -> f
 
 
 def _interpret(
-    status: int, body: bytes, headers: httpx.Headers, what: str, ok: frozenset[int]
+    status: int, body: bytes, headers: Mapping[str, str], what: str, ok: frozenset[int]
 ) -> dict[str, Any]:
     """Decode a response: the JSON object on a success status, else raise its error."""
     try:
@@ -655,21 +653,10 @@ def _elapsed_ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
 
 
-def _transport_error(exc: httpx.HTTPError, what: str) -> SidekeyClientError:
-    """Translate an httpx failure once, at the I/O edge, into a few kinds."""
-    name = type(exc).__name__
-    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError | httpx.NetworkError):
-        return ConnectionFailed(f"{what}: cannot reach sidekey ({name}: {exc})")
-    if isinstance(exc, httpx.TimeoutException):
-        return RequestTimeout(f"{what}: sidekey did not answer in time ({name})")
-    return ProtocolError(f"{what}: broken HTTP exchange with sidekey ({name})")
-
-
-def _check_length(resp: httpx.Response, what: str) -> None:
-    declared = resp.headers.get("content-length")
+def _check_length(headers: Mapping[str, str], status: int, what: str) -> None:
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
-        raise ProtocolError(f"{what}: response over {MAX_RESPONSE_BYTES} bytes",
-                            status=resp.status_code)
+        raise ProtocolError(f"{what}: response over {MAX_RESPONSE_BYTES} bytes", status=status)
 
 
 def _append_capped(buf: bytearray, chunk: bytes, status: int, what: str) -> None:
@@ -678,152 +665,490 @@ def _append_capped(buf: bytearray, chunk: bytes, status: int, what: str) -> None
         raise ProtocolError(f"{what}: response over {MAX_RESPONSE_BYTES} bytes", status=status)
 
 
-def _timeout(timeout: float) -> httpx.Timeout:
+def _timeout(timeout: float) -> float:
     if not timeout > 0:
         raise ValueError("timeout must be a positive number of seconds")
-    return httpx.Timeout(timeout)
+    return float(timeout)
 
 
 _OK = frozenset({200})
 _OK_OR_HELD = frozenset({200, 202})
 
 
-# --------------------------------------------------------------------------- transports
+# --------------------------------------------------------------------------- HTTP/1.1 over the socket
+#
+# A minimal HTTP/1.1 client: h11 frames and parses (no hand parsing), the socket is a
+# plain AF_UNIX stream. Per client object a small pool: idle kept-alive connections are
+# reused (the common case is one), concurrent requests open more up to MAX_CONNECTIONS.
+# Every NEW connection is checked with SO_PEERCRED before its first byte is sent.
+
+# An idle connection is reused only this long. The daemon closes idle connections after
+# listen.idle_timeout_s (120 s by default); staying well under it keeps clear of the race
+# in which the daemon closes a connection while a request is on its way (such a request
+# is not retried: it may have reached the daemon).
+KEEPALIVE_EXPIRY_S = 5.0
+# Connections one client object may have open at once (requests beyond wait for one,
+# within their own timeout), and how many idle ones it keeps.
+MAX_CONNECTIONS = 32
+MAX_IDLE_CONNECTIONS = 8
+_RECV_BYTES = 65536
+# The response head (status line and headers) h11 will buffer; the daemon's are < 1 KiB.
+_MAX_HEAD_BYTES = 16 * 1024
+_HEADERS = (
+    (b"host", b"sidekey"),
+    (b"user-agent", f"sidekey-client/{__version__}".encode()),
+    (b"accept", b"application/json"),
+)
+_BODY_HEADERS = ((b"content-type", b"application/json"),)
 
 
-def _no_tls() -> ssl.SSLContext:
-    # TLS is never used on the Unix socket. httpx builds a client SSL context per
-    # transport; the default one loads the CA bundle (tens of ms at first use). An
-    # empty, verifying context costs nothing and would fail any handshake closed.
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+@dataclass(frozen=True, slots=True)
+class TransportRequest:
+    """What a test ``transport`` gets: the request as the client would send it."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
 
 
-_HTTPX_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5)
+@dataclass(frozen=True, slots=True)
+class TransportResponse:
+    """What a test ``transport`` answers (``headers`` with lower-case names)."""
+
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
-def _pool_options(path: str) -> dict[str, Any]:
-    """What httpx's transport gives its own connection pool (no TLS, _HTTPX_LIMITS, the
-    socket path): the transports replace that pool with one on a checking backend."""
-    return {
-        "ssl_context": _no_tls(),
-        "max_connections": _HTTPX_LIMITS.max_connections,
-        "max_keepalive_connections": _HTTPX_LIMITS.max_keepalive_connections,
-        "keepalive_expiry": _HTTPX_LIMITS.keepalive_expiry,
-        "uds": path,
-    }
+SyncTransport = Callable[[TransportRequest], TransportResponse]
+AsyncTransport = Callable[[TransportRequest], Awaitable[TransportResponse]]
 
 
-_SyncStream: Callable[[socket.socket], httpcore.NetworkStream] | None
-try:  # The stream class is not exported; without it the stock backend is used.
-    from httpcore._backends.sync import SyncStream as _ImportedSyncStream
+def _transport_request(method: str, target: str, body: bytes | None) -> TransportRequest:
+    headers = {k.decode(): v.decode() for k, v in _HEADERS}
+    if body is not None:
+        headers.update({k.decode(): v.decode() for k, v in _BODY_HEADERS})
+        headers["content-length"] = str(len(body))
+    return TransportRequest(method, target, headers, body or b"")
 
-    _SyncStream = _ImportedSyncStream
-except ImportError:  # pragma: no cover
-    _SyncStream = None
+
+def _transport_response(resp: TransportResponse, what: str) -> tuple[int, Mapping[str, str], bytes]:
+    """A test transport's answer, through the same size checks as the socket's."""
+    headers = {k.lower(): v for k, v in resp.headers.items()}
+    _check_length(headers, resp.status, what)
+    buf = bytearray()
+    _append_capped(buf, resp.body, resp.status, what)
+    return resp.status, headers, bytes(buf)
 
 
-class _UnixBackend(httpcore.SyncBackend):
-    """httpcore's sync backend, but a failed connect closes its socket, and a daemon
-    that runs as an unexpected uid is refused before anything is sent.
+class _StaleConnection(Exception):
+    """The request could not be written on a reused connection: the daemon had closed
+    it. Nothing complete reached the daemon, so the request may be sent again."""
 
-    httpcore 1.0 leaves the socket of a failed ``connect()`` (daemon down) to the
-    garbage collector, which then warns (``ResourceWarning``). trio and anyio close it.
-    """
 
-    def __init__(self, allowed_uids: frozenset[int] | None = None) -> None:
-        self.allowed_uids = allowed_uids
+class _Exchange:
+    """One HTTP/1.1 connection's h11 state plus the response being read (pure: no I/O)."""
 
-    def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Any = None,
-    ) -> httpcore.NetworkStream:
-        if _SyncStream is None:  # pragma: no cover - httpcore moved its stream class
-            stream = super().connect_unix_socket(path, timeout, socket_options)
-            try:
-                _check_daemon_peer(stream.get_extra_info("socket"), self.allowed_uids, path)
-            except BaseException:
-                stream.close()
-                raise
-            return stream
+    __slots__ = ("body", "h", "headers", "status", "what")
+
+    def __init__(self, h: h11.Connection, what: str) -> None:
+        self.h = h
+        self.what = what
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+
+    def request_bytes(self, method: str, target: str, body: bytes | None) -> bytes:
+        headers: list[tuple[bytes, bytes]] = list(_HEADERS)
+        if body is not None:
+            headers += _BODY_HEADERS
+            headers.append((b"content-length", str(len(body)).encode()))
+        h = self.h
+        out = h.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        if body:
+            out += h.send(h11.Data(data=body)) or b""
+        return out + (h.send(h11.EndOfMessage()) or b"")
+
+    def feed(self, data: bytes) -> bool:
+        """Give the parser ``data`` (``b""`` at end of stream); True when the response is
+        complete. Raises ProtocolError for a malformed, truncated or oversized answer."""
+        h = self.h
+        try:
+            h.receive_data(data)
+            while True:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    return False
+                if isinstance(event, h11.Response):
+                    self.status = event.status_code
+                    self.headers = {k.decode("latin-1"): v.decode("latin-1")
+                                    for k, v in event.headers}
+                    _check_length(self.headers, self.status, self.what)
+                elif isinstance(event, h11.Data):
+                    _append_capped(self.body, event.data, self.status, self.what)
+                elif isinstance(event, h11.EndOfMessage):
+                    return True
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ProtocolError(f"{self.what}: sidekey closed the connection "
+                                        f"without an answer")
+                # InformationalResponse (1xx): wait for the final response.
+        except h11.ProtocolError as exc:
+            raise ProtocolError(
+                f"{self.what}: broken HTTP exchange with sidekey ({type(exc).__name__}: {exc})",
+                status=self.status or None) from None
+
+    def reusable(self) -> bool:
+        """After a complete response: can the connection carry the next request?"""
+        h = self.h
+        if h.our_state is h11.DONE and h.their_state is h11.DONE:
+            h.start_next_cycle()
+            return True
+        return False
+
+
+def _connect_failed(exc: BaseException, what: str) -> ConnectionFailed:
+    return ConnectionFailed(f"{what}: cannot reach sidekey ({type(exc).__name__}: {exc})")
+
+
+def _io_failed(exc: OSError, what: str) -> SidekeyClientError:
+    if isinstance(exc, TimeoutError):
+        return RequestTimeout(f"{what}: sidekey did not answer in time")
+    return ConnectionFailed(f"{what}: connection to sidekey failed ({type(exc).__name__}: {exc})")
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Has the daemon closed this idle connection (or sent something unasked)? One
+    non-blocking peek: EOF, an error or unexpected bytes all mean "do not reuse"."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False  # nothing to read: still open, nothing unasked
+    except OSError:
+        return True
+    return True  # b"" (end of stream) or bytes nobody asked for
+
+
+class _Conn:
+    """A connected, peer-checked socket and its h11 state. ``pid``: the process that
+    opened it; after a fork the child never uses (or shuts down) its parent's."""
+
+    __slots__ = ("h", "idle_since", "pid", "sock", "tsock")
+
+    def __init__(self, sock: socket.socket, tsock: Any = None) -> None:
+        self.sock = sock
+        self.tsock = tsock  # the trio socket wrapping ``sock``, under trio
+        self.h = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
+        self.pid = os.getpid()
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        # close(), never shutdown(): in a forked child this drops only the child's copy of
+        # the descriptor, leaving the parent's connection intact.
+        with contextlib.suppress(OSError):
+            if self.tsock is not None:
+                self.tsock.close()
+            else:
+                self.sock.close()
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+class _SyncPool:
+    """The sync client's connections (thread-safe). Created per process: see Client._pool."""
+
+    def __init__(self, path: str, allowed: frozenset[int] | None) -> None:
+        self.path = path
+        self.allowed = allowed
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.idle: list[_Conn] = []
+        self.closed = False
+
+    def _connect(self, deadline: float, what: str) -> _Conn:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            for option in socket_options or ():
-                sock.setsockopt(*option)
-            sock.settimeout(timeout)
-            sock.connect(path)
-            _check_daemon_peer(sock, self.allowed_uids, path)
-        except TimeoutError as exc:
-            sock.close()
-            raise httpcore.ConnectTimeout(str(exc)) from exc
+            sock.settimeout(_remaining(deadline))
+            sock.connect(self.path)
+            _check_daemon_peer(sock, self.allowed, self.path)
         except OSError as exc:
             sock.close()
-            raise httpcore.ConnectError(str(exc)) from exc
+            raise _connect_failed(exc, what) from None
         except BaseException:
             sock.close()
             raise
-        return _SyncStream(sock)
+        return _Conn(sock)
 
+    def _checkout(self) -> _Conn | None:
+        """An idle connection that is fresh and still open, if there is one."""
+        now = time.monotonic()
+        while True:
+            with self.lock:
+                if not self.idle:
+                    return None
+                conn = self.idle.pop()
+            if now - conn.idle_since <= KEEPALIVE_EXPIRY_S:
+                conn.sock.settimeout(0)
+                if not _peer_closed(conn.sock):
+                    return conn
+            conn.close()
 
-class _UnixTransport(httpx.HTTPTransport):
-    """httpx's HTTP/1.1 transport over a Unix socket with :class:`_UnixBackend`."""
+    def _checkin(self, conn: _Conn) -> None:
+        conn.idle_since = time.monotonic()
+        with self.lock:
+            if not self.closed and len(self.idle) < MAX_IDLE_CONNECTIONS:
+                self.idle.append(conn)
+                return
+        conn.close()
 
-    def __init__(self, path: str, allowed_uids: frozenset[int] | None = None) -> None:
-        super().__init__(uds=path, verify=_no_tls(), trust_env=False, limits=_HTTPX_LIMITS)
-        self._pool = httpcore.ConnectionPool(**_pool_options(path), network_backend=_UnixBackend(allowed_uids))
-
-
-class _CheckedAsyncBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's auto-detected async backend (asyncio or trio), plus the daemon uid
-    check of :class:`_UnixBackend` on every new Unix-socket connection."""
-
-    def __init__(self, allowed_uids: frozenset[int] | None) -> None:
-        from httpcore._backends.auto import AutoBackend
-
-        self._inner = AutoBackend()
-        self.allowed_uids = allowed_uids
-
-    # httpcore's AsyncNetworkBackend interface names these parameters `timeout`.
-    async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
-        local_address: str | None = None, socket_options: Any = None,
-    ) -> httpcore.AsyncNetworkStream:  # pragma: no cover - only Unix sockets are used
-        return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Any = None,  # noqa: ASYNC109
-    ) -> httpcore.AsyncNetworkStream:
-        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
+    def _send(self, conn: _Conn, data: bytes, deadline: float, reused: bool) -> None:
         try:
-            _check_daemon_peer(stream.get_extra_info("socket"), self.allowed_uids, path)
-        except BaseException:
-            await stream.aclose()
+            conn.sock.settimeout(_remaining(deadline))
+            conn.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            if reused:
+                raise _StaleConnection from exc
             raise
-        return stream
 
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+    def request(self, method: str, target: str, body: bytes | None, timeout: float,
+                what: str) -> tuple[int, Mapping[str, str], bytes]:
+        deadline = time.monotonic() + timeout
+        if not self.slots.acquire(timeout=timeout):
+            raise RequestTimeout(f"{what}: all {MAX_CONNECTIONS} connections to sidekey stayed "
+                                 f"busy for the whole timeout")
+        try:
+            conn = self._checkout()
+            reused = conn is not None
+            if conn is None:
+                conn = self._connect(deadline, what)
+            try:
+                ex = _Exchange(conn.h, what)
+                try:
+                    self._send(conn, ex.request_bytes(method, target, body), deadline, reused)
+                except _StaleConnection:
+                    # Reconnect once: the daemon closed the kept-alive connection (restart,
+                    # idle timeout) and received no complete request on it.
+                    conn.close()
+                    conn = self._connect(deadline, what)
+                    ex = _Exchange(conn.h, what)
+                    self._send(conn, ex.request_bytes(method, target, body), deadline, False)
+                sock = conn.sock
+                done = False
+                while not done:
+                    sock.settimeout(_remaining(deadline))
+                    done = ex.feed(sock.recv(_RECV_BYTES))
+            except OSError as exc:
+                conn.close()
+                raise _io_failed(exc, what) from None
+            except BaseException:
+                conn.close()
+                raise
+            if ex.reusable():
+                self._checkin(conn)
+            else:
+                conn.close()
+            return ex.status, ex.headers, bytes(ex.body)
+        finally:
+            self.slots.release()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def abandon(self) -> None:
+        """In a forked child: drop the parent's connections without touching its locks."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
 
 
-class _AsyncUnixTransport(httpx.AsyncHTTPTransport):
-    """httpx's async HTTP/1.1 transport over a Unix socket with :class:`_CheckedAsyncBackend`."""
+def _event_loop() -> tuple[str, object]:
+    """The running async library and an identity of its loop (asyncio or trio)."""
+    try:
+        return "asyncio", asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return "trio", trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+    raise RuntimeError("sidekey AsyncClient needs a running asyncio or trio event loop")
 
-    def __init__(self, path: str, allowed_uids: frozenset[int] | None) -> None:
-        super().__init__(uds=path, verify=_no_tls(), trust_env=False, limits=_HTTPX_LIMITS)
-        self._pool = httpcore.AsyncConnectionPool(**_pool_options(path), network_backend=_CheckedAsyncBackend(allowed_uids))
+
+class _AsyncPool:
+    """The async client's connections, bound to one process and one event loop."""
+
+    def __init__(self, path: str, allowed: frozenset[int] | None, lib: str,
+                 loop: object) -> None:
+        self.path = path
+        self.allowed = allowed
+        self.lib = lib
+        self.loop = loop
+        self.pid = os.getpid()
+        self.idle: list[_Conn] = []
+        self.active = 0
+        self.waiters: collections.deque[anyio.Event] = collections.deque()
+        self.closed = False
+
+    async def _connect(self, what: str) -> _Conn:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            tsock: Any = None
+            if self.lib == "trio":
+                import trio
+
+                tsock = trio.socket.from_stdlib_socket(sock)
+                await tsock.connect(self.path)
+            else:
+                await asyncio.get_running_loop().sock_connect(sock, self.path)
+            _check_daemon_peer(sock, self.allowed, self.path)
+        except OSError as exc:
+            sock.close()
+            raise _connect_failed(exc, what) from None
+        except BaseException:
+            sock.close()
+            raise
+        return _Conn(sock, tsock)
+
+    async def _send(self, conn: _Conn, data: bytes, reused: bool) -> None:
+        try:
+            if conn.tsock is not None:
+                view = memoryview(data)
+                while view:
+                    sent = await conn.tsock.send(view)
+                    view = view[sent:]
+            else:
+                await asyncio.get_running_loop().sock_sendall(conn.sock, data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            if reused:
+                raise _StaleConnection from exc
+            raise
+
+    async def _recv(self, conn: _Conn) -> bytes:
+        if conn.tsock is not None:
+            data: bytes = await conn.tsock.recv(_RECV_BYTES)
+            return data
+        return await asyncio.get_running_loop().sock_recv(conn.sock, _RECV_BYTES)
+
+    async def _acquire(self) -> None:
+        while self.active >= MAX_CONNECTIONS:
+            event = anyio.Event()
+            self.waiters.append(event)
+            try:
+                await event.wait()
+            except BaseException:
+                if event.is_set():  # woken, but leaving: pass the turn on
+                    self._wake()
+                else:
+                    self.waiters.remove(event)
+                raise
+        self.active += 1
+
+    def _wake(self) -> None:
+        if self.waiters:
+            self.waiters.popleft().set()
+
+    def _release(self) -> None:
+        self.active -= 1
+        self._wake()
+
+    def _checkout(self) -> _Conn | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if now - conn.idle_since <= KEEPALIVE_EXPIRY_S and not _peer_closed(conn.sock):
+                return conn
+            conn.close()
+        return None
+
+    def _checkin(self, conn: _Conn) -> None:
+        conn.idle_since = time.monotonic()
+        if not self.closed and len(self.idle) < MAX_IDLE_CONNECTIONS:
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    async def request(self, method: str, target: str, body: bytes | None, timeout_s: float,
+                      what: str) -> tuple[int, Mapping[str, str], bytes]:
+        phase = "wait"  # for a timeout: waiting for a slot, connecting, or the exchange
+        try:
+            with anyio.fail_after(timeout_s):
+                await self._acquire()
+                try:
+                    conn = self._checkout()
+                    reused = conn is not None
+                    if conn is None:
+                        phase = "connect"
+                        conn = await self._connect(what)
+                    phase = "exchange"
+                    try:
+                        ex = _Exchange(conn.h, what)
+                        try:
+                            await self._send(conn, ex.request_bytes(method, target, body), reused)
+                        except _StaleConnection:
+                            # As in _SyncPool.request: reconnect once, nothing was delivered.
+                            conn.close()
+                            phase = "connect"
+                            conn = await self._connect(what)
+                            phase = "exchange"
+                            ex = _Exchange(conn.h, what)
+                            await self._send(conn, ex.request_bytes(method, target, body), False)
+                        while not ex.feed(await self._recv(conn)):
+                            pass
+                    except OSError as exc:
+                        conn.close()
+                        raise _io_failed(exc, what) from None
+                    except BaseException:
+                        conn.close()
+                        raise
+                    if ex.reusable():
+                        self._checkin(conn)
+                    else:
+                        conn.close()
+                    return ex.status, ex.headers, bytes(ex.body)
+                finally:
+                    self._release()
+        except TimeoutError:
+            if phase == "connect":
+                raise ConnectionFailed(f"{what}: cannot reach sidekey (connect timed out)") from None
+            if phase == "wait":
+                raise RequestTimeout(f"{what}: all {MAX_CONNECTIONS} connections to sidekey "
+                                     f"stayed busy for the whole timeout") from None
+            raise RequestTimeout(f"{what}: sidekey did not answer in time") from None
+
+    def close(self) -> None:
+        self.closed = True
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
 
 
 # --------------------------------------------------------------------------- sync client
 
 
 class Client:
-    """Synchronous client. Thread-safe; the HTTP connection pool is created on first use.
+    """Synchronous client. Thread-safe; the connection pool is created on first use.
 
-    ``transport`` is for tests (an ``httpx.MockTransport``); by default the client
-    speaks HTTP/1.1 over ``socket_path`` (see :func:`resolve_socket_path`), and only to
-    a daemon running as ``expected_uid`` or root (see :func:`resolve_daemon_uids`):
-    otherwise a request raises :class:`DaemonIdentityError` before anything is sent.
+    The client speaks HTTP/1.1 over ``socket_path`` (see :func:`resolve_socket_path`),
+    keeps connections alive between calls (one per concurrently calling thread, up to
+    ``MAX_CONNECTIONS``), and talks only to a daemon running as ``expected_uid`` or root
+    (see :func:`resolve_daemon_uids`): a new connection to anything else raises
+    :class:`DaemonIdentityError` before anything is sent. ``timeout`` bounds each request
+    as a whole (waiting for a connection, connecting, sending, the full answer).
+    ``transport`` is for tests: a function from :class:`TransportRequest` to
+    :class:`TransportResponse` that replaces the socket.
     """
 
     def __init__(
@@ -831,51 +1156,55 @@ class Client:
         socket_path: str | os.PathLike[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
-        transport: httpx.BaseTransport | None = None,
+        transport: SyncTransport | None = None,
         expected_uid: int | str | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
         self.daemon_uids = resolve_daemon_uids(expected_uid)
         self.timeout = _timeout(timeout)
         self._transport = transport
-        self._http: httpx.Client | None = None
+        self._http: _SyncPool | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._closed = False
 
     def __repr__(self) -> str:
         return f"Client(socket_path={self.socket_path!r})"
 
-    def _client(self) -> httpx.Client:
+    def _pool(self) -> _SyncPool:
+        pool = self._http
+        if pool is not None and pool.pid == os.getpid() and not self._closed:
+            return pool
+        if self._pid != os.getpid():
+            # Forked: connections (and locks, maybe held by a thread that did not fork)
+            # belong to the parent. The child opens its own; it only closes its copies.
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            inherited, self._http = self._http, None
+            if inherited is not None:
+                inherited.abandon()
         with self._lock:
             if self._closed:
                 raise RuntimeError("sidekey client is closed")
             if self._http is None:
-                transport = self._transport or _UnixTransport(self.socket_path, self.daemon_uids)
-                self._http = httpx.Client(
-                    transport=transport, base_url=_BASE_URL, timeout=self.timeout,
-                    headers=_HEADERS, trust_env=False,
-                )
+                self._http = _SyncPool(self.socket_path, self.daemon_uids)
             return self._http
 
     def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None = None,
-        ok: frozenset[int] = _OK, timeout: httpx.Timeout | None = None,
+        ok: frozenset[int] = _OK, timeout: float | None = None,
     ) -> tuple[int, dict[str, Any]]:
         what = f"{method} {path}"
         content = _encoder.encode(body) if body is not None else None
-        http = self._client()
-        try:
-            with http.stream(
-                method, path, content=content, headers=_JSON if content is not None else None,
-                timeout=timeout or self.timeout,
-            ) as resp:
-                _check_length(resp, what)
-                buf = bytearray()
-                for chunk in resp.iter_bytes():
-                    _append_capped(buf, chunk, resp.status_code, what)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, what) from None
-        return resp.status_code, _interpret(resp.status_code, bytes(buf), resp.headers, what, ok)
+        if self._transport is not None:
+            if self._closed:
+                raise RuntimeError("sidekey client is closed")
+            status, headers, raw = _transport_response(
+                self._transport(_transport_request(method, path, content)), what)
+        else:
+            status, headers, raw = self._pool().request(
+                method, path, content, timeout or self.timeout, what)
+        return status, _interpret(status, raw, headers, what, ok)
 
     def health(self) -> dict[str, Any]:
         """``GET /v1/health``: liveness and readiness of store, backends and audit."""
@@ -919,7 +1248,7 @@ class Client:
         while True:
             chunk = max(0.0, min(MAX_WAIT_CHUNK_S, deadline - time.monotonic()))
             _, data = self._call("GET", _approval_path(approval_id, "wait") + f"?timeout={chunk:.3f}",
-                                 timeout=_timeout(chunk + (self.timeout.read or DEFAULT_TIMEOUT_S)))
+                                 timeout=_timeout(chunk + self.timeout))
             approval: dict[str, Any] = data["approval"]
             if approval.get("state") != "pending" or time.monotonic() >= deadline:
                 return approval
@@ -974,7 +1303,7 @@ class Client:
         duration_ms: int,
         result_size_bytes: int | None,
         error: str | None,
-        timeout: httpx.Timeout | None,
+        timeout: float | None,
     ) -> dict[str, Any]:
         lease = lease_id if isinstance(lease_id, Lease) else None
         lid = lease.lease_id if lease is not None else str(lease_id)
@@ -1073,7 +1402,7 @@ class Client:
             outcome, error = _release_outcome(exc, None)
             try:
                 self._release(lease, outcome, _elapsed_ms(started), lease.result_size_bytes,
-                              error, httpx.Timeout(RELEASE_AFTER_FAILURE_TIMEOUT_S))
+                              error, RELEASE_AFTER_FAILURE_TIMEOUT_S)
             except SidekeyClientError as rel:
                 log.warning("releasing lease %s after a failed tool call failed: %s",
                             lease.lease_id, rel.code)
@@ -1082,11 +1411,13 @@ class Client:
 
     def close(self) -> None:
         """Close the connection pool. The client cannot be used afterwards."""
-        with self._lock:
-            self._closed = True
-            http, self._http = self._http, None
-        if http is not None:
-            http.close()
+        self._closed = True
+        pool, self._http = self._http, None
+        if pool is not None:
+            if pool.pid == os.getpid():
+                pool.close()
+            else:
+                pool.abandon()
 
     def __enter__(self) -> Client:
         return self
@@ -1101,9 +1432,12 @@ class Client:
 class AsyncClient:
     """Asynchronous client for asyncio and trio; the same API as :class:`Client`.
 
-    ``transport`` is for tests (an ``httpx.MockTransport``). Create one per process
-    and share it between tasks; the connection pool is created on first use.
-    ``expected_uid``: as for :class:`Client`.
+    Create one per process and share it between tasks: connections are kept alive and
+    reused (one per concurrent request, up to ``MAX_CONNECTIONS``); the pool is created
+    on first use, for the event loop it is used in (a client used from another loop, or
+    after a fork, opens new connections). ``timeout``, ``expected_uid``: as for
+    :class:`Client`. ``transport`` is for tests: an async function from
+    :class:`TransportRequest` to :class:`TransportResponse`.
     """
 
     def __init__(
@@ -1111,50 +1445,49 @@ class AsyncClient:
         socket_path: str | os.PathLike[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: AsyncTransport | None = None,
         expected_uid: int | str | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
         self.daemon_uids = resolve_daemon_uids(expected_uid)
         self.timeout = _timeout(timeout)
         self._transport = transport
-        self._http: httpx.AsyncClient | None = None
+        self._http: _AsyncPool | None = None
         self._closed = False
 
     def __repr__(self) -> str:
         return f"AsyncClient(socket_path={self.socket_path!r})"
 
-    def _client(self) -> httpx.AsyncClient:
+    def _pool(self) -> _AsyncPool:
         # No await between check and set: no lock needed within one event loop.
         if self._closed:
             raise RuntimeError("sidekey client is closed")
-        if self._http is None:
-            transport = self._transport or _AsyncUnixTransport(self.socket_path, self.daemon_uids)
-            self._http = httpx.AsyncClient(
-                transport=transport, base_url=_BASE_URL, timeout=self.timeout, headers=_HEADERS,
-                trust_env=False,
-            )
+        lib, loop = _event_loop()
+        pool = self._http
+        if pool is not None and pool.loop is loop and pool.pid == os.getpid():
+            return pool
+        if pool is not None:
+            # Another process (forked) or another event loop: those sockets are not ours
+            # to use here. Close only our descriptors (never shutdown: see _Conn.close).
+            pool.close()
+        self._http = _AsyncPool(self.socket_path, self.daemon_uids, lib, loop)
         return self._http
 
     async def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None = None,
-        ok: frozenset[int] = _OK, http_timeout: httpx.Timeout | None = None,
+        ok: frozenset[int] = _OK, http_timeout: float | None = None,
     ) -> tuple[int, dict[str, Any]]:
         what = f"{method} {path}"
         content = _encoder.encode(body) if body is not None else None
-        http = self._client()
-        try:
-            async with http.stream(
-                method, path, content=content, headers=_JSON if content is not None else None,
-                timeout=http_timeout or self.timeout,
-            ) as resp:
-                _check_length(resp, what)
-                buf = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    _append_capped(buf, chunk, resp.status_code, what)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, what) from None
-        return resp.status_code, _interpret(resp.status_code, bytes(buf), resp.headers, what, ok)
+        if self._transport is not None:
+            if self._closed:
+                raise RuntimeError("sidekey client is closed")
+            status, headers, raw = _transport_response(
+                await self._transport(_transport_request(method, path, content)), what)
+        else:
+            status, headers, raw = await self._pool().request(
+                method, path, content, http_timeout or self.timeout, what)
+        return status, _interpret(status, raw, headers, what, ok)
 
     async def health(self) -> dict[str, Any]:
         """``GET /v1/health``. See :meth:`Client.health`."""
@@ -1190,7 +1523,7 @@ class AsyncClient:
             chunk = max(0.0, min(MAX_WAIT_CHUNK_S, deadline - time.monotonic()))
             _, data = await self._call(
                 "GET", _approval_path(approval_id, "wait") + f"?timeout={chunk:.3f}",
-                http_timeout=_timeout(chunk + (self.timeout.read or DEFAULT_TIMEOUT_S)))
+                http_timeout=_timeout(chunk + self.timeout))
             approval: dict[str, Any] = data["approval"]
             if approval.get("state") != "pending" or time.monotonic() >= deadline:
                 return approval
@@ -1330,9 +1663,9 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the connection pool. The client cannot be used afterwards."""
         self._closed = True
-        http, self._http = self._http, None
-        if http is not None:
-            await http.aclose()
+        pool, self._http = self._http, None
+        if pool is not None:
+            pool.close()
 
     aclose = close
 
