@@ -845,11 +845,14 @@ class _Conn:
     def close(self) -> None:
         # close(), never shutdown(): in a forked child this drops only the child's copy of
         # the descriptor, leaving the parent's connection intact.
+        if self.tsock is not None:
+            try:
+                self.tsock.close()  # tells trio first, in case a task waits on it
+                return
+            except (RuntimeError, OSError):
+                pass  # outside the trio run that used it: nobody can be waiting
         with contextlib.suppress(OSError):
-            if self.tsock is not None:
-                self.tsock.close()
-            else:
-                self.sock.close()
+            self.sock.close()
 
 
 def _remaining(deadline: float) -> float:
