@@ -280,11 +280,21 @@ def test_one_connection_carries_many_calls(fake_server: Callable[..., FakeServer
     assert server.accepted() == 1
 
 
-def test_tool_calls_on_a_real_daemon_share_one_connection(daemon: Daemon) -> None:
-    """authorize+redeem and release of many tool calls: the daemon sees this client's
-    one connection (its status counts open connections; the status request itself rides
-    on the same one)."""
+def test_tool_calls_on_a_real_daemon_share_one_connection(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """authorize+redeem and release of many tool calls, against the real daemon: the
+    client opens one connection (counted at the client's connect), and the daemon sees
+    one open connection from it (its status counts them; the status request itself
+    rides on the same one)."""
     token = daemon.user_token("content-api")
+    connects: list[str] = []
+    real_connect = sk._SyncPool._connect
+
+    def counting(self: Any, deadline: float, what: str) -> Any:
+        connects.append(what)
+        return real_connect(self, deadline, what)
+
+    monkeypatch.setattr(sk._SyncPool, "_connect", counting)
     seen: list[int] = []
     with Client(daemon.socket, timeout=10) as c:
         for _ in range(10):
@@ -292,6 +302,7 @@ def test_tool_calls_on_a_real_daemon_share_one_connection(daemon: Daemon) -> Non
                              agent_id="content-writer", arguments={}) as lease:
                 assert lease.secrets
             seen.append(c.status()["connections"])
+    assert connects == ["POST /v1/authorize"]
     assert seen == [1] * 10
 
 
