@@ -60,7 +60,9 @@ class FakeServer:
     - ``silent``: reads, never answers;
     - ``trickle``: a 200 head with a length, then one body byte every 0.1 s;
     - ``drop_second``: answers the first request of a connection, reads the second in
-      full and closes without answering.
+      full and closes without answering;
+    - ``early_413``: as ``ok``, but a request head announcing over 64 KiB gets a 413 at
+      once and the connection is closed without reading the body.
 
     Every accepted connection writes ``A`` and every complete request ``R`` to a pipe.
     """
@@ -186,11 +188,20 @@ def _serve(path: str, behaviour: str, ready_w: int, report_w: int,
                     break
                 if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
                     break
+                if (behaviour == "early_413" and isinstance(event, h11.Request)
+                        and int(dict(event.headers).get(b"content-length", b"0")) > 65536):
+                    body = b'{"error": {"code": "body_too_large", "message": "too large"}}'
+                    c.sendall(h.send(h11.Response(status_code=413, headers=[
+                        ("content-length", str(len(body))), ("connection", "close")])) or b"")
+                    c.sendall(h.send(h11.Data(data=body)) or b"")
+                    drop(c)  # unread: the body still on its way
+                    break
                 if not isinstance(event, h11.EndOfMessage):
                     continue
                 os.write(report_w, b"R")
                 served[c] += 1
-                if behaviour == "ok" or (behaviour == "drop_second" and served[c] == 1):
+                if behaviour in ("ok", "early_413") or (
+                        behaviour == "drop_second" and served[c] == 1):
                     answer(c, h)
                 elif behaviour == "drop_second":
                     drop(c)
@@ -494,3 +505,46 @@ def test_pid_change_in_a_running_loop_opens_a_new_connection(
     assert results == [{"status": "ok"}] * 4
     assert server.requests(4) == 4
     assert server.accepted() == 2  # the "child" did not use the first connection
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_early_answer_to_an_oversized_request_is_read(daemon: Daemon, flavour: str) -> None:
+    """The daemon refuses a body over its cap from the Content-Length alone (413) and
+    closes while the client is still writing: the client reads that answer instead of
+    reporting a broken pipe, on a fresh and on a kept-alive connection."""
+    token = daemon.user_token("content-api")
+    huge = {"title": "x" * (8 * 1024 * 1024)}
+
+    def oversized(c: Any) -> Any:
+        return c.authorize("content-api", "create_article", user_token=token,
+                           agent_id="content-writer", arguments=huge)
+
+    results = run_client(flavour, daemon.socket, [oversized, health, oversized], timeout=20)
+    for exc in (results[0], results[2]):
+        assert isinstance(exc, sk.RequestTooLarge), results
+        assert exc.code == "body_too_large" and exc.status == 413
+    assert results[1]["status"] == "ok"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_early_answer_before_the_body_is_read_is_not_a_broken_pipe(
+        fake_server: Callable[..., FakeServer], flavour: str) -> None:
+    """A server that answers 413 from the head and closes without reading the body: the
+    client's write fails (EPIPE), and the answer it did get is what is reported, on a
+    fresh connection and on a kept-alive one (where it is also not taken for a stale
+    connection: the request is not sent again)."""
+    server = fake_server("early_413")
+
+    def oversized(c: Any) -> Any:
+        return c.authorize("content-api", "create_article",
+                           arguments={"title": "x" * (4 * 1024 * 1024)})
+
+    results = run_client(flavour, server.path, [oversized, health, oversized], timeout=20)
+    for exc in (results[0], results[2]):
+        assert isinstance(exc, sk.RequestTooLarge), results
+        assert exc.code == "body_too_large" and exc.status == 413
+    assert results[1] == {"status": "ok"}
+    # The first 413 closed its connection; the health call opened the one the second
+    # oversized request then reused (and the 413 closed): not one request sent twice.
+    assert server.accepted() == 2
+    assert server.requests() == 1  # the health call (the 413s never read a whole request)

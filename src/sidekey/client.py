@@ -742,9 +742,9 @@ def _transport_response(resp: TransportResponse, what: str) -> tuple[int, Mappin
     return resp.status, headers, bytes(buf)
 
 
-class _StaleConnection(Exception):
-    """The request could not be written on a reused connection: the daemon had closed
-    it. Nothing complete reached the daemon, so the request may be sent again."""
+# Writing failed with one of these: the daemon closed (or reset) the connection. It may
+# have answered first (an early 413), so the answer is read before anything else.
+_SEND_CLOSED = (BrokenPipeError, ConnectionResetError)
 
 
 class _Exchange:
@@ -910,14 +910,30 @@ class _SyncPool:
                 return
         conn.close()
 
-    def _send(self, conn: _Conn, data: bytes, deadline: float, reused: bool) -> None:
-        try:
-            conn.sock.settimeout(_remaining(deadline))
-            conn.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            if reused:
-                raise _StaleConnection from exc
-            raise
+    @staticmethod
+    def _send(conn: _Conn, data: bytes, deadline: float) -> None:
+        conn.sock.settimeout(_remaining(deadline))
+        conn.sock.sendall(data)
+
+    @staticmethod
+    def _read(conn: _Conn, ex: _Exchange, deadline: float, after_failed_send: bool) -> bool:
+        """Read the whole response; True when done. After a failed send, False if the
+        daemon said nothing at all (end of stream or reset before the first byte)."""
+        sock = conn.sock
+        first = True
+        while True:
+            sock.settimeout(_remaining(deadline))
+            try:
+                data = sock.recv(_RECV_BYTES)
+            except ConnectionResetError:
+                if after_failed_send and first:
+                    return False
+                raise
+            if after_failed_send and first and not data:
+                return False
+            first = False
+            if ex.feed(data):
+                return True
 
     def request(self, method: str, target: str, body: bytes | None, timeout: float,
                 what: str) -> tuple[int, Mapping[str, str], bytes]:
@@ -933,19 +949,21 @@ class _SyncPool:
             try:
                 ex = _Exchange(conn.h, what)
                 try:
-                    self._send(conn, ex.request_bytes(method, target, body), deadline, reused)
-                except _StaleConnection:
-                    # Reconnect once: the daemon closed the kept-alive connection (restart,
-                    # idle timeout) and received no complete request on it.
-                    conn.close()
-                    conn = self._connect(deadline, what)
-                    ex = _Exchange(conn.h, what)
-                    self._send(conn, ex.request_bytes(method, target, body), deadline, False)
-                sock = conn.sock
-                done = False
-                while not done:
-                    sock.settimeout(_remaining(deadline))
-                    done = ex.feed(sock.recv(_RECV_BYTES))
+                    self._send(conn, ex.request_bytes(method, target, body), deadline)
+                except _SEND_CLOSED:
+                    if not self._read(conn, ex, deadline, after_failed_send=True):
+                        if not reused:
+                            raise
+                        # A kept-alive connection the daemon had closed (restart, idle
+                        # timeout): no complete request reached it, so it is sent once
+                        # more, on a new connection. Never after a complete send.
+                        conn.close()
+                        conn = self._connect(deadline, what)
+                        ex = _Exchange(conn.h, what)
+                        self._send(conn, ex.request_bytes(method, target, body), deadline)
+                        self._read(conn, ex, deadline, after_failed_send=False)
+                else:
+                    self._read(conn, ex, deadline, after_failed_send=False)
             except OSError as exc:
                 conn.close()
                 raise _io_failed(exc, what) from None
@@ -1025,19 +1043,30 @@ class _AsyncPool:
             raise
         return _Conn(sock, tsock)
 
-    async def _send(self, conn: _Conn, data: bytes, reused: bool) -> None:
-        try:
-            if conn.tsock is not None:
-                view = memoryview(data)
-                while view:
-                    sent = await conn.tsock.send(view)
-                    view = view[sent:]
-            else:
-                await asyncio.get_running_loop().sock_sendall(conn.sock, data)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            if reused:
-                raise _StaleConnection from exc
-            raise
+    async def _send(self, conn: _Conn, data: bytes) -> None:
+        if conn.tsock is not None:
+            view = memoryview(data)
+            while view:
+                sent = await conn.tsock.send(view)
+                view = view[sent:]
+        else:
+            await asyncio.get_running_loop().sock_sendall(conn.sock, data)
+
+    async def _read(self, conn: _Conn, ex: _Exchange, after_failed_send: bool) -> bool:
+        """As :meth:`_SyncPool._read` (the deadline is the caller's cancel scope)."""
+        first = True
+        while True:
+            try:
+                data = await self._recv(conn)
+            except ConnectionResetError:
+                if after_failed_send and first:
+                    return False
+                raise
+            if after_failed_send and first and not data:
+                return False
+            first = False
+            if ex.feed(data):
+                return True
 
     async def _recv(self, conn: _Conn) -> bytes:
         if conn.tsock is not None:
@@ -1099,17 +1128,22 @@ class _AsyncPool:
                     try:
                         ex = _Exchange(conn.h, what)
                         try:
-                            await self._send(conn, ex.request_bytes(method, target, body), reused)
-                        except _StaleConnection:
-                            # As in _SyncPool.request: reconnect once, nothing was delivered.
-                            conn.close()
-                            phase = "connect"
-                            conn = await self._connect(what)
-                            phase = "exchange"
-                            ex = _Exchange(conn.h, what)
-                            await self._send(conn, ex.request_bytes(method, target, body), False)
-                        while not ex.feed(await self._recv(conn)):
-                            pass
+                            await self._send(conn, ex.request_bytes(method, target, body))
+                        except _SEND_CLOSED:
+                            if not await self._read(conn, ex, after_failed_send=True):
+                                if not reused:
+                                    raise
+                                # As in _SyncPool.request: sent once more, on a new
+                                # connection, only when no complete request went out.
+                                conn.close()
+                                phase = "connect"
+                                conn = await self._connect(what)
+                                phase = "exchange"
+                                ex = _Exchange(conn.h, what)
+                                await self._send(conn, ex.request_bytes(method, target, body))
+                                await self._read(conn, ex, after_failed_send=False)
+                        else:
+                            await self._read(conn, ex, after_failed_send=False)
                     except OSError as exc:
                         conn.close()
                         raise _io_failed(exc, what) from None
