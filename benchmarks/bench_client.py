@@ -40,8 +40,8 @@ FLAVOURS = ("sync", "asyncio", "trio")
 KINDS = ("3-step", "tool_call")
 
 
-def _client_burst(sock_path: str, tokens: list[str], n: int, q: Any, src: str | None,
-                  flavour: str, kind: str) -> None:
+def _client_burst(sock_path: str, tokens: list[str], n: int, src: str | None,
+                  flavour: str, kind: str, q: Any) -> None:
     """``n`` sequential governed calls with one client object of ``flavour``."""
     bc._use_src(src)
     from sidekey.client import AsyncClient, Client
@@ -127,7 +127,7 @@ def main() -> int:
         sock = str(root / "run" / "sock")
         bc.warm_up(sock, tokens, 4, 100, 1)
         print(f"daemon: this tree's code; {args.calls} sequential calls per burst, "
-              f"{args.rounds} rounds; python {sys.version.split()[0]}; load {bc.loadavg()}",
+              f"{args.rounds} rounds; python {sys.version.split()[0]}; {bc.loadavg()}",
               flush=True)
         results: dict[tuple[str, str, str], list[tuple[float, float, float]]] = {}
         for rnd in range(args.rounds):
@@ -167,7 +167,7 @@ def main() -> int:
                     cols.append(f"this/{args.other} p50 x{this / other:.3f}, client CPU "
                                 f"x{cpus['this'] / cpus[args.other]:.3f}")
                 print(f"{flavour:<7} {kind:<9} " + " | ".join(cols))
-        print(f"load {bc.loadavg()}")
+        print(bc.loadavg())
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
