@@ -726,7 +726,7 @@ def _header_builder() -> Callable[[int | None], Any]:
 
         def fast(length: int | None) -> Any:
             if length is None:
-                return cls(get_items)
+                return cls(list(get_items))
             return cls([*post_items, (length_name, length_name, b"%d" % length)])
 
         if list(fast(0)) != list(checked) or list(fast(None)) != list(
