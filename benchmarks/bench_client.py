@@ -5,11 +5,14 @@ alternating bursts, with:
 
 - ``raw``: bench_call's minimal pre-encoded HTTP/1.1 client (keep-alive, trio) doing
   authorize + redeem + release: the daemon's own cost, the yardstick;
+- ``raw health``: GET /v1/health the same way (no fsync, no token), the yardstick of
+  the ``health`` runs below;
 - this tree's ``sidekey.client`` and, with ``--other REV`` (a git revision, default
   ``main``; ``--other none`` to skip), REV's, each as ``Client`` (sync) and ``AsyncClient``
   under asyncio and under trio, each doing ``authorize()`` + ``redeem()`` + ``release()``
   (three requests, a gateway's flow: the same requests as raw) and the ``tool_call``
-  with-block an MCP server uses (authorize+redeem in one request, then release).
+  with-block an MCP server uses (authorize+redeem in one request, then release), and
+  ``health()`` alone (one request: the per-request cost with little daemon work).
 
 Every burst runs in a fresh spawned process. Prints per burst calls/s and p50, then the
 medians over ``--rounds`` and, per flavour, the client's p50 minus raw's p50 (what the
@@ -37,7 +40,33 @@ from typing import Any
 import bench_call as bc
 
 FLAVOURS = ("sync", "asyncio", "trio")
-KINDS = ("3-step", "tool_call")
+KINDS = ("3-step", "tool_call", "health")
+
+
+def _raw_health(sock_path: str, tokens: list[str], n: int, q: Any) -> None:
+    """``n`` GET /v1/health on one kept-alive connection, pre-encoded, plain socket: the
+    yardstick for the per-request cost of the clients' ``health()`` (no fsync, no
+    token: the daemon's share is small, so the client's shows)."""
+    import socket
+
+    req = b"GET /v1/health HTTP/1.1\r\nhost: sidekey\r\n\r\n"
+    lat: list[float] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(sock_path)
+        buf = b""
+        cpu0 = time.process_time()
+        t_start = time.perf_counter()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            s.sendall(req)
+            while (got := bc.split_response(buf)) is None:
+                buf += s.recv(65536)
+            assert got[0] == 200, got
+            buf = got[2]
+            lat.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t_start
+        cpu = time.process_time() - cpu0
+    q.put((wall, lat, cpu / n * 1000))
 
 
 def _client_burst(sock_path: str, tokens: list[str], n: int, src: str | None,
@@ -54,7 +83,9 @@ def _client_burst(sock_path: str, tokens: list[str], n: int, src: str | None,
             t_start = time.perf_counter()
             for i in range(n):
                 t0 = time.perf_counter()
-                if kind == "tool_call":
+                if kind == "health":
+                    assert c.health()["status"]
+                elif kind == "tool_call":
                     with c.tool_call(bc.SERVER, bc.TOOL, user_token=tokens[i % len(tokens)],
                                      **kw) as lease:
                         assert lease.lease_id
@@ -76,7 +107,9 @@ def _client_burst(sock_path: str, tokens: list[str], n: int, src: str | None,
             t_start = time.perf_counter()
             for i in range(n):
                 t0 = time.perf_counter()
-                if kind == "tool_call":
+                if kind == "health":
+                    assert (await c.health())["status"]
+                elif kind == "tool_call":
                     async with c.tool_call(bc.SERVER, bc.TOOL,
                                            user_token=tokens[i % len(tokens)], **kw) as lease:
                         assert lease.lease_id
@@ -135,6 +168,10 @@ def main() -> int:
             results.setdefault(("raw", "-", "3-step"), []).append(got)
             print(f"round {rnd + 1} raw 3-step {got[0]:6.0f} calls/s p50 {got[1]:.3f} ms",
                   flush=True)
+            got = _stats(*bc.run_in_process(_raw_health, sock, tokens, args.calls))
+            results.setdefault(("raw", "-", "health"), []).append(got)
+            print(f"round {rnd + 1} raw health {got[0]:6.0f} calls/s p50 {got[1]:.3f} ms "
+                  f"client CPU {got[2]:.3f} ms/call", flush=True)
             names = list(trees) if rnd % 2 == 0 else list(reversed(trees))
             for flavour in FLAVOURS:
                 for kind in KINDS:
@@ -147,9 +184,13 @@ def main() -> int:
                                     f"client CPU {got[2]:.3f} ms/call")
                     print(f"round {rnd + 1} {flavour:<7} {kind:<9} " + " | ".join(cols),
                           flush=True)
-        raw = bc.median([r[1] for r in results[("raw", "-", "3-step")]])
-        print(f"\nmedians of {args.rounds} rounds (p50 per governed call; 'adds' = client "
-              f"p50 - raw p50 {raw:.3f} ms, raw doing the same 3 requests)")
+        raw = {kind: bc.median([r[1] for r in results[("raw", "-", kind)]])
+               for kind in ("3-step", "health")}
+        raw_cpu = bc.median([r[2] for r in results[("raw", "-", "health")]])
+        print(f"\nmedians of {args.rounds} rounds (p50 per governed call, or per health "
+              f"request; 'adds' = client p50 - raw p50 doing the same requests: 3-step "
+              f"{raw['3-step']:.3f} ms, health {raw['health']:.3f} ms, raw health client CPU "
+              f"{raw_cpu:.3f} ms/request)")
         for flavour in FLAVOURS:
             for kind in KINDS:
                 cols = []
@@ -159,7 +200,7 @@ def main() -> int:
                     p50s[name] = p50 = bc.median([r[1] for r in runs])
                     tput = bc.median([r[0] for r in runs])
                     cpus[name] = cpu = bc.median([r[2] for r in runs])
-                    adds = f" adds {p50 - raw:+.3f} ms" if kind == "3-step" else ""
+                    adds = f" adds {p50 - raw[kind]:+.3f} ms" if kind in raw else ""
                     cols.append(f"{name} {tput:6.0f} calls/s p50 {p50:.3f} ms{adds} "
                                 f"client CPU {cpu:.3f} ms/call")
                 if len(trees) == 2:
