@@ -548,3 +548,61 @@ def test_early_answer_before_the_body_is_read_is_not_a_broken_pipe(
     # oversized request then reused (and the 413 closed): not one request sent twice.
     assert server.accepted() == 2
     assert server.requests() == 1  # the health call (the 413s never read a whole request)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_threads_share_a_capped_pool(fake_server: Callable[..., FakeServer],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """12 threads x 10 calls on one Client capped at 3 connections: every call answered,
+    never more than 3 connections (all kept alive: at most 3 opened in all)."""
+    import threading
+
+    monkeypatch.setattr(sk, "MAX_CONNECTIONS", 3)
+    server = fake_server("ok")
+    results: list[Any] = []
+    with Client(server.path, timeout=20) as c:
+        def work() -> None:
+            for _ in range(10):
+                try:
+                    results.append(c.health())
+                except SidekeyClientError as exc:
+                    results.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+    assert results == [{"status": "ok"}] * 120
+    assert 1 <= server.accepted() <= 3, server.accepted()
+
+
+@pytest.mark.parametrize("flavour", ["asyncio", "trio"])
+def test_tasks_share_a_capped_pool(fake_server: Callable[..., FakeServer],
+                                   monkeypatch: pytest.MonkeyPatch, flavour: str) -> None:
+    """20 concurrent tasks on one AsyncClient capped at 4 connections: all answered,
+    waiting for a connection instead of opening more."""
+    monkeypatch.setattr(sk, "MAX_CONNECTIONS", 4)
+    server = fake_server("ok")
+
+    async def main() -> list[Any]:
+        out: list[Any] = []
+        async with AsyncClient(server.path, timeout=20) as c:
+            async def work() -> None:
+                for _ in range(5):
+                    out.append(await c.health())
+
+            if flavour == "trio":
+                async with trio.open_nursery() as nursery:
+                    for _ in range(20):
+                        nursery.start_soon(work)
+            else:
+                await asyncio.gather(*(work() for _ in range(20)))
+        return out
+
+    out = trio.run(main) if flavour == "trio" else asyncio.run(asyncio.wait_for(main(), 60))
+    assert out == [{"status": "ok"}] * 100
+    assert 1 <= server.accepted() <= 4
