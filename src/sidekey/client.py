@@ -36,8 +36,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import pwd
+import select
 import socket
 import struct
 import sys
@@ -897,6 +899,18 @@ def _remaining(deadline: float) -> float:
     return left
 
 
+def _wait(sock: socket.socket, deadline: float, events: int) -> None:
+    """Block until ``sock`` is ready (or hung up) or raise TimeoutError at ``deadline``.
+
+    The sync client's sockets stay non-blocking: one poll() per wait instead of
+    switching the socket's timeout (a syscall each time) before every operation.
+    """
+    poller = select.poll()
+    poller.register(sock, events)
+    if not poller.poll(max(1, math.ceil(_remaining(deadline) * 1000))):
+        raise TimeoutError("timed out")
+
+
 class _SyncPool:
     """The sync client's connections (thread-safe). Created per process: see Client._pool."""
 
@@ -915,6 +929,7 @@ class _SyncPool:
             sock.settimeout(_remaining(deadline))
             sock.connect(self.path)
             _check_daemon_peer(sock, self.allowed, self.path)
+            sock.setblocking(False)  # from now on, waits are _wait's
         except OSError as exc:
             sock.close()
             raise _connect_failed(exc, what) from None
@@ -931,10 +946,8 @@ class _SyncPool:
                 if not self.idle:
                     return None
                 conn = self.idle.pop()
-            if now - conn.idle_since <= KEEPALIVE_EXPIRY_S:
-                conn.sock.settimeout(0)
-                if not _peer_closed(conn.sock):
-                    return conn
+            if now - conn.idle_since <= KEEPALIVE_EXPIRY_S and not _peer_closed(conn.sock):
+                return conn
             conn.close()
 
     def _checkin(self, conn: _Conn) -> None:
@@ -947,8 +960,15 @@ class _SyncPool:
 
     @staticmethod
     def _send(conn: _Conn, data: bytes, deadline: float) -> None:
-        conn.sock.settimeout(_remaining(deadline))
-        conn.sock.sendall(data)
+        sock = conn.sock
+        view = memoryview(data)
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                _wait(sock, deadline, select.POLLOUT)
+                continue
+            view = view[sent:]
 
     @staticmethod
     def _read(conn: _Conn, ex: _Exchange, deadline: float, after_failed_send: bool) -> bool:
@@ -957,8 +977,8 @@ class _SyncPool:
         sock = conn.sock
         first = True
         while True:
-            sock.settimeout(_remaining(deadline))
             try:
+                _wait(sock, deadline, select.POLLIN)
                 data = sock.recv(_RECV_BYTES)
             except ConnectionResetError:
                 if after_failed_send and first:
