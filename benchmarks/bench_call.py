@@ -3,8 +3,9 @@
 Starts a real daemon (subprocess, quickstart config, local store, SQLite state,
 fsynced audit) in a temporary directory and drives it over its Unix socket:
 
-- ``client c=1``: the shipped ``sidekey.client.Client`` (httpx), sequential calls,
-  in a separate process — what an MCP server author gets;
+- ``client c=1``: the shipped ``sidekey.client.Client`` (h11 over the Unix socket,
+  kept-alive connections), sequential calls, in a separate process — what an MCP server
+  author gets;
 - ``raw c=1`` and ``raw c=32``: a minimal pre-encoded HTTP/1.1 client on trio in a
   separate process (keep-alive connection per worker), so the figures are the daemon's
   cost rather than the client library's.
