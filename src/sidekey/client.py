@@ -790,12 +790,12 @@ _SEND_CLOSED = (BrokenPipeError, ConnectionResetError)
 class _Exchange:
     """One HTTP/1.1 connection's h11 state plus the response being read (pure: no I/O)."""
 
-    __slots__ = ("body", "h", "headers", "status", "what")
+    __slots__ = ("body", "h", "headers", "status_code", "what")
 
     def __init__(self, h: h11.Connection, what: str) -> None:
         self.h = h
         self.what = what
-        self.status = 0
+        self.status_code = 0
         self.headers: dict[str, str] = {}
         self.body = bytearray()
 
@@ -818,12 +818,12 @@ class _Exchange:
                 if event is h11.NEED_DATA:
                     return False
                 if isinstance(event, h11.Response):
-                    self.status = event.status_code
+                    self.status_code = event.status_code
                     self.headers = {k.decode("latin-1"): v.decode("latin-1")
                                     for k, v in event.headers}
-                    _check_length(self.headers, self.status, self.what)
+                    _check_length(self.headers, self.status_code, self.what)
                 elif isinstance(event, h11.Data):
-                    _append_capped(self.body, event.data, self.status, self.what)
+                    _append_capped(self.body, event.data, self.status_code, self.what)
                 elif isinstance(event, h11.EndOfMessage):
                     return True
                 elif isinstance(event, h11.ConnectionClosed):
@@ -833,7 +833,7 @@ class _Exchange:
         except h11.ProtocolError as exc:
             raise ProtocolError(
                 f"{self.what}: broken HTTP exchange with sidekey ({type(exc).__name__}: {exc})",
-                status=self.status or None) from None
+                status=self.status_code or None) from None
 
     def reusable(self) -> bool:
         """After a complete response: can the connection carry the next request?"""
@@ -1029,7 +1029,7 @@ class _SyncPool:
                 self._checkin(conn)
             else:
                 conn.close()
-            return ex.status, ex.headers, bytes(ex.body)
+            return ex.status_code, ex.headers, bytes(ex.body)
         finally:
             self.slots.release()
 
@@ -1209,7 +1209,7 @@ class _AsyncPool:
                         self._checkin(conn)
                     else:
                         conn.close()
-                    return ex.status, ex.headers, bytes(ex.body)
+                    return ex.status_code, ex.headers, bytes(ex.body)
                 finally:
                     self._release()
         except TimeoutError:
