@@ -301,6 +301,35 @@ class AuthorizeResult:
     approval_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Introspection:
+    """The daemon's verdict on a user's bearer token (``POST /v1/introspect``).
+
+    ``active`` false: the token did not verify; ``code`` says which check failed
+    (``token_expired``, ``audience_mismatch``, ``token_bad_signature``...) and
+    ``message`` how. ``active`` true: the verified token's subject (``sub``), issuer
+    (``iss``), audiences (``aud``; ``audience`` is the server's configured one),
+    ``scopes``, ``client_id`` (its ``client_id`` claim, else ``azp``), expiry (``exp``
+    in epoch seconds, ``expires_at`` ISO-8601) and its other short string ``claims``.
+    Never holds the token itself.
+    """
+
+    active: bool
+    server: str
+    request_id: str | None = None
+    code: str | None = None
+    message: str | None = None
+    sub: str | None = None
+    iss: str | None = None
+    aud: tuple[str, ...] = ()
+    audience: str | None = None
+    scopes: frozenset[str] = frozenset()
+    client_id: str | None = None
+    exp: int | None = None
+    expires_at: str | None = None
+    claims: Mapping[str, str] = field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------- wire (pure)
 
 
@@ -345,6 +374,23 @@ class _ReleaseBody(_Body, kw_only=True):
     state: str
     request_id: str | None = None
     withhold_result: bool = False
+
+
+class _IntrospectBody(_Body, kw_only=True):
+    active: bool
+    server: str
+    request_id: str | None = None
+    code: str | None = None
+    message: str | None = None
+    sub: str | None = None
+    iss: str | None = None
+    aud: list[str] = msgspec.field(default_factory=list)
+    audience: str | None = None
+    scopes: list[str] = msgspec.field(default_factory=list)
+    client_id: str | None = None
+    exp: int | None = None
+    expires_at: str | None = None
+    claims: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class _TokenBody(_Body, kw_only=True):
@@ -607,6 +653,27 @@ def _authorize_result(status: int, data: dict[str, Any], raise_on_pending: bool)
     raise ProtocolError(
         f"{what}: undocumented decision for HTTP {status}", status=status,
         request_id=body.request_id,
+    )
+
+
+def _introspection(status: int, data: dict[str, Any], server: str) -> Introspection:
+    what = "POST /v1/introspect"
+    body: _IntrospectBody = _convert(data, _IntrospectBody, status, what)
+    if body.server != server:
+        raise ProtocolError(f"{what}: answer for another server", status=status,
+                            request_id=body.request_id)
+    if not body.active:
+        return Introspection(active=False, server=server, request_id=body.request_id,
+                             code=body.code or "token_invalid", message=body.message)
+    # Fail closed: an "active" answer without who, whose and until when is no verdict.
+    if not body.sub or not body.iss or body.exp is None:
+        raise ProtocolError(f"{what}: active answer without sub, iss or exp", status=status,
+                            request_id=body.request_id)
+    return Introspection(
+        active=True, server=server, request_id=body.request_id, sub=body.sub, iss=body.iss,
+        aud=tuple(body.aud), audience=body.audience, scopes=frozenset(body.scopes),
+        client_id=body.client_id, exp=body.exp, expires_at=body.expires_at,
+        claims=dict(body.claims),
     )
 
 
@@ -1364,6 +1431,20 @@ class Client:
         approval: dict[str, Any] = data["approval"]
         return approval
 
+    def introspect(self, server: str, token: str) -> Introspection:
+        """Verify a user's bearer ``token`` for ``server`` (``POST /v1/introspect``) with
+        the daemon's issuer config; this process must be attested as ``server``.
+
+        Returns an :class:`Introspection`: ``active`` with the token's subject, scopes
+        and expiry, or inactive with the ``code`` of the check it failed (a bad token is
+        not an exception). Raises :class:`AccessDenied` (``peer_mismatch``: not attested
+        as ``server``), :class:`NotFoundError` (``server_unknown``),
+        :class:`BadRequestError` (``token_too_large``...), :class:`ServiceUnavailable`
+        (``jwks_unavailable``: the issuer's keys cannot be had).
+        """
+        status, data = self._call("POST", "/v1/introspect", {"server": server, "token": token})
+        return _introspection(status, data, server)
+
     def redeem(self, resolution_token: str, arguments: Mapping[str, Any] | None = None) -> Lease:
         """Exchange a resolution token for a :class:`Lease` with the secrets.
 
@@ -1642,6 +1723,12 @@ class AsyncClient:
         approval: dict[str, Any] = data["approval"]
         return approval
 
+    async def introspect(self, server: str, token: str) -> Introspection:
+        """Verify a user's bearer token for ``server``. See :meth:`Client.introspect`."""
+        status, data = await self._call("POST", "/v1/introspect",
+                                         {"server": server, "token": token})
+        return _introspection(status, data, server)
+
     async def redeem(
         self, resolution_token: str, arguments: Mapping[str, Any] | None = None
     ) -> Lease:
@@ -1780,6 +1867,7 @@ __all__ = [
     "ConflictError",
     "ConnectionFailed",
     "DaemonIdentityError",
+    "Introspection",
     "Lease",
     "NotFoundError",
     "ProtocolError",

@@ -251,6 +251,15 @@ class RotateRequest(_Req, frozen=True, kw_only=True):
     revoke_leases: bool = False
 
 
+class IntrospectRequest(_Req, frozen=True, kw_only=True):
+    """``POST /v1/introspect``: verify a user's bearer token for ``server``, whose process
+    the caller must be attested as. ``token`` is checked for length in the handler (a
+    precise ``token_too_large``), not here; the body cap bounds it first."""
+
+    server: Name
+    token: Annotated[str, Meta(min_length=1)]
+
+
 class TokenRequest(_Req, frozen=True, kw_only=True):
     """``POST /v1/tokens``: an admin mints a resolution token for a server's peer."""
 
@@ -315,6 +324,29 @@ class ReleaseResponse(msgspec.Struct, kw_only=True):
     request_id: str
     # The result is larger than the tool's max_result_size_kb: do not return it.
     withhold_result: bool = False
+
+
+class IntrospectResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``POST /v1/introspect`` (always HTTP 200, as RFC 7662): ``active`` true with the
+    verified token's facts, or false with the ``code`` (and ``message``) of the check it
+    failed. Never carries the token."""
+
+    active: bool
+    request_id: str
+    server: str
+    # inactive
+    code: str | None = None
+    message: str | None = None
+    # active
+    sub: str | None = None
+    iss: str | None = None
+    aud: list[str] | None = None
+    audience: str | None = None  # the server's configured audience the token carries
+    scopes: list[str] | None = None
+    client_id: str | None = None  # the token's client_id, else its azp
+    exp: int | None = None  # epoch seconds
+    expires_at: str | None = None  # the same instant, ISO-8601 UTC
+    claims: dict[str, str] | None = None  # other short top-level string claims, capped
 
 
 class TokenResponse(msgspec.Struct, kw_only=True):

@@ -36,6 +36,8 @@ EVENT_TYPES: tuple[str, ...] = (
     "lease.recovered",
     "token.issued",
     "token.rejected",
+    # POST /v1/introspect answered active (an inactive token is token.rejected).
+    "token.introspected",
     "token.replayed",
     "peer.rejected",
     "request.rejected",

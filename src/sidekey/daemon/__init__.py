@@ -10,6 +10,7 @@ One module per room, every import pointing down:
 
 * :mod:`.context`: the shared state and helpers (the only module the rooms share);
 * :mod:`.calls`: the governed call (authorize, redeem, release);
+* :mod:`.introspect`: a user's bearer token verified for the calling server;
 * :mod:`.admin`: tokens, rotation, the reload endpoint, status, approvals;
 * :mod:`.lifecycle`: reload, start-up recovery, sweeps, retries, expiry;
 * :mod:`.app`: the application, its routes and dispatch, and :func:`run`.

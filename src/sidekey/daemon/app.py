@@ -52,13 +52,14 @@ from .context import (
     build_codec,
     log,
 )
+from .introspect import INTROSPECT_PATH, Introspection
 from .lifecycle import Lifecycle, check_config_signature
 
 # PeerHandle.recheck's refusals: the connection is closed after answering one.
 PEER_LOST_CODES = frozenset({"peer_gone", "peer_changed"})
 
 
-class Sidekey(Calls, Admin, Lifecycle):
+class Sidekey(Calls, Introspection, Admin, Lifecycle):
     """The application: one instance per daemon process."""
 
     def _routes(self) -> dict[tuple[str, str], Route]:
@@ -69,6 +70,8 @@ class Sidekey(Calls, Admin, Lifecycle):
             ("POST", "/v1/authorize"): Route("service", self.authorize),
             ("POST", "/v1/redeem"): Route("service", self.redeem),
             ("POST", "/v1/release"): Route("service", self.release),
+            # Only for the server the caller is attested as (checked in the handler).
+            ("POST", INTROSPECT_PATH): Route("service", self.introspect),
             ("POST", "/v1/tokens"): Route("admin", self.mint_token),
             ("GET", "/v1/status"): Route("admin", self.status),
             ("POST", "/v1/admin/reload"): Route("admin", self.admin_reload),
