@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from harness import Daemon, run_as
 
@@ -342,3 +344,156 @@ def test_uid_only_identity_matches_uid_gid_selectors_only_in_the_mode(
     owner_by_uid = RbacConfig(owner=RbacEntry(uids=[1000]), admin=RbacEntry(uids=[1000]))
     assert tier_of(owner_by_uid, ident, daemon_uid=1000, daemon_gid=0, is_service=True) == "service"
     assert tier_of(owner_by_uid, ident, daemon_uid=1000, daemon_gid=0, is_service=False) == "anonymous"
+
+
+# --------------------------------------------------------------------------- Dockerfile, manifest
+#
+# No container engine or cluster here: these check the files' shape (what they say), not
+# that the image builds or the pod runs.
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+POD_YAML = ROOT / "examples" / "kubernetes" / "pod.yaml"
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile: comments dropped, continuations joined."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = pending + stripped
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, "a continuation at the end of the Dockerfile"
+    return out
+
+
+def test_dockerfile_runs_sidekey_serve_as_non_root_with_nothing_secret_copied() -> None:
+    ins = _instructions(DOCKERFILE.read_text())
+    stages = [i for i, (word, _) in enumerate(ins) if word == "FROM"]
+    assert stages and all(ins[i][1].split()[0] == "python:3.11-slim" for i in stages)
+    final = ins[stages[-1]:]
+    # The image the daemon runs in switches to a numeric, non-root uid:gid, after the
+    # last RUN (so nothing later runs as root) and before the entrypoint.
+    users = [rest for word, rest in final if word == "USER"]
+    assert len(users) == 1
+    uid, _, gid = users[0].partition(":")
+    assert uid.isdigit() and int(uid) >= 1000 and gid.isdigit() and int(gid) >= 1000
+    words = [word for word, _ in final]
+    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
+    # The venv, built in the first stage, and `sidekey serve`.
+    assert any(w == "RUN" and "python -m venv /opt/sidekey" in r for w, r in ins[:stages[-1]])
+    assert ("COPY", "--from=build /opt/sidekey /opt/sidekey") in final
+    entry = json.loads(dict(final)["ENTRYPOINT"]) + json.loads(dict(final)["CMD"])
+    assert entry[0] == "/opt/sidekey/bin/sidekey" and entry[1] == "serve"
+    # Nothing from the build context but the package sources: no ADD (URLs, archives),
+    # COPY of pyproject.toml, README.md and src/ only; no secret-looking ENV/ARG.
+    assert "ADD" not in [w for w, _ in ins]
+    copied = [r.split()[:-1] for w, r in ins if w == "COPY" and not r.startswith("--from=")]
+    assert sorted(src for srcs in copied for src in srcs) == ["README.md", "pyproject.toml", "src/"]
+    for word, rest in ins:
+        if word in ("ENV", "ARG"):  # the names set, e.g. ENV A=1 B=2, ARG NAME
+            for name in re.findall(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)", rest):
+                assert not re.search(r"(?i)secret|token|passw|key|credential", name), rest
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for pattern in ("**/keys/", "**/state/", "**/*.key", "**/*.enc", ".git/", ".venv/"):
+        assert pattern in ignored
+
+
+def _pod_docs() -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(POD_YAML.read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert sorted(kinds) == ["ConfigMap", "Pod"]
+    return kinds["ConfigMap"], kinds["Pod"]
+
+
+def _load_pod_config(tmp_path: Path, text: str) -> Any:
+    from sidekey.config import load_config
+
+    for name in ("mcp-server-registry.yaml", "central-registry.yaml",
+                 "agent-tool-mappings.yaml", "rate-limits.yaml"):
+        shutil.copy(ROOT / "examples" / "quickstart" / name, tmp_path / name)
+    (tmp_path / "sidekey.yaml").write_text(text)
+    return load_config(tmp_path / "sidekey.yaml")
+
+
+def test_pod_manifest_shares_the_pid_namespace_and_the_socket_directory_only(
+    tmp_path: Path,
+) -> None:
+    configmap, pod = _pod_docs()
+    spec = pod["spec"]
+    assert spec["shareProcessNamespace"] is True
+    containers = {c["name"]: c for c in spec["containers"]}
+    sidecar, server = containers["sidekey"], containers["content-api"]
+    assert sidecar["args"][:1] == ["serve"]
+    loaded = _load_pod_config(tmp_path, configmap["data"]["sidekey.yaml"])
+    cfg = loaded.config
+    socket_dir = str(Path(cfg.listen.socket).parent)
+
+    def mounts(c: dict[str, Any]) -> dict[str, str]:
+        return {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+
+    # One emptyDir, mounted at the socket's directory in both containers; state, config
+    # and credentials in the sidecar only.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    shared = mounts(sidecar)[socket_dir]
+    assert mounts(server) == {socket_dir: shared} and "emptyDir" in volumes[shared]
+    assert mounts(sidecar)[str(loaded.state_dir)] != shared
+    assert server["env"][0] == {"name": "SIDEKEY_SOCKET", "value": cfg.listen.socket}
+    # Two non-root uids, and the peers selector names the MCP server's.
+    sc, mc = sidecar["securityContext"], server["securityContext"]
+    assert 0 < sc["runAsUser"] != mc["runAsUser"] > 0
+    assert [s.uid for s in cfg.peers["content-api"]] == [mc["runAsUser"]]
+    assert [s.gid for s in cfg.peers["content-api"]] == [mc["runAsGroup"]]
+    assert cfg.attestation.pid_namespace == "refuse"  # the default, not opted in
+
+
+def test_pod_manifest_uid_only_comment_is_valid_config(tmp_path: Path) -> None:
+    """The commented-out opt-in, uncommented, is what the daemon reads as the mode."""
+    configmap, _ = _pod_docs()
+    text = configmap["data"]["sidekey.yaml"]
+    assert "# attestation:\n#   pid_namespace: uid_only" in text
+    text = text.replace("# attestation:\n#   pid_namespace: uid_only", "attestation:\n  pid_namespace: uid_only")
+    loaded = _load_pod_config(tmp_path, text)
+    assert loaded.config.attestation.pid_namespace == "uid_only"
+    assert any("$.attestation.pid_namespace: uid_only" in w for w in loaded.warnings)
+
+
+def test_pod_init_container_gives_the_socket_dir_a_mode_the_daemon_accepts(tmp_path: Path) -> None:
+    """kubelet makes an emptyDir 0777, which the daemon refuses as (or above) its socket
+    directory; the init container's chmod makes one it accepts."""
+    from sidekey.hardening import UnsafePathError, open_socket_dir
+
+    _, pod = _pod_docs()
+    (init,) = pod["spec"]["initContainers"]
+    command = " ".join(init["command"])
+    mode = re.search(r"chmod (\d{4}) /run/sidekey(?:\s|$)", command)
+    assert mode is not None, command
+    d = tmp_path / "run"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    with pytest.raises(UnsafePathError):
+        os.close(open_socket_dir(d))
+    os.chmod(d, int(mode.group(1), 8))
+    os.close(open_socket_dir(d))
+    assert "FSETID" in init["securityContext"]["capabilities"]["add"]  # keeps the setgid bit
+
+
+def test_pod_readiness_probe_answers_against_a_real_daemon(daemon: Daemon) -> None:
+    _, pod = _pod_docs()
+    (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "sidekey"]
+    argv = sidecar["readinessProbe"]["exec"]["command"]
+    assert argv[:2] == ["/opt/sidekey/bin/python", "-c"]
+    code = argv[2].replace("/run/sidekey/sidekey.sock", daemon.socket)
+    assert subprocess.run([sys.executable, "-c", code], timeout=CHILD_TIMEOUT_S,
+                          check=False).returncode == 0
+    daemon.kill()
+    assert subprocess.run([sys.executable, "-c", code], timeout=CHILD_TIMEOUT_S,
+                          capture_output=True, check=False).returncode != 0
