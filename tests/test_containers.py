@@ -207,6 +207,38 @@ def test_uid_only_mode_exe_selector_never_matches(make_daemon: Any) -> None:
     assert inside["authorize"][0] == 200, inside
 
 
+_REDEEM = r"""
+import http.client, json, socket, sys
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(20)
+        self.sock.connect(sys.argv[1])
+c = C("localhost", timeout=20)
+c.request("POST", "/v1/redeem", body=json.dumps({"resolution_token": sys.argv[2]}),
+          headers={"content-type": "application/json"})
+r = c.getresponse()
+print(json.dumps([r.status, json.loads(r.read())]))
+"""
+
+
+def test_uid_only_token_is_not_redeemed_by_a_visible_process(make_daemon: Any) -> None:
+    """A token issued to a uid-only peer is bound to (uid, pid 0): a process the daemon
+    can see has a pid, so even under the same uid it cannot redeem it."""
+    d = _ns_daemon(make_daemon, UID_ONLY)
+    st, auth = d.authorize()
+    assert st == 200 and auth["decision"] == "allow", auth
+    _need("nsenter")
+    proc = subprocess.run(
+        ["nsenter", "--target", str(_daemon_host_pid(d)), "--pid", "--mount", "--",
+         sys.executable, "-c", _REDEEM, d.socket, auth["resolution_token"]],
+        capture_output=True, timeout=CHILD_TIMEOUT_S, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    st, body = json.loads(proc.stdout)
+    assert st == 403 and body["error"]["code"] == "peer_mismatch", body
+
+
 def test_uid_only_peer_holds_no_admin_tier(make_daemon: Any) -> None:
     """The daemon's own uid is owner for a visible process, service at most by uid alone."""
     d = _ns_daemon(make_daemon, UID_ONLY)
@@ -251,6 +283,9 @@ def test_check_config_warns_while_uid_only_is_on(make_daemon: Any) -> None:
     assert any("$.attestation.pid_namespace: uid_only" in w for w in warnings), warnings
     assert any("$.peers.analytics-db.0: uses exe" in w for w in warnings), warnings
     assert any("$.peers.analytics-db: no selector of uid/user/gid/group" in w for w in warnings)
+    nobody = make_daemon({**UID_ONLY, "peers": {"content-api": [{"uid": 65534}]}})
+    assert any("$.peers.content-api.0: 65534 is the kernel's overflow id" in w
+               for w in _check_config(nobody))
     off = make_daemon()
     assert not any("pid_namespace" in w for w in _check_config(off))
 

@@ -866,6 +866,9 @@ def _approver_identity_problems(name: str, ids: list[str]) -> list[str]:
     return problems
 
 
+OVERFLOW_ID = 65534  # /proc/sys/kernel/overflowuid and overflowgid, by default
+
+
 def _uid_only_warnings(cfg: Config, at: str, peers_at: str) -> list[str]:
     """What check-config (and the start log) say while attestation.pid_namespace is
     uid_only: that it is on and what it gives up, and which selectors it cannot use."""
@@ -889,6 +892,10 @@ def _uid_only_warnings(cfg: Config, at: str, peers_at: str) -> list[str]:
                 if sel.uid == 0 or sel.user == "root":
                     out.append(f"{peers_at}: $.peers.{server}.{i}: uid 0 attested by uid alone "
                                "is any root process that reaches the socket")
+                if sel.uid == OVERFLOW_ID or sel.gid == OVERFLOW_ID:
+                    out.append(f"{peers_at}: $.peers.{server}.{i}: {OVERFLOW_ID} is the kernel's "
+                               "overflow id: every peer whose uid/gid is not mapped into the "
+                               "daemon's user namespace shows as it")
         if not usable:
             out.append(f"{peers_at}: $.peers.{server}: no selector of uid/user/gid/group keys "
                        "only: a peer in another PID namespace is never attested as this server")
