@@ -6,9 +6,9 @@ namespace of the client's, as in a pod without ``shareProcessNamespace``) gets p
 from SO_PEERCRED (uid and gid still right) and a pidfd from SO_PEERPIDFD whose fdinfo
 says ``Pid: 0``; a reader in an ancestor namespace sees the peer's pid in its own
 namespace. So the sidecar case is reproduced here by running the daemon in a new PID
-namespace (``unshare --pid --fork --mount-proc``) and the client (this test process,
-or a child forked from it) outside it; "one PID namespace" by entering the daemon's
-namespace with ``nsenter`` for the client.
+namespace (``unshare --pid --fork --mount-proc``) and the client outside it (this test
+process, a child forked from it, or a client in a sibling namespace of its own); "one
+PID namespace" by entering the daemon's namespace with ``nsenter`` for the client.
 
 1. By default such a peer is answered (no connection reset), as an anonymous peer:
    every request above anonymous gets 403 ``peer_unattested`` whose message names
@@ -245,6 +245,29 @@ def test_uid_only_peer_holds_no_admin_tier(make_daemon: Any) -> None:
     st, body = d.request("GET", "/v1/status")
     assert st == 403 and body["error"]["code"] == "peer_unattested", body
     assert "holds service at most" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("mode", ["refuse", "uid_only"])
+def test_sibling_pid_namespaces_as_in_a_pod(make_daemon: Any, mode: str) -> None:
+    """The pod without shareProcessNamespace exactly: daemon and MCP server each in a
+    PID namespace of its own (siblings), neither sees the other."""
+    d = _ns_daemon(make_daemon, {"attestation": {"pid_namespace": mode}})
+    proc = subprocess.run(
+        [*UNSHARE, sys.executable, "-c", _CLIENT, d.socket, d.user_token(), "1"],
+        capture_output=True, timeout=CHILD_TIMEOUT_S, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    out = json.loads(proc.stdout)
+    assert out["pid"] == 1  # the client is pid 1 of its own namespace
+    if mode == "refuse":
+        st, body = out["authorize"]
+        assert st == 403 and body["error"]["code"] == "peer_unattested", out
+        assert "attestation.pid_namespace" in body["error"]["message"]
+    else:
+        assert out["authorize"][0] == 200 and out["redeem"][0] == 200, out
+        assert out["release"][0] == 200, out
+        (redeem,) = d.wait_events("mcp.redeem")
+        assert redeem["peer"]["attestation"] == "uid-only" and redeem["peer"]["pid"] == 0
 
 
 # --------------------------------------------------------------------------- one PID namespace
