@@ -69,7 +69,10 @@ class Daemon:
     """A sidekey daemon in its own short-path directory (AF_UNIX paths are capped at 107 bytes)."""
 
     def __init__(self, overrides: dict[str, Any] | None = None, *, root: Path | None = None,
-                 seed_limits: bool = False) -> None:
+                 seed_limits: bool = False, command_prefix: list[str] | None = None) -> None:
+        # Put before the daemon's command line, e.g. ["unshare", "--pid", "--fork", ...]
+        # to run it in its own PID namespace (tests/test_containers.py).
+        self.command_prefix = list(command_prefix or [])
         self.root = root or Path(tempfile.mkdtemp(prefix="sk-"))
         os.chmod(self.root, 0o755)  # so a test process running as nobody can reach the socket
         for f in QUICKSTART.glob("*.yaml"):
@@ -122,7 +125,8 @@ class Daemon:
     def start(self) -> Daemon:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidekey", "--log-level", "debug", "serve", "--config", str(self.config_path)],
+            [*self.command_prefix, sys.executable, "-m", "sidekey", "--log-level", "debug", "serve",
+             "--config", str(self.config_path)],
             stdout=log,
             stderr=log,
             cwd=self.root,

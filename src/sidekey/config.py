@@ -209,6 +209,8 @@ class SecretRef(_C, frozen=True, kw_only=True):
 # credentials and the system manager's unit. exe / exe_sha256 alone are not among them:
 # anyone who may run that binary (or interpreter) matches them.
 BOUNDARY_SELECTOR_KEYS = ("uid", "user", "gid", "group", "supplementary_group", "unit")
+# The keys a peer attested by uid/gid only can match (peer.UID_ONLY_SELECTOR_KEYS).
+UID_ONLY_SELECTOR_KEYS = ("uid", "user", "gid", "group")
 
 
 class PeerSelector(_C, frozen=True, kw_only=True):
@@ -222,6 +224,20 @@ class PeerSelector(_C, frozen=True, kw_only=True):
     unit: str | None = None
     exe: str | None = None
     exe_sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
+class AttestationConfig(_C, frozen=True, kw_only=True):
+    """How peers whose pid the daemon cannot see are treated (peer.py, "PID namespace").
+
+    ``pid_namespace``: ``refuse`` (default): such a peer is anonymous, and every request
+    above the anonymous tier is refused with ``peer_unattested`` and a message naming
+    this key. ``uid_only``: it is attested by the socket's uid and gid alone and may match
+    peers selectors made of uid/user/gid/group keys only (never exe, exe_sha256, unit,
+    supplementary_group); it holds tier service at most, its tokens are bound to
+    its uid (not to a process), and a process that inherited its socket is not told apart.
+    """
+
+    pid_namespace: Literal["refuse", "uid_only"] = "refuse"
 
 
 class RbacEntry(_C, frozen=True, kw_only=True):
@@ -526,6 +542,7 @@ class Config(_C, frozen=True, kw_only=True):
     backends: dict[str, BackendConfig] = {}
     secrets: dict[str, dict[str, dict[str, SecretRef]]] = {}
     peers: dict[str, list[PeerSelector]] = {}
+    attestation: AttestationConfig = AttestationConfig()
     rbac: RbacConfig = RbacConfig()
     audit: AuditConfig = AuditConfig()
     config_signing: ConfigSigning = ConfigSigning()
@@ -849,6 +866,42 @@ def _approver_identity_problems(name: str, ids: list[str]) -> list[str]:
     return problems
 
 
+OVERFLOW_ID = 65534  # /proc/sys/kernel/overflowuid and overflowgid, by default
+
+
+def _uid_only_warnings(cfg: Config, at: str, peers_at: str) -> list[str]:
+    """What check-config (and the start log) say while attestation.pid_namespace is
+    uid_only: that it is on and what it gives up, and which selectors it cannot use."""
+    out = [
+        f"{at}: $.attestation.pid_namespace: uid_only: a peer whose pid the daemon cannot "
+        "see (another PID namespace) is attested by uid/gid alone: no exe, unit or "
+        "supplementary groups; its tokens are bound to its uid, not to a process; a "
+        "process that holds its socket is not told apart. Prefer one PID namespace "
+        "(shareProcessNamespace: true)"
+    ]
+    for server, selectors in cfg.peers.items():
+        usable = False
+        for i, sel in enumerate(selectors):
+            extra = sorted(f for f in sel.__struct_fields__
+                           if getattr(sel, f) is not None and f not in UID_ONLY_SELECTOR_KEYS)
+            if extra:
+                out.append(f"{peers_at}: $.peers.{server}.{i}: uses {', '.join(extra)}: this "
+                           "selector never matches a peer attested by uid/gid only")
+            elif any(getattr(sel, f) is not None for f in sel.__struct_fields__):
+                usable = True
+                if sel.uid == 0 or sel.user == "root":
+                    out.append(f"{peers_at}: $.peers.{server}.{i}: uid 0 attested by uid alone "
+                               "is any root process that reaches the socket")
+                if sel.uid == OVERFLOW_ID or sel.gid == OVERFLOW_ID:
+                    out.append(f"{peers_at}: $.peers.{server}.{i}: {OVERFLOW_ID} is the kernel's "
+                               "overflow id: every peer whose uid/gid is not mapped into the "
+                               "daemon's user namespace shows as it")
+        if not usable:
+            out.append(f"{peers_at}: $.peers.{server}: no selector of uid/user/gid/group keys "
+                       "only: a peer in another PID namespace is never attested as this server")
+    return out
+
+
 def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
     """Raise ConfigError for references that make a rule unenforceable; return warnings
     for references to things not declared on this host (the seed files name servers,
@@ -988,6 +1041,8 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
                     f"{where('peers')}: $.peers.{server}.{i}.{exe_key}: {exe_key} is no boundary "
                     "against a user who can run the same interpreter/binary; add uid or unit"
                 )
+    if cfg.attestation.pid_namespace == "uid_only":
+        warnings.extend(_uid_only_warnings(cfg, where("attestation"), where("peers")))
     if cfg.listen.max_anonymous_connections >= cfg.listen.max_connections:
         warnings.append(
             f"{where('listen')}: $.listen.max_anonymous_connections: "

@@ -31,6 +31,19 @@ uid/gid are the security boundary: a process running under the same uid can
 ptrace another, so every MCP server should run under its own uid (or systemd
 ``DynamicUser=``).
 
+A peer in a PID namespace the daemon cannot see (a Kubernetes sidecar without
+``shareProcessNamespace``: the daemon's namespace is a sibling of the client's, or a
+child of it) has no pid here: ``SO_PEERCRED`` says pid 0 (uid and gid are still the
+kernel's, mapped into the daemon's user namespace), ``SO_PEERPIDFD`` still gives a
+pidfd whose fdinfo says ``Pid: 0``, ``pidfd_send_signal`` on it fails with EINVAL and
+``PIDFD_GET_INFO`` with EREMOTE; only ``poll()`` on it works (readable once the
+process exited). :func:`attest` refuses such a peer (:class:`PidNotVisible`);
+:func:`attest_uid_only` makes a handle with ``attestation: "uid-only"`` out of the
+uid and gid alone, which :func:`selector_matches` lets match nothing unless the
+caller says the uid-only mode is on (``attestation.pid_namespace: uid_only``), and
+then only selectors made of uid/user/gid/group keys; :func:`tier_of` gives such a
+peer at most ``service``.
+
 The selector and RBAC functions at the bottom are pure.
 """
 
@@ -43,6 +56,7 @@ import hashlib
 import os
 import pwd
 import re
+import select
 import signal
 import socket
 import stat
@@ -53,6 +67,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
+from .config import UID_ONLY_SELECTOR_KEYS as _UID_ONLY_KEYS
 from .protocol import Denied
 
 if TYPE_CHECKING:
@@ -73,7 +88,13 @@ TIER_RANK: dict[str, int] = {
     "anonymous": 0,
 }
 
-Attestation = Literal["pidfd", "best-effort"]
+Attestation = Literal["pidfd", "best-effort", "uid-only"]
+
+# Selector keys a uid-only peer can be matched on: facts of the socket's SO_PEERCRED
+# (user and group are the names the daemon's own passwd/group give those ids). Any other
+# key (supplementary_group, unit, exe, exe_sha256) needs /proc/<pid>, which such a peer
+# does not have here.
+UID_ONLY_SELECTOR_KEYS = frozenset(_UID_ONLY_KEYS)
 
 
 @lru_cache(maxsize=1024)
@@ -265,6 +286,14 @@ def _same_mnt_ns(dir_fd: int) -> bool:
         return False
 
 
+class PidNotVisible(Denied):
+    """The kernel reports no pid for the peer: it runs in a PID namespace the daemon
+    cannot see (or it is no process at all). :func:`attest_uid_only` may still say who
+    it is by uid and gid."""
+
+    code = "peer_unattested"
+
+
 def _gone(pid: int) -> Denied:
     return Denied(
         f"the process that opened this connection (pid {pid}) is gone; reconnect",
@@ -275,13 +304,14 @@ def _gone(pid: int) -> Denied:
 class PeerHandle:
     """An attested connection peer: identity plus the means to re-verify it."""
 
-    __slots__ = ("_dir_fd", "_pidfd", "_status_fd", "identity")
+    __slots__ = ("_closed", "_dir_fd", "_pidfd", "_status_fd", "identity")
 
     def __init__(self, identity: PeerIdentity, *, pidfd: int | None, dir_fd: int,
                  status_fd: int | None = None) -> None:
         self.identity = identity
         self._pidfd = pidfd
-        self._dir_fd = dir_fd
+        self._dir_fd = dir_fd  # -1 for a uid-only identity (no /proc/<pid> to open)
+        self._closed = False
         # /proc/<pid>/status of the same directory, kept open for the re-checks (see
         # _proc_facts); None: opened through dir_fd at each re-check.
         self._status_fd = status_fd
@@ -296,6 +326,9 @@ class PeerHandle:
         had one; with a pidfd, one ``pidfd_send_signal(0)``.
         """
         ident = self.identity
+        if ident.attestation == "uid-only":
+            self._recheck_uid_only()
+            return
         if self._dir_fd < 0:
             raise _gone(ident.pid)
         pinned = self._pidfd is not None
@@ -342,7 +375,30 @@ class PeerHandle:
                 code="peer_changed",
             )
 
+    def _recheck_uid_only(self) -> None:
+        """What can be re-checked of a peer without a visible pid: that the process
+        which connected has not exited (its pidfd is readable once it has; the only
+        pidfd operation that works across PID namespaces). Its uid and gid are the
+        socket's, fixed at connect(); a setuid() after connecting, or another process
+        that holds the socket while the first one lives, cannot be seen."""
+        if self._closed:
+            raise _gone(0)
+        if self._pidfd is None:
+            return  # kernel < 6.5: nothing to re-check
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        try:
+            exited = bool(poller.poll(0))
+        except OSError:
+            exited = True
+        if exited:
+            raise Denied(
+                "the process that opened this connection has exited; reconnect",
+                code="peer_gone",
+            )
+
     def close(self) -> None:
+        self._closed = True
         for attr in ("_pidfd", "_dir_fd", "_status_fd"):
             fd = getattr(self, attr)
             if fd is not None and fd >= 0:
@@ -374,6 +430,50 @@ def _peer_pidfd(sock: socket.socket) -> int | None:
     return fd
 
 
+def no_pid_message(uid: int, gid: int) -> str:
+    return (
+        f"the kernel reports no pid for this peer (uid {uid}, gid {gid}): it runs in a PID "
+        "namespace the daemon cannot see, e.g. a pod without shareProcessNamespace. Run "
+        "the daemon and the MCP server in one PID namespace (shareProcessNamespace: true), "
+        "or opt in to attestation by uid/gid alone with attestation.pid_namespace: uid_only "
+        "(uid/user/gid/group selectors only)"
+    )
+
+
+def attest_uid_only(sock: socket.socket) -> PeerHandle:
+    """A handle for a peer whose pid the daemon cannot see: uid and gid from
+    SO_PEERCRED, no exe, unit, groups or start time, and (Linux >= 6.5) the pidfd, kept
+    for :meth:`PeerHandle.recheck` to notice that the connecting process exited.
+
+    Whether anything may be granted to it is the caller's decision
+    (``uid_only=`` of :func:`servers_of_peer`); by itself it matches no selector.
+    """
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    if pid != 0 or uid < 0 or gid < 0:
+        # A visible peer is attested in full by attest(), never by uid alone.
+        raise Denied("this peer has a visible pid; attest it in full", code="peer_unattested")
+    pidfd = _peer_pidfd(sock)
+    identity = PeerIdentity(
+        pid=0,
+        uid=uid,
+        gid=gid,
+        user=_user_name(uid),
+        group=_group_name(gid),
+        supplementary_gids=(),
+        supplementary_groups=(),
+        exe=None,
+        unit=None,
+        # 0, not -1: tokens carry (uid, pid, start) and a pid/start of 0 is valid there;
+        # a token issued to a uid-only peer is then redeemable only by a uid-only peer
+        # of the same uid (a visible process has pid > 0).
+        start_time=0,
+        attestation="uid-only",
+    )
+    return PeerHandle(identity, pidfd=pidfd, dir_fd=-1)
+
+
 def attest(sock: socket.socket, *, use_pidfd: bool = True) -> PeerHandle:
     """Identify the peer of a connected AF_UNIX stream socket or raise :class:`Denied`.
 
@@ -383,8 +483,8 @@ def attest(sock: socket.socket, *, use_pidfd: bool = True) -> PeerHandle:
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
     if pid <= 0:
-        # Peer in another pid namespace, or a socketpair without credentials.
-        raise Denied("the kernel reports no pid for this peer", code="peer_unattested")
+        # Peer in a PID namespace the daemon cannot see (see the module docstring).
+        raise PidNotVisible(no_pid_message(uid, gid), code="peer_unattested")
     pidfd = _peer_pidfd(sock) if use_pidfd else None
     dir_fd = -1
     status_fd: int | None = None
@@ -524,8 +624,20 @@ def selector_matches(
     daemon_uid: int,
     daemon_gid: int,
     exe_hashes: ExeHashCache | None = None,
+    uid_only: bool = False,
 ) -> bool:
-    """True when every key the selector sets matches (an empty selector never does)."""
+    """True when every key the selector sets matches (an empty selector never does).
+
+    A uid-only identity (no visible pid) matches only when ``uid_only`` (the config's
+    ``attestation.pid_namespace: uid_only``) and the selector has uid/user/gid/group
+    keys only: a key that needs /proc/<pid> can never be checked for it.
+    """
+    if ident.attestation == "uid-only" and (
+        not uid_only
+        or any(getattr(sel, f) is not None and f not in UID_ONLY_SELECTOR_KEYS
+               for f in sel.__struct_fields__)
+    ):
+        return False
     expected: list[tuple[object, object]] = []  # (the peer's value, the selector's value)
     if sel.uid is not None:
         expected.append((ident.uid, _resolve_id(sel.uid, daemon_uid)))
@@ -557,13 +669,16 @@ def servers_of_peer(
     daemon_uid: int,
     daemon_gid: int,
     exe_hashes: ExeHashCache | None = None,
+    uid_only: bool = False,
 ) -> list[str]:
-    """Names of the servers whose selectors (any one of them) this peer matches."""
+    """Names of the servers whose selectors (any one of them) this peer matches.
+    ``uid_only``: see :func:`selector_matches`."""
     return [
         server
         for server, selectors in peers.items()
         if any(
-            selector_matches(s, ident, daemon_uid=daemon_uid, daemon_gid=daemon_gid, exe_hashes=exe_hashes)
+            selector_matches(s, ident, daemon_uid=daemon_uid, daemon_gid=daemon_gid,
+                             exe_hashes=exe_hashes, uid_only=uid_only)
             for s in selectors
         )
     ]
@@ -593,7 +708,11 @@ def tier_of(
     is_service: bool,
 ) -> str:
     """The highest tier this peer holds. The daemon's own uid is always owner;
-    a peer matching some server's selectors is at least service."""
+    a peer matching some server's selectors is at least service. A uid-only peer (pid
+    not visible) holds service at most, whatever rbac says: approving, rotating or
+    reloading is for a process the daemon can see (``kubectl exec`` into its container)."""
+    if ident.attestation == "uid-only":
+        return "service" if is_service else "anonymous"
     if ident.uid == daemon_uid:
         return "owner"
     for tier in ("owner", "admin", "security", "approver", "service"):

@@ -43,7 +43,7 @@ from . import protocol
 from .config import ListenConfig
 from .encoding import random_hex
 from .hardening import open_socket_dir
-from .peer import PeerHandle, PeerIdentity, attest
+from .peer import PeerHandle, PeerIdentity, PidNotVisible, attest, attest_uid_only
 from .protocol import SidekeyError
 
 log = logging.getLogger(__name__)
@@ -661,7 +661,15 @@ class HttpServer:
         peer: PeerHandle | None = None
         try:
             try:
-                peer = attest(stream.socket)  # type: ignore[arg-type]
+                try:
+                    peer = attest(stream.socket)  # type: ignore[arg-type]
+                except PidNotVisible:
+                    # Another PID namespace (a pod without shareProcessNamespace): not
+                    # refused here, where the only answer is a closed socket, but given
+                    # a uid/gid-only identity that the application grants nothing above
+                    # anonymous unless attestation.pid_namespace says uid_only; its
+                    # requests are answered with a peer_unattested that says why.
+                    peer = attest_uid_only(stream.socket)  # type: ignore[arg-type]
             except SidekeyError as exc:
                 # Unattestable peers (exited before accept, recycled pid) get nothing.
                 await self.app.rejected(None, exc, new_request_id(), uid=uid)

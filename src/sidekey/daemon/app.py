@@ -35,6 +35,7 @@ from ..config import (
     WebhookSinkConfig,
 )
 from ..peer import PeerHandle, PeerIdentity, tier_allows
+from ..peer import no_pid_message as peer_no_pid_message
 from ..protocol import ConfigError, Denied, Internal, MethodNotAllowed, NotFound, SidekeyError
 from ..server import HttpServer, Request, Response, bind_unix_socket, error_response
 from ..store import StateStore, open_configured_store
@@ -101,6 +102,8 @@ class Sidekey(Calls, Introspection, Admin, Lifecycle):
                 # peer_changed, audited as peer.rejected.
                 request.peer.recheck()
             _, tier = self._peer_facts(request)
+            if not tier_allows(tier, route.tier) and request.peer.identity.attestation == "uid-only":
+                raise self._uid_only_refusal(request.peer.identity, route.tier)
             if not tier_allows(tier, route.tier):
                 raise Denied(
                     f"{_shown(request.path)} requires tier {route.tier}; this process is {tier}",
@@ -141,6 +144,22 @@ class Sidekey(Calls, Introspection, Admin, Lifecycle):
             except Exception:  # audit down: the log line above is all there is
                 log.exception("could not audit the internal error of %s", request.request_id)
             return error_response(err, request.request_id)
+
+    def _uid_only_refusal(self, ident: PeerIdentity, needed: str) -> Denied:
+        """Why a peer without a visible pid gets nothing above anonymous: the mode is
+        off (the default), or on and no uid/gid-only selector names its uid/gid. The
+        message names the config key and the two pod layouts, so the refusal explains
+        itself in the MCP server's log (peer.py, "PID namespace")."""
+        if self.cfg.attestation.pid_namespace != "uid_only":
+            message = peer_no_pid_message(ident.uid, ident.gid)
+        else:
+            message = (
+                f"the kernel reports no pid for this peer (another PID namespace) and "
+                f"attestation.pid_namespace is uid_only, but uid {ident.uid} gid {ident.gid} "
+                f"match no peers selector of uid/user/gid/group keys only; this endpoint "
+                f"needs tier {needed} (a peer attested by uid/gid holds service at most)"
+            )
+        return Denied(message, code="peer_unattested", pid_namespace=self.cfg.attestation.pid_namespace)
 
     async def rejected(
         self, peer: PeerHandle | None, error: SidekeyError, request_id: str, *, uid: int | None = None

@@ -206,6 +206,7 @@ class Context:
                     daemon_uid=self.daemon_uid,
                     daemon_gid=self.daemon_gid,
                     exe_hashes=self.exe_hashes,
+                    uid_only=self.cfg.attestation.pid_namespace == "uid_only",
                 )
             )
             tier = tier_of(
@@ -263,7 +264,7 @@ class Context:
     def _identity_tier(self, ident: PeerIdentity) -> str:
         servers = servers_of_peer(
             self.cfg.peers, ident, daemon_uid=self.daemon_uid, daemon_gid=self.daemon_gid,
-            exe_hashes=self.exe_hashes,
+            exe_hashes=self.exe_hashes, uid_only=self.cfg.attestation.pid_namespace == "uid_only",
         )
         return tier_of(self.cfg.rbac, ident, daemon_uid=self.daemon_uid,
                        daemon_gid=self.daemon_gid, is_service=bool(servers))
