@@ -1,0 +1,68 @@
+"""What sidekey.mcp needs from the MCP Python SDK, for its current major (2.x,
+``MCPServer``) and the previous one (1.x, ``FastMCP``), in one place."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.types import CallToolResult
+
+# The class a tool parameter is annotated with for the SDK to inject its Context.
+CONTEXT_CLASS: type[Any]
+try:  # 2.x
+    from mcp.server.mcpserver import Context as _Context2
+
+    CONTEXT_CLASS = _Context2
+    SDK_MAJOR = 2
+except ImportError:  # 1.x: mcp.server.fastmcp (2.x makes that import fail on purpose)
+    CONTEXT_CLASS = importlib.import_module("mcp.server.fastmcp").Context
+    SDK_MAJOR = 1
+
+
+def access_token() -> Any:
+    """The SDK's verified bearer token for this request (``AccessToken``) or None."""
+    return get_access_token()
+
+
+def _request_context(ctx: Any) -> Any:
+    if ctx is None:
+        return None
+    try:
+        return ctx.request_context
+    except (ValueError, AttributeError):  # outside a request
+        return None
+
+
+def request_headers(ctx: Any) -> Mapping[str, str] | None:
+    """The HTTP request's headers (streamable HTTP / SSE); None on stdio and in-process."""
+    request = getattr(_request_context(ctx), "request", None)
+    headers = getattr(request, "headers", None)
+    return headers if isinstance(headers, Mapping) else None
+
+
+def raw_call_params(ctx: Any) -> tuple[str, dict[str, Any]] | None:
+    """(tool name, arguments) of the ``tools/call`` request exactly as the client sent
+    them, before the SDK validated them and filled in defaults; None where the SDK does
+    not keep them (1.x)."""
+    params = getattr(_request_context(ctx), "params", None)
+    if not isinstance(params, Mapping):
+        return None
+    name = params.get("name")
+    arguments = params.get("arguments")
+    if arguments is None:
+        arguments = {}
+    if not isinstance(name, str) or not isinstance(arguments, Mapping):
+        return None
+    return name, dict(arguments)
+
+
+def tool_error(text: str, structured: dict[str, Any] | None) -> CallToolResult:
+    """A tool result with ``isError: true`` (built by alias: valid for both majors)."""
+    return CallToolResult.model_validate({
+        "content": [{"type": "text", "text": text}],
+        "structuredContent": structured,
+        "isError": True,
+    })

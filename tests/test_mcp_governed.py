@@ -1,0 +1,311 @@
+"""sidekey.mcp: a real MCP server built with the official SDK (``MCPServer``), its tools
+governed with ``@governed``, driven by the SDK's own client, against a real quickstart
+daemon. Each test runs its MCP side under asyncio (the SDK's home loop) with a bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+from mcp import Client
+from mcp.server.auth.middleware.auth_context import auth_context_var
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import BaseModel
+
+from harness import Daemon
+from sidekey.client import AsyncClient
+from sidekey.client import Client as SyncClient
+from sidekey.mcp import APPROVAL_ARG, Governor, current_lease
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT_S = 60.0
+
+
+def run(main: Callable[[], Awaitable[Any]]) -> Any:
+    async def bounded() -> Any:
+        with anyio.fail_after(TIMEOUT_S):
+            return await main()
+
+    return anyio.run(bounded, backend="asyncio")
+
+
+def limits(d: Daemon, tool: str, **rule: Any) -> None:
+    path = d.root / "rate-limits.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["limits"]["per_tool"].setdefault(tool, {}).update(rule)
+    path.write_text(yaml.safe_dump(data))
+
+
+class Filter(BaseModel):
+    section: str
+    tags: list[str] = []
+    limit: int = 10
+
+
+def build(gov: Governor, seen: dict[str, Any]) -> MCPServer:
+    """The content-api server as an author writes it: two lines per tool."""
+    mcp = MCPServer("content-api")
+
+    @mcp.tool()
+    @gov.governed("content-api")
+    async def list_articles(query: str, page: int = 1) -> str:
+        lease = current_lease()
+        seen["key"] = lease.secrets["CONTENT_API_KEY"]
+        seen["lease_id"] = lease.lease_id
+        if query == "slow":
+            seen["started"].set()
+            await anyio.sleep(TIMEOUT_S)
+        if query == "big":
+            return "x" * 4096
+        return f"articles for {query!r} page {page}"
+
+    @mcp.tool()
+    @gov.governed("content-api")
+    async def create_article(title: str, ctx: Context, filter: Filter | None = None) -> str:
+        seen["filter"] = filter
+        seen["ctx"] = ctx
+        return "created " + title
+
+    @mcp.tool(name="publish_article")
+    @gov.governed("content-api")
+    def publish(article_id: int, channel: str = "web") -> str:  # a sync tool, another name
+        seen["publish_key"] = current_lease().secrets["CONTENT_API_KEY"]
+        return f"published {article_id} to {channel}"
+
+    return mcp
+
+
+def governor(d: Daemon, **kw: Any) -> Governor:
+    token = d.user_token("content-api")
+    return Governor(AsyncClient(d.socket), agent_id=kw.pop("agent_id", "content-writer"),
+                    user_token=lambda: token, **kw)
+
+
+def session(gov: Governor, seen: dict[str, Any],
+            body: Callable[[Client], Awaitable[Any]]) -> Any:
+    """Run ``body`` with the SDK's client connected in-process to the server."""
+    async def main() -> Any:
+        try:
+            async with Client(build(gov, seen)) as client:
+                return await body(client)
+        finally:
+            await gov.client.close()
+
+    return run(main)
+
+
+def call(gov: Governor, seen: dict[str, Any], tool: str, arguments: dict[str, Any]) -> Any:
+    return session(gov, seen, lambda client: client.call_tool(tool, arguments))
+
+
+def refusal(result: Any) -> dict[str, Any]:
+    assert result.is_error, result
+    structured: dict[str, Any] = result.structured_content
+    assert set(structured) >= {"code", "retry_after_s", "approval_id"}, structured
+    return structured
+
+
+def tool_calls(d: Daemon, count: int = 1) -> list[dict[str, Any]]:
+    return d.wait_events("mcp.tool_call", count)
+
+
+def test_allowed_call_uses_the_secret_and_is_released_as_success(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    seen: dict[str, Any] = {}
+    result = call(governor(d), seen, "list_articles", {"query": "ai"})
+    assert not result.is_error, result
+    assert result.content[0].text == "articles for 'ai' page 1"
+    assert seen["key"] == d.secrets["content-api/read-key"]
+    [event] = tool_calls(d)
+    assert event["tool"] == "list_articles" and event["agent_id"] == "content-writer"
+    assert event["result"]["status"] == "success"
+    assert event["result"]["result_size_bytes"] == len("articles for 'ai' page 1")
+    # The digest is of the arguments as sent: the SDK's default page=1 is not in them.
+    assert event["arguments"] == {"query": "ai"}
+    assert event["lease_id"] == seen["lease_id"]
+    assert event["session_id"].startswith("proc-")  # no Mcp-Session-Id, no token
+    # current_lease() outside a governed call: nothing.
+    with pytest.raises(RuntimeError):
+        current_lease()
+
+
+def test_identity_comes_from_the_verified_bearer_token_not_from_the_caller(
+    make_daemon: Any,
+) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    token = d.user_token("content-api", extra={"azp": "content-writer"})
+    verified = AccessToken(token=token, client_id="some-dcr-client", scopes=["content:read"],
+                           subject="alice", claims={"azp": "content-writer", "jti": "j1",
+                                                    "iss": "https://auth.example.com"})
+    # No fallbacks: identity only from the SDK's auth context (what its bearer auth
+    # middleware sets for a request whose token the TokenVerifier accepted).
+    gov = Governor(AsyncClient(d.socket))
+    seen: dict[str, Any] = {}
+    reset = auth_context_var.set(AuthenticatedUser(verified))
+    try:
+        result = call(gov, seen, "list_articles", {"query": "ai", "agent_id": "sales-assistant"})
+    finally:
+        auth_context_var.reset(reset)
+    assert not result.is_error, result
+    [event] = tool_calls(d)
+    assert event["agent_id"] == "content-writer" and event["user_id"] == "alice"
+    expected = hashlib.sha256("\0".join(["https://auth.example.com", "alice",
+                                          "some-dcr-client", "j1"]).encode()).hexdigest()[:40]
+    assert event["session_id"] == "tok-" + expected
+    # Without a token and without fallbacks there is no user: refused, as a tool error.
+    seen.clear()
+    result = call(Governor(AsyncClient(d.socket)), seen, "list_articles", {"query": "ai"})
+    assert refusal(result)["code"].startswith("token"), result
+    assert "key" not in seen
+
+
+def test_denial_is_a_model_readable_tool_error_without_internals(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    seen: dict[str, Any] = {}
+    result = call(governor(d, agent_id="sales-assistant"), seen, "list_articles", {"query": "ai"})
+    info = refusal(result)
+    assert info["code"] and info["retry_after_s"] is None and info["approval_id"] is None
+    text = result.content[0].text
+    assert text.startswith(f"denied ({info['code']})"), text
+    assert d.socket not in text and "Traceback" not in text and "key" not in seen
+    assert d.events_of("mcp.tool_call") == []
+
+    # The daemon down: the credential service, not the call; no socket path.
+    d.stop()
+    result = call(governor(d), seen, "list_articles", {"query": "ai"})
+    info = refusal(result)
+    assert info["code"] == "connection_failed"
+    text = result.content[0].text
+    assert "temporarily unavailable" in text and d.socket not in text and "/" not in text, text
+
+
+def test_rate_limit_carries_retry_after(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    limits(d, "create_article", requests_per_minute=1)
+    d.start()
+    seen: dict[str, Any] = {}
+    gov = governor(d)
+
+    async def twice(client: Client) -> Any:
+        first = await client.call_tool("create_article", {"title": "a"})
+        assert not first.is_error, first
+        return await client.call_tool("create_article", {"title": "b"})
+
+    result = session(gov, seen, twice)
+    info = refusal(result)
+    assert info["code"] == "rate_limited", info
+    assert isinstance(info["retry_after_s"], int) and 1 <= info["retry_after_s"] <= 60
+    assert result.content[0].text == f"rate limited: retry in {info['retry_after_s']} s (rate_limited)"
+
+
+def test_held_call_is_retried_with_its_approval_id_once_approved(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    limits(d, "publish_article", requires_human_approval=True)
+    d.start()
+    seen: dict[str, Any] = {}
+    args = {"article_id": 7}
+    held = call(governor(d), seen, "publish_article", args)
+    info = refusal(held)
+    approval_id = info["approval_id"]
+    assert info["code"] == "approval_pending" and approval_id.startswith("apr_"), info
+    assert approval_id in held.content[0].text and APPROVAL_ARG in held.content[0].text
+    [requested] = d.events_of("approval.requested")
+    assert requested["arguments"] == args  # as sent: no default channel, no approval arg
+
+    # Retried before a verdict: still pending, no new hold, nothing ran.
+    early = call(governor(d), seen, "publish_article", {**args, APPROVAL_ARG: approval_id})
+    assert refusal(early)["code"] == "approval_pending", early
+    assert "publish_key" not in seen
+
+    with SyncClient(d.socket) as approver:
+        approver.approve(approval_id, reason="ok")
+    result = call(governor(d), seen, "publish_article", {**args, APPROVAL_ARG: approval_id})
+    assert not result.is_error, result
+    assert result.content[0].text == "published 7 to web"
+    assert seen["publish_key"] == d.secrets["content-api/publish-key"]
+    [event] = tool_calls(d)
+    assert event["arguments"] == args and event["result"]["status"] == "success"
+    assert len(d.events_of("approval.requested")) == 1
+
+    # The approval is spent, and it is for exactly those arguments.
+    seen.clear()
+    again = call(governor(d), seen, "publish_article", {**args, APPROVAL_ARG: approval_id})
+    assert refusal(again)["code"] != "approval_pending" and "publish_key" not in seen, again
+    other = call(governor(d), seen, "publish_article", {"article_id": 8, APPROVAL_ARG: approval_id})
+    assert refusal(other)["approval_id"] is None and "publish_key" not in seen, other
+
+
+def test_cancelled_call_is_released_as_cancelled(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    seen: dict[str, Any] = {"started": anyio.Event()}
+
+    async def cancel_midway(client: Client) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.call_tool, "list_articles", {"query": "slow"})
+            await seen["started"].wait()
+            tg.cancel_scope.cancel()
+
+    session(governor(d), seen, cancel_midway)
+    [event] = tool_calls(d)
+    assert event["result"]["status"] == "cancelled", event
+    assert event["lease_id"] == seen["lease_id"]
+
+
+def test_pydantic_model_argument_is_digested_as_sent(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    seen: dict[str, Any] = {}
+    args = {"title": "t", "filter": {"section": "news", "tags": ["ai"]}}
+    result = call(governor(d), seen, "create_article", args)
+    assert not result.is_error, result
+    assert seen["filter"] == Filter(section="news", tags=["ai"], limit=10)
+    assert isinstance(seen["ctx"], Context)  # the tool's own Context still arrives
+    [event] = tool_calls(d)
+    assert event["arguments"] == args  # not the model's defaults (limit=10)
+    [authorized] = d.events_of("mcp.authorize")
+    assert authorized["arguments"] == args
+
+
+def test_withheld_result_is_replaced_by_a_tool_error(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    limits(d, "list_articles", max_result_size_kb=1)
+    d.start()
+    seen: dict[str, Any] = {}
+    result = call(governor(d), seen, "list_articles", {"query": "big"})
+    info = refusal(result)
+    assert info["code"] == "result_withheld", info
+    assert "x" * 100 not in json.dumps(result.model_dump(mode="json"))
+    assert "withheld" in result.content[0].text
+    [event] = tool_calls(d)
+    assert event["result"]["withheld"] is True and event["result"]["result_size_bytes"] == 4096
+    # A small result of the same tool is returned.
+    ok = call(governor(d), seen, "list_articles", {"query": "ai"})
+    assert not ok.is_error, ok
+
+
+def test_tool_schema_offers_the_approval_argument_and_hides_the_context(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    seen: dict[str, Any] = {}
+
+    async def listing(client: Client) -> Any:
+        return {t.name: t.input_schema for t in (await client.list_tools()).tools}
+
+    schemas = session(governor(d), seen, listing)
+    assert set(schemas) == {"list_articles", "create_article", "publish_article"}
+    for schema in schemas.values():
+        assert APPROVAL_ARG in schema["properties"] and APPROVAL_ARG not in schema.get("required", [])
+        assert "sidekey_ctx" not in schema["properties"] and "ctx" not in schema["properties"]
+    assert schemas["list_articles"]["required"] == ["query"]
