@@ -5,15 +5,24 @@ daemon. Each test runs its MCP side under asyncio (the SDK's home loop) with a b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 import yaml
-from mcp import Client
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
@@ -309,3 +318,102 @@ def test_tool_schema_offers_the_approval_argument_and_hides_the_context(make_dae
         assert APPROVAL_ARG in schema["properties"] and APPROVAL_ARG not in schema.get("required", [])
         assert "sidekey_ctx" not in schema["properties"] and "ctx" not in schema["properties"]
     assert schemas["list_articles"]["required"] == ["query"]
+
+
+# ------------------------------------------------------------ stdio and streamable HTTP
+
+SERVER_SCRIPT = Path(__file__).with_name("mcp_governed_server.py")
+
+
+def server_env(d: Daemon, **extra: str) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SIDEKEY_SOCKET": d.socket,
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **extra}
+
+
+def test_stdio_server_subprocess(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    params = StdioServerParameters(
+        command=sys.executable, args=[str(SERVER_SCRIPT), "stdio"],
+        env=server_env(d, SIDEKEY_TEST_USER_TOKEN=d.user_token("content-api")))
+
+    async def main() -> Any:
+        async with Client(params) as client:
+            return await client.call_tool("list_articles", {"query": "ai"})
+
+    result = run(main)
+    assert not result.is_error, result
+    body = json.loads(result.content[0].text)
+    assert body["key_tail"] == d.secrets["content-api/read-key"][-6:]
+    [event] = tool_calls(d)
+    assert event["arguments"] == {"query": "ai"} and event["session_id"].startswith("proc-")
+    assert event["agent_id"] == "content-writer" and event["result"]["status"] == "success"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def http_server(d: Daemon, *flags: str) -> Iterator[str]:
+    port = free_port()
+    log = (d.root / f"mcp-http-{port}.log").open("wb")
+    proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "http", str(port), *flags],
+                            env=server_env(d, SIDEKEY_TEST_JWKS=str(d.issuer_jwks)),
+                            stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (d.root / f"mcp-http-{port}.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "MCP server did not start"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def http_call(url: str, token: str, mode: str, arguments: dict[str, Any]) -> Any:
+    async def main() -> Any:
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"},
+                                      timeout=30) as http:
+            transport = streamable_http_client(url, http_client=http)
+            async with Client(transport, mode=mode) as client:  # type: ignore[arg-type]
+                return await client.call_tool("list_articles", arguments)
+
+    return run(main)
+
+
+@pytest.mark.parametrize("stateless", [False, True], ids=["sessions", "stateless"])
+def test_streamable_http_with_bearer_auth(make_daemon: Any, stateless: bool) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    token = d.user_token("content-api", extra={"azp": "content-writer", "client_id": "cw-1"})
+    with http_server(d, *(["--stateless"] if stateless else [])) as url:
+        result = http_call(url, token, "legacy", {"query": "ai"})
+        assert not result.is_error, result
+        assert json.loads(result.content[0].text)["key_tail"] == \
+            d.secrets["content-api/read-key"][-6:]
+        # A token for another agent (azp) is that agent, whatever the client says.
+        other = d.user_token("content-api", extra={"azp": "sales-assistant"})
+        denied = http_call(url, other, "legacy", {"query": "ai", "agent_id": "content-writer"})
+        assert refusal(denied)["code"], denied
+    [event] = tool_calls(d)
+    assert event["agent_id"] == "content-writer" and event["user_id"] == "alice"
+    assert event["arguments"] == {"query": "ai"}
+    if stateless:
+        # No Mcp-Session-Id: one session per access token (a hash, not the token).
+        assert event["session_id"].startswith("tok-"), event
+    else:
+        assert not event["session_id"].startswith(("tok-", "proc-")), event
