@@ -27,6 +27,7 @@ from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import ElicitResult
 from pydantic import BaseModel
 
 from harness import Daemon
@@ -417,3 +418,54 @@ def test_streamable_http_with_bearer_auth(make_daemon: Any, stateless: bool) -> 
         assert event["session_id"].startswith("tok-"), event
     else:
         assert not event["session_id"].startswith(("tok-", "proc-")), event
+
+
+# ------------------------------------------------------------ elicitation on a held call
+
+
+@pytest.mark.parametrize("verdict", ["approve", "deny", "decline"])
+def test_held_call_asks_through_elicitation_and_waits_for_the_approver(
+    make_daemon: Any, verdict: str,
+) -> None:
+    d: Daemon = make_daemon()
+    limits(d, "publish_article", requires_human_approval=True)
+    d.start()
+    seen: dict[str, Any] = {}
+    asked: list[str] = []
+
+    def decide(approval_id: str) -> None:
+        with SyncClient(d.socket) as approver:  # an approver, elsewhere, meanwhile
+            if verdict == "approve":
+                approver.approve(approval_id)
+            else:
+                approver.deny(approval_id, reason="not today")
+
+    async def on_elicit(context: Any, params: Any) -> Any:
+        asked.append(params.message)
+        if verdict == "decline":
+            return ElicitResult(action="decline")
+        approval_id = params.message.split("approval id ")[1].split(")")[0]
+        await anyio.to_thread.run_sync(decide, approval_id)
+        return ElicitResult(action="accept", content={"wait": True})
+
+    async def main() -> Any:
+        gov = governor(d, approval_wait_s=30)
+        try:
+            # The handshake-era protocol: server-to-client requests (elicitation/create).
+            async with Client(build(gov, seen), elicitation_callback=on_elicit,
+                              mode="legacy") as client:
+                return await client.call_tool("publish_article", {"article_id": 7})
+        finally:
+            await gov.client.close()
+
+    result = run(main)
+    assert len(asked) == 1 and "apr_" in asked[0], asked
+    if verdict == "approve":
+        assert not result.is_error, result
+        assert seen["publish_key"] == d.secrets["content-api/publish-key"]
+        [event] = tool_calls(d)
+        assert event["result"]["status"] == "success"
+    else:
+        code = refusal(result)["code"]
+        assert code == ("approval_denied" if verdict == "deny" else "approval_pending"), result
+        assert "publish_key" not in seen

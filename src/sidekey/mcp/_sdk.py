@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Mapping
 from typing import Any
@@ -57,6 +58,17 @@ def raw_call_params(ctx: Any) -> tuple[str, dict[str, Any]] | None:
     if not isinstance(name, str) or not isinstance(arguments, Mapping):
         return None
     return name, dict(arguments)
+
+
+def supports_elicitation(ctx: Any) -> bool:
+    """Whether the client declared the elicitation capability (form mode)."""
+    caps = None
+    with contextlib.suppress(ValueError, AttributeError):
+        caps = ctx.client_capabilities  # 2.x
+    if caps is None:  # 1.x: the session's initialize params
+        session = getattr(_request_context(ctx), "session", None)
+        caps = getattr(getattr(session, "client_params", None), "capabilities", None)
+    return getattr(caps, "elicitation", None) is not None
 
 
 def tool_error(text: str, structured: dict[str, Any] | None) -> CallToolResult:

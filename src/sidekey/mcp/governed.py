@@ -48,6 +48,7 @@ import contextvars
 import functools
 import hashlib
 import inspect
+import math
 import secrets
 import typing
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,9 +58,15 @@ import anyio
 import pydantic
 import pydantic_core
 
-from ..client import AsyncClient, Lease, SidekeyClientError
+from ..client import ApprovalPending, AsyncClient, Lease, SidekeyClientError
 from . import errors
-from ._sdk import CONTEXT_CLASS, access_token, raw_call_params, request_headers
+from ._sdk import (
+    CONTEXT_CLASS,
+    access_token,
+    raw_call_params,
+    request_headers,
+    supports_elicitation,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,6 +84,19 @@ _APPROVAL_DESCRIPTION = (
 # The per-process substitute session of a server without Mcp-Session-Id and without a
 # token: a stdio server process serves exactly one client connection.
 _PROCESS_SESSION = "proc-" + secrets.token_hex(12)
+
+# How long a held call waits for an approver when the user agreed to wait (elicitation):
+# long enough for an approver on call, short of the usual client request timeouts.
+DEFAULT_APPROVAL_WAIT_S = 60.0
+MAX_APPROVAL_WAIT_S = 600.0
+
+
+class WaitForApproval(pydantic.BaseModel):
+    """What the user is asked (elicitation) when a call is held for approval."""
+
+    wait: bool = pydantic.Field(
+        default=True, description="Wait here for an approver's decision")
+
 
 _lease: contextvars.ContextVar[Lease | None] = contextvars.ContextVar("sidekey_lease", default=None)
 
@@ -102,6 +122,9 @@ class Governor:
     ``agent_id``: the agent for calls without a verified token (stdio), set by whoever
     deploys the server. ``user_token``: a callable giving the user token for calls without
     a verified one. ``server_version``: reported to the daemon for audit.
+    ``approval_wait_s``: on a call held for approval, a client that supports elicitation
+    is asked whether to wait, and then the call waits at most this long for an approver's
+    verdict (0: never ask; the held call is returned as a refusal at once).
     """
 
     def __init__(
@@ -112,7 +135,11 @@ class Governor:
         agent_id: str | None = None,
         user_token: Callable[[], str | None] | None = None,
         server_version: str | None = None,
+        approval_wait_s: float = DEFAULT_APPROVAL_WAIT_S,
     ) -> None:
+        if not 0 <= approval_wait_s <= MAX_APPROVAL_WAIT_S:
+            raise ValueError(f"approval_wait_s must be between 0 and {MAX_APPROVAL_WAIT_S}")
+        self.approval_wait_s = float(approval_wait_s)
         self._client = client
         self.agent_claims = tuple(agent_claims)
         self.agent_id = agent_id
@@ -304,12 +331,44 @@ async def _governed_call(gov: Governor, server: str, default_tool: str, ctx: Any
     except SidekeyClientError as exc:
         if phase == "run":
             raise
+        if (isinstance(exc, ApprovalPending) and approval_id is None
+                and await _waited_for_approval(gov, ctx, exc, tool)):
+            # Decided while we waited: present the approval (the daemon lets the call
+            # through once if approved, or answers why not: denied, expired).
+            return await _governed_call(gov, server, default_tool, ctx, call_args, user_ctx,
+                                        exc.approval_id, run)
         # After a failed release the daemon has not said whether the result may be
         # returned: fail closed.
         return errors.refusal_result(exc, tool=tool)
     if lease.withhold_result:
         return errors.withheld_result(tool=tool, size=lease.result_size_bytes)
     return result
+
+
+async def _waited_for_approval(gov: Governor, ctx: Any, pending: ApprovalPending,
+                               tool: str) -> bool:
+    """Ask the user (elicitation, where the client supports it) whether to wait for the
+    approver, and if so wait, bounded. True when the approval was decided meanwhile.
+
+    The user's answer only chooses to wait: it never approves anything (an approval is
+    an approver's decision, made with the daemon's approver tier)."""
+    if gov.approval_wait_s <= 0 or not supports_elicitation(ctx):
+        return False
+    message = (f"{tool} needs an approver's decision before it runs (approval id "
+               f"{pending.approval_id}). Wait up to {math.ceil(gov.approval_wait_s)} s for it?")
+    try:
+        answer = await ctx.elicit(message, WaitForApproval)
+    except Exception:  # the client refused or failed the elicitation: do not wait
+        return False
+    data = getattr(answer, "data", None)
+    if getattr(answer, "action", None) != "accept" or not isinstance(data, WaitForApproval) \
+            or not data.wait:
+        return False
+    try:
+        approval = await gov.client.wait_for_approval(pending.approval_id, gov.approval_wait_s)
+    except SidekeyClientError:
+        return False
+    return approval.get("state") != "pending"
 
 
 def _result_size(result: Any) -> int:
