@@ -424,9 +424,13 @@ def test_streamable_http_with_bearer_auth(make_daemon: Any, stateless: bool) -> 
 
 
 @pytest.mark.parametrize("verdict", ["approve", "deny", "decline"])
+@pytest.mark.parametrize("mode", ["legacy", "auto"], ids=["elicitation-request", "input-required"])
 def test_held_call_asks_through_elicitation_and_waits_for_the_approver(
-    make_daemon: Any, verdict: str,
+    make_daemon: Any, verdict: str, mode: str,
 ) -> None:
+    """legacy: the handshake-era protocol, where the server sends elicitation/create
+    while the call is open; auto: 2026-07-28, where the tool answers with an
+    InputRequiredResult and the client retries the call with the user's answer."""
     d: Daemon = make_daemon()
     limits(d, "publish_article", requires_human_approval=True)
     d.start()
@@ -451,15 +455,15 @@ def test_held_call_asks_through_elicitation_and_waits_for_the_approver(
     async def main() -> Any:
         gov = governor(d, approval_wait_s=30)
         try:
-            # The handshake-era protocol: server-to-client requests (elicitation/create).
             async with Client(build(gov, seen), elicitation_callback=on_elicit,
-                              mode="legacy") as client:
+                              mode=mode) as client:
                 return await client.call_tool("publish_article", {"article_id": 7})
         finally:
             await gov.client.close()
 
     result = run(main)
     assert len(asked) == 1 and "apr_" in asked[0], asked
+    assert len(d.events_of("approval.requested")) == 1  # the retry opened no new hold
     if verdict == "approve":
         assert not result.is_error, result
         assert seen["publish_key"] == d.secrets["content-api/publish-key"]

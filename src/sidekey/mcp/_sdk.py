@@ -71,6 +71,48 @@ def supports_elicitation(ctx: Any) -> bool:
     return getattr(caps, "elicitation", None) is not None
 
 
+# The key of the wait-for-approval question in a 2026-07-28 InputRequiredResult.
+WAIT_INPUT_KEY = "sidekey_wait_for_approval"
+WAIT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"wait": {"type": "boolean", "default": True,
+                            "description": "Wait here for an approver's decision"}},
+}
+
+
+def no_back_channel(exc: BaseException) -> bool:
+    """The 2026-07-28 protocol has no server-to-client requests: ``ctx.elicit`` fails
+    with this and the question goes into an ``InputRequiredResult`` instead."""
+    return type(exc).__name__ == "NoBackChannelError"
+
+
+def input_required(message: str, approval_id: str) -> Any:
+    """An ``InputRequiredResult`` (2.x, protocol 2026-07-28) asking whether to wait for
+    the approver; the approval id rides in ``request_state``, which the SDK seals and
+    verifies (the client cannot change it)."""
+    from mcp.types import InputRequiredResult  # 2.x only
+
+    return InputRequiredResult.model_validate({
+        "inputRequests": {WAIT_INPUT_KEY: {
+            "method": "elicitation/create",
+            "params": {"mode": "form", "message": message, "requestedSchema": WAIT_SCHEMA},
+        }},
+        "requestState": approval_id,
+    })
+
+
+def resumed_approval(ctx: Any) -> tuple[str, bool] | None:
+    """On the retry after :func:`input_required`: (approval id, whether to wait)."""
+    state = getattr(ctx, "request_state", None)
+    responses = getattr(ctx, "input_responses", None)
+    if not isinstance(state, str) or not state.startswith("apr_") or not responses:
+        return None
+    answer = responses.get(WAIT_INPUT_KEY)
+    content = getattr(answer, "content", None) or {}
+    wait = getattr(answer, "action", None) == "accept" and content.get("wait", True) is True
+    return state, wait
+
+
 def tool_error(text: str, structured: dict[str, Any] | None) -> CallToolResult:
     """A tool result with ``isError: true`` (built by alias: valid for both majors)."""
     return CallToolResult.model_validate({

@@ -63,8 +63,11 @@ from . import errors
 from ._sdk import (
     CONTEXT_CLASS,
     access_token,
+    input_required,
+    no_back_channel,
     raw_call_params,
     request_headers,
+    resumed_approval,
     supports_elicitation,
 )
 
@@ -307,6 +310,15 @@ async def _governed_call(gov: Governor, server: str, default_tool: str, ctx: Any
                          approval_id: str | None, run: Callable[[], Awaitable[Any]]) -> Any:
     requested_name, arguments = _wire_arguments(ctx, call_args, user_ctx)
     tool = requested_name or default_tool
+    resumed = resumed_approval(ctx) if approval_id is None else None
+    if resumed is not None:
+        # The retry of a held call after the user answered whether to wait (2026-07-28
+        # multi-round flow): wait if asked to, then present the approval (the daemon
+        # answers approved, still pending, denied or expired).
+        approval_id, wait = resumed
+        if wait and gov.approval_wait_s > 0:
+            with contextlib.suppress(SidekeyClientError):
+                await gov.client.wait_for_approval(approval_id, gov.approval_wait_s)
     user_token, agent_id, session_id = gov.identity(ctx)
     # Which step a SidekeyClientError comes from: the daemon refusing the call
     # (authorize) or failing to end it (release) is a refusal in MCP terms; one raised
@@ -331,12 +343,15 @@ async def _governed_call(gov: Governor, server: str, default_tool: str, ctx: Any
     except SidekeyClientError as exc:
         if phase == "run":
             raise
-        if (isinstance(exc, ApprovalPending) and approval_id is None
-                and await _waited_for_approval(gov, ctx, exc, tool)):
-            # Decided while we waited: present the approval (the daemon lets the call
-            # through once if approved, or answers why not: denied, expired).
-            return await _governed_call(gov, server, default_tool, ctx, call_args, user_ctx,
-                                        exc.approval_id, run)
+        if isinstance(exc, ApprovalPending) and approval_id is None:
+            asked = await _ask_to_wait(gov, ctx, exc, tool)
+            if asked is True:
+                # Decided while we waited: present the approval (the daemon lets the
+                # call through once if approved, or answers why not: denied, expired).
+                return await _governed_call(gov, server, default_tool, ctx, call_args,
+                                            user_ctx, exc.approval_id, run)
+            if asked is not False:
+                return asked  # the question, for the client to answer and retry with
         # After a failed release the daemon has not said whether the result may be
         # returned: fail closed.
         return errors.refusal_result(exc, tool=tool)
@@ -345,10 +360,11 @@ async def _governed_call(gov: Governor, server: str, default_tool: str, ctx: Any
     return result
 
 
-async def _waited_for_approval(gov: Governor, ctx: Any, pending: ApprovalPending,
-                               tool: str) -> bool:
+async def _ask_to_wait(gov: Governor, ctx: Any, pending: ApprovalPending, tool: str) -> Any:
     """Ask the user (elicitation, where the client supports it) whether to wait for the
-    approver, and if so wait, bounded. True when the approval was decided meanwhile.
+    approver, and if so wait, bounded. True when the approval was decided meanwhile,
+    False when nothing more is to be done, or (protocol 2026-07-28, which has no
+    server-to-client requests) the ``InputRequiredResult`` carrying the question.
 
     The user's answer only chooses to wait: it never approves anything (an approval is
     an approver's decision, made with the daemon's approver tier)."""
@@ -358,8 +374,8 @@ async def _waited_for_approval(gov: Governor, ctx: Any, pending: ApprovalPending
                f"{pending.approval_id}). Wait up to {math.ceil(gov.approval_wait_s)} s for it?")
     try:
         answer = await ctx.elicit(message, WaitForApproval)
-    except Exception:  # the client refused or failed the elicitation: do not wait
-        return False
+    except Exception as exc:  # the client refused or failed the elicitation: do not wait
+        return input_required(message, pending.approval_id) if no_back_channel(exc) else False
     data = getattr(answer, "data", None)
     if getattr(answer, "action", None) != "accept" or not isinstance(data, WaitForApproval) \
             or not data.wait:
