@@ -4,6 +4,8 @@ tests/test_mcp_governed.py to run as a subprocess and drive with the SDK's clien
     python mcp_governed_server.py stdio
     python mcp_governed_server.py http PORT [--stateless]
 
+The same script runs on the SDK's previous major (1.x ``FastMCP``), stdio only.
+
 stdio: the user token is $SIDEKEY_TEST_USER_TOKEN and the agent content-writer (what
 whoever launches a stdio server configures). http: bearer auth with the SDK's
 TokenVerifier protocol, verifying the local test issuer's tokens ($SIDEKEY_TEST_JWKS);
@@ -21,9 +23,20 @@ from typing import Any
 import jwt
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.mcpserver import MCPServer
+from pydantic import BaseModel
 
 from sidekey.mcp import configure, current_lease, governed
+
+try:
+    from mcp.server.mcpserver import MCPServer
+except ImportError:  # mcp 1.x
+    from mcp.server.fastmcp import FastMCP as MCPServer  # type: ignore[no-redef]
+
+
+class Filter(BaseModel):
+    section: str
+    tags: list[str] = []
+    limit: int = 10
 
 
 class JwksVerifier:
@@ -64,6 +77,17 @@ def build(auth_port: int | None) -> MCPServer:
         key = current_lease().secrets["CONTENT_API_KEY"]
         # Proof the secret reached the tool, without returning it.
         return json.dumps({"query": query, "page": page, "key_tail": key[-6:]})
+
+    @mcp.tool()
+    @governed("content-api")
+    async def create_article(title: str, filter: Filter | None = None) -> str:
+        return json.dumps({"title": title, "filter": filter.model_dump() if filter else None})
+
+    @mcp.tool(name="publish_article")
+    @governed("content-api")
+    def publish(article_id: int, channel: str = "web") -> str:  # sync, registered by name
+        key = current_lease().secrets["CONTENT_API_KEY"]
+        return json.dumps({"published": article_id, "channel": channel, "key_tail": key[-6:]})
 
     return mcp
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult as CallToolResult
 
 # The class a tool parameter is annotated with for the SDK to inject its Context.
 CONTEXT_CLASS: type[Any]
@@ -111,6 +111,26 @@ def resumed_approval(ctx: Any) -> tuple[str, bool] | None:
     content = getattr(answer, "content", None) or {}
     wait = getattr(answer, "action", None) == "accept" and content.get("wait", True) is True
     return state, wait
+
+
+def registered_tool(ctx: Any, fn: Any) -> tuple[str | None, bool]:
+    """1.x: (the name ``fn`` is registered under, whether it has an output schema), by
+    looking ``fn`` up in the server's tools (1.x keeps the request's tool name nowhere a
+    tool can read it). (None, False) when not found."""
+    try:
+        tools = ctx.fastmcp._tool_manager.list_tools()
+    except Exception:
+        return None, False
+    for tool in tools:
+        if getattr(tool, "fn", None) is fn:
+            return str(tool.name), getattr(tool, "output_schema", None) is not None
+    return None, False
+
+
+class RefusalError(Exception):
+    """1.x, a tool with an output schema: the SDK validates even an error result's
+    ``structuredContent`` against it, so the refusal is raised instead (the SDK turns it
+    into ``isError`` with the text, without the structured fields)."""
 
 
 def tool_error(text: str, structured: dict[str, Any] | None) -> CallToolResult:

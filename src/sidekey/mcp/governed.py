@@ -62,10 +62,14 @@ from ..client import ApprovalPending, AsyncClient, Lease, SidekeyClientError
 from . import errors
 from ._sdk import (
     CONTEXT_CLASS,
+    SDK_MAJOR,
+    CallToolResult,
+    RefusalError,
     access_token,
     input_required,
     no_back_channel,
     raw_call_params,
+    registered_tool,
     request_headers,
     resumed_approval,
     supports_elicitation,
@@ -274,8 +278,16 @@ def _decorator(governor: Callable[[], Governor], server: str,
                                          *call_args.args, **call_args.kwargs)
                 return await anyio.to_thread.run_sync(call)
 
-            return await _governed_call(governor(), server, name, ctx, call_args, user_ctx,
-                                        approval_id, run)
+            v1_name, v1_structured = (registered_tool(ctx, wrapper) if SDK_MAJOR == 1
+                                      else (None, False))
+            result = await _governed_call(governor(), server, v1_name or name, ctx, call_args,
+                                          user_ctx, approval_id, run)
+            if v1_structured and isinstance(result, CallToolResult) and \
+                    getattr(result, "isError", False):
+                # 1.x would validate the error's structuredContent against the tool's
+                # output schema (and fail): raise it, the SDK reports the text.
+                raise RefusalError(str(getattr(result.content[0], "text", "refused")))
+            return result
 
         wrapper.__signature__ = new_sig  # type: ignore[attr-defined]
         annotations = {p.name: p.annotation for p in new_sig.parameters.values()
