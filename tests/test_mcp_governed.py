@@ -27,7 +27,8 @@ from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.types import ElicitResult
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, ElicitResult, TextContent
 from pydantic import BaseModel
 
 from harness import Daemon
@@ -67,7 +68,7 @@ def build(gov: Governor, seen: dict[str, Any]) -> MCPServer:
 
     @mcp.tool()
     @gov.governed("content-api")
-    async def list_articles(query: str, page: int = 1) -> str:
+    async def list_articles(query: str, page: int = 1) -> Any:
         lease = current_lease()
         seen["key"] = lease.secrets["CONTENT_API_KEY"]
         seen["lease_id"] = lease.lease_id
@@ -76,6 +77,11 @@ def build(gov: Governor, seen: dict[str, Any]) -> MCPServer:
             await anyio.sleep(TIMEOUT_S)
         if query == "big":
             return "x" * 4096
+        if query == "fail":
+            raise ToolError("the CMS is down")
+        if query == "error-result":
+            return CallToolResult(content=[TextContent(type="text", text="no such page")],
+                                  is_error=True)
         return f"articles for {query!r} page {page}"
 
     @mcp.tool()
@@ -544,3 +550,44 @@ def test_previous_sdk_major_fastmcp_over_stdio(make_daemon: Any, mcp1_python: st
     assert events["create_article"]["arguments"] == {
         "title": "t", "filter": {"section": "news", "tags": [], "limit": 10}}
     assert events["publish_article"]["arguments"] == {"article_id": 7, "channel": "web"}
+
+
+def test_tool_failures_are_the_tools_own_and_released_as_error(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    seen: dict[str, Any] = {}
+
+    async def both(client: Client) -> Any:
+        return (await client.call_tool("list_articles", {"query": "fail"}),
+                await client.call_tool("list_articles", {"query": "error-result"}))
+
+    raised, returned = session(governor(d), seen, both)
+    assert raised.is_error and "the CMS is down" in raised.content[0].text, raised
+    assert returned.is_error and returned.content[0].text == "no such page", returned
+    statuses = [(e["result"]["status"], e["result"].get("error")) for e in tool_calls(d, 2)]
+    assert statuses == [("error", "ToolError"), ("error", "ToolReturnedError")], statuses
+
+
+def test_concurrent_sessions_counted_without_mcp_session_id(make_daemon: Any) -> None:
+    """Stateless requests: one session per access token (its jti), so a user's second
+    token is a second session, and the same token is the same session."""
+    d: Daemon = make_daemon()
+    path = d.root / "rate-limits.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["limits"]["per_user"]["concurrent_sessions"] = 1
+    path.write_text(yaml.safe_dump(data))
+    d.start()
+    results = []
+    for jti in ["first", "first", "second"]:
+        token = d.user_token("content-api", extra={"azp": "content-writer", "jti": jti})
+        verified = AccessToken(token=token, client_id="c", scopes=[], subject="alice",
+                               claims={"azp": "content-writer", "jti": jti,
+                                       "iss": "https://auth.example.com"})
+        reset = auth_context_var.set(AuthenticatedUser(verified))
+        try:
+            results.append(call(Governor(AsyncClient(d.socket)), {}, "list_articles",
+                                {"query": "ai"}))
+        finally:
+            auth_context_var.reset(reset)
+    assert not results[0].is_error and not results[1].is_error, results
+    assert refusal(results[2])["code"] == "rate_limited", results[2]

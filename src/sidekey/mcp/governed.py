@@ -352,6 +352,11 @@ async def _governed_call(gov: Governor, server: str, default_tool: str, ctx: Any
             if lease.result_size_bytes is None:
                 lease.result_size_bytes = _result_size(result)
             phase = "release"
+            if _is_error_result(result):
+                # The tool returned its own isError result: released as an error.
+                raise ToolReturnedError
+    except ToolReturnedError:
+        pass
     except SidekeyClientError as exc:
         if phase == "run":
             raise
@@ -397,6 +402,15 @@ async def _ask_to_wait(gov: Governor, ctx: Any, pending: ApprovalPending, tool: 
     except SidekeyClientError:
         return False
     return approval.get("state") != "pending"
+
+
+class ToolReturnedError(Exception):
+    """The release's error name for a tool that returned an ``isError`` result."""
+
+
+def _is_error_result(result: Any) -> bool:
+    return isinstance(result, CallToolResult) and bool(
+        getattr(result, "is_error", None) or getattr(result, "isError", None))
 
 
 def _result_size(result: Any) -> int:
