@@ -32,7 +32,7 @@ from mcp.types import CallToolResult, ElicitResult, TextContent
 from pydantic import BaseModel
 
 from harness import Daemon
-from sidekey.client import AsyncClient
+from sidekey.client import ApprovalPending, AsyncClient
 from sidekey.client import Client as SyncClient
 from sidekey.mcp import APPROVAL_ARG, Governor, current_lease
 
@@ -591,3 +591,32 @@ def test_concurrent_sessions_counted_without_mcp_session_id(make_daemon: Any) ->
             auth_context_var.reset(reset)
     assert not results[0].is_error and not results[1].is_error, results
     assert refusal(results[2])["code"] == "rate_limited", results[2]
+
+
+def test_sync_and_async_tool_call_take_the_approval_id(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    limits(d, "publish_article", requires_human_approval=True)
+    d.start()
+    token = d.user_token("content-api")
+    kw: dict[str, Any] = dict(user_token=token, agent_id="content-writer", session_id="s1",
+                              arguments={"article_id": 7})
+    with SyncClient(d.socket) as sk:
+        with pytest.raises(ApprovalPending) as held, sk.tool_call("content-api", "publish_article", **kw):
+            pass
+        approval_id = held.value.approval_id
+        sk.approve(approval_id)
+        with sk.tool_call("content-api", "publish_article", approval_id=approval_id, **kw) as lease:
+            assert lease.secrets["CONTENT_API_KEY"] == d.secrets["content-api/publish-key"]
+
+    async def async_side() -> None:
+        async with AsyncClient(d.socket) as ak:
+            with pytest.raises(ApprovalPending) as again:
+                async with ak.tool_call("content-api", "publish_article", **kw):
+                    pass
+            await ak.approve(again.value.approval_id)
+            async with ak.tool_call("content-api", "publish_article",
+                                    approval_id=again.value.approval_id, **kw) as lease:
+                assert lease.secrets["CONTENT_API_KEY"] == d.secrets["content-api/publish-key"]
+
+    run(async_side)
+    assert [e["result"]["status"] for e in tool_calls(d, 2)] == ["success", "success"]
