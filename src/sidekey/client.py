@@ -1536,6 +1536,7 @@ class Client:
         arguments: Mapping[str, Any] | None = None,
         server_version: str | None = None,
         approval_timeout_s: float | None = None,
+        approval_id: str | None = None,
     ) -> Iterator[Lease]:
         """Authorize, redeem, yield the :class:`Lease`, release with the outcome.
 
@@ -1549,13 +1550,19 @@ class Client:
         the verdict: approved -> the call goes on; denied -> :class:`AccessDenied`
         (``approval_denied``); expired -> :class:`ConflictError`; still pending ->
         :class:`ApprovalPending`.
+
+        ``approval_id`` retries a call that was held earlier and has since been approved:
+        the daemon lets it through once, and only for exactly the same call (server,
+        tool, user, agent, arguments); presenting it before a verdict is refused
+        (``approval_pending``), after a denial ``approval_denied``.
         """
         kw = dict(user_token=user_token, agent_id=agent_id, session_id=session_id,
                   arguments=arguments, server_version=server_version)
         # Authorize and redeem in one request (this process runs the tool).
         try:
             status, data = self._call("POST", "/v1/authorize",
-                                      _authorize_redeem_body(server, tool, kw, None), _OK_OR_HELD)
+                                      _authorize_redeem_body(server, tool, kw, approval_id),
+                                      _OK_OR_HELD)
             lease = _redeemed_lease(status, data)
         except ApprovalPending as pending:
             if approval_timeout_s is None:
@@ -1787,6 +1794,7 @@ class AsyncClient:
         arguments: Mapping[str, Any] | None = None,
         server_version: str | None = None,
         approval_timeout_s: float | None = None,
+        approval_id: str | None = None,
     ) -> AsyncIterator[Lease]:
         """Authorize, redeem, yield the :class:`Lease`, release with the outcome.
 
@@ -1794,15 +1802,15 @@ class AsyncClient:
         raises. If the body raises, it is released as ``error``; if the body is
         cancelled, as ``cancelled``. Either way that release is shielded from
         cancellation but bounded by ``RELEASE_AFTER_FAILURE_TIMEOUT_S``, its failure is
-        only logged, and the body's exception propagates unchanged. Approval holds as in
-        :meth:`Client.tool_call`.
+        only logged, and the body's exception propagates unchanged. Approval holds and
+        ``approval_id`` as in :meth:`Client.tool_call`.
         """
         kw = dict(user_token=user_token, agent_id=agent_id, session_id=session_id,
                   arguments=arguments, server_version=server_version)
         # Authorize and redeem in one request (this process runs the tool).
         try:
             status, data = await self._call("POST", "/v1/authorize",
-                                            _authorize_redeem_body(server, tool, kw, None),
+                                            _authorize_redeem_body(server, tool, kw, approval_id),
                                             _OK_OR_HELD)
             lease = _redeemed_lease(status, data)
         except ApprovalPending as pending:
