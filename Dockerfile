@@ -16,7 +16,7 @@ RUN python -m venv /opt/sidekey
 # .dockerignore keeps keys, state and local venvs out of the build context as well.
 COPY pyproject.toml README.md /src/
 COPY src/ /src/src/
-RUN /opt/sidekey/bin/pip install /src
+RUN /opt/sidekey/bin/pip install "/src[daemon]"
 
 FROM python:3.11-slim
 # A fixed uid/gid, so a pod's securityContext, the socket directory's owner and the

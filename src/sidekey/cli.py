@@ -1040,6 +1040,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidekey: error: {exc.code}: {exc.message}", file=sys.stderr)
     except SidekeyError as exc:
         print(f"sidekey: error: {exc.code}: {exc}", file=sys.stderr)
+    except ImportError as exc:
+        # `pip install sidekey` is the client only: the commands that run or touch the
+        # daemon's machinery (serve, keygen, secrets, audit, ...) need the daemon extra.
+        from .launch import daemon_dependency_missing
+
+        message = daemon_dependency_missing(exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"sidekey: error: {exc.strerror or exc}{where}", file=sys.stderr)
