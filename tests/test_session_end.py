@@ -272,3 +272,40 @@ def test_mcp_session_closed_by_the_sdk_client_frees_its_slot(make_daemon: Any) -
     assert event["session_id"] == calls[0]["session_id"] and event["ended"] is True
     assert event["user_id"] == "alice" and event["server"] == "content-api"
     assert calls[1]["session_id"] != calls[0]["session_id"]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"], ids=["handshake", "2026-07-28"])
+def test_stdio_process_session_ends_when_the_client_disconnects(make_daemon: Any,
+                                                                 mode: str) -> None:
+    """stdio: the session is the server process's (proc-...); when the SDK's client
+    closes the pipe, the connection's teardown (handshake era) or the process's exit
+    (2026-07-28: no connection object) ends it, so the next server process of the same
+    user is a session that fits."""
+    import anyio
+    from mcp import Client, StdioServerParameters
+
+    d: Daemon = make_daemon()
+    one_session_each(d)
+    d.start()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SIDEKEY_SOCKET": d.socket,
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+           "SIDEKEY_TEST_USER_TOKEN": d.user_token("content-api")}
+    params = StdioServerParameters(command=sys.executable, args=[str(SERVER_SCRIPT), "stdio"],
+                                   env=env)
+
+    async def one_process() -> Any:
+        async with Client(params, mode=mode) as client:  # type: ignore[arg-type]
+            return await client.call_tool("list_articles", {"query": "ai"})
+
+    async def main() -> list[Any]:
+        with anyio.fail_after(TIMEOUT_S):
+            first = await one_process()
+            await anyio.to_thread.run_sync(lambda: d.wait_events("session.ended", 1))
+            return [first, await one_process()]
+
+    first, second = anyio.run(main, backend="asyncio")
+    assert not first.is_error and not second.is_error, (first, second)
+    calls = d.events_of("mcp.tool_call")
+    ended = d.events_of("session.ended")
+    assert calls[0]["session_id"].startswith("proc-") and ended[0]["ended"] is True
+    assert ended[0]["session_id"] == calls[0]["session_id"] != calls[1]["session_id"]
