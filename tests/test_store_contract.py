@@ -729,6 +729,31 @@ async def test_concurrent_new_sessions(store: StateStore) -> None:
     assert sorted(n for ok, n in results if ok) == [1, 2, 3, 4, 5]
 
 
+async def test_ended_session_frees_its_slot_and_only_its_users(store: StateStore) -> None:
+    """session_end takes one session of one user out of the count: the slot is free at
+    once (no idle wait), ending again or ending an unknown id says False, the same id
+    under another user is untouched, and an idle-expired session is not "ended"."""
+    now, idle = 7_000_000.0, 600.0
+    touch = store.session_touch
+    with trio.fail_after(IO_LIMIT_S):
+        assert await touch("usr_1", "a", now=now, idle_s=idle, max_sessions=1) == (True, 1)
+        assert await touch("usr_2", "a", now=now, idle_s=idle, max_sessions=1) == (True, 1)
+        assert await touch("usr_1", "b", now=now + 1, idle_s=idle, max_sessions=1) == (False, 1)
+        # another user's session of the same id is another session
+        assert await store.session_end("usr_3", "a", now=now + 1) is False
+        assert await store.session_end("usr_1", "a", now=now + 2) is True
+        assert await store.session_end("usr_1", "a", now=now + 2) is False
+        assert await store.session_end("usr_1", "never", now=now + 2) is False
+        assert await touch("usr_1", "b", now=now + 3, idle_s=idle, max_sessions=1) == (True, 1)
+        # usr_2's "a" still counts
+        assert await touch("usr_2", "c", now=now + 3, idle_s=idle, max_sessions=1) == (False, 1)
+        # an ended id touched again is a new session (counted again)
+        assert await touch("usr_1", "a", now=now + 4, idle_s=idle, max_sessions=1) == (False, 1)
+        # gone idle before its end: nothing was counted any more
+        assert await store.session_end("usr_2", "a", now=now + idle + 1) is False
+        assert await touch("usr_2", "c", now=now + idle + 2, idle_s=idle, max_sessions=1) == (True, 1)
+
+
 # ---------------------------------------------------------------------- SQLite only
 
 

@@ -330,6 +330,20 @@ class Introspection:
     claims: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """The daemon's answer to ``POST /v1/sessions/end``: ``ended`` is true when the
+    session was counted against ``concurrent_sessions`` and is not any more; false when
+    it was unknown, already ended or had gone idle (ending is idempotent). ``user_id``
+    is the user whose session it was (decided as for a call)."""
+
+    ended: bool
+    session_id: str
+    user_id: str
+    server: str
+    request_id: str | None = None
+
+
 # --------------------------------------------------------------------------- wire (pure)
 
 
@@ -391,6 +405,14 @@ class _IntrospectBody(_Body, kw_only=True):
     exp: int | None = None
     expires_at: str | None = None
     claims: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class _SessionEndBody(_Body, kw_only=True):
+    ended: bool
+    session_id: str
+    user_id: str
+    server: str
+    request_id: str | None = None
 
 
 class _TokenBody(_Body, kw_only=True):
@@ -675,6 +697,20 @@ def _introspection(status: int, data: dict[str, Any], server: str) -> Introspect
         client_id=body.client_id, exp=body.exp, expires_at=body.expires_at,
         claims=dict(body.claims),
     )
+
+
+def _session_end_body(session_id: str, user_token: str | None, server: str | None) -> dict[str, Any]:
+    return _drop_none(session_id=session_id, user_token=user_token, server=server)
+
+
+def _session_end(status: int, data: dict[str, Any], session_id: str) -> SessionEnd:
+    what = "POST /v1/sessions/end"
+    body: _SessionEndBody = _convert(data, _SessionEndBody, status, what)
+    if body.session_id != session_id:
+        raise ProtocolError(f"{what}: answer for another session", status=status,
+                            request_id=body.request_id)
+    return SessionEnd(ended=body.ended, session_id=body.session_id, user_id=body.user_id,
+                      server=body.server, request_id=body.request_id)
 
 
 def _redeemed_lease(status: int, data: dict[str, Any]) -> Lease:
@@ -1445,6 +1481,24 @@ class Client:
         status, data = self._call("POST", "/v1/introspect", {"server": server, "token": token})
         return _introspection(status, data, server)
 
+    def end_session(self, session_id: str, user_token: str | None = None, *,
+                    server: str | None = None) -> SessionEnd:
+        """The MCP session ``session_id`` (as given to :meth:`tool_call`) has ended: it stops
+        counting against the user's ``concurrent_sessions`` now, not after
+        ``session_idle_seconds`` (``POST /v1/sessions/end``). The user is decided as for a
+        call: ``user_token``'s subject for a server with ``oauth2``, else this process's
+        uid, so only that user's sessions can be ended. ``server``: the server the session
+        belongs to (optional when this process is attested as one server only).
+
+        Idempotent: returns a :class:`SessionEnd` whose ``ended`` is False for an
+        unknown or already ended session. Raises :class:`TokenRejected`,
+        :class:`AccessDenied` (``peer_mismatch``), :class:`BadRequestError`
+        (``server_required``), :class:`ServiceUnavailable` (``state_unavailable``).
+        """
+        status, data = self._call("POST", "/v1/sessions/end",
+                                  _session_end_body(session_id, user_token, server))
+        return _session_end(status, data, session_id)
+
     def redeem(self, resolution_token: str, arguments: Mapping[str, Any] | None = None) -> Lease:
         """Exchange a resolution token for a :class:`Lease` with the secrets.
 
@@ -1736,6 +1790,13 @@ class AsyncClient:
                                          {"server": server, "token": token})
         return _introspection(status, data, server)
 
+    async def end_session(self, session_id: str, user_token: str | None = None, *,
+                          server: str | None = None) -> SessionEnd:
+        """End the MCP session ``session_id``. See :meth:`Client.end_session`."""
+        status, data = await self._call("POST", "/v1/sessions/end",
+                                        _session_end_body(session_id, user_token, server))
+        return _session_end(status, data, session_id)
+
     async def redeem(
         self, resolution_token: str, arguments: Mapping[str, Any] | None = None
     ) -> Lease:
@@ -1883,6 +1944,7 @@ __all__ = [
     "RequestTimeout",
     "RequestTooLarge",
     "ServiceUnavailable",
+    "SessionEnd",
     "SidekeyClientError",
     "TokenRejected",
     "resolve_daemon_uids",

@@ -159,6 +159,19 @@ class _Agent:
     grants: Mapping[str, frozenset[str]]  # server -> tools (several entries are merged)
 
 
+@dataclass(frozen=True, slots=True)
+class _Who:
+    """Steps 2-3's outcome: the user (the local user when they stop the chain), the
+    rules matched, warnings, and the denial's code/message/status if they stop it."""
+
+    user_id: str
+    rules: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    code: str | None = None
+    message: str | None = None
+    status: int = 200
+
+
 _NO_SECRETS: Mapping[str, SecretRef] = MappingProxyType({})
 
 
@@ -215,6 +228,76 @@ class CompiledPolicy:
         self._agents = agents
         self.agents_configured = bool(agents)
 
+    def _who(self, server: _Server, facts: CallFacts) -> _Who:
+        """Steps 2 and 3 of the chain: the caller is attested as ``server``, and who the
+        user is (the verified token's subject, or the peer's local user for an
+        ``oauth2: none`` server). Used by :meth:`decide` and :meth:`session_user`."""
+        name = server.name
+        local = local_user(facts.peer_uid, facts.peer_user)
+        if name not in facts.peer_servers:
+            return _Who(local, (), (), "peer_mismatch",
+                        f'the calling process is not attested as server "{name}" '
+                        f"(check peers.{name} in the config)", STATUS_DENIED)
+        rules = [server.peer_rule]
+        oauth2 = server.oauth2
+        token = facts.user_token
+        if oauth2 is None:
+            rules.append("oauth2.none")
+            warnings: tuple[str, ...] = ()
+            if facts.token_presented:
+                warnings = (
+                    f'user_token ignored: server "{name}" has oauth2: none, '
+                    "so the user is the calling process's uid",
+                )
+            return _Who(local, tuple(rules), warnings)
+        err = facts.token_error
+        if err is not None:
+            return _Who(local, tuple(rules), (), err.code, err.message, err.status)
+        if token is None:
+            if facts.token_presented:
+                return _Who(local, tuple(rules), (), "token_invalid",
+                            "the user token was presented but not verified",
+                            STATUS_UNAUTHENTICATED)
+            return _Who(local, tuple(rules), (), "token_missing",
+                        f'server "{name}" requires the user\'s OAuth2 bearer token in user_token '
+                        f"(issuer {oauth2.issuer}, audience {oauth2.audience})",
+                        STATUS_UNAUTHENTICATED)
+        # Defence in depth: the daemon verified the token, but against *this*
+        # server's settings? A token for another audience must never pass here.
+        if token.issuer != oauth2.issuer:
+            return _Who(local, tuple(rules), (), "issuer_mismatch",
+                        f"the user token was issued by {token.issuer}; server \"{name}\" accepts "
+                        f"tokens from {oauth2.issuer}", STATUS_UNAUTHENTICATED)
+        if oauth2.audience not in token.audience:
+            # 403, as the verifier reports it: a valid token, for another server.
+            return _Who(local, tuple(rules), (), "audience_mismatch",
+                        f"the user token is for audience {_quoted(token.audience)}; server "
+                        f"\"{name}\" requires audience {oauth2.audience}", 403)
+        rules += [server.issuer_rule, server.audience_rule]
+        return _Who(token.subject, tuple(rules))
+
+    def session_user(self, facts: CallFacts) -> Decision:
+        """Whose sessions the caller may end (``POST /v1/sessions/end``): the user a call
+        to ``facts.server`` would be made for (steps 1 to 3 of :meth:`decide`, with
+        the same code and messages): allow with ``user_id``, or deny. The registry's
+        verdict is not asked: ending a session grants nothing, and a server the
+        registry has retired must still be able to give its sessions back."""
+        server = self._servers.get(facts.server)
+        local = local_user(facts.peer_uid, facts.peer_user)
+        if server is None:
+            return Decision(
+                outcome="deny", rules_matched=(), user_id=local, code="server_unknown",
+                message=f'server "{facts.server}" is not declared under servers: in this '
+                        "host's config", status=STATUS_NOT_FOUND)
+        who = self._who(server, facts)
+        rules = (server.declared_rule, *who.rules)
+        if who.code is not None:
+            return Decision(outcome="deny", rules_matched=rules, user_id=who.user_id,
+                            code=who.code, message=who.message, status=who.status,
+                            warnings=who.warnings)
+        return Decision(outcome="allow", rules_matched=rules, user_id=who.user_id,
+                        warnings=who.warnings)
+
     def decide(self, facts: CallFacts, *, hooks: Sequence[Hook] = ()) -> Decision:
         """Run the decision chain for one call.
 
@@ -263,63 +346,16 @@ class CompiledPolicy:
             return stop(verdict.code or "denied", verdict.message or "denied", STATUS_DENIED)
         rules.append(verdict.rule)
 
-        # 2. peer attested as this server
-        if name not in facts.peer_servers:
-            return stop(
-                "peer_mismatch",
-                f'the calling process is not attested as server "{name}" '
-                f"(check peers.{name} in the config)",
-                STATUS_DENIED,
-            )
-        rules.append(server.peer_rule)
-
-        # 3. OAuth2: who the user is
-        oauth2 = server.oauth2
+        # 2. peer attested as this server, 3. OAuth2: who the user is (shared with
+        # session_user, so ending a session names the user exactly as a call does)
+        who = self._who(server, facts)
+        rules.extend(who.rules)
+        warnings = (*warnings, *who.warnings)
+        if who.code is not None:
+            return stop(who.code, who.message or who.code, who.status)
+        user_id = who.user_id
         token = facts.user_token
-        if oauth2 is None:
-            rules.append("oauth2.none")
-            if facts.token_presented:
-                warnings = (
-                    *warnings,
-                    f'user_token ignored: server "{name}" has oauth2: none, '
-                    "so the user is the calling process's uid",
-                )
-        else:
-            err = facts.token_error
-            if err is not None:
-                return stop(err.code, err.message, err.status)
-            if token is None:
-                if facts.token_presented:
-                    return stop(
-                        "token_invalid",
-                        "the user token was presented but not verified",
-                        STATUS_UNAUTHENTICATED,
-                    )
-                return stop(
-                    "token_missing",
-                    f'server "{name}" requires the user\'s OAuth2 bearer token in user_token '
-                    f"(issuer {oauth2.issuer}, audience {oauth2.audience})",
-                    STATUS_UNAUTHENTICATED,
-                )
-            # Defence in depth: the daemon verified the token, but against *this*
-            # server's settings? A token for another audience must never pass here.
-            if token.issuer != oauth2.issuer:
-                return stop(
-                    "issuer_mismatch",
-                    f'the user token was issued by {token.issuer}; server "{name}" accepts '
-                    f"tokens from {oauth2.issuer}",
-                    STATUS_UNAUTHENTICATED,
-                )
-            if oauth2.audience not in token.audience:
-                return stop(
-                    "audience_mismatch",
-                    f'the user token is for audience {_quoted(token.audience)}; server "{name}" '
-                    f"requires audience {oauth2.audience}",
-                    403,  # as the verifier reports it: a valid token, for another server
-                )
-            user_id = token.subject
-            rules.append(server.issuer_rule)
-            rules.append(server.audience_rule)
+        oauth2 = server.oauth2
 
         # 4. tool declared, tool scopes
         tool_name = facts.tool
@@ -420,6 +456,11 @@ def compile_policy(cfg: Config) -> CompiledPolicy:
     while len(_compiled) > COMPILED_CACHE_SIZE:
         _compiled.popitem(last=False)
     return compiled
+
+
+def session_user(cfg: Config, facts: CallFacts) -> Decision:
+    """Whose sessions the caller may end; see :meth:`CompiledPolicy.session_user`."""
+    return compile_policy(cfg).session_user(facts)
 
 
 def decide(cfg: Config, facts: CallFacts, *, hooks: Sequence[Hook] = ()) -> Decision:

@@ -260,6 +260,17 @@ class IntrospectRequest(_Req, frozen=True, kw_only=True):
     token: Annotated[str, Meta(min_length=1)]
 
 
+class SessionEndRequest(_Req, frozen=True, kw_only=True):
+    """``POST /v1/sessions/end``: the MCP session ``session_id`` (as sent in
+    ``authorize``) has ended; stop counting it against ``concurrent_sessions``. The
+    user is decided as ``authorize`` decides it, for ``server`` (default: the one
+    server the caller is attested as)."""
+
+    session_id: Opaque
+    user_token: UserToken | None = None
+    server: Name | None = None
+
+
 class TokenRequest(_Req, frozen=True, kw_only=True):
     """``POST /v1/tokens``: an admin mints a resolution token for a server's peer."""
 
@@ -347,6 +358,17 @@ class IntrospectResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     exp: int | None = None  # epoch seconds
     expires_at: str | None = None  # the same instant, ISO-8601 UTC
     claims: dict[str, str] | None = None  # other short top-level string claims, capped
+
+
+class SessionEndResponse(msgspec.Struct, kw_only=True):
+    """``ended``: the session was counted and is not any more; false when it was
+    unknown, already ended or gone idle (ending is idempotent)."""
+
+    ended: bool
+    session_id: str
+    user_id: str
+    server: str
+    request_id: str
 
 
 class TokenResponse(msgspec.Struct, kw_only=True):

@@ -89,6 +89,12 @@ def key_part(value: str) -> str:
     return "#" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX]
 
 
+def session_member(user: str, session_id: str) -> tuple[str, str]:
+    """The store's (user, session) pair for ``user``'s session ``session_id``: what
+    :func:`plan` touches and ``POST /v1/sessions/end`` ends, encoded once, here."""
+    return key_part(user), key_part(session_id)
+
+
 def as_utc(now: datetime.datetime) -> datetime.datetime:
     """``now`` in UTC; a naive datetime is taken as UTC (as in policy.py)."""
     return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
@@ -214,11 +220,12 @@ def plan(
 
     if per_user.concurrent_sessions is not None and session_id is not None:
         n = per_user.concurrent_sessions
+        su, ss = session_member(user, session_id)
         checks.append(
             SessionCheck(
-                key=f"sessions:{u}",
-                user=u,
-                session_id=key_part(session_id),
+                key=f"sessions:{su}",
+                user=su,
+                session_id=ss,
                 max_sessions=n,
                 idle_s=session_idle_s,
                 name="per_user.concurrent_sessions",

@@ -57,6 +57,8 @@ EVENT_TYPES: tuple[str, ...] = (
     "approval.denied",
     "approval.expired",
     "quota.threshold",
+    # POST /v1/sessions/end: a session stopped counting against concurrent_sessions.
+    "session.ended",
 )
 
 # Any dotted lowercase name is accepted; EVENT_TYPES lists the ones this version emits.

@@ -55,12 +55,13 @@ from .context import (
 )
 from .introspect import INTROSPECT_PATH, Introspection
 from .lifecycle import Lifecycle, check_config_signature
+from .sessions import SESSIONS_END_PATH, Sessions
 
 # PeerHandle.recheck's refusals: the connection is closed after answering one.
 PEER_LOST_CODES = frozenset({"peer_gone", "peer_changed"})
 
 
-class Sidekey(Calls, Introspection, Admin, Lifecycle):
+class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
     """The application: one instance per daemon process."""
 
     def _routes(self) -> dict[tuple[str, str], Route]:
@@ -73,6 +74,8 @@ class Sidekey(Calls, Introspection, Admin, Lifecycle):
             ("POST", "/v1/release"): Route("service", self.release),
             # Only for the server the caller is attested as (checked in the handler).
             ("POST", INTROSPECT_PATH): Route("service", self.introspect),
+            # Ends a session of the user the caller proves (checked in the handler).
+            ("POST", SESSIONS_END_PATH): Route("service", self.end_session),
             ("POST", "/v1/tokens"): Route("admin", self.mint_token),
             ("GET", "/v1/status"): Route("admin", self.status),
             ("POST", "/v1/admin/reload"): Route("admin", self.admin_reload),

@@ -53,13 +53,20 @@ class Calls(Context):
     ) -> tuple[AccessToken | None, SidekeyError | None]:
         """Verify the bearer token against the server's issuer and audience, but only
         for a process attested as that server: others must not make us fetch JWKS."""
-        if body.user_token is None or body.server not in servers or body.server not in self.cfg.servers:
+        return await self._verify_token_for(body.server, body.user_token, servers)
+
+    async def _verify_token_for(
+        self, server: str, user_token: str | None, servers: frozenset[str]
+    ) -> tuple[AccessToken | None, SidekeyError | None]:
+        """:meth:`_verify_user_token` for any request naming a server and a user token
+        (``authorize``; ``sessions/end`` uses it too, so both decide the same user)."""
+        if user_token is None or server not in servers or server not in self.cfg.servers:
             return None, None
-        oauth = self._oauth_specs.get(body.server)
+        oauth = self._oauth_specs.get(server)
         if oauth is None:
             return None, None
         try:
-            return await self.oauth.verify(body.user_token, oauth), None
+            return await self.oauth.verify(user_token, oauth), None
         except SidekeyError as exc:
             return None, exc
 

@@ -2,7 +2,8 @@
 'sidekey[mcp]'``).
 
 ``@mcp.tool()`` + ``@governed("server")`` govern a tool; ``current_lease()`` inside it
-gives the call's secrets (:mod:`sidekey.mcp._governed`). ``TokenVerifier`` verifies the
+gives the call's secrets (:mod:`sidekey.mcp._governed`); ``end_session()`` ends a
+session at the daemon where the SDK offers no hook for it. ``TokenVerifier`` verifies the
 SDK's bearer tokens through the daemon (:mod:`sidekey.mcp.auth`).
 
 Importing this package needs no SDK: each name imports its part (and with it the SDK)
@@ -14,13 +15,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["APPROVAL_ARG", "Governor", "TokenVerifier", "configure", "current_lease", "governed"]
+__all__ = ["APPROVAL_ARG", "Governor", "TokenVerifier", "configure", "current_lease",
+           "end_session", "governed"]
 
 _WHERE = {
     "APPROVAL_ARG": "._governed",
     "Governor": "._governed",
     "configure": "._governed",
     "current_lease": "._governed",
+    "end_session": "._governed",
     "governed": "._governed",
     "TokenVerifier": ".auth",
 }

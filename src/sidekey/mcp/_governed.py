@@ -27,6 +27,20 @@ Who is calling (never asserted by the tool's caller):
   Without a token either (stdio, in-process): ``proc-`` + a random id per server process,
   since one stdio process serves exactly one client connection.
 
+When a session ends, it stops counting against ``concurrent_sessions`` at once
+(``POST /v1/sessions/end``, with the user token of the session's last governed call),
+not after ``session_idle_seconds``: on SDK 2.x the first governed call of a connection
+pushes the end onto the SDK's per-connection exit stack, which the SDK unwinds when a
+streamable-HTTP session is closed (the client's DELETE of its ``Mcp-Session-Id``, the
+SDK's idle timeout, shutdown) and when a handshake-era stdio connection ends. The
+``proc-`` session (stdio) is also ended when the process exits (``atexit``, with the
+synchronous client, bounded to :data:`EXIT_TIMEOUT_S`): that covers the 2026-07-28
+protocol (no per-connection object) and SDK 1.x. Where neither applies (a 1.x
+streamable-HTTP session; a process killed by a signal) the session stops counting once
+idle; :func:`end_session` ends one explicitly (e.g. from the server's lifespan).
+``tok-`` sessions (stateless HTTP) are not ended: nothing marks their end; they stop
+counting once idle for ``session_idle_seconds``.
+
 The arguments sent to the daemon (and digested there, once, for authorize and redeem
 alike) are the raw ``arguments`` of the ``tools/call`` request when the SDK exposes them
 (2.x: before validation, so neither defaults filled in by the SDK nor pydantic coercion
@@ -43,12 +57,15 @@ governed tool's input schema, so a model can send it).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import functools
 import hashlib
 import inspect
+import logging
 import math
+import os
 import secrets
 import typing
 from collections.abc import Awaitable, Callable, Sequence
@@ -58,7 +75,7 @@ import anyio
 import pydantic
 import pydantic_core
 
-from ..client import ApprovalPending, AsyncClient, Lease, SidekeyClientError
+from ..client import ApprovalPending, AsyncClient, Client, Lease, SessionEnd, SidekeyClientError
 from . import errors
 from ._sdk import (
     CONTEXT_CLASS,
@@ -72,10 +89,19 @@ from ._sdk import (
     registered_tool,
     request_headers,
     resumed_approval,
+    session_end_hook,
     supports_elicitation,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("sidekey.mcp")
+
+# Where a connection's governed sessions are kept (the SDK connection's scratch state):
+# server -> the user token of the session's last governed call for it.
+_SESSIONS_KEY = "sidekey.sessions"
+# The most a process exit waits for the daemon to end its proc- session.
+EXIT_TIMEOUT_S = 2.0
 
 # The tool argument a held call is retried with. Not underscored: the 1.x SDK refuses
 # parameter names that start with "_".
@@ -152,6 +178,10 @@ class Governor:
         self.agent_id = agent_id
         self.user_token = user_token
         self.server_version = server_version
+        # The proc- session's servers (server -> user token of the latest call), ended
+        # when the stdio connection closes or at exit; the pid that registered the exit.
+        self._process_sessions: dict[str, str | None] = {}
+        self._exit_pid: int | None = None
 
     @property
     def client(self) -> AsyncClient:
@@ -166,6 +196,86 @@ class Governor:
         was called by (1.x; 2.x reads it from the request); default: the function name.
         """
         return _decorator(lambda: self, server, tool)
+
+    async def end_session(self, server: str, session_id: str | None = None, *,
+                          user_token: str | None = None) -> SessionEnd:
+        """End a session at the daemon now, so it stops counting against the user's
+        ``concurrent_sessions`` (``POST /v1/sessions/end``). Default: this process's
+        ``proc-`` session (a stdio server), with the ``user_token`` callable's token.
+
+        Call it where the SDK gives no hook (1.x, or 2.x serving HTTP without
+        ``Mcp-Session-Id`` and without a token), e.g. from the server's lifespan on
+        the way out. Idempotent (``ended`` False when it was not counted).
+        """
+        if user_token is None and self.user_token is not None:
+            user_token = self.user_token()
+        return await self.client.end_session(session_id or _PROCESS_SESSION, user_token,
+                                             server=server)
+
+    def _end_with_connection(self, ctx: Any, server: str, session_id: str | None,
+                             user_token: str | None) -> None:
+        """Have the session ended when it ends: an ``Mcp-Session-Id`` session when the
+        SDK closes its connection (see :func:`~sidekey.mcp._sdk.session_end_hook`); the
+        ``proc-`` session when the stdio connection closes (handshake era) or, at the
+        latest, when this process exits (any era, any SDK major). Remembers the user
+        token of the session's latest governed call for ``server``: the end names the
+        user with it."""
+        if session_id is None:
+            return
+        headers = request_headers(ctx)
+        mcp_sid = headers.get("mcp-session-id") if headers is not None else None
+        if mcp_sid:
+            hook = session_end_hook(ctx, mcp_sid)
+            if hook is None:
+                return
+            stack, state = hook
+            tracked = state.get(_SESSIONS_KEY)
+            if not isinstance(tracked, dict):
+                tracked = state[_SESSIONS_KEY] = {}
+                stack.push_async_callback(self._end_tracked, session_id, tracked)
+            tracked[server] = user_token
+            return
+        if session_id != _PROCESS_SESSION:
+            return  # a tok- session: nothing marks its end; it idles out
+        self._process_sessions[server] = user_token
+        if self._exit_pid != os.getpid():
+            self._exit_pid = os.getpid()
+            atexit.register(self._end_process_sessions_at_exit)
+        hook = session_end_hook(ctx, None)
+        if hook is not None:
+            stack, state = hook
+            if state.get(_SESSIONS_KEY) is not self._process_sessions:
+                state[_SESSIONS_KEY] = self._process_sessions
+                stack.push_async_callback(self._end_tracked, session_id, self._process_sessions)
+
+    async def _end_tracked(self, session_id: str, tracked: dict[str, str | None]) -> None:
+        # Best effort, inside the SDK's bounded teardown: a session not ended here is
+        # still ended by idling out (session_idle_seconds), so a failure only costs that.
+        for server, token in list(tracked.items()):
+            try:
+                await self.client.end_session(session_id, token, server=server)
+            except Exception as exc:
+                log.warning("could not end MCP session at the sidekey daemon (%s): %s; "
+                            "it stops counting once idle", server, exc)
+            else:
+                tracked.pop(server, None)
+
+    def _end_process_sessions_at_exit(self) -> None:
+        """atexit: end the ``proc-`` session of each server this process called for (a
+        stdio server exits when its client goes away), with the synchronous client and a
+        short bound: exiting must not hang on a daemon that is gone."""
+        if self._exit_pid != os.getpid() or not self._process_sessions:
+            return  # a forked child, or nothing left to end
+        pending = dict(self._process_sessions)
+        self._process_sessions.clear()
+        try:
+            with Client(self.client.socket_path,
+                        timeout=min(self.client.timeout, EXIT_TIMEOUT_S)) as sync:
+                sync.daemon_uids = self.client.daemon_uids  # the same daemon check
+                for server, token in pending.items():
+                    sync.end_session(_PROCESS_SESSION, token, server=server)
+        except Exception as exc:
+            log.debug("could not end the process session at exit: %s", exc)
 
     # ------------------------------------------------------------------ identity
 
@@ -227,6 +337,13 @@ def configure(governor: Governor | None = None, **kw: Any) -> Governor:
         raise TypeError("configure() takes a Governor or keyword arguments, not both")
     _default = governor if governor is not None else Governor(**kw)
     return _default
+
+
+async def end_session(server: str, session_id: str | None = None, *,
+                      user_token: str | None = None) -> SessionEnd:
+    """End a session with the configured :class:`Governor` (see
+    :meth:`Governor.end_session`); default: this process's ``proc-`` session."""
+    return await _default.end_session(server, session_id, user_token=user_token)
 
 
 def governed(server: str, *, tool: str | None = None) -> Callable[[F], F]:
@@ -332,6 +449,7 @@ async def _governed_call(gov: Governor, server: str, default_tool: str, ctx: Any
             with contextlib.suppress(SidekeyClientError):
                 await gov.client.wait_for_approval(approval_id, gov.approval_wait_s)
     user_token, agent_id, session_id = gov.identity(ctx)
+    gov._end_with_connection(ctx, server, session_id, user_token)
     # Which step a SidekeyClientError comes from: the daemon refusing the call
     # (authorize) or failing to end it (release) is a refusal in MCP terms; one raised
     # by the tool's own body is the tool's error and propagates as the tool raised it.
@@ -425,4 +543,4 @@ def _result_size(result: Any) -> int:
     return len(str(result).encode())
 
 
-__all__ = ["APPROVAL_ARG", "Governor", "configure", "current_lease", "governed"]
+__all__ = ["APPROVAL_ARG", "Governor", "configure", "current_lease", "end_session", "governed"]

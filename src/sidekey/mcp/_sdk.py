@@ -44,6 +44,40 @@ def request_headers(ctx: Any) -> Mapping[str, str] | None:
     return headers if isinstance(headers, Mapping) else None
 
 
+def session_end_hook(ctx: Any, mcp_session_id: str | None) -> tuple[contextlib.AsyncExitStack, dict[str, Any]] | None:
+    """2.x: (exit stack, scratch state) of the SDK connection serving this request, when
+    that connection's close is the end of the request's MCP session; else None.
+
+    The SDK unwinds ``Connection.exit_stack`` (shielded, bounded to 5 s) whenever a
+    connection closes: a streamable-HTTP session's when the client DELETEs its
+    ``Mcp-Session-Id``, when it idles out or when the server shuts down; a stdio or
+    in-process connection's when the client goes away. That is the end of the session
+    when the connection *is* the session: its ``session_id`` is the request's
+    ``Mcp-Session-Id``, or (``mcp_session_id`` None: the per-process session) it is a
+    long-lived handshake-era connection of its own (stdio). Stateless HTTP and
+    2026-07-28 single-exchange connections close after every request: None, as on 1.x
+    (no such connection object). The connection is reached through the request's
+    ``ServerSession`` (2.x keeps it there, unexported): if a later SDK moves it, this
+    answers None and sessions end by idling out, as before.
+    """
+    session = getattr(_request_context(ctx), "session", None)
+    conn = getattr(session, "_connection", None)
+    stack = getattr(conn, "exit_stack", None)
+    state = getattr(conn, "state", None)
+    if not isinstance(stack, contextlib.AsyncExitStack) or not isinstance(state, dict):
+        return None
+    conn_sid = getattr(conn, "session_id", None)
+    if mcp_session_id is not None:
+        return (stack, state) if conn_sid == mcp_session_id else None
+    try:
+        from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+    except ImportError:
+        return None
+    long_lived = (conn_sid is None and getattr(conn, "has_standalone_channel", False) is True
+                  and getattr(conn, "protocol_version", None) in HANDSHAKE_PROTOCOL_VERSIONS)
+    return (stack, state) if long_lived else None
+
+
 def raw_call_params(ctx: Any) -> tuple[str, dict[str, Any]] | None:
     """(tool name, arguments) of the ``tools/call`` request exactly as the client sent
     them, before the SDK validated them and filled in defaults; None where the SDK does

@@ -17,7 +17,8 @@ Quota primitives (each one atomic, in one transaction or one Lua script):
   window of a whole ``period_s`` it admits up to ``2 * limit - 1`` requests if the
   bucket was full at its start: that is the price of allowing a burst of ``limit``.)
 * :meth:`StateStore.counter_incr`: a durable counter that lives until ``expires_at``.
-* :meth:`StateStore.session_touch`: concurrent sessions per user, idle timeout.
+* :meth:`StateStore.session_touch`: concurrent sessions per user, idle timeout;
+  :meth:`StateStore.session_end` takes one out of the count when its client ends it.
 * :meth:`StateStore.quota_apply`: a call's whole list of the three above, in order, in
   one transaction (SQLite) or one Lua script (Redis): one round trip per authorize.
 
@@ -306,6 +307,14 @@ class StateStore(Protocol):
         idle for ``idle_s``. Touching an active session always succeeds; a new one only if
         fewer than ``max_sessions`` are active. Returns ``(allowed, active_count)``, the
         count including this session when allowed."""
+        ...
+
+    async def session_end(self, user: str, session_id: str, *, now: float) -> bool:
+        """End ``user``'s session ``session_id``: it no longer counts against
+        ``max_sessions`` (a later :meth:`session_touch` of the same id opens it again).
+        Atomic and idempotent. True if it was active at ``now`` (counted), False if it
+        was unknown, already ended or idle past its expiry. Only that user's set is
+        touched: the same id under another user is another session."""
         ...
 
     async def quota_apply(self, ops: Sequence[QuotaOp], *, now: float) -> list[QuotaAnswer]:

@@ -180,6 +180,15 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(last[2]) - now) * 1000) + 1)
 return {1, count}
 """
 
+_SESSION_END_LUA = """
+-- KEYS[1] the user's sessions; ARGV session_id, now. Returns 1 if it was active.
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(score) > tonumber(ARGV[2]) then return 1 end
+return 0
+"""
+
 _QUOTA_LUA = """
 -- A call's quota ops in order (the three scripts above, one round trip). KEYS one per
 -- op; ARGV now, epsilon, then per op: 'r', limit, period_s | 'c', expires_at ms,
@@ -510,6 +519,7 @@ class RedisStore:
         self._gcra = client.register_script(_GCRA_LUA)
         self._counter = client.register_script(_COUNTER_LUA)
         self._session = client.register_script(_SESSION_LUA)
+        self._session_end = client.register_script(_SESSION_END_LUA)
         self._quota = client.register_script(_QUOTA_LUA)
         self._put_lease = client.register_script(_PUT_LEASE_LUA)
         self._transition = client.register_script(_TRANSITION_LUA)
@@ -1107,6 +1117,14 @@ class RedisStore:
         args: list[_Arg] = [session_id, _num(now), _num(float(now) + float(idle_s)), max_sessions]
         allowed, count = await self._script_op("session_touch", self._session, keys, args)
         return bool(allowed), int(count)
+
+    async def session_end(self, user: str, session_id: str, *, now: float) -> bool:
+        """End ``user``'s session (``ZREM`` in one script, through the I/O thread): True
+        if it was active; see the protocol."""
+        keys = [self._key("sess", user)]
+        ended = await self._script_op("session_end", self._session_end, keys,
+                                      [session_id, _num(now)])
+        return bool(ended)
 
     async def quota_apply(self, ops: Sequence[QuotaOp], *, now: float) -> list[QuotaAnswer]:
         """All of a call's quota ops in one Lua script: one round trip (see the protocol)."""

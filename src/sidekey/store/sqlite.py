@@ -471,6 +471,17 @@ def _session(
     return True, count
 
 
+def _session_end(conn: sqlite3.Connection, user: str, session_id: str, *, now: float) -> bool:
+    """Delete one session row (one statement: no savepoint needed); True if it was
+    still active at ``now``."""
+    # fetchall: the statement runs to its end (the primary key makes it one row at most).
+    rows = conn.execute(
+        "DELETE FROM sessions WHERE user_id = ? AND session_id = ? RETURNING expires_at",
+        (user, session_id),
+    ).fetchall()
+    return any(float(expires_at) > float(now) for (expires_at,) in rows)
+
+
 class SqliteStore:
     """:class:`~sidekey.store.StateStore` on one SQLite file. Create with :meth:`open`."""
 
@@ -1089,6 +1100,11 @@ class SqliteStore:
                                   max_sessions=max_sessions),
             txn=True,
         )
+
+    async def session_end(self, user: str, session_id: str, *, now: float) -> bool:
+        """End ``user``'s session: True if it was active; see the protocol."""
+        return await self._run(
+            "session_end", lambda conn: _session_end(conn, user, session_id, now=now))
 
     async def quota_apply(self, ops: Sequence[QuotaOp], *, now: float) -> list[QuotaAnswer]:
         """All of a call's quota ops in one transaction (see the protocol)."""
