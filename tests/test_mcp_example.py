@@ -340,3 +340,78 @@ def test_analytics_db_over_http_with_its_own_audience(make_daemon: Any) -> None:
     assert refusal(export)["code"] == "agent_not_granted", export
     [event] = tool_calls(d)
     assert event["server"] == "analytics-db" and event["arguments"] == query
+
+
+# ------------------------------------------------------------ the previous SDK major (1.x)
+
+from test_mcp_governed import mcp1_python  # noqa: E402, F401 - the fixture: a 1.x venv
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_the_same_server_on_the_previous_sdk_major(
+    make_daemon: Any, mcp1_python: str, transport: str,  # noqa: F811
+) -> None:
+    """server.py unchanged on mcp 1.x (FastMCP): the leased secret reaches the fake CMS,
+    a held call is approved with the CLI and retried with its approval id."""
+    d: Daemon = make_daemon()
+    limits(d, "publish_article", requires_human_approval=True)
+    d.start()
+    only_src = {"PYTHON": mcp1_python, "PYTHONPATH": str(ROOT / "src")}
+    args = {"article_id": 2}
+
+    async def session(client: Client) -> tuple[Any, Any, Any, Any]:
+        version = client.server_info
+        allowed = await client.call_tool("list_articles", {"query": "hello"})
+        held = await client.call_tool("publish_article", args)
+        # 1.x reports a refusal of a tool with an output schema as text only.
+        approval_id = held.content[0].text.split("approval id ")[1].split(";")[0]
+        approve = [sys.executable, "-m", "sidekey", "approvals", "approve", approval_id,
+                   "--socket", d.socket]
+        done = await anyio.run_process(approve, check=False, env={
+            **os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)})
+        assert done.returncode == 0, done.stderr
+        retried = await client.call_tool("publish_article", {**args, APPROVAL_ARG: approval_id})
+        return version, allowed, held, retried
+
+    if transport == "stdio":
+        params = stdio(d)
+        params.env = {**(params.env or {}), **only_src}
+
+        async def main() -> Any:
+            async with Client(params, mode="legacy") as client:
+                return await session(client)
+    else:
+        port = free_port()
+        log_path = d.root / "mcp1.log"
+        log = log_path.open("wb")
+        proc = subprocess.Popen([mcp1_python, str(SERVER), "--transport", "http", "--port",
+                                 str(port)], env={**env(d), **only_src}, stdout=log, stderr=log)
+        token = d.user_token("content-api", extra={"azp": "content-writer"})
+
+        async def main() -> Any:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, log_path.read_text()
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the 1.x server did not start"
+                    await anyio.sleep(0.1)
+            async with http_client(f"http://127.0.0.1:{port}/mcp", token) as client:
+                return await session(client)
+
+    try:
+        version, allowed, held, retried = run(main)
+    finally:
+        if transport == "http":
+            proc.terminate()
+            proc.wait(10)
+            log.close()
+    assert version.version.startswith("1."), version
+    assert [a["id"] for a in ok(allowed)["articles"]] == [1]
+    assert held.is_error and "held for human approval" in held.content[0].text, held
+    assert ok(retried)["status"] == "published"
+    events = tool_calls(d, 2)
+    assert [e["result"]["status"] for e in events] == ["success", "success"]
+    assert {e["agent_id"] for e in events} == {"content-writer"}

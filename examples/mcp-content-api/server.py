@@ -145,9 +145,14 @@ def main() -> None:
     mcp = build(args.server, args.transport, url)
     if args.transport == "stdio":
         mcp.run("stdio")
+        return
+    options = {"host": args.host, "port": args.port, "stateless_http": args.stateless}
+    if hasattr(mcp, "settings"):  # mcp 1.x: transport options are server settings
+        for name, value in options.items():
+            setattr(mcp.settings, name, value)
+        mcp.run("streamable-http")
     else:
-        mcp.run("streamable-http", host=args.host, port=args.port,
-                stateless_http=args.stateless)
+        mcp.run("streamable-http", **options)
 
 
 if __name__ == "__main__":
