@@ -69,6 +69,7 @@ def env(d: Daemon, **extra: str) -> dict[str, str]:
         "SIDEKEY_SOCKET": d.socket,
         "FAKE_UPSTREAM_KEYS": ",".join(f"{role}={sha(d.secrets[name])}"
                                        for role, name in keys.items()),
+        "FAKE_UPSTREAM_LOG": str(d.root / "upstream.log"),
         **extra,
     }
 
@@ -154,6 +155,20 @@ def tool_calls(d: Daemon, count: int = 1) -> list[dict[str, Any]]:
     return d.wait_events("mcp.tool_call", count)
 
 
+def upstream_log(d: Daemon) -> list[str]:
+    """The requests the fake upstreams accepted (with the right key for their role)."""
+    path = d.root / "upstream.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def wait_upstream(d: Daemon, line: str) -> None:
+    """Until the upstream has accepted this request (a guard against a hang only)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while line not in upstream_log(d):
+        assert time.monotonic() < deadline, upstream_log(d)
+        time.sleep(0.02)
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -171,6 +186,7 @@ def test_allowed_call_uses_the_leased_secret(make_daemon: Any, transport: str) -
             [result] = calls(url, step, token=token)
     # The fake CMS answered: it was handed the secret whose fingerprint it knows.
     assert [a["id"] for a in ok(result)["articles"]] == [1]
+    assert upstream_log(d) == ["list accepted read key"]
     [event] = tool_calls(d)
     assert event["server"] == "content-api" and event["tool"] == "list_articles"
     assert event["agent_id"] == "content-writer" and event["user_id"] == "alice"
@@ -194,6 +210,7 @@ def test_the_upstream_refuses_any_other_key(make_daemon: Any) -> None:
     [result] = calls(params, ("list_articles", {"query": "hello"}))
     assert result.is_error and "upstream refused" in result.content[0].text, result
     assert d.secrets["content-api/read-key"] not in result.content[0].text
+    assert upstream_log(d) == []
     [event] = tool_calls(d)
     assert event["result"]["status"] == "error"
 
@@ -261,6 +278,7 @@ def test_held_call_is_approved_with_the_cli_and_retried_with_its_approval_id(
     text = held.content[0].text
     assert info["approval_id"] in text and APPROVAL_ARG in text, text
     assert refusal(early)["code"] == "approval_pending"  # no verdict yet: nothing ran
+    assert upstream_log(d) == ["publish accepted publish key"]  # only the approved retry
     assert ok(retried) == {"id": 2, "title": "Q2 product update", "section": "announcements",
                            "tags": ["product"], "status": "published"}
     [requested] = d.events_of("approval.requested")  # the retries opened no new hold
@@ -278,8 +296,8 @@ def test_cancelled_call_is_released_as_cancelled(make_daemon: Any) -> None:
         async with Client(stdio(d, FAKE_UPSTREAM_DELAY_S="600")) as client:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(client.call_tool, "list_articles", {"query": "hello"})
-                # The call is running once its token was redeemed (the lease is out).
-                await anyio.to_thread.run_sync(d.wait_events, "mcp.redeem")
+                # The tool is running: the upstream accepted its leased key.
+                await anyio.to_thread.run_sync(wait_upstream, d, "list accepted read key")
                 tg.cancel_scope.cancel()  # the client sends notifications/cancelled
             # Still connected: the server releases the lease as cancelled.
             return await anyio.to_thread.run_sync(tool_calls, d)

@@ -31,7 +31,6 @@ import json
 import os
 from typing import Literal
 
-import anyio
 from mcp.server.auth.settings import AuthSettings
 from pydantic import BaseModel, Field
 from upstream import FakeCMS, FakeMetricsDB
@@ -41,8 +40,12 @@ from sidekey.mcp.auth import TokenVerifier
 
 try:
     from mcp.server.mcpserver import MCPServer
+
+    SDK_MAJOR = 2
 except ImportError:  # mcp 1.x
     from mcp.server.fastmcp import FastMCP as MCPServer  # type: ignore[no-redef]
+
+    SDK_MAJOR = 1
 
 # The seed's OAuth2 issuer (the quickstart serves it from a local demo key).
 ISSUER = os.environ.get("SIDEKEY_EXAMPLE_ISSUER", "https://auth.example.com")
@@ -75,23 +78,22 @@ def content_api(mcp: MCPServer) -> None:
     @governed("content-api")
     async def list_articles(query: str = "", section: str | None = None, limit: int = 10) -> str:
         """Search articles by title (and section)."""
-        await anyio.sleep(cms.delay_s)  # the upstream's latency (0 unless set)
         key = current_lease().secrets["CONTENT_API_KEY"]
-        return json.dumps({"articles": cms.list(key, query, section, limit)})
+        return json.dumps({"articles": await cms.list(key, query, section, limit)})
 
     @mcp.tool()
     @governed("content-api")
     async def create_article(draft: ArticleDraft) -> str:
         """Create an article as a draft; publish it with publish_article."""
         key = current_lease().secrets["CONTENT_API_KEY"]
-        return json.dumps(cms.create(key, draft.model_dump()))
+        return json.dumps(await cms.create(key, draft.model_dump()))
 
     @mcp.tool()
     @governed("content-api")
     async def publish_article(article_id: int) -> str:
         """Publish a draft article (the seed may hold this for a human approver)."""
         key = current_lease().secrets["CONTENT_API_KEY"]
-        return json.dumps(cms.publish(key, article_id))
+        return json.dumps(await cms.publish(key, article_id))
 
 
 def analytics_db(mcp: MCPServer) -> None:
@@ -102,14 +104,15 @@ def analytics_db(mcp: MCPServer) -> None:
     async def query_metrics(query: MetricsQuery) -> str:
         """Daily page views, newest first."""
         dsn = current_lease().secrets["DATABASE_URL"]
-        return json.dumps({"rows": metrics.query(dsn, query.metric, query.section, query.days)})
+        rows = await metrics.query(dsn, query.metric, query.section, query.days)
+        return json.dumps({"rows": rows})
 
     @mcp.tool()
     @governed("analytics-db")
     async def export_report(query: MetricsQuery) -> str:
         """The same rows as CSV."""
         dsn = current_lease().secrets["DATABASE_URL"]
-        rows = metrics.query(dsn, query.metric, query.section, query.days)
+        rows = await metrics.query(dsn, query.metric, query.section, query.days)
         return "day,section,page_views\n" + "".join(
             f"{r['day']},{r['section']},{r['page_views']}\n" for r in rows)
 
@@ -147,7 +150,7 @@ def main() -> None:
         mcp.run("stdio")
         return
     options = {"host": args.host, "port": args.port, "stateless_http": args.stateless}
-    if hasattr(mcp, "settings"):  # mcp 1.x: transport options are server settings
+    if SDK_MAJOR == 1:  # transport options are server settings there
         for name, value in options.items():
             setattr(mcp.settings, name, value)
         mcp.run("streamable-http")

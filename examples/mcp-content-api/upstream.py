@@ -24,6 +24,8 @@ import os
 import time
 from typing import Any
 
+import anyio
+
 # Which secret each role is: the quickstart's demo secret names (run.sh).
 DEMO_PREFIX = {
     "read": "demo-content-api-read-key-",
@@ -53,8 +55,12 @@ def _fingerprints() -> dict[str, str]:
     return {role.strip(): digest.strip() for role, digest in pairs}
 
 
-def check_key(key: str, role: str) -> None:
-    """Accept ``key`` for ``role`` or raise :class:`Unauthorized` (never echoing the key)."""
+async def request(key: str, role: str, what: str) -> None:
+    """One request to an upstream: accept ``key`` for ``role`` or raise
+    :class:`Unauthorized` (never echoing the key); note it in the access log
+    ($FAKE_UPSTREAM_LOG: one line per accepted request, without the key); then take the
+    upstream's latency ($FAKE_UPSTREAM_DELAY_S, default 0: lets a demo or a test
+    cancel a slow call)."""
     known = _fingerprints()
     if known:
         ok = hashlib.sha256(key.encode()).hexdigest() == known.get(role)
@@ -62,6 +68,11 @@ def check_key(key: str, role: str) -> None:
         ok = key.startswith(DEMO_PREFIX[role])
     if not ok:
         raise Unauthorized(f"upstream refused the credential for {role!r}")
+    log = os.environ.get("FAKE_UPSTREAM_LOG")
+    if log:
+        with open(log, "a") as f:  # noqa: ASYNC230 - a few bytes, demo only
+            f.write(f"{what} accepted {role} key\n")
+    await anyio.sleep(float(os.environ.get("FAKE_UPSTREAM_DELAY_S", "0")))
 
 
 class FakeCMS:
@@ -74,23 +85,22 @@ class FakeCMS:
             2: {"id": 2, "title": "Q2 product update", "section": "announcements",
                 "tags": ["product"], "status": "draft"},
         }
-        # Simulated upstream latency (seconds): lets a demo or a test cancel a slow call.
-        self.delay_s = float(os.environ.get("FAKE_UPSTREAM_DELAY_S", "0"))
 
-    def list(self, key: str, query: str, section: str | None, limit: int) -> list[dict[str, Any]]:
-        check_key(key, "read")
+    async def list(self, key: str, query: str, section: str | None,
+                   limit: int) -> list[dict[str, Any]]:
+        await request(key, "read", "list")
         found = [a for a in self.articles.values()
                  if query.lower() in a["title"].lower() and section in (None, a["section"])]
         return found[:limit]
 
-    def create(self, key: str, fields: dict[str, Any]) -> dict[str, Any]:
-        check_key(key, "write")
+    async def create(self, key: str, fields: dict[str, Any]) -> dict[str, Any]:
+        await request(key, "write", "create")
         article = {"id": max(self.articles) + 1, **fields, "status": "draft"}
         self.articles[article["id"]] = article
         return article
 
-    def publish(self, key: str, article_id: int) -> dict[str, Any]:
-        check_key(key, "publish")
+    async def publish(self, key: str, article_id: int) -> dict[str, Any]:
+        await request(key, "publish", "publish")
         if article_id not in self.articles:
             raise UpstreamError(f"no article {article_id}")
         self.articles[article_id]["status"] = "published"
@@ -109,9 +119,10 @@ class FakeMetricsDB:
                       "section": section, "page_views": 1000 + 37 * n + 11 * i}
                      for n in range(365) for i, section in enumerate(self.SECTIONS)]
 
-    def query(self, dsn: str, metric: str, section: str | None, days: int) -> list[dict[str, Any]]:
+    async def query(self, dsn: str, metric: str, section: str | None,
+                    days: int) -> list[dict[str, Any]]:
         # The DSN (with its read-only user's password) is the credential.
-        check_key(dsn, "analytics")
+        await request(dsn, "analytics", "query")
         if metric != "page_views":
             raise UpstreamError(f"unknown metric {metric!r} (known: page_views)")
         return [r for r in self.rows[: days * len(self.SECTIONS)]
