@@ -116,21 +116,25 @@ def http_server(d: Daemon, *flags: str) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def http_client(url: str, token: str) -> Any:
+async def http_client(url: str, token: str, mode: str = "legacy") -> Any:
+    """The SDK's client with a bearer token. legacy: the handshake-era protocol (with
+    Mcp-Session-Id unless the server is stateless); auto (the SDK's default): the
+    2026-07-28 revision, which has no sessions."""
     async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"},
                                   timeout=30) as http:
         transport = streamable_http_client(url, http_client=http)
-        async with Client(transport, mode="legacy") as client:  # type: ignore[arg-type]
+        async with Client(transport, mode=mode) as client:  # type: ignore[arg-type]
             yield client
 
 
-def calls(target: Any, *steps: tuple[str, dict[str, Any]], token: str | None = None) -> list[Any]:
+def calls(target: Any, *steps: tuple[str, dict[str, Any]], token: str | None = None,
+          mode: str = "legacy") -> list[Any]:
     """Call the tools in order in one MCP session (stdio params, or an HTTP URL)."""
     async def main() -> list[Any]:
         async with contextlib.AsyncExitStack() as stack:
             if isinstance(target, str):
                 assert token is not None
-                client = await stack.enter_async_context(http_client(target, token))
+                client = await stack.enter_async_context(http_client(target, token, mode))
             else:
                 client = await stack.enter_async_context(Client(target))
             return [await client.call_tool(tool, arguments) for tool, arguments in steps]
@@ -172,7 +176,7 @@ def wait_upstream(d: Daemon, line: str) -> None:
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("transport", ["stdio", "http-sessions", "http-stateless"])
+@pytest.mark.parametrize("transport", ["stdio", "http-sessions", "http-stateless", "http-2026"])
 def test_allowed_call_uses_the_leased_secret(make_daemon: Any, transport: str) -> None:
     d: Daemon = make_daemon()
     d.start()
@@ -183,7 +187,8 @@ def test_allowed_call_uses_the_leased_secret(make_daemon: Any, transport: str) -
         token = d.user_token("content-api", extra={"azp": "content-writer"})
         flags = ["--stateless"] if transport == "http-stateless" else []
         with http_server(d, *flags) as url:
-            [result] = calls(url, step, token=token)
+            [result] = calls(url, step, token=token,
+                             mode="auto" if transport == "http-2026" else "legacy")
     # The fake CMS answered: it was handed the secret whose fingerprint it knows.
     assert [a["id"] for a in ok(result)["articles"]] == [1]
     assert upstream_log(d) == ["list accepted read key"]
@@ -194,7 +199,8 @@ def test_allowed_call_uses_the_leased_secret(make_daemon: Any, transport: str) -
     assert event["result"]["status"] == "success"
     if transport == "stdio":
         assert event["session_id"].startswith("proc-")
-    elif transport == "http-stateless":
+    elif transport in ("http-stateless", "http-2026"):
+        # No Mcp-Session-Id: one session per access token (a hash, not the token).
         assert event["session_id"].startswith("tok-")
     else:
         assert not event["session_id"].startswith(("tok-", "proc-"))
