@@ -439,3 +439,46 @@ def test_the_same_server_on_the_previous_sdk_major(
     events = tool_calls(d, 2)
     assert [e["result"]["status"] for e in events] == ["success", "success"]
     assert {e["agent_id"] for e in events} == {"content-writer"}
+
+
+@pytest.mark.parametrize("mode", ["sessions", "stateless"])
+def test_concurrent_sessions_are_counted_with_and_without_mcp_session_id(
+    make_daemon: Any, mode: str,
+) -> None:
+    """concurrent_sessions: 1. With sessions, a second open MCP session of the same user
+    is refused while the first is open; without (stateless), the session is the access
+    token: the same token again is the same session, another token is a second one."""
+    d: Daemon = make_daemon()
+    path = d.root / "rate-limits.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["limits"]["per_user"]["concurrent_sessions"] = 1
+    path.write_text(yaml.safe_dump(data))
+    d.start()
+    first = d.user_token("content-api", extra={"azp": "content-writer"})
+    second = d.user_token("content-api", extra={"azp": "content-writer"})  # another jti
+    step = ("list_articles", {"query": "hello"})
+
+    async def main(url: str) -> list[Any]:
+        async with http_client(url, first) as a:
+            results = [await a.call_tool(*step)]
+            if mode == "sessions":
+                async with http_client(url, first) as b:  # same token, a new session
+                    results.append(await b.call_tool(*step))
+            else:
+                async with http_client(url, first) as b:  # same token: same session
+                    results.append(await b.call_tool(*step))
+                async with http_client(url, second) as c:
+                    results.append(await c.call_tool(*step))
+            return results
+
+    with http_server(d, *(["--stateless"] if mode == "stateless" else [])) as url:
+        results = run(lambda: main(url))
+    ok(results[0])
+    if mode == "sessions":
+        assert refusal(results[1])["code"] == "rate_limited", results[1]
+    else:
+        ok(results[1])
+        assert refusal(results[2])["code"] == "rate_limited", results[2]
+    # The only limit that can refuse here (the harness lifts every other one).
+    [refused] = [e for e in d.events_of("mcp.authorize") if e["policy"]["decision"] != "allow"]
+    assert refused["policy"]["code"] == "rate_limited"
