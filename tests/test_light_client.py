@@ -35,7 +35,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Distribution name -> the top-level module it provides (where they differ).
 MODULE_OF = {"pyyaml": "yaml", "pyjwt": "jwt", "redis": "redis"}
 # sidekey.mcp also imports what the MCP SDK itself depends on and installs.
-SDK_MODULES = {"mcp", "pydantic", "pydantic_core"}
+SDK_MODULES = {"mcp", "mcp_types", "pydantic", "pydantic_core"}
 # Imported by the async client only when its caller already runs under trio (so trio is
 # there): not a dependency of the client.
 CALLERS_OWN = {"trio"}
