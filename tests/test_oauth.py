@@ -134,6 +134,9 @@ async def test_valid_token_each_algorithm(issuer: OAuthIssuer, verifier: OAuthVe
         scopes=frozenset({"articles:read", "articles:write"}),
         expires_at=claims["exp"],
         client_id="test-agent",
+        # string claims keep azp / client_id too (policy.agent_claims binds the agent to them)
+        string_claims=tuple(sorted((k, v) for k, v in claims.items()
+                                   if k in ("azp", "client_id") and isinstance(v, str))),
     )
     assert issuer.counts["oidc"] == 1 and issuer.counts["jwks"] == 1
 

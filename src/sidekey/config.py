@@ -415,6 +415,12 @@ class PolicyOptions(_C, frozen=True, kw_only=True):
     # the named claim of the user's verified OAuth2 token, else this map.
     department_claim: str | None = None
     user_departments: dict[str, str] = {}
+    # Bind the agent to the user's token: the first of these claims the verified token
+    # carries (e.g. ["azp", "client_id"]) must equal the agent_id the MCP server sends
+    # (403 agent_mismatch; a token with none of them: 403 agent_unbound). Empty: the
+    # agent_id is taken as sent (calls without a user token are never bound).
+    agent_claims: Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]],
+                            Meta(max_length=8)] = []
     # Calls in flight on this host above which authorize sheds load: departments with
     # priority "standard" from 90 % of the cap, "high" only at the cap (503 overloaded).
     max_in_flight: Annotated[int, Meta(gt=0, le=100_000)] = 1024

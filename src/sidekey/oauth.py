@@ -715,7 +715,7 @@ class OAuthVerifier:
             string_claims=tuple(sorted(
                 (k, v) for k, v in claims.items()
                 if isinstance(v, str) and len(v) <= MAX_STRING_CLAIM
-                and k not in ("iss", "sub", "aud", "scope", "jti", "client_id", "azp")
+                and k not in ("iss", "sub", "aud", "scope", "jti")
             ))[:MAX_STRING_CLAIMS],
         )
 

@@ -15,9 +15,10 @@ with a denial carrying a stable ``code``, an actionable ``message`` and an HTTP 
    ``audience_mismatch`` (403), as a second line of defence);
 4. the tool is declared for the server (``tool_unknown``, 404) and the token carries
    the tool's required scopes (``scope_missing``, 403);
-5. the agent is granted the server and tool (``agent_missing``, ``agent_unknown``,
-   ``agent_denied_server``, ``agent_not_granted``; 403): a denial wins over any grant,
-   and no grant means deny;
+5. the agent is the one the user's token was issued to, when ``policy.agent_claims``
+   names the claims (``agent_unbound``, ``agent_mismatch``; 403), and it is granted the
+   server and tool (``agent_missing``, ``agent_unknown``, ``agent_denied_server``,
+   ``agent_not_granted``; 403): a denial wins over any grant, and no grant means deny;
 6. the secrets mapped to the server+tool, then the hooks (quotas, approval rules).
 
 The config is compiled once into a :class:`CompiledPolicy` (dict and set lookups only
@@ -186,7 +187,7 @@ class CompiledPolicy:
     The config is treated as immutable: a reload brings a new ``Config`` object.
     """
 
-    __slots__ = ("_agents", "_registry_listed", "_servers", "agents_configured")
+    __slots__ = ("_agent_claims", "_agents", "_registry_listed", "_servers", "agents_configured")
 
     def __init__(self, cfg: Config) -> None:
         entries = cfg.registry.servers
@@ -227,6 +228,7 @@ class CompiledPolicy:
             )
         self._agents = agents
         self.agents_configured = bool(agents)
+        self._agent_claims = tuple(cfg.policy.agent_claims)
 
     def _who(self, server: _Server, facts: CallFacts) -> _Who:
         """Steps 2 and 3 of the chain: the caller is attested as ``server``, and who the
@@ -390,6 +392,26 @@ class CompiledPolicy:
                 "send agent_id: tools are granted per agent (agents: in the policy)",
                 STATUS_DENIED,
             )
+        if self._agent_claims and facts.user_token is not None:
+            # policy.agent_claims: the agent is the one the user's token was issued to
+            # (its azp / client_id), not whatever the MCP server says.
+            claims = dict(facts.user_token.string_claims)
+            bound = next(((c, claims[c]) for c in self._agent_claims if claims.get(c)), None)
+            if bound is None:
+                return stop(
+                    "agent_unbound",
+                    f"the user's token names no agent: it carries none of the claims "
+                    f"{_quoted(self._agent_claims)} (policy.agent_claims)",
+                    STATUS_DENIED,
+                )
+            if bound[1] != agent_id:
+                return stop(
+                    "agent_mismatch",
+                    f'agent_id "{agent_id}" is not the agent the user\'s token was issued to '
+                    f'({bound[0]} "{bound[1][:64]}")',
+                    STATUS_DENIED,
+                )
+            rules.append(f"agent.bound:{bound[0]}")
         agent = self._agents.get(agent_id)
         if agent is None:
             hint = "" if self.agents_configured else "; no agents are configured on this host"

@@ -109,5 +109,6 @@ class Introspection(Context):
             client_id=token.client_id,
             exp=token.expires_at,
             expires_at=_iso(token.expires_at),
-            claims=dict(token.string_claims),
+            # client_id / azp are answered as client_id above, not again here
+            claims={k: v for k, v in token.string_claims if k not in ("client_id", "azp")},
         ))
