@@ -43,7 +43,15 @@ def self_peer() -> Iterator[PeerHandle]:
 @asynccontextmanager
 async def app_on(d: Daemon, clock: Any = None) -> AsyncIterator[daemon_mod.Sidekey]:
     loaded = load_config(d.config_path)
-    store = open_store(loaded.state_dir)
+    if clock is None:
+        store = open_store(loaded.state_dir)
+    else:
+        # One clock for the daemon and its store, as in production (both time.time):
+        # a store on the real clock would expire the injected month's counters once the
+        # real date has passed it (this test failed from 2026-12-01 on).
+        from sidekey.store.sqlite import SqliteStore
+
+        store = SqliteStore.open(loaded.state_dir, clock=clock)
     sink = open_jsonl_sink(loaded.audit_path, fsync=True)
     app = daemon_mod.Sidekey(
         loaded,
