@@ -295,3 +295,38 @@ def run_as(d: Daemon, uid: int, gid: int, fn: Any) -> Any:
     os.close(r)
     os.waitpid(pid, 0)
     return json.loads(data)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def http_mcp_server(cmd: list[str], *, port: int, env: dict[str, str], log_path: Path,
+                    what: str = "the MCP server", start_timeout_s: float = 30.0) -> Any:
+    """Run ``cmd`` (an MCP server listening on loopback ``port``, output to ``log_path``),
+    yield its streamable-HTTP URL once the port accepts, stop it (SIGTERM, then SIGKILL
+    after 10 s) on the way out."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"{what} did not start"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -27,7 +27,7 @@ import yaml
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from harness import ROOT, Daemon
+from harness import ROOT, Daemon, free_port, http_mcp_server
 
 pytestmark = pytest.mark.integration
 
@@ -81,38 +81,15 @@ def stdio(d: Daemon, server: str = "content-api", **extra: str) -> StdioServerPa
                                  env=env(d, SIDEKEY_USER_TOKEN=token, **extra))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def http_server(d: Daemon, *flags: str) -> Iterator[str]:
     port = free_port()
-    log_path = d.root / f"mcp-example-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, str(SERVER), "--transport", "http",
-                                 "--port", str(port), *flags],
-                                env=env(d), stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "the example server did not start"
-                    time.sleep(0.1)
-            yield f"http://127.0.0.1:{port}/mcp"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with http_mcp_server([sys.executable, str(SERVER), "--transport", "http",
+                          "--port", str(port), *flags], port=port, env=env(d),
+                         log_path=d.root / f"mcp-example-{port}.log",
+                         what="the example server") as url:
+        yield url
+
 
 
 @contextlib.asynccontextmanager

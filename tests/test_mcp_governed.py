@@ -9,10 +9,8 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ElicitResult, TextContent
 from pydantic import BaseModel
 
-from harness import Daemon
+from harness import Daemon, free_port, http_mcp_server
 from sidekey.client import ApprovalPending, AsyncClient
 from sidekey.client import Client as SyncClient
 from sidekey.mcp import APPROVAL_ARG, Governor, current_lease
@@ -357,38 +355,14 @@ def test_stdio_server_subprocess(make_daemon: Any) -> None:
     assert event["agent_id"] == "content-writer" and event["result"]["status"] == "success"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def http_server(d: Daemon, *flags: str) -> Iterator[str]:
     port = free_port()
-    log = (d.root / f"mcp-http-{port}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "http", str(port), *flags],
-                            env=server_env(d, SIDEKEY_TEST_JWKS=str(d.issuer_jwks)),
-                            stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (d.root / f"mcp-http-{port}.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "MCP server did not start"
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with http_mcp_server([sys.executable, str(SERVER_SCRIPT), "http", str(port), *flags],
+                         port=port, env=server_env(d, SIDEKEY_TEST_JWKS=str(d.issuer_jwks)),
+                         log_path=d.root / f"mcp-http-{port}.log") as url:
+        yield url
+
 
 
 def http_call(url: str, token: str, mode: str, arguments: dict[str, Any]) -> Any:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness import Daemon, run_as
+from harness import Daemon, free_port, http_mcp_server, run_as
 
 pytestmark = pytest.mark.integration
 
@@ -198,40 +195,16 @@ def test_client_end_session_sync_and_async(make_daemon: Any) -> None:
 SERVER_SCRIPT = Path(__file__).with_name("mcp_governed_server.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def http_server(d: Daemon) -> Iterator[str]:
     port = free_port()
-    log_path = d.root / f"mcp-http-{port}.log"
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SIDEKEY_SOCKET": d.socket,
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
            "SIDEKEY_TEST_JWKS": str(d.issuer_jwks)}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "http", str(port)],
-                                env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "MCP server did not start"
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with http_mcp_server([sys.executable, str(SERVER_SCRIPT), "http", str(port)], port=port,
+                         env=env, log_path=d.root / f"mcp-http-{port}.log") as url:
+        yield url
+
 
 
 def test_mcp_session_closed_by_the_sdk_client_frees_its_slot(make_daemon: Any) -> None:
