@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -28,6 +28,8 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from harness import ROOT, Daemon, free_port, http_mcp_server
+from sidekey.mcp import APPROVAL_ARG
+from test_mcp_governed import limits, run  # one bounded runner and limits editor for both
 
 pytestmark = pytest.mark.integration
 
@@ -35,22 +37,6 @@ EXAMPLE = ROOT / "examples" / "mcp-content-api"
 SERVER = EXAMPLE / "server.py"
 RUN_SH = EXAMPLE / "run.sh"
 TIMEOUT_S = 60.0
-APPROVAL_ARG = "sidekey_approval_id"
-
-
-def run(main: Callable[[], Awaitable[Any]]) -> Any:
-    async def bounded() -> Any:
-        with anyio.fail_after(TIMEOUT_S):
-            return await main()
-
-    return anyio.run(bounded, backend="asyncio")
-
-
-def limits(d: Daemon, tool: str, **rule: Any) -> None:
-    path = d.root / "rate-limits.yaml"
-    data = yaml.safe_load(path.read_text())
-    data["limits"]["per_tool"].setdefault(tool, {}).update(rule)
-    path.write_text(yaml.safe_dump(data))
 
 
 def sha(value: str) -> str:
