@@ -88,6 +88,33 @@ class Gate:
             await trio.sleep(0.001)
 
 
+async def test_the_queue_to_a_stuck_redis_is_bounded(store: RedisStore,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the I/O thread is held (a Redis that does not answer), at most
+    MAX_QUEUED_OPS operations wait; the next one fails closed at once."""
+    import sidekey.store.redis as redis_store
+
+    monkeypatch.setattr(redis_store, "MAX_QUEUED_OPS", 5)
+    far = time.time() + 600
+    with trio.fail_after(IO_LIMIT_S):
+        gate = Gate()
+        async with trio.open_nursery() as nursery:
+            await gate.hold(store, nursery)
+            queued: list[bool] = []
+
+            async def burn(i: int) -> None:
+                queued.append(await store.burn_jti(f"jti-q{i}", far))
+
+            for i in range(5):
+                nursery.start_soon(burn, i)
+            await trio.sleep(0.05)  # five queued behind the gate
+            with pytest.raises(StateUnavailable, match="queue is full"):
+                await store.burn_jti("jti-q-over", far)
+            gate.opened.set()
+        assert queued == [True] * 5  # the queued ones still ran
+        assert await store.burn_jti("jti-q-over", far) is True  # never sent while refused
+
+
 async def outcomes(fns: list[Callable[[], Any]]) -> list[Any]:
     """Run every ``fn()`` concurrently; each one's result or exception, in order."""
     out: list[Any] = [None] * len(fns)

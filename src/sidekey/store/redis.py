@@ -99,7 +99,7 @@ from . import (
     check_session_args,
 )
 from .records import MAX_APPROVAL_TTL_S, Approval, decode_approval, encode_approval
-from .sqlite import LEASE_RETENTION_S, PURGE_CHUNK
+from .sqlite import LEASE_RETENTION_S, MAX_QUEUED_OPS, PURGE_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -642,6 +642,13 @@ class RedisStore:
                 target=self._io_loop, args=(client,), name="sidekey-redis-io", daemon=True
             )
             self._io_thread.start()
+        # A Redis that stops answering holds the thread for timeout_s per batch while
+        # callers keep queuing (given-up operations stay queued until the thread skips
+        # them): bounded like the SQLite writer's queue, failing closed beyond it.
+        if self._queue.qsize() >= MAX_QUEUED_OPS:
+            self._last_error = f"{what}: queue full ({MAX_QUEUED_OPS} operations)"
+            log.error("state store queue full (%d operations); failing the call", MAX_QUEUED_OPS)
+            raise StateUnavailable("state store queue is full")
         self._queue.put(op)
         try:
             with trio.move_on_after(self._timeout_s):
