@@ -63,3 +63,32 @@ def test_an_unknown_config_value_is_refused(make_daemon: Any) -> None:
     d: Daemon = make_daemon({"policy": {"agent_claims": "azp"}})
     with pytest.raises(Exception, match=r"agent_claims"):
         d.start()
+
+
+def test_an_agent_named_by_its_mcp_client_is_accepted(make_daemon: Any) -> None:
+    """Real client names have spaces and parentheses ("Claude Desktop"): accepted as
+    agent ids, bound to the token like any other; anything else outside the pattern
+    (control characters, leading, trailing or doubled spaces) is refused at the edge."""
+    import yaml
+
+    d: Daemon = make_daemon({"policy": {"agent_claims": ["azp"]}})
+    path = d.root / "agent-tool-mappings.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["agents"]["Claude Desktop (beta)"] = {
+        "description": "a desktop client",
+        "allowed_servers": [{"server": "content-api", "tools": ["create_article"]}]}
+    path.write_text(yaml.safe_dump(data))
+    d.start()
+    name = "Claude Desktop (beta)"
+    status, body = d.authorize(agent_id=name, user_token=_token(d, azp=name))
+    assert status == 200, body
+    [event] = d.wait_events("mcp.authorize", 1)
+    assert event["agent_id"] == name, event
+    assert event["policy"]["decision"] == "allow", event
+    status, body = d.authorize(agent_id=name, user_token=_token(d, azp="Claude Desktop"))
+    assert status == 403 and body["error"]["code"] == "agent_mismatch", body
+    for bad in [" Claude", "Claude ", "Claude  Desktop", "Claude\tDesktop", "Claude\nDesktop",
+                "Claude\u00a0Desktop", "x" * 129, ""]:
+        status, body = d.authorize(agent_id=bad, user_token=_token(d, azp=name))
+        assert status == 400 and body["error"]["code"] == "invalid_request", (bad, body)
+        assert "$.agent_id" in body["error"]["message"], body

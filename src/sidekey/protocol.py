@@ -30,6 +30,10 @@ MAX_JSON_DEPTH = 32
 MAX_TIMESTAMP = 253_402_300_799
 
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LEN, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
+# An agent is often named by its MCP client ("Claude Desktop", "VS Code (Copilot)"): words
+# of name characters and ( ) +, single spaces between them, none leading or trailing.
+AgentName = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LEN,
+                                pattern=r"^[A-Za-z0-9_.:@/()+-]+( [A-Za-z0-9_.:@/()+-]+)*$")]
 Opaque = Annotated[str, Meta(min_length=1, max_length=256)]
 UserToken = Annotated[str, Meta(max_length=16 * 1024)]
 ApprovalId = Annotated[str, Meta(pattern=r"^apr_[A-Za-z0-9_-]{1,64}$")]
@@ -207,7 +211,7 @@ class AuthorizeRequest(_Req, frozen=True, kw_only=True):
     server: Name
     tool: Name
     user_token: UserToken | None = None
-    agent_id: Name | None = None
+    agent_id: AgentName | None = None
     session_id: Opaque | None = None
     arguments: dict[str, Any] = msgspec.field(default_factory=dict)
     server_version: Annotated[str, Meta(max_length=64)] | None = None
@@ -277,7 +281,7 @@ class TokenRequest(_Req, frozen=True, kw_only=True):
     server: Name
     tool: Name
     user: Name
-    agent_id: Name | None = None
+    agent_id: AgentName | None = None
     session_id: Opaque | None = None
     arguments: dict[str, Any] = msgspec.field(default_factory=dict)
     ttl_seconds: Annotated[int, Meta(gt=0, le=MAX_TOKEN_TTL_S)] = MAX_TOKEN_TTL_S
