@@ -19,7 +19,11 @@ Who is calling (never asserted by the tool's caller):
   its environment), else none (the daemon then decides: a server with ``oauth2`` refuses).
 - **agent id**: the first of ``agent_claims`` (default ``azp``, then ``client_id``) in the
   verified token: the OAuth client the token was issued to, not a name the client picks.
-  Without a token, the operator's fixed ``agent_id``. Never a tool argument or header.
+  Else, when ``agent_header`` is set (e.g. a gateway in front of the server names the
+  agent in ``X-Agent-Id``), that HTTP header; the daemon's ``policy.agent_claims`` then
+  binds it to the token, so a header naming another agent than the token's is refused
+  (``agent_mismatch``). Without a token, the operator's fixed ``agent_id``. Never a tool
+  argument.
 - **session id**: the ``Mcp-Session-Id`` header (streamable HTTP with sessions). Without
   one (stateless HTTP): ``tok-`` + a hash of the token's issuer, subject, client and
   ``jti`` (or of the token itself when it has no ``jti``): one session per access token,
@@ -152,6 +156,9 @@ class Governor:
     ``client``: the :class:`AsyncClient` (default: one for ``$SIDEKEY_SOCKET`` or the
     default socket, made on first use). ``agent_claims``: token claims that name the
     agent, first present wins (``client_id`` also matches the SDK's ``AccessToken.client_id``).
+    ``agent_header``: an HTTP header naming the agent, used when the token has none of
+    ``agent_claims`` (pass ``agent_claims=()`` to use the header only); have the daemon
+    bind it to the token (``policy.agent_claims``) unless only a trusted gateway can set it.
     ``agent_id``: the agent for calls without a verified token (stdio), set by whoever
     deploys the server. ``user_token``: a callable giving the user token for calls without
     a verified one. ``server_version``: reported to the daemon for audit.
@@ -166,6 +173,7 @@ class Governor:
         *,
         agent_claims: Sequence[str] = ("azp", "client_id"),
         agent_id: str | None = None,
+        agent_header: str | None = None,
         user_token: Callable[[], str | None] | None = None,
         server_version: str | None = None,
         approval_wait_s: float = DEFAULT_APPROVAL_WAIT_S,
@@ -176,6 +184,7 @@ class Governor:
         self._client = client
         self.agent_claims = tuple(agent_claims)
         self.agent_id = agent_id
+        self.agent_header = agent_header.lower() if agent_header else None
         self.user_token = user_token
         self.server_version = server_version
         # The proc- session's servers (server -> user token of the latest call), ended
@@ -289,6 +298,11 @@ class Governor:
             agent_id = self._agent_from(token)
         else:
             user_token = self.user_token() if self.user_token is not None else None
+        if agent_id is None and self.agent_header is not None:
+            headers = request_headers(ctx)
+            named = headers.get(self.agent_header) if headers is not None else None
+            agent_id = named.strip() or None if isinstance(named, str) else None
+        if agent_id is None and token is None:
             agent_id = self.agent_id
         return user_token, agent_id, _session_id(ctx, token)
 
