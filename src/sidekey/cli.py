@@ -180,10 +180,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "backends": {n: "local" for n in cfg.backends},
         "secrets_mapped": mapped,
     }
-    failed = False
+    problems: list[str] = []
     if args.probe:
-        summary["probe"] = _probe_backends(loaded)
-        failed = any(not p["ok"] for p in summary["probe"].values())
+        from .probe import failures, run_probe
+
+        probed = run_probe(loaded)
+        summary["probe"] = probed["backends"]
+        summary["probe_issuers"] = probed["issuers"]
+        problems = failures(probed)
     if args.json:
         _print_json(summary)
     else:
@@ -203,57 +207,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"  agent {name}: {grants or 'no grants'}{denied}")
         for warning in summary["warnings"]:
             print(f"  warning: {warning}")
-        for name, probe in summary.get("probe", {}).items():
-            if "error" in probe:
-                print(f"  probe {name}: FAILED: {probe['error']}")
-                continue
-            if not probe["missing"]:
-                print(f"  probe {name}: {probe['checked']}")
-            for m in probe["missing"]:
-                kind = "MISSING" if m["required"] else "missing (optional)"
-                print(f"  probe {name}: {kind} {m['capability']} on {m['path']}, for {m['needed_for']}")
-    return EXIT_FAIL if failed else EXIT_OK
+        if args.probe:
+            from .probe import report_lines
 
-
-def _probe_backends(loaded: Any) -> dict[str, dict[str, Any]]:
-    """Ask each backend that can check its own permissions (Vault: one
-    sys/capabilities-self request) whether it may do what the config's secrets need.
-    ``ok`` is false on an error or a missing required capability."""
-    import trio
-
-    from .backends import build_backends, unwrap
-
-    refs: dict[str, list[Any]] = {}
-    for tools_ in loaded.config.secrets.values():
-        for by_alias in tools_.values():
-            for ref in by_alias.values():
-                refs.setdefault(ref.backend, []).append(ref)
-    backends = build_backends(loaded)
-
-    async def probe_all() -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        try:
-            for name, backend in backends.items():
-                probe = getattr(unwrap(backend), "probe", None)
-                if probe is None:
-                    continue
-                try:
-                    missing = await probe(refs.get(name, []))
-                except SidekeyError as exc:
-                    out[name] = {"ok": False, "error": exc.message}
-                    continue
-                out[name] = {
-                    "ok": not any(m["required"] for m in missing),
-                    "missing": missing,
-                    "checked": "every capability the config needs is granted",
-                }
-        finally:
-            with trio.CancelScope(shield=True):
-                for backend in backends.values():
-                    await backend.aclose()
-        return out
-
-    return trio.run(probe_all)
+            for line in report_lines({"backends": summary["probe"],
+                                      "issuers": summary["probe_issuers"]}):
+                print(f"  {line}")
+    if problems:
+        # Each failure on its own line (stderr), so a typo'd secret name is found before
+        # the first call needs it; the report above has the successes too.
+        for problem in problems:
+            print(f"sidekey: probe failed: {problem}", file=sys.stderr)
+        print(f"sidekey: error: check-config --probe: {len(problems)} problem(s)", file=sys.stderr)
+    return EXIT_FAIL if problems else EXIT_OK
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -879,10 +845,11 @@ def build_parser() -> argparse.ArgumentParser:
     config_arg(sp)
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     sp.add_argument("--probe", action="store_true",
-                    help="also ask each remote backend whether its credentials may do what the "
-                    "config needs (Vault: one sys/capabilities-self request, naming each missing "
-                    "capability); exit 1 if a required one is missing or the backend cannot be "
-                    "reached")
+                    help="also reach every backend and OAuth2 issuer the config names: each "
+                    "backend's health, Vault's capabilities (one sys/capabilities-self request, "
+                    "naming each missing capability), every mapped static secret fetched "
+                    "(values are never shown), each issuer's signing keys loaded; exit 1 "
+                    "naming each failure")
 
     sp = add("keygen", cmd_keygen, "create keys: the token HMAC key set (create or rotate), "
              "a local-store key, or an Ed25519 key pair for an external issuer")
