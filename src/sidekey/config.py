@@ -673,8 +673,7 @@ def _tagged_members(tp: Any) -> tuple[str, dict[str, type[msgspec.Struct]]] | No
                and isinstance(m.__struct_config__.tag, str) and m.__struct_config__.tag_field]
     if not structs:
         return None
-    tag_field = structs[0].__struct_config__.tag_field
-    assert tag_field is not None
+    tag_field = structs[0].__struct_config__.tag_field or "type"
     return tag_field, {str(m.__struct_config__.tag): m for m in structs}
 
 
@@ -701,7 +700,8 @@ def _locate(obj: Any, tp: Any, path: list[str]) -> None:
         # A tagged union (backends, audit sinks): pick the member its tag names and
         # locate inside it, so an unknown key reads like any other section's.
         tag_field, by_tag = tagged
-        member = by_tag.get(obj.get(tag_field)) if isinstance(obj.get(tag_field), str) else None
+        tag = obj.get(tag_field)
+        member = by_tag.get(tag) if isinstance(tag, str) else None
         if member is None:
             kinds = ", ".join(by_tag)
             raise _Located([*path, tag_field],
@@ -721,10 +721,10 @@ def _locate(obj: Any, tp: Any, path: list[str]) -> None:
         for field in base.__struct_fields__:
             if field in obj:
                 _locate(obj[field], hints[field], [*path, field])
-        tag_field = base.__struct_config__.tag_field
-        unknown = [k for k in obj if k not in base.__struct_fields__ and k != tag_field]
+        own_tag = base.__struct_config__.tag_field
+        unknown = [k for k in obj if k not in base.__struct_fields__ and k != own_tag]
         if unknown:
-            known = ", ".join([tag_field] * bool(tag_field) + list(base.__struct_fields__))
+            known = ", ".join(([own_tag] if own_tag else []) + list(base.__struct_fields__))
             raise _Located([*path, str(unknown[0])], f"unknown key (known keys: {known})")
     message, _, where = err.partition(" - at `")
     suffix = where.rstrip("`").removeprefix("$")
