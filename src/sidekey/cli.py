@@ -675,10 +675,18 @@ def _approval_line(a: dict[str, Any]) -> str:
         detail += f"\n    arguments: {json.dumps(a['arguments'], sort_keys=True)}"
     else:
         detail += f"\n    arguments: (not kept; sha256 {a.get('args_digest')})"
+    if a.get("requested_by"):
+        detail += f"\n    requested by {a['requested_by']} at {a.get('created_at') or '-'}"
     if a.get("decided_by"):
-        detail += f"\n    {a['state']} by {a['decided_by']}"
+        # decided_by is the approver's verdict (approve or deny), whatever the state now
+        # is: a redeemed or expired approval was approved by them, not redeemed by them.
+        verdict = "denied" if a["state"] == "denied" else "approved"
+        detail += f"\n    {verdict} by {a['decided_by']} at {a.get('decided_at') or '-'}"
         if a.get("reason"):
             detail += f": {a['reason']}"
+    if a["state"] == "redeemed":
+        detail += (f"\n    redeemed by {a.get('redeemed_by') or 'the server process (not recorded)'}"
+                   f" at {a.get('redeemed_at') or '-'}")
     return head + "\n" + detail
 
 
