@@ -73,6 +73,9 @@ def test_serve_without_a_config_names_config_and_the_quickstart(
     assert f"the default {missing} does not exist" in err
     assert "--config FILE" in err and "$SIDEKEY_CONFIG" in err
     assert "examples/quickstart/run.sh" in err and "Quickstart" in err
+    # Every command that reads the config says the same.
+    assert cli.main(["check-config"]) == cli.EXIT_FAIL
+    assert capsys.readouterr().err.startswith("sidekey: error: no config: ")
     # A named config that does not exist is the config error naming that file.
     assert cli.main(["serve", "--config", str(tmp_path / "nope.yaml")]) == cli.EXIT_FAIL
     err = capsys.readouterr().err

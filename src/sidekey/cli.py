@@ -37,6 +37,14 @@ def _config_path(args: argparse.Namespace) -> str:
 def _load(args: argparse.Namespace) -> Any:
     from .config import load_config
 
+    if (not getattr(args, "config", None) and not os.environ.get("SIDEKEY_CONFIG")
+            and not Path(DEFAULT_CONFIG).exists()):
+        # A new operator's first `sidekey serve`: say where a config comes from, not
+        # only that the default file is missing.
+        _fail(f"no config: none given with --config FILE or $SIDEKEY_CONFIG, and the default "
+              f"{DEFAULT_CONFIG} does not exist. Pass --config FILE; to try sidekey first, "
+              "run the quickstart from the source tree: examples/quickstart/run.sh (its config "
+              'is examples/quickstart/sidekey.yaml; see "Quickstart" in the README)')
     return load_config(_config_path(args))
 
 
@@ -63,7 +71,7 @@ def _unreachable_hint(args: argparse.Namespace) -> str:
     from, and the three ways to point a command at another daemon."""
     try:
         path, source = _socket_source(args)
-    except (ConfigError, OSError):  # the config named was the problem: it was reported
+    except (ConfigError, CliError, OSError):  # the config was the problem: reported as such
         path, source = "?", "the config named could not be read"
     return (f"tried socket {path} ({source}). Is the daemon running there (`sidekey serve "
             "--config FILE`, or `systemctl status sidekey`)? To reach another daemon pass "
@@ -97,12 +105,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import daemon
     from .server import ServerError
 
-    if not args.config and not os.environ.get("SIDEKEY_CONFIG") and not Path(DEFAULT_CONFIG).exists():
-        _fail(f"no config: none given with --config FILE or $SIDEKEY_CONFIG, and the default "
-              f"{DEFAULT_CONFIG} does not exist. Run `sidekey serve --config FILE`; to try "
-              "sidekey first, run the quickstart from the source tree: "
-              "examples/quickstart/run.sh (its config is examples/quickstart/sidekey.yaml; "
-              "see \"Quickstart\" in the README)")
     loaded = _load(args)
     try:
         return trio.run(
@@ -177,7 +179,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             for name, a in sorted(cfg.agents.items())
         },
         "warnings": [*loaded.warnings, *file_warnings],
-        "backends": {n: "local" for n in cfg.backends},
+        "backends": {n: type(b).__struct_config__.tag for n, b in cfg.backends.items()},
         "secrets_mapped": mapped,
     }
     problems: list[str] = []
