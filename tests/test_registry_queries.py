@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +274,53 @@ def test_a_retired_undeclared_server_is_server_retired(make_daemon: Any) -> None
     legacy = json.loads(out.stdout)["servers"][-1]
     assert (legacy["server"], legacy["status"], legacy["verdict"]) == (
         "legacy-crm", "retired", "server_retired")
+
+
+def test_the_health_column_shows_the_daemons_latest_checks(make_daemon: Any) -> None:
+    """With policy.registry_health_checks on, each row carries the poller's last result:
+    content-api's health endpoint answers (healthy), legacy-crm's port is closed."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/content/health" else 404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        d: Daemon = make_daemon({"policy": {"registry_health_checks": True}})
+        path = d.root / "central-registry.yaml"
+        doc = yaml.safe_load(path.read_text())
+        entries = doc["registry"]["servers"]
+        entries["content-api"]["url"] = f"http://127.0.0.1:{server.server_address[1]}/content"
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        entries["legacy-crm"]["url"] = f"http://127.0.0.1:{closed}/crm-v1"
+        del entries["analytics-db"]["health_check"]  # not monitored
+        path.write_text(yaml.safe_dump(doc))
+        d.start()
+        deadline = time.monotonic() + 20
+        while True:
+            out = sidekey("registry", "list", "--json", "--socket", d.socket)
+            assert out.returncode == 0, out.stderr
+            health = {r["server"]: r["health"] for r in json.loads(out.stdout)["servers"]}
+            states = {s: (h or {}).get("state") for s, h in health.items()}
+            if states == {"analytics-db": None, "content-api": "healthy",
+                          "legacy-crm": "unhealthy"} or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert states == {"analytics-db": None, "content-api": "healthy",
+                          "legacy-crm": "unhealthy"}, health
+        out = sidekey("registry", "list", "--socket", d.socket)
+        rows = {line.split()[0]: line for line in out.stdout.splitlines()[2:]}
+        assert "  healthy  " in rows["content-api"] and "  unhealthy  " in rows["legacy-crm"]
+    finally:
+        server.shutdown()
+        server.server_close()
