@@ -179,7 +179,7 @@ class ApprovalDesk:
             raise ApprovalUnknown(f"no approval {approval_id} (unknown, or purged long after it expired)")
         redeemed = approvals.redeem(
             stored, server=call.server, tool=call.tool, user=call.user, agent=call.agent,
-            args_digest=call.args_digest, now=_dt(now),
+            args_digest=call.args_digest, now=_dt(now), by=approver_name(call.peer, call.peer_user),
         )
         if not await self.store.transition_approval(redeemed, from_state=approvals.APPROVED):
             # Someone redeemed or expired it between our read and our write.

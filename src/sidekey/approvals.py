@@ -229,8 +229,10 @@ def redeem(
     agent: str | None,
     args_digest: str,
     now: datetime.datetime,
+    by: str | None = None,
 ) -> Approval:
-    """``approved -> redeemed`` for exactly the approved call.
+    """``approved -> redeemed`` for exactly the approved call (``by``: the process that
+    presented it, recorded as ``redeemed_by``).
 
     The binding is checked first, so a caller presenting someone else's id learns
     nothing about its state: any difference raises :class:`ApprovalMismatch` naming
@@ -248,7 +250,7 @@ def redeem(
             fields=list(differ),
         )
     state = _step(approval, "redeem", now)
-    return msgspec.structs.replace(approval, state=state, redeemed_at=as_utc(now))
+    return msgspec.structs.replace(approval, state=state, redeemed_at=as_utc(now), redeemed_by=by)
 
 
 def mismatched_fields(

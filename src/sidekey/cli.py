@@ -37,18 +37,47 @@ def _config_path(args: argparse.Namespace) -> str:
 def _load(args: argparse.Namespace) -> Any:
     from .config import load_config
 
+    if (not getattr(args, "config", None) and not os.environ.get("SIDEKEY_CONFIG")
+            and not Path(DEFAULT_CONFIG).exists()):
+        # A new operator's first `sidekey serve`: say where a config comes from, not
+        # only that the default file is missing.
+        _fail(f"no config: none given with --config FILE or $SIDEKEY_CONFIG, and the default "
+              f"{DEFAULT_CONFIG} does not exist. Pass --config FILE; to try sidekey first, "
+              "run the quickstart from the source tree: examples/quickstart/run.sh (its config "
+              'is examples/quickstart/sidekey.yaml; see "Quickstart" in the README)')
     return load_config(_config_path(args))
 
 
 def _socket_path(args: argparse.Namespace) -> str:
     """--socket, else $SIDEKEY_SOCKET, else the socket of --config, else the default."""
+    return _socket_source(args)[0]
+
+
+def _socket_source(args: argparse.Namespace) -> tuple[str, str]:
+    """The socket a client command uses, and where that choice came from (for errors)."""
     if getattr(args, "socket", None):
-        return str(args.socket)
+        return str(args.socket), "from --socket"
     if os.environ.get("SIDEKEY_SOCKET"):
-        return os.environ["SIDEKEY_SOCKET"]
+        return os.environ["SIDEKEY_SOCKET"], "from $SIDEKEY_SOCKET"
     if getattr(args, "config", None) or os.environ.get("SIDEKEY_CONFIG"):
-        return str(_load(args).socket_path)
-    return DEFAULT_SOCKET
+        loaded = _load(args)
+        via = "--config" if getattr(args, "config", None) else "$SIDEKEY_CONFIG"
+        return str(loaded.socket_path), f"listen.socket of {via} {loaded.path}"
+    return DEFAULT_SOCKET, "the default: no --socket, $SIDEKEY_SOCKET or --config given"
+
+
+def _unreachable_hint(args: argparse.Namespace) -> str:
+    """What to do when the daemon cannot be reached: the socket tried, where it came
+    from, and the three ways to point a command at another daemon."""
+    try:
+        path, source = _socket_source(args)
+    except (ConfigError, CliError, OSError):  # the config was the problem: reported as such
+        path, source = "?", "the config named could not be read"
+    return (f"tried socket {path} ({source}). Is the daemon running there (`sidekey serve "
+            "--config FILE`, or `systemctl status sidekey`)? To reach another daemon pass "
+            "--socket PATH, set $SIDEKEY_SOCKET=PATH, or pass --config FILE (its listen.socket)"
+            + ("; or add --offline to read the config files instead (no health state)"
+               if getattr(args, "command", None) == "registry" else ""))
 
 
 def _print_json(value: Any) -> None:
@@ -150,13 +179,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             for name, a in sorted(cfg.agents.items())
         },
         "warnings": [*loaded.warnings, *file_warnings],
-        "backends": {n: "local" for n in cfg.backends},
+        "backends": {n: type(b).__struct_config__.tag for n, b in cfg.backends.items()},
         "secrets_mapped": mapped,
     }
-    failed = False
+    problems: list[str] = []
     if args.probe:
-        summary["probe"] = _probe_backends(loaded)
-        failed = any(not p["ok"] for p in summary["probe"].values())
+        from .probe import failures, run_probe
+
+        probed = run_probe(loaded)
+        summary["probe"] = probed["backends"]
+        summary["probe_issuers"] = probed["issuers"]
+        problems = failures(probed)
     if args.json:
         _print_json(summary)
     else:
@@ -176,57 +209,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"  agent {name}: {grants or 'no grants'}{denied}")
         for warning in summary["warnings"]:
             print(f"  warning: {warning}")
-        for name, probe in summary.get("probe", {}).items():
-            if "error" in probe:
-                print(f"  probe {name}: FAILED: {probe['error']}")
-                continue
-            if not probe["missing"]:
-                print(f"  probe {name}: {probe['checked']}")
-            for m in probe["missing"]:
-                kind = "MISSING" if m["required"] else "missing (optional)"
-                print(f"  probe {name}: {kind} {m['capability']} on {m['path']}, for {m['needed_for']}")
-    return EXIT_FAIL if failed else EXIT_OK
+        if args.probe:
+            from .probe import report_lines
 
-
-def _probe_backends(loaded: Any) -> dict[str, dict[str, Any]]:
-    """Ask each backend that can check its own permissions (Vault: one
-    sys/capabilities-self request) whether it may do what the config's secrets need.
-    ``ok`` is false on an error or a missing required capability."""
-    import trio
-
-    from .backends import build_backends, unwrap
-
-    refs: dict[str, list[Any]] = {}
-    for tools_ in loaded.config.secrets.values():
-        for by_alias in tools_.values():
-            for ref in by_alias.values():
-                refs.setdefault(ref.backend, []).append(ref)
-    backends = build_backends(loaded)
-
-    async def probe_all() -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        try:
-            for name, backend in backends.items():
-                probe = getattr(unwrap(backend), "probe", None)
-                if probe is None:
-                    continue
-                try:
-                    missing = await probe(refs.get(name, []))
-                except SidekeyError as exc:
-                    out[name] = {"ok": False, "error": exc.message}
-                    continue
-                out[name] = {
-                    "ok": not any(m["required"] for m in missing),
-                    "missing": missing,
-                    "checked": "every capability the config needs is granted",
-                }
-        finally:
-            with trio.CancelScope(shield=True):
-                for backend in backends.values():
-                    await backend.aclose()
-        return out
-
-    return trio.run(probe_all)
+            for line in report_lines({"backends": summary["probe"],
+                                      "issuers": summary["probe_issuers"]}):
+                print(f"  {line}")
+    if problems:
+        # Each failure on its own line (stderr), so a typo'd secret name is found before
+        # the first call needs it; the report above has the successes too.
+        for problem in problems:
+            print(f"sidekey: probe failed: {problem}", file=sys.stderr)
+        print(f"sidekey: error: check-config --probe: {len(problems)} problem(s)", file=sys.stderr)
+    return EXIT_FAIL if problems else EXIT_OK
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -682,11 +677,113 @@ def _approval_line(a: dict[str, Any]) -> str:
         detail += f"\n    arguments: {json.dumps(a['arguments'], sort_keys=True)}"
     else:
         detail += f"\n    arguments: (not kept; sha256 {a.get('args_digest')})"
+    if a.get("requested_by"):
+        detail += f"\n    requested by {a['requested_by']} at {a.get('created_at') or '-'}"
     if a.get("decided_by"):
-        detail += f"\n    {a['state']} by {a['decided_by']}"
+        # decided_by is the approver's verdict (approve or deny), whatever the state now
+        # is: a redeemed or expired approval was approved by them, not redeemed by them.
+        verdict = "denied" if a["state"] == "denied" else "approved"
+        detail += f"\n    {verdict} by {a['decided_by']} at {a.get('decided_at') or '-'}"
         if a.get("reason"):
             detail += f": {a['reason']}"
+    if a["state"] == "redeemed":
+        detail += (f"\n    redeemed by {a.get('redeemed_by') or 'the server process (not recorded)'}"
+                   f" at {a.get('redeemed_at') or '-'}")
     return head + "\n" + detail
+
+
+def _registry_date(text: str) -> str:
+    """argparse type of ``--as-of``: a date, YYYY-MM-DD (checked like the daemon does)."""
+    from .registry import check_as_of
+
+    try:
+        return check_as_of(text).isoformat()
+    except SidekeyError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _registry_days(text: str) -> int:
+    from .registry import check_stale
+
+    try:
+        return check_stale(text)
+    except SidekeyError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _registry_offline(args: argparse.Namespace) -> dict[str, Any]:
+    """The body ``GET /v1/registry`` would answer, computed from the config files
+    (--config): no daemon needed, no health state (``health`` is null)."""
+    import datetime
+
+    from . import registry
+
+    loaded = _load(args)
+    cfg = loaded.config
+    today = (datetime.date.fromisoformat(args.as_of) if args.as_of
+             else datetime.datetime.now(datetime.UTC).date())
+    owner = registry.check_owner(args.owner) if args.owner is not None else None
+    rows = registry.select(registry.listing(cfg, today=today), today=today,
+                           stale_days=args.stale, owner=owner)
+    return {
+        "as_of": today.isoformat(),
+        "registry_version": cfg.registry.version,
+        "filters": {"stale": args.stale, "owner": owner},
+        "servers": [registry.row_record(r, today=today, health=None) for r in rows],
+        "source": str(loaded.path),
+    }
+
+
+REGISTRY_COLUMNS = ("SERVER", "OWNER", "VERSION", "STATUS", "DEPRECATION", "REPLACEMENT",
+                    "LAST REVIEW", "HEALTH", "HOST", "CALLS")
+
+
+def _registry_table(body: dict[str, Any]) -> list[str]:
+    """``registry list``'s table: one line per server, aligned columns; ``-`` for none."""
+
+    def review(row: dict[str, Any]) -> str:
+        if row.get("last_review") is None:
+            return "never"
+        return f"{row['last_review']} ({row['review_age_days']}d)"
+
+    rows = [
+        (r["server"], r.get("owner") or "-", r.get("version") or "-", r.get("status") or "-",
+         r.get("deprecation_date") or "-", r.get("replacement") or "-", review(r),
+         (r.get("health") or {}).get("state") or "-",
+         "declared" if r.get("declared") else "-", r.get("verdict") or "-")
+        for r in body["servers"]
+    ]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
+              for i, c in enumerate(REGISTRY_COLUMNS)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(REGISTRY_COLUMNS), *(line(row) for row in rows)]
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    if args.offline:
+        body = _registry_offline(args)
+    else:
+        with _client(args) as client:
+            body = client.registry(stale_days=args.stale, owner=args.owner, as_of=args.as_of)
+    if args.json:
+        _print_json({k: v for k, v in body.items() if k != "request_id"})
+        return EXIT_OK
+    what = [f"as of {body['as_of']}"]
+    if body.get("registry_version"):
+        what.insert(0, f"registry {body['registry_version']}")
+    if args.stale is not None:
+        what.append(f"last review older than {args.stale} days (or never)")
+    if args.owner is not None:
+        what.append(f"owner {args.owner}")
+    source = f"config files {body['source']}" if args.offline else "the running daemon"
+    print(f"{len(body['servers'])} server(s); {'; '.join(what)}; from {source}")
+    if body["servers"]:
+        for text in _registry_table(body):
+            print(text)
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -758,10 +855,11 @@ def build_parser() -> argparse.ArgumentParser:
     config_arg(sp)
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     sp.add_argument("--probe", action="store_true",
-                    help="also ask each remote backend whether its credentials may do what the "
-                    "config needs (Vault: one sys/capabilities-self request, naming each missing "
-                    "capability); exit 1 if a required one is missing or the backend cannot be "
-                    "reached")
+                    help="also reach every backend and OAuth2 issuer the config names: each "
+                    "backend's health, Vault's capabilities (one sys/capabilities-self request, "
+                    "naming each missing capability), every mapped static secret fetched "
+                    "(values are never shown), each issuer's signing keys loaded; exit 1 "
+                    "naming each failure")
 
     sp = add("keygen", cmd_keygen, "create keys: the token HMAC key set (create or rotate), "
              "a local-store key, or an Ed25519 key pair for an external issuer")
@@ -999,6 +1097,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--expect", metavar="HMAC",
                     help="compare with this hmac-sha256:<hex>: print 'match' and exit 0, else exit 1")
 
+    reg = add("registry", lambda a: EXIT_USAGE, "the MCP server inventory: central registry "
+              "and this host's servers")
+    rsub = reg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    help_ = ("list every MCP server the central registry lists or this host declares: owner, "
+             "version, status, deprecation date, replacement, last review (the registry's "
+             "last_audit, with its age in days), the daemon's latest health check, whether this "
+             "host declares it, and what the registry step answers a call today (allow, warn, "
+             "or the denial's code). Asks the running daemon (tier security: its running "
+             "config, with health); --offline reads the config files instead.")
+    sp = rsub.add_parser("list", help="list servers, owners, status and last review",
+                         description=help_)
+    sp.set_defaults(func=cmd_registry)
+    sp.add_argument("--stale", type=_registry_days, metavar="DAYS",
+                    help="only servers whose last review is more than DAYS days old (servers "
+                    "never reviewed are included)")
+    sp.add_argument("--owner", metavar="OWNER", help="only servers of this owner (exact match)")
+    sp.add_argument("--as-of", type=_registry_date, metavar="YYYY-MM-DD",
+                    help="count review ages to this date instead of today (UTC)")
+    sp.add_argument("--offline", action="store_true",
+                    help="read the config files (--config) instead of asking the daemon; no "
+                    "health state")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    socket_args(sp)
+
     sp = add("status", cmd_status, "show the daemon's leases, backends, store and audit health")
     sp.add_argument("--json", action="store_true", help="print JSON")
     socket_args(sp)
@@ -1024,13 +1146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # httpx logs every request at INFO; the CLI's own output says what happened.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-    from .client import SidekeyClientError
+    from .client import ConnectionFailed, SidekeyClientError
 
     try:
         code: int = args.func(args)
         return code
     except CliError as exc:
         print(f"sidekey: error: {exc}", file=sys.stderr)
+    except ConnectionFailed as exc:
+        print(f"sidekey: error: {exc.code}: {exc.message}; {_unreachable_hint(args)}",
+              file=sys.stderr)
     except ConfigError as exc:
         lines = str(exc).splitlines()
         print(f"sidekey: config error: {lines[0]}", file=sys.stderr)

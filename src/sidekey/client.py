@@ -551,6 +551,11 @@ def _approval_outcome(approval: Mapping[str, Any], pending: ApprovalPending) -> 
                         code=f"approval_{state}", status=409, request_id=pending.request_id)
 
 
+def _registry_path(stale_days: int | None, owner: str | None, as_of: str | None) -> str:
+    query = urllib.parse.urlencode(_drop_none(stale=stale_days, owner=owner, as_of=as_of))
+    return "/v1/registry" + (f"?{query}" if query else "")
+
+
 def _release_body(
     lease_id: str,
     status: str,
@@ -1409,6 +1414,15 @@ class Client:
         """``GET /v1/status`` (operator tier): leases, quotas, backends, registry."""
         return self._call("GET", "/v1/status")[1]
 
+    def registry(self, *, stale_days: int | None = None, owner: str | None = None,
+                 as_of: str | None = None) -> dict[str, Any]:
+        """``GET /v1/registry`` (security tier): every server the central registry lists
+        or the host declares, with owner, version, status, deprecation, last review and
+        health; ``stale_days``: only those last reviewed more than that many days before
+        ``as_of`` (YYYY-MM-DD, default today), never-reviewed included; ``owner``: only
+        that owner's. Returns the body (``servers``, ``as_of``, ...)."""
+        return self._call("GET", _registry_path(stale_days, owner, as_of))[1]
+
     def authorize(
         self,
         server: str,
@@ -1730,6 +1744,11 @@ class AsyncClient:
     async def status(self) -> dict[str, Any]:
         """``GET /v1/status``. See :meth:`Client.status`."""
         return (await self._call("GET", "/v1/status"))[1]
+
+    async def registry(self, *, stale_days: int | None = None, owner: str | None = None,
+                       as_of: str | None = None) -> dict[str, Any]:
+        """``GET /v1/registry``. See :meth:`Client.registry`."""
+        return (await self._call("GET", _registry_path(stale_days, owner, as_of)))[1]
 
     async def authorize(
         self,

@@ -14,6 +14,7 @@ import datetime
 import os
 import re
 import socket
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -662,6 +663,20 @@ def _strip_annotated(tp: Any) -> Any:
     return tp
 
 
+def _tagged_members(tp: Any) -> tuple[str, dict[str, type[msgspec.Struct]]] | None:
+    """For a union of tagged Structs (``LocalBackendConfig | VaultBackendConfig | ...``):
+    the tag field and each member by its tag; None for any other type."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    members = [_strip_annotated(m) for m in typing.get_args(tp)]
+    structs = [m for m in members if isinstance(m, type) and issubclass(m, msgspec.Struct)
+               and isinstance(m.__struct_config__.tag, str) and m.__struct_config__.tag_field]
+    if not structs:
+        return None
+    tag_field = structs[0].__struct_config__.tag_field or "type"
+    return tag_field, {str(m.__struct_config__.tag): m for m in structs}
+
+
 class _Located(Exception):
     def __init__(self, path: list[str], message: str) -> None:
         self.path = path
@@ -680,6 +695,19 @@ def _locate(obj: Any, tp: Any, path: list[str]) -> None:
         err = str(exc)
     base = _strip_annotated(tp)
     origin = typing.get_origin(base)
+    tagged = _tagged_members(base)
+    if tagged and isinstance(obj, dict):
+        # A tagged union (backends, audit sinks): pick the member its tag names and
+        # locate inside it, so an unknown key reads like any other section's.
+        tag_field, by_tag = tagged
+        tag = obj.get(tag_field)
+        member = by_tag.get(tag) if isinstance(tag, str) else None
+        if member is None:
+            kinds = ", ".join(by_tag)
+            raise _Located([*path, tag_field],
+                           f"expected one of {kinds}, got {_describe(obj[tag_field])}"
+                           if tag_field in obj else f"missing: set it to one of {kinds}")
+        _locate(obj, member, path)  # raises for any problem inside the member
     if origin is dict and isinstance(obj, dict):
         vt = typing.get_args(base)[1]
         for k, v in obj.items():
@@ -693,9 +721,10 @@ def _locate(obj: Any, tp: Any, path: list[str]) -> None:
         for field in base.__struct_fields__:
             if field in obj:
                 _locate(obj[field], hints[field], [*path, field])
-        unknown = [k for k in obj if k not in base.__struct_fields__ and k != "type"]
+        own_tag = base.__struct_config__.tag_field
+        unknown = [k for k in obj if k not in base.__struct_fields__ and k != own_tag]
         if unknown:
-            known = ", ".join(base.__struct_fields__)
+            known = ", ".join(([own_tag] if own_tag else []) + list(base.__struct_fields__))
             raise _Located([*path, str(unknown[0])], f"unknown key (known keys: {known})")
     message, _, where = err.partition(" - at `")
     suffix = where.rstrip("`").removeprefix("$")

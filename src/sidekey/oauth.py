@@ -508,6 +508,15 @@ class OAuthVerifier:
                 self._expiry.rebuild((e.token.expires_at, k) for k, e in self._cache.items())
         return access
 
+    async def probe(self, oauth: OAuth2Config) -> tuple[str, str, list[str]]:
+        """Load the issuer's signing keys as a token verification would (JWKS file, jwks_uri
+        or discovery; bounded by ``fetch_timeout_s``): ``(source kind, location, kids)``.
+        For ``check-config --probe``. Raises :class:`Unavailable` (``jwks_unavailable``)
+        naming the issuer and why."""
+        source = self._source(oauth)
+        keys = await self._ensure_keys(source, want=None)
+        return source.kind, source.location, keys.kids()
+
     def purge_expired(self) -> int:
         """Drop every cached token whose ``exp`` has passed (a hit needs ``now < exp``,
         so such an entry is never served again); return how many were dropped."""

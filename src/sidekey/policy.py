@@ -4,7 +4,9 @@ The decision runs a fixed chain of steps in the contract's order. Each step eith
 appends the rule it matched to ``rules_matched`` and continues, or stops the chain
 with a denial carrying a stable ``code``, an actionable ``message`` and an HTTP status:
 
-1. the server is declared under ``servers:`` (``server_unknown``, 404) and the central
+1. the server is declared under ``servers:`` (``server_unknown``, 404; but a server the
+   central registry lists as deprecated or retired is answered ``server_deprecated`` /
+   ``server_retired``, 403, naming the date and the replacement) and the central
    registry lets it run (:mod:`sidekey.registry`: ``server_not_registered``,
    ``server_deprecated``, ``server_retired``, ``version_mismatch``; 403);
 2. the calling process is attested as that server (``peer_mismatch``, 403);
@@ -187,10 +189,12 @@ class CompiledPolicy:
     The config is treated as immutable: a reload brings a new ``Config`` object.
     """
 
-    __slots__ = ("_agent_claims", "_agents", "_registry_listed", "_servers", "agents_configured")
+    __slots__ = ("_agent_claims", "_agents", "_entries", "_registry_listed", "_servers",
+                 "agents_configured")
 
     def __init__(self, cfg: Config) -> None:
         entries = cfg.registry.servers
+        self._entries: Mapping[str, RegistryEntry] = MappingProxyType(dict(entries))
         self._registry_listed = bool(entries)
         servers: dict[str, _Server] = {}
         for name, sdef in cfg.servers.items():
@@ -311,7 +315,8 @@ class CompiledPolicy:
         user_id = local_user(facts.peer_uid, facts.peer_user)
 
         def stop(
-            code: str, message: str, status: int, outcome: Outcome = "deny"
+            code: str, message: str, status: int, outcome: Outcome = "deny",
+            details: Mapping[str, Any] | None = None,
         ) -> Decision:
             return Decision(
                 outcome=outcome,
@@ -321,20 +326,25 @@ class CompiledPolicy:
                 message=message,
                 status=status,
                 warnings=warnings,
+                details=details or {},
             )
 
         # 1. server declared, central registry
         name = facts.server
         server = self._servers.get(name)
-        if server is None:
-            return stop(
-                "server_unknown",
-                f'server "{name}" is not declared under servers: in this host\'s config',
-                STATUS_NOT_FOUND,
-            )
-        rules.append(server.declared_rule)
         now = facts.now
         today = now.date() if now.tzinfo is None else now.astimezone(datetime.UTC).date()
+        if server is None:
+            # Not deployed here. A server the central registry has deprecated or retired
+            # is answered with the registry's code, date and replacement (where to move),
+            # not a bare server_unknown; the rule names the registry entry that applied.
+            gone = registry.undeclared(self._entries.get(name), server=name, today=today)
+            if gone.code == registry.SERVER_UNKNOWN:
+                return stop(gone.code, gone.message or gone.code, STATUS_NOT_FOUND)
+            rules.append(gone.rule)
+            return stop(gone.code or "denied", gone.message or "denied", STATUS_DENIED,
+                        details=registry.move_details(self._entries.get(name)))
+        rules.append(server.declared_rule)
         verdict = registry.evaluate(
             server.entry,
             server=name,
@@ -345,7 +355,8 @@ class CompiledPolicy:
         )
         warnings = verdict.warnings
         if not verdict.ok:
-            return stop(verdict.code or "denied", verdict.message or "denied", STATUS_DENIED)
+            return stop(verdict.code or "denied", verdict.message or "denied", STATUS_DENIED,
+                        details=registry.move_details(server.entry))
         rules.append(verdict.rule)
 
         # 2. peer attested as this server, 3. OAuth2: who the user is (shared with

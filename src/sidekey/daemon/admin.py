@@ -1,9 +1,11 @@
-"""Admin and approver endpoints: health and status, minting tokens (``POST /v1/tokens``),
-the reload endpoint, the approvals list and verbs, and secret rotation.
+"""Admin and approver endpoints: health and status, the registry inventory
+(``GET /v1/registry``), minting tokens (``POST /v1/tokens``), the reload endpoint, the
+approvals list and verbs, and secret rotation.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import secrets
 import urllib.parse
@@ -12,7 +14,7 @@ from typing import Any
 import msgspec
 import trio
 
-from .. import approvals, protocol
+from .. import approvals, protocol, registry
 from ..approval_desk import parse_timeout
 from ..approval_desk import wire as approval_wire
 from ..approvals import APPROVAL_ID
@@ -97,6 +99,31 @@ class Admin(Context):
                 "config_generation": self.generation,
             },
         )
+
+    async def registry_list(self, req: Request) -> Response:
+        """``GET /v1/registry?stale=DAYS&owner=NAME&as_of=YYYY-MM-DD`` (tier security):
+        the inventory of the running config (every server the central registry lists or
+        this host declares) with each server's latest health check. ``stale``: only
+        servers last reviewed more than DAYS days before ``as_of`` (default today, UTC,
+        by the daemon's clock), never-reviewed ones included; ``owner``: only that
+        owner's. A bad parameter is 400 ``query_param_invalid`` / ``query_param_unknown``."""
+        query = registry.parse_query(req.query)
+        today = query.as_of or datetime.datetime.fromtimestamp(self.clock(), datetime.UTC).date()
+        rows = registry.select(registry.listing(self.cfg, today=today), today=today,
+                               stale_days=query.stale_days, owner=query.owner)
+        health: dict[str, dict[str, Any]] = self.registry_health.status()
+        if not self.cfg.policy.registry_health_checks:
+            # Not polled (policy.registry_health_checks: false): say so, not "unknown".
+            health = {name: {"state": "disabled", "url": target.url}
+                      for name, target in self.registry_health.targets.items()}
+        return _json(200, {
+            "as_of": today.isoformat(),
+            "registry_version": self.cfg.registry.version,
+            "filters": {"stale": query.stale_days, "owner": query.owner},
+            "servers": [registry.row_record(r, today=today, health=health.get(r.server))
+                        for r in rows],
+            "request_id": req.request_id,
+        })
 
     async def mint_token(self, req: Request) -> Response:
         body: TokenRequest = protocol.decode_body(req.body, TokenRequest)

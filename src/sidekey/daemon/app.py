@@ -78,6 +78,7 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
             ("POST", SESSIONS_END_PATH): Route("service", self.end_session),
             ("POST", "/v1/tokens"): Route("admin", self.mint_token),
             ("GET", "/v1/status"): Route("admin", self.status),
+            ("GET", "/v1/registry"): Route("security", self.registry_list),
             ("POST", "/v1/admin/reload"): Route("admin", self.admin_reload),
         }
 

@@ -41,6 +41,9 @@ class Approval(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     decided_at: datetime.datetime | None = None
     reason: str | None = None  # the approver's reason (required to deny)
     redeemed_at: datetime.datetime | None = None
+    # The MCP server process that presented the approved call (approvals list shows it
+    # apart from the approver in decided_by). None on records written before it existed.
+    redeemed_by: str | None = None
     # The call's arguments for the approvers to read, with values under sensitive keys
     # redacted (as in audit); None if they were too large to keep.
     arguments: dict[str, Any] | None = None
