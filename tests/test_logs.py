@@ -146,8 +146,7 @@ def test_text_log_is_unchanged_by_default(daemon: Daemon) -> None:
 def test_request_lines_can_be_switched(make_daemon: Any) -> None:
     d: Daemon = make_daemon({"log": {"format": "text", "requests": True}})
     d.start()
-    status, auth = d.authorize()
-    assert status == 200
+    assert d.authorize()[0] == 200
     assert d.stop() == 0
     assert f"INFO {logs.REQUEST_LOGGER}: POST /v1/authorize 200 ok" in d.log()
     d2: Daemon = make_daemon({"log": {"format": "json", "requests": False}})
@@ -302,7 +301,7 @@ def test_the_client_sends_a_valid_traceparent_only() -> None:
     client.authorize("s", "t")
     assert [r.headers.get("traceparent") for r in sent] == [TRACEPARENT, None, None]
     with pytest.raises(TypeError):
-        client.authorize("s", "t", traceparent=b"00-..." )  # type: ignore[arg-type]
+        client.authorize("s", "t", traceparent=b"00-...")  # type: ignore[arg-type]
 
 
 @pytest.mark.integration
@@ -310,6 +309,7 @@ def test_sidekey_mcp_forwards_the_mcp_requests_traceparent(make_daemon: Any) -> 
     import httpx2
     from mcp import Client as McpClient
     from mcp.client.streamable_http import streamable_http_client
+
     from test_mcp_governed import http_server, run, tool_calls
 
     d: Daemon = make_daemon()
@@ -317,11 +317,11 @@ def test_sidekey_mcp_forwards_the_mcp_requests_traceparent(make_daemon: Any) -> 
     token = d.user_token("content-api", extra={"azp": "content-writer", "client_id": "cw-1"})
 
     async def main(url: str) -> Any:
-        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}",
-                                               "traceparent": TRACEPARENT}, timeout=30) as http:
-            async with McpClient(streamable_http_client(url, http_client=http),  # type: ignore[arg-type]
-                                 mode="legacy") as client:
-                return await client.call_tool("list_articles", {"query": "ai"})
+        headers = {"Authorization": f"Bearer {token}", "traceparent": TRACEPARENT}
+        async with httpx2.AsyncClient(headers=headers, timeout=30) as http, McpClient(
+                streamable_http_client(url, http_client=http), mode="legacy",  # type: ignore[arg-type]
+        ) as client:
+            return await client.call_tool("list_articles", {"query": "ai"})
 
     with http_server(d) as url:
         result = run(lambda: main(url))
