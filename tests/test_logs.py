@@ -420,3 +420,15 @@ def test_journal_detection_needs_the_streams_own_device_and_inode(tmp_path: Path
         assert not logs.stream_is_journal(f, {"JOURNAL_STREAM": "junk"})
         assert not logs.stream_is_journal(f, {})
     assert not logs.stream_is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
+
+
+def test_otlp_records_carry_the_trace_id() -> None:
+    from sidekey.audit.webhook import format_body
+
+    lines = [(1, json.dumps({"event_type": "mcp.redeem", "timestamp": "2026-11-30T10:00:00Z",
+                             "event_id": "e1", "trace_id": TRACE}).encode()),
+             (2, b'{"event_type":"mcp.redeem","event_id":"e2","trace_id":"not hex"}'),
+             (3, b'{"event_type":"daemon.started","event_id":"e3"}')]
+    body = json.loads(format_body(lines, "otlp_json"))
+    records = body["resourceLogs"][0]["scopeLogs"][0]["logRecords"]
+    assert [r.get("traceId") for r in records] == [TRACE, None, None]

@@ -54,6 +54,14 @@ def trace_id(value: str | None) -> str | None:
     return trace
 
 
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_trace_id(value: str) -> bool:
+    """Whether ``value`` is a trace-id as :func:`trace_id` returns them."""
+    return _TRACE_ID.fullmatch(value) is not None and value != _ZERO_TRACE
+
+
 def valid(value: str | None) -> bool:
     """Whether ``value`` is a ``traceparent`` sidekey would use (see :func:`trace_id`)."""
     return trace_id(value) is not None
