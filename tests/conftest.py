@@ -9,12 +9,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Daemon
+from harness import Daemon, with_log_format
 
 
 @pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    d = Daemon().start()
+def log_format(request: pytest.FixtureRequest) -> str:
+    """The daemons' ``log.format`` (parametrize indirectly, e.g. BOTH_LOG_FORMATS)."""
+    return str(getattr(request, "param", "text"))
+
+
+@pytest.fixture
+def daemon(log_format: str) -> Iterator[Daemon]:
+    d = Daemon(with_log_format(None, log_format)).start()
     try:
         yield d
     finally:
@@ -34,11 +40,11 @@ def staged() -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def make_daemon() -> Iterator[object]:
+def make_daemon(log_format: str) -> Iterator[object]:
     made: list[Daemon] = []
 
     def make(overrides: dict[str, object] | None = None, **kw: object) -> Daemon:
-        d = Daemon(overrides, **kw)  # type: ignore[arg-type]
+        d = Daemon(with_log_format(overrides, log_format), **kw)  # type: ignore[arg-type]
         made.append(d)
         return d
 

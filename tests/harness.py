@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from sidekey.backends.local import LocalStore, generate_key_file, load_key
@@ -63,6 +64,18 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# A leak test decorated with this runs against daemons writing each log format (the
+# `daemon` and `make_daemon` fixtures read the `log_format` fixture; default text).
+BOTH_LOG_FORMATS = pytest.mark.parametrize("log_format", ["text", "json"], indirect=True)
+
+
+def with_log_format(overrides: dict[str, Any] | None, log_format: str) -> dict[str, Any] | None:
+    """``overrides`` with ``log.format`` set (text, the default, leaves them as given)."""
+    if log_format == "text":
+        return overrides
+    return _merge({"log": {"format": log_format}}, overrides or {})
 
 
 class Daemon:

@@ -338,7 +338,7 @@ _CEF_OWN = {"timestamp": "rt", "event_id": "externalId", "event_type": "cat", "h
 _ECS_OWN = {"timestamp": ("@timestamp",), "event_id": ("event", "id"),
             "event_type": ("event", "action"), "host": ("host", "name"), "user_id": ("user", "id"),
             "seq": ("sidekey", "chain", "seq"), "prev_hash": ("sidekey", "chain", "prev_hash"),
-            "log_id": ("sidekey", "chain", "log_id")}
+            "log_id": ("sidekey", "chain", "log_id"), "trace_id": ("trace", "id")}
 
 
 def parse_cef(line: str) -> tuple[list[str], dict[str, str]]:
@@ -388,7 +388,8 @@ def _own_kinds_of_events() -> list[bytes]:
                    tool="publish_article", user_id="alice", redact_keys=(), peer=peer,
                    extra={"approval_id": "apr_1", "decided_by": "bob", "reason": "ok"}),
         make_event("request.rejected", host="h1", now=now, redact_keys=(), peer=peer,
-                   request_id="req_1", policy={"evaluated": True, "rules_matched": ["r1"],
+                   request_id="req_1", trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+                   policy={"evaluated": True, "rules_matched": ["r1"],
                                                "decision": "deny"},
                    error={"code": "peer_not_allowed", "message": "no", "status": 403},
                    extra={"path": "/v1/redeem", "method": "POST"}),

@@ -15,7 +15,7 @@ import pytest
 import trio
 import yaml
 
-from harness import Daemon
+from harness import BOTH_LOG_FORMATS, Daemon
 from sidekey.audit import AuditLog
 from sidekey.audit.jsonl import JsonlSink
 from sidekey.audit.webhook import Cursor, FileTail, WebhookAuth, WebhookSink, format_body
@@ -84,6 +84,7 @@ def collector(tmp_path: Path) -> Any:
 # --------------------------------------------------------------------------- daemons
 
 
+@BOTH_LOG_FORMATS
 def test_every_committed_line_arrives_once_in_order_with_the_secret_header(
         make_daemon: Any, collector: Collector) -> None:
     d, pub, token = webhook_daemon(make_daemon, collector)

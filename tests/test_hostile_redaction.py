@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harness import Daemon
+from harness import BOTH_LOG_FORMATS, Daemon
 from sidekey.audit.events import REDACTED, make_event, redact, sensitive_key
 from sidekey.audit.hmackey import ValueHasher, load_key
 from test_approvals_daemon import hold_every_call
@@ -147,6 +147,7 @@ def hostile_arguments() -> dict[str, Any]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
+@BOTH_LOG_FORMATS
 def test_no_secret_spelling_reaches_the_audit_file(make_daemon: Any) -> None:
     d: Daemon = make_daemon({"audit": {"redact_tool_fields": {"publish_article": ["body_markdown"]}}})
     hold_every_call(d)
@@ -161,7 +162,9 @@ def test_no_secret_spelling_reaches_the_audit_file(make_daemon: Any) -> None:
     d.wait_events("mcp.authorize", 1)
     assert d.stop(timeout=30) == 0  # everything flushed
     written = d.audit_path.read_text()
-    leaked = sorted(s for s in SECRETS if s in written or s in json.dumps(listed))
+    # The daemon's own log (debug level, each log.format) neither.
+    logged = d.log()
+    leaked = sorted(s for s in SECRETS if s in written or s in json.dumps(listed) or s in logged)
     assert leaked == [], leaked
     assert "a normal title" in written  # arguments are there, only the secrets are not
     events = [json.loads(line) for line in written.splitlines()]

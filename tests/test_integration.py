@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from harness import Daemon, UnixHTTPConnection, run_as
+from harness import BOTH_LOG_FORMATS, Daemon, UnixHTTPConnection, run_as
 
 pytestmark = pytest.mark.integration
 
@@ -294,6 +294,7 @@ def test_sigterm_lets_in_flight_finish_and_exits_zero(daemon: Daemon) -> None:
     assert not os.path.exists(daemon.socket)
 
 
+@BOTH_LOG_FORMATS
 def test_no_secret_anywhere_sidekey_wrote(daemon: Daemon) -> None:
     """Run every kind of call, success and failure, then grep every byte written."""
     bodies: list[bytes] = []

@@ -15,7 +15,7 @@ import pytest
 import trio
 import yaml
 
-from harness import Daemon
+from harness import BOTH_LOG_FORMATS, Daemon
 from oauth_issuer import OAuthIssuer
 from sidekey import daemon as daemon_mod
 from sidekey.audit import AuditLog
@@ -93,6 +93,7 @@ def test_valid_token_allows_and_audits_the_chain(governed: Daemon, issuer: OAuth
         assert _call(governed, issuer.mint(issuer.claims(scope="content:write"), alg=alg))[0] == 200
 
 
+@BOTH_LOG_FORMATS
 def test_attack_matrix(governed: Daemon, issuer: OAuthIssuer) -> None:
     good = issuer.claims(scope="content:read content:write")
     now = int(time.time())

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, logs
 from .protocol import ConfigError, SidekeyError
 
 DEFAULT_CONFIG = "/etc/sidekey/sidekey.yaml"
@@ -106,6 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServerError
 
     loaded = _load(args)
+    # The config's log: (format, level) from here on; the start's own lines were text.
+    logs.configure(loaded.config.log.format, _log_level(args, loaded.config.log.level))
     try:
         return trio.run(
             lambda: daemon.run(loaded, socket_path=Path(args.socket).absolute() if args.socket else None,
@@ -120,6 +122,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if isinstance(first, ServerError):
             _fail(str(first))
         raise first from group
+
+
+def _log_level(args: argparse.Namespace, configured: str | None) -> str:
+    """--log-level, else $SIDEKEY_LOG_LEVEL (if a known level), else the config's
+    log.level, else info."""
+    env = os.environ.get("SIDEKEY_LOG_LEVEL", "").lower()
+    level: str = args.log_level or (env if env in logs.LEVELS else None) or configured or "info"
+    return level
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -820,8 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
         "single-call secret leases over a Unix socket.",
     )
     p.add_argument("--version", action="version", version=f"sidekey {__version__}")
-    p.add_argument("--log-level", default=os.environ.get("SIDEKEY_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"], help="log verbosity (stderr)")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (stderr); default $SIDEKEY_LOG_LEVEL, then (serve) the "
+                   "config's log.level, then info")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -1139,11 +1150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="sidekey[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure("text", _log_level(args, None))
+    if os.environ.get("SIDEKEY_LOG_LEVEL", "").lower() not in ("", *logs.LEVELS):
+        logging.getLogger("sidekey").warning(
+            "ignoring SIDEKEY_LOG_LEVEL: not one of %s", ", ".join(logs.LEVELS))
     # httpx logs every request at INFO; the CLI's own output says what happened.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     from .client import ConnectionFailed, SidekeyClientError

@@ -54,7 +54,7 @@ import anyio
 import h11
 import msgspec
 
-from . import __version__
+from . import __version__, tracecontext
 
 log = logging.getLogger(__name__)
 
@@ -849,6 +849,23 @@ def _header_builder() -> Callable[[int | None], Any]:
 
 _request_headers = _header_builder()
 
+# Per-request headers beyond the constant ones (a traceparent).
+_ExtraHeaders = tuple[tuple[bytes, bytes], ...]
+
+
+def _trace_headers(traceparent: str | None) -> _ExtraHeaders:
+    """The ``traceparent`` header to send: the caller's W3C Trace Context value, passed
+    on so the daemon can put its trace-id in the call's audit events. A malformed one is
+    dropped (the spec has a receiver ignore it; the call goes on without it)."""
+    if traceparent is None:
+        return ()
+    if not isinstance(traceparent, str):
+        raise TypeError("traceparent must be a str")
+    if not tracecontext.valid(traceparent):
+        log.debug("not sending a malformed traceparent header")
+        return ()
+    return ((tracecontext.HEADER.encode(), traceparent.encode("ascii")),)
+
 
 @dataclass(frozen=True, slots=True)
 class TransportRequest:
@@ -873,11 +890,13 @@ SyncTransport = Callable[[TransportRequest], TransportResponse]
 AsyncTransport = Callable[[TransportRequest], Awaitable[TransportResponse]]
 
 
-def _transport_request(method: str, target: str, body: bytes | None) -> TransportRequest:
+def _transport_request(method: str, target: str, body: bytes | None,
+                       extra: _ExtraHeaders = ()) -> TransportRequest:
     headers = {k.decode(): v.decode() for k, v in _HEADERS}
     if body is not None:
         headers.update({k.decode(): v.decode() for k, v in _BODY_HEADERS})
         headers["content-length"] = str(len(body))
+    headers.update({k.decode(): v.decode() for k, v in extra})
     return TransportRequest(method, target, headers, body or b"")
 
 
@@ -907,8 +926,11 @@ class _Exchange:
         self.headers: dict[str, str] = {}
         self.body = bytearray()
 
-    def request_bytes(self, method: str, target: str, body: bytes | None) -> bytes:
+    def request_bytes(self, method: str, target: str, body: bytes | None,
+                      extra: _ExtraHeaders = ()) -> bytes:
         headers = _request_headers(None if body is None else len(body))
+        if extra:
+            headers = [*headers, *extra]  # validated by h11, like any header it is given
         h = self.h
         out = h.send(h11.Request(method=method, target=target, headers=headers)) or b""
         if body:
@@ -1099,7 +1121,7 @@ class _SyncPool:
                 return True
 
     def request(self, method: str, target: str, body: bytes | None, timeout: float,
-                what: str) -> tuple[int, Mapping[str, str], bytes]:
+                what: str, extra: _ExtraHeaders = ()) -> tuple[int, Mapping[str, str], bytes]:
         deadline = time.monotonic() + timeout
         if not self.slots.acquire(timeout=timeout):
             raise RequestTimeout(f"{what}: all {MAX_CONNECTIONS} connections to sidekey stayed "
@@ -1112,7 +1134,7 @@ class _SyncPool:
             try:
                 ex = _Exchange(conn.h, what)
                 try:
-                    self._send(conn, ex.request_bytes(method, target, body), deadline)
+                    self._send(conn, ex.request_bytes(method, target, body, extra), deadline)
                 except _SEND_CLOSED:
                     if not self._read(conn, ex, deadline, after_failed_send=True):
                         if not reused:
@@ -1123,7 +1145,7 @@ class _SyncPool:
                         conn.close()
                         conn = self._connect(deadline, what)
                         ex = _Exchange(conn.h, what)
-                        self._send(conn, ex.request_bytes(method, target, body), deadline)
+                        self._send(conn, ex.request_bytes(method, target, body, extra), deadline)
                         self._read(conn, ex, deadline, after_failed_send=False)
                 else:
                     self._read(conn, ex, deadline, after_failed_send=False)
@@ -1276,7 +1298,7 @@ class _AsyncPool:
             conn.close()
 
     async def request(self, method: str, target: str, body: bytes | None, timeout_s: float,
-                      what: str) -> tuple[int, Mapping[str, str], bytes]:
+                      what: str, extra: _ExtraHeaders = ()) -> tuple[int, Mapping[str, str], bytes]:
         phase = "wait"  # for a timeout: waiting for a slot, connecting, or the exchange
         try:
             with anyio.fail_after(timeout_s):
@@ -1291,7 +1313,7 @@ class _AsyncPool:
                     try:
                         ex = _Exchange(conn.h, what)
                         try:
-                            await self._send(conn, ex.request_bytes(method, target, body))
+                            await self._send(conn, ex.request_bytes(method, target, body, extra))
                         except _SEND_CLOSED:
                             if not await self._read(conn, ex, after_failed_send=True):
                                 if not reused:
@@ -1303,7 +1325,7 @@ class _AsyncPool:
                                 conn = await self._connect(what)
                                 phase = "exchange"
                                 ex = _Exchange(conn.h, what)
-                                await self._send(conn, ex.request_bytes(method, target, body))
+                                await self._send(conn, ex.request_bytes(method, target, body, extra))
                                 await self._read(conn, ex, after_failed_send=False)
                         else:
                             await self._read(conn, ex, after_failed_send=False)
@@ -1392,7 +1414,7 @@ class Client:
 
     def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None = None,
-        ok: frozenset[int] = _OK, timeout: float | None = None,
+        ok: frozenset[int] = _OK, timeout: float | None = None, extra: _ExtraHeaders = (),
     ) -> tuple[int, dict[str, Any]]:
         what = f"{method} {path}"
         content = _encoder.encode(body) if body is not None else None
@@ -1400,10 +1422,10 @@ class Client:
             if self._closed:
                 raise RuntimeError("sidekey client is closed")
             status, headers, raw = _transport_response(
-                self._transport(_transport_request(method, path, content)), what)
+                self._transport(_transport_request(method, path, content, extra)), what)
         else:
             status, headers, raw = self._pool().request(
-                method, path, content, timeout or self.timeout, what)
+                method, path, content, timeout or self.timeout, what, extra)
         return status, _interpret(status, raw, headers, what, ok)
 
     def health(self) -> dict[str, Any]:
@@ -1435,6 +1457,7 @@ class Client:
         server_version: str | None = None,
         raise_on_pending: bool = True,
         approval_id: str | None = None,
+        traceparent: str | None = None,
     ) -> AuthorizeResult:
         """Ask for a decision on one tool call.
 
@@ -1444,10 +1467,15 @@ class Client:
         :class:`AccessDenied`, :class:`RateLimited`, ... when it is refused. After an
         approver approved a held call, present its ``approval_id`` with exactly the same
         call (arguments included) to get the token.
+
+        ``traceparent``: the W3C Trace Context header of the request being served (e.g.
+        the MCP request's), sent on so the daemon records its trace-id as ``trace_id`` in
+        the call's audit events; a malformed one is not sent.
         """
         body = _authorize_body(server, tool, user_token, agent_id, session_id, arguments,
                                server_version, approval_id)
-        status, data = self._call("POST", "/v1/authorize", body, _OK_OR_HELD)
+        status, data = self._call("POST", "/v1/authorize", body, _OK_OR_HELD,
+                                  extra=_trace_headers(traceparent))
         return _authorize_result(status, data, raise_on_pending)
 
     def wait_for_approval(self, approval_id: str, timeout_s: float) -> dict[str, Any]:
@@ -1513,14 +1541,15 @@ class Client:
                                   _session_end_body(session_id, user_token, server))
         return _session_end(status, data, session_id)
 
-    def redeem(self, resolution_token: str, arguments: Mapping[str, Any] | None = None) -> Lease:
+    def redeem(self, resolution_token: str, arguments: Mapping[str, Any] | None = None, *,
+               traceparent: str | None = None) -> Lease:
         """Exchange a resolution token for a :class:`Lease` with the secrets.
 
         ``arguments``, when given, must be the ones the token was issued for.
         """
         body = _drop_none(resolution_token=resolution_token,
                           arguments=dict(arguments) if arguments is not None else None)
-        status, data = self._call("POST", "/v1/redeem", body)
+        status, data = self._call("POST", "/v1/redeem", body, extra=_trace_headers(traceparent))
         return _lease(status, data)
 
     def release(
@@ -1530,12 +1559,15 @@ class Client:
         duration_ms: int,
         result_size_bytes: int | None = None,
         error: str | None = None,
+        *,
+        traceparent: str | None = None,
     ) -> dict[str, Any]:
         """End a lease with the call's outcome; returns the daemon's answer.
 
         Given a :class:`Lease`, its ``withhold_result`` is updated from the answer.
         """
-        return self._release(lease_id, status, duration_ms, result_size_bytes, error, None)
+        return self._release(lease_id, status, duration_ms, result_size_bytes, error, None,
+                             traceparent)
 
     def _release(
         self,
@@ -1545,11 +1577,13 @@ class Client:
         result_size_bytes: int | None,
         error: str | None,
         timeout: float | None,
+        traceparent: str | None = None,
     ) -> dict[str, Any]:
         lease = lease_id if isinstance(lease_id, Lease) else None
         lid = lease.lease_id if lease is not None else str(lease_id)
         body = _release_body(lid, status, duration_ms, result_size_bytes, error)
-        code, data = self._call("POST", "/v1/release", body, timeout=timeout)
+        code, data = self._call("POST", "/v1/release", body, timeout=timeout,
+                                extra=_trace_headers(traceparent))
         parsed: _ReleaseBody = _convert(data, _ReleaseBody, code, "POST /v1/release")
         if lease is not None:
             lease.withhold_result = parsed.withhold_result
@@ -1605,6 +1639,7 @@ class Client:
         server_version: str | None = None,
         approval_timeout_s: float | None = None,
         approval_id: str | None = None,
+        traceparent: str | None = None,
     ) -> Iterator[Lease]:
         """Authorize, redeem, yield the :class:`Lease`, release with the outcome.
 
@@ -1623,14 +1658,18 @@ class Client:
         the daemon lets it through once, and only for exactly the same call (server,
         tool, user, agent, arguments); presenting it before a verdict is refused
         (``approval_pending``), after a denial ``approval_denied``.
+
+        ``traceparent`` (W3C Trace Context) goes with the authorize and the release, so
+        the call's audit events carry its trace-id as ``trace_id`` (see :meth:`authorize`).
         """
         kw = dict(user_token=user_token, agent_id=agent_id, session_id=session_id,
                   arguments=arguments, server_version=server_version)
+        trace = _trace_headers(traceparent)
         # Authorize and redeem in one request (this process runs the tool).
         try:
             status, data = self._call("POST", "/v1/authorize",
                                       _authorize_redeem_body(server, tool, kw, approval_id),
-                                      _OK_OR_HELD)
+                                      _OK_OR_HELD, extra=trace)
             lease = _redeemed_lease(status, data)
         except ApprovalPending as pending:
             if approval_timeout_s is None:
@@ -1639,7 +1678,7 @@ class Client:
                 self.wait_for_approval(pending.approval_id, approval_timeout_s), pending)
             status, data = self._call("POST", "/v1/authorize",
                                       _authorize_redeem_body(server, tool, kw, approved),
-                                      _OK_OR_HELD)
+                                      _OK_OR_HELD, extra=trace)
             lease = _redeemed_lease(status, data)
         started = time.monotonic()
         try:
@@ -1650,12 +1689,13 @@ class Client:
             outcome, error = _release_outcome(exc, None)
             try:
                 self._release(lease, outcome, _elapsed_ms(started), lease.result_size_bytes,
-                              error, RELEASE_AFTER_FAILURE_TIMEOUT_S)
+                              error, RELEASE_AFTER_FAILURE_TIMEOUT_S, traceparent)
             except SidekeyClientError as rel:
                 log.warning("releasing lease %s after a failed tool call failed: %s",
                             lease.lease_id, rel.code)
             raise
-        self.release(lease, "success", _elapsed_ms(started), lease.result_size_bytes)
+        self.release(lease, "success", _elapsed_ms(started), lease.result_size_bytes,
+                     traceparent=traceparent)
 
     def close(self) -> None:
         """Close the connection pool. The client cannot be used afterwards."""
@@ -1723,7 +1763,7 @@ class AsyncClient:
 
     async def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None = None,
-        ok: frozenset[int] = _OK, http_timeout: float | None = None,
+        ok: frozenset[int] = _OK, http_timeout: float | None = None, extra: _ExtraHeaders = (),
     ) -> tuple[int, dict[str, Any]]:
         what = f"{method} {path}"
         content = _encoder.encode(body) if body is not None else None
@@ -1731,10 +1771,10 @@ class AsyncClient:
             if self._closed:
                 raise RuntimeError("sidekey client is closed")
             status, headers, raw = _transport_response(
-                await self._transport(_transport_request(method, path, content)), what)
+                await self._transport(_transport_request(method, path, content, extra)), what)
         else:
             status, headers, raw = await self._pool().request(
-                method, path, content, http_timeout or self.timeout, what)
+                method, path, content, http_timeout or self.timeout, what, extra)
         return status, _interpret(status, raw, headers, what, ok)
 
     async def health(self) -> dict[str, Any]:
@@ -1762,11 +1802,13 @@ class AsyncClient:
         server_version: str | None = None,
         raise_on_pending: bool = True,
         approval_id: str | None = None,
+        traceparent: str | None = None,
     ) -> AuthorizeResult:
         """Ask for a decision on one tool call. See :meth:`Client.authorize`."""
         body = _authorize_body(server, tool, user_token, agent_id, session_id, arguments,
                                server_version, approval_id)
-        status, data = await self._call("POST", "/v1/authorize", body, _OK_OR_HELD)
+        status, data = await self._call("POST", "/v1/authorize", body, _OK_OR_HELD,
+                                        extra=_trace_headers(traceparent))
         return _authorize_result(status, data, raise_on_pending)
 
     async def wait_for_approval(self, approval_id: str, timeout_s: float) -> dict[str, Any]:
@@ -1817,12 +1859,14 @@ class AsyncClient:
         return _session_end(status, data, session_id)
 
     async def redeem(
-        self, resolution_token: str, arguments: Mapping[str, Any] | None = None
+        self, resolution_token: str, arguments: Mapping[str, Any] | None = None, *,
+        traceparent: str | None = None,
     ) -> Lease:
         """Exchange a resolution token for a :class:`Lease`. See :meth:`Client.redeem`."""
         body = _drop_none(resolution_token=resolution_token,
                           arguments=dict(arguments) if arguments is not None else None)
-        status, data = await self._call("POST", "/v1/redeem", body)
+        status, data = await self._call("POST", "/v1/redeem", body,
+                                        extra=_trace_headers(traceparent))
         return _lease(status, data)
 
     async def release(
@@ -1832,12 +1876,15 @@ class AsyncClient:
         duration_ms: int,
         result_size_bytes: int | None = None,
         error: str | None = None,
+        *,
+        traceparent: str | None = None,
     ) -> dict[str, Any]:
         """End a lease with the call's outcome. See :meth:`Client.release`."""
         lease = lease_id if isinstance(lease_id, Lease) else None
         lid = lease.lease_id if lease is not None else str(lease_id)
         body = _release_body(lid, status, duration_ms, result_size_bytes, error)
-        code, data = await self._call("POST", "/v1/release", body)
+        code, data = await self._call("POST", "/v1/release", body,
+                                      extra=_trace_headers(traceparent))
         parsed: _ReleaseBody = _convert(data, _ReleaseBody, code, "POST /v1/release")
         if lease is not None:
             lease.withhold_result = parsed.withhold_result
@@ -1875,6 +1922,7 @@ class AsyncClient:
         server_version: str | None = None,
         approval_timeout_s: float | None = None,
         approval_id: str | None = None,
+        traceparent: str | None = None,
     ) -> AsyncIterator[Lease]:
         """Authorize, redeem, yield the :class:`Lease`, release with the outcome.
 
@@ -1883,15 +1931,16 @@ class AsyncClient:
         cancelled, as ``cancelled``. Either way that release is shielded from
         cancellation but bounded by ``RELEASE_AFTER_FAILURE_TIMEOUT_S``, its failure is
         only logged, and the body's exception propagates unchanged. Approval holds and
-        ``approval_id`` as in :meth:`Client.tool_call`.
+        ``approval_id`` and ``traceparent`` as in :meth:`Client.tool_call`.
         """
         kw = dict(user_token=user_token, agent_id=agent_id, session_id=session_id,
                   arguments=arguments, server_version=server_version)
+        trace = _trace_headers(traceparent)
         # Authorize and redeem in one request (this process runs the tool).
         try:
             status, data = await self._call("POST", "/v1/authorize",
                                             _authorize_redeem_body(server, tool, kw, approval_id),
-                                            _OK_OR_HELD)
+                                            _OK_OR_HELD, extra=trace)
             lease = _redeemed_lease(status, data)
         except ApprovalPending as pending:
             if approval_timeout_s is None:
@@ -1900,7 +1949,7 @@ class AsyncClient:
             status, data = await self._call(
                 "POST", "/v1/authorize",
                 _authorize_redeem_body(server, tool, kw, _approval_outcome(approval, pending)),
-                _OK_OR_HELD)
+                _OK_OR_HELD, extra=trace)
             lease = _redeemed_lease(status, data)
         started = time.monotonic()
         try:
@@ -1915,7 +1964,8 @@ class AsyncClient:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(
                     RELEASE_AFTER_FAILURE_TIMEOUT_S
                 ):
-                    await self.release(lease, outcome, duration, lease.result_size_bytes, error)
+                    await self.release(lease, outcome, duration, lease.result_size_bytes, error,
+                                       traceparent=traceparent)
                     released = True
             except SidekeyClientError as rel:
                 log.warning("releasing lease %s after a %s tool call failed: %s",
@@ -1925,7 +1975,8 @@ class AsyncClient:
                     log.warning("releasing lease %s after a %s tool call timed out",
                                 lease.lease_id, outcome)
             raise
-        await self.release(lease, "success", _elapsed_ms(started), lease.result_size_bytes)
+        await self.release(lease, "success", _elapsed_ms(started), lease.result_size_bytes,
+                           traceparent=traceparent)
 
     async def close(self) -> None:
         """Close the connection pool. The client cannot be used afterwards."""

@@ -66,6 +66,17 @@ class ListenConfig(_C, frozen=True, kw_only=True):
         return int(self.mode, 8)
 
 
+class LogConfig(_C, frozen=True, kw_only=True):
+    """The daemon's own log on stderr (sidekey.logs); the audit log is ``audit:``."""
+
+    # text: the classic lines; json: one object per line with the request's fields.
+    format: Literal["text", "json"] = "text"
+    # The --log-level flag and $SIDEKEY_LOG_LEVEL win over this (default: info).
+    level: Literal["debug", "info", "warning", "error"] | None = None
+    # One line per request (logger sidekey.request); default on for json, off for text.
+    requests: bool | None = None
+
+
 class StateConfig(_C, frozen=True, kw_only=True):
     # sqlite: one file under dir (the embedded default); redis: shared across hosts.
     backend: Literal["sqlite", "redis"] = "sqlite"
@@ -543,6 +554,7 @@ class Limits(_C, frozen=True, kw_only=True):
 class Config(_C, frozen=True, kw_only=True):
     include: list[str] = []
     listen: ListenConfig = ListenConfig()
+    log: LogConfig = LogConfig()
     state: StateConfig = StateConfig()
     tokens: TokensConfig = TokensConfig()
     leases: LeasesConfig = LeasesConfig()

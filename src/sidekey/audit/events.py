@@ -2,7 +2,7 @@
 
 An event has the shape of ``shared/seed-configs/audit-event-example.json`` (the seed
 keys are always present, ``null`` when unknown) plus ``schema_version``, ``host`` and,
-when known, ``lease_id``, ``peer``, ``request_id`` and ``error``. ``extra`` adds
+when known, ``lease_id``, ``peer``, ``request_id``, ``error`` and ``trace_id``. ``extra`` adds
 event-specific top-level keys; it may not shadow a standard key.
 """
 
@@ -80,7 +80,9 @@ SEED_KEYS: tuple[str, ...] = (
     "policy",
 )
 # Keys sidekey adds; omitted when their value is None.
-OPTIONAL_KEYS: tuple[str, ...] = ("lease_id", "peer", "request_id", "error")
+# trace_id: the W3C trace-id of the traceparent the MCP server sent with the request
+# (sidekey.tracecontext), so a SIEM can join the event to the server's trace.
+OPTIONAL_KEYS: tuple[str, ...] = ("lease_id", "peer", "request_id", "error", "trace_id")
 # seq / prev_hash / log_id: the hash chain, appended by the file sink (sidekey.audit.chain).
 RESERVED_KEYS = frozenset((*SEED_KEYS, "schema_version", "host", *OPTIONAL_KEYS,
                            "seq", "prev_hash", "log_id"))
@@ -345,6 +347,7 @@ def make_event(
     lease_id: str | None = None,
     request_id: str | None = None,
     error: dict[str, Any] | None = None,
+    trace_id: str | None = None,
     extra: dict[str, Any] | None = None,
     redact_keys: Sequence[str],
     redact_tool_fields: Mapping[str, Sequence[str]] | None = None,
@@ -384,7 +387,8 @@ def make_event(
         "schema_version": SCHEMA_VERSION,
         "host": host,
     }
-    optional = {"lease_id": lease_id, "peer": peer, "request_id": request_id, "error": error}
+    optional = {"lease_id": lease_id, "peer": peer, "request_id": request_id, "error": error,
+                "trace_id": trace_id}
     event.update((k, v) for k, v in optional.items() if v is not None)
     if extra:
         clash = RESERVED_KEYS.intersection(extra)
@@ -407,7 +411,7 @@ MAX_EVENT_BYTES = 16 * 1024  # the whole event (arguments alone may take 8 KiB)
 _MARKER_ROOM = 48  # bytes kept free for "…(truncated N bytes)"
 # Keys that identify the event; never replaced when a too-large event is shrunk.
 _FIXED_KEYS = frozenset(("event_id", "timestamp", "event_type", "schema_version", "host",
-                         "request_id", "lease_id"))
+                         "request_id", "lease_id", "trace_id"))
 _MAX_WALK_DEPTH = MAX_DEPTH + 8  # arguments are already cut at MAX_DEPTH below their key
 
 

@@ -239,7 +239,7 @@ def to_cef(event: dict[str, Any]) -> str:
 # Top-level event fields that to_ecs maps in full to ECS fields (the chain fields go to
 # sidekey.chain); every other field goes under sidekey.<name> unchanged.
 _ECS_MAPPED = frozenset(("timestamp", "event_id", "event_type", "host", "user_id", "seq",
-                         "prev_hash", "log_id"))
+                         "prev_hash", "log_id", "trace_id"))
 
 
 def to_ecs(event: dict[str, Any], raw: bytes | None = None) -> dict[str, Any]:
@@ -250,7 +250,8 @@ def to_ecs(event: dict[str, Any], raw: bytes | None = None) -> dict[str, Any]:
     can be re-checked downstream), host.name = host, user.id = user_id,
     service.name = "sidekey", process.pid / process.executable / process.user.id /
     process.group.id = peer pid / exe / uid / gid, error.code / error.message,
-    http.response.status_code = error.status, rule.name = policy.rules_matched, and every
+    http.response.status_code = error.status, rule.name = policy.rules_matched,
+    trace.id = trace_id, and every
     other field under ``sidekey.<name>`` unchanged (server, tool, agent_id, session_id,
     lease_id, request_id, arguments, result, auth, policy, peer, error, schema_version, an
     event type's own fields: checkpoint, repaired, rotated, sink_overflow, approval_id,
@@ -275,6 +276,9 @@ def to_ecs(event: dict[str, Any], raw: bytes | None = None) -> dict[str, Any]:
         doc["event"]["original"] = raw.decode("utf-8", "replace")
     if event.get("user_id") is not None:
         doc["user"] = {"id": event["user_id"]}
+    if event.get("trace_id") is not None:
+        # ECS's own field for a W3C trace-id: APM and the MCP server's traces join on it.
+        doc["trace"] = {"id": event["trace_id"]}
     if peer:
         process = {"pid": peer.get("pid"), "executable": peer.get("exe"),
                    "user": {"id": None if peer.get("uid") is None else str(peer["uid"])},

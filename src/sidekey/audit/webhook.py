@@ -62,7 +62,7 @@ from typing import Any
 import httpx
 import trio
 
-from .. import __version__
+from .. import __version__, tracecontext
 from .chain import chain_event
 from .export import cef_severity, event_of, event_time, read_events, to_ecs
 from .forward import (
@@ -489,6 +489,11 @@ def _otlp_body(lines: list[Line]) -> bytes:
                  ("sidekey.schema_version", event.get("schema_version"))]
         record["attributes"] = [_otlp_attr(k, v) for k, v in attrs
                                 if isinstance(v, str | int) and v != ""]
+        trace = event.get("trace_id")
+        if isinstance(trace, str) and tracecontext.is_trace_id(trace):
+            # The MCP server's W3C trace (OTLP/JSON writes ids as hex, not base64): the
+            # Collector and the tracing backend join the record to that trace.
+            record["traceId"] = trace
         records.append(record)
     resource = [_otlp_attr("service.name", "sidekey"), _otlp_attr("service.version", __version__)]
     if isinstance(host, str):

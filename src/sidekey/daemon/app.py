@@ -6,17 +6,19 @@ request dispatch (:meth:`Sidekey.handle`, :meth:`Sidekey.rejected`,
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pwd
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .. import hardening, systemd
+from .. import hardening, logs, systemd, tracecontext
 from ..audit import AuditLog, AuditSink
 from ..audit.chain import load_signer
 from ..audit.forward import Forwarder
@@ -57,6 +59,9 @@ from .introspect import INTROSPECT_PATH, Introspection
 from .lifecycle import Lifecycle, check_config_signature
 from .sessions import SESSIONS_END_PATH, Sessions
 
+# One line per request when log.requests (or log.format json) asks for it.
+request_log = logging.getLogger(logs.REQUEST_LOGGER)
+
 # PeerHandle.recheck's refusals: the connection is closed after answering one.
 PEER_LOST_CODES = frozenset({"peer_gone", "peer_changed"})
 
@@ -83,6 +88,32 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
         }
 
     async def handle(self, request: Request) -> Response:
+        """Dispatch one request with its log context set (:data:`sidekey.logs.REQUEST`):
+        every log line written while it is handled, by this task or one it starts,
+        carries its request_id and route and, once known, server, tool, code and the
+        trace-id of a valid ``traceparent`` header (which the audit events of the call
+        carry too: :meth:`event`). A malformed ``traceparent`` is ignored (W3C Trace
+        Context: not an error)."""
+        rlog = logs.RequestLog(
+            request_id=request.request_id, method=_shown(request.method[:16]),
+            path=_shown(request.path),
+            trace_id=tracecontext.trace_id(request.headers.get(tracecontext.HEADER)))
+        token = logs.REQUEST.set(rlog)
+        started = time.monotonic()
+        try:
+            response = await self._dispatch(request)
+            rlog.status = response.status
+            if rlog.code is None and response.status < 400:
+                rlog.code = "ok"
+            if logs.request_lines(self.cfg.log.format, self.cfg.log.requests):
+                rlog.duration_ms = round((time.monotonic() - started) * 1000, 3)
+                request_log.log(logging.WARNING if response.status >= 500 else logging.INFO,
+                                "%s %s %d %s", rlog.method, rlog.path, response.status, rlog.code)
+            return response
+        finally:
+            logs.REQUEST.reset(token)
+
+    async def _dispatch(self, request: Request) -> Response:
         route = self.routes.get((request.method, request.path))
         if route is None and request.path.startswith(ROTATE_PREFIX) and request.path.endswith("/rotate"):
             route = Route("security", self.rotate_secret) if request.method == "POST" else None
@@ -115,10 +146,12 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
                 )
             return await route.handler(request)
         except SidekeyError as exc:
+            logs.note(code=exc.code)
             try:
                 await self._audit_rejection(request, exc)
                 response = error_response(exc, request.request_id)
             except SidekeyError as audit_exc:
+                logs.note(code=audit_exc.code)
                 response = error_response(audit_exc, request.request_id)
             if exc.code in PEER_LOST_CODES:
                 # The process this connection was attested for is gone or changed for
@@ -129,6 +162,7 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
         except Exception as exc:
             log.exception("internal error handling %s %s", request.method, request.path[:256])
             err = Internal("internal error", code="internal")
+            logs.note(code=err.code)
             # A bug, not a verdict: recorded all the same (the exception's type only; its
             # message may quote request data), so a fault an attacker can trigger shows.
             try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from .. import approvals, protocol, quotas
+from .. import approvals, logs, protocol, quotas
 from ..approval_desk import HeldCall
 from ..approvals import Approval
 from ..backends import SecretValue
@@ -226,6 +226,7 @@ class Calls(Context):
 
     async def authorize(self, req: Request) -> Response:
         body: AuthorizeRequest = protocol.decode_body(req.body, AuthorizeRequest)
+        logs.note(server=body.server, tool=body.tool)
         args_digest, args_json = _canonical_capped(body.arguments)
         servers, _ = self._peer_facts(req)
         ident = req.peer.identity
@@ -258,6 +259,7 @@ class Calls(Context):
             decision, held = await self._apply_approvals(
                 decision, body, args_digest, now, req, calls_in_window)
         if held is not None:
+            logs.note(code=decision.code)
             return self._held_response(decision, held, req)
         auth: dict[str, Any] = {
             "token_issuer": user_token.issuer if user_token else None,
@@ -352,6 +354,7 @@ class Calls(Context):
         now = self.clock()
         verified = self.codec.verify(resolution_token, now=now)
         claims = verified.claims
+        logs.note(server=claims.server, tool=claims.tool)
         ident = req.peer.identity
         servers, _ = self._peer_facts(req)
         base: dict[str, Any] = {
@@ -503,6 +506,7 @@ class Calls(Context):
         # store step where the store can (Redis: one script, one round trip).
         holder = None if tier_allows(tier, "admin") else (ident.uid, ident.pid)
         rec, ended = await self.leases.end_held(body.lease_id, RELEASED, holder=holder)
+        logs.note(server=rec.server, tool=rec.tool)
         await self._end_lease_backends(rec.lease_id)
         call = self._calls.pop(rec.lease_id, None)
         arguments, call_auth, call_policy = call.decoded() if call is not None else (None, None, None)

@@ -27,7 +27,7 @@ import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .. import protocol
+from .. import logs, protocol
 from ..approval_desk import ApprovalDesk
 from ..audit import AuditLog
 from ..audit.events import format_timestamp, make_event
@@ -220,6 +220,9 @@ class Context:
         return cached[0], cached[1]
 
     def event(self, event_type: str, **fields: Any) -> dict[str, Any]:
+        if "trace_id" not in fields:
+            # The traceparent of the request being handled (None outside one).
+            fields["trace_id"] = logs.current_trace_id()
         return make_event(
             event_type,
             host=self.host,

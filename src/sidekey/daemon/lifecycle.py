@@ -291,6 +291,7 @@ def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
         name
         for name, x, y in (
             ("listen", a.listen, b.listen),
+            ("log", a.log, b.log),  # the handler is set up before the daemon starts
             ("state", a.state, b.state),
             ("backends", a.backends, b.backends),
             ("tokens.issuer", a.tokens.issuer, b.tokens.issuer),

@@ -469,11 +469,15 @@ async def _governed_call(gov: Governor, server: str, default_tool: str, ctx: Any
     # by the tool's own body is the tool's error and propagates as the tool raised it.
     phase = "authorize"
     result: Any = None
+    # The MCP request's W3C traceparent (HTTP transports): its trace-id goes into the
+    # call's audit events, so the SIEM joins them to this server's trace.
+    headers = request_headers(ctx)
+    traceparent = headers.get("traceparent") if headers is not None else None
     try:
         async with gov.client.tool_call(
             server, tool, user_token=user_token, agent_id=agent_id, session_id=session_id,
             arguments=arguments, server_version=gov.server_version,
-            approval_id=approval_id or None,
+            approval_id=approval_id or None, traceparent=traceparent,
         ) as lease:
             phase = "run"
             reset = _lease.set(lease)
