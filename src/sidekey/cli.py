@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import buildinfo
 from .protocol import ConfigError, SidekeyError
 
 DEFAULT_CONFIG = "/etc/sidekey/sidekey.yaml"
@@ -722,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Credential-isolation sidecar for MCP servers: peer-attested, audited, "
         "single-call secret leases over a Unix socket.",
     )
-    p.add_argument("--version", action="version", version=f"sidekey {__version__}")
+    p.add_argument("--version", action="version", version=buildinfo.version_line(),
+                   help="print the version, where this copy was installed from, and the Python")
     p.add_argument("--log-level", default=os.environ.get("SIDEKEY_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"], help="log verbosity (stderr)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
