@@ -99,7 +99,9 @@ def test_shipped_units_verify_and_are_hardened(tmp_path: Path) -> None:
     sidekey_bin = Path(sys.executable).parent / "sidekey"
     assert sidekey_bin.exists()
     for name in ("sidekey.service", "sidekey.socket"):
-        text = (UNITS / name).read_text().replace("/usr/local/bin/sidekey", str(sidekey_bin))
+        # The unit runs the venv of docs/operations.md; here, this interpreter's sidekey
+        # (tests/test_host_install.py checks the unit as installed, with that venv).
+        text = (UNITS / name).read_text().replace("/opt/sidekey/bin/sidekey", str(sidekey_bin))
         (tmp_path / name).write_text(text)
     verify = subprocess.run(
         [ANALYZE, "verify", str(tmp_path / "sidekey.socket"), str(tmp_path / "sidekey.service")],
@@ -114,7 +116,7 @@ def test_shipped_units_verify_and_are_hardened(tmp_path: Path) -> None:
     exposure = [ln for ln in security.stdout.splitlines() if "Overall exposure level" in ln]
     assert exposure, security.stdout + security.stderr
     score = float(exposure[0].split(":")[1].split()[0])
-    assert score <= 3.0, exposure[0]
+    assert score <= 1.5, exposure[0]
 
 
 def _notify_messages(sock: socket.socket, until: bytes, count: int, timeout: float = 20.0) -> list[bytes]:
