@@ -1,4 +1,4 @@
-"""docs/operations.md, followed step by step in a throwaway root.
+"""docs/host-install.md, followed step by step in a throwaway root.
 
 The root stands for a bare Debian host: merged /usr, systemd's own units (copied from
 this machine, as a Debian host has them) and /bin/kill. Into it go, as the guide says:

@@ -47,10 +47,10 @@ def test_sdist_and_wheel_carry_license_systemd_and_examples() -> None:
     assert meta["License-Expression"] == "Apache-2.0"
     assert meta.get_all("License-File") == ["LICENSE"]
     assert "Typing :: Typed" in meta.get_all("Classifier")
-    # The host install's files, at <venv>/share/sidekey/ once installed (docs/operations.md).
+    # The host install's files, at <venv>/share/sidekey/ once installed (docs/host-install.md).
     for needed in [*(f"{data}/data/share/sidekey/systemd/{f}" for f in SYSTEMD_FILES),
                    *(f"{data}/data/share/sidekey/examples/{f}" for f in EXAMPLES),
-                   f"{data}/data/share/doc/sidekey/operations.md"]:
+                   f"{data}/data/share/doc/sidekey/host-install.md"]:
         assert needed in wnames, (needed, sorted(wnames))
 
     # Keys and state a local quickstart run leaves beside the examples never ship.

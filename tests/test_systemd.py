@@ -99,7 +99,7 @@ def test_shipped_units_verify_and_are_hardened(tmp_path: Path) -> None:
     sidekey_bin = Path(sys.executable).parent / "sidekey"
     assert sidekey_bin.exists()
     for name in ("sidekey.service", "sidekey.socket"):
-        # The unit runs the venv of docs/operations.md; here, this interpreter's sidekey
+        # The unit runs the venv of docs/host-install.md; here, this interpreter's sidekey
         # (tests/test_host_install.py checks the unit as installed, with that venv).
         text = (UNITS / name).read_text().replace("/opt/sidekey/bin/sidekey", str(sidekey_bin))
         (tmp_path / name).write_text(text)
