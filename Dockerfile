@@ -14,8 +14,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/sidekey
 # Only what the package build needs (pyproject.toml names README.md as its readme);
 # .dockerignore keeps keys, state and local venvs out of the build context as well.
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE MANIFEST.in /src/
 COPY src/ /src/src/
+# The wheel carries the license, the units, the examples and the docs (pyproject.toml
+# data-files): the build needs them in its context (.dockerignore keeps keys and state out).
+COPY systemd/ /src/systemd/
+COPY examples/ /src/examples/
+COPY docs/ /src/docs/
 RUN /opt/sidekey/bin/pip install "/src[daemon]"
 
 FROM python:3.11-slim

@@ -10,6 +10,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import Daemon, with_log_format
+from missing_binary import report as report_missing_binaries
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # Tests skipped because a program (redis-server, systemd-analyze, ...) is missing: a
+    # banner at the end of the run, so a fresh machine's run does not pass quietly.
+    report_missing_binaries(terminalreporter)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, logs
+from . import buildinfo, logs
 from .protocol import ConfigError, SidekeyError
 
 DEFAULT_CONFIG = "/etc/sidekey/sidekey.yaml"
@@ -829,7 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Credential-isolation sidecar for MCP servers: peer-attested, audited, "
         "single-call secret leases over a Unix socket.",
     )
-    p.add_argument("--version", action="version", version=f"sidekey {__version__}")
+    p.add_argument("--version", action="version", version=buildinfo.version_line(),
+                   help="print the version, where this copy was installed from, and the Python")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="log verbosity (stderr); default $SIDEKEY_LOG_LEVEL, then (serve) the "
                    "config's log.level, then info")

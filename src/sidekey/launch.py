@@ -27,6 +27,12 @@ def daemon_dependency_missing(exc: ImportError) -> str | None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--version"]:
+        # Answers without the daemon's dependencies too (a client-only install).
+        from .buildinfo import version_line
+
+        print(version_line())
+        return 0
     try:
         from .cli import main as cli_main
     except ImportError as exc:

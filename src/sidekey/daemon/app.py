@@ -474,6 +474,9 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
                 )
                 log.info("sidekey listening on %s (pid %d)", path, os.getpid())
                 systemd.notify("READY=1")
+                watchdog = systemd.watchdog_interval()
+                if watchdog is not None:  # WatchdogSec= in the unit (sidekey.service)
+                    nursery.start_soon(_watchdog, watchdog)
             # serve() has returned: the listener is closed and connections drained.
             systemd.notify("STOPPING=1")
             await app.close_rejection_windows()
@@ -500,6 +503,16 @@ async def _close_all(
             # its closing checkpoint.
             if audit is not None:
                 await audit.aclose()
+
+
+async def _watchdog(interval_s: float) -> None:
+    """Feed systemd's watchdog every ``interval_s`` (half of WatchdogSec=) while the event
+    loop runs. What it proves is that the loop still turns: a blocked loop (a hung
+    synchronous call, a deadlock) stops the pings and systemd restarts the daemon
+    (Restart=on-failure). It runs until the daemon stops (cancelled with the nursery)."""
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await trio.sleep(interval_s)
 
 
 async def _signals(server: HttpServer, app: Sidekey) -> None:
