@@ -115,7 +115,7 @@ class Scrape(Context):
             try:
                 with trio.move_on_after(CONNECTION_TIMEOUT_S):
                     await self._answer_tcp(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
                 pass  # the scraper went away or spoke no HTTP: nothing to answer
             except Exception:
                 log.exception("metrics listener: connection failed")
@@ -144,8 +144,9 @@ class Scrape(Context):
         data = conn.send(h11.Response(status_code=status, headers=[
             (b"content-type", content_type), (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store"), (b"connection", b"close")]))
-        data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
-        data += conn.send(h11.EndOfMessage()) or b""
+        if event.method != b"HEAD":  # a HEAD answer has the head only (h11 enforces it)
+            data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
+        data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
         await stream.send_all(data)
 
 
