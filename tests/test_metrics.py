@@ -355,6 +355,18 @@ def test_non_admin_peer_gets_403_on_metrics(daemon: Daemon) -> None:
 
 
 @pytest.mark.integration
+def test_transport_refusals_are_counted_by_code(daemon: Daemon) -> None:
+    """Refusals the listener answers itself (no endpoint runs) have their own counter."""
+    assert daemon.raw(b"NOT HTTP AT ALL\r\n\r\n", shutdown=True).startswith(b"HTTP/1.1 400")
+    big = b"POST /v1/authorize HTTP/1.1\r\nhost: x\r\ncontent-length: 999999999\r\n\r\n"
+    assert daemon.raw(big, shutdown=True).startswith(b"HTTP/1.1 413")
+    s = metrics(daemon)
+    assert value(s, "sidekey_transport_refusals_total", code="bad_http") == 1
+    assert value(s, "sidekey_transport_refusals_total", code="body_too_large") == 1
+    assert value(s, "sidekey_requests_total", endpoint="/v1/authorize") == 0
+
+
+@pytest.mark.integration
 def test_tcp_listener_serves_metrics_only(make_daemon: Any) -> None:
     port = free_port()
     d: Daemon = make_daemon({"metrics": {"listen": f"127.0.0.1:{port}"}}).start()

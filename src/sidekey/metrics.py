@@ -295,6 +295,10 @@ class Metrics:
         self._quota_refusals = Counter(
             "sidekey_quota_refusals", "Calls refused by a quota (rate_limited) or by load "
             "shedding (overloaded), by the kind of limit that fired.", ["limit"], registry=r)
+        self._refusals = Counter(
+            "sidekey_transport_refusals", "Connections or requests the listener refused "
+            "before any endpoint saw them (malformed HTTP, too large, too slow, connection "
+            "caps, unattestable peers), by code.", ["code"], registry=r)
         self._fetch_seconds = Histogram(
             "sidekey_backend_fetch_duration_seconds", "Time to fetch one secret for a lease "
             "(a cache hit included), by backend and outcome (ok, error).",
@@ -352,6 +356,10 @@ class Metrics:
         """A call refused by the quota ``limit`` (its config name, e.g.
         ``per_tool.create_article.requests_per_minute``)."""
         self._quota_refusals.labels(quota_limit_kind(limit)).inc()
+
+    def refused(self, code: str) -> None:
+        """A refusal by the listener itself (not a request an endpoint answered)."""
+        self._refusals.labels(bounded_code(code)).inc()
 
     def backend_fetch(self, backend: str, seconds: float, *, ok: bool) -> None:
         """One secret fetched (or failed) from ``backend`` for a lease."""

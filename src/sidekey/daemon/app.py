@@ -194,6 +194,7 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle, Scrape):
         unattestable peer, too many connections). ``uid``: the peer's uid from
         SO_PEERCRED when there is no attested peer. Bounded per uid whoever the caller is:
         none of these is a decision about a principal, and most come before attestation."""
+        self.metrics.refused(error.code)
         event_type = "peer.rejected" if error.code.startswith("peer_") else "request.rejected"
         key = peer.identity.uid if peer is not None else uid
         if not await self._admit_rejection(-1 if key is None else key, error.code):
