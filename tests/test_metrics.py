@@ -358,6 +358,28 @@ def test_non_admin_peer_gets_403_on_metrics(daemon: Daemon) -> None:
 
 
 @pytest.mark.integration
+def test_a_corrupt_state_store_shows_as_down_with_errors(make_daemon: Any) -> None:
+    """A damaged state database (a real corrupt page, found by the start-up check): the
+    store is down, every call fails closed and counts as a store error; the pending
+    approvals the store cannot list are left out rather than reported as 0."""
+    from test_hostile_files import _corrupt_burned_jti_page
+
+    d: Daemon = make_daemon().start()
+    assert d.authorize()[0] == 200
+    assert value(metrics(d), "sidekey_state_store_up", store="sqlite") == 1
+    assert d.stop() == 0
+    _corrupt_burned_jti_page(d.root / "state" / "state.db")
+    d.start()
+    status, body = d.authorize()
+    assert status == 503 and body["error"]["code"] == "state_corrupt", body
+    s = metrics(d)
+    assert value(s, "sidekey_state_store_up", store="sqlite") == 0
+    assert value(s, "sidekey_state_store_errors_total", store="sqlite", kind="corrupt") >= 1
+    assert value(s, "sidekey_requests_total", endpoint="/v1/authorize", code="state_corrupt") == 1
+    assert not has(s, "sidekey_approvals_pending")
+
+
+@pytest.mark.integration
 def test_transport_refusals_are_counted_by_code(daemon: Daemon) -> None:
     """Refusals the listener answers itself (no endpoint runs) have their own counter."""
     assert daemon.raw(b"NOT HTTP AT ALL\r\n\r\n", shutdown=True).startswith(b"HTTP/1.1 400")
