@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import Daemon, UnixHTTPConnection, free_port, run_as
 from sidekey.client import Client
 from sidekey.config import Config, load_config
+from sidekey.daemon import scrape as scrape_mod
 from sidekey.metrics import CODES, OTHER, Metrics, Snapshot, quota_limit_kind
 from sidekey.protocol import ConfigError
 
@@ -404,6 +405,14 @@ def test_tcp_listener_serves_metrics_only(make_daemon: Any) -> None:
     assert value(s, "sidekey_requests_total", endpoint="/v1/authorize", code="ok") == 1
     assert value(s, "sidekey_leases_active") == 1
     assert tcp_get(port, "/metrics?name[]=x")[0] == 200  # a scraper's query is ignored
+    # any local process can reach this port: it renders at most once a second, so a
+    # request loop gets the same bytes (checked when the two fall within that second)
+    started = time.monotonic()
+    first = tcp_get(port, "/metrics")[2]
+    assert d.authorize()[0] == 200  # moves sidekey_requests_total
+    second = tcp_get(port, "/metrics")[2]
+    if time.monotonic() - started < scrape_mod.TCP_RENDER_INTERVAL_S:
+        assert first == second
     # nothing else on that port: not the socket's API, not another method
     for method, path in [("GET", "/v1/metrics"), ("GET", "/"), ("GET", "/v1/health"),
                          ("POST", "/metrics"), ("HEAD", "/metrics"), ("GET", "/metrics/"),

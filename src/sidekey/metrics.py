@@ -372,8 +372,8 @@ class Metrics:
         child.observe(seconds)
 
     def audit_commit(self, seconds: float) -> None:
-        """One audit batch committed (called by the file sink; may be called from the
-        sink's worker thread: prometheus_client's values are locked)."""
+        """One audit batch committed (called by the file sink's writer task, after the
+        commit, on the trio thread)."""
         if math.isfinite(seconds):
             self._commit.observe(seconds)
 

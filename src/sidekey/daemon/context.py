@@ -195,6 +195,8 @@ class Context:
         self.metrics = Metrics(lambda: self.cfg)
         self._approvals_pending: tuple[float, int | None] | None = None  # (when, count)
         self._scrape_lock = trio.Lock()
+        self._tcp_scrape: tuple[float, bytes] | None = None  # (when, body) last rendered
+        self._tcp_render_lock = trio.Lock()
         for sink in audit.sinks:
             if isinstance(sink, JsonlSink):  # the audit file: time each batch commit
                 sink.commit_observer = self.metrics.audit_commit

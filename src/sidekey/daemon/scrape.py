@@ -7,6 +7,8 @@ plus a :class:`~sidekey.metrics.Snapshot` gathered here at scrape time. A scrape
 bounded work: in-memory counts, plus one listing of pending approvals from the state
 store (at most ``MAX_APPROVALS_LISTED``) that is reused for ``APPROVALS_REFRESH_S``,
 so scrapes from several collectors (or a loop) cost the store one listing per interval.
+The TCP listener, open to every process on the host, renders at most once per
+``TCP_RENDER_INTERVAL_S`` (requests in between get the same bytes).
 
 The TCP listener is deliberately small: one request per connection (answered with
 ``connection: close``), a request head of at most ``MAX_HEAD_BYTES``, the whole
@@ -36,6 +38,10 @@ METRICS_PATH = "/v1/metrics"
 TCP_METRICS_PATH = b"/metrics"
 # How long one listing of pending approvals is reused by later scrapes.
 APPROVALS_REFRESH_S = 5.0
+# The TCP listener answers anyone on the host: it renders at most once per this many
+# seconds (a scraper polls every 15 s or more), so a local loop of requests cannot make
+# the daemon spend its event loop on rendering.
+TCP_RENDER_INTERVAL_S = 1.0
 # The TCP listener's caps (see the module docstring).
 MAX_CONNECTIONS = 8
 MAX_HEAD_BYTES = 8 * 1024
@@ -126,6 +132,17 @@ class Scrape(Context):
         task_status.started()
         await trio.serve_listeners(connection, [listener])
 
+    async def _render_for_tcp(self) -> bytes:
+        """The rendered metrics, at most TCP_RENDER_INTERVAL_S old (concurrent requests
+        wait for one render and share it)."""
+        async with self._tcp_render_lock:
+            cached = self._tcp_scrape
+            if cached is not None and trio.current_time() - cached[0] < TCP_RENDER_INTERVAL_S:
+                return cached[1]
+            body = await self.render_metrics()
+            self._tcp_scrape = (trio.current_time(), body)
+            return body
+
     async def _answer_tcp(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         while True:
@@ -138,7 +155,7 @@ class Scrape(Context):
             return  # the scraper closed (h11.ConnectionClosed) before a whole request
         path = event.target.split(b"?", 1)[0]
         if event.method == b"GET" and path == TCP_METRICS_PATH:
-            status, content_type, body = 200, _CONTENT_TYPE, await self.render_metrics()
+            status, content_type, body = 200, _CONTENT_TYPE, await self._render_for_tcp()
         else:
             status, content_type, body = 404, b"text/plain; charset=utf-8", _NOT_FOUND
         data = conn.send(h11.Response(status_code=status, headers=[
