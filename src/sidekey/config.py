@@ -77,6 +77,14 @@ class LogConfig(_C, frozen=True, kw_only=True):
     requests: bool | None = None
 
 
+class MetricsConfig(_C, frozen=True, kw_only=True):
+    # A loopback TCP address ("127.0.0.1:9464", "[::1]:9464") where a Prometheus server
+    # scrapes GET /metrics (and nothing else). Off by default; the same metrics are on
+    # the socket as GET /v1/metrics (tier admin). The listener has no authentication:
+    # any local process can read it, so only loopback addresses are accepted.
+    listen: str | None = None
+
+
 class StateConfig(_C, frozen=True, kw_only=True):
     # sqlite: one file under dir (the embedded default); redis: shared across hosts.
     backend: Literal["sqlite", "redis"] = "sqlite"
@@ -568,6 +576,7 @@ class Config(_C, frozen=True, kw_only=True):
     oauth2_issuers: dict[str, IssuerSource] = {}
     policy: PolicyOptions = PolicyOptions()
     approvals: ApprovalsConfig = ApprovalsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     # policy (from includes, seed shapes)
     servers: dict[str, ServerDef] = {}
     registry: Registry = Registry()
@@ -831,6 +840,35 @@ def _ref_problems(ref: SecretRef, backend: BackendConfig) -> list[str]:
     return problems
 
 
+def parse_metrics_listen(value: str) -> tuple[str, int]:
+    """``metrics.listen`` as (host, port): ``IP:PORT`` with a loopback IP literal
+    (``127.0.0.0/8`` or ``[::1]``). Raises ValueError saying why not. A host name is
+    refused too: what it resolves to can change, a loopback literal cannot."""
+    import ipaddress
+
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{_describe(value)}: expected IP:PORT, e.g. 127.0.0.1:9464")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{_describe(value)}: write an IPv6 address in brackets, e.g. [::1]:9464")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{_describe(value)}: the port must be 1-65535")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{_describe(value)}: the host must be a loopback IP address (127.0.0.1 or [::1]), "
+            "not a name") from None
+    if not address.is_loopback:
+        raise ValueError(
+            f"{_describe(value)}: {host} is not a loopback address; the metrics listener has "
+            "no authentication, so it listens on loopback only (127.0.0.1 or [::1]); scrape "
+            "from elsewhere through a local agent or proxy") from None
+    return str(address), int(port_text)
+
+
 def _webhook_problem(url: str) -> str | None:
     """Why ``url`` cannot be an approvals webhook (https, or http to loopback only)."""
     from urllib.parse import urlsplit
@@ -1090,6 +1128,11 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
                 )
     if cfg.attestation.pid_namespace == "uid_only":
         warnings.extend(_uid_only_warnings(cfg, where("attestation"), where("peers")))
+    if cfg.metrics.listen is not None:
+        try:
+            parse_metrics_listen(cfg.metrics.listen)
+        except ValueError as exc:
+            errors.append(f"{where('metrics')}: $.metrics.listen: {exc}")
     if cfg.listen.max_anonymous_connections >= cfg.listen.max_connections:
         warnings.append(
             f"{where('listen')}: $.listen.max_anonymous_connections: "

@@ -116,6 +116,9 @@ class Request:
     peer: PeerHandle
     request_id: str
     conn: ConnectionState
+    # (server, tool) the request is about, once a handler knows it: metrics labels
+    # (sidekey.metrics bounds them to the configured names).
+    call: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)

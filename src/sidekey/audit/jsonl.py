@@ -143,6 +143,9 @@ class JsonlSink:
         self.rotations = 0
         self.rotation_error: str | None = None
         self.on_commit: CommitListener | None = None
+        # Told how long each successful batch commit (write + fsync) took, in seconds
+        # (the daemon's metrics; called on the trio thread).
+        self.commit_observer: Callable[[float], None] | None = None
         # Lines committed but not yet handed to on_commit (filled under _lock, possibly
         # in a worker thread; drained on the trio side by _publish).
         self._outbox: list[tuple[int, bytes]] = []
@@ -610,6 +613,7 @@ class JsonlSink:
                 batch, self._pending = self._pending, _Batch()
                 inflight = batch
                 data = batch.lines
+                commit_started = time.perf_counter()
                 try:
                     if self.fsync and self.inline and trio.current_time() >= self._inline_after:
                         # Fast disk: commit on the event loop. A thread hop costs about
@@ -647,6 +651,12 @@ class JsonlSink:
                         # A checkpoint alone failed: do not retry it in a tight loop.
                         await trio.sleep(self.checkpoint_every_s)
                 else:
+                    if self.commit_observer is not None:
+                        try:
+                            self.commit_observer(time.perf_counter() - commit_started)
+                        except Exception:  # metrics must never stop the audit writer
+                            log.exception("audit: commit observer failed; not called again")
+                            self.commit_observer = None
                     self._succeeded(len(batch.lines))
                     self.publish()
                 batch.done.set()

@@ -253,6 +253,11 @@ class CachedBackend:
         }
         return info
 
+    def counts(self) -> tuple[int, int, int]:
+        """(hits, misses, entries) as :meth:`health` counts them, without asking the inner
+        backend anything (for metrics, read at scrape time)."""
+        return self._hits, self._misses, len(self._entries)
+
     async def aclose(self) -> None:
         """Drop every cached value and close the inner backend. Idempotent."""
         self._closed = True

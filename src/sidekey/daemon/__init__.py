@@ -13,6 +13,7 @@ One module per room, every import pointing down:
 * :mod:`.introspect`: a user's bearer token verified for the calling server;
 * :mod:`.admin`: tokens, rotation, the reload endpoint, status, approvals;
 * :mod:`.lifecycle`: reload, start-up recovery, sweeps, retries, expiry;
+* :mod:`.scrape`: ``GET /v1/metrics`` and the loopback TCP metrics listener;
 * :mod:`.app`: the application, its routes and dispatch, and :func:`run`.
 
 A constant lives in the module that reads it (in :mod:`.context` when several do): patch

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from .. import hardening, logs, systemd, tracecontext
+from .. import approvals, hardening, logs, systemd, tracecontext
 from ..audit import AuditLog, AuditSink
 from ..audit.chain import load_signer
 from ..audit.forward import Forwarder
@@ -57,6 +57,7 @@ from .context import (
 )
 from .introspect import INTROSPECT_PATH, Introspection
 from .lifecycle import Lifecycle, check_config_signature
+from .scrape import METRICS_PATH, Scrape, bind_metrics_listener
 from .sessions import SESSIONS_END_PATH, Sessions
 
 # One line per request when log.requests (or log.format json) asks for it.
@@ -64,9 +65,12 @@ request_log = logging.getLogger(logs.REQUEST_LOGGER)
 
 # PeerHandle.recheck's refusals: the connection is closed after answering one.
 PEER_LOST_CODES = frozenset({"peer_gone", "peer_changed"})
+# The metrics' endpoint label for paths with an id in them, and for unknown paths.
+ROTATE_ENDPOINT = f"{ROTATE_PREFIX}{{name}}/rotate"
+UNKNOWN_ENDPOINT = "_other"
 
 
-class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
+class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle, Scrape):
     """The application: one instance per daemon process."""
 
     def _routes(self) -> dict[tuple[str, str], Route]:
@@ -85,6 +89,7 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
             ("GET", "/v1/status"): Route("admin", self.status),
             ("GET", "/v1/registry"): Route("security", self.registry_list),
             ("POST", "/v1/admin/reload"): Route("admin", self.admin_reload),
+            ("GET", METRICS_PATH): Route("admin", self.metrics_endpoint),
         }
 
     async def handle(self, request: Request) -> Response:
@@ -114,13 +119,23 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
             logs.REQUEST.reset(token)
 
     async def _dispatch(self, request: Request) -> Response:
+        started = time.perf_counter()
+        # The metrics' endpoint label: a route template, never the caller's path.
+        endpoint = UNKNOWN_ENDPOINT
+        code: str | None = None  # set on every way out but cancellation (not counted)
         route = self.routes.get((request.method, request.path))
+        if route is not None:
+            endpoint = request.path
         if route is None and request.path.startswith(ROTATE_PREFIX) and request.path.endswith("/rotate"):
             route = Route("security", self.rotate_secret) if request.method == "POST" else None
+            endpoint = ROTATE_ENDPOINT
         if route is None and request.path.startswith(APPROVALS_PREFIX):
             verb = APPROVAL_VERBS.get(request.path.rsplit("/", 1)[-1])
             if verb is not None and request.method == verb[0]:
                 route = Route(verb[1], self.approval_verb)
+                endpoint = f"{APPROVALS_PREFIX}{{id}}/{request.path.rsplit('/', 1)[-1]}"
+        if route is None:
+            endpoint = UNKNOWN_ENDPOINT
         try:
             if route is None:
                 if any(path == request.path for _, path in self.routes):
@@ -144,9 +159,12 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
                     f"{_shown(request.path)} requires tier {route.tier}; this process is {tier}",
                     code="peer_rejected",
                 )
-            return await route.handler(request)
+            response = await route.handler(request)
+            code = "pending_approval" if response.status == approvals.STATUS_PENDING else "ok"
+            return response
         except SidekeyError as exc:
             logs.note(code=exc.code)
+            code = exc.code
             try:
                 await self._audit_rejection(request, exc)
                 response = error_response(exc, request.request_id)
@@ -160,6 +178,7 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
                 response.headers.append((b"connection", b"close"))
             return response
         except Exception as exc:
+            code = "internal"
             log.exception("internal error handling %s %s", request.method, request.path[:256])
             err = Internal("internal error", code="internal")
             logs.note(code=err.code)
@@ -182,6 +201,9 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
             except Exception:  # audit down: the log line above is all there is
                 log.exception("could not audit the internal error of %s", request.request_id)
             return error_response(err, request.request_id)
+        finally:
+            if code is not None:
+                self.metrics.request(endpoint, request.call, code, time.perf_counter() - started)
 
     def _uid_only_refusal(self, ident: PeerIdentity, needed: str) -> Denied:
         """Why a peer without a visible pid gets nothing above anonymous: the mode is
@@ -206,6 +228,7 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle):
         unattestable peer, too many connections). ``uid``: the peer's uid from
         SO_PEERCRED when there is no attested peer. Bounded per uid whoever the caller is:
         none of these is a decision about a principal, and most come before attestation."""
+        self.metrics.refused(error.code)
         event_type = "peer.rejected" if error.code.startswith("peer_") else "request.rejected"
         key = peer.identity.uid if peer is not None else uid
         if not await self._admit_rejection(-1 if key is None else key, error.code):
@@ -357,10 +380,13 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
     store: StateStore | None = None
     audit: AuditLog | None = None
     sock: socket.socket | None = None
+    metrics_sock: socket.socket | None = None
     inherited = None
     try:
         inherited = systemd.listen_socket()
         sock = inherited if inherited is not None else bind_unix_socket(path, cfg.listen.mode_int)
+        if cfg.metrics.listen is not None:
+            metrics_sock = bind_metrics_listener(cfg.metrics.listen)
         if inherited is not None and isinstance(inherited.getsockname(), str):
             path = Path(inherited.getsockname())
         codec = build_codec(loaded)
@@ -387,6 +413,8 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
         audit = AuditLog([sink], forwarders=build_forwarders(loaded, backends))
     except BaseException:
         await _close_all(backends, store, audit)
+        if metrics_sock is not None:
+            metrics_sock.close()
         if sock is not None:
             sock.close()
             if inherited is None:
@@ -447,6 +475,10 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
             await nursery.start(app.approvals.run_webhook)
             if cfg.policy.registry_health_checks:
                 await nursery.start(app.registry_health.run)
+            if metrics_sock is not None:
+                # Prometheus scrapes GET /metrics here (loopback only, checked at load).
+                await nursery.start(app.serve_metrics_tcp, metrics_sock)
+                log.info("metrics on http://%s/metrics", cfg.metrics.listen)
             await audit.emit(
                 app.event(
                     "daemon.started",

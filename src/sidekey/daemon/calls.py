@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import time
 from typing import Any
 
 import trio
@@ -86,6 +87,7 @@ class Calls(Context):
         priority = quotas.priority_of(self.cfg.limits, department)
         if quotas.shed(priority, in_flight, self.cfg.policy.max_in_flight):
             shed = quotas.overloaded(priority, in_flight, self.cfg.policy.max_in_flight)
+            self.metrics.quota_refused(shed.limit)
             return dataclasses.replace(
                 decision, outcome="deny", code=shed.code, message=shed.message, status=shed.status,
                 details={**shed.details, "retry_after_s": shed.retry_after_s},
@@ -113,6 +115,7 @@ class Calls(Context):
             results.append(answer)
             denial = quotas.check_denial(check, answer, now=plan.now)
             if denial is not None:
+                self.metrics.quota_refused(denial.limit)
                 return dataclasses.replace(
                     decision, outcome="deny", rules_matched=tuple(rules), code=denial.code,
                     message=denial.message, status=denial.status,
@@ -193,6 +196,9 @@ class Calls(Context):
         except protocol.Unavailable:
             raise  # store or audit down: 503, not a verdict on the call
         except SidekeyError as exc:
+            limit = exc.details.get("limit")
+            if isinstance(limit, str):  # approvals.max_pending_per_user
+                self.metrics.quota_refused(limit)
             return dataclasses.replace(
                 decision, outcome="deny", code=exc.code, message=exc.message, status=exc.status,
                 details={k: v for k, v in exc.details.items() if k != "audited"},
@@ -227,6 +233,7 @@ class Calls(Context):
     async def authorize(self, req: Request) -> Response:
         body: AuthorizeRequest = protocol.decode_body(req.body, AuthorizeRequest)
         logs.note(server=body.server, tool=body.tool)
+        req.call = (body.server, body.tool)
         args_digest, args_json = _canonical_capped(body.arguments)
         servers, _ = self._peer_facts(req)
         ident = req.peer.identity
@@ -258,6 +265,7 @@ class Calls(Context):
         if decision.allowed:
             decision, held = await self._apply_approvals(
                 decision, body, args_digest, now, req, calls_in_window)
+        self.metrics.decision(body.server, body.tool, decision.outcome, decision.code)
         if held is not None:
             logs.note(code=decision.code)
             return self._held_response(decision, held, req)
@@ -355,6 +363,7 @@ class Calls(Context):
         verified = self.codec.verify(resolution_token, now=now)
         claims = verified.claims
         logs.note(server=claims.server, tool=claims.tool)
+        req.call = (claims.server, claims.tool)
         ident = req.peer.identity
         servers, _ = self._peer_facts(req)
         base: dict[str, Any] = {
@@ -403,8 +412,15 @@ class Calls(Context):
             try:
                 for alias, ref in refs.items():
                     backend = self.backends[ref.backend]
-                    with trio.fail_after(BACKEND_TIMEOUT_S):
-                        values[alias] = await backend.fetch(ref)
+                    fetched = False
+                    started = time.perf_counter()
+                    try:
+                        with trio.fail_after(BACKEND_TIMEOUT_S):
+                            values[alias] = await backend.fetch(ref)
+                        fetched = True
+                    finally:
+                        self.metrics.backend_fetch(ref.backend, time.perf_counter() - started,
+                                                   ok=fetched)
             except BaseException:
                 # Dynamic credentials already created for this call must not outlive it.
                 await self._revoke_backend_leases(
@@ -507,6 +523,7 @@ class Calls(Context):
         holder = None if tier_allows(tier, "admin") else (ident.uid, ident.pid)
         rec, ended = await self.leases.end_held(body.lease_id, RELEASED, holder=holder)
         logs.note(server=rec.server, tool=rec.tool)
+        req.call = (rec.server, rec.tool)
         await self._end_lease_backends(rec.lease_id)
         call = self._calls.pop(rec.lease_id, None)
         arguments, call_auth, call_policy = call.decoded() if call is not None else (None, None, None)

@@ -32,12 +32,14 @@ from ..approval_desk import ApprovalDesk
 from ..audit import AuditLog
 from ..audit.events import format_timestamp, make_event
 from ..audit.hmackey import ValueHasher
+from ..audit.jsonl import JsonlSink
 from ..audit.ratelimit import RejectionLimiter, Suppressed
 from ..backends import Backend
 from ..config import LoadedConfig, OAuth2Config
 from ..encoding import iso_utc
 from ..healthcheck import RegistryHealth
 from ..leases import LeaseManager
+from ..metrics import Metrics
 from ..oauth import OAuthVerifier
 from ..peer import ExeHashCache, PeerIdentity, servers_of_peer, tier_of
 from ..pending import CallRecords
@@ -188,6 +190,16 @@ class Context:
         self._uid_classes: tuple[int, bool, frozenset[int], frozenset[str]] | None = None
         self.approvals = ApprovalDesk(
             store=store, audit=audit, event=self.event, config=lambda: self.cfg, clock=clock)
+        # One registry for the daemon's life: a reload changes only the label values it
+        # accepts (the running config's server and tool names), never re-registers.
+        self.metrics = Metrics(lambda: self.cfg)
+        self._approvals_pending: tuple[float, int | None] | None = None  # (when, count)
+        self._scrape_lock = trio.Lock()
+        self._tcp_scrape: tuple[float, bytes] | None = None  # (when, body) last rendered
+        self._tcp_render_lock = trio.Lock()
+        for sink in audit.sinks:
+            if isinstance(sink, JsonlSink):  # the audit file: time each batch commit
+                sink.commit_observer = self.metrics.audit_commit
         self.routes: dict[tuple[str, str], Route] = self._routes()
 
     # ------------------------------------------------------------------ plumbing

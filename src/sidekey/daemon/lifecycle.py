@@ -292,6 +292,8 @@ def _check_restart_only(old: LoadedConfig, new: LoadedConfig) -> None:
         for name, x, y in (
             ("listen", a.listen, b.listen),
             ("log", a.log, b.log),  # the handler is set up before the daemon starts
+            # The loopback TCP listener is bound once, at start.
+            ("metrics.listen", a.metrics.listen, b.metrics.listen),
             ("state", a.state, b.state),
             ("backends", a.backends, b.backends),
             ("tokens.issuer", a.tokens.issuer, b.tokens.issuer),

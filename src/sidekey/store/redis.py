@@ -509,6 +509,8 @@ class RedisStore:
         self._clock = clock
         self._healthy = True
         self._last_error: str | None = None
+        # Operations that failed, by kind (failed, queue_full): metrics.
+        self.error_counts: dict[str, int] = {"failed": 0, "queue_full": 0}
         self._purged = 0
         # The request path's I/O thread (started by the first operation) and its queue;
         # None in the queue tells the thread to finish what is queued and stop.
@@ -601,6 +603,7 @@ class RedisStore:
 
     def _failed(self, what: str, reason: str) -> StateUnavailable:
         reason = self._scrub(reason)
+        self.error_counts["failed"] += 1
         self._healthy = False
         self._last_error = f"{what}: {reason}"
         log.error("state store %s failed: %s", what, reason)
@@ -647,6 +650,7 @@ class RedisStore:
         # them): bounded like the SQLite writer's queue, failing closed beyond it.
         if self._queue.qsize() >= MAX_QUEUED_OPS:
             self._last_error = f"{what}: queue full ({MAX_QUEUED_OPS} operations)"
+            self.error_counts["queue_full"] += 1
             log.error("state store queue full (%d operations); failing the call", MAX_QUEUED_OPS)
             raise StateUnavailable("state store queue is full")
         self._queue.put(op)

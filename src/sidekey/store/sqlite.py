@@ -515,6 +515,8 @@ class SqliteStore:
         self._gate_max_ms = 0.0
         self._healthy = True
         self._last_error: str | None = None
+        # Operations that failed, by kind (failed, corrupt, queue_full): metrics.
+        self.error_counts: dict[str, int] = {"failed": 0, "corrupt": 0, "queue_full": 0}
         # Set once the file is found damaged; never cleared while open (fail closed).
         self._corrupt: str | None = None
         self._last_checkpoint: float | None = None
@@ -637,6 +639,7 @@ class SqliteStore:
             return StateUnavailable("state store is closed")
         if self._corrupt is not None:
             # A damaged table may hide a burned jti: no answer from it is trusted.
+            self.error_counts["corrupt"] += 1
             return StateUnavailable("state database is corrupt", code="state_corrupt")
         return None
 
@@ -644,9 +647,11 @@ class SqliteStore:
         """The StateUnavailable for a failed operation; records it in :meth:`health` (and
         the log, unless ``quiet``: the same error of a whole batch is logged once)."""
         if _is_corruption(exc):
+            self.error_counts["corrupt"] += 1
             self._mark_corrupt(what, str(exc))
             out = StateUnavailable("state database is corrupt", code="state_corrupt")
         else:
+            self.error_counts["failed"] += 1
             self._healthy = False
             self._last_error = f"{what}: {type(exc).__name__}: {exc}"
             if not quiet:
@@ -703,6 +708,7 @@ class SqliteStore:
                 return fn(conn)
         if len(self._queue) >= MAX_QUEUED_OPS:
             self._last_error = f"{what}: write queue full ({MAX_QUEUED_OPS} operations)"
+            self.error_counts["queue_full"] += 1
             log.error("state store queue full (%d operations); failing the call", MAX_QUEUED_OPS)
             raise StateUnavailable("state store queue is full")
         self._ensure_writer()
