@@ -65,6 +65,7 @@ CODES: frozenset[str] = frozenset({
     # policy and registry
     "server_unknown", "server_not_registered", "server_deprecated", "server_retired",
     "version_mismatch", "server_required", "tool_unknown", "scope_missing",
+    "query_param_invalid", "query_param_unknown",
     "agent_unbound", "agent_mismatch", "agent_missing", "agent_unknown",
     "agent_denied_server", "agent_not_granted", "overloaded",
     # user tokens and resolution tokens
