@@ -35,6 +35,7 @@ from ..audit.hmackey import ValueHasher
 from ..audit.jsonl import JsonlSink
 from ..audit.ratelimit import RejectionLimiter, Suppressed
 from ..backends import Backend
+from ..backends.oauth import SubjectTokens
 from ..config import LoadedConfig, OAuth2Config
 from ..encoding import iso_utc
 from ..healthcheck import RegistryHealth
@@ -158,6 +159,8 @@ class Context:
         self.audit_hasher: ValueHasher | None = None
         self._reload_lock = trio.Lock()
         self._dynamic_leases: set[str] = set()  # active leases carrying dynamic credentials
+        # Verified user tokens held for two-step redeems of token-exchange secrets.
+        self._subjects = SubjectTokens()
         # on_store_failure: local — this host's GCRA state while the store is down
         self._local_rates: OrderedDict[str, float] = OrderedDict()
         self._local_rates_warned = False
