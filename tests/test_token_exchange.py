@@ -179,6 +179,9 @@ def test_a_refused_exchange_is_a_clear_audited_refusal(make_daemon: Any, issuer:
     result = _call(d, _user_token(issuer, "alice"))
     _refusal_audited(d, result, "token_exchange_denied", 403)
     assert result[1]["error"]["details"]["oauth_error"] == mode
+    (event,) = [e for e in d.audit_events() if e.get("request_id") == result[1]["error"]["request_id"]
+                and e["event_type"] == "request.rejected"]
+    assert event["oauth_error"] == mode and event["error"]["status"] == 403
     # A target the IdP does not serve, without a forced mode: invalid_target too.
     issuer.token_mode, issuer.token_audiences = None, {"https://other.example.test"}
     result = _call(d, _user_token(issuer, "bob"))
@@ -508,3 +511,25 @@ async def test_an_echoing_error_description_is_not_passed_on(issuer: OAuthIssuer
     assert info.value.details == {"oauth_error": "invalid_grant"}
     await backend.aclose()
 
+
+
+def test_held_subject_tokens_are_bounded_and_expire() -> None:
+    from sidekey.backends.oauth import SubjectTokens
+
+    def subject(n: int) -> Subject:
+        return Subject(token="t" * 1000 + str(n), issuer="i", subject=f"u{n}", expires_at=0.0)
+
+    held = SubjectTokens(max_entries=3, max_bytes=10_000)
+    for n in range(5):
+        held.put(f"j{n}", subject(n), expires_at=100.0 + n, now=0.0)
+    assert len(held) == 3 and held.pop("j0", now=0.0) is None  # the oldest went first
+    got = held.pop("j4", now=0.0)
+    assert got is not None and got.subject == "u4" and "t" * 20 not in repr(got)
+    assert held.pop("j4", now=0.0) is None  # consumed by the redeem
+    assert held.pop("j3", now=103.0) is None  # the resolution token expired
+    held.sweep(1000.0)
+    assert len(held) == 0
+    small = SubjectTokens(max_entries=100, max_bytes=2500)  # two ~1 KB tokens fit
+    for n in range(4):
+        small.put(f"j{n}", subject(n), expires_at=100.0, now=0.0)
+    assert len(small) == 2

@@ -174,7 +174,13 @@ class SubjectTokens:
         return len(self._items)
 
     def put(self, jti: str, subject: Subject, *, expires_at: float, now: float) -> None:
-        self.sweep(now)
+        # Oldest first: entries share one TTL, so the expired ones are at the front (the
+        # daemon's periodic sweep catches any that a TTL change left behind).
+        while self._items:
+            first, (_, first_exp) = next(iter(self._items.items()))
+            if now < first_exp:
+                break
+            self._drop(first)
         self._drop(jti)
         self._items[jti] = (subject, expires_at)
         self._bytes += subject.size

@@ -336,7 +336,9 @@ class Context:
         self, event_type: str, base: dict[str, Any], exc: SidekeyError, *, jti: str | None = None
     ) -> SidekeyError:
         """Audit a denial, mark it audited and return it for the caller to raise."""
-        extra = {"jti": jti} if jti else None
+        extra: dict[str, Any] | None = {"jti": jti} if jti else None
+        if "oauth_error" in exc.details:  # a token endpoint's refusal (backends.oauth)
+            extra = {**(extra or {}), "oauth_error": exc.details["oauth_error"]}
         await self.audit.emit(
             self.event(
                 event_type,
