@@ -165,7 +165,9 @@ class OAuthIssuer:
         audience: str = DEFAULT_AUDIENCE,
         discovery: Discovery = "oidc",
         clock: Callable[[], float] = time.time,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        self.tls = tls  # (certificate, key) PEM files: serve https
         if path and (not path.startswith("/") or path.endswith("/")):
             raise ValueError("path must start with '/' and not end with one")
         self.path = path
@@ -220,6 +222,12 @@ class OAuthIssuer:
     def _listen(self, port: int) -> None:
         server = _Server(("127.0.0.1", port), _Handler)
         server.issuer = self
+        if self.tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         self._port = server.server_address[1]
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -245,7 +253,7 @@ class OAuthIssuer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port}"
 
     @property
     def issuer(self) -> str:

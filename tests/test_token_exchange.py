@@ -533,3 +533,23 @@ def test_held_subject_tokens_are_bounded_and_expire() -> None:
     for n in range(4):
         small.put(f"j{n}", subject(n), expires_at=100.0, now=0.0)
     assert len(small) == 2
+
+
+async def test_https_token_endpoint_verifies_its_certificate(tmp_path: Path) -> None:
+    from sidekey.backends.oauth import TokenEndpointUnavailable
+    from webhook_collector import make_ca
+
+    ca, cert, key = make_ca(tmp_path / "tls", host="127.0.0.1")
+    with OAuthIssuer(audience="mcp:content-api", tls=(cert, key)) as tls_issuer:
+        assert tls_issuer.token_endpoint.startswith("https://")
+        untrusted = _backend(tls_issuer, FakeClock())  # system CAs only
+        trusted = _backend(tls_issuer, FakeClock(), ca_file=str(ca))  # (its client secret holds)
+        subject = _subject(tls_issuer, "alice")
+        with trio.fail_after(LIMIT_S):
+            token = (await trusted.exchange(EXCHANGE, subject)).value
+            assert tls_issuer.verify_issued(token, audience=DOWNSTREAM)["sub"] == "alice"
+            with pytest.raises(TokenEndpointUnavailable):
+                await untrusted.exchange(EXCHANGE, subject)
+        assert tls_issuer.token_count() == 1  # the untrusted handshake sent nothing
+        await trusted.aclose()
+        await untrusted.aclose()
