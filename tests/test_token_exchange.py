@@ -216,6 +216,10 @@ def test_the_idp_down_is_a_503_within_the_timeout(make_daemon: Any, issuer: OAut
     _refusal_audited(d, result, "token_endpoint_unavailable", 503)
     # Cut at timeout_s (1 s), not the IdP's 60 s; the slack is for a loaded machine.
     assert elapsed < 20, elapsed
+    # Readiness stays up (other tools still work); the backend says it is unreachable.
+    status, health = d.request("GET", "/v1/health")
+    assert status == 200 and health["backends"]["idp"] == {"ok": True, "type": "oauth",
+                                                           "reachable": False}, health
     if fault == "refused":
         issuer.set_down(False)
 

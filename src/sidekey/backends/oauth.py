@@ -320,11 +320,14 @@ class OAuthBackend:
             "nothing to rotate", code="invalid_request")
 
     async def health(self) -> dict[str, object]:
-        """Counts and the last error; no network call (``check-config --probe`` reaches the
-        endpoint), never a token."""
+        """Counts and the last request's error code; no network call (``check-config
+        --probe`` reaches the endpoint), never a token. ``ok`` stays true through an IdP
+        outage: it fails the calls that need a token (503), not the daemon's readiness
+        for every other tool; ``reachable`` says whether the last request got an answer."""
         return {
             "type": "oauth",
             "ok": True,
+            "reachable": self._last_error != TokenEndpointUnavailable.code,
             "token_endpoint": self.cfg.token_endpoint,
             "requests": self.requests,
             "last_error": self._last_error,
@@ -485,7 +488,9 @@ class OAuthBackend:
     async def _obtain(self, ref: SecretRef, subject: Subject | None) -> _Issued:
         started = self._clock()
         doc = await self._request(ref, self._form(ref, subject))
-        return self._parse(ref, doc, subject, started)
+        issued = self._parse(ref, doc, subject, started)
+        self._last_error = None
+        return issued
 
     async def _client_secret(self) -> str:
         ref = self.cfg.client_secret
