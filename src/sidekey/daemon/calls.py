@@ -15,8 +15,9 @@ import trio
 from .. import approvals, logs, protocol, quotas
 from ..approval_desk import HeldCall
 from ..approvals import Approval
-from ..backends import SecretValue
+from ..backends import Backend, SecretValue
 from ..backends.oauth import Subject, SubjectTokenRequired, SubjectTokenUnavailable
+from ..config import SecretRef
 from ..leases import ACTIVE, RELEASED, REVOKED, new_lease_id
 from ..peer import tier_allows
 from ..policy import CallFacts, Decision, decide
@@ -537,7 +538,7 @@ class Calls(Context):
         )
 
     @staticmethod
-    async def _exchange(backend: Any, ref: Any, subject: Subject | None, *,
+    async def _exchange(backend: Backend, ref: SecretRef, subject: Subject | None, *,
                         one_step: bool) -> SecretValue:
         """A ``kind: oauth_token_exchange`` secret: the backend exchanges the call's
         verified user token (sidekey.backends.oauth)."""
