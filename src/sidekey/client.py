@@ -157,6 +157,13 @@ class ServiceUnavailable(SidekeyClientError):
     code = "unavailable"
 
 
+class BadGatewayError(SidekeyClientError):
+    """502: a server the daemon called for this request (an OAuth token endpoint, an
+    upstream) answered something it cannot use; the operator's to fix, not the caller's."""
+
+    code = "bad_gateway"
+
+
 class ConnectionFailed(SidekeyClientError):
     """The daemon could not be reached (socket missing, refused, connection reset)."""
 
@@ -203,6 +210,7 @@ _STATUS_ERRORS: dict[int, type[SidekeyClientError]] = {
     409: ConflictError,
     413: RequestTooLarge,
     429: RateLimited,
+    502: BadGatewayError,
     503: ServiceUnavailable,
 }
 
@@ -2001,6 +2009,7 @@ __all__ = [
     "ApprovalPending",
     "AsyncClient",
     "AuthorizeResult",
+    "BadGatewayError",
     "BadRequestError",
     "Client",
     "ConflictError",

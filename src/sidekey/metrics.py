@@ -66,6 +66,10 @@ CODES: frozenset[str] = frozenset({
     "server_unknown", "server_not_registered", "server_deprecated", "server_retired",
     "version_mismatch", "server_required", "tool_unknown", "scope_missing",
     "query_param_invalid", "query_param_unknown",
+    # per-user downstream tokens (oauth backend)
+    "token_exchange_denied", "token_endpoint_refused", "token_endpoint_unavailable",
+    "token_endpoint_bad_response", "subject_token_required", "subject_token_unavailable",
+    "bad_gateway",
     "agent_unbound", "agent_mismatch", "agent_missing", "agent_unknown",
     "agent_denied_server", "agent_not_granted", "overloaded",
     # user tokens and resolution tokens

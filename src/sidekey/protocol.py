@@ -142,6 +142,14 @@ class Internal(SidekeyError):
     code = "internal"
 
 
+class BadGateway(SidekeyError):
+    """A server sidekey called for the caller (an OAuth token endpoint, an upstream)
+    answered something sidekey cannot use: 502. Not the caller's fault, nor the user's."""
+
+    status = 502
+    code = "bad_gateway"
+
+
 class Unsupported(SidekeyError):
     """The HTTP framing uses a feature the server does not implement (an unknown transfer coding: 501)."""
 
@@ -157,7 +165,7 @@ ERROR_CLASS_BY_STATUS: dict[int, type[SidekeyError]] = {
     for cls in (
         BadRequest, TokenError, Denied, NotFound, MethodNotAllowed, RequestTimeout, Conflict,
         TooLarge, Unprocessable, TooManyRequests, HeadersTooLarge, Internal, Unsupported,
-        Unavailable,
+        BadGateway, Unavailable,
     )
 }
 

@@ -109,12 +109,12 @@ class TokenExchangeDenied(protocol.Denied):
     code = "token_exchange_denied"
 
 
-class TokenEndpointRefused(protocol.SidekeyError):
+class TokenEndpointRefused(protocol.BadGateway):
     status = 502
     code = "token_endpoint_refused"
 
 
-class TokenEndpointBadResponse(protocol.SidekeyError):
+class TokenEndpointBadResponse(protocol.BadGateway):
     status = 502
     code = "token_endpoint_bad_response"
 
