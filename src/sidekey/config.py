@@ -23,6 +23,9 @@ import msgspec
 import yaml
 from msgspec import Meta
 
+from .egress import EgressRule
+from .egress import rule_problems as egress_rule_problems
+from .egress import tool_rule_problems as egress_tool_problems
 from .protocol import MAX_TOKEN_TTL_S, ConfigError
 
 PosFloat = Annotated[float, Meta(gt=0)]
@@ -214,6 +217,9 @@ class SecretRef(_C, frozen=True, kw_only=True):
     json_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     # Cache lifetime for this secret (static secrets only); default: the backend's.
     cache_ttl_s: NonNegFloat | None = None
+    # Egress with injection (sidekey.egress): never handed out; the daemon sends the
+    # tool's matching upstream requests with it injected.
+    egress: EgressRule | None = None
 
     @property
     def label(self) -> str:
@@ -927,6 +933,8 @@ def _webhook_sink_problems(sink: WebhookSinkConfig, cfg: Config) -> list[str]:
             problems.extend(f"auth.secret.{p}" for p in _ref_problems(ref, backend_cfg))
             if ref.kind != "static":
                 problems.append("auth.secret.kind: must be static")
+            if ref.egress is not None:
+                problems.append("auth.secret.egress: not used by an audit sink")
         if sink.auth.header.lower() in _RESERVED_HEADERS:
             problems.append(f"auth.header: {sink.auth.header} is set by sidekey")
     return problems
@@ -1164,6 +1172,12 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
                     continue  # reported above
                 at = f"{where('secrets')}: $.secrets.{server}.{tool}.{alias}"
                 errors.extend(f"{at}: {problem}" for problem in _ref_problems(ref, backend_cfg))
+                if ref.egress is not None:
+                    errors.extend(f"{at}.egress{problem}" for problem in egress_rule_problems(
+                        alias, ref.egress, max_body_bytes=cfg.listen.max_body_bytes))
+            errors.extend(f"{where('secrets')}: $.secrets.{server}.{tool}.{problem}"
+                          for problem in egress_tool_problems(
+                              {a: r.egress for a, r in refs.items() if r.egress is not None}))
     for issuer in cfg.tokens.trusted_issuers:
         for i, key in enumerate(issuer.keys):
             if (key.public_key is None) == (key.public_key_file is None):
