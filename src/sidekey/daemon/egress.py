@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import http.cookiejar
+import logging
 import ssl
 import time
 from typing import Any
@@ -164,12 +166,20 @@ class Egress(Context):
         path = str(self.loaded.resolve(ca_file)) if ca_file else None
         client = self.egress_state.clients.get(path)
         if client is None:
+            # httpx logs each request's URL at INFO (a query-injected credential is in
+            # it) and httpcore each response head at DEBUG (an upstream may echo the
+            # credential): neither may reach the daemon's log at any log level.
+            for name, level in (("httpx", logging.WARNING), ("httpcore", logging.INFO)):
+                logging.getLogger(name).setLevel(max(level, logging.getLogger(name).level))
             # Verification is always on: the rule's bundle only, or the system's CAs.
             # trust_env=False: no proxy or CA bundle from the environment; redirects are
             # the MCP server's business (each hop comes back through here, checked).
             context = ssl.create_default_context(cafile=path)
+            # No cookie jar: a cookie an upstream sets in one call must never ride along
+            # on another call's request (a jar whose policy accepts no domain).
+            jar = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
             client = httpx.AsyncClient(
-                verify=context, trust_env=False, follow_redirects=False,
+                verify=context, trust_env=False, follow_redirects=False, cookies=jar,
                 limits=httpx.Limits(max_connections=MAX_UPSTREAM_CONNECTIONS,
                                     max_keepalive_connections=MAX_UPSTREAM_KEEPALIVE))
             self.egress_state.clients[path] = client
