@@ -35,8 +35,8 @@ from https_upstream import Upstream, make_ca, start_upstream
 from sidekey import egress as eg
 from sidekey.client import (
     AccessDenied,
-    BadRequestError,
     AsyncClient,
+    BadRequestError,
     Client,
     ConflictError,
     SidekeyClientError,
@@ -208,13 +208,13 @@ def test_sync_client_basic_auth_and_query_injection(env: Env) -> None:
     d, up = env.d, env.up
     dsn, key = env.secret(DSN), env.secret(PUBLISH_KEY)
     with Client(d.socket) as client:
-        with client.tool_call("analytics-db", "query_metrics", **_call_kw(d, "analytics-db")) as lease:
-            with lease.http_client() as http:
-                basic = http.get(env.url("/echo/basic"))
+        with (client.tool_call("analytics-db", "query_metrics", **_call_kw(d, "analytics-db"))
+              as lease, lease.http_client() as http):
+            basic = http.get(env.url("/echo/basic"))
         before = len(up.seen)
-        with client.tool_call("content-api", "publish_article", **_call_kw(d)) as lease2:
-            with lease2.http_client() as http:
-                query = http.get(env.url("/echo/q"), params={"api_key": "forged", "x": "1"})
+        with (client.tool_call("content-api", "publish_article", **_call_kw(d)) as lease2,
+              lease2.http_client() as http):
+            query = http.get(env.url("/echo/q"), params={"api_key": "forged", "x": "1"})
     import base64
     blob = base64.b64encode(f"svc:{dsn}".encode()).decode()
     assert basic.status_code == 200
@@ -242,21 +242,21 @@ def test_disallowed_host_method_path_refused_and_audited(env: Env, lib: str) -> 
     async def scenario() -> tuple[str, list[SidekeyClientError], Exception]:
         client = AsyncClient(d.socket)
         errors: list[SidekeyClientError] = []
-        async with client.tool_call("content-api", "list_articles", **_call_kw(d)) as lease:
-            async with lease.http_client() as http:
-                for method, url in (("GET", f"https://127.0.0.1:{up.port}/echo"),
-                                    ("DELETE", env.url("/echo")),
-                                    ("GET", env.url("/admin")),
-                                    ("GET", env.url("/echo/../admin")),
-                                    ("GET", env.url("/echo%2F..%2Fadmin"))):
-                    try:
-                        await http.request(method, url)
-                    except SidekeyClientError as exc:
-                        errors.append(exc)
+        async with (client.tool_call("content-api", "list_articles", **_call_kw(d)) as lease,
+                    lease.http_client() as http):
+            for method, url in (("GET", f"https://127.0.0.1:{up.port}/echo"),
+                                ("DELETE", env.url("/echo")),
+                                ("GET", env.url("/admin")),
+                                ("GET", env.url("/echo/../admin")),
+                                ("GET", env.url("/echo%2F..%2Fadmin"))):
                 try:
-                    await http.get(f"http://{up.host}/echo")
-                except httpx.UnsupportedProtocol as exc:
-                    plain: Exception = exc
+                    await http.request(method, url)
+                except SidekeyClientError as exc:
+                    errors.append(exc)
+            try:
+                await http.get(f"http://{up.host}/echo")
+            except httpx.UnsupportedProtocol as exc:
+                plain: Exception = exc
         await client.close()
         return lease.lease_id, errors, plain
 
@@ -323,16 +323,26 @@ def test_other_processes_cannot_use_the_lease(env: Env) -> None:
             conn.close()
 
     before = len(up.seen)
-    with Client(d.socket) as client:
-        with client.tool_call("content-api", "list_articles", **_call_kw(d)) as lease:
-            os.environ["SK_LEASE"] = lease.lease_id
-            try:
-                nobody = run_as(d, 65534, 65534, attempt)
-                sibling = run_as(d, os.getuid(), os.getgid(), attempt)
-            finally:
-                del os.environ["SK_LEASE"]
-            with lease.http_client() as http:
-                assert http.get(env.url("/ok")).status_code == 200  # the holder still can
+    with (Client(d.socket) as client,
+          client.tool_call("content-api", "list_articles", **_call_kw(d)) as lease):
+        os.environ["SK_LEASE"] = lease.lease_id
+        try:
+            nobody = run_as(d, 65534, 65534, attempt)
+            sibling = run_as(d, os.getuid(), os.getgid(), attempt)
+        finally:
+            del os.environ["SK_LEASE"]
+        with lease.http_client() as http:
+            assert http.get(env.url("/ok")).status_code == 200  # the holder still can
+        # The holder itself, raw (no httpx to normalize the path): a dot segment that
+        # would escape the allowed prefix upstream is refused, not resolved.
+        conn = UnixHTTPConnection(d.socket, timeout=10)
+        try:
+            conn.request("GET", path.format(lease.lease_id) + "/..%2F..%2Fadmin")
+            resp = conn.getresponse()
+            raw = (resp.status, json.loads(resp.read())["error"]["code"])
+        finally:
+            conn.close()
+    assert raw == (400, "egress_bad_target")
     assert nobody["status"] == 403 and nobody["body"]["error"]["code"] == "peer_rejected"
     assert sibling["status"] == 403 and sibling["body"]["error"]["code"] == "peer_mismatch"
     assert len(up.seen) == before + 1
@@ -351,19 +361,19 @@ def test_slow_and_huge_upstreams_are_cut(env: Env, lib: str) -> None:
     async def scenario() -> tuple[str, list[SidekeyClientError], float]:
         client = AsyncClient(d.socket)
         errors: list[SidekeyClientError] = []
-        async with client.tool_call("content-api", "list_articles", **_call_kw(d)) as lease:
-            async with lease.http_client() as http:
-                started = time.monotonic()
-                for url in (env.url("/slow?s=6"), env.url("/huge?mb=8"),
-                            env.url("/huge?mb=8&nolength=1")):
-                    try:
-                        await http.get(url)
-                    except SidekeyClientError as exc:
-                        errors.append(exc)
-                elapsed = time.monotonic() - started
-                # Under the cap it passes whole.
-                ok = await http.get(env.url("/huge?mb=0.5"))
-                assert ok.status_code == 200 and len(ok.content) == 512 * 1024
+        async with (client.tool_call("content-api", "list_articles", **_call_kw(d)) as lease,
+                    lease.http_client() as http):
+            started = time.monotonic()
+            for url in (env.url("/slow?s=6"), env.url("/huge?mb=8"),
+                        env.url("/huge?mb=8&nolength=1")):
+                try:
+                    await http.get(url)
+                except SidekeyClientError as exc:
+                    errors.append(exc)
+            elapsed = time.monotonic() - started
+            # Under the cap it passes whole.
+            ok = await http.get(env.url("/huge?mb=0.5"))
+            assert ok.status_code == 200 and len(ok.content) == 512 * 1024
         await client.close()
         return lease.lease_id, errors, elapsed
 
@@ -382,25 +392,97 @@ def test_result_budget_bounds_egress_over_the_call(env: Env) -> None:
     """query_metrics has max_result_size_kb 512: what flows back over the whole call is
     bounded by it, whatever one rule's max_response_bytes (4 MiB) says."""
     d = env.d
-    with Client(d.socket) as client:
-        with client.tool_call("analytics-db", "query_metrics", **_call_kw(d, "analytics-db")) as lease:
-            with lease.http_client() as http:
-                first = http.get(env.url("/huge?mb=0.375"))  # 384 KiB of 512
-                with pytest.raises(SidekeyClientError) as caught:
-                    http.get(env.url("/huge?mb=0.25"))
+    with (Client(d.socket) as client,
+          client.tool_call("analytics-db", "query_metrics", **_call_kw(d, "analytics-db")) as lease,
+          lease.http_client() as http):
+        first = http.get(env.url("/huge?mb=0.375"))  # 384 KiB of 512
+        with pytest.raises(SidekeyClientError) as caught:
+            http.get(env.url("/huge?mb=0.25"))
     assert first.status_code == 200
     assert caught.value.code == "egress_response_too_large"
     assert caught.value.details["limit"] == "max_result_size_kb"
+
+
+def test_caps_on_concurrency_and_count_and_release_cancels_in_flight(env: Env) -> None:
+    """At most MAX_IN_FLIGHT_PER_LEASE requests of one lease at once; a release ends
+    the requests still in flight (the value is gone with the lease)."""
+    d = env.d
+
+    async def scenario() -> dict[str, Any]:
+        client = AsyncClient(d.socket)
+        kw = _call_kw(d)
+        token = (await client.authorize("content-api", "list_articles", **kw)).resolution_token
+        assert token is not None
+        lease = await client.redeem(token, kw["arguments"])
+        codes: list[str | int] = []
+        async with lease.http_client() as http:
+
+            async def slow() -> None:
+                try:
+                    codes.append((await http.get(env.url("/slow?s=1.5"))).status_code)
+                except SidekeyClientError as exc:
+                    codes.append(exc.code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(eg.MAX_IN_FLIGHT_PER_LEASE + 1):
+                    nursery.start_soon(slow)
+            counted = list(codes)
+            codes.clear()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow)
+                await trio.sleep(0.5)
+                await client.release(lease, "success", 1)
+        await client.close()
+        return {"counted": counted, "after": codes, "lease": lease.lease_id}
+
+    out = _run("trio", scenario)
+    assert sorted(map(str, out["counted"])) == ["200"] * eg.MAX_IN_FLIGHT_PER_LEASE + [
+        "egress_concurrency_limit"]
+    assert out["after"] == ["egress_lease_ended"]
+    [call] = _events(d, "mcp.tool_call", out["lease"])
+    assert [e.get("error") for e in call["egress"]].count("egress_concurrency_limit") == 1
+
+
+def test_request_count_cap(env: Env) -> None:
+    d = env.d
+    with (Client(d.socket) as client,
+          client.tool_call("content-api", "list_articles", **_call_kw(d)) as lease,
+          lease.http_client() as http):
+        for _ in range(eg.MAX_REQUESTS_PER_CALL):
+            assert http.get(env.url("/ok")).status_code == 200
+        with pytest.raises(SidekeyClientError) as caught:
+            http.get(env.url("/ok"))
+    assert (caught.value.status, caught.value.code) == (429, "egress_request_limit")
+    [call] = _events(d, "mcp.tool_call", lease.lease_id)
+    assert len(call["egress"]) == eg.MAX_AUDIT_ENTRIES
+    assert call["egress_dropped"] == eg.MAX_REQUESTS_PER_CALL + 1 - eg.MAX_AUDIT_ENTRIES
+
+
+def test_expired_lease_egress_refused(env: Env, make_daemon: Any, tmp_path: Path) -> None:
+    up = env.up
+    d = make_daemon({**_config(up, up.ca_file), "leases": {"max_ttl_seconds": 2}}).start()
+    with Client(d.socket) as client:
+        kw = _call_kw(d)
+        token = client.authorize("content-api", "list_articles", **kw).resolution_token
+        assert token is not None
+        lease = client.redeem(token, kw["arguments"])
+        with lease.http_client() as http:
+            assert http.get(env.url("/ok")).status_code == 200
+            [expired] = _events(d, "lease.expired", lease.lease_id)
+            with pytest.raises(ConflictError) as caught:
+                http.get(env.url("/ok"))
+    assert caught.value.code == "lease_expired"
+    assert [(e["path"], e["status"]) for e in expired["egress"]] == [("/ok", 200)]
 
 
 def test_tls_from_another_ca_fails_with_its_code(env: Env) -> None:
     d, up = env.d, env.up
     secret = env.secret(WRITE_KEY)
     before = len(up.seen)
-    with Client(d.socket) as client:
-        with client.tool_call("content-api", "create_article", **_call_kw(d)) as lease:
-            with lease.http_client() as http, pytest.raises(SidekeyClientError) as caught:
-                http.post(env.url("/echo"), json={})
+    with (Client(d.socket) as client,
+          client.tool_call("content-api", "create_article", **_call_kw(d)) as lease,
+          lease.http_client() as http, pytest.raises(SidekeyClientError) as caught):
+        http.post(env.url("/echo"), json={})
     assert caught.value.status == 502 and caught.value.code == "egress_tls_failed"
     assert "not trusted" in caught.value.message
     assert len(up.seen) == before  # no request was sent over the untrusted connection
