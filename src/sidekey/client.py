@@ -813,14 +813,16 @@ def _elapsed_ms(started: float) -> int:
 
 
 def _check_length(headers: Mapping[str, str], status: int, what: str,
-                  cap: int = MAX_RESPONSE_BYTES) -> None:
+                  cap: int | None = None) -> None:
+    cap = MAX_RESPONSE_BYTES if cap is None else cap
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise ProtocolError(f"{what}: response over {cap} bytes", status=status)
 
 
 def _append_capped(buf: bytearray, chunk: bytes, status: int, what: str,
-                   cap: int = MAX_RESPONSE_BYTES) -> None:
+                   cap: int | None = None) -> None:
+    cap = MAX_RESPONSE_BYTES if cap is None else cap
     buf += chunk
     if len(buf) > cap:
         raise ProtocolError(f"{what}: response over {cap} bytes", status=status)
@@ -969,7 +971,7 @@ class _Exchange:
     """One HTTP/1.1 connection's h11 state plus the response being read (pure: no I/O)."""
 
     __slots__ = ("body", "h", "head", "headers", "status_code", "what")
-    cap = MAX_RESPONSE_BYTES  # the largest answer accepted
+    cap: int | None = None  # the largest answer accepted (None: MAX_RESPONSE_BYTES)
 
     def __init__(self, h: h11.Connection, what: str) -> None:
         self.h = h
