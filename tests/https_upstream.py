@@ -102,6 +102,7 @@ class Upstream:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall
     upstream: Upstream
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
