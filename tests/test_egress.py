@@ -653,3 +653,50 @@ def test_injection_needles_and_redaction() -> None:
         inj.needles)
     assert headers == [(b"x-ok", b"1")] and ctype == b"text/plain" and stripped == 1
     assert eg.upstream_query("a=1&api_key=forged&b", [("api_key", "s/1")]) == "a=1&b&api_key=s%2F1"
+
+
+# --------------------------------------------------------------------------- sidekey.mcp
+
+
+def test_governed_mcp_tool_uses_current_lease_http_client(env: Env) -> None:
+    """Inside a ``@governed`` tool of the official MCP SDK, ``current_lease().http_client()``
+    sends through the daemon: the tool reads the upstream's answer, never the key."""
+    import anyio
+    from mcp import Client as McpClient
+    from mcp.server.mcpserver import MCPServer
+
+    from sidekey.mcp import Governor, current_lease
+
+    d, up = env.d, env.up
+    token = d.user_token("content-api")
+    gov = Governor(AsyncClient(d.socket), agent_id="content-writer", user_token=lambda: token)
+    server = MCPServer("content-api")
+    seen: dict[str, Any] = {}
+
+    @server.tool()
+    @gov.governed("content-api")
+    async def list_articles(query: str) -> str:
+        lease = current_lease()
+        seen["secrets"] = dict(lease.secrets)
+        seen["lease_id"] = lease.lease_id
+        async with lease.http_client(base_url=f"https://{up.host}") as http:
+            r = await http.get("/echo/mcp", params={"query": query})
+        return r.text
+
+    async def main() -> Any:
+        try:
+            with anyio.fail_after(60):
+                async with McpClient(server) as client:
+                    return await client.call_tool("list_articles", {"query": "ai"})
+        finally:
+            await gov.client.close()
+
+    before = len(up.seen)
+    result = anyio.run(main, backend="asyncio")
+    assert not result.is_error, result
+    text = result.content[0].text
+    assert json.loads(text)["path"] == "/echo/mcp" and env.secret(READ_KEY) not in text
+    assert seen["secrets"] == {}
+    assert up.seen[before].headers["authorization"] == f"Bearer {env.secret(READ_KEY)}"
+    [call] = _events(d, "mcp.tool_call", seen["lease_id"])
+    assert [(e["path"], e["status"]) for e in call["egress"]] == [("/echo/mcp", 200)]
