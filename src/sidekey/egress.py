@@ -243,7 +243,8 @@ _LEASE_ID = re.compile(r"^lse_[A-Za-z0-9]{1,64}$")
 
 
 def _dot_segment(decoded_path: str) -> bool:
-    return any(seg in (".", "..") for seg in decoded_path.split("/"))
+    # "..;x" too: some servers (Tomcat, Spring) drop a segment's ;parameters first.
+    return any(seg.partition(";")[0] in (".", "..") for seg in decoded_path.split("/"))
 
 
 def parse_target(path: str, query: str) -> Target:

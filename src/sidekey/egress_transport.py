@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 _MARK = b"sidekey-egress"
 # Framing is the client's own (the body is sent whole, with its length).
 _DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection",
-                   b"keep-alive", b"upgrade", b"te", b"trailer"))
+                   b"keep-alive", b"upgrade", b"te", b"trailer", b"expect"))
 
 
 def egress_target(lease_id: str, url: httpx.URL) -> str:

@@ -257,6 +257,9 @@ class Egress(Context):
         injected_names = [name for inj in injections for name, _ in inj.headers]
         headers = eg.upstream_request_headers(req.headers, injected_names)
         headers += [h for inj in injections for h in inj.headers]
+        # An uncompressed answer: what is redacted and capped is what the upstream sent
+        # (a compressed one is still decoded, chunk by chunk, within the same cap).
+        headers.append(("accept-encoding", "identity"))
         query = eg.upstream_query(target.query, [inj.query for inj in injections if inj.query])
         url = f"https://{target.authority}{target.raw_path}" + (f"?{query}" if query else "")
         timeout_s = min(r.timeout_s for _, r in matched)
