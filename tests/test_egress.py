@@ -459,8 +459,12 @@ def test_request_count_cap(env: Env) -> None:
             http.get(env.url("/ok"))
     assert (caught.value.status, caught.value.code) == (429, "egress_request_limit")
     [call] = _events(d, "mcp.tool_call", lease.lease_id)
-    assert len(call["egress"]) == eg.MAX_AUDIT_ENTRIES
-    assert call["egress_dropped"] == eg.MAX_REQUESTS_PER_CALL + 1 - eg.MAX_AUDIT_ENTRIES
+    # Kept within their bytes (the event's cap), the rest counted.
+    kept = len(call["egress"])
+    assert 0 < kept <= eg.MAX_AUDIT_ENTRIES and call["egress"][0]["path"] == "/ok"
+    assert len(json.dumps(call["egress"], separators=(",", ":"))) <= eg.MAX_AUDIT_BYTES
+    assert call["egress_dropped"] == eg.MAX_REQUESTS_PER_CALL + 1 - kept
+    assert "_truncated" not in json.dumps(call)
 
 
 def test_expired_lease_egress_refused(env: Env, make_daemon: Any, tmp_path: Path) -> None:

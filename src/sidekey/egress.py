@@ -34,9 +34,13 @@ MAX_RESPONSE_BYTES_CAP = 64 * 1024 * 1024
 # Per lease: upstream requests in flight at once, and in all for one call.
 MAX_IN_FLIGHT_PER_LEASE = 8
 MAX_REQUESTS_PER_CALL = 256
-# Entries of a call's audit record (then only counted: egress_dropped).
+# Entries of a call's audit record, and their JSON bytes (then only counted:
+# egress_dropped). The bytes keep the mcp.tool_call event under its 16 KiB cap next to
+# 8 KiB of arguments: an event over it would lose the whole list to a digest.
 MAX_AUDIT_ENTRIES = 100
-MAX_QUERY_NAMES = 32  # parameter names kept per audit entry
+MAX_AUDIT_BYTES = 6 * 1024
+MAX_QUERY_NAMES = 16  # parameter names kept per audit entry
+MAX_AUDIT_PATH = 128
 REDACTED = b"[REDACTED]"
 
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -417,11 +421,11 @@ def audit_entry(method: str, target: Target) -> dict[str, Any]:
     names: list[str] = []
     for part in target.query.split("&"):
         if part:
-            name = urllib.parse.unquote_plus(part.partition("=")[0])[:64]
+            name = urllib.parse.unquote_plus(part.partition("=")[0])[:32]
             if name not in names:
                 names.append(name)
     entry: dict[str, Any] = {"method": method, "host": target.host, "port": target.port,
-                             "path": target.raw_path[:256]}
+                             "path": target.raw_path[:MAX_AUDIT_PATH]}
     if names:
         entry["query"] = names[:MAX_QUERY_NAMES]
     return entry

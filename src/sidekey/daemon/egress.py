@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import httpx
+import msgspec
 import trio
 
 from .. import egress as eg
@@ -76,13 +77,17 @@ class EgressGrant:
     count: int = 0
     bytes_in: int = 0
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    record_bytes: int = 0
     dropped: int = 0
     closed: bool = False
     scopes: set[trio.CancelScope] = dataclasses.field(default_factory=set)
 
     def record(self, entry: dict[str, Any]) -> None:
-        if len(self.records) < eg.MAX_AUDIT_ENTRIES:
+        size = len(msgspec.json.encode(entry)) + 1
+        if (len(self.records) < eg.MAX_AUDIT_ENTRIES
+                and self.record_bytes + size <= eg.MAX_AUDIT_BYTES):
             self.records.append(entry)
+            self.record_bytes += size
         else:
             self.dropped += 1
 
