@@ -640,6 +640,18 @@ def test_config_error_names_the_path(tmp_path: Path) -> None:
         assert re.search(r"egress\.inject: no template names the secret", text)
     finally:
         d.cleanup()
+    for rule, where in (({"timeout_s": 100}, ".egress.timeout_s: expected float <= 60.0"),
+                        ({"host": ["a"]}, ".egress: Object contains unknown field host"),
+                        ({"methods": ["TRACE"]}, ".egress.methods.0: Invalid enum value")):
+        d = Daemon({"secrets": {"content-api": {"list_articles": {"CONTENT_API_KEY": {
+            "backend": "local", "name": READ_KEY, "egress": {
+                "hosts": ["a.example"], "inject": {"header": "X-K", "value": "{CONTENT_API_KEY}"},
+                **rule}}}}}})
+        try:
+            with pytest.raises(ConfigError, match=re.escape(where)):
+                load_config(d.config_path)
+        finally:
+            d.cleanup()
 
 
 def test_injection_needles_and_redaction() -> None:

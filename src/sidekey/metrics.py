@@ -95,7 +95,7 @@ CODES: frozenset[str] = frozenset({
     "bad_gateway", "gateway_timeout", "egress_bad_target", "egress_not_allowed",
     "egress_request_too_large", "egress_request_limit", "egress_concurrency_limit",
     "egress_upstream_unavailable", "egress_upstream_timeout", "egress_tls_failed",
-    "egress_response_too_large", "egress_lease_ended",
+    "egress_response_too_large", "egress_lease_ended", "egress_ca_file_unreadable",
 })
 
 # Quota limits as a fixed set: the config's per-tool and per-department limits are

@@ -275,7 +275,14 @@ class Egress(Context):
             left = max(0, tool_limits.max_result_size_kb * 1024 - grant.bytes_in)
             if left < cap:
                 cap, limit = left, "max_result_size_kb"
-        client = self._egress_client(matched[0][1].ca_file)
+        try:
+            client = self._egress_client(matched[0][1].ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            # The operator's bundle (ca_file) is missing or not PEM: nothing is sent.
+            log.error("egress: ca_file of %s.%s cannot be loaded: %s", grant.server, grant.tool,
+                      type(exc).__name__)
+            raise _Failed(BadGateway("the rule's ca_file cannot be loaded",
+                                     code="egress_ca_file_unreadable")) from None
         until_expiry = grant.expires_at - self.clock()
         body = bytearray()
         over = False
