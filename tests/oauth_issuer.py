@@ -130,6 +130,21 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        data = self.rfile.read(min(length, 1 << 20))
+        status, headers, body = self.server.issuer._respond_post(self.path, dict(self.headers), data)
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
@@ -150,7 +165,9 @@ class OAuthIssuer:
         audience: str = DEFAULT_AUDIENCE,
         discovery: Discovery = "oidc",
         clock: Callable[[], float] = time.time,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        self.tls = tls  # (certificate, key) PEM files: serve https
         if path and (not path.startswith("/") or path.endswith("/")):
             raise ValueError("path must start with '/' and not end with one")
         self.path = path
@@ -173,6 +190,14 @@ class OAuthIssuer:
         self._private: dict[str, tuple[str, Any]] = {}  # kid -> (alg, private key), ever made
         self._published: list[dict[str, Any]] = []  # public JWKs in /jwks.json
         self.kids: dict[str, str] = {}  # alg -> current kid
+        # The token endpoint ({issuer}/token, POST): see _respond_post.
+        self.clients: dict[str, str] = {}  # client_id -> client_secret
+        self.token_mode: str | None = None  # invalid_grant | invalid_target | slow | down | ...
+        self.token_delay = 5.0  # token_mode "slow" answers this late
+        self.token_expires_in: int | None = 300
+        self.token_audiences: set[str] | None = None  # others: invalid_target
+        self.token_requests: list[dict[str, str]] = []  # each form (tests only: in memory)
+        self.token_response_overrides: dict[str, Any] = {}
         self.rotate()
 
     # ------------------------------------------------------------------ lifecycle
@@ -197,6 +222,12 @@ class OAuthIssuer:
     def _listen(self, port: int) -> None:
         server = _Server(("127.0.0.1", port), _Handler)
         server.issuer = self
+        if self.tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         self._port = server.server_address[1]
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -222,7 +253,7 @@ class OAuthIssuer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port}"
 
     @property
     def issuer(self) -> str:
@@ -388,6 +419,123 @@ class OAuthIssuer:
         """Requests received: ``jwks``, ``discovery`` (``oidc`` + ``oauth``), ``other``."""
         with self._lock:
             return dict(self._counts)
+
+    # ------------------------------------------------------------------ token endpoint
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.issuer + "/token"
+
+    def token_count(self, grant: str | None = None) -> int:
+        """Token requests received (of one grant_type: ``token-exchange`` matches the
+        RFC 8693 URN's tail, ``client_credentials``)."""
+        with self._lock:
+            forms = list(self.token_requests)
+        return sum(1 for f in forms if grant is None or f.get("grant_type", "").endswith(grant))
+
+    def verify_issued(self, token: str, *, audience: str) -> dict[str, Any]:
+        """The claims of a token this endpoint issued, its signature checked (ES256)."""
+        header = jwt.get_unverified_header(token)
+        alg, key = self._private[header["kid"]]
+        return dict(jwt.decode(token, key.public_key(), algorithms=[alg], audience=audience,
+                               issuer=self.issuer))
+
+    def _subject_claims(self, token: str) -> dict[str, Any] | None:
+        """A subject token's claims if this issuer signed it and it is unexpired."""
+        try:
+            header = jwt.get_unverified_header(token)
+            alg, key = self._private[header["kid"]]
+            return dict(jwt.decode(token, key.public_key(), algorithms=[alg], issuer=self.issuer,
+                                   options={"verify_aud": False}, leeway=5))
+        except (jwt.PyJWTError, KeyError, ValueError):
+            return None
+
+    def _client_of(self, headers: Mapping[str, str], form: dict[str, str]) -> str | None:
+        """client_secret_basic (parts form-urlencoded, RFC 6749 2.3.1) or client_secret_post."""
+        from urllib.parse import unquote_plus
+
+        auth = {k.lower(): v for k, v in headers.items()}.get("authorization", "")
+        if auth.startswith("Basic "):
+            try:
+                raw = base64.b64decode(auth[6:], validate=True).decode()
+            except ValueError:
+                return None
+            cid, _, secret = raw.partition(":")
+            cid, secret = unquote_plus(cid), unquote_plus(secret)
+        else:
+            cid, secret = form.get("client_id", ""), form.get("client_secret", "")
+        known = self.clients.get(cid)
+        if known is None or not hmac.compare_digest(known.encode(), secret.encode()):
+            return None
+        return cid
+
+    def _respond_post(self, path: str, headers: Mapping[str, str],
+                      data: bytes) -> tuple[int, dict[str, str], bytes]:
+        """The token endpoint: RFC 8693 token exchange and client credentials."""
+        from urllib.parse import parse_qsl
+
+        route = path.split("?", 1)[0]
+        json_type = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+        if route in self._routes:
+            return self._routes[route]
+        if route != self.path + "/token":
+            return 404, json_type, _json({"error": "not_found"})
+        form = dict(parse_qsl(data.decode(), keep_blank_values=True))
+        with self._lock:
+            self.requests.append(route)
+            self.token_requests.append(form)
+        mode = self.token_mode
+        if mode == "slow":
+            self._stopping.wait(self.token_delay)
+        if mode == "down" or self._down:
+            return 500, {"Content-Type": "text/plain"}, b"token endpoint is down (test)\n"
+
+        def error(code: str, status: int = 400) -> tuple[int, dict[str, str], bytes]:
+            return status, json_type, _json({"error": code, "error_description": f"test: {code}"})
+
+        client = self._client_of(headers, form)
+        if client is None:
+            return error("invalid_client", 401)
+        if mode in ("invalid_grant", "invalid_target", "invalid_scope", "invalid_request"):
+            return error(mode)
+        grant = form.get("grant_type")
+        audience = form.get("audience") or form.get("resource") or f"client:{client}"
+        if self.token_audiences is not None and audience not in self.token_audiences:
+            return error("invalid_target")
+        now = int(self.clock())
+        claims: dict[str, Any] = {"iss": self.issuer, "aud": audience, "iat": now,
+                                  "jti": secrets.token_hex(8), "client_id": client}
+        if self.token_expires_in is not None:
+            claims["exp"] = now + self.token_expires_in
+        if form.get("scope"):
+            claims["scope"] = form["scope"]
+        if grant == "urn:ietf:params:oauth:grant-type:token-exchange":
+            if form.get("subject_token_type") != "urn:ietf:params:oauth:token-type:access_token":
+                return error("invalid_request")
+            subject = self._subject_claims(form.get("subject_token", ""))
+            if subject is None:
+                return error("invalid_grant")
+            claims["sub"] = subject["sub"]
+            claims["act"] = {"sub": client}
+        elif grant == "client_credentials":
+            claims["sub"] = client
+        else:
+            return error("unsupported_grant_type")
+        body: dict[str, Any] = {
+            "access_token": self.mint(claims, alg="ES256"),
+            "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "token_type": "Bearer",
+        }
+        if self.token_expires_in is not None:
+            body["expires_in"] = self.token_expires_in
+        if form.get("scope"):
+            body["scope"] = form["scope"]
+        for name, value in self.token_response_overrides.items():
+            if value is None:
+                body.pop(name, None)
+            else:
+                body[name] = value
+        return 200, json_type, _json(body)
 
     # ------------------------------------------------------------------ serving
 

@@ -15,7 +15,6 @@ import ast
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -140,17 +139,16 @@ def test_a_successful_call_logs_nothing(daemon: Daemon, caplog: pytest.LogCaptur
 
 
 def _pip_install_client(venv: Path, tmp: Path) -> Path:
-    """A fresh venv with this checkout installed without extras, from a copy of what the
-    build needs (so the checkout gets no build/ directory)."""
-    tree = tmp / "tree"
-    tree.mkdir()
-    shutil.copy(ROOT / "pyproject.toml", tree)
-    shutil.copy(ROOT / "README.md", tree)
-    shutil.copytree(SRC, tree / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    """A fresh venv with sidekey installed without extras, from the wheel a release
+    would ship (tests/dist_build.py: built once per test process from a copy of the
+    checkout, so the checkout gets no build/ directory)."""
+    from dist_build import build_dists
+
+    wheel = build_dists().wheel
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120,
                    capture_output=True)
     python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", str(tree)], check=True,
+    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True,
                    timeout=600, capture_output=True)
     return python
 

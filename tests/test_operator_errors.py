@@ -109,9 +109,9 @@ AWS_KEYS = "type, region, endpoint_url, profile, timeout_s, max_concurrency, cac
     (_set("backends", "aws", {"type": "aws", "region": "eu-west-1", "regoin": "x"}),
      f"$.backends.aws.regoin: unknown key (known keys: {AWS_KEYS})"),
     (_set("backends", "s3", {"type": "s3", "region": "eu-west-1"}),
-     '$.backends.s3.type: expected one of local, vault, aws, got "s3"'),
+     '$.backends.s3.type: expected one of local, vault, aws, oauth, got "s3"'),
     (_set("backends", "x", {"region": "eu-west-1"}),
-     "$.backends.x.type: missing: set it to one of local, vault, aws"),
+     "$.backends.x.type: missing: set it to one of local, vault, aws, oauth"),
     (_sink({"type": "syslog", "hots": "siem.example"}),
      "$.audit.sinks.0.hots: unknown key (known keys: type, name, required, transport,"),
     # ...as every other section reads:

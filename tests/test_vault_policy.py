@@ -171,7 +171,7 @@ def test_check_config_probe_names_the_missing_capability(vault: VaultServer) -> 
 
         out = check()
         assert out.returncode == 1, out.stdout + out.stderr
-        assert (f"probe vault: MISSING update on {REVOKE}, for revoking database/creds/readonly "
+        assert (f"probe backend vault: MISSING update on {REVOKE}, for revoking database/creds/readonly "
                 "credentials at release") in out.stdout, out.stdout
         as_json = check("--json")
         assert as_json.returncode == 1

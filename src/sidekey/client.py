@@ -162,6 +162,13 @@ class ServiceUnavailable(SidekeyClientError):
     code = "unavailable"
 
 
+class BadGatewayError(SidekeyClientError):
+    """502: a server the daemon called for this request (an OAuth token endpoint, an
+    upstream) answered something it cannot use; the operator's to fix, not the caller's."""
+
+    code = "bad_gateway"
+
+
 class ConnectionFailed(SidekeyClientError):
     """The daemon could not be reached (socket missing, refused, connection reset)."""
 
@@ -208,6 +215,7 @@ _STATUS_ERRORS: dict[int, type[SidekeyClientError]] = {
     409: ConflictError,
     413: RequestTooLarge,
     429: RateLimited,
+    502: BadGatewayError,
     503: ServiceUnavailable,
 }
 
@@ -295,31 +303,19 @@ class Lease:
         raises the :class:`SidekeyClientError` for its code (``egress_not_allowed``,
         ``lease_released``, ``egress_upstream_timeout``...). Needs httpx (``pip install
         httpx``), imported only here."""
-        if self._client is None:
-            raise RuntimeError("this lease was not redeemed by a sidekey client: no egress")
-        try:
-            from . import egress_transport
-        except ImportError as exc:
-            if exc.name == "httpx":
-                raise ImportError("Lease.transport() needs httpx: pip install httpx",
-                                  name="httpx") from exc
-            raise
-        if isinstance(self._client, AsyncClient):
-            return egress_transport.AsyncEgressTransport(self._client, self.lease_id)
-        return egress_transport.EgressTransport(self._client, self.lease_id)
+        return _egress_transport().transport(self._bound_client(), self.lease_id)
 
     def http_client(self, **kw: Any) -> Any:
         """``httpx.AsyncClient`` (or ``httpx.Client`` for a sync :class:`Client`'s
         lease) over :meth:`transport`; ``kw`` go to its constructor (``base_url``,
         ``headers``, ``timeout``...). Use it only within the tool call: after release
         the daemon refuses the lease's egress."""
-        transport = self.transport()
-        import httpx
+        return _egress_transport().http_client(self._bound_client(), self.lease_id, kw)
 
-        kw.setdefault("timeout", httpx.Timeout(EGRESS_TIMEOUT_S))
-        if isinstance(self._client, AsyncClient):
-            return httpx.AsyncClient(transport=transport, **kw)
-        return httpx.Client(transport=transport, **kw)
+    def _bound_client(self) -> Client | AsyncClient:
+        if self._client is None:
+            raise RuntimeError("this lease was not redeemed by a sidekey client: no egress")
+        return self._client
 
     def __repr__(self) -> str:
         return (
@@ -332,6 +328,18 @@ class Lease:
 
     def __reduce__(self) -> Any:
         raise TypeError("sidekey leases cannot be pickled")
+
+
+def _egress_transport() -> Any:
+    """sidekey.egress_transport, which needs httpx (not a dependency of the client)."""
+    try:
+        from . import egress_transport
+    except ImportError as exc:
+        if exc.name == "httpx":
+            raise ImportError("Lease.transport() and Lease.http_client() need httpx: "
+                              "pip install httpx", name="httpx") from exc
+        raise
+    return egress_transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -2121,6 +2129,7 @@ __all__ = [
     "ApprovalPending",
     "AsyncClient",
     "AuthorizeResult",
+    "BadGatewayError",
     "BadRequestError",
     "Client",
     "ConflictError",

@@ -193,7 +193,28 @@ class AwsBackendConfig(_C, frozen=True, kw_only=True, tag="aws", tag_field="type
     stale_if_error_s: NonNegFloat = 0.0
 
 
-BackendConfig = LocalBackendConfig | VaultBackendConfig | AwsBackendConfig
+class OAuthBackendConfig(_C, frozen=True, kw_only=True, tag="oauth", tag_field="type"):
+    """An OAuth 2.0 token endpoint (sidekey.backends.oauth): the secrets that name this
+    backend are access tokens it obtains per call, by RFC 8693 token exchange of the
+    user's verified bearer token (``kind: oauth_token_exchange``) or by the client
+    credentials grant (``kind: oauth_client_credentials``, RFC 6749 section 4.4)."""
+
+    # https, or http to a loopback address (127.0.0.1, ::1, localhost) only.
+    token_endpoint: Annotated[str, Meta(min_length=1, max_length=2048)]
+    client_id: Annotated[str, Meta(min_length=1, max_length=256)]
+    # The client's secret, read through another backend (never written in the config).
+    client_secret: SecretRef
+    client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    ca_file: str | None = None  # verification always on: system CAs, or this bundle
+    # One token request (connect, send, answer) never waits longer than this.
+    timeout_s: Annotated[float, Meta(gt=0, le=30)] = 5.0
+    # A cached token is used until this long before its expires_in runs out.
+    refresh_margin_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    # Issued tokens kept in memory (least recently used go first).
+    max_cached_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+
+
+BackendConfig = LocalBackendConfig | VaultBackendConfig | AwsBackendConfig | OAuthBackendConfig
 
 
 class SecretRef(_C, frozen=True, kw_only=True):
@@ -209,7 +230,7 @@ class SecretRef(_C, frozen=True, kw_only=True):
     path: Annotated[str, Meta(min_length=1, max_length=512)] | None = None
     key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     version: PosInt | None = None
-    kind: Literal["static", "dynamic"] = "static"
+    kind: Literal["static", "dynamic", "oauth_token_exchange", "oauth_client_credentials"] = "static"
     pool_size: Annotated[int, Meta(ge=0, le=100)] = 0
     secret_id: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
     version_stage: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
@@ -217,6 +238,15 @@ class SecretRef(_C, frozen=True, kw_only=True):
     json_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     # Cache lifetime for this secret (static secrets only); default: the backend's.
     cache_ttl_s: NonNegFloat | None = None
+    # kind oauth_token_exchange / oauth_client_credentials (an oauth backend): what the
+    # token is for. audience (RFC 8693) and/or resource (RFC 8707, an absolute URI);
+    # scopes requested; token types (RFC 8693; default ...:token-type:access_token).
+    audience: Annotated[str, Meta(min_length=1, max_length=512)] | None = None
+    resource: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
+    scopes: Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]],
+                      Meta(max_length=64)] = []
+    requested_token_type: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    subject_token_type: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     # Egress with injection (sidekey.egress): never handed out; the daemon sends the
     # tool's matching upstream requests with it injected.
     egress: EgressRule | None = None
@@ -228,7 +258,15 @@ class SecretRef(_C, frozen=True, kw_only=True):
             return self.name
         if self.secret_id is not None:
             return self.secret_id
+        if self.kind in OAUTH_KINDS:
+            target = self.audience or self.resource or "default"
+            return f"{self.kind}:{target}" + (f"[{' '.join(self.scopes)}]" if self.scopes else "")
         return f"{self.mount}/{self.path}" + (f"#{self.key}" if self.key else "")
+
+
+OAUTH_KINDS = ("oauth_token_exchange", "oauth_client_credentials")
+# The SecretRef fields only an oauth backend's references use.
+_OAUTH_FIELDS = ("audience", "resource", "requested_token_type", "subject_token_type")
 
 
 # Selector keys that an unprivileged local user cannot satisfy at will: the kernel's
@@ -826,6 +864,14 @@ def _ref_problems(ref: SecretRef, backend: BackendConfig) -> list[str]:
     """What is wrong with a secret reference for its backend's type."""
     given = {f for f in ("name", "mount", "path", "key", "version", "secret_id", "version_stage",
                          "version_id", "json_key") if getattr(ref, f) is not None}
+    oauth_given = {f for f in _OAUTH_FIELDS if getattr(ref, f) is not None}
+    if ref.scopes:
+        oauth_given.add("scopes")
+    if isinstance(backend, OAuthBackendConfig):
+        return _oauth_ref_problems(ref, given | ({"pool_size"} if ref.pool_size else set()),
+                                   oauth_given)
+    if ref.kind in OAUTH_KINDS:
+        return [f"kind: {ref.kind} needs a backend of type oauth"]
     if ref.kind == "dynamic" or ref.pool_size:
         given.add("kind")
     if isinstance(backend, LocalBackendConfig):
@@ -843,6 +889,41 @@ def _ref_problems(ref: SecretRef, backend: BackendConfig) -> list[str]:
         problems.append("version: dynamic secrets have no versions")
     if ref.pool_size and ref.kind != "dynamic":
         problems.append("pool_size: only for kind: dynamic")
+    problems += [f"{k}: only for a secret of an oauth backend" for k in sorted(oauth_given)]
+    return problems
+
+
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3
+
+
+def _oauth_ref_problems(ref: SecretRef, other: set[str], oauth_given: set[str]) -> list[str]:
+    """What is wrong with a secret reference of an oauth backend."""
+    from urllib.parse import urlsplit
+
+    if ref.kind not in OAUTH_KINDS:
+        return [f"kind: an oauth backend's secret needs kind {' or '.join(OAUTH_KINDS)}"]
+    problems = [f"{k}: not used by an oauth backend" for k in sorted(other)]
+    if ref.cache_ttl_s is not None:
+        problems.append("cache_ttl_s: an issued token is cached until its expires_in "
+                        "(less the backend's refresh_margin_s)")
+    if ref.kind == "oauth_client_credentials":
+        problems += [f"{k}: only for kind oauth_token_exchange" for k in
+                     ("requested_token_type", "subject_token_type") if k in oauth_given]
+    elif ref.audience is None and ref.resource is None:
+        problems.append("audience: a token exchange names the audience and/or resource "
+                        "the downstream token is for")
+    if ref.resource is not None:
+        parts = urlsplit(ref.resource)
+        if not parts.scheme or parts.fragment:
+            problems.append("resource: an absolute URI without a fragment (RFC 8707)")
+    for i, scope in enumerate(ref.scopes):
+        if not _SCOPE_TOKEN.fullmatch(scope):
+            problems.append(f"scopes.{i}: a scope is printable ASCII without spaces, "
+                            "double quotes or backslashes (RFC 6749 section 3.3)")
+    for k in ("requested_token_type", "subject_token_type"):
+        value = getattr(ref, k)
+        if value is not None and not _SCOPE_TOKEN.fullmatch(value):
+            problems.append(f"{k}: a token type URI (RFC 8693 section 3)")
     return problems
 
 
@@ -893,6 +974,32 @@ def _webhook_problem(url: str) -> str | None:
     ):
         return None
     return "must use https (plain http only to 127.0.0.1, ::1 or localhost)"
+
+
+def _oauth_backend_problems(backend: OAuthBackendConfig, cfg: Config) -> list[str]:
+    """What is wrong with one oauth backend (``<field>: problem`` each)."""
+    from urllib.parse import urlsplit
+
+    problems: list[str] = []
+    url_problem = _webhook_problem(backend.token_endpoint)
+    if url_problem:
+        problems.append(f"token_endpoint: {url_problem}")
+    elif urlsplit(backend.token_endpoint).fragment:
+        problems.append("token_endpoint: must not have a fragment")
+    elif backend.ca_file and not backend.token_endpoint.startswith("https:"):
+        problems.append("ca_file: only for an https token_endpoint")
+    ref = backend.client_secret
+    secret_backend = cfg.backends.get(ref.backend)
+    if secret_backend is None:
+        problems.append(f"client_secret.backend: no backend {ref.backend!r}")
+    elif isinstance(secret_backend, OAuthBackendConfig):
+        problems.append("client_secret.backend: the client secret comes from a backend of "
+                        "another type (local, vault, aws)")
+    else:
+        problems.extend(f"client_secret.{p}" for p in _ref_problems(ref, secret_backend))
+        if ref.kind != "static":
+            problems.append("client_secret.kind: must be static")
+    return problems
 
 
 # Headers a webhook sink sets itself, or that HTTP framing owns.
@@ -1164,6 +1271,8 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
                                   "secret_id_credential")
             if (backend.client_cert is None) != (backend.client_key is None):
                 errors.append(f"{at}: set both client_cert and client_key, or neither")
+        elif isinstance(backend, OAuthBackendConfig):
+            errors.extend(f"{at}.{problem}" for problem in _oauth_backend_problems(backend, cfg))
     for server, tools in cfg.secrets.items():
         for tool, refs in tools.items():
             for alias, ref in refs.items():
@@ -1172,6 +1281,11 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
                     continue  # reported above
                 at = f"{where('secrets')}: $.secrets.{server}.{tool}.{alias}"
                 errors.extend(f"{at}: {problem}" for problem in _ref_problems(ref, backend_cfg))
+                if ref.kind == "oauth_token_exchange" and server in cfg.servers \
+                        and cfg.servers[server].oauth2 == "none":
+                    errors.append(f"{at}.kind: oauth_token_exchange exchanges the user's "
+                                  f"bearer token, and server {server} has oauth2: none "
+                                  "(no user token); use oauth_client_credentials")
                 if ref.egress is not None:
                     errors.extend(f"{at}.egress{problem}" for problem in egress_rule_problems(
                         alias, ref.egress, max_body_bytes=cfg.listen.max_body_bytes))

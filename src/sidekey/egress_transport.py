@@ -72,6 +72,26 @@ def _response(status: int, head: Any, body: bytes, request: httpx.Request) -> ht
                           extensions={"http_version": b"HTTP/1.1"})
 
 
+def transport(client: AsyncClient | Client, lease_id: str) -> httpx.AsyncBaseTransport | httpx.BaseTransport:
+    """The transport for a lease of ``client`` (async for an AsyncClient)."""
+    from .client import AsyncClient
+
+    if isinstance(client, AsyncClient):
+        return AsyncEgressTransport(client, lease_id)
+    return EgressTransport(client, lease_id)
+
+
+def http_client(client: AsyncClient | Client, lease_id: str,
+                kw: dict[str, Any]) -> httpx.AsyncClient | httpx.Client:
+    """An httpx client over :func:`transport` (``kw``: its constructor's arguments)."""
+    from .client import AsyncClient
+
+    kw.setdefault("timeout", httpx.Timeout(EGRESS_TIMEOUT_S))
+    if isinstance(client, AsyncClient):
+        return httpx.AsyncClient(transport=AsyncEgressTransport(client, lease_id), **kw)
+    return httpx.Client(transport=EgressTransport(client, lease_id), **kw)
+
+
 class AsyncEgressTransport(httpx.AsyncBaseTransport):
     """For ``httpx.AsyncClient(transport=...)``: a lease of an :class:`AsyncClient`
     (asyncio or trio)."""

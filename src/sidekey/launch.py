@@ -13,7 +13,7 @@ import sys
 
 # The top-level modules of the `daemon` extra's distributions (pyproject.toml).
 DAEMON_MODULES = frozenset({"trio", "httptools", "yaml", "jwt", "cryptography", "psutil",
-                            "httpx", "hvac", "boto3", "botocore", "redis"})
+                            "httpx", "hvac", "boto3", "botocore", "redis", "prometheus_client"})
 
 
 def daemon_dependency_missing(exc: ImportError) -> str | None:

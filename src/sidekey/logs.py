@@ -60,14 +60,18 @@ class RequestLog:
     server: str | None = None
     tool: str | None = None
     code: str | None = None
-    status: int | None = None
+    # The response's HTTP status (shown as "status"; not named so: only error
+    # constructors set a `.status`, tests/test_error_statuses.py).
+    http_status: int | None = None
     duration_ms: float | None = None
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"request_id": self.request_id, "method": self.method,
                                "path": self.path}
-        for key in ("trace_id", "server", "tool", "code", "status", "duration_ms"):
-            value = getattr(self, key)
+        for key, attr in (("trace_id", "trace_id"), ("server", "server"), ("tool", "tool"),
+                          ("code", "code"), ("status", "http_status"),
+                          ("duration_ms", "duration_ms")):
+            value = getattr(self, attr)
             if value is not None:
                 out[key] = value
         return out

@@ -66,6 +66,10 @@ CODES: frozenset[str] = frozenset({
     "server_unknown", "server_not_registered", "server_deprecated", "server_retired",
     "version_mismatch", "server_required", "tool_unknown", "scope_missing",
     "query_param_invalid", "query_param_unknown",
+    # per-user downstream tokens (oauth backend)
+    "token_exchange_denied", "token_endpoint_refused", "token_endpoint_unavailable",
+    "token_endpoint_bad_response", "subject_token_required", "subject_token_unavailable",
+    "bad_gateway",
     "agent_unbound", "agent_mismatch", "agent_missing", "agent_unknown",
     "agent_denied_server", "agent_not_granted", "overloaded",
     # user tokens and resolution tokens
@@ -92,7 +96,7 @@ CODES: frozenset[str] = frozenset({
     # files and keys (start-up refusals; listed so they are never _other)
     "dir_unsafe", "file_owner_unsafe", "key_file_unsafe", "socket_dir_unsafe", "unsafe_path",
     # egress with injection (sidekey.daemon.egress)
-    "bad_gateway", "gateway_timeout", "egress_bad_target", "egress_not_allowed",
+    "gateway_timeout", "egress_bad_target", "egress_not_allowed",
     "egress_request_too_large", "egress_request_limit", "egress_concurrency_limit",
     "egress_upstream_unavailable", "egress_upstream_timeout", "egress_tls_failed",
     "egress_response_too_large", "egress_lease_ended", "egress_ca_file_unreadable",

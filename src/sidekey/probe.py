@@ -104,6 +104,11 @@ async def _probe_backend(backend: Backend, kind: str, uses: dict[str, _Use],
                                           "credential); the capability check covers it")
             secrets[label] = entry
             continue
+        if use.ref.kind == "oauth_token_exchange":
+            entry.update(ok=True, checked="token exchange: needs a user's token; the backend's "
+                                          "probe reached the token endpoint and authenticated")
+            secrets[label] = entry
+            continue
         try:
             with trio.fail_after(step_s):
                 value = await inner.fetch(use.ref)

@@ -101,14 +101,6 @@ class Unavailable(SidekeyError):
     code = "unavailable"
 
 
-class BadGateway(SidekeyError):
-    """An upstream the daemon called for the caller failed (egress: connect, TLS, an
-    answer over its cap)."""
-
-    status = 502
-    code = "bad_gateway"
-
-
 class GatewayTimeout(SidekeyError):
     """An upstream the daemon called for the caller did not answer in time."""
 
@@ -157,6 +149,14 @@ class Internal(SidekeyError):
     code = "internal"
 
 
+class BadGateway(SidekeyError):
+    """A server sidekey called for the caller (an OAuth token endpoint, an upstream)
+    answered something sidekey cannot use: 502. Not the caller's fault, nor the user's."""
+
+    status = 502
+    code = "bad_gateway"
+
+
 class Unsupported(SidekeyError):
     """The HTTP framing uses a feature the server does not implement (an unknown transfer coding: 501)."""
 
@@ -172,7 +172,7 @@ ERROR_CLASS_BY_STATUS: dict[int, type[SidekeyError]] = {
     for cls in (
         BadRequest, TokenError, Denied, NotFound, MethodNotAllowed, RequestTimeout, Conflict,
         TooLarge, Unprocessable, TooManyRequests, HeadersTooLarge, Internal, Unsupported,
-        Unavailable, BadGateway, GatewayTimeout,
+        BadGateway, Unavailable, GatewayTimeout,
     )
 }
 

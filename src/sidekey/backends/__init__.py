@@ -7,6 +7,7 @@ value, so a stray ``log.debug("%r", v)`` or a traceback's locals cannot leak it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +31,9 @@ class SecretValue:
     version: str
     lease_id: str | None = None
     lease_ttl_s: int | None = None
+    # Value-free facts for the call's audit event (an issued OAuth token: kind, audience,
+    # scopes, cached, its SHA-256 prefix); None for stored secrets.
+    audit: Mapping[str, object] | None = None
 
     def __repr__(self) -> str:
         return f"SecretValue(version={self.version!r}, value=<redacted>)"
@@ -131,15 +135,27 @@ def build_backends(loaded: LoadedConfig, *, journal: LeaseJournal | None = None)
     Backends with ``cache_ttl_s > 0`` are wrapped in a :class:`~.cache.CachedBackend`.
     Raises :class:`ConfigError` naming the backend.
     """
-    from ..config import AwsBackendConfig, LocalBackendConfig, VaultBackendConfig
+    from ..config import (
+        AwsBackendConfig,
+        LocalBackendConfig,
+        OAuthBackendConfig,
+        VaultBackendConfig,
+    )
     from .cache import CachedBackend
     from .local import LocalBackend, load_key
 
     out: dict[str, Backend] = {}
-    for name, cfg in loaded.config.backends.items():
+    # oauth backends last: they read their client secret through the others.
+    ordered = sorted(loaded.config.backends.items(),
+                     key=lambda item: isinstance(item[1], OAuthBackendConfig))
+    for name, cfg in ordered:
         backend: Backend
         try:
-            if isinstance(cfg, LocalBackendConfig):
+            if isinstance(cfg, OAuthBackendConfig):
+                from .oauth import OAuthBackend
+
+                backend = OAuthBackend(name, cfg, base_dir=loaded.base_dir, secret_backends=out)
+            elif isinstance(cfg, LocalBackendConfig):
                 key = load_key(
                     loaded.resolve(cfg.key_file) if cfg.key_file else None, cfg.key_credential
                 )
@@ -160,11 +176,11 @@ def build_backends(loaded: LoadedConfig, *, journal: LeaseJournal | None = None)
             raise ConfigError(f"backends.{name}: {exc}") from None
         except protocol.SidekeyError as exc:
             raise ConfigError(f"backends.{name}: {exc.message}") from None
-        if cfg.cache_ttl_s > 0:
+        if not isinstance(cfg, OAuthBackendConfig) and cfg.cache_ttl_s > 0:
             backend = CachedBackend(backend, ttl_s=cfg.cache_ttl_s,
                                     stale_if_error_s=cfg.stale_if_error_s)
         out[name] = backend
-    return out
+    return {name: out[name] for name in loaded.config.backends}
 
 
 def unwrap(backend: Backend) -> Backend:

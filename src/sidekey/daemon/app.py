@@ -108,7 +108,7 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle, Scrape, Egress):
         started = time.monotonic()
         try:
             response = await self._dispatch(request)
-            rlog.status = response.status
+            rlog.http_status = response.status
             if rlog.code is None and response.status < 400:
                 rlog.code = "ok"
             if logs.request_lines(self.cfg.log.format, self.cfg.log.requests):

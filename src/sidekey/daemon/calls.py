@@ -15,7 +15,9 @@ import trio
 from .. import approvals, logs, protocol, quotas
 from ..approval_desk import HeldCall
 from ..approvals import Approval
-from ..backends import SecretValue
+from ..backends import Backend, SecretValue
+from ..backends.oauth import Subject, SubjectTokenRequired, SubjectTokenUnavailable
+from ..config import SecretRef
 from ..leases import ACTIVE, RELEASED, REVOKED, new_lease_id
 from ..peer import tier_allows
 from ..policy import CallFacts, Decision, decide
@@ -327,12 +329,24 @@ class Calls(Context):
             expires_at=float(claims.exp + self.codec.leeway_s),
             now=now,
         )
+        # The verified user token, as the subject of the tool's token exchanges: handed
+        # to the redeem of this request, or held in memory (never persisted) until the
+        # two-step redeem of this jti or the resolution token's expiry.
+        subject = None
+        if user_token is not None and body.user_token is not None and any(
+                ref.kind == "oauth_token_exchange"
+                for ref in self.loaded.secrets_for(body.server, body.tool).values()):
+            subject = Subject(token=body.user_token, issuer=user_token.issuer,
+                              subject=user_token.subject, expires_at=float(user_token.expires_at))
+            if not body.redeem:
+                self._subjects.put(claims.jti, subject, now=now,
+                                   expires_at=float(claims.exp + self.codec.leeway_s))
         lease = None
         if body.redeem:
             # One request for both steps: the same checks and records as a redeem by
             # this connection's peer (the token is bound to it), and the token itself
             # never leaves the daemon.
-            lease = await self._redeem(req, token, body.arguments)
+            lease = await self._redeem(req, token, body.arguments, subject=subject, one_step=True)
         return _json(
             200,
             protocol.AuthorizeResponse(
@@ -356,9 +370,11 @@ class Calls(Context):
         return _json(200, await self._redeem(req, body.resolution_token, body.arguments))
 
     async def _redeem(self, req: Request, resolution_token: str,
-                      arguments: dict[str, Any] | None) -> protocol.LeaseResponse:
+                      arguments: dict[str, Any] | None, *, subject: Subject | None = None,
+                      one_step: bool = False) -> protocol.LeaseResponse:
         """Exchange a resolution token for a lease (POST /v1/redeem, or the second half of
-        an authorize with ``redeem: true``)."""
+        an authorize with ``redeem: true``, which passes the verified user token as
+        ``subject``)."""
         now = self.clock()
         verified = self.codec.verify(resolution_token, now=now)
         claims = verified.claims
@@ -407,6 +423,8 @@ class Calls(Context):
                 ), jti=claims.jti,
             )
         refs = self.loaded.secrets_for(claims.server, claims.tool)
+        if not one_step:
+            subject = self._subjects.pop(claims.jti, now=now)
         values: dict[str, SecretValue] = {}
         try:
             try:
@@ -416,7 +434,11 @@ class Calls(Context):
                     started = time.perf_counter()
                     try:
                         with trio.fail_after(BACKEND_TIMEOUT_S):
-                            values[alias] = await backend.fetch(ref)
+                            if ref.kind == "oauth_token_exchange":
+                                values[alias] = await self._exchange(
+                                    backend, ref, subject, one_step=one_step)
+                            else:
+                                values[alias] = await backend.fetch(ref)
                         fetched = True
                     finally:
                         self.metrics.backend_fetch(ref.backend, time.perf_counter() - started,
@@ -482,6 +504,7 @@ class Calls(Context):
                 "arguments_checked": arguments is not None,
                 "secrets": [
                     {"name": a, "backend": refs[a].backend, "version": v.version,
+                     **(v.audit or {}),
                      **({"egress": True} if refs[a].egress is not None else {})}
                     for a, v in sorted(values.items())
                 ],
@@ -520,6 +543,28 @@ class Calls(Context):
             request_id=req.request_id,
             egress=sorted(egress),
         )
+
+    @staticmethod
+    async def _exchange(backend: Backend, ref: SecretRef, subject: Subject | None, *,
+                        one_step: bool) -> SecretValue:
+        """A ``kind: oauth_token_exchange`` secret: the backend exchanges the call's
+        verified user token (sidekey.backends.oauth)."""
+        if subject is None:
+            if one_step:
+                raise SubjectTokenRequired(
+                    f"secret {ref.label} is a token exchange of the user's token, and this "
+                    "call has no verified user token", code="subject_token_required")
+            raise SubjectTokenUnavailable(
+                f"secret {ref.label} is a token exchange of the user's token, which this "
+                "daemon no longer holds for this resolution token (restarted, evicted, or "
+                "authorized on another host): authorize again, or use authorize with "
+                "redeem: true", code="subject_token_unavailable")
+        exchange = getattr(backend, "exchange", None)
+        if exchange is None:  # config checks refuse this; fail closed anyway
+            raise SubjectTokenRequired(f"backend {ref.backend} cannot exchange tokens",
+                                       code="subject_token_required")
+        value: SecretValue = await exchange(ref, subject)
+        return value
 
     async def release(self, req: Request) -> Response:
         body: ReleaseRequest = protocol.decode_body(req.body, ReleaseRequest)

@@ -35,6 +35,7 @@ from ..audit.hmackey import ValueHasher
 from ..audit.jsonl import JsonlSink
 from ..audit.ratelimit import RejectionLimiter, Suppressed
 from ..backends import Backend
+from ..backends.oauth import SubjectTokens
 from ..config import LoadedConfig, OAuth2Config
 from ..encoding import iso_utc
 from ..healthcheck import RegistryHealth
@@ -163,6 +164,8 @@ class Context:
         self.audit_hasher: ValueHasher | None = None
         self._reload_lock = trio.Lock()
         self._dynamic_leases: set[str] = set()  # active leases carrying dynamic credentials
+        # Verified user tokens held for two-step redeems of token-exchange secrets.
+        self._subjects = SubjectTokens()
         # on_store_failure: local — this host's GCRA state while the store is down
         self._local_rates: OrderedDict[str, float] = OrderedDict()
         self._local_rates_warned = False
@@ -338,7 +341,9 @@ class Context:
         self, event_type: str, base: dict[str, Any], exc: SidekeyError, *, jti: str | None = None
     ) -> SidekeyError:
         """Audit a denial, mark it audited and return it for the caller to raise."""
-        extra = {"jti": jti} if jti else None
+        extra: dict[str, Any] | None = {"jti": jti} if jti else None
+        if "oauth_error" in exc.details:  # a token endpoint's refusal (backends.oauth)
+            extra = {**(extra or {}), "oauth_error": exc.details["oauth_error"]}
         await self.audit.emit(
             self.event(
                 event_type,

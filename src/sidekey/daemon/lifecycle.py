@@ -259,6 +259,7 @@ class Lifecycle(Context):
         while True:
             await trio.sleep(interval_s)
             self._calls.sweep(self.clock())
+            self._subjects.sweep(self.clock())  # user tokens held for two-step redeems
 
     # ------------------------------------------------------------------ rejection windows
 
