@@ -718,3 +718,37 @@ def test_governed_mcp_tool_uses_current_lease_http_client(env: Env) -> None:
     assert up.seen[before].headers["authorization"] == f"Bearer {env.secret(READ_KEY)}"
     [call] = _events(d, "mcp.tool_call", seen["lease_id"])
     assert [(e["path"], e["status"]) for e in call["egress"]] == [("/echo/mcp", 200)]
+
+
+# --------------------------------------------------------------------------- with item 2
+
+
+def test_a_per_user_downstream_token_is_injected_never_handed_out(env: Env,
+                                                                  make_daemon: Any) -> None:
+    """Egress composes with a token exchange (``kind: oauth_token_exchange``): the
+    daemon exchanges the user's token and injects the per-user downstream token; the
+    MCP server sees the upstream's answer only."""
+    from oauth_issuer import OAuthIssuer
+    from test_token_exchange import DOWNSTREAM, _governed, _user_token
+
+    up = env.up
+    with OAuthIssuer(audience="mcp:content-api") as issuer:
+        d = _governed(make_daemon, issuer, secrets={"content-api": {"create_article": {
+            "DOWNSTREAM_TOKEN": {
+                "backend": "idp", "kind": "oauth_token_exchange", "audience": DOWNSTREAM,
+                "scopes": ["articles:write"], "egress": {
+                    "hosts": [up.host], "methods": ["POST"], "paths": ["/echo/"],
+                    "inject": {"header": "Authorization", "value": "Bearer {DOWNSTREAM_TOKEN}"},
+                    "ca_file": str(up.ca_file)}}}}})
+        before = len(up.seen)
+        with (Client(d.socket, timeout=30) as client,
+              client.tool_call("content-api", "create_article",
+                               user_token=_user_token(issuer, "dave"), agent_id="content-writer",
+                               arguments={"t": 1}) as lease,
+              lease.http_client() as http):
+            r = http.post(env.url("/echo/articles"), json={"title": "t"})
+        sent = up.seen[before].headers["authorization"].removeprefix("Bearer ")
+        assert issuer.verify_issued(sent, audience=DOWNSTREAM)["sub"] == "dave"
+    assert "DOWNSTREAM_TOKEN" not in lease.secrets and lease.egress == ("DOWNSTREAM_TOKEN",)
+    assert r.status_code == 200 and sent not in r.text and sent not in str(r.headers)
+    assert sent.encode() not in d.everything_written()
