@@ -4,7 +4,8 @@ thread, with its own CA (made here with ``cryptography``).
 Every request is recorded (method, path, headers, body). Paths choose the behaviour:
 ``/echo...`` answers 200 with the Authorization header (and the query) echoed in a
 response header and in a JSON body; ``/slow?s=N`` sleeps N seconds first; ``/huge?mb=N``
-streams N MiB; ``/redirect`` answers 302 to ``/echo``; anything else 200 ``ok``.
+streams N MiB; ``/redirect`` answers 302 to ``/echo``; ``/hold`` waits until the test sets
+``Upstream.holds``; anything else 200 ``ok``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class Upstream:
     ca_file: Path
     seen: list[Seen] = field(default_factory=list)
     server: http.server.ThreadingHTTPServer | None = None
+    # /hold waits for this (at most 8 s), then answers like /ok.
+    holds: threading.Event = field(default_factory=threading.Event)
 
     @property
     def host(self) -> str:
@@ -117,6 +120,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         query = dict(urllib.parse.parse_qsl(url.query))
         if url.path.startswith("/slow"):
             time.sleep(float(query.get("s", "5")))
+        if url.path.startswith("/hold"):
+            self.upstream.holds.wait(8)
         if url.path.startswith("/huge"):
             total = int(float(query.get("mb", "8")) * 1024 * 1024)
             self.send_response(200)

@@ -410,42 +410,60 @@ def test_result_budget_bounds_egress_over_the_call(env: Env) -> None:
 
 def test_caps_on_concurrency_and_count_and_release_cancels_in_flight(env: Env) -> None:
     """At most MAX_IN_FLIGHT_PER_LEASE requests of one lease at once; a release ends
-    the requests still in flight (the value is gone with the lease)."""
-    d = env.d
+    the requests still in flight (the value is gone with the lease). publish_article's
+    rule has the default timeout (10 s); the upstream holds each /hold until told."""
+    d, up = env.d, env.up
+
+    async def upstream_holds(count: int) -> None:
+        # The upstream records a request when it arrives, before it waits.
+        while sum(1 for s in up.seen[before:] if s.path.startswith("/hold")) < count:
+            await trio.sleep(0.01)
 
     async def scenario() -> dict[str, Any]:
         client = AsyncClient(d.socket)
         kw = _call_kw(d)
-        token = (await client.authorize("content-api", "list_articles", **kw)).resolution_token
+        token = (await client.authorize("content-api", "publish_article", **kw)).resolution_token
         assert token is not None
         lease = await client.redeem(token, kw["arguments"])
         codes: list[str | int] = []
         async with lease.http_client() as http:
 
-            async def slow() -> None:
+            async def hold() -> None:
                 try:
-                    codes.append((await http.get(env.url("/slow?s=1.5"))).status_code)
+                    codes.append((await http.get(env.url("/hold"))).status_code)
                 except SidekeyClientError as exc:
                     codes.append(exc.code)
 
             async with trio.open_nursery() as nursery:
-                for _ in range(eg.MAX_IN_FLIGHT_PER_LEASE + 1):
-                    nursery.start_soon(slow)
+                for _ in range(eg.MAX_IN_FLIGHT_PER_LEASE):
+                    nursery.start_soon(hold)
+                await upstream_holds(eg.MAX_IN_FLIGHT_PER_LEASE)
+                await hold()  # one more while all of them are held upstream
+                up.holds.set()
             counted = list(codes)
             codes.clear()
+            up.holds.clear()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(slow)
-                await trio.sleep(0.5)
+                nursery.start_soon(hold)
+                await upstream_holds(eg.MAX_IN_FLIGHT_PER_LEASE + 1)
                 await client.release(lease, "success", 1)
+            up.holds.set()
         await client.close()
         return {"counted": counted, "after": codes, "lease": lease.lease_id}
 
-    out = _run("trio", scenario)
-    assert sorted(map(str, out["counted"])) == ["200"] * eg.MAX_IN_FLIGHT_PER_LEASE + [
-        "egress_concurrency_limit"]
+    before = len(up.seen)
+    try:
+        out = _run("trio", scenario)
+    finally:
+        up.holds.set()
+    assert out["counted"] == ["egress_concurrency_limit"] + [200] * eg.MAX_IN_FLIGHT_PER_LEASE
     assert out["after"] == ["egress_lease_ended"]
     [call] = _events(d, "mcp.tool_call", out["lease"])
     assert [e.get("error") for e in call["egress"]].count("egress_concurrency_limit") == 1
+    # The request the release cut short: its own event (it ended after the call's).
+    [ended] = [e for e in _events(d, "egress.failed", out["lease"])
+               if e["error"]["code"] == "egress_lease_ended"]
+    assert ended["egress"]["path"] == "/hold"
 
 
 def test_request_count_cap(env: Env) -> None:

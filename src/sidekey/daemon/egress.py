@@ -92,7 +92,9 @@ class EgressGrant:
             self.dropped += 1
 
     def audit_fields(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"egress": self.records}
+        """A snapshot: a request cancelled by the lease's end records itself later (its
+        own egress.failed event says so), never in an event already built."""
+        out: dict[str, Any] = {"egress": list(self.records)}
         if self.dropped:
             out["egress_dropped"] = self.dropped
         return out
