@@ -473,15 +473,18 @@ def test_request_count_cap(env: Env) -> None:
           lease.http_client() as http):
         for _ in range(eg.MAX_REQUESTS_PER_CALL):
             assert http.get(env.url("/ok")).status_code == 200
-        with pytest.raises(SidekeyClientError) as caught:
-            http.get(env.url("/ok"))
-    assert (caught.value.status, caught.value.code) == (429, "egress_request_limit")
+        for _ in range(3):  # refused, the first one audited, the others counted
+            with pytest.raises(SidekeyClientError) as caught:
+                http.get(env.url("/ok"))
+            assert (caught.value.status, caught.value.code) == (429, "egress_request_limit")
+    assert [e["error"]["code"] for e in _events(d, "egress.refused", lease.lease_id)] == [
+        "egress_request_limit"]
     [call] = _events(d, "mcp.tool_call", lease.lease_id)
     # Kept within their bytes (the event's cap), the rest counted.
     kept = len(call["egress"])
     assert 0 < kept <= eg.MAX_AUDIT_ENTRIES and call["egress"][0]["path"] == "/ok"
     assert len(json.dumps(call["egress"], separators=(",", ":"))) <= eg.MAX_AUDIT_BYTES
-    assert call["egress_dropped"] == eg.MAX_REQUESTS_PER_CALL + 1 - kept
+    assert call["egress_dropped"] == eg.MAX_REQUESTS_PER_CALL + 3 - kept
     assert "_truncated" not in json.dumps(call)
 
 

@@ -221,6 +221,20 @@ class Egress(Context):
         if self.clock() >= grant.expires_at:
             raise await self._egress_refused(rec, req, entry,
                                              Conflict("lease is expired", code="lease_expired"))
+        # Every request that reaches the rules counts, refused ones too: past the cap a
+        # call's requests are refused without an event each (the first refusal is
+        # audited, the rest counted in egress_dropped), so a looping server cannot turn
+        # refusals into unbounded audit volume.
+        grant.count += 1
+        if grant.count > eg.MAX_REQUESTS_PER_CALL:
+            limit = TooManyRequests(
+                f"more than {eg.MAX_REQUESTS_PER_CALL} upstream requests in one call",
+                code="egress_request_limit")
+            if grant.count > eg.MAX_REQUESTS_PER_CALL + 1:
+                grant.dropped += 1
+                limit.details["audited"] = True
+                raise limit
+            raise await self._egress_refused(rec, req, entry, limit, grant=grant)
         matched = [(a, r) for a, r in sorted(grant.rules.items())
                    if eg.rule_allows(r, req.method, target)]
         if not matched:
@@ -233,15 +247,10 @@ class Egress(Context):
             raise await self._egress_refused(rec, req, entry, TooLarge(
                 f"request body over the rule's {max_request} bytes",
                 code="egress_request_too_large"), grant=grant)
-        if grant.count >= eg.MAX_REQUESTS_PER_CALL:
-            raise await self._egress_refused(rec, req, entry, TooManyRequests(
-                f"more than {eg.MAX_REQUESTS_PER_CALL} upstream requests in one call",
-                code="egress_request_limit"), grant=grant)
         if grant.in_flight >= eg.MAX_IN_FLIGHT_PER_LEASE:
             raise await self._egress_refused(rec, req, entry, TooManyRequests(
                 f"more than {eg.MAX_IN_FLIGHT_PER_LEASE} upstream requests of one call at once",
                 code="egress_concurrency_limit"), grant=grant)
-        grant.count += 1
         grant.in_flight += 1
         started = time.perf_counter()
         entry["bytes_out"] = len(req.body)
