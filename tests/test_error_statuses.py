@@ -43,6 +43,8 @@ FIXED = [
     (protocol.Internal, 500, "internal"),
     (protocol.Unsupported, 501, "not_implemented"),
     (protocol.Unavailable, 503, "unavailable"),
+    (protocol.BadGateway, 502, "bad_gateway"),
+    (protocol.GatewayTimeout, 504, "gateway_timeout"),
 ]
 
 

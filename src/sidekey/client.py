@@ -70,6 +70,11 @@ RELEASE_AFTER_FAILURE_TIMEOUT_S = 5.0
 MAX_RESPONSE_BYTES = 1024 * 1024
 MAX_ERROR_NAME_LEN = 512  # ReleaseRequest.error max_length
 MAX_DURATION_MS = 86_400_000  # ReleaseRequest.duration_ms upper bound
+# Egress (Lease.transport): an upstream answer passed back may be this big at most (the
+# daemon's rule caps it lower: max_response_bytes, at most 64 MiB), and a request waits
+# this long by default (the daemon bounds the upstream by the rule's timeout_s <= 60 s).
+EGRESS_MAX_RESPONSE_BYTES = 64 * 1024 * 1024 + 64 * 1024
+EGRESS_TIMEOUT_S = 65.0
 
 ReleaseStatus = Literal["success", "error", "cancelled"]
 _RELEASE_STATUSES = frozenset({"success", "error", "cancelled"})
@@ -253,6 +258,8 @@ class Lease:
     """
 
     __slots__ = (
+        "_client",
+        "egress",
         "expires_at",
         "lease_id",
         "request_id",
@@ -272,6 +279,7 @@ class Lease:
         tool: str,
         secrets: Mapping[str, str],
         request_id: str | None = None,
+        egress: tuple[str, ...] = (),
     ) -> None:
         self.lease_id = lease_id
         self.expires_at = expires_at
@@ -281,18 +289,57 @@ class Lease:
         self.request_id = request_id
         self.result_size_bytes: int | None = None
         self.withhold_result = False
+        # Secrets the daemon injects into upstream requests instead of handing them out
+        # (sidekey.egress): send those requests through transport() / http_client().
+        self.egress = egress
+        self._client: Client | AsyncClient | None = None  # set by the client that redeemed it
+
+    def transport(self) -> Any:
+        """An httpx transport that sends each request through the daemon's egress for
+        this lease (``https://`` URLs only): an ``httpx.AsyncBaseTransport`` for a lease
+        of an :class:`AsyncClient` (asyncio or trio), an ``httpx.BaseTransport`` for one
+        of a :class:`Client`. The daemon checks the request against the tool's egress
+        rules, injects the credential and answers the upstream's response; a refusal
+        raises the :class:`SidekeyClientError` for its code (``egress_not_allowed``,
+        ``lease_released``, ``egress_upstream_timeout``...). Needs httpx (``pip install
+        httpx``), imported only here."""
+        return _egress_transport().transport(self._bound_client(), self.lease_id)
+
+    def http_client(self, **kw: Any) -> Any:
+        """``httpx.AsyncClient`` (or ``httpx.Client`` for a sync :class:`Client`'s
+        lease) over :meth:`transport`; ``kw`` go to its constructor (``base_url``,
+        ``headers``, ``timeout``...). Use it only within the tool call: after release
+        the daemon refuses the lease's egress."""
+        return _egress_transport().http_client(self._bound_client(), self.lease_id, kw)
+
+    def _bound_client(self) -> Client | AsyncClient:
+        if self._client is None:
+            raise RuntimeError("this lease was not redeemed by a sidekey client: no egress")
+        return self._client
 
     def __repr__(self) -> str:
         return (
             f"Lease(lease_id={self.lease_id!r}, server={self.server!r}, tool={self.tool!r}, "
             f"expires_at={self.expires_at!r}, secrets={sorted(self.secrets)!r}, "
-            f"withhold_result={self.withhold_result!r})"
+            f"egress={sorted(self.egress)!r}, withhold_result={self.withhold_result!r})"
         )
 
     __str__ = __repr__
 
     def __reduce__(self) -> Any:
         raise TypeError("sidekey leases cannot be pickled")
+
+
+def _egress_transport() -> Any:
+    """sidekey.egress_transport, which needs httpx (not a dependency of the client)."""
+    try:
+        from . import egress_transport
+    except ImportError as exc:
+        if exc.name == "httpx":
+            raise ImportError("Lease.transport() and Lease.http_client() need httpx: "
+                              "pip install httpx", name="httpx") from exc
+        raise
+    return egress_transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +424,7 @@ class _LeaseBody(_Body, kw_only=True):
     tool: str
     secrets: dict[str, str]
     request_id: str | None = None
+    egress: list[str] = msgspec.field(default_factory=list)
 
 
 class _AuthorizeBody(_Body, kw_only=True):
@@ -747,6 +795,7 @@ def _lease(status: int, data: dict[str, Any]) -> Lease:
         tool=body.tool,
         secrets=body.secrets,
         request_id=body.request_id,
+        egress=tuple(body.egress),
     )
 
 
@@ -771,16 +820,20 @@ def _elapsed_ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
 
 
-def _check_length(headers: Mapping[str, str], status: int, what: str) -> None:
+def _check_length(headers: Mapping[str, str], status: int, what: str,
+                  cap: int | None = None) -> None:
+    cap = MAX_RESPONSE_BYTES if cap is None else cap
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
-        raise ProtocolError(f"{what}: response over {MAX_RESPONSE_BYTES} bytes", status=status)
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise ProtocolError(f"{what}: response over {cap} bytes", status=status)
 
 
-def _append_capped(buf: bytearray, chunk: bytes, status: int, what: str) -> None:
+def _append_capped(buf: bytearray, chunk: bytes, status: int, what: str,
+                   cap: int | None = None) -> None:
+    cap = MAX_RESPONSE_BYTES if cap is None else cap
     buf += chunk
-    if len(buf) > MAX_RESPONSE_BYTES:
-        raise ProtocolError(f"{what}: response over {MAX_RESPONSE_BYTES} bytes", status=status)
+    if len(buf) > cap:
+        raise ProtocolError(f"{what}: response over {cap} bytes", status=status)
 
 
 def _timeout(timeout: float) -> float:
@@ -925,13 +978,15 @@ _SEND_CLOSED = (BrokenPipeError, ConnectionResetError)
 class _Exchange:
     """One HTTP/1.1 connection's h11 state plus the response being read (pure: no I/O)."""
 
-    __slots__ = ("body", "h", "headers", "status_code", "what")
+    __slots__ = ("body", "h", "head", "headers", "status_code", "what")
+    cap: int | None = None  # the largest answer accepted (None: MAX_RESPONSE_BYTES)
 
     def __init__(self, h: h11.Connection, what: str) -> None:
         self.h = h
         self.what = what
         self.status_code = 0
         self.headers: dict[str, str] = {}
+        self.head: Any = ()  # the response's headers as h11 gave them (repeats kept)
         self.body = bytearray()
 
     def request_bytes(self, method: str, target: str, body: bytes | None,
@@ -957,11 +1012,12 @@ class _Exchange:
                     return False
                 if isinstance(event, h11.Response):
                     self.status_code = event.status_code
+                    self.head = event.headers
                     self.headers = {k.decode("latin-1"): v.decode("latin-1")
                                     for k, v in event.headers}
-                    _check_length(self.headers, self.status_code, self.what)
+                    _check_length(self.headers, self.status_code, self.what, self.cap)
                 elif isinstance(event, h11.Data):
-                    _append_capped(self.body, event.data, self.status_code, self.what)
+                    _append_capped(self.body, event.data, self.status_code, self.what, self.cap)
                 elif isinstance(event, h11.EndOfMessage):
                     return True
                 elif isinstance(event, h11.ConnectionClosed):
@@ -980,6 +1036,32 @@ class _Exchange:
             h.start_next_cycle()
             return True
         return False
+
+
+class _EgressExchange(_Exchange):
+    """An egress request (Lease.transport): the MCP server's own headers, not the
+    client's constant ones, and an upstream-sized answer."""
+
+    __slots__ = ("send_headers",)
+    cap = EGRESS_MAX_RESPONSE_BYTES
+
+    def __init__(self, h: h11.Connection, what: str,
+                 send_headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(h, what)
+        self.send_headers = send_headers
+
+    def request_bytes(self, method: str, target: str, body: bytes | None,
+                      extra: _ExtraHeaders = ()) -> bytes:
+        headers = [(b"host", b"sidekey"), *self.send_headers,
+                   (b"content-length", b"%d" % len(body or b""))]
+        h = self.h
+        out = h.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        if body:
+            out += h.send(h11.Data(data=body)) or b""
+        return out + (h.send(h11.EndOfMessage()) or b"")
+
+
+ExchangeFactory = Callable[[h11.Connection, str], _Exchange]
 
 
 def _connect_failed(exc: BaseException, what: str) -> ConnectionFailed:
@@ -1129,7 +1211,8 @@ class _SyncPool:
                 return True
 
     def request(self, method: str, target: str, body: bytes | None, timeout: float,
-                what: str, extra: _ExtraHeaders = ()) -> tuple[int, Mapping[str, str], bytes]:
+                what: str, extra: _ExtraHeaders = (),
+                exchange: ExchangeFactory = _Exchange) -> tuple[int, Mapping[str, str], bytes]:
         deadline = time.monotonic() + timeout
         if not self.slots.acquire(timeout=timeout):
             raise RequestTimeout(f"{what}: all {MAX_CONNECTIONS} connections to sidekey stayed "
@@ -1140,7 +1223,7 @@ class _SyncPool:
             if conn is None:
                 conn = self._connect(deadline, what)
             try:
-                ex = _Exchange(conn.h, what)
+                ex = exchange(conn.h, what)
                 try:
                     self._send(conn, ex.request_bytes(method, target, body, extra), deadline)
                 except _SEND_CLOSED:
@@ -1152,7 +1235,7 @@ class _SyncPool:
                         # more, on a new connection. Never after a complete send.
                         conn.close()
                         conn = self._connect(deadline, what)
-                        ex = _Exchange(conn.h, what)
+                        ex = exchange(conn.h, what)
                         self._send(conn, ex.request_bytes(method, target, body, extra), deadline)
                         self._read(conn, ex, deadline, after_failed_send=False)
                 else:
@@ -1306,7 +1389,8 @@ class _AsyncPool:
             conn.close()
 
     async def request(self, method: str, target: str, body: bytes | None, timeout_s: float,
-                      what: str, extra: _ExtraHeaders = ()) -> tuple[int, Mapping[str, str], bytes]:
+                      what: str, extra: _ExtraHeaders = (),
+                      exchange: ExchangeFactory = _Exchange) -> tuple[int, Mapping[str, str], bytes]:
         phase = "wait"  # for a timeout: waiting for a slot, connecting, or the exchange
         try:
             with anyio.fail_after(timeout_s):
@@ -1319,7 +1403,7 @@ class _AsyncPool:
                         conn = await self._connect(what)
                     phase = "exchange"
                     try:
-                        ex = _Exchange(conn.h, what)
+                        ex = exchange(conn.h, what)
                         try:
                             await self._send(conn, ex.request_bytes(method, target, body, extra))
                         except _SEND_CLOSED:
@@ -1332,7 +1416,7 @@ class _AsyncPool:
                                 phase = "connect"
                                 conn = await self._connect(what)
                                 phase = "exchange"
-                                ex = _Exchange(conn.h, what)
+                                ex = exchange(conn.h, what)
                                 await self._send(conn, ex.request_bytes(method, target, body, extra))
                                 await self._read(conn, ex, after_failed_send=False)
                         else:
@@ -1558,7 +1642,9 @@ class Client:
         body = _drop_none(resolution_token=resolution_token,
                           arguments=dict(arguments) if arguments is not None else None)
         status, data = self._call("POST", "/v1/redeem", body, extra=_trace_headers(traceparent))
-        return _lease(status, data)
+        lease = _lease(status, data)
+        lease._client = self
+        return lease
 
     def release(
         self,
@@ -1688,6 +1774,7 @@ class Client:
                                       _authorize_redeem_body(server, tool, kw, approved),
                                       _OK_OR_HELD, extra=trace)
             lease = _redeemed_lease(status, data)
+        lease._client = self
         started = time.monotonic()
         try:
             yield lease
@@ -1704,6 +1791,21 @@ class Client:
             raise
         self.release(lease, "success", _elapsed_ms(started), lease.result_size_bytes,
                      traceparent=traceparent)
+
+    def _egress(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                body: bytes, timeout: float) -> tuple[int, Any, bytes]:
+        """One egress request (Lease.transport): (status, h11 headers, body)."""
+        if self._transport is not None:
+            raise RuntimeError("egress needs the daemon's socket, not a test transport")
+        made: list[_Exchange] = []
+
+        def exchange(h: h11.Connection, what: str) -> _Exchange:
+            made.append(_EgressExchange(h, what, headers))
+            return made[-1]
+
+        status, _, raw = self._pool().request(method, target, body, _timeout(timeout),
+                                              f"{method} egress", exchange=exchange)
+        return status, made[-1].head, raw
 
     def close(self) -> None:
         """Close the connection pool. The client cannot be used afterwards."""
@@ -1875,7 +1977,9 @@ class AsyncClient:
                           arguments=dict(arguments) if arguments is not None else None)
         status, data = await self._call("POST", "/v1/redeem", body,
                                         extra=_trace_headers(traceparent))
-        return _lease(status, data)
+        lease = _lease(status, data)
+        lease._client = self
+        return lease
 
     async def release(
         self,
@@ -1959,6 +2063,7 @@ class AsyncClient:
                 _authorize_redeem_body(server, tool, kw, _approval_outcome(approval, pending)),
                 _OK_OR_HELD, extra=trace)
             lease = _redeemed_lease(status, data)
+        lease._client = self
         started = time.monotonic()
         try:
             yield lease
@@ -1985,6 +2090,21 @@ class AsyncClient:
             raise
         await self.release(lease, "success", _elapsed_ms(started), lease.result_size_bytes,
                            traceparent=traceparent)
+
+    async def _egress(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
+                      body: bytes, timeout_s: float) -> tuple[int, Any, bytes]:
+        """One egress request (Lease.transport): (status, h11 headers, body)."""
+        if self._transport is not None:
+            raise RuntimeError("egress needs the daemon's socket, not a test transport")
+        made: list[_Exchange] = []
+
+        def exchange(h: h11.Connection, what: str) -> _Exchange:
+            made.append(_EgressExchange(h, what, headers))
+            return made[-1]
+
+        status, _, raw = await self._pool().request(method, target, body, _timeout(timeout_s),
+                                                    f"{method} egress", exchange=exchange)
+        return status, made[-1].head, raw
 
     async def close(self) -> None:
         """Close the connection pool. The client cannot be used afterwards."""

@@ -23,6 +23,9 @@ import msgspec
 import yaml
 from msgspec import Meta
 
+from .egress import EgressRule
+from .egress import rule_problems as egress_rule_problems
+from .egress import tool_rule_problems as egress_tool_problems
 from .protocol import MAX_TOKEN_TTL_S, ConfigError
 
 PosFloat = Annotated[float, Meta(gt=0)]
@@ -244,6 +247,9 @@ class SecretRef(_C, frozen=True, kw_only=True):
                       Meta(max_length=64)] = []
     requested_token_type: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     subject_token_type: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    # Egress with injection (sidekey.egress): never handed out; the daemon sends the
+    # tool's matching upstream requests with it injected.
+    egress: EgressRule | None = None
 
     @property
     def label(self) -> str:
@@ -1034,6 +1040,8 @@ def _webhook_sink_problems(sink: WebhookSinkConfig, cfg: Config) -> list[str]:
             problems.extend(f"auth.secret.{p}" for p in _ref_problems(ref, backend_cfg))
             if ref.kind != "static":
                 problems.append("auth.secret.kind: must be static")
+            if ref.egress is not None:
+                problems.append("auth.secret.egress: not used by an audit sink")
         if sink.auth.header.lower() in _RESERVED_HEADERS:
             problems.append(f"auth.header: {sink.auth.header} is set by sidekey")
     return problems
@@ -1278,6 +1286,12 @@ def _cross_check(cfg: Config, origins: dict[str, str], main: str) -> list[str]:
                     errors.append(f"{at}.kind: oauth_token_exchange exchanges the user's "
                                   f"bearer token, and server {server} has oauth2: none "
                                   "(no user token); use oauth_client_credentials")
+                if ref.egress is not None:
+                    errors.extend(f"{at}.egress{problem}" for problem in egress_rule_problems(
+                        alias, ref.egress, max_body_bytes=cfg.listen.max_body_bytes))
+            errors.extend(f"{where('secrets')}: $.secrets.{server}.{tool}.{problem}"
+                          for problem in egress_tool_problems(
+                              {a: r.egress for a, r in refs.items() if r.egress is not None}))
     for issuer in cfg.tokens.trusted_issuers:
         for i, key in enumerate(issuer.keys):
             if (key.public_key is None) == (key.public_key_file is None):

@@ -95,6 +95,11 @@ CODES: frozenset[str] = frozenset({
     "store_too_large", "audit_unavailable", "config_rejected",
     # files and keys (start-up refusals; listed so they are never _other)
     "dir_unsafe", "file_owner_unsafe", "key_file_unsafe", "socket_dir_unsafe", "unsafe_path",
+    # egress with injection (sidekey.daemon.egress)
+    "gateway_timeout", "egress_bad_target", "egress_not_allowed",
+    "egress_request_too_large", "egress_request_limit", "egress_concurrency_limit",
+    "egress_upstream_unavailable", "egress_upstream_timeout", "egress_tls_failed",
+    "egress_response_too_large", "egress_lease_ended", "egress_ca_file_unreadable",
 })
 
 # Quota limits as a fixed set: the config's per-tool and per-department limits are

@@ -101,6 +101,13 @@ class Unavailable(SidekeyError):
     code = "unavailable"
 
 
+class GatewayTimeout(SidekeyError):
+    """An upstream the daemon called for the caller did not answer in time."""
+
+    status = 504
+    code = "gateway_timeout"
+
+
 class MethodNotAllowed(SidekeyError):
     """The path exists, but not for this method."""
 
@@ -165,7 +172,7 @@ ERROR_CLASS_BY_STATUS: dict[int, type[SidekeyError]] = {
     for cls in (
         BadRequest, TokenError, Denied, NotFound, MethodNotAllowed, RequestTimeout, Conflict,
         TooLarge, Unprocessable, TooManyRequests, HeadersTooLarge, Internal, Unsupported,
-        BadGateway, Unavailable,
+        BadGateway, Unavailable, GatewayTimeout,
     )
 }
 
@@ -332,13 +339,15 @@ class AuthorizeResponse(msgspec.Struct, kw_only=True):
     lease: LeaseResponse | None = None
 
 
-class LeaseResponse(msgspec.Struct, kw_only=True):
+class LeaseResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     lease_id: str
     expires_at: str
     server: str
     tool: str
     secrets: dict[str, str]
     request_id: str
+    # Secrets of the call used through egress only (never in ``secrets``; sidekey.egress).
+    egress: list[str] = []
 
 
 class ReleaseResponse(msgspec.Struct, kw_only=True):

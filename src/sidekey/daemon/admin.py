@@ -302,7 +302,8 @@ class Admin(Context):
                     await self.audit.emit(self.event(
                         "lease.revoked", server=rec.server, tool=rec.tool, user_id=rec.user_id,
                         agent_id=rec.agent_id, session_id=rec.session_id, lease_id=rec.lease_id,
-                        extra={"reason": f'secret "{name}" rotated'},
+                        extra={"reason": f'secret "{name}" rotated',
+                               **self.egress_audit(rec.lease_id)},
                     ))
                     await self.leases.audited(rec.lease_id)
         await self.audit.emit(self.event(

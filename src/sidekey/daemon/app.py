@@ -55,6 +55,7 @@ from .context import (
     build_codec,
     log,
 )
+from .egress import EGRESS_ENDPOINT, Egress, is_egress_path
 from .introspect import INTROSPECT_PATH, Introspection
 from .lifecycle import Lifecycle, check_config_signature
 from .scrape import METRICS_PATH, Scrape, bind_metrics_listener
@@ -70,7 +71,7 @@ ROTATE_ENDPOINT = f"{ROTATE_PREFIX}{{name}}/rotate"
 UNKNOWN_ENDPOINT = "_other"
 
 
-class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle, Scrape):
+class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle, Scrape, Egress):
     """The application: one instance per daemon process."""
 
     def _routes(self) -> dict[tuple[str, str], Route]:
@@ -134,6 +135,10 @@ class Sidekey(Calls, Sessions, Introspection, Admin, Lifecycle, Scrape):
             if verb is not None and request.method == verb[0]:
                 route = Route(verb[1], self.approval_verb)
                 endpoint = f"{APPROVALS_PREFIX}{{id}}/{request.path.rsplit('/', 1)[-1]}"
+        if route is None and is_egress_path(request.path):
+            # Any method: the lease's egress rules decide (sidekey.daemon.egress).
+            route = Route("service", self.egress)
+            endpoint = EGRESS_ENDPOINT
         if route is None:
             endpoint = UNKNOWN_ENDPOINT
         try:
@@ -517,6 +522,7 @@ async def run(loaded: LoadedConfig, *, socket_path: Path | None = None, init: bo
     finally:
         with trio.CancelScope(shield=True):
             await app.oauth.aclose()
+            await app.egress_aclose()
         await _close_all(backends, store, audit)
     return 0
 

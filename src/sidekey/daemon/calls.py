@@ -504,7 +504,8 @@ class Calls(Context):
                 "arguments_checked": arguments is not None,
                 "secrets": [
                     {"name": a, "backend": refs[a].backend, "version": v.version,
-                     **(v.audit or {})}
+                     **(v.audit or {}),
+                     **({"egress": True} if refs[a].egress is not None else {})}
                     for a, v in sorted(values.items())
                 ],
                 "expires_at": _iso(expires_at),
@@ -528,13 +529,19 @@ class Calls(Context):
             rejected = await self._reject("peer.rejected", {**base, "lease_id": rec.lease_id}, exc)
             await self.leases.audited(rec.lease_id)  # peer.rejected names the lease: its end event
             raise rejected from None
+        # Egress-only secrets stay here, with the lease (sidekey.daemon.egress).
+        egress = {a: (r.egress, values[a].value) for a, r in refs.items()
+                  if r.egress is not None and a in values}
+        if egress:
+            self._egress_open(rec, (ident.uid, ident.pid, ident.start_time), egress)
         return protocol.LeaseResponse(
             lease_id=rec.lease_id,
             expires_at=_iso(expires_at),
             server=claims.server,
             tool=claims.tool,
-            secrets={alias: v.value for alias, v in values.items()},
+            secrets={alias: v.value for alias, v in values.items() if alias not in egress},
             request_id=req.request_id,
+            egress=sorted(egress),
         )
 
     @staticmethod
@@ -600,7 +607,9 @@ class Calls(Context):
                 request_id=req.request_id,
                 # No record (evicted for the server's memory budget, or the daemon
                 # restarted): the call's mcp.authorize event (same jti) has the arguments.
-                extra=None if call is not None else {"jti": rec.jti, "call_record": "dropped"},
+                extra={**({} if call is not None else {"jti": rec.jti, "call_record": "dropped"}),
+                       # Its upstream requests through egress (sidekey.daemon.egress).
+                       **self.egress_audit(rec.lease_id)} or None,
             )
         )
         # The end's event is durable: the lease leaves leases_unaudited (a crash before

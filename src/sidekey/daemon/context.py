@@ -135,6 +135,11 @@ class Context:
     # calls it), the route table (in ``app``).
     _lease_expired: Callable[[LeaseRecord], Awaitable[None]]
     reload: Callable[..., Awaitable[tuple[bool, str | None]]]
+    # Closes a lease's egress grant (in ``egress``): every lease end comes through
+    # _end_lease_backends.
+    _egress_close: Callable[[str], None]
+    _egress_open: Callable[..., None]
+    egress_audit: Callable[[str], dict[str, Any]]
     _routes: Callable[[], dict[tuple[str, str], Route]]
 
     def __init__(
@@ -354,7 +359,9 @@ class Context:
 
     async def _end_lease_backends(self, lease_id: str) -> None:
         """Revoke the dynamic credentials a tool call's lease carried (no-op for leases
-        with static secrets only, the common case: no store query)."""
+        with static secrets only, the common case: no store query). Drops the values of
+        its egress-only secrets and cancels its upstream requests (sidekey.daemon.egress)."""
+        self._egress_close(lease_id)
         if lease_id not in self._dynamic_leases:
             return
         self._dynamic_leases.discard(lease_id)

@@ -245,7 +245,7 @@ class Lifecycle(Context):
                 session_id=rec.session_id,
                 lease_id=rec.lease_id,
                 peer={"pid": rec.peer_pid, "uid": rec.peer_uid},
-                extra={"expires_at": _iso(rec.expires_at)},
+                extra={"expires_at": _iso(rec.expires_at), **self.egress_audit(rec.lease_id)},
             )
         )
 
