@@ -70,7 +70,7 @@ def test_the_base_install_is_the_client_and_the_daemon_is_an_extra() -> None:
     assert daemon == DAEMON_MODULES - {"botocore"}, "sidekey.launch names what the extra holds"
     # the test environment installs the daemon (the same list, repeated)
     assert {_dist_name(r) for r in extras["daemon"]} <= {_dist_name(r) for r in extras["test"]}
-    assert _modules(extras["mcp"]) == {"mcp"}
+    assert _modules(extras["mcp"]) == {"mcp", "httpx"}  # httpx: Lease.http_client()
 
 
 def test_every_import_of_the_client_modules_is_declared() -> None:

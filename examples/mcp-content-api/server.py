@@ -22,6 +22,16 @@ Who is calling:
   ``content-writer``).
 
 The daemon socket is ``$SIDEKEY_SOCKET`` (run.sh points it at the quickstart's).
+
+Two tools also work when the daemon hands out no credential at all (the example's own
+config, ``sidekey.yaml`` here, with ``run.sh daemon`` and ``run.sh upstreams``):
+
+- ``list_articles``, when its key is egress-only (``"CONTENT_API_KEY" in lease.egress``),
+  calls the HTTPS content API through the daemon (``lease.http_client()``), which
+  injects the key on the way out: this process never sees it.
+- ``query_metrics``, when its lease holds ``METRICS_TOKEN``, calls the metrics API with
+  that per-user token (exchanged by the daemon from the user's own token, for the
+  metrics audience only) instead of a shared database password.
 """
 
 from __future__ import annotations
@@ -29,11 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Literal
+import ssl
+from pathlib import Path
+from typing import Any, Literal
 
 from mcp.server.auth.settings import AuthSettings
 from pydantic import BaseModel, Field
-from upstream import FakeCMS, FakeMetricsDB
+from upstream import FakeCMS, FakeMetricsDB, UpstreamError
 
 from sidekey.mcp import configure, current_lease, governed
 from sidekey.mcp.auth import TokenVerifier
@@ -52,6 +64,27 @@ ISSUER = os.environ.get("SIDEKEY_EXAMPLE_ISSUER", "https://auth.example.com")
 
 cms = FakeCMS()
 metrics = FakeMetricsDB()
+
+# The HTTPS APIs of upstreams.py and the demo CA that signed their certificate.
+API_URL = os.environ.get("SIDEKEY_EXAMPLE_API", "https://localhost:8767")
+DEMO_CA = Path(os.environ.get("SIDEKEY_EXAMPLE_CA", Path(__file__).resolve().parent.parent
+                              / "quickstart" / "keys" / "demo-ca.pem"))
+
+
+def _http() -> Any:
+    """httpx (the MCP SDK 1.x and the daemon bring it), else httpx2 (SDK 2.x; same API)."""
+    try:
+        import httpx
+    except ImportError:
+        import httpx2 as httpx  # type: ignore[no-redef]
+    return httpx
+
+
+def _checked(response: Any) -> dict[str, Any]:
+    if response.status_code != 200:
+        raise UpstreamError(f"upstream answered {response.status_code}")
+    body: dict[str, Any] = response.json()
+    return body
 
 
 class ArticleDraft(BaseModel):
@@ -78,7 +111,17 @@ def content_api(mcp: MCPServer) -> None:
     @governed("content-api")
     async def list_articles(query: str = "", section: str | None = None, limit: int = 10) -> str:
         """Search articles by title (and section)."""
-        key = current_lease().secrets["CONTENT_API_KEY"]
+        lease = current_lease()
+        if "CONTENT_API_KEY" in lease.egress:
+            # The daemon adds the key to this request (and only to requests its egress
+            # rule allows): this process never holds it.
+            params: dict[str, Any] = {"q": query, "limit": limit}
+            if section is not None:
+                params["section"] = section
+            async with lease.http_client() as http:
+                found = _checked(await http.get(f"{API_URL}/cms/articles", params=params))
+            return json.dumps({"articles": found["articles"]})
+        key = lease.secrets["CONTENT_API_KEY"]
         return json.dumps({"articles": await cms.list(key, query, section, limit)})
 
     @mcp.tool()
@@ -103,7 +146,21 @@ def analytics_db(mcp: MCPServer) -> None:
     @governed("analytics-db")
     async def query_metrics(query: MetricsQuery) -> str:
         """Daily page views, newest first."""
-        dsn = current_lease().secrets["DATABASE_URL"]
+        lease = current_lease()
+        token = lease.secrets.get("METRICS_TOKEN")
+        if token is not None:
+            # A token for this user and the metrics API only, not a shared password.
+            params: dict[str, Any] = {"days": query.days}
+            if query.section is not None:
+                params["section"] = query.section
+            httpx = _http()
+            async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=DEMO_CA),
+                                         timeout=10) as http:
+                answer = _checked(await http.get(
+                    f"{API_URL}/metrics/page_views", params=params,
+                    headers={"Authorization": f"Bearer {token}"}))
+            return json.dumps({"user": answer["user"], "rows": answer["rows"]})
+        dsn = lease.secrets["DATABASE_URL"]
         rows = await metrics.query(dsn, query.metric, query.section, query.days)
         return json.dumps({"rows": rows})
 

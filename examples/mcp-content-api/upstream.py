@@ -55,23 +55,32 @@ def _fingerprints() -> dict[str, str]:
     return {role.strip(): digest.strip() for role, digest in pairs}
 
 
+def accepts(key: str, role: str) -> bool:
+    """Whether the upstream takes ``key`` for ``role`` (by fingerprint, or the demo
+    shape; see the module docstring)."""
+    known = _fingerprints()
+    if known:
+        return hashlib.sha256(key.encode()).hexdigest() == known.get(role)
+    return key.startswith(DEMO_PREFIX[role])
+
+
+def note_access(what: str, role: str) -> None:
+    """One line in $FAKE_UPSTREAM_LOG per accepted request (never the key)."""
+    log = os.environ.get("FAKE_UPSTREAM_LOG")
+    if log:
+        with open(log, "a") as f:  # noqa: ASYNC230 - a few bytes, demo only
+            f.write(f"{what} accepted {role} key\n")
+
+
 async def request(key: str, role: str, what: str) -> None:
     """One request to an upstream: accept ``key`` for ``role`` or raise
     :class:`Unauthorized` (never echoing the key); note it in the access log
     ($FAKE_UPSTREAM_LOG: one line per accepted request, without the key); then take the
     upstream's latency ($FAKE_UPSTREAM_DELAY_S, default 0: lets a demo or a test
     cancel a slow call)."""
-    known = _fingerprints()
-    if known:
-        ok = hashlib.sha256(key.encode()).hexdigest() == known.get(role)
-    else:
-        ok = key.startswith(DEMO_PREFIX[role])
-    if not ok:
+    if not accepts(key, role):
         raise Unauthorized(f"upstream refused the credential for {role!r}")
-    log = os.environ.get("FAKE_UPSTREAM_LOG")
-    if log:
-        with open(log, "a") as f:  # noqa: ASYNC230 - a few bytes, demo only
-            f.write(f"{what} accepted {role} key\n")
+    note_access(what, role)
     await anyio.sleep(float(os.environ.get("FAKE_UPSTREAM_DELAY_S", "0")))
 
 

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Quickstart: create keys and demo secrets on first run, then run sidekey in the
 # foreground on this directory's config (local encrypted store, SQLite state).
-# Ctrl-C (SIGINT) or SIGTERM stops it cleanly.
+# Ctrl-C (SIGINT) or SIGTERM stops it cleanly. `run.sh --setup-only` creates them and
+# exits (examples/mcp-content-api/run.sh daemon runs the daemon on its own config).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -24,6 +25,7 @@ for name in content-api/read-key content-api/write-key content-api/publish-key a
 done
 
 "$sidekey" check-config --config "$cfg"
+[ "${1:-}" = "--setup-only" ] && exit 0
 echo "starting sidekey; in another terminal:"
 echo "  curl --unix-socket $here/run/sidekey.sock http://sidekey/v1/health"
 echo "  export SIDEKEY_USER_TOKEN=\$($sidekey token user --config $cfg --key $here/keys/demo-issuer.pem --jwks $here/keys/demo-issuer-jwks.json --server content-api --user alice)"

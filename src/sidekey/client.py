@@ -302,7 +302,7 @@ class Lease:
         rules, injects the credential and answers the upstream's response; a refusal
         raises the :class:`SidekeyClientError` for its code (``egress_not_allowed``,
         ``lease_released``, ``egress_upstream_timeout``...). Needs httpx (``pip install
-        httpx``), imported only here."""
+        httpx``, or the ``mcp`` extra), imported only here."""
         return _egress_transport().transport(self._bound_client(), self.lease_id)
 
     def http_client(self, **kw: Any) -> Any:
