@@ -68,7 +68,7 @@ def note_access(what: str, role: str) -> None:
     """One line in $FAKE_UPSTREAM_LOG per accepted request (never the key)."""
     log = os.environ.get("FAKE_UPSTREAM_LOG")
     if log:
-        with open(log, "a") as f:  # noqa: ASYNC230 - a few bytes, demo only
+        with open(log, "a") as f:
             f.write(f"{what} accepted {role} key\n")
 
 

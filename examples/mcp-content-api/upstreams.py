@@ -56,7 +56,7 @@ METRICS_AUDIENCE = "https://metrics.example.com"
 METRICS_SCOPES = {"metrics:read"}
 TOKEN_TTL_S = 300
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a URN
 MAX_BODY = 64 * 1024
 
 
@@ -67,7 +67,7 @@ def init(keys: Path) -> None:
     """Create the demo CA, the localhost certificate and the IdP client secret."""
     keys.mkdir(parents=True, exist_ok=True)
     if not (keys / "demo-ca.pem").exists() or not (keys / "demo-tls.pem").exists():
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sidekey example demo CA")])
         ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
@@ -213,14 +213,14 @@ def handler(services: Services, kind: str) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             if kind != "idp" or urlsplit(self.path).path != "/token" or length > MAX_BODY:
                 self._answer(404, {"error": "not found"})
                 return
             self._answer(*services.token(self.headers, self.rfile.read(length)))
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             url = urlsplit(self.path)
             if kind != "api":
                 self._answer(404, {"error": "not found"})
