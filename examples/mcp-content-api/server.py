@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import ssl
 from pathlib import Path
@@ -193,6 +194,8 @@ def build(server: str, transport: str, public_url: str) -> MCPServer:
 
 
 def main() -> None:
+    # httpx logs each request's URL at INFO (query values included): not for a log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", choices=sorted(TOOLS), default="content-api")
     parser.add_argument("--transport", choices=["stdio", "http"], default="stdio")
