@@ -4,7 +4,7 @@
 #   run.sh token [content-api|analytics-db] [agent]   # a demo user token with an azp claim
 #   run.sh daemon      # the quickstart daemon on this directory's sidekey.yaml: egress
 #                      # injection for list_articles, a per-user token for query_metrics
-#   run.sh upstreams   # the demo IdP (:8766) and HTTPS APIs (:8767) those two call
+#   run.sh upstreams   # the demo IdP (:8768) and HTTPS APIs (:8767) those two call
 # $PYTHON: an interpreter with sidekey[mcp] (default: the repo's .venv, else python3).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)

@@ -1,9 +1,9 @@
 """The example's upstream services, as separate processes would run them in production:
 a demo identity provider's token endpoint and the HTTPS APIs two of the tools call.
 
-    python upstreams.py --keys DIR [--init] [--idp-port 8766] [--api-port 8767]
+    python upstreams.py --keys DIR [--init] [--idp-port 8768] [--api-port 8767]
 
-- **IdP** (``https://localhost:8766/token``): OAuth 2.0 Token Exchange (RFC 8693) for
+- **IdP** (``https://localhost:8768/token``): OAuth 2.0 Token Exchange (RFC 8693) for
   the sidekey daemon (client ``sidekey``, ``client_secret_basic``). It takes a user's
   access token from the quickstart's demo issuer (``DIR/demo-issuer.pem``; this IdP *is*
   that issuer) and issues a short-lived token for ``https://metrics.example.com`` with
@@ -249,7 +249,7 @@ def main() -> None:
                         help="the quickstart's keys directory (demo issuer key, demo CA)")
     parser.add_argument("--init", action="store_true", help="create the demo CA, the TLS "
                         "certificate and the IdP client secret when missing, then exit")
-    parser.add_argument("--idp-port", type=int, default=8766)
+    parser.add_argument("--idp-port", type=int, default=8768)
     parser.add_argument("--api-port", type=int, default=8767)
     args = parser.parse_args()
     if args.init:
