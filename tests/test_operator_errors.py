@@ -72,7 +72,7 @@ def test_serve_without_a_config_names_config_and_the_quickstart(
     assert err.count("\n") == 1 and err.startswith("sidekey: error: no config: "), err
     assert f"the default {missing} does not exist" in err
     assert "--config FILE" in err and "$SIDEKEY_CONFIG" in err
-    assert "examples/quickstart/run.sh" in err and "Quickstart" in err
+    assert "examples/quickstart/run.sh" in err and "README" in err
     # Every command that reads the config says the same.
     assert cli.main(["check-config"]) == cli.EXIT_FAIL
     assert capsys.readouterr().err.startswith("sidekey: error: no config: ")

@@ -44,7 +44,7 @@ def _load(args: argparse.Namespace) -> Any:
         _fail(f"no config: none given with --config FILE or $SIDEKEY_CONFIG, and the default "
               f"{DEFAULT_CONFIG} does not exist. Pass --config FILE; to try sidekey first, "
               "run the quickstart from the source tree: examples/quickstart/run.sh (its config "
-              'is examples/quickstart/sidekey.yaml; see "Quickstart" in the README)')
+              "is examples/quickstart/sidekey.yaml; it is the README's first command)")
     return load_config(_config_path(args))
 
 
