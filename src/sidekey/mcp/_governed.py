@@ -301,7 +301,7 @@ class Governor:
         if agent_id is None and self.agent_header is not None:
             headers = request_headers(ctx)
             named = headers.get(self.agent_header) if headers is not None else None
-            agent_id = named.strip() or None if isinstance(named, str) else None
+            agent_id = (named.strip() or None) if isinstance(named, str) else None
         if agent_id is None and token is None:
             agent_id = self.agent_id
         return user_token, agent_id, _session_id(ctx, token)
