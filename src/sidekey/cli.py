@@ -1155,8 +1155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("SIDEKEY_LOG_LEVEL", "").lower() not in ("", *logs.LEVELS):
         logging.getLogger("sidekey").warning(
             "ignoring SIDEKEY_LOG_LEVEL: not one of %s", ", ".join(logs.LEVELS))
-    # httpx logs every request at INFO; the CLI's own output says what happened.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     from .client import ConnectionFailed, SidekeyClientError
 
     try:

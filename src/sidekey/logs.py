@@ -199,6 +199,13 @@ def formatter(fmt: LogFormat, *, journal: bool) -> logging.Formatter:
 _handler: logging.Handler | None = None
 
 
+# Libraries whose lower levels would write what no sidekey log may hold, and the lowest
+# level each may log at: httpx logs every request's URL at INFO (query values, a
+# query-injected egress credential), httpcore every response head at DEBUG (an upstream
+# or token endpoint may echo a credential in a header).
+LIBRARY_FLOORS = (("httpx", logging.WARNING), ("httpcore", logging.INFO))
+
+
 def configure(fmt: LogFormat, level: str, *, stream: IO[str] | None = None) -> None:
     """Send the root logger to ``stream`` (stderr) in ``fmt`` at ``level``.
 
@@ -209,6 +216,9 @@ def configure(fmt: LogFormat, level: str, *, stream: IO[str] | None = None) -> N
     doubles that application's log.
     """
     global _handler
+    numeric = getattr(logging, level.upper())
+    for name, floor in LIBRARY_FLOORS:  # even when the host application owns the handler
+        logging.getLogger(name).setLevel(max(floor, numeric))
     root = logging.getLogger()
     if any(h is not _handler for h in root.handlers):
         return
@@ -219,7 +229,7 @@ def configure(fmt: LogFormat, level: str, *, stream: IO[str] | None = None) -> N
         root.removeHandler(_handler)
         _handler.close()
     root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper()))
+    root.setLevel(numeric)
     _handler = handler
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import http.cookiejar
-import logging
 import ssl
 import time
 from typing import Any
@@ -173,11 +172,7 @@ class Egress(Context):
         path = str(self.loaded.resolve(ca_file)) if ca_file else None
         client = self.egress_state.clients.get(path)
         if client is None:
-            # httpx logs each request's URL at INFO (a query-injected credential is in
-            # it) and httpcore each response head at DEBUG (an upstream may echo the
-            # credential): neither may reach the daemon's log at any log level.
-            for name, level in (("httpx", logging.WARNING), ("httpcore", logging.INFO)):
-                logging.getLogger(name).setLevel(max(level, logging.getLogger(name).level))
+            # (httpx's and httpcore's log floors are set at start: sidekey.logs.)
             # Verification is always on: the rule's bundle only, or the system's CAs.
             # trust_env=False: no proxy or CA bundle from the environment; redirects are
             # the MCP server's business (each hop comes back through here, checked).
