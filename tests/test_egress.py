@@ -773,3 +773,27 @@ def test_a_per_user_downstream_token_is_injected_never_handed_out(env: Env,
     assert "DOWNSTREAM_TOKEN" not in lease.secrets and lease.egress == ("DOWNSTREAM_TOKEN",)
     assert r.status_code == 200 and sent not in r.text and sent not in str(r.headers)
     assert sent.encode() not in d.everything_written()
+
+
+def test_ended_egress_records_are_bounded() -> None:
+    """The records of ended leases wait for their end event, which pops them; if an end
+    never asks (its event failed), at most MAX_ENDED_RECORDS stay, oldest dropped
+    first, and a closed grant keeps no value."""
+    from types import SimpleNamespace
+
+    from sidekey.daemon.egress import MAX_ENDED_RECORDS, Egress, EgressGrant, EgressState
+
+    state = EgressState()
+    daemon = SimpleNamespace(egress_state=state)
+    for i in range(MAX_ENDED_RECORDS + 5):
+        state.grants[f"l{i}"] = EgressGrant(
+            lease_id=f"l{i}", server="s", tool="t", user_id=None, holder=(0, 1, 1),
+            expires_at=0.0, rules={}, values={"K": "v"}, needles=(b"v",))
+        grant = state.grants[f"l{i}"]
+        Egress._egress_close(daemon, f"l{i}")  # type: ignore[arg-type]
+        assert grant.closed and grant.values == {} and grant.needles == ()
+    assert state.grants == {}
+    assert len(state.ended) == MAX_ENDED_RECORDS
+    assert "l0" not in state.ended and f"l{MAX_ENDED_RECORDS + 4}" in state.ended
+    assert Egress.egress_audit(daemon, "l5") == {"egress": []}  # type: ignore[arg-type]
+    assert "l5" not in state.ended
